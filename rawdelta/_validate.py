@@ -1,0 +1,79 @@
+"""One way to validate: bind symbolic dims, collect every reason, raise once (api.md section 6).
+
+Usage::
+
+    v = Validator()
+    dims = {"B": 2, "T": 64}
+    v.shape("q", q, ("B", "T", "H", "K"), dims)   # binds H and K from q
+    v.shape("k", k, ("B", "T", "H", "K"), dims)   # checks against the bound values
+    v.raise_if_any()                              # one ValueError listing every problem
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import UnsupportedConfigError
+
+FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def _fmt_shape(names: Sequence[str], dims: Mapping[str, int]) -> str:
+    """``[B, T, H, K] = [2, 64, H, K]``: symbols, then the values bound so far (symbol where unbound)."""
+    sym = ", ".join(names)
+    if not any(n in dims for n in names):
+        return f"[{sym}]"
+    return f"[{sym}] = [{', '.join(str(dims[n]) if n in dims else n for n in names)}]"
+
+
+class Validator:
+    """Collects problems with a call's arguments and raises them together."""
+
+    def __init__(self) -> None:
+        self.type_errors: list[str] = []
+        self.value_errors: list[str] = []
+        self.unsupported: list[str] = []
+
+    def type_error(self, msg: str) -> None:
+        self.type_errors.append(msg)
+
+    def error(self, msg: str) -> None:
+        self.value_errors.append(msg)
+
+    def not_supported(self, msg: str) -> None:
+        self.unsupported.append(msg)
+
+    def shape(self, name: str, arr: Any, names: Sequence[str], dims: dict[str, int]) -> bool:
+        """Check `arr.shape` against symbolic `names`, binding unbound names into `dims`.
+
+        Returns False (after recording the reason) when the shape does not fit.
+        """
+        shape = tuple(int(s) for s in arr.shape)
+        if len(shape) != len(names):
+            self.error(f"{name} must be {len(names)}-D {_fmt_shape(names, dims)}, got shape {shape}")
+            return False
+        bad = [n for n, s in zip(names, shape) if n in dims and dims[n] != s and not n.isdigit()]
+        bad += [n for n, s in zip(names, shape) if n.isdigit() and int(n) != s]
+        if bad:
+            self.error(f"{name} must have shape {_fmt_shape(names, dims)}, got {shape} (mismatch in {', '.join(bad)})")
+            return False
+        for n, s in zip(names, shape):
+            if not n.isdigit():
+                dims.setdefault(n, s)
+        return True
+
+    def float_dtype(self, name: str, arr: Any) -> None:
+        dt = np.dtype(arr.dtype).name
+        if dt not in FLOAT_DTYPE_NAMES + ("float64",):
+            self.error(f"{name} must have a floating dtype in {FLOAT_DTYPE_NAMES} (float64 on the numpy backend), got {dt}")
+
+    def raise_if_any(self) -> None:
+        if self.type_errors:
+            raise TypeError("; ".join(self.type_errors + self.value_errors))
+        if self.value_errors:
+            raise ValueError("; ".join(self.value_errors))
+        if self.unsupported:
+            raise UnsupportedConfigError("; ".join(self.unsupported))

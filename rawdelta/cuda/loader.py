@@ -1,0 +1,182 @@
+"""The only place that builds ``cupy.RawModule`` objects.
+
+* Kernel sources are ``.cu`` files under ``rawdelta/cuda/``; headers under ``include/`` and
+  ``common/`` are found through ``-I rawdelta/cuda``.
+* Template instantiations are listed as NVRTC ``name_expressions`` when a source is registered
+  (:func:`register`); the registry is the set of every instantiation the package can launch.
+* Compile options live in :func:`compile_options`; ``RAWDELTA_JIT_LINEINFO=1`` adds ``-lineinfo``
+  for ncu, ``RAWDELTA_JIT_DEBUG=1`` adds ``-G``.
+* Modules are cached per device; CuPy's own disk cache (``CUPY_CACHE_DIR``) keeps the binaries.
+  A hash of every header is put in the source text, so editing a header invalidates that cache.
+* Compile failures raise :class:`rawdelta.errors.KernelCompileError` with the NVRTC log.
+* :func:`compile_all_to_cubin` compiles every registered instantiation to sm_80/sm_90 cubins on a
+  machine without a GPU or driver (NVRTC through ``cuda.core``); CI uses it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import KernelCompileError
+
+CUDA_DIR = Path(__file__).resolve().parent
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One CUDA source file and the template instantiations of it that rawdelta launches."""
+
+    source: str  # path relative to rawdelta/cuda, e.g. "gated_delta_rule/recurrent.cu"
+    name_expressions: tuple[str, ...] = field(default=())
+    defines: tuple[tuple[str, str], ...] = field(default=())
+
+
+_REGISTRY: dict[tuple[str, tuple[tuple[str, str], ...]], set[str]] = {}
+
+
+def register(source: str, name_expressions: list[str] | tuple[str, ...], defines: dict[str, Any] | None = None) -> KernelSpec:
+    """Declare instantiations of `source` that the package may launch; returns the spec."""
+    if not (CUDA_DIR / source).is_file():
+        raise FileNotFoundError(f"CUDA source {source!r} not found under {CUDA_DIR}")
+    key = (source, tuple(sorted((str(k), str(v)) for k, v in (defines or {}).items())))
+    with _lock:
+        _REGISTRY.setdefault(key, set()).update(name_expressions)
+    return KernelSpec(source, tuple(sorted(_REGISTRY[key])), key[1])
+
+
+def registered() -> list[KernelSpec]:
+    """Every registered (source, defines) with all its instantiations."""
+    _import_kernel_users()
+    with _lock:
+        return [KernelSpec(s, tuple(sorted(n)), d) for (s, d), n in sorted(_REGISTRY.items())]
+
+
+def _import_kernel_users() -> None:
+    # Registration happens when the op modules are imported; import them all.
+    import importlib
+    import pkgutil
+
+    from .. import ops
+
+    for mod in pkgutil.walk_packages(ops.__path__, ops.__name__ + "."):
+        importlib.import_module(mod.name)
+
+
+@functools.cache
+def _headers_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted(CUDA_DIR.rglob("*.cuh")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _source_text(spec: KernelSpec) -> str:
+    defs = "".join(f"#define {k} {v}\n" for k, v in spec.defines)
+    body = (CUDA_DIR / spec.source).read_text()
+    return f"// rawdelta headers {_headers_hash()}\n{defs}{body}"
+
+
+def compile_options() -> tuple[str, ...]:
+    opts = ["-std=c++17", f"-I{CUDA_DIR}"]
+    if os.environ.get("RAWDELTA_JIT_LINEINFO") == "1":
+        opts.append("-lineinfo")
+    if os.environ.get("RAWDELTA_JIT_DEBUG") == "1":
+        opts.append("-G")
+    return tuple(opts)
+
+
+_modules: dict[tuple[int, KernelSpec], Any] = {}
+
+
+def _module(spec: KernelSpec, device: int) -> Any:
+    # One module per instantiation: a call compiles only what it launches (fast first result).
+    key = (device, spec)
+    mod = _modules.get(key)
+    if mod is None:
+        import cupy
+
+        mod = cupy.RawModule(code=_source_text(spec), options=compile_options(), name_expressions=spec.name_expressions)
+        _modules[key] = mod
+    return mod
+
+
+def get_kernel(source: str, name_expression: str, defines: dict[str, Any] | None = None) -> Any:
+    """The ``cupy.RawKernel`` for one registered instantiation on the current device (compiled once)."""
+    import cupy
+
+    key = (source, tuple(sorted((str(k), str(v)) for k, v in (defines or {}).items())))
+    with _lock:
+        names = _REGISTRY.get(key)
+        if names is None or name_expression not in names:
+            raise KeyError(f"{name_expression!r} of {source!r} is not registered with rawdelta.cuda.loader.register")
+        spec = KernelSpec(source, (name_expression,), key[1])
+    device = cupy.cuda.Device().id
+    try:
+        return _module(spec, device).get_function(name_expression)
+    except cupy.cuda.compiler.CompileException as e:
+        _modules.pop((device, spec), None)
+        raise KernelCompileError(name_expression, e.get_message() if hasattr(e, "get_message") else str(e),
+                                 compile_options()) from None
+
+
+def precompile() -> int:
+    """Compile every registered instantiation for the current device; returns how many."""
+    n = 0
+    for spec in registered():
+        for name in spec.name_expressions:
+            get_kernel(spec.source, name, dict(spec.defines))
+            n += 1
+    return n
+
+
+def _cuda_include_dirs() -> list[str]:
+    """CUDA headers (cuda_bf16.h, cuda_fp16.h) from the pip-installed toolkit, for driverless compiles."""
+    dirs: list[str] = []
+    try:
+        import cuda.pathfinder as pf
+
+        for lib in ("cudart", "cccl"):
+            try:
+                d = pf.find_nvidia_header_directory(lib)
+            except Exception:
+                d = None
+            if d:
+                dirs.append(str(d))
+    except ImportError:
+        pass
+    for env in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(env):
+            dirs.append(os.path.join(os.environ[env], "include"))
+    return dirs
+
+
+def compile_all_to_cubin(archs: tuple[str, ...] = ("sm_80", "sm_90")) -> dict[tuple[str, str], int]:
+    """Compile every registered instantiation to cubin for each arch, without a GPU or driver.
+
+    Uses NVRTC through ``cuda.core``. Returns ``{(source, arch): cubin_bytes}``; raises
+    :class:`KernelCompileError` with the log on the first failure.
+    """
+    from cuda.core import Program, ProgramOptions
+
+    results: dict[tuple[str, str], int] = {}
+    includes = [str(CUDA_DIR), *_cuda_include_dirs()]
+    for spec in registered():
+        for arch in archs:
+            opts = ProgramOptions(arch=arch, std="c++17", include_path=includes)
+            prog = Program(_source_text(spec), "c++", options=opts)
+            try:
+                obj = prog.compile("cubin", name_expressions=spec.name_expressions)
+            except Exception as e:  # cuda.core raises its own error type carrying the log
+                raise KernelCompileError(f"{spec.source} [{arch}]", str(e), (arch,)) from None
+            finally:
+                prog.close()
+            results[(spec.source, arch)] = len(obj.code)
+    return results

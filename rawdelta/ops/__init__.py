@@ -1,0 +1,1 @@
+"""Framework-free host code on raw arrays: one folder per op family. Never imports torch or jax."""

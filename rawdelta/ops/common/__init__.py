@@ -1,0 +1,1 @@
+"""Host pieces shared by every op family: backend choice, Numba import, chunk helpers."""
