@@ -1,0 +1,401 @@
+"""The float64 NumPy reference of the recurrent gated delta rule (naive.py, the ``numpy`` backend).
+
+- Its hand-written backward against float64 central finite differences of
+  ``L = sum(o * do) + sum(ht * dht)``, every element of every gradient, for every option.
+- Its forward against an independent plain-Python per-column loop written here from README.md.
+- The public op ``fused_recurrent_gated_delta_rule(..., backend="numpy")`` end to end: dtypes and values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import rawdelta
+from rawdelta.ops.gated_delta_rule import naive
+from rawdelta.ops.gated_delta_rule.problem import GDNProblem, make_problem
+from rawdelta.testing import assert_close, gated_delta_rule_inputs
+
+GRAD_NAMES = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state", "A_log", "dt_bias")
+FD_STEP = 1e-6
+FD_RTOL = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    B: int = 1
+    T: int = 5
+    H: int = 1
+    HV: int = 1
+    K: int = 3
+    V: int = 4
+    seqlens: tuple[int, ...] | None = None
+    g: bool = True
+    gk: bool = False
+    gv: bool = False
+    beta: str | None = "scalar"  # "scalar" [B, T, HV], "perv" [B, T, HV, V], None
+    h0: bool = True
+    l2norm: bool = False
+    sigmoid: bool = False
+    neg_eigval: bool = False
+    gate_in_kernel: bool = False
+    dt_bias: bool = True
+    scale: float | None = None
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        T = sum(self.seqlens) if self.seqlens is not None else self.T
+        parts = [f"B{self.B}-T{T}-H{self.H}-HV{self.HV}-K{self.K}-V{self.V}"]
+        gates = [n for n in ("g", "gk", "gv") if getattr(self, n)]
+        parts.append("+".join(gates) if gates else "nogate")
+        parts.append(f"beta-{self.beta}")
+        if not self.h0:
+            parts.append("noh0")
+        if self.seqlens is not None:
+            parts.append("varlen" + "_".join(map(str, self.seqlens)))
+        if self.l2norm:
+            parts.append("l2norm")
+        if self.sigmoid:
+            parts.append("sigmoid-neg" if self.neg_eigval else "sigmoid")
+        if self.gate_in_kernel:
+            parts.append("gatek" + ("-dtbias" if self.dt_bias else "-nodtbias"))
+        if self.scale is not None:
+            parts.append(f"scale{self.scale}")
+        return "-".join(parts)
+
+
+CASES = [
+    Case(),  # g only
+    Case(B=2, T=4, K=3, V=2, g=False, gk=True),
+    Case(T=4, g=False, gv=True),
+    Case(g=True, gk=True, gv=True),
+    Case(g=False),  # plain delta rule
+    Case(beta="perv", gk=True),
+    Case(beta=None),
+    Case(beta=None, g=False, gk=True, gv=True, h0=False),
+    Case(l2norm=True, HV=2, H=1),
+    Case(sigmoid=True),
+    Case(sigmoid=True, neg_eigval=True, beta="perv"),
+    Case(gate_in_kernel=True),
+    Case(gate_in_kernel=True, dt_bias=False, B=2, T=3),
+    Case(h0=False),
+    Case(H=1, HV=2, K=2, V=3, gk=True),
+    Case(H=2, HV=4, K=2, V=2, T=3, gv=True, beta="perv"),
+    Case(seqlens=(3, 0, 4), HV=2, gk=True),
+    Case(seqlens=(0, 2, 0), h0=True),
+    Case(T=1, gk=True, gv=True),
+    Case(T=1, h0=False, B=2),
+    Case(K=4, V=2, T=4, scale=0.7),
+    Case(K=2, V=4, T=4),
+    Case(B=1, seqlens=(2, 0, 3), H=1, HV=2, K=3, V=2, g=True, gk=True, gv=True, beta="perv", l2norm=True,
+         sigmoid=True, neg_eigval=True, gate_in_kernel=True, seed=3),
+]
+
+
+def case_params(cases: list[Case]) -> list[Any]:
+    return [pytest.param(c, id=c.id) for c in cases]
+
+
+def build(c: Case, dtype: Any = "float64") -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Keyword arguments for make_problem / the op (float64 gates for the float64 reference), do, dht."""
+    inp = gated_delta_rule_inputs(
+        c.B, c.T, c.H, c.K, c.V, HV=c.HV, dtype=dtype, seed=c.seed, seqlens=list(c.seqlens) if c.seqlens else None,
+        g=c.g, gk=c.gk, gv=c.gv, beta=c.beta is not None, beta_per_v=c.beta == "perv", initial_state=c.h0,
+        use_qk_l2norm_in_kernel=c.l2norm, use_gate_in_kernel=c.gate_in_kernel, use_beta_sigmoid_in_kernel=c.sigmoid,
+    )
+    do, dht = inp.pop("do"), inp.pop("dht")
+    if c.gate_in_kernel and not c.dt_bias:
+        inp.pop("dt_bias")
+    if c.neg_eigval:
+        inp["allow_neg_eigval"] = True
+    if c.scale is not None:
+        inp["scale"] = c.scale
+    if np.dtype(dtype) == np.float64:
+        inp = {n: (a.astype(np.float64) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a)
+               for n, a in inp.items()}
+        do, dht = do.astype(np.float64), dht.astype(np.float64)
+    return inp, do, dht
+
+
+def problem(c: Case) -> tuple[GDNProblem, np.ndarray, np.ndarray]:
+    kw, do, dht = build(c)
+    return make_problem(**kw, backend="numpy"), do, dht
+
+
+def loss(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None) -> float:
+    o, ht = naive.recurrent_forward(p)
+    val = float(np.sum(o * do))
+    if dht is not None:
+        val += float(np.sum(ht * dht))
+    return val
+
+
+def finite_difference(p: GDNProblem, name: str, do: np.ndarray, dht: np.ndarray | None) -> np.ndarray:
+    x = getattr(p, name)
+    assert x.dtype == np.float64
+    fd = np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += FD_STEP
+        xm[i] -= FD_STEP
+        fd[i] = (loss(dataclasses.replace(p, **{name: xp}), do, dht)
+                 - loss(dataclasses.replace(p, **{name: xm}), do, dht)) / (2 * FD_STEP)
+    return fd
+
+
+def check_against_fd(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None) -> None:
+    grads = naive.recurrent_backward(p, do, dht)
+    assert set(grads) <= set(GRAD_NAMES)
+    for name in GRAD_NAMES:
+        x = getattr(p, name)
+        gr = grads.get(name)
+        if x is None or (name == "dt_bias" and not p.use_gate_in_kernel):
+            assert gr is None, f"d{name} should be absent"
+            continue
+        assert gr is not None, f"d{name} missing"
+        assert gr.shape == x.shape and gr.dtype == np.float64, (name, gr.shape, gr.dtype)
+        fd = finite_difference(p, name, do, dht)
+        scale = max(float(np.linalg.norm(fd)), 1e-12)
+        rel = float(np.linalg.norm(gr - fd)) / scale
+        worst = float(np.max(np.abs(gr - fd))) / max(float(np.max(np.abs(fd))), 1e-12)
+        assert rel < FD_RTOL and worst < 10 * FD_RTOL, f"d{name}: relative error {rel:.2e}, worst element {worst:.2e}"
+
+
+@pytest.mark.parametrize("c", case_params(CASES))
+def test_backward_matches_finite_differences(c: Case) -> None:
+    p, do, dht = problem(c)
+    check_against_fd(p, do, dht)
+
+
+@pytest.mark.parametrize("c", case_params([Case(gk=True, gv=True), Case(seqlens=(3, 0, 2), HV=2, beta="perv")]))
+def test_backward_without_dht_matches_finite_differences(c: Case) -> None:
+    p, do, _ = problem(c)
+    check_against_fd(p, do, None)
+
+
+def test_dht_none_equals_zero_dht() -> None:
+    p, do, dht = problem(Case(gk=True, HV=2))
+    g_none = naive.recurrent_backward(p, do, None)
+    g_zero = naive.recurrent_backward(p, do, np.zeros_like(dht))
+    for name in GRAD_NAMES:
+        if g_none.get(name) is not None:
+            np.testing.assert_array_equal(g_none[name], g_zero[name])
+
+
+def test_empty_sequence_passes_state_and_cotangent_through() -> None:
+    p, do, dht = problem(Case(seqlens=(3, 0, 4), HV=2))
+    _, ht = naive.recurrent_forward(p)
+    np.testing.assert_array_equal(ht[1], p.initial_state[1])
+    grads = naive.recurrent_backward(p, do, dht)
+    np.testing.assert_array_equal(grads["initial_state"][1], dht[1])
+    p0, _, _ = problem(Case(seqlens=(3, 0, 4), HV=2, h0=False))
+    _, ht0 = naive.recurrent_forward(p0)
+    np.testing.assert_array_equal(ht0[1], 0.0)
+
+
+def test_softplus_threshold_in_gate() -> None:
+    """Above 20 the softplus is the identity, so g = -exp(A_log) * x exactly."""
+    p, _, _ = problem(Case(gate_in_kernel=True, dt_bias=False, T=2, HV=2, H=1))
+    g_raw = np.array([[[25.0, -3.0], [20.5, 0.0]]])
+    A_log = np.array([0.3, -0.2])
+    x = naive._prepare(dataclasses.replace(p, g=g_raw, A_log=A_log))
+    a = np.exp(A_log)
+    expected = -a * np.array([[[25.0, math.log1p(math.exp(-3.0))], [20.5, math.log(2.0)]]])
+    np.testing.assert_allclose(x.g, expected, rtol=1e-15)
+
+
+# An independent plain-Python implementation, one value column at a time, written from README.md.
+
+
+def _column_loop_reference(kw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    q, k, v = kw["q"].tolist(), kw["k"].tolist(), kw["v"].tolist()
+    B, T, H, K = kw["q"].shape
+    HV, V = kw["v"].shape[2], kw["v"].shape[3]
+    scale = kw.get("scale") or K ** -0.5
+    cu = kw.get("cu_seqlens")
+    if cu is None:
+        seqs = [(b, 0, T) for b in range(B)]
+    else:
+        seqs = [(0, int(cu[n]), int(cu[n + 1])) for n in range(len(cu) - 1)]
+    h0 = kw.get("initial_state")
+    g, gk, gv, beta = kw.get("g"), kw.get("gk"), kw.get("gv"), kw.get("beta")
+    A_log, dt_bias = kw.get("A_log"), kw.get("dt_bias")
+
+    def norm(x: list[float]) -> list[float]:
+        if not kw.get("use_qk_l2norm_in_kernel"):
+            return x
+        r = 1.0 / math.sqrt(sum(e * e for e in x) + 1e-6)
+        return [e * r for e in x]
+
+    def beta_of(b: int, t: int, hv: int, j: int) -> float:
+        if beta is None:
+            return 1.0
+        raw = float(beta[b, t, hv, j]) if beta.ndim == 4 else float(beta[b, t, hv])
+        if kw.get("use_beta_sigmoid_in_kernel"):
+            return (2.0 if kw.get("allow_neg_eigval") else 1.0) / (1.0 + math.exp(-raw))
+        return raw
+
+    def gate_of(b: int, t: int, hv: int) -> float:
+        if g is None:
+            return 0.0
+        if not kw.get("use_gate_in_kernel"):
+            return float(g[b, t, hv])
+        xx = float(g[b, t, hv]) + (0.0 if dt_bias is None else float(dt_bias[hv]))
+        sp = xx if xx > 20 else math.log(1.0 + math.exp(xx))
+        return -math.exp(float(A_log[hv])) * sp
+
+    o = np.zeros((B, T, HV, V))
+    ht = np.zeros((len(seqs), HV, K, V))
+    for n, (b, s, e) in enumerate(seqs):
+        for hv in range(HV):
+            h = hv // (HV // H)
+            for j in range(V):
+                col = [float(h0[n, hv, i, j]) if h0 is not None else 0.0 for i in range(K)]
+                for t in range(s, e):
+                    kt, qt = norm(k[b][t][h]), norm(q[b][t][h])
+                    for i in range(K):
+                        logd = gate_of(b, t, hv)
+                        logd += float(gk[b, t, hv, i]) if gk is not None else 0.0
+                        logd += float(gv[b, t, hv, j]) if gv is not None else 0.0
+                        col[i] *= math.exp(logd)
+                    u = v[b][t][hv][j] - sum(col[i] * kt[i] for i in range(K))
+                    d = beta_of(b, t, hv, j) * u
+                    col = [col[i] + kt[i] * d for i in range(K)]
+                    o[b, t, hv, j] = sum(col[i] * scale * qt[i] for i in range(K))
+                for i in range(K):
+                    ht[n, hv, i, j] = col[i]
+    return o, ht
+
+
+@pytest.mark.parametrize("c", case_params([
+    CASES[-1],
+    Case(B=2, T=4, H=2, HV=4, K=3, V=2, g=True, gk=True, gv=True, beta="scalar", scale=0.5, seed=5),
+    Case(T=3, g=False, beta=None, h0=False, K=2, V=3),
+]))
+def test_forward_matches_column_loop(c: Case) -> None:
+    kw, _, _ = build(c)
+    o_ref, ht_ref = _column_loop_reference(kw)
+    o, ht = naive.recurrent_forward(make_problem(**kw, backend="numpy"))
+    assert_close("o", o_ref, o, ratio=1e-13)
+    assert_close("ht", ht_ref, ht, ratio=1e-13)
+
+
+# Public entry points.
+
+
+def _naive_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    return {n: a for n, a in kw.items() if n not in ("q", "k", "v", "g", "beta")}
+
+
+def test_naive_public_argument_order_beta_before_g() -> None:
+    kw, do, dht = build(CASES[-1])
+    rest = _naive_kwargs(kw)
+    o, ht = rawdelta.naive_recurrent_gated_delta_rule(kw["q"], kw["k"], kw["v"], kw["beta"], kw["g"],
+                                                      output_final_state=True, **rest)
+    p = make_problem(**kw, backend="numpy")
+    o_ref, ht_ref = naive.recurrent_forward(p)
+    np.testing.assert_array_equal(o, o_ref)
+    np.testing.assert_array_equal(ht, ht_ref)
+    o2, none = rawdelta.naive_recurrent_gated_delta_rule(kw["q"], kw["k"], kw["v"], kw["beta"], kw["g"], **rest)
+    assert none is None
+    np.testing.assert_array_equal(o2, o_ref)
+
+    grads = rawdelta.naive_recurrent_gated_delta_rule_bwd(kw["q"], kw["k"], kw["v"], kw["beta"], kw["g"],
+                                                          do=do, dht=dht, **rest)
+    assert isinstance(grads, rawdelta.GatedDeltaRuleGrads)
+    ref = naive.recurrent_backward(p, do, dht)
+    for name in GRAD_NAMES:
+        np.testing.assert_array_equal(getattr(grads, name), ref[name])
+
+
+def test_naive_public_bwd_checks_cotangents() -> None:
+    kw, do, _ = build(Case())
+    rest = _naive_kwargs(kw)
+    with pytest.raises(ValueError, match=r"do must have shape \[B, T, HV, V\] = \[1, 5, 1, 4\]"):
+        rawdelta.naive_recurrent_gated_delta_rule_bwd(kw["q"], kw["k"], kw["v"], kw["beta"], kw["g"],
+                                                      do=do[:, :4], **rest)
+    with pytest.raises(ValueError, match=r"dht must be 4-D \[N, HV, K, V\] = \[1, 1, 3, 4\]"):
+        rawdelta.naive_recurrent_gated_delta_rule_bwd(kw["q"], kw["k"], kw["v"], kw["beta"], kw["g"],
+                                                      do=do, dht=np.zeros((1, 3, 4)), **rest)
+    with pytest.raises(TypeError, match="do must be an array"):
+        rawdelta.naive_recurrent_gated_delta_rule_bwd(kw["q"], kw["k"], kw["v"], kw["beta"], kw["g"],
+                                                      do=do.tolist(), **rest)
+
+
+E2E_CASES = [
+    Case(H=1, HV=2, K=3, V=4, gk=True, gv=True, beta="perv"),
+    Case(seqlens=(3, 0, 2), H=2, HV=2, l2norm=True, sigmoid=True, neg_eigval=True, gate_in_kernel=True),
+    Case(B=2, T=4, g=False, beta=None, h0=False),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("c", case_params(E2E_CASES))
+def test_public_op_numpy_backend(c: Case, dtype: str) -> None:
+    kw, do, dht = build(c, dtype=dtype)
+    in_dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    assert kw["q"].dtype == in_dt
+    state_dt = np.float64 if dtype == "float64" else np.float32
+    inputs_before = {n: a.copy() for n, a in kw.items() if isinstance(a, np.ndarray)}
+
+    # Reference: the float64 reference on the same (already rounded) inputs.
+    p64 = make_problem(**kw, backend="numpy")
+    o_ref, ht_ref = naive.recurrent_forward(p64)
+    grads_ref = naive.recurrent_backward(p64, do, dht)
+    tol_dt = in_dt if dtype != "float64" else None
+
+    def close(name: str, ref: np.ndarray, out: np.ndarray) -> None:
+        if tol_dt is None:
+            assert_close(name, ref, out, ratio=1e-14)
+        else:
+            assert_close(name, ref, out, dtype=tol_dt)
+
+    o, ht = rawdelta.fused_recurrent_gated_delta_rule(**kw, output_final_state=True, backend="numpy")
+    assert o.dtype == in_dt and o.shape == kw["v"].shape
+    assert ht.dtype == state_dt
+    close("o", o_ref, o)
+    close("ht", ht_ref, ht)
+    o_only, none = rawdelta.fused_recurrent_gated_delta_rule(**kw, backend="numpy")
+    assert none is None
+    np.testing.assert_array_equal(o_only, o)
+
+    (o2, ht2), res = rawdelta.fused_recurrent_gated_delta_rule_fwd(**kw, output_final_state=True, backend="numpy")
+    np.testing.assert_array_equal(o2, o)
+    np.testing.assert_array_equal(ht2, ht)
+    grads = rawdelta.fused_recurrent_gated_delta_rule_bwd(res, do, dht)
+    for name in GRAD_NAMES:
+        gr = getattr(grads, name)
+        if kw.get(name) is None:
+            assert gr is None, name
+            continue
+        if name == "initial_state":
+            expected_dt = state_dt
+        else:
+            expected_dt = kw[name].dtype
+        assert gr.dtype == expected_dt and gr.shape == kw[name].shape, (name, gr.dtype, gr.shape)
+        close(f"d{name}", grads_ref[name], gr)
+
+    grads_no_dht = rawdelta.fused_recurrent_gated_delta_rule_bwd(res, do)
+    ref_no_dht = naive.recurrent_backward(p64, do, None)
+    close("dq", ref_no_dht["q"], grads_no_dht.q)
+
+    for n, a in inputs_before.items():
+        np.testing.assert_array_equal(kw[n], a, err_msg=f"{n} was modified")
+
+
+def test_float32_numpy_backend_close_to_float64_truth() -> None:
+    """float32 inputs through the public op agree with the float64 reference on float64 inputs to float32 tolerance."""
+    c = E2E_CASES[0]
+    kw64, do, dht = build(c)
+    kw32 = {n: (a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a)
+            for n, a in kw64.items()}
+    o_ref, ht_ref = rawdelta.fused_recurrent_gated_delta_rule(**kw64, output_final_state=True, backend="numpy")
+    o, ht = rawdelta.fused_recurrent_gated_delta_rule(**kw32, output_final_state=True, backend="numpy")
+    assert_close("o", o_ref, o, dtype=np.float32)
+    assert_close("ht", ht_ref, ht, dtype=np.float32)
