@@ -1,0 +1,433 @@
+"""The ``numba`` backend of the recurrent gated delta rule: readable Numba CUDA reference kernels.
+
+One thread owns one column ``j`` of the state of one sequence ``n`` and value head ``hv`` and walks
+the tokens in order, keeping ``S[:, j]`` (``K <= 256``) in a local array. Columns are independent in
+the recurrence (README.md), so no thread ever talks to another. Arithmetic is float32 throughout,
+without tensor cores; the kernels favour clarity over speed.
+
+Passes:
+
+* forward: :func:`recurrent_forward` launches the forward kernel once.
+* backward: the forward kernel runs again and stores the state before every token
+  (``[B, T, HV, K, V]``, so memory grows with T), then the backward kernel walks each column in
+  reverse. Per-column contributions to row quantities (dq, dk, dgk, the scalar dg and dbeta) go to
+  buffers with a trailing column axis and are summed afterwards (deterministic, no atomics), then
+  summed over the value heads sharing a key head; the L2-norm and gate epilogues run as array code.
+
+Works on numpy arrays (copied to the device, or to the Numba CUDA simulator with
+``NUMBA_ENABLE_CUDASIM=1``) and on CuPy device arrays (zero-copy, launched on CuPy's current stream
+or ``p.stream``). Results come back in the array library of ``p.q``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import types
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..._arrays import empty, zeros
+from ...errors import UnsupportedConfigError
+from ..common.backend import numba_cuda
+from .problem import GDNProblem
+
+MAX_K = 256  # size of the per-thread state column; a compile-time constant for cuda.local.array
+_THREADS_PER_BLOCK = 128
+
+# numba.cuda, bound by _kernels(). Kernels must reach it as a module global: the CUDA simulator swaps
+# the module in a kernel's globals for its fake one (closure variables would escape the swap).
+cuda: Any = None
+
+
+@functools.cache
+def _kernels() -> Any:
+    """Compile (lazily, once) the device functions and the two kernels; returns a namespace."""
+    global cuda
+    cuda = numba_cuda()
+    from numba import float32 as f32
+
+    one = f32(1.0)
+    zero = f32(0.0)
+
+    @cuda.jit(device=True)
+    def seq_bounds(cu, n, T, varlen):
+        """``(batch row, first token, end token)`` of sequence n."""
+        if varlen:
+            return 0, cu[n], cu[n + 1]
+        return n, 0, T
+
+    @cuda.jit(device=True)
+    def inv_norm(x, b, t, h, K, on):
+        """``1 / sqrt(sum x^2 + 1e-6)`` of the K-vector ``x[b, t, h]``, or 1 when the option is off."""
+        if not on:
+            return one
+        s = zero
+        for i in range(K):
+            xi = x[b, t, h, i]
+            s += xi * xi
+        return one / math.sqrt(s + f32(1e-6))
+
+    @cuda.jit(device=True)
+    def log_decay(g, a_log, dt_bias, b, t, hv, use_gate, has_dt_bias):
+        """The scalar log-decay g_t, through ``-exp(A_log) * softplus(g + dt_bias)`` with the gate in kernel."""
+        x = g[b, t, hv]
+        if use_gate:
+            if has_dt_bias:
+                x = x + dt_bias[hv]
+            sp = x if x > f32(20.0) else math.log1p(math.exp(x))
+            x = -math.exp(a_log[hv]) * sp
+        return x
+
+    @cuda.jit(device=True)
+    def column_decay(g, gv, a_log, dt_bias, b, t, hv, j, has_g, has_gv, use_gate, has_dt_bias):
+        """``exp(g_t) * exp(gv_t[j])``: the part of the decay shared by the whole column j."""
+        d = one
+        if has_g:
+            d = math.exp(log_decay(g, a_log, dt_bias, b, t, hv, use_gate, has_dt_bias))
+        if has_gv:
+            d = d * math.exp(gv[b, t, hv, j])
+        return d
+
+    @cuda.jit(device=True)
+    def beta_and_slope(beta, b, t, hv, j, beta_mode, use_sig, beta_s):
+        """``(beta_t[j], d beta / d beta_raw)``; beta is ``[B, T, HV, 1]`` (scalar) or ``[B, T, HV, V]``."""
+        if beta_mode == 0:
+            return one, zero
+        x = beta[b, t, hv, j if beta_mode == 2 else 0]
+        if not use_sig:
+            return x, one
+        s = one / (one + math.exp(-x))
+        return beta_s * s, beta_s * s * (one - s)
+
+    def forward(q, k, v, g, gk, gv, beta, h0, a_log, dt_bias, cu, o, ht, states,
+                n_seq, T, HV, K, V, G, scale, has_g, has_gk, has_gv, beta_mode, beta_s, has_h0,
+                use_l2, use_sig, use_gate, has_dt_bias, varlen, store):
+        tid = cuda.grid(1)
+        if tid >= n_seq * HV * V:
+            return
+        j = tid % V
+        hv = (tid // V) % HV
+        n = tid // (V * HV)
+        h = hv // G
+        b, bos, eos = seq_bounds(cu, n, T, varlen)
+        S = cuda.local.array(MAX_K, f32)
+        for i in range(K):
+            S[i] = h0[n, hv, i, j] if has_h0 else zero
+        for t in range(bos, eos):
+            if store:
+                for i in range(K):
+                    states[b, t, hv, i, j] = S[i]
+            dcol = column_decay(g, gv, a_log, dt_bias, b, t, hv, j, has_g, has_gv, use_gate, has_dt_bias)
+            rk = inv_norm(k, b, t, h, K, use_l2)
+            rq = inv_norm(q, b, t, h, K, use_l2)
+            kS = zero
+            for i in range(K):
+                d = dcol
+                if has_gk:
+                    d = d * math.exp(gk[b, t, hv, i])
+                S[i] = S[i] * d
+                kS += S[i] * (k[b, t, h, i] * rk)
+            bt, _ = beta_and_slope(beta, b, t, hv, j, beta_mode, use_sig, beta_s)
+            delta = bt * (v[b, t, hv, j] - kS)
+            acc = zero
+            for i in range(K):
+                S[i] = S[i] + (k[b, t, h, i] * rk) * delta
+                acc += S[i] * (q[b, t, h, i] * rq)
+            o[b, t, hv, j] = scale * acc
+        for i in range(K):
+            ht[n, hv, i, j] = S[i]
+
+    def backward(q, k, v, g, gk, gv, beta, a_log, dt_bias, cu, states, do, dht,
+                 dq_part, dk_part, dgk_part, zcol, dv, dbeta_col, dh0,
+                 n_seq, T, HV, K, V, G, scale, has_g, has_gk, has_gv, beta_mode, beta_s, has_h0,
+                 use_l2, use_sig, use_gate, has_dt_bias, varlen, has_dht):
+        tid = cuda.grid(1)
+        if tid >= n_seq * HV * V:
+            return
+        j = tid % V
+        hv = (tid // V) % HV
+        n = tid // (V * HV)
+        h = hv // G
+        b, bos, eos = seq_bounds(cu, n, T, varlen)
+        dS = cuda.local.array(MAX_K, f32)  # gradient w.r.t. column j of the state after step t
+        St = cuda.local.array(MAX_K, f32)  # decayed state S~ of step t
+        dec = cuda.local.array(MAX_K, f32)  # decay D_t[:, j]
+        for i in range(K):
+            dS[i] = dht[n, hv, i, j] if has_dht else zero
+        for t in range(eos - 1, bos - 1, -1):
+            dcol = column_decay(g, gv, a_log, dt_bias, b, t, hv, j, has_g, has_gv, use_gate, has_dt_bias)
+            rk = inv_norm(k, b, t, h, K, use_l2)
+            rq = inv_norm(q, b, t, h, K, use_l2)
+            kS = zero
+            for i in range(K):
+                d = dcol
+                if has_gk:
+                    d = d * math.exp(gk[b, t, hv, i])
+                dec[i] = d
+                St[i] = d * states[b, t, hv, i, j]
+                kS += St[i] * (k[b, t, h, i] * rk)
+            bt, slope = beta_and_slope(beta, b, t, hv, j, beta_mode, use_sig, beta_s)
+            u = v[b, t, hv, j] - kS
+            delta = bt * u
+            dout = do[b, t, hv, j]
+            ddelta = zero
+            for i in range(K):
+                kh = k[b, t, h, i] * rk
+                dS[i] += scale * (q[b, t, h, i] * rq) * dout
+                dq_part[b, t, hv, i, j] = scale * (St[i] + kh * delta) * dout
+                ddelta += dS[i] * kh
+            dv[b, t, hv, j] = bt * ddelta
+            if beta_mode != 0:  # the sigmoid's slope is applied here, so this is already d beta_raw
+                dbeta_col[b, t, hv, j] = ddelta * u * slope
+            e = bt * ddelta
+            z = zero
+            for i in range(K):
+                kh = k[b, t, h, i] * rk
+                dk_part[b, t, hv, i, j] = dS[i] * delta - St[i] * e
+                dSt = dS[i] - kh * e
+                zi = dSt * St[i]
+                if has_gk:
+                    dgk_part[b, t, hv, i, j] = zi
+                z += zi
+                dS[i] = dec[i] * dSt
+            if has_g or has_gv:
+                zcol[b, t, hv, j] = z
+        if has_h0:
+            for i in range(K):
+                dh0[n, hv, i, j] = dS[i]
+
+    # forward_py / backward_py stay uncompiled so a PTX compile check can type them without a GPU.
+    return types.SimpleNamespace(forward=cuda.jit(forward), backward=cuda.jit(backward),
+                                 forward_py=forward, backward_py=backward)
+
+
+class _Launcher:
+    """Moves arrays to where the kernels run and launches them, for numpy or CuPy inputs.
+
+    numpy: inputs are copied to the device and registered outputs copied back by :meth:`finish`.
+    CuPy: arrays are wrapped without copying and kernels go on CuPy's current stream.
+    """
+
+    def __init__(self, xp: Any) -> None:
+        self.cuda = numba_cuda()
+        self.xp = xp
+        self.host = xp is np
+        self._copy_back: list[tuple[Any, Any]] = []
+        if self.host:
+            self.stream = 0
+        else:
+            ptr = int(xp.cuda.get_current_stream().ptr)
+            self.stream = self.cuda.default_stream() if ptr == 0 else self.cuda.external_stream(ptr)
+
+    def dummy(self, ndim: int) -> Any:
+        """A 1-element float32 array of `ndim` dimensions standing in for an absent input."""
+        return self.put(zeros(self.xp, (1,) * ndim, np.float32))
+
+    def put(self, x: Any) -> Any:
+        """Device view (CuPy) or device copy (numpy) of an input array."""
+        if x.size == 0:  # never indexed; some drivers refuse zero-byte buffers
+            x = zeros(self.xp, (1,) * x.ndim, x.dtype)
+        if self.host:
+            return self.cuda.to_device(np.ascontiguousarray(x))
+        return self.cuda.as_cuda_array(x, sync=False)
+
+    def out(self, x: Any) -> Any:
+        """Device array the kernel writes into; for numpy `x` it is copied back into `x` by :meth:`finish`."""
+        d = self.put(x)
+        if self.host and x.size:
+            self._copy_back.append((d, x))
+        return d
+
+    def launch(self, kernel: Any, n_threads: int, *args: Any) -> None:
+        if n_threads == 0:
+            return
+        tpb = min(_THREADS_PER_BLOCK, n_threads)
+        with warnings.catch_warnings():
+            # Small problems give small grids; the reference does not tune for occupancy.
+            # Matched by message: numba and numba-cuda each define their own NumbaPerformanceWarning class.
+            warnings.filterwarnings("ignore", message=".*under-utilization due to low occupancy")
+            kernel[(n_threads + tpb - 1) // tpb, tpb, self.stream](*args)
+
+    def finish(self) -> None:
+        for d, x in self._copy_back:
+            d.copy_to_host(x)
+        self._copy_back.clear()
+
+
+@contextlib.contextmanager
+def _device_scope(p: GDNProblem) -> Iterator[None]:
+    """For CuPy inputs: run on ``p.stream`` and with Numba on the arrays' device."""
+    if p.xp is np:
+        yield
+        return
+    from ..._arrays import on_stream
+
+    cuda = numba_cuda()
+    with on_stream(p.stream), cuda.gpus[int(p.q.device.id)]:
+        yield
+
+
+def _check(p: GDNProblem) -> None:
+    if p.K > MAX_K:
+        raise UnsupportedConfigError(f"backend='numba' supports K <= {MAX_K} (the state column lives in a local "
+                                     f"array), got K={p.K}")
+
+
+def _common_args(p: GDNProblem, L: _Launcher) -> tuple[list[Any], list[Any]]:
+    """Device arrays ``[q, k, v, g, gk, gv, beta, A_log, dt_bias, cu]`` and the trailing scalar arguments."""
+    xp = p.xp
+    f32 = np.float32
+    q, k, v = (L.put(x.astype(f32, copy=False)) for x in (p.q, p.k, p.v))
+    g = L.put(p.g.astype(f32, copy=False)) if p.g is not None else L.dummy(3)
+    gk = L.put(p.gk.astype(f32, copy=False)) if p.gk is not None else L.dummy(4)
+    gv = L.put(p.gv.astype(f32, copy=False)) if p.gv is not None else L.dummy(4)
+    if p.beta is None:
+        beta, beta_mode = L.dummy(4), 0
+    elif p.beta_per_v:
+        beta, beta_mode = L.put(p.beta.astype(f32, copy=False)), 2
+    else:
+        beta, beta_mode = L.put(p.beta.astype(f32, copy=False)[..., None]), 1
+    a_log = L.put(p.A_log.astype(f32, copy=False)) if p.A_log is not None else L.dummy(1)
+    dt_bias = L.put(p.dt_bias.astype(f32, copy=False)) if p.dt_bias is not None else L.dummy(1)
+    if p.cu_seqlens is not None:
+        cu = L.put(xp.asarray(p.cu_seqlens, dtype=np.int64))
+    else:
+        cu = L.put(xp.zeros(1, dtype=np.int64))
+    arrays = [q, k, v, g, gk, gv, beta, a_log, dt_bias, cu]
+    scalars = [p.N, p.T, p.HV, p.K, p.V, p.HV // p.H, f32(p.scale), p.g is not None, p.gk is not None,
+               p.gv is not None, beta_mode, f32(2.0 if p.allow_neg_eigval else 1.0), p.initial_state is not None,
+               p.use_qk_l2norm_in_kernel, p.use_beta_sigmoid_in_kernel, p.use_gate_in_kernel,
+               p.dt_bias is not None, p.cu_seqlens is not None]
+    return arrays, scalars
+
+
+def _run_forward(p: GDNProblem, L: _Launcher, store_states: bool) -> tuple[Any, Any, Any, list[Any], list[Any]]:
+    """Launch the forward kernel; returns ``(o, ht, states device array or None, common arrays, scalars)``."""
+    xp = p.xp
+    arrays, scalars = _common_args(p, L)
+    q, k, v, g, gk, gv, beta, a_log, dt_bias, cu = arrays
+    h0 = L.put(p.initial_state.astype(np.float32, copy=False)) if p.initial_state is not None else L.dummy(4)
+    o = empty(xp, (p.B, p.T, p.HV, p.V), np.float32)
+    ht = empty(xp, (p.N, p.HV, p.K, p.V), np.float32)
+    if store_states:
+        # The backward only needs the states on the device: never copied back.
+        d_o, d_ht = L.put(o), L.put(ht)
+        d_states = L.put(empty(xp, (p.B, p.T, p.HV, p.K, p.V), np.float32))
+    else:
+        d_o, d_ht = L.out(o), L.out(ht)
+        d_states = L.dummy(5)
+    L.launch(_kernels().forward, p.N * p.HV * p.V, q, k, v, g, gk, gv, beta, h0, a_log, dt_bias, cu,
+             d_o, d_ht, d_states, *scalars, store_states)
+    return o, ht, (d_states if store_states else None), arrays, scalars
+
+
+def recurrent_forward(p: GDNProblem) -> tuple[Any, Any]:
+    """Gated delta rule forward, token by token, in float32.
+
+    Args:
+        p: the validated call (README.md for the math and every option).
+
+    Returns:
+        ``(o, ht)``: o ``[B, T, HV, V]`` and the final state ``[N, HV, K, V]``, both float32, in the array
+        library of ``p.q``. With ``p.inplace_final_state`` the final state is also written into
+        ``p.initial_state``, which is returned as ``ht``.
+    """
+    _check(p)
+    with _device_scope(p):
+        L = _Launcher(p.xp)
+        o, ht, _, _, _ = _run_forward(p, L, store_states=False)
+        L.finish()
+        if p.inplace_final_state:
+            p.initial_state[...] = ht
+            ht = p.initial_state
+    return o, ht
+
+
+def _l2norm_bwd(xp: Any, x: Any, dxh: Any) -> Any:
+    """Backward of ``x^ = x r``, ``r = 1/sqrt(sum x^2 + 1e-6)`` over the last axis: ``r (dx^ - (dx^ . x^) x^)``."""
+    r = 1.0 / xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True) + np.float32(1e-6))
+    xh = x * r
+    return r * (dxh - xp.sum(dxh * xh, axis=-1, keepdims=True) * xh)
+
+
+def _group_sum(x: Any, H: int) -> Any:
+    """Sum ``[B, T, HV, K]`` over the value heads sharing a key head: ``[B, T, H, K]``."""
+    B, T, HV, K = x.shape
+    if HV == H:
+        return x
+    return x.reshape(B, T, H, HV // H, K).sum(axis=3)
+
+
+def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
+    """Gradients of the gated delta rule (README.md backward), in float32.
+
+    Args:
+        p: the validated call of the forward.
+        do: output cotangent ``[B, T, HV, V]``.
+        dht: final-state cotangent ``[N, HV, K, V]``, or None.
+
+    Returns:
+        dict with keys among ``q, k`` (``[B, T, H, K]``), ``v`` (``[B, T, HV, V]``), ``g`` (``[B, T, HV]``),
+        ``gk``, ``gv``, ``beta`` (shaped like their inputs), ``initial_state`` (``[N, HV, K, V]``), ``A_log``,
+        ``dt_bias`` (``[HV]``): one per input that was given, float32, in the array library of ``p.q``.
+    """
+    _check(p)
+    xp = p.xp
+    f32 = np.float32
+    B, T, H, HV, K, V, N = p.B, p.T, p.H, p.HV, p.K, p.V, p.N
+    with _device_scope(p):
+        L = _Launcher(xp)
+        _, _, d_states, arrays, scalars = _run_forward(p, L, store_states=True)
+        q, k, v, g, gk, gv, beta, a_log, dt_bias, cu = arrays
+        d_do = L.put(xp.asarray(do).astype(f32, copy=False))
+        d_dht = L.put(xp.asarray(dht).astype(f32, copy=False)) if dht is not None else L.dummy(4)
+
+        dq_part = empty(xp, (B, T, HV, K, V), f32)
+        dk_part = empty(xp, (B, T, HV, K, V), f32)
+        dv = empty(xp, (B, T, HV, V), f32)
+        dgk_part = empty(xp, (B, T, HV, K, V), f32) if p.gk is not None else None
+        zcol = empty(xp, (B, T, HV, V), f32) if (p.g is not None or p.gv is not None) else None
+        dbeta_col = empty(xp, (B, T, HV, V), f32) if p.beta is not None else None
+        dh0 = empty(xp, (N, HV, K, V), f32) if p.initial_state is not None else None
+
+        def out_or_dummy(x: Any, ndim: int) -> Any:
+            return L.out(x) if x is not None else L.dummy(ndim)
+
+        L.launch(_kernels().backward, N * HV * V, q, k, v, g, gk, gv, beta, a_log, dt_bias, cu, d_states,
+                 d_do, d_dht, L.out(dq_part), L.out(dk_part), out_or_dummy(dgk_part, 5), out_or_dummy(zcol, 4),
+                 L.out(dv), out_or_dummy(dbeta_col, 4), out_or_dummy(dh0, 4), *scalars, dht is not None)
+        L.finish()
+
+        dq = _group_sum(dq_part.sum(axis=-1), H)
+        dk = _group_sum(dk_part.sum(axis=-1), H)
+        if p.use_qk_l2norm_in_kernel:
+            dq = _l2norm_bwd(xp, p.q.astype(f32, copy=False), dq)
+            dk = _l2norm_bwd(xp, p.k.astype(f32, copy=False), dk)
+        grads: dict[str, Any] = {"q": dq, "k": dk, "v": dv}
+        if p.g is not None:
+            dg = zcol.sum(axis=-1)  # gradient w.r.t. the log-decay g_t
+            if p.use_gate_in_kernel:
+                graw = p.g.astype(f32, copy=False)
+                x = graw + p.dt_bias.astype(f32, copy=False) if p.dt_bias is not None else graw
+                a = xp.exp(p.A_log.astype(f32, copy=False))
+                softplus = xp.where(x > 20, x, xp.log1p(xp.exp(xp.minimum(x, f32(20.0)))))
+                sigmoid = f32(0.5) * (f32(1.0) + xp.tanh(f32(0.5) * x))
+                grads["A_log"] = (dg * (-a * softplus)).sum(axis=(0, 1))
+                dg = -a * sigmoid * dg
+                if p.dt_bias is not None:
+                    grads["dt_bias"] = dg.sum(axis=(0, 1))
+            grads["g"] = dg
+        if p.gk is not None:
+            grads["gk"] = dgk_part.sum(axis=-1)
+        if p.gv is not None:
+            grads["gv"] = zcol
+        if p.beta is not None:
+            grads["beta"] = dbeta_col if p.beta_per_v else dbeta_col.sum(axis=-1)
+        if dh0 is not None:
+            grads["initial_state"] = dh0
+    return grads
