@@ -116,7 +116,8 @@ SHAPE_CASES = [
     ("k", np.zeros((B, T + 1, H, K), np.float32),
      r"k must have shape \[B, T, H, K\] = \[1, 5, 1, 3\], got \(1, 6, 1, 3\)"),
     ("k", np.zeros((B, T, H, K + 1), np.float32), r"k must have shape \[B, T, H, K\] = \[1, 5, 1, 3\].*mismatch in K"),
-    ("v", np.zeros((B, T, HV, V, 1), np.float32), r"v must be 4-D \[B, T, HV, V\] = \[1, 5, HV, V\], got shape \(1, 5, 2, 4, 1\)"),
+    ("v", np.zeros((B, T, HV, V, 1), np.float32),
+     r"v must be 4-D \[B, T, HV, V\] = \[1, 5, HV, V\], got shape \(1, 5, 2, 4, 1\)"),
     # v binds HV and V itself; B and T are already bound by q and shown.
     ("v", np.zeros((2, T, HV, V), np.float32),
      r"v must have shape \[B, T, HV, V\] = \[1, 5, HV, V\], got \(2, 5, 2, 4\) \(mismatch in B\)"),

@@ -1,0 +1,485 @@
+// Gated delta rule, recurrent mode: forward (also the in-place decode step) and backward.
+// Math: rawdelta/ops/gated_delta_rule/README.md. Layouts (all C-contiguous):
+//   q, k [BT, H, K] (T dtype)   v, o [BT, HV, V] (T dtype)   g, beta [BT, HV]   gk [BT, HV, K]
+//   gv, beta_v [BT, HV, V]      state h0 / ht / dht / dh0 [N, HV, K, V] (float32)
+// BT = B * T flattened tokens; with cu_seqlens (B == 1) sequence n covers tokens [cu[n], cu[n+1]).
+// Each column j of the K x V state evolves independently, so threads own (column, rows) slices.
+#include "include/rawdelta_common.cuh"
+
+using namespace rawdelta;
+
+enum : int {
+    F_G = 1, F_GK = 2, F_GV = 4, F_BETA = 8, F_BETA_V = 16, F_L2 = 32, F_GATE = 64, F_DTB = 128,
+    F_BSIG = 256, F_NEG = 512, F_H0 = 1024, F_HT = 2048, F_VARLEN = 4096, F_DHT = 8192
+};
+
+struct SeqRange { i64 bos, eos; };
+
+__device__ __forceinline__ SeqRange seq_range(const i64* cu, int n, int T, int flags) {
+    if (flags & F_VARLEN) return {cu[n], cu[n + 1]};
+    return {(i64)n * T, (i64)n * T + T};
+}
+
+// Log-decay of the scalar gate at (token, head), after the optional in-kernel activation.
+__device__ __forceinline__ float scalar_log_gate(const float* g, const float* A_log, const float* dt_bias,
+                                                 i64 th, int hv, int flags) {
+    if (!(flags & F_G)) return 0.f;
+    float x = g[th];
+    if (flags & F_GATE) x = -__expf(A_log[hv]) * softplusf_(x + ((flags & F_DTB) ? dt_bias[hv] : 0.f));
+    return x;
+}
+
+__device__ __forceinline__ float beta_value(const float* beta, i64 idx, int flags) {
+    if (!(flags & F_BETA)) return 1.f;
+    float b = beta[idx];
+    if (flags & F_BSIG) b = ((flags & F_NEG) ? 2.f : 1.f) * sigmoidf_(b);
+    return b;
+}
+
+// KPT consecutive elements [r0, r0 + KPT) of a row of length K; 16-byte loads when aligned and in range.
+template <typename T, int KPT>
+__device__ __forceinline__ void load_row_chunk(const T* __restrict__ row, int r0, int K, float (&out)[KPT]) {
+    constexpr int VEC = 16 / sizeof(T);
+    if (KPT % VEC == 0 && r0 + KPT <= K && ((reinterpret_cast<size_t>(row + r0) & 15) == 0)) {
+#pragma unroll
+        for (int c = 0; c < KPT / VEC; ++c) {
+            uint4 raw = *reinterpret_cast<const uint4*>(row + r0 + c * VEC);
+            const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int x = 0; x < VEC; ++x) out[c * VEC + x] = to_float(e[x]);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < KPT; ++i) out[i] = (r0 + i < K) ? to_float(row[r0 + i]) : 0.f;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. Block = 4 warps = 32 columns; in a warp, lane = rp * 8 + c: 8 consecutive columns
+// (32-byte coalesced state rows) x 4 row parts of KPT consecutive rows (K <= 4 * KPT).
+// Grid: N * HV * NVB blocks, NVB = ceil(V / 32). ht may alias h0 (each thread reads its
+// elements before it writes them), which is how the in-place decode update works.
+// ---------------------------------------------------------------------------------------------
+constexpr int FWD_WARPS = 4;
+constexpr int FWD_COLS_PER_WARP = 8;
+constexpr int FWD_ROW_PARTS = 4;
+
+template <typename T, int KPT>
+__global__ void __launch_bounds__(FWD_WARPS * 32)
+gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                         const float* __restrict__ g, const float* __restrict__ gk, const float* __restrict__ gv,
+                         const float* __restrict__ beta, const float* h0, const float* __restrict__ A_log,
+                         const float* __restrict__ dt_bias, const i64* __restrict__ cu_seqlens,
+                         T* __restrict__ o, float* ht, int T_, int H, int HV, int K, int V, int NVB, float scale,
+                         int flags) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c = lane & (FWD_COLS_PER_WARP - 1), rp = lane / FWD_COLS_PER_WARP;
+    const i64 blk = blockIdx.x;
+    const int vb = (int)(blk % NVB);
+    const i64 nh = blk / NVB;
+    const int hv = (int)(nh % HV), n = (int)(nh / HV);
+    const int h = hv / (HV / H);
+    const int j = vb * (FWD_WARPS * FWD_COLS_PER_WARP) + warp * FWD_COLS_PER_WARP + c;
+    const bool jok = j < V;
+    const int r0 = rp * KPT;
+
+    float S[KPT];
+    const i64 sbase = nh * K * V + j;
+#pragma unroll
+    for (int i = 0; i < KPT; ++i)
+        S[i] = ((flags & F_H0) && jok && r0 + i < K) ? h0[sbase + (i64)(r0 + i) * V] : 0.f;
+
+    const SeqRange sr = seq_range(cu_seqlens, n, T_, flags);
+    for (i64 t = sr.bos; t < sr.eos; ++t) {
+        const i64 th = t * HV + hv;
+        float kk[KPT];
+        load_row_chunk<T, KPT>(k + (t * H + h) * K, r0, K, kk);
+        if (flags & F_L2) {
+            float ss = 0.f;
+#pragma unroll
+            for (int i = 0; i < KPT; ++i) ss += kk[i] * kk[i];
+            const float rn = rsqrtf(lane_group_sum<FWD_COLS_PER_WARP, FWD_ROW_PARTS>(ss) + 1e-6f);
+#pragma unroll
+            for (int i = 0; i < KPT; ++i) kk[i] *= rn;
+        }
+        float col_decay = __expf(scalar_log_gate(g, A_log, dt_bias, th, hv, flags));
+        if ((flags & F_GV) && jok) col_decay *= __expf(gv[th * V + j]);
+        const float b = beta_value(beta, (flags & F_BETA_V) ? th * V + (jok ? j : 0) : th, flags);
+        const float vj = jok ? to_float(v[th * V + j]) : 0.f;
+
+        float ks = 0.f;
+#pragma unroll
+        for (int i = 0; i < KPT; ++i) {
+            float d = col_decay;
+            if ((flags & F_GK) && r0 + i < K) d *= __expf(gk[th * K + r0 + i]);
+            S[i] *= d;
+            ks += S[i] * kk[i];
+        }
+        ks = lane_group_sum<FWD_COLS_PER_WARP, FWD_ROW_PARTS>(ks);
+        const float delta = b * (vj - ks);
+
+        float qq[KPT];
+        load_row_chunk<T, KPT>(q + (t * H + h) * K, r0, K, qq);
+        float qs = 0.f, os = 0.f;
+#pragma unroll
+        for (int i = 0; i < KPT; ++i) {
+            S[i] += kk[i] * delta;
+            qs += qq[i] * qq[i];
+            os += S[i] * qq[i];
+        }
+        os = lane_group_sum<FWD_COLS_PER_WARP, FWD_ROW_PARTS>(os);
+        if (flags & F_L2) os *= rsqrtf(lane_group_sum<FWD_COLS_PER_WARP, FWD_ROW_PARTS>(qs) + 1e-6f);
+        if (rp == 0 && jok) o[th * V + j] = from_float<T>(scale * os);
+    }
+    if ((flags & F_HT) && jok) {
+#pragma unroll
+        for (int i = 0; i < KPT; ++i)
+            if (r0 + i < K) ht[sbase + (i64)(r0 + i) * V] = S[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward. Block = BWD_WARPS warps, one column per warp; lane owns rows r = lane + 32 * i
+// (K <= 32 * KPT). Block (n, hv, vb) handles columns (pass * NVB + vb) * BWD_WARPS + warp.
+//   Phase 1: forward sweep storing the state every C steps (thread-private checkpoint layout).
+//   Phase 2: per segment, last to first: reload the checkpoint, recompute the segment keeping its
+//            C decayed states in shared memory (each thread reads back only what it wrote), then
+//            walk it in reverse.
+// Row quantities (dq, dk, dgk: sums over columns) and scalar ones (dg, dbeta) are reduced over the
+// block's warps in shared memory each step and accumulated, in a fixed order, into per-vb partial
+// buffers [NVB, BT, HV, K|1]; gdn_recurrent_bwd_finish_* sum those. No atomics: deterministic.
+// Dynamic shared memory: C * BWD_WARPS * (32 * KPT + 2) floats.
+// ---------------------------------------------------------------------------------------------
+constexpr int BWD_WARPS = 8;
+
+template <int KPT>
+struct BwdStep {  // per-token values shared by all columns of a warp
+    float k[KPT], q[KPT], gkd[KPT];
+};
+
+template <typename T, int KPT>
+__device__ __forceinline__ void load_step(BwdStep<KPT>& st, const T* __restrict__ q, const T* __restrict__ k,
+                                          const float* __restrict__ gk, i64 t, int h, int H, int K, i64 th,
+                                          int lane, int flags) {
+    float ks = 0.f, qs = 0.f;
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) {
+        const int r = lane + 32 * i;
+        const bool ok = r < K;
+        st.k[i] = ok ? to_float(k[(t * H + h) * K + r]) : 0.f;
+        st.q[i] = ok ? to_float(q[(t * H + h) * K + r]) : 0.f;
+        st.gkd[i] = ((flags & F_GK) && ok) ? __expf(gk[th * K + r]) : 1.f;
+        ks += st.k[i] * st.k[i];
+        qs += st.q[i] * st.q[i];
+    }
+    if (flags & F_L2) {
+        const float rk = rsqrtf(warp_sum(ks) + 1e-6f), rq = rsqrtf(warp_sum(qs) + 1e-6f);
+#pragma unroll
+        for (int i = 0; i < KPT; ++i) {
+            st.k[i] *= rk;
+            st.q[i] *= rq;
+        }
+    }
+}
+
+// One forward step of column j on the lane's rows: S <- S~ + k delta. Returns u = v_j - S~^T k and
+// delta through the references; leaves S~ in St when St is not null.
+template <typename T, int KPT>
+__device__ __forceinline__ void bwd_forward_step(float (&S)[KPT], const BwdStep<KPT>& st, float cd, float b, float vj,
+                                                 float* St, float& u, float& delta) {
+    float ks = 0.f;
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) {
+        S[i] *= cd * st.gkd[i];
+        if (St) St[i * 32] = S[i];
+        ks += S[i] * st.k[i];
+    }
+    u = vj - warp_sum(ks);
+    delta = b * u;
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) S[i] += st.k[i] * delta;
+}
+
+template <typename T, int KPT>
+__global__ void __launch_bounds__(BWD_WARPS * 32)
+gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                         const float* __restrict__ g, const float* __restrict__ gk, const float* __restrict__ gv,
+                         const float* __restrict__ beta, const float* __restrict__ h0,
+                         const float* __restrict__ A_log, const float* __restrict__ dt_bias,
+                         const i64* __restrict__ cu_seqlens, const float* __restrict__ do_,
+                         const float* __restrict__ dht, float* __restrict__ ckpt, int NS, int C,
+                         float* __restrict__ part_dq, float* __restrict__ part_dk, float* __restrict__ part_dgk,
+                         float* __restrict__ part_dg, float* __restrict__ part_db, T* __restrict__ dv,
+                         float* __restrict__ dgv, float* __restrict__ dbeta_v, float* __restrict__ dh0, i64 BT,
+                         int T_, int H, int HV, int K, int V, int NVB, float scale, int flags) {
+    __shared__ float red_rows[3][BWD_WARPS][32 * KPT];
+    __shared__ float red_scal[2][BWD_WARPS];
+    extern __shared__ float seg_smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // Per warp: C decayed states [C][KPT][32] (lane-contiguous: conflict-free), then u and delta [C].
+    float* St_w = seg_smem + (i64)warp * C * (32 * KPT + 2);
+    float* uu_w = St_w + C * 32 * KPT;
+    float* dl_w = uu_w + C;
+    const i64 blk = blockIdx.x;
+    const int vb = (int)(blk % NVB);
+    const i64 nh = blk / NVB;
+    const int hv = (int)(nh % HV), n = (int)(nh / HV);
+    const int h = hv / (HV / H);
+    const SeqRange sr = seq_range(cu_seqlens, n, T_, flags);
+    const int L = (int)(sr.eos - sr.bos);
+    const int nseg = (L + C - 1) / C;
+    const int npass = (V + NVB * BWD_WARPS - 1) / (NVB * BWD_WARPS);
+    const bool has_rows_gk = flags & F_GK;
+    const int nq = has_rows_gk ? 3 : 2;
+
+    for (int pass = 0; pass < npass; ++pass) {
+        const int j = (pass * NVB + vb) * BWD_WARPS + warp;
+        const bool jok = j < V;
+        float* ck = ckpt + ((blk * NS) * BWD_WARPS + warp) * (32 * KPT) + lane;
+        auto column_decay = [&](i64 th) {
+            float cd = __expf(scalar_log_gate(g, A_log, dt_bias, th, hv, flags));
+            if ((flags & F_GV) && jok) cd *= __expf(gv[th * V + j]);
+            return cd;
+        };
+        auto column_beta = [&](i64 th) { return beta_value(beta, (flags & F_BETA_V) ? th * V + (jok ? j : 0) : th, flags); };
+
+        // Phase 1: forward sweep, checkpoint at every segment start.
+        float S[KPT];
+#pragma unroll
+        for (int i = 0; i < KPT; ++i) {
+            const int r = lane + 32 * i;
+            S[i] = ((flags & F_H0) && jok && r < K) ? h0[(nh * K + r) * V + j] : 0.f;
+        }
+        for (int tl = 0; tl < L; ++tl) {
+            if (tl % C == 0) {
+#pragma unroll
+                for (int i = 0; i < KPT; ++i) ck[((i64)(tl / C) * BWD_WARPS) * (32 * KPT) + i * 32] = S[i];
+            }
+            const i64 t = sr.bos + tl, th = t * HV + hv;
+            BwdStep<KPT> st;
+            load_step<T, KPT>(st, q, k, gk, t, h, H, K, th, lane, flags);
+            float u, delta;
+            bwd_forward_step<T, KPT>(S, st, column_decay(th), column_beta(th), jok ? to_float(v[th * V + j]) : 0.f,
+                                     nullptr, u, delta);
+        }
+
+        // Phase 2: reverse, one segment at a time.
+        float dS[KPT];
+#pragma unroll
+        for (int i = 0; i < KPT; ++i) {
+            const int r = lane + 32 * i;
+            dS[i] = ((flags & F_DHT) && jok && r < K) ? dht[(nh * K + r) * V + j] : 0.f;
+        }
+        for (int seg = nseg - 1; seg >= 0; --seg) {
+            const int t0 = seg * C;
+            const int len = min(C, L - t0);
+#pragma unroll
+            for (int i = 0; i < KPT; ++i) S[i] = ck[((i64)seg * BWD_WARPS) * (32 * KPT) + i * 32];
+            for (int s = 0; s < len; ++s) {
+                const i64 t = sr.bos + t0 + s, th = t * HV + hv;
+                BwdStep<KPT> st;
+                load_step<T, KPT>(st, q, k, gk, t, h, H, K, th, lane, flags);
+                float u, delta;
+                bwd_forward_step<T, KPT>(S, st, column_decay(th), column_beta(th),
+                                         jok ? to_float(v[th * V + j]) : 0.f, St_w + s * 32 * KPT + lane, u, delta);
+                if (lane == 0) {
+                    uu_w[s] = u;
+                    dl_w[s] = delta;
+                }
+            }
+            __syncwarp();
+            for (int s = len - 1; s >= 0; --s) {  // len is uniform over the block: all warps share the sequence
+                const i64 t = sr.bos + t0 + s, th = t * HV + hv;
+                BwdStep<KPT> st;
+                load_step<T, KPT>(st, q, k, gk, t, h, H, K, th, lane, flags);
+                const float cd = column_decay(th);
+                const float b = column_beta(th);
+                const float doj = jok ? do_[th * V + j] : 0.f;
+                const float* St = St_w + s * 32 * KPT + lane;
+                const float dl = dl_w[s], uu = uu_w[s];
+
+                float dd = 0.f;
+#pragma unroll
+                for (int i = 0; i < KPT; ++i) {
+                    const float s_t = St[i * 32] + st.k[i] * dl;
+                    red_rows[0][warp][lane + 32 * i] = scale * s_t * doj;  // dq (w.r.t. the normalised q)
+                    dS[i] += scale * st.q[i] * doj;
+                    dd += dS[i] * st.k[i];
+                }
+                dd = warp_sum(dd);
+                const float e = b * dd;
+                float z = 0.f;
+#pragma unroll
+                for (int i = 0; i < KPT; ++i) {
+                    const float sti = St[i * 32];
+                    red_rows[1][warp][lane + 32 * i] = dS[i] * dl - sti * e;  // dk
+                    dS[i] -= st.k[i] * e;                                     // dS~
+                    const float zi = dS[i] * sti;
+                    if (has_rows_gk) red_rows[2][warp][lane + 32 * i] = zi;    // dgk
+                    z += zi;
+                    dS[i] *= cd * st.gkd[i];
+                }
+                z = warp_sum(z);
+                if (lane == 0) {
+                    red_scal[0][warp] = z;         // dg
+                    red_scal[1][warp] = dd * uu;   // dbeta (scalar beta)
+                    if (jok) {
+                        dv[th * V + j] = from_float<T>(e);
+                        if (flags & F_GV) dgv[th * V + j] = z;
+                        if (flags & F_BETA_V) {
+                            float db = dd * uu;
+                            if (flags & F_BSIG) {
+                                const float sg = sigmoidf_(beta[th * V + j]);
+                                db *= ((flags & F_NEG) ? 2.f : 1.f) * sg * (1.f - sg);
+                            }
+                            dbeta_v[th * V + j] = db;
+                        }
+                    }
+                }
+                __syncthreads();
+                for (int idx = threadIdx.x; idx < nq * K; idx += BWD_WARPS * 32) {
+                    const int qn = idx / K, r = idx - qn * K;
+                    float acc = 0.f;
+#pragma unroll
+                    for (int w = 0; w < BWD_WARPS; ++w) acc += red_rows[qn][w][r];
+                    float* dst = (qn == 0 ? part_dq : qn == 1 ? part_dk : part_dgk) + ((vb * BT + t) * HV + hv) * K + r;
+                    *dst = pass == 0 ? acc : *dst + acc;
+                }
+                if (threadIdx.x < 2) {
+                    float acc = 0.f;
+#pragma unroll
+                    for (int w = 0; w < BWD_WARPS; ++w) acc += red_scal[threadIdx.x][w];
+                    float* dst = (threadIdx.x == 0 ? part_dg : part_db) + (vb * BT + t) * HV + hv;
+                    *dst = pass == 0 ? acc : *dst + acc;
+                }
+                __syncthreads();
+            }
+        }
+        if (jok && (flags & F_H0)) {
+#pragma unroll
+            for (int i = 0; i < KPT; ++i) {
+                const int r = lane + 32 * i;
+                if (r < K) dh0[(nh * K + r) * V + j] = dS[i];
+            }
+        }
+    }
+}
+
+// dq and dk: sum the partials over vb and over the value heads of each key head, then the
+// L2-norm backward. One warp per (token, key head); lane owns rows lane + 32 * i.
+template <typename T>
+__global__ void __launch_bounds__(128)
+gdn_recurrent_bwd_finish_qk_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ part_dq,
+                                   const float* __restrict__ part_dk, T* __restrict__ dq, T* __restrict__ dk, i64 BT,
+                                   int H, int HV, int K, int NVB, int flags) {
+    const i64 item = (i64)blockIdx.x * 4 + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (item >= BT * H) return;
+    const i64 t = item / H;
+    const int h = (int)(item % H), G = HV / H;
+    for (int which = 0; which < 2; ++which) {
+        const T* x = which == 0 ? q : k;
+        const float* part = which == 0 ? part_dq : part_dk;
+        T* out = which == 0 ? dq : dk;
+        float d[8], xv[8];
+        float ss = 0.f, dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int r = lane + 32 * i;
+            d[i] = 0.f;
+            xv[i] = 0.f;
+            if (r < K) {
+                for (int vb = 0; vb < NVB; ++vb)
+                    for (int gi = 0; gi < G; ++gi) d[i] += part[((vb * BT + t) * HV + h * G + gi) * K + r];
+                xv[i] = to_float(x[(t * H + h) * K + r]);
+            }
+            ss += xv[i] * xv[i];
+        }
+        if (flags & F_L2) {
+            const float rn = rsqrtf(warp_sum(ss) + 1e-6f);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dot += d[i] * xv[i] * rn;
+            dot = warp_sum(dot);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) d[i] = rn * (d[i] - dot * xv[i] * rn);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int r = lane + 32 * i;
+            if (r < K) out[(t * H + h) * K + r] = from_float<T>(d[i]);
+        }
+    }
+}
+
+// Per (token, value head): dg (through the in-kernel gate), dbeta (through the sigmoid), dgk.
+// Also writes dg * g and dg_raw for the A_log / dt_bias reductions.
+__global__ void gdn_recurrent_bwd_finish_gates_kernel(const float* __restrict__ g, const float* __restrict__ beta,
+                                                      const float* __restrict__ A_log,
+                                                      const float* __restrict__ dt_bias,
+                                                      const float* __restrict__ part_dg,
+                                                      const float* __restrict__ part_db,
+                                                      const float* __restrict__ part_dgk, float* __restrict__ dg,
+                                                      float* __restrict__ dbeta, float* __restrict__ dgk,
+                                                      float* __restrict__ gate_terms, i64 BT, int HV, int K, int NVB,
+                                                      int flags) {
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= BT * HV) return;
+    const int hv = (int)(idx % HV);
+    if (flags & F_G) {
+        float d = 0.f;
+        for (int vb = 0; vb < NVB; ++vb) d += part_dg[vb * BT * HV + idx];
+        if (flags & F_GATE) {
+            const float a = __expf(A_log[hv]);
+            const float x = g[idx] + ((flags & F_DTB) ? dt_bias[hv] : 0.f);
+            const float draw = -a * sigmoidf_(x) * d;
+            gate_terms[idx] = d * (-a * softplusf_(x));  // dg * g  -> dA_log
+            gate_terms[BT * HV + idx] = draw;            // dg_raw -> ddt_bias
+            d = draw;
+        }
+        dg[idx] = d;
+    }
+    if ((flags & F_BETA) && !(flags & F_BETA_V)) {
+        float d = 0.f;
+        for (int vb = 0; vb < NVB; ++vb) d += part_db[vb * BT * HV + idx];
+        if (flags & F_BSIG) {
+            const float sg = sigmoidf_(beta[idx]);
+            d *= ((flags & F_NEG) ? 2.f : 1.f) * sg * (1.f - sg);
+        }
+        dbeta[idx] = d;
+    }
+    if (flags & F_GK) {
+        for (int r = 0; r < K; ++r) {
+            float d = 0.f;
+            for (int vb = 0; vb < NVB; ++vb) d += part_dgk[(vb * BT * HV + idx) * K + r];
+            dgk[idx * K + r] = d;
+        }
+    }
+}
+
+// dA_log[hv] = sum_t dg_t * g_t and ddt_bias[hv] = sum_t dg_raw_t: one block per value head,
+// fixed-order tree reduction (deterministic).
+__global__ void __launch_bounds__(256)
+gdn_recurrent_bwd_gate_params_kernel(const float* __restrict__ gate_terms, float* __restrict__ dA_log,
+                                     float* __restrict__ ddt_bias, i64 BT, int HV, int flags) {
+    __shared__ float sm[2][256];
+    const int hv = blockIdx.x;
+    float a = 0.f, b = 0.f;
+    for (i64 t = threadIdx.x; t < BT; t += 256) {
+        a += gate_terms[t * HV + hv];
+        b += gate_terms[BT * HV + t * HV + hv];
+    }
+    sm[0][threadIdx.x] = a;
+    sm[1][threadIdx.x] = b;
+    __syncthreads();
+    for (int s = 128; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            sm[0][threadIdx.x] += sm[0][threadIdx.x + s];
+            sm[1][threadIdx.x] += sm[1][threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        dA_log[hv] = sm[0][0];
+        if (flags & F_DTB) ddt_bias[hv] = sm[1][0];
+    }
+}
