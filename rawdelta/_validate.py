@@ -68,7 +68,8 @@ class Validator:
     def float_dtype(self, name: str, arr: Any) -> None:
         dt = np.dtype(arr.dtype).name
         if dt not in FLOAT_DTYPE_NAMES + ("float64",):
-            self.error(f"{name} must have a floating dtype in {FLOAT_DTYPE_NAMES} (float64 on the numpy backend), got {dt}")
+            self.error(f"{name} must have a floating dtype in {FLOAT_DTYPE_NAMES} (float64 on the numpy backend), "
+                       f"got {dt}")
 
     def raise_if_any(self) -> None:
         if self.type_errors:

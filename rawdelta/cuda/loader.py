@@ -41,7 +41,9 @@ class KernelSpec:
 _REGISTRY: dict[tuple[str, tuple[tuple[str, str], ...]], set[str]] = {}
 
 
-def register(source: str, name_expressions: list[str] | tuple[str, ...], defines: dict[str, Any] | None = None) -> KernelSpec:
+def register(
+    source: str, name_expressions: list[str] | tuple[str, ...], defines: dict[str, Any] | None = None
+) -> KernelSpec:
     """Declare instantiations of `source` that the package may launch; returns the spec."""
     if not (CUDA_DIR / source).is_file():
         raise FileNotFoundError(f"CUDA source {source!r} not found under {CUDA_DIR}")
@@ -108,19 +110,28 @@ def _module(spec: KernelSpec, device: int) -> Any:
     return mod
 
 
+_kernels: dict[tuple[str, str, tuple[tuple[str, str], ...], int], Any] = {}
+
+
 def get_kernel(source: str, name_expression: str, defines: dict[str, Any] | None = None) -> Any:
     """The ``cupy.RawKernel`` for one registered instantiation on the current device (compiled once)."""
     import cupy
 
-    key = (source, tuple(sorted((str(k), str(v)) for k, v in (defines or {}).items())))
+    dkey = tuple(sorted((str(k), str(v)) for k, v in defines.items())) if defines else ()
+    device = cupy.cuda.runtime.getDevice()
+    fast = _kernels.get((source, name_expression, dkey, device))
+    if fast is not None:  # the hot path of every launch: one dict lookup
+        return fast
+    key = (source, dkey)
     with _lock:
         names = _REGISTRY.get(key)
         if names is None or name_expression not in names:
             raise KeyError(f"{name_expression!r} of {source!r} is not registered with rawdelta.cuda.loader.register")
         spec = KernelSpec(source, (name_expression,), key[1])
-    device = cupy.cuda.Device().id
     try:
-        return _module(spec, device).get_function(name_expression)
+        kern = _module(spec, device).get_function(name_expression)
+        _kernels[(source, name_expression, dkey, device)] = kern
+        return kern
     except cupy.cuda.compiler.CompileException as e:
         _modules.pop((device, spec), None)
         raise KernelCompileError(name_expression, e.get_message() if hasattr(e, "get_message") else str(e),

@@ -62,7 +62,9 @@ def error_stats(ref: Any, out: Any) -> tuple[float, float, float]:
     return rel, float(np.max(np.abs(d))), float(np.max(np.abs(r)))
 
 
-def assert_close(name: str, ref: Any, out: Any, ratio: float | None = None, *, dtype: Any = None) -> tuple[float, float]:
+def assert_close(
+    name: str, ref: Any, out: Any, ratio: float | None = None, *, dtype: Any = None
+) -> tuple[float, float]:
     """Assert `out` matches the reference `ref` by relative RMS and max-abs error.
 
     Args:

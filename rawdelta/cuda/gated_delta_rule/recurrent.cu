@@ -55,16 +55,63 @@ __device__ __forceinline__ void load_row_chunk(const T* __restrict__ row, int r0
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward. Block = 4 warps = 32 columns; in a warp, lane = rp * 8 + c: 8 consecutive columns
-// (32-byte coalesced state rows) x 4 row parts of KPT consecutive rows (K <= 4 * KPT).
-// Grid: N * HV * NVB blocks, NVB = ceil(V / 32). ht may alias h0 (each thread reads its
-// elements before it writes them), which is how the in-place decode update works.
+// Forward (also the decode step). Block = 4 warps = 32 columns x all K rows of one (n, hv).
+// Thread: 4 consecutive columns (one 16-byte float4 of a state row; 8 threads cover a 128-byte row
+// segment) x RPT consecutive rows; 16 row parts = 4 per warp x 4 warps, so K <= 16 * RPT.
+// Column dot products reduce over the 4 in-warp row parts with shuffles, then over the warps in
+// shared memory. Grid: N * HV * NVB blocks, NVB = ceil(V / 32).
+// ht may alias h0 (each thread reads its elements before it writes them): the in-place decode update.
 // ---------------------------------------------------------------------------------------------
 constexpr int FWD_WARPS = 4;
-constexpr int FWD_COLS_PER_WARP = 8;
-constexpr int FWD_ROW_PARTS = 4;
+constexpr int FWD_COLS = 32;  // columns per block
 
-template <typename T, int KPT>
+__device__ __forceinline__ void load_state4(const float* row, int j0, int V, bool vec, float (&x)[4]) {
+    if (vec) {
+        const float4 t = *reinterpret_cast<const float4*>(row + j0);
+        x[0] = t.x; x[1] = t.y; x[2] = t.z; x[3] = t.w;
+    } else {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) x[c] = (j0 + c < V) ? row[j0 + c] : 0.f;
+    }
+}
+
+__device__ __forceinline__ void store_state4(float* row, int j0, int V, bool vec, const float (&x)[4]) {
+    if (vec) {
+        *reinterpret_cast<float4*>(row + j0) = make_float4(x[0], x[1], x[2], x[3]);
+    } else {
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+            if (j0 + c < V) row[j0 + c] = x[c];
+    }
+}
+
+// Sum of x[0..4) and of `extra` over all 16 row parts of the block; every thread gets the totals of
+// its 4 columns. `red` is [FWD_WARPS][FWD_COLS + 1] shared floats; one __syncthreads.
+__device__ __forceinline__ void block_column_sum(float (&x)[4], float& extra, float* red, int warp, int lane) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) x[c] = lane_group_sum<8, 4>(x[c]);
+    extra = lane_group_sum<8, 4>(extra);
+    if (lane < 8) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) red[warp * (FWD_COLS + 1) + lane * 4 + c] = x[c];
+        if (lane == 0) red[warp * (FWD_COLS + 1) + FWD_COLS] = extra;
+    }
+    __syncthreads();
+    const int cg = lane & 7;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        float acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < FWD_WARPS; ++w) acc += red[w * (FWD_COLS + 1) + cg * 4 + c];
+        x[c] = acc;
+    }
+    float e = 0.f;
+#pragma unroll
+    for (int w = 0; w < FWD_WARPS; ++w) e += red[w * (FWD_COLS + 1) + FWD_COLS];
+    extra = e;
+}
+
+template <typename T, int RPT>
 __global__ void __launch_bounds__(FWD_WARPS * 32)
 gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          const float* __restrict__ g, const float* __restrict__ gk, const float* __restrict__ gv,
@@ -72,69 +119,83 @@ gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                          const float* __restrict__ dt_bias, const i64* __restrict__ cu_seqlens,
                          T* __restrict__ o, float* ht, int T_, int H, int HV, int K, int V, int NVB, float scale,
                          int flags) {
+    // Two buffers: a thread may start the next reduction while others still read the previous one.
+    __shared__ float red[2][FWD_WARPS * (FWD_COLS + 1)];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int c = lane & (FWD_COLS_PER_WARP - 1), rp = lane / FWD_COLS_PER_WARP;
+    const int cg = lane & 7, rp = warp * 4 + (lane >> 3);
     const i64 blk = blockIdx.x;
     const int vb = (int)(blk % NVB);
     const i64 nh = blk / NVB;
     const int hv = (int)(nh % HV), n = (int)(nh / HV);
     const int h = hv / (HV / H);
-    const int j = vb * (FWD_WARPS * FWD_COLS_PER_WARP) + warp * FWD_COLS_PER_WARP + c;
-    const bool jok = j < V;
-    const int r0 = rp * KPT;
+    const int j0 = vb * FWD_COLS + cg * 4;
+    const bool vec = (V % 4 == 0) && (j0 + 4 <= V);
+    const int r0 = rp * RPT;
 
-    float S[KPT];
-    const i64 sbase = nh * K * V + j;
+    float S[RPT][4];
+    const float* h0n = h0 + nh * K * V;
 #pragma unroll
-    for (int i = 0; i < KPT; ++i)
-        S[i] = ((flags & F_H0) && jok && r0 + i < K) ? h0[sbase + (i64)(r0 + i) * V] : 0.f;
+    for (int i = 0; i < RPT; ++i) {
+        if ((flags & F_H0) && r0 + i < K) load_state4(h0n + (i64)(r0 + i) * V, j0, V, vec, S[i]);
+        else S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
+    }
 
     const SeqRange sr = seq_range(cu_seqlens, n, T_, flags);
     for (i64 t = sr.bos; t < sr.eos; ++t) {
         const i64 th = t * HV + hv;
-        float kk[KPT];
-        load_row_chunk<T, KPT>(k + (t * H + h) * K, r0, K, kk);
-        if (flags & F_L2) {
-            float ss = 0.f;
+        float kk[RPT], qq[RPT];
+        load_row_chunk<T, RPT>(k + (t * H + h) * K, r0, K, kk);
+        load_row_chunk<T, RPT>(q + (t * H + h) * K, r0, K, qq);
+        const float sdecay = __expf(scalar_log_gate(g, A_log, dt_bias, th, hv, flags));
+        float cdecay[4], b[4], vj[4];
 #pragma unroll
-            for (int i = 0; i < KPT; ++i) ss += kk[i] * kk[i];
-            const float rn = rsqrtf(lane_group_sum<FWD_COLS_PER_WARP, FWD_ROW_PARTS>(ss) + 1e-6f);
-#pragma unroll
-            for (int i = 0; i < KPT; ++i) kk[i] *= rn;
+        for (int c = 0; c < 4; ++c) {
+            const int j = j0 + c;
+            const bool ok = j < V;
+            cdecay[c] = ((flags & F_GV) && ok) ? sdecay * __expf(gv[th * V + j]) : sdecay;
+            b[c] = beta_value(beta, (flags & F_BETA_V) ? th * V + (ok ? j : 0) : th, flags);
+            vj[c] = ok ? to_float(v[th * V + j]) : 0.f;
         }
-        float col_decay = __expf(scalar_log_gate(g, A_log, dt_bias, th, hv, flags));
-        if ((flags & F_GV) && jok) col_decay *= __expf(gv[th * V + j]);
-        const float b = beta_value(beta, (flags & F_BETA_V) ? th * V + (jok ? j : 0) : th, flags);
-        const float vj = jok ? to_float(v[th * V + j]) : 0.f;
-
-        float ks = 0.f;
+        float ks[4] = {0.f, 0.f, 0.f, 0.f}, kn = 0.f;
 #pragma unroll
-        for (int i = 0; i < KPT; ++i) {
-            float d = col_decay;
-            if ((flags & F_GK) && r0 + i < K) d *= __expf(gk[th * K + r0 + i]);
-            S[i] *= d;
-            ks += S[i] * kk[i];
-        }
-        ks = lane_group_sum<FWD_COLS_PER_WARP, FWD_ROW_PARTS>(ks);
-        const float delta = b * (vj - ks);
-
-        float qq[KPT];
-        load_row_chunk<T, KPT>(q + (t * H + h) * K, r0, K, qq);
-        float qs = 0.f, os = 0.f;
+        for (int i = 0; i < RPT; ++i) {
+            const float rd = ((flags & F_GK) && r0 + i < K) ? __expf(gk[th * K + r0 + i]) : 1.f;
+            kn += kk[i] * kk[i];
 #pragma unroll
-        for (int i = 0; i < KPT; ++i) {
-            S[i] += kk[i] * delta;
-            qs += qq[i] * qq[i];
-            os += S[i] * qq[i];
+            for (int c = 0; c < 4; ++c) {
+                S[i][c] *= rd * cdecay[c];
+                ks[c] += S[i][c] * kk[i];
+            }
         }
-        os = lane_group_sum<FWD_COLS_PER_WARP, FWD_ROW_PARTS>(os);
-        if (flags & F_L2) os *= rsqrtf(lane_group_sum<FWD_COLS_PER_WARP, FWD_ROW_PARTS>(qs) + 1e-6f);
-        if (rp == 0 && jok) o[th * V + j] = from_float<T>(scale * os);
+        block_column_sum(ks, kn, red[0], warp, lane);
+        const float rk = (flags & F_L2) ? rsqrtf(kn + 1e-6f) : 1.f;
+        float delta[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) delta[c] = b[c] * (vj[c] - rk * ks[c]);
+        float os[4] = {0.f, 0.f, 0.f, 0.f}, qn = 0.f;
+#pragma unroll
+        for (int i = 0; i < RPT; ++i) {
+            const float kh = rk * kk[i];
+            qn += qq[i] * qq[i];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                S[i][c] += kh * delta[c];
+                os[c] += S[i][c] * qq[i];
+            }
+        }
+        block_column_sum(os, qn, red[1], warp, lane);
+        const float oscale = scale * ((flags & F_L2) ? rsqrtf(qn + 1e-6f) : 1.f);
+        if (rp == 0) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                if (j0 + c < V) o[th * V + j0 + c] = from_float<T>(oscale * os[c]);
+        }
     }
-    if ((flags & F_HT) && jok) {
+    if (flags & F_HT) {
+        float* htn = ht + nh * K * V;
 #pragma unroll
-        for (int i = 0; i < KPT; ++i)
-            if (r0 + i < K) ht[sbase + (i64)(r0 + i) * V] = S[i];
+        for (int i = 0; i < RPT; ++i)
+            if (r0 + i < K) store_state4(htn + (i64)(r0 + i) * V, j0, V, vec, S[i]);
     }
 }
 

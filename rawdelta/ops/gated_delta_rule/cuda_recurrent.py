@@ -1,8 +1,9 @@
 """Host side of the CUDA recurrent gated delta rule: picks instantiations, allocates, launches.
 
-Kernels: ``rawdelta/cuda/gated_delta_rule/recurrent.cu``. The forward owns (column, rows) slices of
-the state (4 row parts of KPT rows, 8 columns per warp); the backward owns one column per warp
-(KPT rows per lane), checkpoints the state every C steps and recomputes each segment in registers.
+Kernels: ``rawdelta/cuda/gated_delta_rule/recurrent.cu``. The forward owns (4 columns, rows) slices
+of the state (16-byte state accesses, 16 row parts of KPT rows, 32 columns per block); the backward
+owns one column per warp (KPT rows per lane), checkpoints the state every C steps and recomputes each
+segment from its checkpoint with the per-step states in shared memory.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from .problem import GDNProblem
 
 SOURCE = "gated_delta_rule/recurrent.cu"
 CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
-FWD_ROW_PARTS, FWD_COLS_PER_BLOCK = 4, 32
-FWD_KPT = (2, 4, 8, 16, 32, 64)  # rows per thread; K <= 4 * KPT
+FWD_ROW_PARTS, FWD_COLS_PER_BLOCK = 16, 32
+FWD_KPT = (1, 2, 4, 8, 16)  # rows per thread; K <= 16 * KPT
 BWD_WARPS = 8
 BWD_KPT_C = ((1, 32), (2, 32), (4, 16), (8, 8))  # (rows per lane, segment length C); K <= 32 * KPT
 _SMEM_STATIC_LIMIT = 48 * 1024

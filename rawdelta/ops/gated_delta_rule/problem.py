@@ -164,7 +164,8 @@ def make_problem(
         if arrs["beta"].ndim == 4 and allow_beta_per_v:
             v_.shape("beta", arrs["beta"], ("B", "T", "HV", "V"), dims)
         elif arrs["beta"].ndim == 4:
-            v_.not_supported("beta of shape [B, T, HV, V] (per value dimension) is only supported by the recurrent mode")
+            v_.not_supported("beta of shape [B, T, HV, V] (per value dimension) is only supported by the "
+                             "recurrent mode")
         else:
             v_.shape("beta", arrs["beta"], ("B", "T", "HV"), dims)
     for n in _ARRAY_ARGS:

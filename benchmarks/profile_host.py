@@ -1,0 +1,35 @@
+"""Where the host time of one decode call goes (cProfile over many calls). Usage: python3 benchmarks/profile_host.py"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+
+import cupy
+import numpy as np
+
+import rawdelta
+
+N, H, D = 64, 32, 128
+rng = np.random.default_rng(0)
+q, k, v = (cupy.asarray(rng.standard_normal((N, 1, H, D)).astype(np.float32)).astype(cupy.float16) for _ in range(3))
+g = cupy.asarray(-rng.random((N, 1, H)).astype(np.float32))
+beta = cupy.asarray(rng.random((N, 1, H)).astype(np.float32))
+state = cupy.zeros((N, H, D, D), np.float32)
+
+
+def call() -> None:
+    rawdelta.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state, inplace_final_state=True,
+                                              use_qk_l2norm_in_kernel=True)
+
+
+for _ in range(20):
+    call()
+cupy.cuda.Device().synchronize()
+pr = cProfile.Profile()
+pr.enable()
+for _ in range(500):
+    call()
+pr.disable()
+cupy.cuda.Device().synchronize()
+pstats.Stats(pr).sort_stats("tottime").print_stats(18)
