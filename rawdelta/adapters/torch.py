@@ -1,0 +1,427 @@
+"""PyTorch adapter: ``torch.autograd`` over ``torch.library`` custom ops that call the core raw pair.
+
+Layout::
+
+    fused_recurrent_gated_delta_rule(...)              public, same signature as the core op
+      -> _FusedRecurrentGDN (torch.autograd.Function)
+           forward  -> rawdelta::fused_recurrent_gated_delta_rule_fwd   (custom op + fake)
+           backward -> rawdelta::fused_recurrent_gated_delta_rule_bwd   (custom op + fake)
+      inplace_final_state=True -> rawdelta::fused_recurrent_gated_delta_rule_fwd_inplace (mutates initial_state)
+
+The custom ops are opaque to ``torch.compile`` (their fake kernels give shapes and dtypes only), so
+``torch.compile(fullgraph=True)`` traces through them. On CUDA tensors they run the ``cuda`` backend
+zero-copy through DLPack on ``torch.cuda.current_stream()``, with every CuPy allocation served by
+torch's caching allocator (so CUDA graph capture works and torch accounts for all memory). On CPU
+tensors they run the ``numpy`` backend on ``tensor.numpy()`` views.
+
+This module must not use ``from __future__ import annotations``: ``torch.library.custom_op`` reads
+the schema from the runtime annotations.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._arrays import BFLOAT16
+from ._common import DIFF_NAMES, GDNFlags, backward, cupy_external_stream, forward
+
+__all__ = ["fused_recurrent_gated_delta_rule"]
+
+_OP_FWD = "rawdelta::fused_recurrent_gated_delta_rule_fwd"
+_OP_FWD_INPLACE = "rawdelta::fused_recurrent_gated_delta_rule_fwd_inplace"
+_OP_BWD = "rawdelta::fused_recurrent_gated_delta_rule_bwd"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Array conversion and the CUDA execution context
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _torch_malloc(nbytes: int) -> Any:
+    """CuPy allocator backed by torch's caching allocator on the current device and torch stream."""
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    buf = torch.empty((nbytes,), dtype=torch.uint8, device=torch.device("cuda", dev))
+    # The UnownedMemory holds `buf`, so the block returns to torch's cache when CuPy drops the pointer.
+    return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(buf.data_ptr(), nbytes, buf, dev), 0)
+
+
+@contextlib.contextmanager
+def _on_torch_stream(device: torch.device) -> Iterator[None]:
+    """Make torch's current stream CuPy's current stream and route CuPy allocations through torch.
+
+    Entered before any DLPack conversion: with producer and consumer on the same stream, neither
+    side inserts a cross-stream wait.
+    """
+    import cupy
+
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(idx):
+        stream = torch.cuda.current_stream(idx)
+        with (
+            cupy.cuda.Device(idx),
+            cupy_external_stream(stream.cuda_stream, idx),
+            cupy.cuda.using_allocator(_torch_malloc),
+        ):
+            yield
+
+
+def _to_cupy(t: Tensor | None) -> Any:
+    if t is None:
+        return None
+    import cupy
+
+    return cupy.from_dlpack(t.detach())
+
+
+def _to_numpy(t: Tensor | None) -> np.ndarray | None:
+    if t is None:
+        return None
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        # NumPy has no bfloat16; reinterpret the bits as ml_dtypes.bfloat16 (zero-copy).
+        return t.view(torch.int16).numpy().view(BFLOAT16)
+    return t.numpy()
+
+
+def _from_numpy(a: np.ndarray) -> Tensor:
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:
+        a = a.copy()
+    if a.dtype == BFLOAT16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _flags(
+    scale: float | None,
+    output_final_state: bool,
+    use_qk_l2norm_in_kernel: bool,
+    use_gate_in_kernel: bool,
+    use_beta_sigmoid_in_kernel: bool,
+    allow_neg_eigval: bool,
+) -> GDNFlags:
+    return GDNFlags(
+        scale=None if scale is None else float(scale),
+        output_final_state=bool(output_final_state),
+        use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
+        use_gate_in_kernel=bool(use_gate_in_kernel),
+        use_beta_sigmoid_in_kernel=bool(use_beta_sigmoid_in_kernel),
+        allow_neg_eigval=bool(allow_neg_eigval),
+    )
+
+
+def _check_device(q: Tensor) -> None:
+    if q.device.type not in ("cuda", "cpu"):
+        raise TypeError(f"rawdelta.torch supports CUDA and CPU tensors, got q on {q.device}")
+
+
+def _run_forward(
+    tensors: dict[str, Tensor | None],
+    cu_seqlens: Tensor | None,
+    cu_seqlens_cpu: Tensor | None,
+    flags: GDNFlags,
+    inplace_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    q = tensors["q"]
+    assert q is not None
+    _check_device(q)
+    cu_host = _to_numpy(cu_seqlens_cpu)
+    if q.device.type == "cuda":
+        with _on_torch_stream(q.device):
+            arrays = {n: _to_cupy(t) for n, t in tensors.items() if t is not None}
+            o, ht = forward(arrays, _to_cupy(cu_seqlens), cu_host, flags, "cuda",
+                            inplace_final_state=inplace_final_state)
+            o_t = torch.from_dlpack(o)
+            ht_t = None if ht is None or inplace_final_state else torch.from_dlpack(ht)
+        return o_t, ht_t
+    arrays = {n: _to_numpy(t) for n, t in tensors.items() if t is not None}
+    o, ht = forward(arrays, _to_numpy(cu_seqlens), cu_host, flags, "numpy", inplace_final_state=inplace_final_state)
+    return _from_numpy(o), (None if ht is None or inplace_final_state else _from_numpy(ht))
+
+
+def _run_backward(
+    tensors: dict[str, Tensor | None],
+    cu_seqlens: Tensor | None,
+    cu_seqlens_cpu: Tensor | None,
+    flags: GDNFlags,
+    do: Tensor,
+    dht: Tensor | None,
+) -> list[Tensor]:
+    q = tensors["q"]
+    assert q is not None
+    _check_device(q)
+    cu_host = _to_numpy(cu_seqlens_cpu)
+    present = [n for n in DIFF_NAMES if tensors.get(n) is not None]
+    if q.device.type == "cuda":
+        with _on_torch_stream(q.device):
+            arrays = {n: _to_cupy(tensors[n]) for n in present}
+            grads = backward(arrays, _to_cupy(cu_seqlens), cu_host, flags, "cuda", _to_cupy(do), _to_cupy(dht))
+            out = [torch.from_dlpack(grads[n]) for n in present]
+    else:
+        arrays = {n: _to_numpy(tensors[n]) for n in present}
+        grads = backward(arrays, _to_numpy(cu_seqlens), cu_host, flags, "numpy", _to_numpy(do), _to_numpy(dht))
+        out = [_from_numpy(grads[n]) for n in present]
+    # dh0 comes back float32; autograd wants each gradient in its input's dtype.
+    return [gr if gr.dtype == tensors[n].dtype else gr.to(tensors[n].dtype) for n, gr in zip(present, out)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile; the fake kernels give shapes and dtypes)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _state_dtype(v: Tensor) -> torch.dtype:
+    # Mirrors final_state_dtype: float64 only for float64 inputs (numpy backend).
+    return torch.float64 if v.dtype == torch.float64 else torch.float32
+
+
+def _final_state_shape(q: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> tuple[Any, ...]:
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return (N, v.shape[2], q.shape[3], v.shape[3])
+
+
+@torch.library.custom_op(_OP_FWD, mutates_args=())
+def _fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    beta: Tensor | None,
+    initial_state: Tensor | None,
+    cu_seqlens: Tensor | None,
+    cu_seqlens_cpu: Tensor | None,
+    gk: Tensor | None,
+    gv: Tensor | None,
+    A_log: Tensor | None,
+    dt_bias: Tensor | None,
+    scale: float | None,
+    output_final_state: bool,
+    use_qk_l2norm_in_kernel: bool,
+    use_gate_in_kernel: bool,
+    use_beta_sigmoid_in_kernel: bool,
+    allow_neg_eigval: bool,
+) -> tuple[Tensor, Tensor]:
+    """Forward: ``(o [B, T, HV, V], final_state [N, HV, K, V])``; final_state is an empty ``[0]`` tensor when
+    not requested (custom ops cannot return None)."""
+    tensors = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
+               "A_log": A_log, "dt_bias": dt_bias}
+    flags = _flags(scale, output_final_state, use_qk_l2norm_in_kernel, use_gate_in_kernel,
+                   use_beta_sigmoid_in_kernel, allow_neg_eigval)
+    o, ht = _run_forward(tensors, cu_seqlens, cu_seqlens_cpu, flags)
+    if ht is None:
+        ht = torch.empty((0,), dtype=torch.float32, device=o.device)
+    return o, ht
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias, scale,
+              output_final_state, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+              allow_neg_eigval):
+    o = v.new_empty(v.shape)
+    if output_final_state:
+        ht = v.new_empty(_final_state_shape(q, v, cu_seqlens), dtype=_state_dtype(v))
+    else:
+        ht = v.new_empty((0,), dtype=torch.float32)
+    return o, ht
+
+
+@torch.library.custom_op(_OP_FWD_INPLACE, mutates_args=("initial_state",))
+def _fwd_inplace_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    beta: Tensor | None,
+    initial_state: Tensor,
+    cu_seqlens: Tensor | None,
+    cu_seqlens_cpu: Tensor | None,
+    gk: Tensor | None,
+    gv: Tensor | None,
+    A_log: Tensor | None,
+    dt_bias: Tensor | None,
+    scale: float | None,
+    use_qk_l2norm_in_kernel: bool,
+    use_gate_in_kernel: bool,
+    use_beta_sigmoid_in_kernel: bool,
+    allow_neg_eigval: bool,
+) -> Tensor:
+    """Decoding forward: returns o and writes the final state into ``initial_state`` (float32, contiguous)."""
+    tensors = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
+               "A_log": A_log, "dt_bias": dt_bias}
+    flags = _flags(scale, True, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+                   allow_neg_eigval)
+    o, _ = _run_forward(tensors, cu_seqlens, cu_seqlens_cpu, flags, inplace_final_state=True)
+    return o
+
+
+@_fwd_inplace_op.register_fake
+def _fwd_inplace_fake(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias, scale,
+                      use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval):
+    return v.new_empty(v.shape)
+
+
+@torch.library.custom_op(_OP_BWD, mutates_args=())
+def _bwd_op(
+    do: Tensor,
+    dht: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    beta: Tensor | None,
+    initial_state: Tensor | None,
+    cu_seqlens: Tensor | None,
+    cu_seqlens_cpu: Tensor | None,
+    gk: Tensor | None,
+    gv: Tensor | None,
+    A_log: Tensor | None,
+    dt_bias: Tensor | None,
+    scale: float | None,
+    use_qk_l2norm_in_kernel: bool,
+    use_gate_in_kernel: bool,
+    use_beta_sigmoid_in_kernel: bool,
+    allow_neg_eigval: bool,
+) -> list[Tensor]:
+    """Backward: the gradients of the present floating inputs, in the order
+    ``q, k, v, g, gk, gv, beta, initial_state, A_log, dt_bias`` with absent (None) inputs skipped; each has
+    its input's shape and dtype."""
+    tensors = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
+               "A_log": A_log, "dt_bias": dt_bias}
+    flags = _flags(scale, False, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+                   allow_neg_eigval)
+    return _run_backward(tensors, cu_seqlens, cu_seqlens_cpu, flags, do, dht)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias, scale,
+              use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval):
+    tensors = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
+               "A_log": A_log, "dt_bias": dt_bias}
+    return [t.new_empty(t.shape) for n in DIFF_NAMES if (t := tensors[n]) is not None]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------------------
+
+_N_TENSORS = 12  # q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias
+_TENSOR_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "cu_seqlens_cpu", "gk", "gv", "A_log",
+                 "dt_bias")
+
+
+class _FusedRecurrentGDN(torch.autograd.Function):
+    """Arguments: the 12 tensors of ``_TENSOR_NAMES`` (or None), then scale, output_final_state and the 4 flags."""
+
+    @staticmethod
+    def forward(*args: Any) -> tuple[Tensor, Tensor]:
+        return _fwd_op(*args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.save_for_backward(*inputs[:_N_TENSORS])
+        ctx.scale, ctx.output_final_state, *ctx.flags = inputs[_N_TENSORS:]
+        # None (not zeros) for an unused o or final state, so an unused final state costs no dht.
+        ctx.set_materialize_grads(False)
+        if not ctx.output_final_state:
+            ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx: Any, do: Tensor | None, dht: Tensor | None) -> tuple[Tensor | None, ...]:
+        saved = dict(zip(_TENSOR_NAMES, ctx.saved_tensors))
+        n_args = _N_TENSORS + 2 + len(ctx.flags)
+        if (do is None and dht is None) or not any(ctx.needs_input_grad):
+            return (None,) * n_args
+        v = saved["v"]
+        do = torch.zeros(v.shape, dtype=v.dtype, device=v.device) if do is None else do.contiguous()
+        dht = dht.contiguous() if dht is not None and ctx.output_final_state else None
+        grads = _bwd_op(do, dht, *ctx.saved_tensors, ctx.scale, *ctx.flags)
+        by_name = dict(zip([n for n in DIFF_NAMES if saved[n] is not None], grads))
+        return tuple(by_name.get(n) for n in _TENSOR_NAMES) + (None,) * (n_args - _N_TENSORS)
+
+
+def fused_recurrent_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None = None,
+    beta: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: Tensor | None = None,
+    *,
+    gk: Tensor | None = None,
+    gv: Tensor | None = None,
+    use_gate_in_kernel: bool = False,
+    A_log: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    inplace_final_state: bool = False,
+    cu_seqlens_cpu: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Gated delta rule, one token at a time, on torch tensors; differentiable through ``torch.autograd``.
+
+    Same arguments, defaults and return value as :func:`rawdelta.fused_recurrent_gated_delta_rule`, without
+    ``backend`` and ``stream``: CUDA tensors run the ``cuda`` backend on ``torch.cuda.current_stream()``
+    with every allocation made by torch's caching allocator; CPU tensors run the ``numpy`` backend.
+    Works under ``torch.compile(fullgraph=True)`` and CUDA graph capture; capture needs ``cu_seqlens=None``,
+    because the varlen bookkeeping copies the offsets between host and device (``cu_seqlens_cpu`` saves the
+    device-to-host copy, not the upload).
+
+    Args:
+        q (Tensor): queries ``[B, T, H, K]``, float32/float16/bfloat16 (float64 on CPU).
+        k (Tensor): keys ``[B, T, H, K]``, same dtype as q.
+        v (Tensor): values ``[B, T, HV, V]``, same dtype as q; ``HV % H == 0``.
+        g (Tensor, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
+        beta (Tensor, optional): ``[B, T, HV]`` or ``[B, T, HV, V]``. Default: ones.
+        scale (float, optional): query scale. Default: ``K ** -0.5``.
+        initial_state (Tensor, optional): ``[N, HV, K, V]``. Default: zeros.
+        output_final_state (bool): return the final state ``[N, HV, K, V]`` (float32). Default: ``False``.
+        use_qk_l2norm_in_kernel (bool): L2-normalise q and k per head. Default: ``False``.
+        cu_seqlens (Tensor, optional): int32/int64 ``[N + 1]`` offsets of packed sequences (B must be 1).
+        gk (Tensor, optional): per-key log-decay ``[B, T, HV, K]``.
+        gv (Tensor, optional): per-value log-decay ``[B, T, HV, V]``.
+        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``. Default: ``False``.
+        A_log (Tensor, optional): ``[HV]``, with ``use_gate_in_kernel``.
+        dt_bias (Tensor, optional): ``[HV]``, with ``use_gate_in_kernel``.
+        use_beta_sigmoid_in_kernel (bool): beta holds logits. Default: ``False``.
+        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``. Default: ``False``.
+        inplace_final_state (bool): write the final state into ``initial_state`` (float32, contiguous) and
+            return it as the second output (decoding). Not differentiable. Default: ``False``.
+        cu_seqlens_cpu (Tensor, optional): a CPU copy of ``cu_seqlens``, which saves a device-to-host copy.
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state ``[N, HV, K, V]`` float32, or None
+        unless ``output_final_state`` (or ``inplace_final_state``, which returns ``initial_state`` itself).
+
+    Gradients flow to every floating input given (q, k, v, g, gk, gv, beta, initial_state, A_log, dt_bias)
+    from both o and final_state.
+    """
+    if cu_seqlens_cpu is not None and not isinstance(cu_seqlens_cpu, Tensor):
+        cu_seqlens_cpu = torch.as_tensor(np.asarray(cu_seqlens_cpu))
+    if inplace_final_state:
+        if initial_state is None:
+            raise ValueError("inplace_final_state=True needs initial_state [N, HV, K, V] to write into")
+        floats = (q, k, v, g, gk, gv, beta, initial_state, A_log, dt_bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in floats):
+            raise ValueError("inplace_final_state=True overwrites initial_state and has no backward; call it under "
+                             "torch.no_grad() or with inputs that do not require grad")
+        o = _fwd_inplace_op(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias,
+                            scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+                            allow_neg_eigval)
+        return o, initial_state
+    o, ht = _FusedRecurrentGDN.apply(
+        q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias,
+        scale, bool(output_final_state), bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel),
+        bool(use_beta_sigmoid_in_kernel), bool(allow_neg_eigval))
+    return o, (ht if output_final_state else None)

@@ -1,0 +1,63 @@
+"""Framework-free cases and float64 references shared by the torch and JAX adapter tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import rawdelta
+from rawdelta.testing import gated_delta_rule_inputs
+from rawdelta.testing.inputs import split_op_args
+
+DIFF_NAMES = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state", "A_log", "dt_bias")
+FLAG_NAMES = ("use_qk_l2norm_in_kernel", "use_gate_in_kernel", "use_beta_sigmoid_in_kernel", "allow_neg_eigval")
+# assert_close names: the tolerance class comes from the name ("dg", "dbeta" are gates; "dh0" a gradient).
+GRAD_LABEL = {n: ("dh0" if n == "initial_state" else "d" + n) for n in DIFF_NAMES}
+
+
+@dataclass
+class Case:
+    """Host inputs of one call: float arrays, cu_seqlens, flags, and the cotangents do / dht."""
+
+    arrays: dict[str, np.ndarray]
+    cu_seqlens: np.ndarray | None
+    flags: dict[str, Any]
+    do: np.ndarray
+    dht: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# Tiny shapes (gradcheck cost grows with the number of input elements) covering every option family.
+CASES: dict[str, dict[str, Any]] = {
+    "g_beta": {"B": 2, "T": 4, "H": 2, "K": 3, "V": 2},
+    "gk_gv_beta_per_v": {"B": 1, "T": 4, "H": 1, "K": 3, "V": 2, "g": False, "gk": True, "gv": True,
+                         "beta_per_v": True},
+    "l2norm_sigmoid_gate_in_kernel": {"B": 1, "T": 4, "H": 1, "K": 3, "V": 2, "use_qk_l2norm_in_kernel": True,
+                                      "use_beta_sigmoid_in_kernel": True, "use_gate_in_kernel": True,
+                                      "allow_neg_eigval": True},
+    "varlen_empty_sequence": {"B": 1, "T": 0, "H": 1, "K": 3, "V": 2, "seqlens": [3, 0, 2]},
+    "grouped_heads": {"B": 1, "T": 3, "H": 1, "HV": 2, "K": 3, "V": 2},
+}
+
+
+def make_case(name: str, dtype: str = "float64", seed: int = 0, **overrides: Any) -> Case:
+    spec = {**CASES[name], **overrides}
+    allow_neg = spec.pop("allow_neg_eigval", False)
+    kw, do, dht = split_op_args(gated_delta_rule_inputs(**spec, dtype="float64", seed=seed))
+    arrays = {n: np.asarray(kw.pop(n), dtype=dtype) for n in DIFF_NAMES if n in kw}
+    cu = kw.pop("cu_seqlens", None)
+    flags = {n: bool(kw.pop(n, False)) for n in FLAG_NAMES}
+    flags["allow_neg_eigval"] = bool(allow_neg)
+    return Case(arrays, cu, flags, do.astype(np.float64), dht.astype(np.float64))
+
+
+def reference(arrays: dict[str, np.ndarray], cu: np.ndarray | None, flags: dict[str, Any], do: np.ndarray,
+              dht: np.ndarray | None, scale: float | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Float64 ``(o, final_state, {name: gradient})`` from the NumPy references (inputs upcast to float64)."""
+    a = {n: np.asarray(x, dtype=np.float64) for n, x in arrays.items()}
+    kw = dict(a, scale=scale, cu_seqlens=cu, **flags)
+    o, ht = rawdelta.naive_recurrent_gated_delta_rule(**kw, output_final_state=True)
+    grads = rawdelta.naive_recurrent_gated_delta_rule_bwd(**kw, do=do, dht=dht)
+    return o, ht, {n: getattr(grads, n) for n in arrays}
