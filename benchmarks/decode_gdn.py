@@ -49,7 +49,7 @@ def copy_bandwidth_gbs() -> float:
     return 2 * a.numel() / (ms * 1e-3) / 1e9
 
 
-def _raw_launch(q, k, v, g, beta, state, stream):
+def _raw_launch(q, k, v, g, beta, state, stream, geom):
     """The forward kernel launched directly (no validation), to separate kernel time from host overhead."""
     from rawdelta.ops.gated_delta_rule import cuda_recurrent as cr
     from rawdelta.ops.gated_delta_rule.problem import make_problem
@@ -57,14 +57,14 @@ def _raw_launch(q, k, v, g, beta, state, stream):
     p = make_problem(q, k, v, g, beta, initial_state=state, use_qk_l2norm_in_kernel=True, inplace_final_state=True,
                      backend="cuda")
     o = cupy.empty_like(v)
-    kern = cr.get_kernel(cr.SOURCE, cr._fwd_name(cr._ctype(p), cr._fwd_kpt(p.K)))
-    nvb = -(-p.V // cr.FWD_COLS_PER_BLOCK)
+    kern = cr.get_kernel(cr.SOURCE, cr._fwd_name(cr._ctype(p), cr._fwd_kpt(p.K, geom), geom))
+    nvb = -(-p.V // (4 * geom[0]))
     args = (q, k, v, g, cr._NULL, cr._NULL, beta, state, cr._NULL, cr._NULL, cr._NULL, o, state, np.int32(p.T),
             np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nvb), np.float32(p.scale),
             np.int32(cr._flags(p) | cr.F_HT))
 
     def launch():
-        kern((p.N * p.HV * nvb,), (128,), args, stream=stream)
+        kern((p.N * p.HV * nvb,), (32 * geom[1],), args, stream=stream)
 
     return launch
 
@@ -117,8 +117,11 @@ def main() -> int:
     t_inp = time_ms(rd_inplace)
     results.append(("rawdelta cuda (new final state)", t_new))
     results.append(("rawdelta cuda (in-place state)", t_inp))
-    results.append(("rawdelta cuda kernel only (in-place, raw launch loop)", time_ms(_raw_launch(
-        cq, ck, cv, cg, cb, h_inplace, stream))))
+    from rawdelta.ops.gated_delta_rule.cuda_recurrent import FWD_NARROW, FWD_WIDE
+
+    for geom in (FWD_WIDE, FWD_NARROW):
+        results.append((f"rawdelta cuda kernel only, geometry CG={geom[0]} W={geom[1]} (in-place, raw launches)",
+                        time_ms(_raw_launch(cq, ck, cv, cg, cb, h_inplace, stream, geom))))
 
     peer_note = ""
     try:

@@ -55,16 +55,14 @@ __device__ __forceinline__ void load_row_chunk(const T* __restrict__ row, int r0
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward (also the decode step). Block = 4 warps = 32 columns x all K rows of one (n, hv).
-// Thread: 4 consecutive columns (one 16-byte float4 of a state row; 8 threads cover a 128-byte row
-// segment) x RPT consecutive rows; 16 row parts = 4 per warp x 4 warps, so K <= 16 * RPT.
-// Column dot products reduce over the 4 in-warp row parts with shuffles, then over the warps in
-// shared memory. Grid: N * HV * NVB blocks, NVB = ceil(V / 32).
+// Forward (also the decode step). Block = W warps over CG * 4 columns x all K rows of one (n, hv).
+// Thread: 4 consecutive columns (one 16-byte float4 of a state row; CG lanes cover CG * 16 bytes of a
+// row) x RPT consecutive rows; 32 / CG row parts per warp x W warps, so K <= (32 / CG) * W * RPT.
+// Column dot products reduce over the in-warp row parts with shuffles, then over the warps in shared
+// memory. Grid: N * HV * NVB blocks, NVB = ceil(V / (4 * CG)). Two geometries are instantiated:
+// CG = 8, W = 4 (32 columns; narrow V) and CG = 32, W = 8 (128 columns: whole 512-byte rows per warp).
 // ht may alias h0 (each thread reads its elements before it writes them): the in-place decode update.
 // ---------------------------------------------------------------------------------------------
-constexpr int FWD_WARPS = 4;
-constexpr int FWD_COLS = 32;  // columns per block
-
 __device__ __forceinline__ void load_state4(const float* row, int j0, int V, bool vec, float (&x)[4]) {
     if (vec) {
         const float4 t = *reinterpret_cast<const float4*>(row + j0);
@@ -85,50 +83,53 @@ __device__ __forceinline__ void store_state4(float* row, int j0, int V, bool vec
     }
 }
 
-// Sum of x[0..4) and of `extra` over all 16 row parts of the block; every thread gets the totals of
-// its 4 columns. `red` is [FWD_WARPS][FWD_COLS + 1] shared floats; one __syncthreads.
+// Sum of x[0..4) and of `extra` over all row parts of the block; every thread gets the totals of its
+// 4 columns. `red` is [W][4 * CG + 1] shared floats; one __syncthreads.
+template <int CG, int W>
 __device__ __forceinline__ void block_column_sum(float (&x)[4], float& extra, float* red, int warp, int lane) {
+    constexpr int COLS = 4 * CG;
 #pragma unroll
-    for (int c = 0; c < 4; ++c) x[c] = lane_group_sum<8, 4>(x[c]);
-    extra = lane_group_sum<8, 4>(extra);
-    if (lane < 8) {
+    for (int c = 0; c < 4; ++c) x[c] = lane_group_sum<CG, 32 / CG>(x[c]);
+    extra = lane_group_sum<CG, 32 / CG>(extra);
+    if (lane < CG) {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) red[warp * (FWD_COLS + 1) + lane * 4 + c] = x[c];
-        if (lane == 0) red[warp * (FWD_COLS + 1) + FWD_COLS] = extra;
+        for (int c = 0; c < 4; ++c) red[warp * (COLS + 1) + lane * 4 + c] = x[c];
+        if (lane == 0) red[warp * (COLS + 1) + COLS] = extra;
     }
     __syncthreads();
-    const int cg = lane & 7;
+    const int cg = lane & (CG - 1);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
         float acc = 0.f;
 #pragma unroll
-        for (int w = 0; w < FWD_WARPS; ++w) acc += red[w * (FWD_COLS + 1) + cg * 4 + c];
+        for (int w = 0; w < W; ++w) acc += red[w * (COLS + 1) + cg * 4 + c];
         x[c] = acc;
     }
     float e = 0.f;
 #pragma unroll
-    for (int w = 0; w < FWD_WARPS; ++w) e += red[w * (FWD_COLS + 1) + FWD_COLS];
+    for (int w = 0; w < W; ++w) e += red[w * (COLS + 1) + COLS];
     extra = e;
 }
 
-template <typename T, int RPT>
-__global__ void __launch_bounds__(FWD_WARPS * 32)
+template <typename T, int RPT, int CG, int W>
+__global__ void __launch_bounds__(W * 32)
 gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          const float* __restrict__ g, const float* __restrict__ gk, const float* __restrict__ gv,
                          const float* __restrict__ beta, const float* h0, const float* __restrict__ A_log,
                          const float* __restrict__ dt_bias, const i64* __restrict__ cu_seqlens,
                          T* __restrict__ o, float* ht, int T_, int H, int HV, int K, int V, int NVB, float scale,
                          int flags) {
+    constexpr int COLS = 4 * CG, RPW = 32 / CG;
     // Two buffers: a thread may start the next reduction while others still read the previous one.
-    __shared__ float red[2][FWD_WARPS * (FWD_COLS + 1)];
+    __shared__ float red[2][W * (COLS + 1)];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int cg = lane & 7, rp = warp * 4 + (lane >> 3);
+    const int cg = lane & (CG - 1), rp = warp * RPW + lane / CG;
     const i64 blk = blockIdx.x;
     const int vb = (int)(blk % NVB);
     const i64 nh = blk / NVB;
     const int hv = (int)(nh % HV), n = (int)(nh / HV);
     const int h = hv / (HV / H);
-    const int j0 = vb * FWD_COLS + cg * 4;
+    const int j0 = vb * COLS + cg * 4;
     const bool vec = (V % 4 == 0) && (j0 + 4 <= V);
     const int r0 = rp * RPT;
 
@@ -167,7 +168,7 @@ gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                 ks[c] += S[i][c] * kk[i];
             }
         }
-        block_column_sum(ks, kn, red[0], warp, lane);
+        block_column_sum<CG, W>(ks, kn, red[0], warp, lane);
         const float rk = (flags & F_L2) ? rsqrtf(kn + 1e-6f) : 1.f;
         float delta[4];
 #pragma unroll
@@ -183,7 +184,7 @@ gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                 os[c] += S[i][c] * qq[i];
             }
         }
-        block_column_sum(os, qn, red[1], warp, lane);
+        block_column_sum<CG, W>(os, qn, red[1], warp, lane);
         const float oscale = scale * ((flags & F_L2) ? rsqrtf(qn + 1e-6f) : 1.f);
         if (rp == 0) {
 #pragma unroll

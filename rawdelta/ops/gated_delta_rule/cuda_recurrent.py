@@ -20,8 +20,9 @@ from .problem import GDNProblem
 
 SOURCE = "gated_delta_rule/recurrent.cu"
 CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
-FWD_ROW_PARTS, FWD_COLS_PER_BLOCK = 16, 32
-FWD_KPT = (1, 2, 4, 8, 16)  # rows per thread; K <= 16 * KPT
+# Forward geometries (column groups per warp CG, warps W): 4 * CG columns per block, (32 / CG) * W row parts.
+FWD_NARROW, FWD_WIDE = (8, 4), (32, 8)
+FWD_KPT = (1, 2, 4, 8, 16, 32)  # rows per thread; K <= row parts * KPT
 BWD_WARPS = 8
 BWD_KPT_C = ((1, 32), (2, 32), (4, 16), (8, 8))  # (rows per lane, segment length C); K <= 32 * KPT
 _SMEM_STATIC_LIMIT = 48 * 1024
@@ -32,8 +33,17 @@ F_G, F_GK, F_GV, F_BETA, F_BETA_V, F_L2, F_GATE, F_DTB = 1, 2, 4, 8, 16, 32, 64,
 F_BSIG, F_NEG, F_H0, F_HT, F_VARLEN, F_DHT = 256, 512, 1024, 2048, 4096, 8192
 
 
-def _fwd_name(ct: str, kpt: int) -> str:
-    return f"gdn_recurrent_fwd_kernel<{ct}, {kpt}>"
+def _fwd_name(ct: str, kpt: int, geom: tuple[int, int]) -> str:
+    return f"gdn_recurrent_fwd_kernel<{ct}, {kpt}, {geom[0]}, {geom[1]}>"
+
+
+def _fwd_row_parts(geom: tuple[int, int]) -> int:
+    return (32 // geom[0]) * geom[1]
+
+
+def _fwd_geometry(V: int) -> tuple[int, int]:
+    # Whole 512-byte rows per warp when V fills them; otherwise 32-column blocks waste less.
+    return FWD_WIDE if V % 128 == 0 else FWD_NARROW
 
 
 def _bwd_name(ct: str, kpt: int) -> str:
@@ -46,15 +56,16 @@ def _finish_qk_name(ct: str) -> str:
 
 register(
     SOURCE,
-    [_fwd_name(ct, kpt) for ct in CTYPES.values() for kpt in FWD_KPT]
+    [_fwd_name(ct, kpt, geom) for ct in CTYPES.values() for geom in (FWD_NARROW, FWD_WIDE) for kpt in FWD_KPT
+     if 16 * _fwd_row_parts(geom) >= 16 * kpt and _fwd_row_parts(geom) * kpt <= 256]
     + [_bwd_name(ct, kpt) for ct in CTYPES.values() for kpt, _ in BWD_KPT_C]
     + [_finish_qk_name(ct) for ct in CTYPES.values()]
     + ["gdn_recurrent_bwd_finish_gates_kernel", "gdn_recurrent_bwd_gate_params_kernel"],
 )
 
 
-def _fwd_kpt(K: int) -> int:
-    return next(kpt for kpt in FWD_KPT if FWD_ROW_PARTS * kpt >= K)
+def _fwd_kpt(K: int, geom: tuple[int, int]) -> int:
+    return next(kpt for kpt in FWD_KPT if _fwd_row_parts(geom) * kpt >= K)
 
 
 def _bwd_kpt_c(K: int) -> tuple[int, int]:
@@ -106,11 +117,12 @@ def recurrent_forward(p: GDNProblem) -> tuple[Any, Any]:
     if p.output_final_state:
         ht = p.initial_state if p.inplace_final_state else empty(cupy, (p.N, p.HV, p.K, p.V), np.float32)
         flags |= F_HT
-    nvb = math.ceil(p.V / FWD_COLS_PER_BLOCK)
+    geom = _fwd_geometry(p.V)
+    nvb = math.ceil(p.V / (4 * geom[0]))
     grid = p.N * p.HV * nvb
     if grid > 0:
-        kern = get_kernel(SOURCE, _fwd_name(_ctype(p), _fwd_kpt(p.K)))
-        kern((grid,), (128,), (
+        kern = get_kernel(SOURCE, _fwd_name(_ctype(p), _fwd_kpt(p.K, geom), geom))
+        kern((grid,), (32 * geom[1],), (
             p.q, p.k, p.v, _ptr(p.g), _ptr(p.gk), _ptr(p.gv), _ptr(p.beta), _ptr(p.initial_state), _ptr(p.A_log),
             _ptr(p.dt_bias), _ptr(p.cu_seqlens), o, _ptr(ht), np.int32(p.T), np.int32(p.H), np.int32(p.HV),
             np.int32(p.K), np.int32(p.V), np.int32(nvb), np.float32(p.scale), np.int32(flags)))
