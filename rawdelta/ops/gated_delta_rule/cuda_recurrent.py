@@ -16,6 +16,7 @@ import numpy as np
 
 from ..._arrays import empty
 from ...cuda.loader import get_kernel, register
+from .problem import MAX_K_CUDA as MAX_K
 from .problem import GDNProblem
 
 SOURCE = "gated_delta_rule/recurrent.cu"
@@ -57,7 +58,7 @@ def _finish_qk_name(ct: str) -> str:
 register(
     SOURCE,
     [_fwd_name(ct, kpt, geom) for ct in CTYPES.values() for geom in (FWD_NARROW, FWD_WIDE) for kpt in FWD_KPT
-     if 16 * _fwd_row_parts(geom) >= 16 * kpt and _fwd_row_parts(geom) * kpt <= 256]
+     if _fwd_row_parts(geom) * kpt // 2 < MAX_K]
     + [_bwd_name(ct, kpt) for ct in CTYPES.values() for kpt, _ in BWD_KPT_C]
     + [_finish_qk_name(ct) for ct in CTYPES.values()]
     + ["gdn_recurrent_bwd_finish_gates_kernel", "gdn_recurrent_bwd_gate_params_kernel"],

@@ -1,0 +1,415 @@
+"""The ``rawdelta`` command: ``check`` (self-test of every available backend) and ``info`` (environment).
+
+``rawdelta check`` runs each op in :data:`CHECKS` on a small embedded problem, forward and backward, on
+every backend that can run here, and compares every output and gradient with the float64 NumPy
+reference (:mod:`rawdelta.testing.compare`). Without a GPU the Numba reference kernels run in the
+Numba CUDA simulator; ``NUMBA_ENABLE_CUDASIM`` is set before Numba is first imported for that.
+
+A new op family adds rows to :data:`CHECKS` (and, if its reference is new, one reference function);
+the runner does not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import __version__
+from ._arrays import cupy_or_none
+from .testing.compare import assert_close, error_stats, tolerance
+from .testing.inputs import gated_delta_rule_inputs, split_op_args, to_device
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What `rawdelta check` runs (data)
+# ----------------------------------------------------------------------------------------------------------------------
+
+Reference = Callable[[dict[str, Any], Any, Any], tuple[dict[str, Any], dict[str, Any]]]
+
+
+def _gated_delta_rule_reference(kw: dict[str, Any], do: Any, dht: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Float64 outputs and gradients of the recurrent gated delta rule (naive.py) on host inputs."""
+    from .ops.gated_delta_rule import naive
+    from .ops.gated_delta_rule.problem import make_problem
+
+    p = make_problem(**kw, backend="numpy")
+    o, ht = naive.recurrent_forward(p)
+    return {"o": o, "final_state": ht}, naive.recurrent_backward(p, do, dht)
+
+
+@dataclass(frozen=True)
+class CheckCase:
+    """One embedded problem for one op.
+
+    Attributes:
+        op: public name; ``rawdelta.<op>_fwd`` / ``rawdelta.<op>_bwd`` are the functions checked.
+        case: short label for the table.
+        inputs: generator from :mod:`rawdelta.testing.inputs` returning op kwargs plus ``do`` and ``dht``.
+        params: the generator's arguments (fixed shapes and seed), without ``dtype``.
+        reference: float64 ``(outputs, gradients)`` from host inputs, ``do`` and ``dht``; gradients are keyed
+            by the names of the op's gradient NamedTuple.
+        call: extra keyword arguments for the forward.
+    """
+
+    op: str
+    case: str
+    inputs: Callable[..., dict[str, Any]]
+    params: dict[str, Any]
+    reference: Reference
+    call: dict[str, Any] = field(default_factory=dict)
+
+
+CHECKS: tuple[CheckCase, ...] = (
+    CheckCase("fused_recurrent_gated_delta_rule", "dense", gated_delta_rule_inputs,
+              {"B": 2, "T": 13, "H": 2, "HV": 4, "K": 8, "V": 12, "seed": 7},
+              _gated_delta_rule_reference, {"output_final_state": True}),
+    CheckCase("fused_recurrent_gated_delta_rule", "varlen", gated_delta_rule_inputs,
+              {"B": 1, "T": 13, "H": 2, "HV": 4, "K": 8, "V": 12, "seqlens": (5, 0, 8), "seed": 8},
+              _gated_delta_rule_reference, {"output_final_state": True}),
+)
+
+# Input dtypes checked per backend. numpy and numba compute in float64 / float32 whatever the input, so one
+# dtype exercises them; the CUDA kernels have a load/store path per dtype.
+BACKEND_DTYPES: dict[str, tuple[str, ...]] = {
+    "numpy": ("float32",),
+    "numba": ("float32",),
+    "cuda": ("float32", "float16", "bfloat16"),
+}
+BACKENDS = tuple(BACKEND_DTYPES)
+
+# Gradient fields shown under a conventional name rather than "d" + field.
+_GRAD_LABELS = {"initial_state": "dh0"}
+_OUTPUT_NAMES = ("o", "final_state")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Where each backend can run
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _gpu_reason() -> str | None:
+    """None when CuPy sees a GPU, else why not."""
+    if cupy_or_none() is not None:
+        return None
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed (pip install 'rawdelta[cuda]')"
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return f"CuPy sees no CUDA GPU ({type(e).__name__}: {str(e).strip() or 'no detail'})"
+    return f"CuPy sees no CUDA GPU (device count {n})"
+
+
+def _use_numba_simulator_without_gpu(gpu: bool) -> None:
+    """Without a GPU, run the Numba kernels in the CUDA simulator; only effective before numba is imported."""
+    if not gpu and "NUMBA_ENABLE_CUDASIM" not in os.environ and "numba" not in sys.modules:
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+
+def _numba_status() -> tuple[str | None, str]:
+    """``(reason it cannot run or None, mode)``, mode being ``"GPU"`` or ``"the CUDA simulator"``."""
+    from .errors import BackendUnavailableError
+    from .ops.common.backend import numba_cuda, numba_simulator
+
+    mode = "the CUDA simulator" if numba_simulator() else "GPU"
+    try:
+        cuda = numba_cuda()
+    except BackendUnavailableError as e:
+        return str(e), mode
+    if not numba_simulator() and not cuda.is_available():
+        return "numba-cuda sees no CUDA GPU (and NUMBA_ENABLE_CUDASIM is not 1)", mode
+    return None, mode
+
+
+def backend_status(gpu_reason: str | None) -> dict[str, dict[str, Any]]:
+    """Per backend: ``{"available": bool, "where": str}`` or ``{"available": False, "reason": str}``."""
+    status: dict[str, dict[str, Any]] = {"numpy": {"available": True, "where": "CPU, float64"}}
+    numba_reason, numba_mode = _numba_status()
+    status["numba"] = ({"available": False, "reason": numba_reason} if numba_reason
+                       else {"available": True, "where": numba_mode})
+    status["cuda"] = ({"available": False, "reason": gpu_reason} if gpu_reason
+                      else {"available": True, "where": "GPU"})
+    return status
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running and comparing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One compared quantity (or one failed run, with ``quantity="(run)"``)."""
+
+    backend: str
+    dtype: str
+    op: str
+    case: str
+    quantity: str
+    rel_rms: float | None
+    max_abs: float | None
+    bound: float | None
+    passed: bool
+    detail: str = ""
+
+
+def compare(name: str, ref: Any, out: Any, dtype: str) -> tuple[float | None, float | None, float, bool, str]:
+    """``(rel-RMS, max-abs, bound, passed, detail)`` of `out` against the float64 `ref` (assert_close's verdict)."""
+    bound = tolerance(name, dtype)
+    if out is None:
+        return None, None, bound, False, f"{name}: the backend returned None"
+    try:
+        rel, max_abs, _ = error_stats(ref, out)
+    except AssertionError as e:  # shape mismatch
+        return None, None, bound, False, str(e)
+    try:
+        assert_close(name, ref, out, bound)
+    except AssertionError as e:
+        return rel, max_abs, bound, False, str(e)
+    return rel, max_abs, bound, True, ""
+
+
+def _reference(case: CheckCase, dtype: str, cache: dict[tuple[int, str], Any]) -> tuple[dict[str, Any], Any]:
+    """``(inputs, (outputs, gradients) or the exception)``, computed once per case and dtype for every backend."""
+    key = (id(case), dtype)
+    if key not in cache:
+        inputs = case.inputs(**case.params, dtype=dtype)
+        try:
+            cache[key] = inputs, case.reference(*split_op_args(inputs))
+        except Exception as e:
+            cache[key] = inputs, e
+    return cache[key]
+
+
+def _run_case(case: CheckCase, backend: str, dtype: str, on_device: bool,
+              cache: dict[tuple[int, str], Any]) -> list[Row]:
+    import rawdelta
+
+    row = {"backend": backend, "dtype": dtype, "op": case.op, "case": case.case}
+    inputs, ref = _reference(case, dtype, cache)
+    if isinstance(ref, Exception):
+        return [Row(**row, quantity="(reference)", rel_rms=None, max_abs=None, bound=None, passed=False,
+                    detail=f"{type(ref).__name__}: {ref}")]
+    ref_out, ref_grads = ref
+    try:
+        args = to_device(inputs) if on_device else inputs
+        dkw, ddo, ddht = split_op_args(args)
+        fwd = getattr(rawdelta, f"{case.op}_fwd")
+        bwd = getattr(rawdelta, f"{case.op}_bwd")
+        outs, residuals = fwd(**dkw, **case.call, backend=backend)
+        grads = bwd(residuals, ddo, ddht)._asdict()
+    except Exception as e:
+        return [Row(**row, quantity="(run)", rel_rms=None, max_abs=None, bound=None, passed=False,
+                    detail=f"{type(e).__name__}: {e}")]
+    got = dict(zip(_OUTPUT_NAMES, outs))
+    pairs = [(n, ref_out[n], got[n]) for n in _OUTPUT_NAMES]
+    pairs += [(_GRAD_LABELS.get(n, "d" + n), r, grads.get(n)) for n, r in ref_grads.items() if r is not None]
+    rows = []
+    for name, ref, out in pairs:
+        rel, max_abs, bound, passed, detail = compare(name, ref, out, dtype)
+        rows.append(Row(**row, quantity=name, rel_rms=rel, max_abs=max_abs, bound=bound, passed=passed,
+                        detail=detail))
+    return rows
+
+
+def run_checks(backends: Sequence[str], status: dict[str, dict[str, Any]]) -> tuple[list[Row], dict[str, float]]:
+    """Every case of :data:`CHECKS` on every available backend in `backends`; returns rows and seconds per backend."""
+    rows: list[Row] = []
+    seconds: dict[str, float] = {}
+    cache: dict[tuple[int, str], Any] = {}
+    for backend in backends:
+        if not status[backend]["available"]:
+            continue
+        on_device = backend == "cuda" or (backend == "numba" and status["numba"]["where"] == "GPU")
+        t0 = time.perf_counter()
+        for dtype in BACKEND_DTYPES[backend]:
+            for case in CHECKS:
+                rows.extend(_run_case(case, backend, dtype, on_device, cache))
+        seconds[backend] = time.perf_counter() - t0
+    return rows, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "nan" if math.isnan(x) else f"{x:.2e}"
+
+
+def _json_number(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else x
+
+
+def _print_table(rows: list[Row]) -> None:
+    header = ("backend", "dtype", "case", "quantity", "rel-RMS", "max-abs", "bound", "result")
+    for op in dict.fromkeys(r.op for r in rows):
+        body = [(r.backend, r.dtype, r.case, r.quantity, _fmt(r.rel_rms), _fmt(r.max_abs), _fmt(r.bound),
+                 "PASS" if r.passed else "FAIL") for r in rows if r.op == op]
+        widths = [max(len(c[i]) for c in (header, *body)) for i in range(len(header))]
+        print(f"\n{op}")
+        for cells in (header, *body):
+            print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+
+
+def _check(args: argparse.Namespace) -> int:
+    gpu_reason = _gpu_reason()
+    _use_numba_simulator_without_gpu(gpu_reason is None)
+    status = backend_status(gpu_reason)
+    requested = tuple(dict.fromkeys(args.backend)) if args.backend else BACKENDS
+    rows, seconds = run_checks(requested, status)
+    missing = [b for b in requested if not status[b]["available"]]
+    ok = bool(rows) and all(r.passed for r in rows) and not (args.backend and missing)
+
+    if args.json:
+        out = {
+            "ok": ok,
+            "backends": {b: {**s, **({"seconds": round(seconds[b], 3)} if b in seconds else {})}
+                         for b, s in status.items()},
+            "results": [{**asdict(r), "rel_rms": _json_number(r.rel_rms), "max_abs": _json_number(r.max_abs)}
+                        for r in rows],
+        }
+        print(json.dumps(out, indent=2))
+        return 0 if ok else 1
+
+    print(f"rawdelta {__version__} check: forward and gradients against the float64 NumPy reference")
+    for b in requested:
+        s = status[b]
+        if s["available"]:
+            print(f"  {b:6s} ran on {s['where']} in {seconds[b]:.1f} s")
+        else:
+            print(f"  {b:6s} not available: {s['reason']}")
+    _print_table(rows)
+    failed = [r for r in rows if not r.passed]
+    if failed:
+        print()
+    for r in failed:
+        print(f"FAIL {r.backend} {r.dtype} {r.op}/{r.case} {r.quantity}: {r.detail}")
+    if args.backend and missing:
+        print(f"\nrequested backend(s) not available: {', '.join(missing)}")
+    if not rows:
+        print("\nnothing was checked")
+    n_pass = sum(r.passed for r in rows)
+    print(f"\n{'PASS' if ok else 'FAIL'}: {n_pass} of {len(rows)} comparisons passed")
+    return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# rawdelta info
+# ----------------------------------------------------------------------------------------------------------------------
+
+_DISTRIBUTIONS = ("numpy", "cupy", "numba", "numba-cuda", "torch", "jax")
+
+
+def _version(dist: str) -> str:
+    names = [dist]
+    if dist == "cupy":  # published as cupy-cuda13x, cupy-cuda12x, ... or plain cupy
+        names = importlib.metadata.packages_distributions().get("cupy", []) or names
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def _gpus() -> list[dict[str, Any]]:
+    cp = cupy_or_none()
+    if cp is None:
+        return []
+    gpus = []
+    for i in range(cp.cuda.runtime.getDeviceCount()):
+        props = cp.cuda.runtime.getDeviceProperties(i)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        gpus.append({"id": i, "name": name, "compute_capability": f"{props['major']}.{props['minor']}"})
+    return gpus
+
+
+def collect_info() -> dict[str, Any]:
+    """Versions, GPUs, CuPy's kernel cache directory, the Numba mode and the number of CUDA instantiations."""
+    gpu_reason = _gpu_reason()
+    _use_numba_simulator_without_gpu(gpu_reason is None)
+    info: dict[str, Any] = {"rawdelta": __version__, "python": sys.version.split()[0]}
+    info.update({d: _version(d) for d in _DISTRIBUTIONS})
+    info["gpus"] = _gpus()
+    cp = cupy_or_none()
+    if cp is not None:
+        info["cuda_runtime"] = cp.cuda.runtime.runtimeGetVersion()
+        info["cuda_driver"] = cp.cuda.runtime.driverGetVersion()
+    info["gpu_reason"] = gpu_reason
+    info["cupy_cache_dir"] = os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")
+    info["jit_env"] = {k: os.environ.get(k, "") for k in ("RAWDELTA_JIT_LINEINFO", "RAWDELTA_JIT_DEBUG")}
+    numba_reason, numba_mode = _numba_status()
+    info["numba_backend"] = f"not available: {numba_reason}" if numba_reason else numba_mode
+    try:
+        from .cuda import loader
+
+        info["cuda_instantiations"] = sum(len(s.name_expressions) for s in loader.registered())
+    except Exception as e:  # report, do not crash: info is what one runs when something is broken
+        info["cuda_instantiations"] = f"error: {type(e).__name__}: {e}"
+    return info
+
+
+def _info(args: argparse.Namespace) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("rawdelta", "python", *_DISTRIBUTIONS):
+        print(f"{key:22s}{info[key]}")
+    if info["gpus"]:
+        for g in info["gpus"]:
+            print(f"{'GPU ' + str(g['id']):22s}{g['name']} (compute capability {g['compute_capability']})")
+        print(f"{'CUDA runtime / driver':22s}{info['cuda_runtime']} / {info['cuda_driver']}")
+    else:
+        print(f"{'GPU':22s}none ({info['gpu_reason']})")
+    print(f"{'numba backend':22s}{info['numba_backend']}")
+    print(f"{'CuPy kernel cache':22s}{info['cupy_cache_dir']}")
+    print(f"{'JIT flags':22s}" + ", ".join(f"{k}={v or '(unset)'}" for k, v in info["jit_env"].items()))
+    print(f"{'CUDA instantiations':22s}{info['cuda_instantiations']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rawdelta", description="rawdelta: linear-attention kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="run every available backend against the float64 reference",
+                           description="Forward and gradients of every op on a small problem, on every "
+                                       "available backend, compared with the float64 NumPy reference. "
+                                       "Exits non-zero on any failure.")
+    check.add_argument("--backend", action="append", choices=BACKENDS,
+                       help="check only this backend (repeatable); an unavailable one then counts as a failure")
+    check.add_argument("--json", action="store_true", help="print the results as JSON")
+    check.set_defaults(func=_check)
+    info = sub.add_parser("info", help="versions, GPU, kernel cache, registered CUDA instantiations")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rawdelta`` console script.
+
+    Args:
+        argv: arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 1 when a check fails, 2 for a usage error.
+    """
+    args = _parser().parse_args(argv)
+    return int(args.func(args))
