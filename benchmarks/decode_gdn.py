@@ -49,7 +49,7 @@ def copy_bandwidth_gbs() -> float:
     return 2 * a.numel() / (ms * 1e-3) / 1e9
 
 
-def _raw_launch(q, k, v, g, beta, state, stream, geom):
+def _raw_launch(q, k, v, g, beta, state, stream, geom, one_step, min_blocks):
     """The forward kernel launched directly (no validation), to separate kernel time from host overhead."""
     from rawdelta.ops.gated_delta_rule import cuda_recurrent as cr
     from rawdelta.ops.gated_delta_rule.problem import make_problem
@@ -57,7 +57,9 @@ def _raw_launch(q, k, v, g, beta, state, stream, geom):
     p = make_problem(q, k, v, g, beta, initial_state=state, use_qk_l2norm_in_kernel=True, inplace_final_state=True,
                      backend="cuda")
     o = cupy.empty_like(v)
-    kern = cr.get_kernel(cr.SOURCE, cr._fwd_name(cr._ctype(p), cr._fwd_kpt(p.K, geom), geom))
+    name = cr._fwd_name(cr._ctype(p), cr._fwd_kpt(p.K, geom), geom, one_step, min_blocks)
+    cr.register(cr.SOURCE, [name])  # benchmark-only variants join the registry like any other
+    kern = cr.get_kernel(cr.SOURCE, name)
     nvb = -(-p.V // (4 * geom[0]))
     args = (q, k, v, g, cr._NULL, cr._NULL, beta, state, cr._NULL, cr._NULL, cr._NULL, o, state, np.int32(p.T),
             np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nvb), np.float32(p.scale),
@@ -119,9 +121,11 @@ def main() -> int:
     results.append(("rawdelta cuda (in-place state)", t_inp))
     from rawdelta.ops.gated_delta_rule.cuda_recurrent import FWD_NARROW, FWD_WIDE
 
-    for geom in (FWD_WIDE, FWD_NARROW):
-        results.append((f"rawdelta cuda kernel only, geometry CG={geom[0]} W={geom[1]} (in-place, raw launches)",
-                        time_ms(_raw_launch(cq, ck, cv, cg, cb, h_inplace, stream, geom))))
+    variants = [(FWD_WIDE, True, 1), (FWD_NARROW, False, 4)] + [(FWD_NARROW, True, m) for m in (4, 6, 8)]
+    for geom, one, minb in variants:
+        results.append((f"rawdelta kernel only, CG={geom[0]} W={geom[1]} one_step={one} min_blocks={minb} "
+                        "(in-place, raw launches)",
+                        time_ms(_raw_launch(cq, ck, cv, cg, cb, h_inplace, stream, geom, one, minb))))
 
     peer_note = ""
     try:

@@ -64,8 +64,8 @@ __device__ __forceinline__ void load_row_chunk(const T* __restrict__ row, int r0
 // ht may alias h0 (each thread reads its elements before it writes them): the in-place decode update.
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ void load_state4(const float* row, int j0, int V, bool vec, float (&x)[4]) {
-    if (vec) {
-        const float4 t = *reinterpret_cast<const float4*>(row + j0);
+    if (vec) {  // streaming: each state element is read once and written once per call
+        const float4 t = __ldcs(reinterpret_cast<const float4*>(row + j0));
         x[0] = t.x; x[1] = t.y; x[2] = t.z; x[3] = t.w;
     } else {
 #pragma unroll
@@ -75,7 +75,7 @@ __device__ __forceinline__ void load_state4(const float* row, int j0, int V, boo
 
 __device__ __forceinline__ void store_state4(float* row, int j0, int V, bool vec, const float (&x)[4]) {
     if (vec) {
-        *reinterpret_cast<float4*>(row + j0) = make_float4(x[0], x[1], x[2], x[3]);
+        __stcs(reinterpret_cast<float4*>(row + j0), make_float4(x[0], x[1], x[2], x[3]));
     } else {
 #pragma unroll
         for (int c = 0; c < 4; ++c)
@@ -111,8 +111,10 @@ __device__ __forceinline__ void block_column_sum(float (&x)[4], float& extra, fl
     extra = e;
 }
 
-template <typename T, int RPT, int CG, int W>
-__global__ void __launch_bounds__(W * 32)
+// ONE_STEP: every sequence has at most one token (decoding). MINB: blocks per SM the register
+// allocation must allow (occupancy, hence bytes in flight, for the memory-bound decode step).
+template <typename T, int RPT, int CG, int W, bool ONE_STEP, int MINB>
+__global__ void __launch_bounds__(W * 32, MINB)
 gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          const float* __restrict__ g, const float* __restrict__ gk, const float* __restrict__ gv,
                          const float* __restrict__ beta, const float* h0, const float* __restrict__ A_log,
@@ -142,7 +144,9 @@ gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     }
 
     const SeqRange sr = seq_range(cu_seqlens, n, T_, flags);
-    for (i64 t = sr.bos; t < sr.eos; ++t) {
+    const i64 t_end = ONE_STEP ? min(sr.eos, sr.bos + 1) : sr.eos;
+#pragma unroll 1
+    for (i64 t = sr.bos; t < t_end; ++t) {
         const i64 th = t * HV + hv;
         float kk[RPT], qq[RPT];
         load_row_chunk<T, RPT>(k + (t * H + h) * K, r0, K, kk);

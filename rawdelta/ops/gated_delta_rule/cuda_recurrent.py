@@ -34,8 +34,12 @@ F_G, F_GK, F_GV, F_BETA, F_BETA_V, F_L2, F_GATE, F_DTB = 1, 2, 4, 8, 16, 32, 64,
 F_BSIG, F_NEG, F_H0, F_HT, F_VARLEN, F_DHT = 256, 512, 1024, 2048, 4096, 8192
 
 
-def _fwd_name(ct: str, kpt: int, geom: tuple[int, int]) -> str:
-    return f"gdn_recurrent_fwd_kernel<{ct}, {kpt}, {geom[0]}, {geom[1]}>"
+FWD_MIN_BLOCKS = {FWD_NARROW: 4, FWD_WIDE: 1}
+
+
+def _fwd_name(ct: str, kpt: int, geom: tuple[int, int], one_step: bool = False, min_blocks: int | None = None) -> str:
+    minb = FWD_MIN_BLOCKS[geom] if min_blocks is None else min_blocks
+    return f"gdn_recurrent_fwd_kernel<{ct}, {kpt}, {geom[0]}, {geom[1]}, {'true' if one_step else 'false'}, {minb}>"
 
 
 def _fwd_row_parts(geom: tuple[int, int]) -> int:
@@ -57,8 +61,8 @@ def _finish_qk_name(ct: str) -> str:
 
 register(
     SOURCE,
-    [_fwd_name(ct, kpt, geom) for ct in CTYPES.values() for geom in (FWD_NARROW, FWD_WIDE) for kpt in FWD_KPT
-     if _fwd_row_parts(geom) * kpt // 2 < MAX_K]
+    [_fwd_name(ct, kpt, geom, one) for ct in CTYPES.values() for geom in (FWD_NARROW, FWD_WIDE) for kpt in FWD_KPT
+     for one in (False, True) if _fwd_row_parts(geom) * kpt // 2 < MAX_K]
     + [_bwd_name(ct, kpt) for ct in CTYPES.values() for kpt, _ in BWD_KPT_C]
     + [_finish_qk_name(ct) for ct in CTYPES.values()]
     + ["gdn_recurrent_bwd_finish_gates_kernel", "gdn_recurrent_bwd_gate_params_kernel"],
@@ -122,7 +126,8 @@ def recurrent_forward(p: GDNProblem) -> tuple[Any, Any]:
     nvb = math.ceil(p.V / (4 * geom[0]))
     grid = p.N * p.HV * nvb
     if grid > 0:
-        kern = get_kernel(SOURCE, _fwd_name(_ctype(p), _fwd_kpt(p.K, geom), geom))
+        one_step = p.T <= 1 and p.cu_seqlens is None
+        kern = get_kernel(SOURCE, _fwd_name(_ctype(p), _fwd_kpt(p.K, geom), geom, one_step))
         kern((grid,), (32 * geom[1],), (
             p.q, p.k, p.v, _ptr(p.g), _ptr(p.gk), _ptr(p.gv), _ptr(p.beta), _ptr(p.initial_state), _ptr(p.A_log),
             _ptr(p.dt_bias), _ptr(p.cu_seqlens), o, _ptr(ht), np.int32(p.T), np.int32(p.H), np.int32(p.HV),
