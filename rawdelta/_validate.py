@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .errors import UnsupportedConfigError
 
 FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+_ACCEPTED_DTYPES = frozenset(np.dtype(n) for n in ("float32", "float16", "float64")) | {np.dtype(ml_dtypes.bfloat16)}
 
 
 def _fmt_shape(names: Sequence[str], dims: Mapping[str, int]) -> str:
@@ -51,21 +53,22 @@ class Validator:
 
         Returns False (after recording the reason) when the shape does not fit.
         """
-        shape = tuple(int(s) for s in arr.shape)
+        shape = arr.shape
         if len(shape) != len(names):
-            self.error(f"{name} must be {len(names)}-D {_fmt_shape(names, dims)}, got shape {shape}")
+            self.error(f"{name} must be {len(names)}-D {_fmt_shape(names, dims)}, got shape {tuple(shape)}")
             return False
-        bad = [n for n, s in zip(names, shape) if n in dims and dims[n] != s and not n.isdigit()]
-        bad += [n for n, s in zip(names, shape) if n.isdigit() and int(n) != s]
+        bad = [n for n, s in zip(names, shape) if dims.get(n, s) != s]
         if bad:
-            self.error(f"{name} must have shape {_fmt_shape(names, dims)}, got {shape} (mismatch in {', '.join(bad)})")
+            self.error(f"{name} must have shape {_fmt_shape(names, dims)}, got {tuple(shape)} "
+                       f"(mismatch in {', '.join(bad)})")
             return False
         for n, s in zip(names, shape):
-            if not n.isdigit():
-                dims.setdefault(n, s)
+            dims.setdefault(n, s)
         return True
 
     def float_dtype(self, name: str, arr: Any) -> None:
+        if arr.dtype in _ACCEPTED_DTYPES:  # the hot path: a set lookup, no dtype-name formatting
+            return
         dt = np.dtype(arr.dtype).name
         if dt not in FLOAT_DTYPE_NAMES + ("float64",):
             self.error(f"{name} must have a floating dtype in {FLOAT_DTYPE_NAMES} (float64 on the numpy backend), "

@@ -59,8 +59,8 @@ __device__ __forceinline__ void load_row_chunk(const T* __restrict__ row, int r0
 // Thread: 4 consecutive columns (one 16-byte float4 of a state row; CG lanes cover CG * 16 bytes of a
 // row) x RPT consecutive rows; 32 / CG row parts per warp x W warps, so K <= (32 / CG) * W * RPT.
 // Column dot products reduce over the in-warp row parts with shuffles, then over the warps in shared
-// memory. Grid: N * HV * NVB blocks, NVB = ceil(V / (4 * CG)). Two geometries are instantiated:
-// CG = 8, W = 4 (32 columns; narrow V) and CG = 32, W = 8 (128 columns: whole 512-byte rows per warp).
+// memory. Grid: N * HV * NVB blocks, NVB = ceil(V / (4 * CG)). The package launches CG = 8, W = 4
+// (cuda_recurrent.py says why); benchmarks/decode_gdn.py also times other geometries.
 // ht may alias h0 (each thread reads its elements before it writes them): the in-place decode update.
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ void load_state4(const float* row, int j0, int V, bool vec, float (&x)[4]) {

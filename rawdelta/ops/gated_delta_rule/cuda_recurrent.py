@@ -14,16 +14,18 @@ from typing import Any
 
 import numpy as np
 
-from ..._arrays import empty
+from ..._arrays import BFLOAT16, empty
 from ...cuda.loader import get_kernel, register
-from .problem import MAX_K_CUDA as MAX_K
 from .problem import GDNProblem
 
 SOURCE = "gated_delta_rule/recurrent.cu"
 CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
-# Forward geometries (column groups per warp CG, warps W): 4 * CG columns per block, (32 / CG) * W row parts.
-FWD_NARROW, FWD_WIDE = (8, 4), (32, 8)
-FWD_KPT = (1, 2, 4, 8, 16, 32)  # rows per thread; K <= row parts * KPT
+# Forward geometry (column groups per warp CG, warps W): 4 * CG columns per block, (32 / CG) * W row parts.
+# Measured on the H100 decode benchmark: CG=8, W=4 with registers bounded for 6 blocks per SM beat
+# whole-row warps (CG=32, W=8: 194 registers, one block per SM) and the unbounded allocation.
+FWD_GEOM = (8, 4)
+FWD_MIN_BLOCKS = 6
+FWD_KPT = (1, 2, 4, 8, 16)  # rows per thread; K <= 16 * KPT
 BWD_WARPS = 8
 BWD_KPT_C = ((1, 32), (2, 32), (4, 16), (8, 8))  # (rows per lane, segment length C); K <= 32 * KPT
 _SMEM_STATIC_LIMIT = 48 * 1024
@@ -34,21 +36,14 @@ F_G, F_GK, F_GV, F_BETA, F_BETA_V, F_L2, F_GATE, F_DTB = 1, 2, 4, 8, 16, 32, 64,
 F_BSIG, F_NEG, F_H0, F_HT, F_VARLEN, F_DHT = 256, 512, 1024, 2048, 4096, 8192
 
 
-FWD_MIN_BLOCKS = {FWD_NARROW: 4, FWD_WIDE: 1}
+def _fwd_name(ct: str, kpt: int, one_step: bool = False, geom: tuple[int, int] = FWD_GEOM,
+              min_blocks: int = FWD_MIN_BLOCKS) -> str:
+    return (f"gdn_recurrent_fwd_kernel<{ct}, {kpt}, {geom[0]}, {geom[1]}, {'true' if one_step else 'false'}, "
+            f"{min_blocks}>")
 
 
-def _fwd_name(ct: str, kpt: int, geom: tuple[int, int], one_step: bool = False, min_blocks: int | None = None) -> str:
-    minb = FWD_MIN_BLOCKS[geom] if min_blocks is None else min_blocks
-    return f"gdn_recurrent_fwd_kernel<{ct}, {kpt}, {geom[0]}, {geom[1]}, {'true' if one_step else 'false'}, {minb}>"
-
-
-def _fwd_row_parts(geom: tuple[int, int]) -> int:
+def _fwd_row_parts(geom: tuple[int, int] = FWD_GEOM) -> int:
     return (32 // geom[0]) * geom[1]
-
-
-def _fwd_geometry(V: int) -> tuple[int, int]:
-    # Whole 512-byte rows per warp when V fills them; otherwise 32-column blocks waste less.
-    return FWD_WIDE if V % 128 == 0 else FWD_NARROW
 
 
 def _bwd_name(ct: str, kpt: int) -> str:
@@ -61,15 +56,14 @@ def _finish_qk_name(ct: str) -> str:
 
 register(
     SOURCE,
-    [_fwd_name(ct, kpt, geom, one) for ct in CTYPES.values() for geom in (FWD_NARROW, FWD_WIDE) for kpt in FWD_KPT
-     for one in (False, True) if _fwd_row_parts(geom) * kpt // 2 < MAX_K]
+    [_fwd_name(ct, kpt, one) for ct in CTYPES.values() for kpt in FWD_KPT for one in (False, True)]
     + [_bwd_name(ct, kpt) for ct in CTYPES.values() for kpt, _ in BWD_KPT_C]
     + [_finish_qk_name(ct) for ct in CTYPES.values()]
     + ["gdn_recurrent_bwd_finish_gates_kernel", "gdn_recurrent_bwd_gate_params_kernel"],
 )
 
 
-def _fwd_kpt(K: int, geom: tuple[int, int]) -> int:
+def _fwd_kpt(K: int, geom: tuple[int, int] = FWD_GEOM) -> int:
     return next(kpt for kpt in FWD_KPT if _fwd_row_parts(geom) * kpt >= K)
 
 
@@ -105,8 +99,11 @@ def _ptr(x: Any) -> Any:
     return _NULL if x is None else x
 
 
+_CTYPE_OF = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
+
+
 def _ctype(p: GDNProblem) -> str:
-    return CTYPES[np.dtype(p.q.dtype).name]
+    return _CTYPE_OF[p.q.dtype]
 
 
 def recurrent_forward(p: GDNProblem) -> tuple[Any, Any]:
@@ -122,13 +119,12 @@ def recurrent_forward(p: GDNProblem) -> tuple[Any, Any]:
     if p.output_final_state:
         ht = p.initial_state if p.inplace_final_state else empty(cupy, (p.N, p.HV, p.K, p.V), np.float32)
         flags |= F_HT
-    geom = _fwd_geometry(p.V)
-    nvb = math.ceil(p.V / (4 * geom[0]))
+    nvb = math.ceil(p.V / (4 * FWD_GEOM[0]))
     grid = p.N * p.HV * nvb
     if grid > 0:
         one_step = p.T <= 1 and p.cu_seqlens is None
-        kern = get_kernel(SOURCE, _fwd_name(_ctype(p), _fwd_kpt(p.K, geom), geom, one_step))
-        kern((grid,), (32 * geom[1],), (
+        kern = get_kernel(SOURCE, _fwd_name(_ctype(p), _fwd_kpt(p.K), one_step))
+        kern((grid,), (32 * FWD_GEOM[1],), (
             p.q, p.k, p.v, _ptr(p.g), _ptr(p.gk), _ptr(p.gv), _ptr(p.beta), _ptr(p.initial_state), _ptr(p.A_log),
             _ptr(p.dt_bias), _ptr(p.cu_seqlens), o, _ptr(ht), np.int32(p.T), np.int32(p.H), np.int32(p.HV),
             np.int32(p.K), np.int32(p.V), np.int32(nvb), np.float32(p.scale), np.int32(flags)))

@@ -13,11 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from ..._arrays import as_array, contiguous, device_id, is_device_array
+from ..._arrays import BFLOAT16, as_array, contiguous, device_id, is_device_array
 from ..._validate import FLOAT_DTYPE_NAMES, Validator
 from ..common.backend import resolve_backend
 
 MAX_K_CUDA = 256
+_CUDA_DTYPES = frozenset(np.dtype(n) for n in ("float32", "float16")) | {BFLOAT16}
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 _ARRAY_ARGS = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state", "A_log", "dt_bias")
 # Inputs the kernels read as float32 whatever their dtype (small, or accuracy-critical).
@@ -171,8 +173,8 @@ def make_problem(
     for n in _ARRAY_ARGS:
         if arrs[n] is not None:
             v_.float_dtype(n, arrs[n])
-    qkv_dt = {n: np.dtype(arrs[n].dtype).name for n in ("q", "k", "v")}
-    if len(set(qkv_dt.values())) > 1:
+    if not (arrs["q"].dtype == arrs["k"].dtype == arrs["v"].dtype):
+        qkv_dt = {n: np.dtype(arrs[n].dtype).name for n in ("q", "k", "v")}
         v_.error(f"q, k and v must share one dtype, got {qkv_dt}")
 
     # Variable-length packing.
@@ -234,7 +236,7 @@ def make_problem(
         st = arrs["initial_state"]
         if st is None:
             v_.error("inplace_final_state=True needs initial_state [N, HV, K, V] to write into")
-        elif np.dtype(st.dtype) != np.float32 or not st.flags.c_contiguous:
+        elif st.dtype != _F32 or not st.flags.c_contiguous:
             v_.error("inplace_final_state=True needs a C-contiguous float32 initial_state")
 
     try:
@@ -246,7 +248,7 @@ def make_problem(
         if not on_device:
             v_.error("backend='cuda' needs device arrays (CuPy or a __cuda_array_interface__/__dlpack__ CUDA array), "
                      "got host arrays")
-        elif np.dtype(arrs["q"].dtype).name not in FLOAT_DTYPE_NAMES:
+        elif arrs["q"].dtype not in _CUDA_DTYPES:
             v_.not_supported(f"backend='cuda' supports q/k/v dtypes {FLOAT_DTYPE_NAMES}, got {arrs['q'].dtype}")
         if dims.get("K", 0) > MAX_K_CUDA:
             v_.not_supported(f"backend='cuda' supports K <= {MAX_K_CUDA} (the state row lives in registers), "
@@ -255,14 +257,12 @@ def make_problem(
         v_.error("backend='numpy' needs host (numpy) arrays, got device arrays")
     v_.raise_if_any()
 
-    input_dtypes = {n: (np.dtype(a.dtype) if a is not None else None) for n, a in arrs.items()}
+    input_dtypes = {n: (a.dtype if a is not None else None) for n, a in arrs.items()}
     norm: dict[str, Any] = {}
     for n, a in arrs.items():
         if a is None:
             norm[n] = None
-        elif n in _FLOAT32_ARGS and np.dtype(a.dtype) != np.float32 and not (
-            resolved == "numpy" and np.dtype(a.dtype) == np.float64
-        ):
+        elif n in _FLOAT32_ARGS and a.dtype != _F32 and not (resolved == "numpy" and a.dtype == _F64):
             norm[n] = contiguous(a).astype(np.float32)
         else:
             norm[n] = contiguous(a)
