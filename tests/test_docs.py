@@ -45,5 +45,10 @@ def test_readme_states_the_gpu_test_command_and_links_the_docs():
 
 def test_benchmarks_page_has_the_decode_section_and_command():
     body = section((DOCS / "benchmarks.md").read_text(), "Decode (fused_recurrent_gated_delta_rule)")
-    assert "Measured numbers are added by the benchmark run; see the command below." in body
     assert "PYTHONPATH=. python3 benchmarks/decode_gdn.py" in body
+    rows = [line for line in body.splitlines() if line.startswith("| ") and "µs" not in line]
+    rawdelta_rows = [r for r in rows if r.startswith("| rawdelta")]
+    peer_rows = [r for r in rows if r.startswith("| fla-core")]
+    assert rawdelta_rows and peer_rows, "the decode table needs rawdelta and peer rows measured in one run"
+    for r in rawdelta_rows + peer_rows:
+        assert re.search(r"\| \d+\.\d \| \d\.\d\d \|", r), f"row without a time and x-floor: {r}"
