@@ -208,7 +208,10 @@ def make_problem(
                 v_.error(f"cu_seqlens requires B == 1 (sequences packed along T), got B={B}")
             N = int(cu_host.shape[0]) - 1
         cu_host = cu_host.astype(np.int64)
-        if on_device:
+        if on_device and is_device_array(cu_arr):
+            # the caller's device offsets are used as they are (no upload; capturable in CUDA graphs)
+            cu = contiguous(cu_arr) if cu_arr.dtype == np.int64 else cu_arr.astype(np.int64)
+        elif on_device:
             import cupy
 
             cu = cupy.asarray(cu_host)
