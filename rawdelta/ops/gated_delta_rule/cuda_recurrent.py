@@ -19,7 +19,7 @@ from ...cuda.loader import get_kernel, register
 from .problem import GDNProblem
 
 SOURCE = "gated_delta_rule/recurrent.cu"
-CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
 # Forward geometry (column groups per warp CG, warps W): 4 * CG columns per block, (32 / CG) * W row parts.
 # Measured on the H100 decode benchmark: CG=8, W=4 with registers bounded for 6 blocks per SM beat
 # whole-row warps (CG=32, W=8: 194 registers, one block per SM) and the unbounded allocation.
@@ -99,11 +99,8 @@ def _ptr(x: Any) -> Any:
     return _NULL if x is None else x
 
 
-_CTYPE_OF = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
-
-
 def _ctype(p: GDNProblem) -> str:
-    return _CTYPE_OF[p.q.dtype]
+    return CTYPES[p.q.dtype]
 
 
 def recurrent_forward(p: GDNProblem) -> tuple[Any, Any]:

@@ -12,6 +12,7 @@ Backends: ``numpy`` (naive.py, float64), ``numba`` (numba_ref.py, float32) and `
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -110,7 +111,7 @@ def fused_recurrent_gated_delta_rule_fwd(
             p.initial_state[...] = ht
             ht = p.initial_state
     else:
-        with on_stream(p.stream) if p.backend == "cuda" else _null():
+        with on_stream(p.stream) if p.backend == "cuda" else contextlib.nullcontext():
             o, ht = _impl(p.backend).recurrent_forward(p)
             o, ht = _cast_outputs(p, o, ht)
     return (o, ht if p.output_final_state else None), FusedRecurrentGatedDeltaRuleResiduals(p)
@@ -129,11 +130,8 @@ def fused_recurrent_gated_delta_rule_bwd(
         raise ValueError("residuals come from a call with inplace_final_state=True, which overwrote initial_state; "
                          "run the forward without it to take gradients")
     val = Validator()
-    try:
-        do = contiguous(as_array("do", do))
-        dht = None if dht is None else contiguous(as_array("dht", dht))
-    except TypeError as e:
-        raise TypeError(str(e)) from None
+    do = contiguous(as_array("do", do))
+    dht = None if dht is None else contiguous(as_array("dht", dht))
     dims = {"B": p.B, "T": p.T, "HV": p.HV, "V": p.V, "N": p.N, "K": p.K}
     val.shape("do", do, ("B", "T", "HV", "V"), dims)
     if dht is not None:
@@ -233,10 +231,3 @@ def fused_recurrent_gated_delta_rule(
         inplace_final_state=inplace_final_state, cu_seqlens_cpu=cu_seqlens_cpu, backend=backend, stream=stream)
     return o, ht
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
