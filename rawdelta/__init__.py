@@ -7,8 +7,12 @@ framework adapters (imported lazily, never by the core).
 
 from . import errors
 from .ops.gated_delta_rule import (
+    ChunkGatedDeltaRuleResiduals,
     FusedRecurrentGatedDeltaRuleResiduals,
     GatedDeltaRuleGrads,
+    chunk_gated_delta_rule,
+    chunk_gated_delta_rule_bwd,
+    chunk_gated_delta_rule_fwd,
     fused_recurrent_gated_delta_rule,
     fused_recurrent_gated_delta_rule_bwd,
     fused_recurrent_gated_delta_rule_fwd,
@@ -19,6 +23,10 @@ from .ops.gated_delta_rule import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChunkGatedDeltaRuleResiduals",
+    "chunk_gated_delta_rule",
+    "chunk_gated_delta_rule_bwd",
+    "chunk_gated_delta_rule_fwd",
     "FusedRecurrentGatedDeltaRuleResiduals",
     "GatedDeltaRuleGrads",
     "__version__",

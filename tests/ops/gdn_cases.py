@@ -1,7 +1,8 @@
-"""Cases and the one comparison routine shared by the backend tests of the recurrent gated delta rule.
+"""Cases and the one comparison routine shared by the backend tests of the gated delta rule (both modes).
 
-`check_backend` runs a backend on generator inputs (host or CuPy) and compares o, the final state
-and every gradient (dh0 and the dht path included) with the float64 reference in naive.py.
+`check_backend` runs a backend of the recurrent or the chunked mode on generator inputs (host or CuPy)
+and compares o, the final state and every gradient (dh0 and the dht path included) with the float64
+recurrent reference in naive.py (the definition of the op; the chunked form must equal it).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from rawdelta.ops.gated_delta_rule import naive
+from rawdelta.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd, chunk_gated_delta_rule_fwd
 from rawdelta.ops.gated_delta_rule.problem import make_problem
 from rawdelta.ops.gated_delta_rule.recurrent import (
     GatedDeltaRuleGrads,
@@ -32,15 +34,21 @@ def _tol_dtype(dtype: Any) -> str:
 
 
 def check_backend(backend: str, inputs: dict[str, Any], *, use_dht: bool = True, device: bool = False,
-                  drop: tuple[str, ...] = (), **extra: Any) -> None:
-    """Run `backend` on `inputs` (host or CuPy) and compare o, ht and every gradient with naive.py."""
+                  drop: tuple[str, ...] = (), mode: str = "recurrent", chunk_size: int = 16,
+                  dtype: str | None = None, **extra: Any) -> None:
+    """Run `backend` on `inputs` (host or CuPy) and compare o, ht and every gradient with naive.py.
+
+    ``mode="chunk"`` runs ``chunk_gated_delta_rule`` with `chunk_size`; `dtype` overrides the tolerance
+    row (default: the inputs' dtype, float32 for float64 inputs on non-numpy backends).
+    """
     kw, do, dht = split_op_args(inputs)
     for name in drop:
         kw.pop(name)
     kw.update(extra)
     if not use_dht:
         dht = None
-    dtype = _tol_dtype(kw["q"].dtype)
+    if dtype is None:
+        dtype = "float64" if backend == "numpy" and kw["q"].dtype == np.float64 else _tol_dtype(kw["q"].dtype)
 
     p = make_problem(**kw, output_final_state=True, backend="numpy")
     o_ref, ht_ref = naive.recurrent_forward(p)
@@ -53,8 +61,13 @@ def check_backend(backend: str, inputs: dict[str, Any], *, use_dht: bool = True,
         kw = to_device(kw)
         do = cupy.asarray(do)
         dht = None if dht is None else cupy.asarray(dht)
-    (o, ht), res = fused_recurrent_gated_delta_rule_fwd(**kw, output_final_state=True, backend=backend)
-    grads = fused_recurrent_gated_delta_rule_bwd(res, do, dht)
+    if mode == "chunk":
+        (o, ht), res = chunk_gated_delta_rule_fwd(**kw, output_final_state=True, backend=backend,
+                                                  chunk_size=chunk_size)
+        grads = chunk_gated_delta_rule_bwd(res, do, dht)
+    else:
+        (o, ht), res = fused_recurrent_gated_delta_rule_fwd(**kw, output_final_state=True, backend=backend)
+        grads = fused_recurrent_gated_delta_rule_bwd(res, do, dht)
 
     assert type(o) is type(kw["q"]) and type(ht) is type(kw["q"])
     assert o.shape == (p.B, p.T, p.HV, p.V) and o.dtype == kw["v"].dtype
@@ -65,6 +78,8 @@ def check_backend(backend: str, inputs: dict[str, Any], *, use_dht: bool = True,
         got = getattr(grads, name)
         if kw.get(name) is None:
             assert got is None, f"gradient of absent input {name}"
+            continue
+        if mode == "chunk" and name in ("gk", "gv"):
             continue
         assert got is not None, f"missing gradient of {name}"
         assert type(got) is type(kw["q"]) and got.shape == kw[name].shape, name
@@ -109,6 +124,14 @@ SHAPES = [
 ]
 
 
+_RECURRENT_ONLY = ("gk", "gv", "beta_per_v")
+
+# The options and shapes the chunked mode has (no gk, gv or per-V beta), plus shapes that cross chunks.
+CHUNK_OPTIONS = [o for o in OPTIONS if not any(o[1].get(n) for n in _RECURRENT_ONLY)]
+CHUNK_SHAPES = [(name, {n: v for n, v in s.items() if n not in _RECURRENT_ONLY}) for name, s in SHAPES] + [
+    ("T_off_chunk", {"B": 2, "T": 37, "H": 1, "HV": 2, "K": 8, "V": 5}),
+    ("varlen_crossing", {"B": 1, "T": 0, "H": 2, "K": 6, "V": 7, "seqlens": (17, 0, 33, 1, 16)}),
+]
 
 
 def make_inputs(shape: dict[str, Any], **kw: Any) -> dict[str, Any]:

@@ -1,5 +1,11 @@
-"""Gated delta rule (GatedDeltaNet, Qwen3-Next): recurrent mode, references. See README.md for the math."""
+"""Gated delta rule (GatedDeltaNet, Qwen3-Next): recurrent and chunked modes, references. See README.md for the math."""
 
+from .chunk import (
+    ChunkGatedDeltaRuleResiduals,
+    chunk_gated_delta_rule,
+    chunk_gated_delta_rule_bwd,
+    chunk_gated_delta_rule_fwd,
+)
 from .naive import naive_recurrent_gated_delta_rule, naive_recurrent_gated_delta_rule_bwd
 from .recurrent import (
     FusedRecurrentGatedDeltaRuleResiduals,
@@ -10,6 +16,10 @@ from .recurrent import (
 )
 
 __all__ = [
+    "ChunkGatedDeltaRuleResiduals",
+    "chunk_gated_delta_rule",
+    "chunk_gated_delta_rule_bwd",
+    "chunk_gated_delta_rule_fwd",
     "FusedRecurrentGatedDeltaRuleResiduals",
     "GatedDeltaRuleGrads",
     "fused_recurrent_gated_delta_rule",

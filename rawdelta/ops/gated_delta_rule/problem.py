@@ -18,6 +18,7 @@ from ..._validate import FLOAT_DTYPE_NAMES, Validator
 from ..common.backend import resolve_backend
 
 MAX_K_CUDA = 256
+CHUNK_SIZES = (16, 32, 64)
 _CUDA_DTYPES = frozenset(np.dtype(n) for n in ("float32", "float16")) | {BFLOAT16}
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
@@ -115,9 +116,16 @@ def make_problem(
     stream: Any = None,
     allow_gk_gv: bool = True,
     allow_beta_per_v: bool = True,
+    chunk_size: Any = None,
 ) -> GDNProblem:
-    """Validate a gated-delta-rule call and normalise it into a :class:`GDNProblem`."""
+    """Validate a gated-delta-rule call and normalise it into a :class:`GDNProblem`.
+
+    ``allow_gk_gv`` / ``allow_beta_per_v`` are False for the chunked mode, which also passes its
+    ``chunk_size`` (one of ``CHUNK_SIZES``) to be validated with everything else.
+    """
     v_ = Validator()
+    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES):
+        v_.error(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
     raw = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
            "A_log": A_log, "dt_bias": dt_bias}
     arrs: dict[str, Any] = {}
@@ -147,7 +155,8 @@ def make_problem(
     if not allow_gk_gv:
         for n in ("gk", "gv"):
             if arrs[n] is not None:
-                v_.not_supported(f"{n} is only supported by the recurrent mode")
+                v_.not_supported(f"{n} is only supported by the recurrent mode "
+                                 "(fused_recurrent_gated_delta_rule), not by the chunked mode")
 
     dims: dict[str, int] = {}
     v_.shape("q", arrs["q"], ("B", "T", "H", "K"), dims)
@@ -254,8 +263,8 @@ def make_problem(
         elif arrs["q"].dtype not in _CUDA_DTYPES:
             v_.not_supported(f"backend='cuda' supports q/k/v dtypes {FLOAT_DTYPE_NAMES}, got {arrs['q'].dtype}")
         if dims.get("K", 0) > MAX_K_CUDA:
-            v_.not_supported(f"backend='cuda' supports K <= {MAX_K_CUDA} (the state row lives in registers), "
-                             f"got K={dims['K']}")
+            v_.not_supported(f"backend='cuda' supports K <= {MAX_K_CUDA} (a state column or a chunk's key tile "
+                             f"must fit on chip), got K={dims['K']}")
     if resolved == "numpy" and on_device:
         v_.error("backend='numpy' needs host (numpy) arrays, got device arrays")
     v_.raise_if_any()

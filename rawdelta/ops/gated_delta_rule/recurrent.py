@@ -12,13 +12,9 @@ Backends: ``numpy`` (naive.py, float64), ``numba`` (numba_ref.py, float32) and `
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, NamedTuple
 
-import numpy as np
-
-from ..._arrays import as_array, contiguous, on_stream
-from ..._validate import Validator
+from .calls import GatedDeltaRuleGrads, backend_stream, cast_grads, cast_outputs, check_cotangents
 from .problem import GDNProblem, make_problem
 
 
@@ -26,24 +22,6 @@ class FusedRecurrentGatedDeltaRuleResiduals(NamedTuple):
     """What the backward needs: the validated inputs only (states are recomputed from checkpoints)."""
 
     problem: GDNProblem
-
-
-class GatedDeltaRuleGrads(NamedTuple):
-    """Gradients of a gated-delta-rule call; None where the input was None (or has no gradient).
-
-    Each has the shape and dtype of its input, except ``initial_state`` (dh0), which is float32.
-    """
-
-    q: Any
-    k: Any
-    v: Any
-    g: Any
-    gk: Any
-    gv: Any
-    beta: Any
-    initial_state: Any
-    A_log: Any
-    dt_bias: Any
 
 
 def _impl(backend: str) -> Any:
@@ -58,16 +36,6 @@ def _impl(backend: str) -> Any:
     from . import cuda_recurrent
 
     return cuda_recurrent
-
-
-def _cast_outputs(p: GDNProblem, o: Any, ht: Any) -> tuple[Any, Any]:
-    """Bring a backend's outputs to the contract dtypes: o like v, final state float32 (float64 for float64 input)."""
-    o_dt = np.dtype(p.v.dtype)
-    st_dt = np.float64 if o_dt == np.float64 else np.float32
-    o = o if o.dtype == o_dt else o.astype(o_dt)
-    if ht is not None and ht.dtype != st_dt:
-        ht = ht.astype(st_dt)
-    return o, ht
 
 
 def fused_recurrent_gated_delta_rule_fwd(
@@ -104,16 +72,11 @@ def fused_recurrent_gated_delta_rule_fwd(
                      use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
                      inplace_final_state=inplace_final_state, cu_seqlens_cpu=cu_seqlens_cpu, backend=backend,
                      stream=stream)
-    if p.backend == "numpy":
-        o, ht = _impl("numpy").recurrent_forward(p)
-        o, ht = _cast_outputs(p, o, ht)
-        if p.inplace_final_state:
-            p.initial_state[...] = ht
-            ht = p.initial_state
-    else:
-        with on_stream(p.stream) if p.backend == "cuda" else contextlib.nullcontext():
-            o, ht = _impl(p.backend).recurrent_forward(p)
-            o, ht = _cast_outputs(p, o, ht)
+    with backend_stream(p):
+        o, ht = cast_outputs(p, *_impl(p.backend).recurrent_forward(p))
+    if p.backend == "numpy" and p.inplace_final_state:
+        p.initial_state[...] = ht
+        ht = p.initial_state
     return (o, ht if p.output_final_state else None), FusedRecurrentGatedDeltaRuleResiduals(p)
 
 
@@ -129,33 +92,10 @@ def fused_recurrent_gated_delta_rule_bwd(
     if p.inplace_final_state:
         raise ValueError("residuals come from a call with inplace_final_state=True, which overwrote initial_state; "
                          "run the forward without it to take gradients")
-    val = Validator()
-    do = contiguous(as_array("do", do))
-    dht = None if dht is None else contiguous(as_array("dht", dht))
-    dims = {"B": p.B, "T": p.T, "HV": p.HV, "V": p.V, "N": p.N, "K": p.K}
-    val.shape("do", do, ("B", "T", "HV", "V"), dims)
-    if dht is not None:
-        val.shape("dht", dht, ("N", "HV", "K", "V"), dims)
-    if type(do) is not type(p.q) or (dht is not None and type(dht) is not type(p.q)):
-        val.type_error("do and dht must live where the forward inputs live (all host or all device)")
-    val.raise_if_any()
-    impl = _impl(p.backend)
-    if p.backend == "cuda":
-        with on_stream(p.stream):
-            grads = impl.recurrent_backward(p, do, dht)
-    else:
-        grads = impl.recurrent_backward(p, do, dht)
-    out = {}
-    for name in GatedDeltaRuleGrads._fields:
-        gr = grads.get(name)
-        if gr is None or getattr(p, name) is None:
-            out[name] = None
-            continue
-        dt = np.dtype(np.float32) if name == "initial_state" else p.input_dtypes[name]
-        if p.input_dtypes[name] == np.float64:
-            dt = np.dtype(np.float64)
-        out[name] = gr if gr.dtype == dt else gr.astype(dt)
-    return GatedDeltaRuleGrads(**out)
+    do, dht = check_cotangents(p, do, dht)
+    with backend_stream(p):
+        grads = _impl(p.backend).recurrent_backward(p, do, dht)
+    return cast_grads(p, grads)
 
 
 def fused_recurrent_gated_delta_rule(
