@@ -16,6 +16,8 @@ from .ops.gated_delta_rule import (
     fused_recurrent_gated_delta_rule,
     fused_recurrent_gated_delta_rule_bwd,
     fused_recurrent_gated_delta_rule_fwd,
+    naive_chunk_gated_delta_rule,
+    naive_chunk_gated_delta_rule_bwd,
     naive_recurrent_gated_delta_rule,
     naive_recurrent_gated_delta_rule_bwd,
 )
@@ -34,6 +36,8 @@ __all__ = [
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gated_delta_rule_bwd",
     "fused_recurrent_gated_delta_rule_fwd",
+    "naive_chunk_gated_delta_rule",
+    "naive_chunk_gated_delta_rule_bwd",
     "naive_recurrent_gated_delta_rule",
     "naive_recurrent_gated_delta_rule_bwd",
 ]

@@ -3,17 +3,20 @@
 `check_backend` runs a backend of the recurrent or the chunked mode on generator inputs (host or CuPy)
 and compares o, the final state and every gradient (dh0 and the dht path included) with the float64
 recurrent reference in naive.py (the definition of the op; the chunked form must equal it).
+`check_against_fd` checks a float64 reference's hand-written backward against central finite differences.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from rawdelta.ops.gated_delta_rule import naive
 from rawdelta.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd, chunk_gated_delta_rule_fwd
-from rawdelta.ops.gated_delta_rule.problem import make_problem
+from rawdelta.ops.gated_delta_rule.problem import GDNProblem, make_problem
 from rawdelta.ops.gated_delta_rule.recurrent import (
     GatedDeltaRuleGrads,
     fused_recurrent_gated_delta_rule_bwd,
@@ -138,3 +141,54 @@ def make_inputs(shape: dict[str, Any], **kw: Any) -> dict[str, Any]:
     """Generator inputs from a SHAPES-style dict (B, T, H, K, V plus generator options)."""
     s = dict(shape)
     return gated_delta_rule_inputs(s.pop("B"), s.pop("T"), s.pop("H"), s.pop("K"), s.pop("V"), **s, **kw)
+
+
+FD_STEP = 1e-6
+FD_RTOL = 1e-6
+
+Forward = Callable[[GDNProblem], tuple[np.ndarray, np.ndarray]]
+Backward = Callable[[GDNProblem, np.ndarray, np.ndarray | None], dict[str, Any]]
+
+
+def _fd_loss(forward: Forward, p: GDNProblem, do: np.ndarray, dht: np.ndarray | None) -> float:
+    o, ht = forward(p)
+    val = float(np.sum(o * do))
+    if dht is not None:
+        val += float(np.sum(ht * dht))
+    return val
+
+
+def finite_difference(forward: Forward, p: GDNProblem, name: str, do: np.ndarray, dht: np.ndarray | None
+                      ) -> np.ndarray:
+    """Central differences of ``L = sum(o * do) + sum(ht * dht)`` w.r.t. every element of input `name` (float64)."""
+    x = getattr(p, name)
+    assert x.dtype == np.float64
+    fd = np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += FD_STEP
+        xm[i] -= FD_STEP
+        fd[i] = (_fd_loss(forward, dataclasses.replace(p, **{name: xp}), do, dht)
+                 - _fd_loss(forward, dataclasses.replace(p, **{name: xm}), do, dht)) / (2 * FD_STEP)
+    return fd
+
+
+def check_against_fd(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None, forward: Forward,
+                     backward: Backward) -> None:
+    """Every element of every gradient of `backward` against finite differences of `forward` (float64 inputs)."""
+    grads = backward(p, do, dht)
+    names = GatedDeltaRuleGrads._fields
+    assert set(grads) <= set(names)
+    for name in names:
+        x = getattr(p, name)
+        gr = grads.get(name)
+        if x is None or (name == "dt_bias" and not p.use_gate_in_kernel):
+            assert gr is None, f"d{name} should be absent"
+            continue
+        assert gr is not None, f"d{name} missing"
+        assert gr.shape == x.shape and gr.dtype == np.float64, (name, gr.shape, gr.dtype)
+        fd = finite_difference(forward, p, name, do, dht)
+        scale = max(float(np.linalg.norm(fd)), 1e-12)
+        rel = float(np.linalg.norm(gr - fd)) / scale
+        worst = float(np.max(np.abs(gr - fd))) / max(float(np.max(np.abs(fd))), 1e-12)
+        assert rel < FD_RTOL and worst < 10 * FD_RTOL, f"d{name}: relative error {rel:.2e}, worst element {worst:.2e}"

@@ -21,9 +21,9 @@ from rawdelta.ops.gated_delta_rule import naive
 from rawdelta.ops.gated_delta_rule.problem import GDNProblem, make_problem
 from rawdelta.testing import assert_close, gated_delta_rule_inputs
 
+from .gdn_cases import check_against_fd
+
 GRAD_NAMES = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state", "A_log", "dt_bias")
-FD_STEP = 1e-6
-FD_RTOL = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,55 +128,16 @@ def problem(c: Case) -> tuple[GDNProblem, np.ndarray, np.ndarray]:
     return make_problem(**kw, backend="numpy"), do, dht
 
 
-def loss(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None) -> float:
-    o, ht = naive.recurrent_forward(p)
-    val = float(np.sum(o * do))
-    if dht is not None:
-        val += float(np.sum(ht * dht))
-    return val
-
-
-def finite_difference(p: GDNProblem, name: str, do: np.ndarray, dht: np.ndarray | None) -> np.ndarray:
-    x = getattr(p, name)
-    assert x.dtype == np.float64
-    fd = np.empty_like(x)
-    for i in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += FD_STEP
-        xm[i] -= FD_STEP
-        fd[i] = (loss(dataclasses.replace(p, **{name: xp}), do, dht)
-                 - loss(dataclasses.replace(p, **{name: xm}), do, dht)) / (2 * FD_STEP)
-    return fd
-
-
-def check_against_fd(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None) -> None:
-    grads = naive.recurrent_backward(p, do, dht)
-    assert set(grads) <= set(GRAD_NAMES)
-    for name in GRAD_NAMES:
-        x = getattr(p, name)
-        gr = grads.get(name)
-        if x is None or (name == "dt_bias" and not p.use_gate_in_kernel):
-            assert gr is None, f"d{name} should be absent"
-            continue
-        assert gr is not None, f"d{name} missing"
-        assert gr.shape == x.shape and gr.dtype == np.float64, (name, gr.shape, gr.dtype)
-        fd = finite_difference(p, name, do, dht)
-        scale = max(float(np.linalg.norm(fd)), 1e-12)
-        rel = float(np.linalg.norm(gr - fd)) / scale
-        worst = float(np.max(np.abs(gr - fd))) / max(float(np.max(np.abs(fd))), 1e-12)
-        assert rel < FD_RTOL and worst < 10 * FD_RTOL, f"d{name}: relative error {rel:.2e}, worst element {worst:.2e}"
-
-
 @pytest.mark.parametrize("c", case_params(CASES))
 def test_backward_matches_finite_differences(c: Case) -> None:
     p, do, dht = problem(c)
-    check_against_fd(p, do, dht)
+    check_against_fd(p, do, dht, naive.recurrent_forward, naive.recurrent_backward)
 
 
 @pytest.mark.parametrize("c", case_params([Case(gk=True, gv=True), Case(seqlens=(3, 0, 2), HV=2, beta="perv")]))
 def test_backward_without_dht_matches_finite_differences(c: Case) -> None:
     p, do, _ = problem(c)
-    check_against_fd(p, do, None)
+    check_against_fd(p, do, None, naive.recurrent_forward, naive.recurrent_backward)
 
 
 def test_dht_none_equals_zero_dht() -> None:

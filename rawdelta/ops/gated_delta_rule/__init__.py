@@ -7,6 +7,7 @@ from .chunk import (
     chunk_gated_delta_rule_fwd,
 )
 from .naive import naive_recurrent_gated_delta_rule, naive_recurrent_gated_delta_rule_bwd
+from .naive_chunk import naive_chunk_gated_delta_rule, naive_chunk_gated_delta_rule_bwd
 from .recurrent import (
     FusedRecurrentGatedDeltaRuleResiduals,
     GatedDeltaRuleGrads,
@@ -25,6 +26,8 @@ __all__ = [
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gated_delta_rule_bwd",
     "fused_recurrent_gated_delta_rule_fwd",
+    "naive_chunk_gated_delta_rule",
+    "naive_chunk_gated_delta_rule_bwd",
     "naive_recurrent_gated_delta_rule",
     "naive_recurrent_gated_delta_rule_bwd",
 ]

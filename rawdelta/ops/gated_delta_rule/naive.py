@@ -144,6 +144,59 @@ def _run_sequence(
     return states
 
 
+def _initial_state(p: GDNProblem, x: _Inputs, n: int) -> np.ndarray:
+    """Sequence n's initial state ``[HV, K, V]`` (zeros without one)."""
+    return x.h0[n] if x.h0 is not None else np.zeros((p.HV, p.K, p.V))
+
+
+def _finish_grads(
+    p: GDNProblem,
+    x: _Inputs,
+    dq: np.ndarray,
+    dk: np.ndarray,
+    dv: np.ndarray,
+    dbeta: np.ndarray,
+    dg: np.ndarray | None,
+    dgk: np.ndarray | None,
+    dgv: np.ndarray | None,
+    dh0: np.ndarray,
+) -> dict[str, np.ndarray | None]:
+    """Gradients w.r.t. the raw inputs from those w.r.t. the transformed ones (both modes share this).
+
+    Sums dq, dk ``[B, T, HV, K]`` over each group of value heads sharing a key head, then applies the
+    L2-norm backward; the beta-sigmoid backward to dbeta ``[B, T, HV, 1|V]``; the in-kernel gate backward
+    to dg ``[B, T, HV]`` (giving dA_log, ddt_bias). Returns the dict keyed ``_GRAD_NAMES`` (None for absent
+    inputs).
+    """
+    group = p.HV // p.H
+    dq = dq.reshape(p.B, p.T, p.H, group, p.K).sum(3)
+    dk = dk.reshape(p.B, p.T, p.H, group, p.K).sum(3)
+    if p.use_qk_l2norm_in_kernel:
+        dq = x.r_q * (dq - np.sum(dq * x.q_n, axis=-1, keepdims=True) * x.q_n)
+        dk = x.r_k * (dk - np.sum(dk * x.k_n, axis=-1, keepdims=True) * x.k_n)
+
+    grads: dict[str, np.ndarray | None] = dict.fromkeys(_GRAD_NAMES)
+    grads.update(q=dq, k=dk, v=dv)
+    if p.beta is not None:
+        db = dbeta if p.beta.ndim == 4 else dbeta[..., 0]
+        if p.use_beta_sigmoid_in_kernel:
+            db = db * (2.0 if p.allow_neg_eigval else 1.0) * x.sig_beta * (1.0 - x.sig_beta)
+        grads["beta"] = db
+    grads.update(gk=dgk, gv=dgv)
+    if dg is not None:
+        if p.use_gate_in_kernel:
+            grads["A_log"] = np.sum(dg * x.g, axis=(0, 1))
+            # sigma(x) as the softplus derivative also above the threshold, like the peer and the kernels
+            # (it differs from the exact derivative 1 there by < 3e-9).
+            dg = -np.exp(_f64(p.A_log)) * _sigmoid(x.gate_arg) * dg
+            if p.dt_bias is not None:
+                grads["dt_bias"] = dg.sum(axis=(0, 1))
+        grads["g"] = dg
+    if p.initial_state is not None:
+        grads["initial_state"] = dh0
+    return grads
+
+
 def recurrent_forward(p: GDNProblem) -> tuple[np.ndarray, np.ndarray]:
     """Float64 forward of the recurrent gated delta rule.
 
@@ -158,8 +211,7 @@ def recurrent_forward(p: GDNProblem) -> tuple[np.ndarray, np.ndarray]:
     o = empty(np, (p.B, p.T, p.HV, p.V), np.float64)
     ht = empty(np, (p.N, p.HV, p.K, p.V), np.float64)
     for n, (b, s, e) in enumerate(p.seq_bounds):
-        S0 = x.h0[n] if x.h0 is not None else np.zeros((p.HV, p.K, p.V))
-        ht[n] = _run_sequence(p, x, b, s, e, S0, o)[-1]
+        ht[n] = _run_sequence(p, x, b, s, e, _initial_state(p, x, n), o)[-1]
     return o, ht
 
 
@@ -180,7 +232,7 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any = None) -> dict[str, np.
     x = _prepare(p)
     do = _f64(do)
     dht = _f64(dht)
-    B, T, H, HV, K, V = p.B, p.T, p.H, p.HV, p.K, p.V
+    B, T, HV, K, V = p.B, p.T, p.HV, p.K, p.V
     dq = empty(np, (B, T, HV, K), np.float64)
     dk = empty(np, (B, T, HV, K), np.float64)
     dv = empty(np, (B, T, HV, V), np.float64)
@@ -192,8 +244,7 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any = None) -> dict[str, np.
     dh0 = empty(np, (p.N, HV, K, V), np.float64)
 
     for n, (b, s, e) in enumerate(p.seq_bounds):
-        S0 = x.h0[n] if x.h0 is not None else np.zeros((HV, K, V))
-        states = _run_sequence(p, x, b, s, e, S0, None)
+        states = _run_sequence(p, x, b, s, e, _initial_state(p, x, n), None)
         dS = dht[n] if dht is not None else np.zeros((HV, K, V))
         for i in range(e - s - 1, -1, -1):
             t = s + i
@@ -222,33 +273,7 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any = None) -> dict[str, np.
             dS = D * dSt
         dh0[n] = dS
 
-    group = HV // H
-    dq = dq.reshape(B, T, H, group, K).sum(3)
-    dk = dk.reshape(B, T, H, group, K).sum(3)
-    if p.use_qk_l2norm_in_kernel:
-        dq = x.r_q * (dq - np.sum(dq * x.q_n, axis=-1, keepdims=True) * x.q_n)
-        dk = x.r_k * (dk - np.sum(dk * x.k_n, axis=-1, keepdims=True) * x.k_n)
-
-    grads: dict[str, np.ndarray | None] = dict.fromkeys(_GRAD_NAMES)
-    grads.update(q=dq, k=dk, v=dv)
-    if p.beta is not None:
-        db = dbeta if p.beta.ndim == 4 else dbeta[..., 0]
-        if p.use_beta_sigmoid_in_kernel:
-            db = db * (2.0 if p.allow_neg_eigval else 1.0) * x.sig_beta * (1.0 - x.sig_beta)
-        grads["beta"] = db
-    grads.update(gk=dgk, gv=dgv)
-    if dg is not None:
-        if p.use_gate_in_kernel:
-            grads["A_log"] = np.sum(dg * x.g, axis=(0, 1))
-            # sigma(x) as the softplus derivative also above the threshold, like the peer and the kernels
-            # (it differs from the exact derivative 1 there by < 3e-9).
-            dg = -np.exp(_f64(p.A_log)) * _sigmoid(x.gate_arg) * dg
-            if p.dt_bias is not None:
-                grads["dt_bias"] = dg.sum(axis=(0, 1))
-        grads["g"] = dg
-    if p.initial_state is not None:
-        grads["initial_state"] = dh0
-    return grads
+    return _finish_grads(p, x, dq, dk, dv, dbeta, dg, dgk, dgv, dh0)
 
 
 def naive_recurrent_gated_delta_rule(
