@@ -1,7 +1,9 @@
 """Framework-free glue shared by the torch and JAX adapters (imports neither framework).
 
-Both adapters reduce a call to: a dict of the present floating inputs (raw NumPy or CuPy arrays), the
-``cu_seqlens`` arrays, and a hashable :class:`GDNFlags`; then run the core raw pair on them.
+Both adapters reduce a call of either gated-delta-rule op to: a dict of the present floating inputs (raw NumPy
+or CuPy arrays), the ``cu_seqlens`` arrays, and a hashable :class:`GDNFlags` that also names the mode
+(``"recurrent"``: ``fused_recurrent_gated_delta_rule``; ``"chunk"``: ``chunk_gated_delta_rule`` with its
+``chunk_size``); then run that mode's core raw pair on them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from ..ops.gated_delta_rule.chunk import (
+    ChunkGatedDeltaRuleResiduals,
+    chunk_gated_delta_rule_bwd,
+    chunk_gated_delta_rule_fwd,
+)
 from ..ops.gated_delta_rule.problem import make_problem
 from ..ops.gated_delta_rule.recurrent import (
     FusedRecurrentGatedDeltaRuleResiduals,
@@ -19,13 +26,25 @@ from ..ops.gated_delta_rule.recurrent import (
     fused_recurrent_gated_delta_rule_fwd,
 )
 
-# Every floating input of the op, in the order the adapters pass and return them.
+# Every floating input of the recurrent op, in the order the adapters pass and return them.
 DIFF_NAMES = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state", "A_log", "dt_bias")
+# The chunked mode has no per-key / per-value gates.
+RECURRENT_ONLY = ("gk", "gv")
+MODES = ("recurrent", "chunk")
+
+
+def diff_names(mode: str) -> tuple[str, ...]:
+    """The floating inputs of `mode`'s op, in :data:`DIFF_NAMES` order."""
+    return DIFF_NAMES if mode == "recurrent" else tuple(n for n in DIFF_NAMES if n not in RECURRENT_ONLY)
 
 
 @dataclass(frozen=True)
 class GDNFlags:
-    """The static (non-array) arguments of a gated-delta-rule call; hashable, so JAX can key traces on it."""
+    """The static (non-array) arguments of a gated-delta-rule call; hashable, so JAX can key traces on it.
+
+    ``mode`` picks the op (``"recurrent"`` or ``"chunk"``); ``chunk_size`` is the chunked op's (None for the
+    recurrent one). Neither is validated here: the core validates ``chunk_size`` with everything else.
+    """
 
     scale: float | None = None
     output_final_state: bool = False
@@ -33,8 +52,15 @@ class GDNFlags:
     use_gate_in_kernel: bool = False
     use_beta_sigmoid_in_kernel: bool = False
     allow_neg_eigval: bool = False
+    mode: str = "recurrent"
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
     def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments both modes' core functions take."""
         return {
             "scale": self.scale,
             "output_final_state": self.output_final_state,
@@ -44,16 +70,25 @@ class GDNFlags:
             "allow_neg_eigval": self.allow_neg_eigval,
         }
 
+    @property
+    def diff_names(self) -> tuple[str, ...]:
+        return diff_names(self.mode)
+
 
 def final_state_dtype(v_dtype: Any) -> np.dtype:
     """The contract dtype of the final state: float32, float64 only for float64 inputs (numpy backend)."""
     return np.dtype(np.float64) if np.dtype(v_dtype) == np.float64 else np.dtype(np.float32)
 
 
-def _call_kwargs(arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any) -> dict[str, Any]:
-    kw = {n: arrays.get(n) for n in DIFF_NAMES}
+def _call_kwargs(arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any, flags: GDNFlags) -> dict[str, Any]:
+    names = flags.diff_names
+    extra = [n for n, a in arrays.items() if a is not None and n not in names]
+    if extra:
+        raise ValueError(f"{', '.join(extra)}: not an input of the {flags.mode} mode")
+    kw = {n: arrays.get(n) for n in names}
     kw["cu_seqlens"] = cu_seqlens
     kw["cu_seqlens_cpu"] = cu_seqlens_cpu
+    kw.update(flags.kwargs())
     return kw
 
 
@@ -66,13 +101,19 @@ def forward(
     *,
     inplace_final_state: bool = False,
 ) -> tuple[Any, Any]:
-    """Run the core forward on raw arrays; returns ``(o, final_state or None)``.
+    """Run the core forward of ``flags.mode`` on raw arrays; returns ``(o, final_state or None)``.
 
     Launches go on the current CuPy stream (the adapters make their framework's stream current).
+    ``inplace_final_state`` is the recurrent mode's only.
     """
-    (o, ht), _ = fused_recurrent_gated_delta_rule_fwd(
-        **_call_kwargs(arrays, cu_seqlens, cu_seqlens_cpu), **flags.kwargs(),
-        inplace_final_state=inplace_final_state, backend=backend)
+    kw = _call_kwargs(arrays, cu_seqlens, cu_seqlens_cpu, flags)
+    if flags.mode == "chunk":
+        if inplace_final_state:
+            raise ValueError("inplace_final_state is only supported by the recurrent mode")
+        (o, ht), _ = chunk_gated_delta_rule_fwd(**kw, chunk_size=flags.chunk_size, backend=backend)
+    else:
+        (o, ht), _ = fused_recurrent_gated_delta_rule_fwd(**kw, inplace_final_state=inplace_final_state,
+                                                          backend=backend)
     return o, ht
 
 
@@ -85,14 +126,20 @@ def backward(
     do: Any,
     dht: Any,
 ) -> dict[str, Any]:
-    """Run the core backward on raw arrays; returns ``{name: gradient}`` for every present input.
+    """Run the core backward of ``flags.mode`` on raw arrays; returns ``{name: gradient}`` for every present input.
 
-    The residuals of the recurrent op are the validated inputs only, so they are rebuilt here from the
-    saved inputs instead of re-running the forward.
+    The residuals of both modes are the validated inputs (and the chunk size), so they are rebuilt here from
+    the saved inputs instead of re-running the forward; the validation matches the mode's ``_fwd``.
     """
-    p = make_problem(**_call_kwargs(arrays, cu_seqlens, cu_seqlens_cpu), **flags.kwargs(), backend=backend)
-    grads = fused_recurrent_gated_delta_rule_bwd(FusedRecurrentGatedDeltaRuleResiduals(p), do, dht)
-    return {n: getattr(grads, n) for n in DIFF_NAMES if arrays.get(n) is not None}
+    kw = _call_kwargs(arrays, cu_seqlens, cu_seqlens_cpu, flags)
+    if flags.mode == "chunk":
+        p = make_problem(**kw, backend=backend, allow_gk_gv=False, allow_beta_per_v=False,
+                         chunk_size=flags.chunk_size)
+        grads = chunk_gated_delta_rule_bwd(ChunkGatedDeltaRuleResiduals(p, flags.chunk_size), do, dht)
+    else:
+        p = make_problem(**kw, backend=backend)
+        grads = fused_recurrent_gated_delta_rule_bwd(FusedRecurrentGatedDeltaRuleResiduals(p), do, dht)
+    return {n: getattr(grads, n) for n in flags.diff_names if arrays.get(n) is not None}
 
 
 def cupy_external_stream(ptr: int, device_id: int) -> Any:

@@ -1,5 +1,9 @@
-"""JAX adapter: ``jax.custom_vjp`` over the core raw pair, eagerly through DLPack and under ``jax.jit`` through
+"""JAX adapter: ``jax.custom_vjp`` over the core raw pairs, eagerly through DLPack and under ``jax.jit`` through
 ``jax.experimental.buffer_callback``.
+
+Both ops (``fused_recurrent_gated_delta_rule`` and ``chunk_gated_delta_rule``) are one ``custom_vjp``
+function whose static (``nondiff_argnums``) argument carries the mode and, for the chunked op, the
+``chunk_size``; the glue in :mod:`rawdelta.adapters._common` runs that mode's raw pair.
 
 Two execution paths, chosen per call from the arguments:
 
@@ -13,9 +17,9 @@ Two execution paths, chosen per call from the arguments:
   buffers run the ``numpy`` backend. GPU vs CPU is read from the buffers' DLPack device at run time, so
   one traced program works on either platform.
 
-Static arguments (flags, ``scale``) must be Python values, not tracers. ``cu_seqlens`` may be traced; a
-concrete host copy (``cu_seqlens_cpu``, or a concrete ``cu_seqlens``) avoids a device-to-host copy
-inside the callback.
+Static arguments (flags, ``scale``, ``chunk_size``) must be Python values, not tracers. ``cu_seqlens`` may
+be traced; a concrete host copy (``cu_seqlens_cpu``, or a concrete ``cu_seqlens``) avoids a device-to-host
+copy inside the callback.
 
 Memory: inside the callback CuPy allocates from its own pool, outside XLA's. XLA preallocates 75% of
 the GPU by default; set ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (or ``XLA_PYTHON_CLIENT_PREALLOCATE=false``)
@@ -35,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
+from ..ops.gated_delta_rule.problem import CHUNK_SIZES
 from ._common import DIFF_NAMES, GDNFlags, backward, cupy_external_stream, final_state_dtype, forward
 
-__all__ = ["fused_recurrent_gated_delta_rule"]
+__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
 
 _DLPACK_CUDA = 2
 
@@ -125,10 +130,13 @@ def _final_state_struct(arrays: dict[str, Any], cu: Any) -> jax.ShapeDtypeStruct
     return jax.ShapeDtypeStruct((N, v.shape[2], q.shape[3], v.shape[3]), final_state_dtype(v.dtype))
 
 
-def _check_ranks(arrays: dict[str, Any]) -> None:
-    # Full validation happens in the core when the callback runs; the output shapes need these ranks now.
+def _check_at_trace_time(arrays: dict[str, Any], flags: GDNFlags) -> None:
+    # Full validation happens in the core when the callback runs, where an error surfaces as an XLA runtime
+    # error; the output shapes need these ranks now, and a bad static chunk_size is worth catching now.
     bad = [f"{n} must be 4-D [B, T, {'H, K' if n != 'v' else 'HV, V'}], got shape {tuple(arrays[n].shape)}"
            for n in ("q", "k", "v") if arrays[n].ndim != 4]
+    if flags.mode == "chunk" and flags.chunk_size not in CHUNK_SIZES:
+        bad.append(f"chunk_size must be one of {CHUNK_SIZES}, got {flags.chunk_size!r}")
     if bad:
         raise ValueError("; ".join(bad))
 
@@ -150,7 +158,7 @@ def _forward(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[Any, Any
             o, ht = forward(raw, None if cu is None else _to_cupy(cu), static.cu_host(), flags, "cuda")
             return jax.dlpack.from_dlpack(o), (None if ht is None else jax.dlpack.from_dlpack(ht))
 
-    _check_ranks(arrays)
+    _check_at_trace_time(arrays, flags)
     v = arrays["v"]
     specs = [jax.ShapeDtypeStruct(v.shape, v.dtype)]
     if flags.output_final_state:
@@ -241,6 +249,24 @@ def _static_scale(scale: Any) -> float | None:
         raise TypeError(f"scale must be a static Python number (not traced), got {type(scale).__name__}") from None
 
 
+def _static_chunk_size(chunk_size: Any) -> Any:
+    if isinstance(chunk_size, _Tracer):
+        raise TypeError("chunk_size must be a static Python int (not traced); under jax.jit mark it static, e.g. "
+                        "jax.jit(f, static_argnames='chunk_size')")
+    if isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool):
+        return int(chunk_size)  # numpy integers -> int, so equal sizes share one trace
+    return chunk_size  # anything else is left for the validation to reject with its message
+
+
+def _call(given: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any, flags: GDNFlags) -> tuple[Any, Any]:
+    """Both public ops: the present floating inputs, the offsets and the static flags through ``_gdn``."""
+    arrays = {n: jnp.asarray(given[n]) for n in DIFF_NAMES if given.get(n) is not None}
+    cu = None if cu_seqlens is None else jnp.asarray(cu_seqlens)
+    static = _Static(flags, _host_cu_seqlens(cu_seqlens, cu_seqlens_cpu))
+    o, ht = _gdn(static, arrays, cu)
+    return o, (ht if flags.output_final_state else None)
+
+
 def _host_cu_seqlens(cu_seqlens: Any, cu_seqlens_cpu: Any) -> tuple[int, ...] | None:
     src = cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens
     if src is None or isinstance(src, _Tracer):
@@ -308,17 +334,82 @@ def fused_recurrent_gated_delta_rule(
     """
     given = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
              "A_log": A_log, "dt_bias": dt_bias}
-    arrays = {n: jnp.asarray(given[n]) for n in DIFF_NAMES if given[n] is not None}
-    cu = None if cu_seqlens is None else jnp.asarray(cu_seqlens)
-    want_state = bool(output_final_state or inplace_final_state)
     flags = GDNFlags(
         scale=_static_scale(scale),
-        output_final_state=want_state,
+        output_final_state=bool(output_final_state or inplace_final_state),
         use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
         use_gate_in_kernel=bool(use_gate_in_kernel),
         use_beta_sigmoid_in_kernel=bool(use_beta_sigmoid_in_kernel),
         allow_neg_eigval=bool(allow_neg_eigval),
     )
-    static = _Static(flags, _host_cu_seqlens(cu_seqlens, cu_seqlens_cpu))
-    o, ht = _gdn(static, arrays, cu)
-    return o, (ht if want_state else None)
+    return _call(given, cu_seqlens, cu_seqlens_cpu, flags)
+
+
+def chunk_gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array | None = None,
+    beta: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: jax.Array | None = None,
+    *,
+    chunk_size: int = 64,
+    use_gate_in_kernel: bool = False,
+    A_log: jax.Array | None = None,
+    dt_bias: jax.Array | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    cu_seqlens_cpu: Any = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Gated delta rule computed chunk by chunk (training, prefill) on JAX arrays; differentiable (``jax.grad``,
+    ``jax.vjp``).
+
+    Same arguments, defaults and return value as :func:`rawdelta.chunk_gated_delta_rule`, without ``backend``
+    and ``stream``: GPU arrays run the ``cuda`` backend (zero-copy), CPU arrays the ``numpy`` backend. Works
+    eagerly and under ``jax.jit``; the flags, ``scale`` and ``chunk_size`` must be static Python values.
+
+    Args:
+        q (jax.Array): queries ``[B, T, H, K]``, float32/float16/bfloat16 (float64 on CPU with x64).
+        k (jax.Array): keys ``[B, T, H, K]``, same dtype as q.
+        v (jax.Array): values ``[B, T, HV, V]``, same dtype as q; ``HV % H == 0``.
+        g (jax.Array, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
+        beta (jax.Array, optional): ``[B, T, HV]``. Default: ones.
+        scale (float, optional): query scale. Default: ``K ** -0.5``.
+        initial_state (jax.Array, optional): ``[N, HV, K, V]``. Default: zeros.
+        output_final_state (bool): return the final state ``[N, HV, K, V]`` (float32). Default: ``False``.
+        use_qk_l2norm_in_kernel (bool): L2-normalise q and k per head. Default: ``False``.
+        cu_seqlens (jax.Array, optional): int32/int64 ``[N + 1]`` offsets of packed sequences (B must be 1).
+        chunk_size (int): tokens per chunk, 16, 32 or 64; static (with ``jax.jit``, pass it through
+            ``static_argnames`` or close over it). Default: 64.
+        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``. Default: ``False``.
+        A_log (jax.Array, optional): ``[HV]``, with ``use_gate_in_kernel``.
+        dt_bias (jax.Array, optional): ``[HV]``, with ``use_gate_in_kernel``.
+        use_beta_sigmoid_in_kernel (bool): beta holds logits. Default: ``False``.
+        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``. Default: ``False``.
+        cu_seqlens_cpu (array, optional): a host copy of ``cu_seqlens`` (numpy or a sequence of ints); avoids
+            a device-to-host copy when ``cu_seqlens`` is traced.
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state ``[N, HV, K, V]`` float32, or None
+        unless ``output_final_state``.
+
+    Gradients flow to every floating input given (q, k, v, g, beta, initial_state, A_log, dt_bias) from both
+    o and final_state.
+    """
+    given = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state, "A_log": A_log,
+             "dt_bias": dt_bias}
+    flags = GDNFlags(
+        scale=_static_scale(scale),
+        output_final_state=bool(output_final_state),
+        use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
+        use_gate_in_kernel=bool(use_gate_in_kernel),
+        use_beta_sigmoid_in_kernel=bool(use_beta_sigmoid_in_kernel),
+        allow_neg_eigval=bool(allow_neg_eigval),
+        mode="chunk",
+        chunk_size=_static_chunk_size(chunk_size),
+    )
+    return _call(given, cu_seqlens, cu_seqlens_cpu, flags)

@@ -1,12 +1,17 @@
-"""PyTorch adapter: ``torch.autograd`` over ``torch.library`` custom ops that call the core raw pair.
+"""PyTorch adapter: ``torch.autograd`` over ``torch.library`` custom ops that call the core raw pairs.
 
-Layout::
+Layout (one registration function, :func:`_register`, makes each op's pair of custom ops and its
+``autograd.Function``; the glue underneath takes the mode)::
 
     fused_recurrent_gated_delta_rule(...)              public, same signature as the core op
-      -> _FusedRecurrentGDN (torch.autograd.Function)
+      -> autograd.Function
            forward  -> rawdelta::fused_recurrent_gated_delta_rule_fwd   (custom op + fake)
            backward -> rawdelta::fused_recurrent_gated_delta_rule_bwd   (custom op + fake)
       inplace_final_state=True -> rawdelta::fused_recurrent_gated_delta_rule_fwd_inplace (mutates initial_state)
+    chunk_gated_delta_rule(...)                        public, same signature as the core op
+      -> autograd.Function
+           forward  -> rawdelta::chunk_gated_delta_rule_fwd             (custom op + fake; ends in chunk_size)
+           backward -> rawdelta::chunk_gated_delta_rule_bwd             (custom op + fake; ends in chunk_size)
 
 The custom ops are opaque to ``torch.compile`` (their fake kernels give shapes and dtypes only), so
 ``torch.compile(fullgraph=True)`` traces through them. On CUDA tensors they run the ``cuda`` backend
@@ -15,11 +20,13 @@ torch's caching allocator (so CUDA graph capture works and torch accounts for al
 tensors they run the ``numpy`` backend on ``tensor.numpy()`` views.
 
 This module must not use ``from __future__ import annotations``: ``torch.library.custom_op`` reads
-the schema from the runtime annotations.
+the schema from the runtime annotations (the generated ops carry an :class:`inspect.Signature`).
 """
 
 import contextlib
+import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,13 +34,13 @@ import torch
 from torch import Tensor
 
 from .._arrays import BFLOAT16
-from ._common import DIFF_NAMES, GDNFlags, backward, cupy_external_stream, forward
+from ._common import GDNFlags, backward, cupy_external_stream, diff_names, forward
 
-__all__ = ["fused_recurrent_gated_delta_rule"]
+__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
 
-_OP_FWD = "rawdelta::fused_recurrent_gated_delta_rule_fwd"
 _OP_FWD_INPLACE = "rawdelta::fused_recurrent_gated_delta_rule_fwd_inplace"
-_OP_BWD = "rawdelta::fused_recurrent_gated_delta_rule_bwd"
+# The boolean options every op takes, in custom-op argument order (after scale and output_final_state).
+_FLAG_ARGS = ("use_qk_l2norm_in_kernel", "use_gate_in_kernel", "use_beta_sigmoid_in_kernel", "allow_neg_eigval")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -100,21 +107,15 @@ def _from_numpy(a: np.ndarray) -> Tensor:
     return torch.from_numpy(a)
 
 
-def _flags(
-    scale: float | None,
-    output_final_state: bool,
-    use_qk_l2norm_in_kernel: bool,
-    use_gate_in_kernel: bool,
-    use_beta_sigmoid_in_kernel: bool,
-    allow_neg_eigval: bool,
-) -> GDNFlags:
+def _flags(args: dict[str, Any], output_final_state: bool, mode: str = "recurrent") -> GDNFlags:
+    """GDNFlags from a custom op's arguments by name (``scale``, the flags and, for the chunked op, ``chunk_size``)."""
+    scale = args["scale"]
     return GDNFlags(
         scale=None if scale is None else float(scale),
         output_final_state=bool(output_final_state),
-        use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
-        use_gate_in_kernel=bool(use_gate_in_kernel),
-        use_beta_sigmoid_in_kernel=bool(use_beta_sigmoid_in_kernel),
-        allow_neg_eigval=bool(allow_neg_eigval),
+        **{f: bool(args[f]) for f in _FLAG_ARGS},
+        mode=mode,
+        chunk_size=int(args["chunk_size"]) if mode == "chunk" else None,
     )
 
 
@@ -159,7 +160,7 @@ def _run_backward(
     assert q is not None
     _check_device(q)
     cu_host = _to_numpy(cu_seqlens_cpu)
-    present = [n for n in DIFF_NAMES if tensors.get(n) is not None]
+    present = [n for n in flags.diff_names if tensors.get(n) is not None]
     if q.device.type == "cuda":
         with _on_torch_stream(q.device):
             arrays = {n: _to_cupy(tensors[n]) for n in present}
@@ -188,49 +189,151 @@ def _final_state_shape(q: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> tuple
     return (N, v.shape[2], q.shape[3], v.shape[3])
 
 
-@torch.library.custom_op(_OP_FWD, mutates_args=())
-def _fwd_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None,
-    beta: Tensor | None,
-    initial_state: Tensor | None,
-    cu_seqlens: Tensor | None,
-    cu_seqlens_cpu: Tensor | None,
-    gk: Tensor | None,
-    gv: Tensor | None,
-    A_log: Tensor | None,
-    dt_bias: Tensor | None,
-    scale: float | None,
-    output_final_state: bool,
-    use_qk_l2norm_in_kernel: bool,
-    use_gate_in_kernel: bool,
-    use_beta_sigmoid_in_kernel: bool,
-    allow_neg_eigval: bool,
-) -> tuple[Tensor, Tensor]:
-    """Forward: ``(o [B, T, HV, V], final_state [N, HV, K, V])``; final_state is an empty ``[0]`` tensor when
-    not requested (custom ops cannot return None)."""
-    tensors = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
-               "A_log": A_log, "dt_bias": dt_bias}
-    flags = _flags(scale, output_final_state, use_qk_l2norm_in_kernel, use_gate_in_kernel,
-                   use_beta_sigmoid_in_kernel, allow_neg_eigval)
-    o, ht = _run_forward(tensors, cu_seqlens, cu_seqlens_cpu, flags)
-    if ht is None:
-        ht = torch.empty((0,), dtype=torch.float32, device=o.device)
-    return o, ht
+@dataclass(frozen=True)
+class _OpSpec:
+    """What differs between the ops: the name, the glue's mode, the tensor arguments, the trailing statics."""
+
+    name: str  # the core op's; the custom ops are rawdelta::{name}_fwd and rawdelta::{name}_bwd
+    mode: str  # "recurrent" or "chunk" (see _common.GDNFlags)
+    tensors: tuple[str, ...]  # tensor arguments of both custom ops, in schema order
+    extra: tuple[str, ...] = ()  # static arguments after the flags (the chunked op's chunk_size)
+
+    @property
+    def fwd_args(self) -> tuple[str, ...]:
+        return (*self.tensors, "scale", "output_final_state", *_FLAG_ARGS, *self.extra)
+
+    @property
+    def bwd_args(self) -> tuple[str, ...]:
+        return ("do", "dht", *self.tensors, "scale", *_FLAG_ARGS, *self.extra)
 
 
-@_fwd_op.register_fake
-def _fwd_fake(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias, scale,
-              output_final_state, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
-              allow_neg_eigval):
-    o = v.new_empty(v.shape)
-    if output_final_state:
-        ht = v.new_empty(_final_state_shape(q, v, cu_seqlens), dtype=_state_dtype(v))
-    else:
-        ht = v.new_empty((0,), dtype=torch.float32)
-    return o, ht
+_RECURRENT = _OpSpec("fused_recurrent_gated_delta_rule", "recurrent",
+                     ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "cu_seqlens_cpu", "gk", "gv",
+                      "A_log", "dt_bias"))
+_CHUNK = _OpSpec("chunk_gated_delta_rule", "chunk",
+                 ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "cu_seqlens_cpu", "A_log", "dt_bias"),
+                 ("chunk_size",))
+
+# Schema types by argument name; every other argument is an optional tensor.
+_ANNOTATIONS: dict[str, Any] = {"q": Tensor, "k": Tensor, "v": Tensor, "do": Tensor, "scale": float | None,
+                                "output_final_state": bool, "chunk_size": int, **dict.fromkeys(_FLAG_ARGS, bool)}
+
+
+def _signature(names: tuple[str, ...], returns: Any) -> inspect.Signature:
+    """The annotated signature ``torch.library`` infers a custom op's schema from."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(n, kind, annotation=_ANNOTATIONS.get(n, Tensor | None)) for n in names]
+    return inspect.Signature(params, return_annotation=returns)
+
+
+def _named(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    # The dispatcher passes schema arguments positionally; accept keywords too (a direct call of the op).
+    return {**dict(zip(names, args)), **kwargs}
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One op's custom ops and the autograd.Function over them."""
+
+    spec: _OpSpec
+    fwd: Any  # torch.library CustomOpDef
+    bwd: Any
+    function: Any  # torch.autograd.Function subclass
+
+    def apply(self, given: dict[str, Any], scale: Any, output_final_state: bool, flags: tuple[bool, ...],
+              extra: tuple[Any, ...] = ()) -> tuple[Tensor, Tensor | None]:
+        """The public call: the op's tensors (by name, absent = None), scale, output_final_state, flags, extras."""
+        o, ht = self.function.apply(*(given.get(n) for n in self.spec.tensors), scale, bool(output_final_state),
+                                    *(bool(f) for f in flags), *extra)
+        return o, (ht if output_final_state else None)
+
+
+def _register(spec: _OpSpec) -> _Op:
+    """Register ``rawdelta::{name}_fwd`` / ``_bwd`` (with fake kernels) for `spec` and build its autograd.Function.
+
+    ``_fwd`` returns ``(o [B, T, HV, V], final_state [N, HV, K, V])``, final_state an empty ``[0]`` tensor when
+    not requested (custom ops cannot return None). ``_bwd`` returns the gradients of the present floating
+    inputs in :data:`~rawdelta.adapters._common.DIFF_NAMES` order (absent inputs skipped), each with its
+    input's shape and dtype.
+    """
+    # The autograd.Function below closes over plain strings, tuples and ints only: Dynamo cannot wrap a
+    # closed-over CustomOpDef or _OpSpec, so it calls the ops through torch.ops by name.
+    fwd_args, bwd_args = spec.fwd_args, spec.bwd_args
+    floats = diff_names(spec.mode)
+    tensor_names = spec.tensors
+    n_tensors = len(tensor_names)
+    fwd_name, bwd_name = f"{spec.name}_fwd", f"{spec.name}_bwd"
+
+    def fwd_impl(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        a = _named(fwd_args, args, kwargs)
+        flags = _flags(a, a["output_final_state"], spec.mode)
+        o, ht = _run_forward({n: a[n] for n in floats}, a["cu_seqlens"], a["cu_seqlens_cpu"], flags)
+        if ht is None:
+            ht = torch.empty((0,), dtype=torch.float32, device=o.device)
+        return o, ht
+
+    def fwd_fake(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        a = _named(fwd_args, args, kwargs)
+        q, v = a["q"], a["v"]
+        if a["output_final_state"]:
+            ht = v.new_empty(_final_state_shape(q, v, a["cu_seqlens"]), dtype=_state_dtype(v))
+        else:
+            ht = v.new_empty((0,), dtype=torch.float32)
+        return v.new_empty(v.shape), ht
+
+    def bwd_impl(*args: Any, **kwargs: Any) -> list[Tensor]:
+        a = _named(bwd_args, args, kwargs)
+        flags = _flags(a, False, spec.mode)
+        return _run_backward({n: a[n] for n in floats}, a["cu_seqlens"], a["cu_seqlens_cpu"], flags, a["do"],
+                             a["dht"])
+
+    def bwd_fake(*args: Any, **kwargs: Any) -> list[Tensor]:
+        a = _named(bwd_args, args, kwargs)
+        return [t.new_empty(t.shape) for n in floats if (t := a[n]) is not None]
+
+    fwd_impl.__signature__ = _signature(fwd_args, tuple[Tensor, Tensor])  # type: ignore[attr-defined]
+    bwd_impl.__signature__ = _signature(bwd_args, list[Tensor])  # type: ignore[attr-defined]
+    fwd_op = torch.library.custom_op(f"rawdelta::{fwd_name}", mutates_args=())(fwd_impl)
+    bwd_op = torch.library.custom_op(f"rawdelta::{bwd_name}", mutates_args=())(bwd_impl)
+    fwd_op.register_fake(fwd_fake)
+    bwd_op.register_fake(bwd_fake)
+
+    class Function(torch.autograd.Function):
+        """Arguments: ``spec.tensors`` (or None), then scale, output_final_state, the 4 flags and ``spec.extra``."""
+
+        @staticmethod
+        def forward(*args: Any) -> tuple[Tensor, Tensor]:
+            return getattr(torch.ops.rawdelta, fwd_name)(*args)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+            ctx.save_for_backward(*inputs[:n_tensors])
+            # statics: the flags and extras, which the backward op takes after scale.
+            ctx.scale, ctx.output_final_state, *ctx.statics = inputs[n_tensors:]
+            # None (not zeros) for an unused o or final state, so an unused final state costs no dht.
+            ctx.set_materialize_grads(False)
+            if not ctx.output_final_state:
+                ctx.mark_non_differentiable(output[1])
+
+        @staticmethod
+        def backward(ctx: Any, do: Tensor | None, dht: Tensor | None) -> tuple[Tensor | None, ...]:
+            saved = dict(zip(tensor_names, ctx.saved_tensors))
+            n_args = n_tensors + 2 + len(ctx.statics)
+            if (do is None and dht is None) or not any(ctx.needs_input_grad):
+                return (None,) * n_args
+            v = saved["v"]
+            do = torch.zeros(v.shape, dtype=v.dtype, device=v.device) if do is None else do.contiguous()
+            dht = dht.contiguous() if dht is not None and ctx.output_final_state else None
+            grads = getattr(torch.ops.rawdelta, bwd_name)(do, dht, *ctx.saved_tensors, ctx.scale, *ctx.statics)
+            by_name = dict(zip([n for n in floats if saved[n] is not None], grads))
+            return tuple(by_name.get(n) for n in tensor_names) + (None,) * (n_args - n_tensors)
+
+    Function.__name__ = Function.__qualname__ = "".join(w.title() for w in spec.name.split("_")) + "Function"
+    return _Op(spec, fwd_op, bwd_op, Function)
+
+
+_RECURRENT_OP = _register(_RECURRENT)
+_CHUNK_OP = _register(_CHUNK)
 
 
 @torch.library.custom_op(_OP_FWD_INPLACE, mutates_args=("initial_state",))
@@ -253,12 +356,11 @@ def _fwd_inplace_op(
     use_beta_sigmoid_in_kernel: bool,
     allow_neg_eigval: bool,
 ) -> Tensor:
-    """Decoding forward: returns o and writes the final state into ``initial_state`` (float32, contiguous)."""
-    tensors = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
-               "A_log": A_log, "dt_bias": dt_bias}
-    flags = _flags(scale, True, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
-                   allow_neg_eigval)
-    o, _ = _run_forward(tensors, cu_seqlens, cu_seqlens_cpu, flags, inplace_final_state=True)
+    """Decoding forward (recurrent op only): returns o and writes the final state into ``initial_state``
+    (float32, contiguous)."""
+    a = locals()
+    o, _ = _run_forward({n: a[n] for n in diff_names("recurrent")}, cu_seqlens, cu_seqlens_cpu, _flags(a, True),
+                        inplace_final_state=True)
     return o
 
 
@@ -268,83 +370,15 @@ def _fwd_inplace_fake(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cp
     return v.new_empty(v.shape)
 
 
-@torch.library.custom_op(_OP_BWD, mutates_args=())
-def _bwd_op(
-    do: Tensor,
-    dht: Tensor | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None,
-    beta: Tensor | None,
-    initial_state: Tensor | None,
-    cu_seqlens: Tensor | None,
-    cu_seqlens_cpu: Tensor | None,
-    gk: Tensor | None,
-    gv: Tensor | None,
-    A_log: Tensor | None,
-    dt_bias: Tensor | None,
-    scale: float | None,
-    use_qk_l2norm_in_kernel: bool,
-    use_gate_in_kernel: bool,
-    use_beta_sigmoid_in_kernel: bool,
-    allow_neg_eigval: bool,
-) -> list[Tensor]:
-    """Backward: the gradients of the present floating inputs, in the order
-    ``q, k, v, g, gk, gv, beta, initial_state, A_log, dt_bias`` with absent (None) inputs skipped; each has
-    its input's shape and dtype."""
-    tensors = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
-               "A_log": A_log, "dt_bias": dt_bias}
-    flags = _flags(scale, False, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
-                   allow_neg_eigval)
-    return _run_backward(tensors, cu_seqlens, cu_seqlens_cpu, flags, do, dht)
-
-
-@_bwd_op.register_fake
-def _bwd_fake(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias, scale,
-              use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval):
-    tensors = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
-               "A_log": A_log, "dt_bias": dt_bias}
-    return [t.new_empty(t.shape) for n in DIFF_NAMES if (t := tensors[n]) is not None]
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Autograd
+# Public ops
 # ----------------------------------------------------------------------------------------------------------------------
 
-_N_TENSORS = 12  # q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias
-_TENSOR_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "cu_seqlens_cpu", "gk", "gv", "A_log",
-                 "dt_bias")
 
-
-class _FusedRecurrentGDN(torch.autograd.Function):
-    """Arguments: the 12 tensors of ``_TENSOR_NAMES`` (or None), then scale, output_final_state and the 4 flags."""
-
-    @staticmethod
-    def forward(*args: Any) -> tuple[Tensor, Tensor]:
-        return _fwd_op(*args)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        ctx.save_for_backward(*inputs[:_N_TENSORS])
-        ctx.scale, ctx.output_final_state, *ctx.flags = inputs[_N_TENSORS:]
-        # None (not zeros) for an unused o or final state, so an unused final state costs no dht.
-        ctx.set_materialize_grads(False)
-        if not ctx.output_final_state:
-            ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx: Any, do: Tensor | None, dht: Tensor | None) -> tuple[Tensor | None, ...]:
-        saved = dict(zip(_TENSOR_NAMES, ctx.saved_tensors))
-        n_args = _N_TENSORS + 2 + len(ctx.flags)
-        if (do is None and dht is None) or not any(ctx.needs_input_grad):
-            return (None,) * n_args
-        v = saved["v"]
-        do = torch.zeros(v.shape, dtype=v.dtype, device=v.device) if do is None else do.contiguous()
-        dht = dht.contiguous() if dht is not None and ctx.output_final_state else None
-        grads = _bwd_op(do, dht, *ctx.saved_tensors, ctx.scale, *ctx.flags)
-        by_name = dict(zip([n for n in DIFF_NAMES if saved[n] is not None], grads))
-        return tuple(by_name.get(n) for n in _TENSOR_NAMES) + (None,) * (n_args - _N_TENSORS)
+def _host_cu_seqlens(cu_seqlens_cpu: Any) -> Tensor | None:
+    if cu_seqlens_cpu is not None and not isinstance(cu_seqlens_cpu, Tensor):
+        return torch.as_tensor(np.asarray(cu_seqlens_cpu))
+    return cu_seqlens_cpu
 
 
 def fused_recurrent_gated_delta_rule(
@@ -407,8 +441,7 @@ def fused_recurrent_gated_delta_rule(
     Gradients flow to every floating input given (q, k, v, g, gk, gv, beta, initial_state, A_log, dt_bias)
     from both o and final_state.
     """
-    if cu_seqlens_cpu is not None and not isinstance(cu_seqlens_cpu, Tensor):
-        cu_seqlens_cpu = torch.as_tensor(np.asarray(cu_seqlens_cpu))
+    cu_seqlens_cpu = _host_cu_seqlens(cu_seqlens_cpu)
     if inplace_final_state:
         if initial_state is None:
             raise ValueError("inplace_final_state=True needs initial_state [N, HV, K, V] to write into")
@@ -420,8 +453,69 @@ def fused_recurrent_gated_delta_rule(
                             scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
                             allow_neg_eigval)
         return o, initial_state
-    o, ht = _FusedRecurrentGDN.apply(
-        q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias,
-        scale, bool(output_final_state), bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel),
-        bool(use_beta_sigmoid_in_kernel), bool(allow_neg_eigval))
-    return o, (ht if output_final_state else None)
+    given = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state, "cu_seqlens": cu_seqlens,
+             "cu_seqlens_cpu": cu_seqlens_cpu, "gk": gk, "gv": gv, "A_log": A_log, "dt_bias": dt_bias}
+    return _RECURRENT_OP.apply(given, scale, output_final_state, (use_qk_l2norm_in_kernel, use_gate_in_kernel,
+                                                                  use_beta_sigmoid_in_kernel, allow_neg_eigval))
+
+
+def chunk_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None = None,
+    beta: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+    use_gate_in_kernel: bool = False,
+    A_log: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    cu_seqlens_cpu: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Gated delta rule computed chunk by chunk (training, prefill) on torch tensors; differentiable through
+    ``torch.autograd``.
+
+    Same arguments, defaults and return value as :func:`rawdelta.chunk_gated_delta_rule`, without ``backend``
+    and ``stream``: CUDA tensors run the ``cuda`` backend on ``torch.cuda.current_stream()`` with every
+    allocation made by torch's caching allocator; CPU tensors run the ``numpy`` backend. Works under
+    ``torch.compile(fullgraph=True)`` and CUDA graph capture (capture needs ``cu_seqlens=None``, as for
+    :func:`fused_recurrent_gated_delta_rule`).
+
+    Args:
+        q (Tensor): queries ``[B, T, H, K]``, float32/float16/bfloat16 (float64 on CPU).
+        k (Tensor): keys ``[B, T, H, K]``, same dtype as q.
+        v (Tensor): values ``[B, T, HV, V]``, same dtype as q; ``HV % H == 0``.
+        g (Tensor, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
+        beta (Tensor, optional): ``[B, T, HV]``. Default: ones.
+        scale (float, optional): query scale. Default: ``K ** -0.5``.
+        initial_state (Tensor, optional): ``[N, HV, K, V]``. Default: zeros.
+        output_final_state (bool): return the final state ``[N, HV, K, V]`` (float32). Default: ``False``.
+        use_qk_l2norm_in_kernel (bool): L2-normalise q and k per head. Default: ``False``.
+        cu_seqlens (Tensor, optional): int32/int64 ``[N + 1]`` offsets of packed sequences (B must be 1).
+        chunk_size (int): tokens per chunk, 16, 32 or 64 (a Python int). Default: 64.
+        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``. Default: ``False``.
+        A_log (Tensor, optional): ``[HV]``, with ``use_gate_in_kernel``.
+        dt_bias (Tensor, optional): ``[HV]``, with ``use_gate_in_kernel``.
+        use_beta_sigmoid_in_kernel (bool): beta holds logits. Default: ``False``.
+        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``. Default: ``False``.
+        cu_seqlens_cpu (Tensor, optional): a CPU copy of ``cu_seqlens``, which saves a device-to-host copy.
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state ``[N, HV, K, V]`` float32, or None
+        unless ``output_final_state``.
+
+    Gradients flow to every floating input given (q, k, v, g, beta, initial_state, A_log, dt_bias) from both
+    o and final_state.
+    """
+    given = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state, "cu_seqlens": cu_seqlens,
+             "cu_seqlens_cpu": _host_cu_seqlens(cu_seqlens_cpu), "A_log": A_log, "dt_bias": dt_bias}
+    return _CHUNK_OP.apply(given, scale, output_final_state, (use_qk_l2norm_in_kernel, use_gate_in_kernel,
+                                                              use_beta_sigmoid_in_kernel, allow_neg_eigval),
+                           (chunk_size,))

@@ -1,4 +1,10 @@
-"""Framework-free cases and float64 references shared by the torch and JAX adapter tests."""
+"""Framework-free cases and float64 references shared by the torch and JAX adapter tests.
+
+Every test runs both ops: ``"recurrent"`` (``fused_recurrent_gated_delta_rule``) and ``"chunk"``
+(``chunk_gated_delta_rule`` with ``chunk_size=CHUNK_SIZE``). The chunk op has no gk, gv or per-value beta, so
+its cases drop those options (``gk_gv_beta_per_v`` becomes ``no_gate``). Both are compared with the float64
+recurrent reference: the chunked form computes the same function.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,9 @@ from rawdelta.testing import gated_delta_rule_inputs
 from rawdelta.testing.inputs import split_op_args
 
 DIFF_NAMES = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state", "A_log", "dt_bias")
+OPS = ("recurrent", "chunk")
+CHUNK_SIZE = 16  # the smallest the op takes, so that the crossing cases cross chunks
+RECURRENT_ONLY = ("gk", "gv", "beta_per_v")
 FLAG_NAMES = ("use_qk_l2norm_in_kernel", "use_gate_in_kernel", "use_beta_sigmoid_in_kernel", "allow_neg_eigval")
 # assert_close names: the tolerance class comes from the name ("dg", "dbeta" are gates; "dh0" a gradient).
 GRAD_LABEL = {n: ("dh0" if n == "initial_state" else "d" + n) for n in DIFF_NAMES}
@@ -39,11 +48,33 @@ CASES: dict[str, dict[str, Any]] = {
                                       "allow_neg_eigval": True},
     "varlen_empty_sequence": {"B": 1, "T": 0, "H": 1, "K": 3, "V": 2, "seqlens": [3, 0, 2]},
     "grouped_heads": {"B": 1, "T": 3, "H": 1, "HV": 2, "K": 3, "V": 2},
+    # T crosses a chunk of CHUNK_SIZE (one full chunk, then a partial one); K = V = 2 keeps gradcheck cheap.
+    "crosses_chunk": {"B": 1, "T": 20, "H": 1, "K": 2, "V": 2},
+    "varlen_crosses_chunk": {"B": 1, "T": 0, "H": 1, "K": 2, "V": 2, "seqlens": [17, 0, 3]},
 }
+# The chunk op's cases: the recurrent-only options dropped.
+CHUNK_RENAMED = {"gk_gv_beta_per_v": "no_gate"}
+CHUNK_CASES: dict[str, dict[str, Any]] = {
+    CHUNK_RENAMED.get(n, n): {k: v for k, v in spec.items() if k not in RECURRENT_ONLY} for n, spec in CASES.items()
+}
+# The richest small case of each op (every input kind it has; crossing chunks for the chunk op).
+RICH_CASE = {"recurrent": "gk_gv_beta_per_v", "chunk": "crosses_chunk"}
 
 
-def make_case(name: str, dtype: str = "float64", seed: int = 0, **overrides: Any) -> Case:
-    spec = {**CASES[name], **overrides}
+def cases(op: str) -> dict[str, dict[str, Any]]:
+    return CASES if op == "recurrent" else CHUNK_CASES
+
+
+def op_cases(names: list[str] | None = None) -> list[tuple[str, str]]:
+    """``(op, case name)`` pairs for parametrisation: every case of both ops, or the given recurrent names
+    (mapped to their chunk names)."""
+    if names is None:
+        return [(op, n) for op in OPS for n in cases(op)]
+    return [(op, n if op == "recurrent" else CHUNK_RENAMED.get(n, n)) for op in OPS for n in names]
+
+
+def make_case(name: str, dtype: str = "float64", seed: int = 0, op: str = "recurrent", **overrides: Any) -> Case:
+    spec = {**cases(op)[name], **overrides}
     allow_neg = spec.pop("allow_neg_eigval", False)
     kw, do, dht = split_op_args(gated_delta_rule_inputs(**spec, dtype="float64", seed=seed))
     arrays = {n: np.asarray(kw.pop(n), dtype=dtype) for n in DIFF_NAMES if n in kw}
