@@ -4,37 +4,9 @@
 //   gv, beta_v [BT, HV, V]      state h0 / ht / dht / dh0 [N, HV, K, V] (float32)
 // BT = B * T flattened tokens; with cu_seqlens (B == 1) sequence n covers tokens [cu[n], cu[n+1]).
 // Each column j of the K x V state evolves independently, so threads own (column, rows) slices.
-#include "include/rawdelta_common.cuh"
+#include "gated_delta_rule/gdn_common.cuh"
 
 using namespace rawdelta;
-
-enum : int {
-    F_G = 1, F_GK = 2, F_GV = 4, F_BETA = 8, F_BETA_V = 16, F_L2 = 32, F_GATE = 64, F_DTB = 128,
-    F_BSIG = 256, F_NEG = 512, F_H0 = 1024, F_HT = 2048, F_VARLEN = 4096, F_DHT = 8192
-};
-
-struct SeqRange { i64 bos, eos; };
-
-__device__ __forceinline__ SeqRange seq_range(const i64* cu, int n, int T, int flags) {
-    if (flags & F_VARLEN) return {cu[n], cu[n + 1]};
-    return {(i64)n * T, (i64)n * T + T};
-}
-
-// Log-decay of the scalar gate at (token, head), after the optional in-kernel activation.
-__device__ __forceinline__ float scalar_log_gate(const float* g, const float* A_log, const float* dt_bias,
-                                                 i64 th, int hv, int flags) {
-    if (!(flags & F_G)) return 0.f;
-    float x = g[th];
-    if (flags & F_GATE) x = -__expf(A_log[hv]) * softplusf_(x + ((flags & F_DTB) ? dt_bias[hv] : 0.f));
-    return x;
-}
-
-__device__ __forceinline__ float beta_value(const float* beta, i64 idx, int flags) {
-    if (!(flags & F_BETA)) return 1.f;
-    float b = beta[idx];
-    if (flags & F_BSIG) b = ((flags & F_NEG) ? 2.f : 1.f) * sigmoidf_(b);
-    return b;
-}
 
 // KPT consecutive elements [r0, r0 + KPT) of a row of length K; 16-byte loads when aligned and in range.
 template <typename T, int KPT>

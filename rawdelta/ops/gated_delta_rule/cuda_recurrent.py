@@ -144,9 +144,6 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
     nvb = max(1, min(max_vb, 8, math.ceil(2 * _num_sms(cupy.cuda.Device().id) / max(1, p.N * p.HV))))
     grid = p.N * p.HV * nvb
 
-    qk_dt = p.q.dtype
-    dq = empty(cupy, (p.B, p.T, p.H, p.K), qk_dt)
-    dk = empty(cupy, (p.B, p.T, p.H, p.K), qk_dt)
     dv = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
     part_dq = empty(cupy, (nvb, BT, p.HV, p.K), np.float32)
     part_dk = empty(cupy, (nvb, BT, p.HV, p.K), np.float32)
@@ -171,11 +168,31 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
             _ptr(p.dt_bias), _ptr(p.cu_seqlens), do, _ptr(dht), ckpt, np.int32(ns), np.int32(C), part_dq, part_dk,
             _ptr(part_dgk), part_dg, part_db, dv, _ptr(dgv), _ptr(dbeta_v), _ptr(dh0), np.int64(BT), *args_common),
             shared_mem=smem)
-    grads: dict[str, Any] = {"q": dq, "k": dk, "v": dv, "initial_state": dh0, "gv": dgv}
+    grads = finish_gradients(p, flags, part_dq, part_dk, part_dg, part_db, part_dgk, nvb, dbeta_v=dbeta_v)
+    grads.update({"v": dv, "initial_state": dh0, "gv": dgv})
+    return grads
+
+
+def finish_gradients(p: GDNProblem, flags: int, part_dq: Any, part_dk: Any, part_dg: Any, part_db: Any,
+                     part_dgk: Any, nvb: int, *, dbeta_v: Any = None) -> dict[str, Any]:
+    """Sum per-block partial gradients and apply the input transforms' backward (shared by both modes).
+
+    part_dq, part_dk ``[nvb, B*T, HV, K]`` float32 (per value head: summed over each group here, then
+    through the L2 norm); part_dg, part_db ``[nvb, B*T, HV]`` (gradients of the log-gate and of the
+    effective beta: through the in-kernel gate and the beta sigmoid here); part_dgk like part_dq or
+    None. Returns q, k (input dtype), g, beta, gk, A_log, dt_bias (float32; None where absent).
+    """
+    import cupy
+
+    BT = p.B * p.T
+    ct = _ctype(p)
+    dq = empty(cupy, (p.B, p.T, p.H, p.K), p.q.dtype)
+    dk = empty(cupy, (p.B, p.T, p.H, p.K), p.q.dtype)
     if BT > 0:
         get_kernel(SOURCE, _finish_qk_name(ct))((math.ceil(BT * p.H / 4),), (128,), (
             p.q, p.k, part_dq, part_dk, dq, dk, np.int64(BT), np.int32(p.H), np.int32(p.HV), np.int32(p.K),
             np.int32(nvb), np.int32(flags)))
+    grads: dict[str, Any] = {"q": dq, "k": dk}
     dg = empty(cupy, (p.B, p.T, p.HV), np.float32) if p.g is not None else None
     dbeta = dbeta_v if p.beta_per_v else (empty(cupy, (p.B, p.T, p.HV), np.float32) if p.beta is not None else None)
     dgk = empty(cupy, (p.B, p.T, p.HV, p.K), np.float32) if p.gk is not None else None

@@ -1,0 +1,236 @@
+"""Chunked gated delta rule: speed and accuracy side by side with the peer, in one process, same inputs.
+
+Speed: forward and forward + backward of ``rawdelta.chunk_gated_delta_rule`` (cuda backend, bf16,
+chunk 64, q/k L2-normalised in the kernel like GatedDeltaNet) against ``fla.ops.gated_delta_rule.
+chunk_gated_delta_rule`` (fla-core) at the same shapes on the same CUDA stream, and torch's flash
+SDPA (causal, same B, T, H, D) as the softmax-attention yardstick. Each time is also shown as a
+multiple of the memory floor: bytes of the inputs read once and outputs written once, over the
+device-to-device copy bandwidth measured in the same run.
+
+Accuracy: with bf16 inputs, the relative RMS error of o, the final state and every gradient against
+a float64 reference (the token-by-token recurrence run in float64 with torch autograd on the GPU), for
+rawdelta and, where it runs, the peer.
+
+Usage: PYTHONPATH=. python3 benchmarks/chunk_gdn.py [--json out.json] [--shapes 8x2048x16x128,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from typing import Any
+
+import cupy
+import numpy as np
+import torch
+
+import rawdelta
+from rawdelta.testing.compare import error_stats
+
+
+def time_ms(fn, iters: int = 20, warmup: int = 5, reps: int = 5) -> float:
+    """Median over `reps` of the mean time per call of `iters` back-to-back calls (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / iters)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbs() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = time_ms(lambda: b.copy_(a), iters=20, warmup=3)
+    return 2 * a.numel() / (ms * 1e-3) / 1e9
+
+
+def make_inputs(B: int, T: int, H: int, D: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    kw = {"device": "cuda", "generator": g}
+    return {
+        "q": torch.randn(B, T, H, D, dtype=torch.bfloat16, **kw),
+        "k": torch.randn(B, T, H, D, dtype=torch.bfloat16, **kw),
+        "v": torch.randn(B, T, H, D, dtype=torch.bfloat16, **kw),
+        "g": torch.nn.functional.logsigmoid(torch.randn(B, T, H, dtype=torch.float32, **kw)),
+        "beta": torch.rand(B, T, H, dtype=torch.float32, **kw).sigmoid(),
+        "do": torch.randn(B, T, H, D, dtype=torch.bfloat16, **kw),
+    }
+
+
+class RawDelta:
+    """rawdelta's core API on CuPy views of the torch tensors, launched on torch's current stream."""
+
+    def __init__(self, x: dict[str, torch.Tensor], h0: torch.Tensor | None = None):
+        self.c = {n: cupy.from_dlpack(t) for n, t in x.items()}
+        self.h0 = None if h0 is None else cupy.from_dlpack(h0)
+        self.stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+
+    def fwd(self, final_state: bool = False) -> Any:
+        c = self.c
+        return rawdelta.chunk_gated_delta_rule_fwd(
+            c["q"], c["k"], c["v"], c["g"], c["beta"], initial_state=self.h0, output_final_state=final_state,
+            use_qk_l2norm_in_kernel=True, backend="cuda", stream=self.stream)
+
+    def fwd_bwd(self, dht: Any = None) -> Any:
+        (o, ht), res = self.fwd(final_state=dht is not None)
+        return o, ht, rawdelta.chunk_gated_delta_rule_bwd(res, self.c["do"], dht)
+
+
+def reference_f64(x: dict[str, torch.Tensor], h0: torch.Tensor, dht: torch.Tensor) -> dict[str, np.ndarray]:
+    """Float64 o, final state and gradients of the recurrence (torch autograd, token by token, on the GPU)."""
+    leaves = {n: x[n].double().requires_grad_() for n in ("q", "k", "v", "g", "beta")}
+    S = h0.double().clone().requires_grad_()
+    h0_leaf = S
+    q = torch.nn.functional.normalize(leaves["q"], dim=-1, eps=0) * 0  # placeholder, replaced below
+
+    def l2(t: torch.Tensor) -> torch.Tensor:
+        return t * torch.rsqrt((t * t).sum(-1, keepdim=True) + 1e-6)
+
+    q, k = l2(leaves["q"]), l2(leaves["k"])
+    v, g, beta = leaves["v"], leaves["g"], leaves["beta"]
+    scale = q.shape[-1] ** -0.5
+    outs = []
+    for t in range(q.shape[1]):
+        S = S * g[:, t].exp()[..., None, None]
+        pred = torch.einsum("bhk,bhkv->bhv", k[:, t], S)
+        delta = beta[:, t][..., None] * (v[:, t] - pred)
+        S = S + k[:, t][..., :, None] * delta[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    o = torch.stack(outs, 1)
+    loss = (o * x["do"].double()).sum() + (S * dht.double()).sum()
+    grads = torch.autograd.grad(loss, [*leaves.values(), h0_leaf])
+    out = {"o": o, "ht": S}
+    out.update({"d" + n: gr for n, gr in zip([*leaves, "h0"], grads)})
+    return {n: t.detach().cpu().numpy() for n, t in out.items()}
+
+
+def accuracy(B: int, T: int, H: int, D: int) -> list[dict[str, Any]]:
+    x = make_inputs(B, T, H, D, seed=1)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    h0 = 0.5 * torch.randn(B, H, D, D, device="cuda", generator=gen)
+    dht = torch.randn(B, H, D, D, device="cuda", generator=gen)
+    ref = reference_f64(x, h0, dht)
+    rows = []
+    rd = RawDelta(x, h0)
+    o, ht, gr = rd.fwd_bwd(cupy.from_dlpack(dht))
+    got = {"o": o, "ht": ht, "dq": gr.q, "dk": gr.k, "dv": gr.v, "dg": gr.g, "dbeta": gr.beta, "dh0": gr.initial_state}
+    rows.append({"impl": "rawdelta cuda", **{n: error_stats(ref[n], t)[0] for n, t in got.items()}})
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+        leaves = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v", "g", "beta")}
+        h0p = h0.clone().requires_grad_()
+        o_p, ht_p = fla_chunk(**leaves, initial_state=h0p, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        row = {"impl": "fla-core chunk_gated_delta_rule", "o": error_stats(ref["o"], o_p.float().cpu().numpy())[0],
+               "ht": error_stats(ref["ht"], ht_p.float().cpu().numpy())[0]}
+        try:
+            ((o_p.float() * x["do"].float()).sum() + (ht_p * dht).sum()).backward()
+            for n in leaves:
+                row["d" + n] = error_stats(ref["d" + n], leaves[n].grad.float().cpu().numpy())[0]
+            row["dh0"] = error_stats(ref["dh0"], h0p.grad.float().cpu().numpy())[0]
+        except Exception as e:  # the peer refuses its gated backward on Hopper with Triton 3.6
+            row["note"] = f"backward: {type(e).__name__}: {str(e)[:120]}"
+        rows.append(row)
+    except Exception as e:
+        rows.append({"impl": "fla-core chunk_gated_delta_rule", "note": f"unavailable: {type(e).__name__}: {e}"})
+    return rows
+
+
+def speed(B: int, T: int, H: int, D: int, bw: float) -> list[dict[str, Any]]:
+    x = make_inputs(B, T, H, D)
+    n_tok = B * T * H
+    in_bytes = 3 * n_tok * D * 2 + 2 * n_tok * 4  # q, k, v bf16; g, beta fp32
+    fwd_bytes = in_bytes + n_tok * D * 2  # + o
+    fb_bytes = fwd_bytes + in_bytes + n_tok * D * 2 + 3 * n_tok * D * 2 + 2 * n_tok * 4  # + inputs, do; dq, dk, dv, dg, dbeta
+    floor = {"fwd": fwd_bytes / (bw * 1e9) * 1e3, "fwd+bwd": fb_bytes / (bw * 1e9) * 1e3}
+    rows = []
+    rd = RawDelta(x)
+    rows.append({"impl": "rawdelta cuda", "mode": "fwd", "ms": time_ms(lambda: rd.fwd())})
+    rows.append({"impl": "rawdelta cuda", "mode": "fwd+bwd", "ms": time_ms(lambda: rd.fwd_bwd())})
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+        args = {n: x[n] for n in ("q", "k", "v", "g", "beta")}
+        rows.append({"impl": "fla-core", "mode": "fwd", "ms": time_ms(
+            lambda: fla_chunk(**args, use_qk_l2norm_in_kernel=True))})
+        leaves = {n: t.clone().requires_grad_() for n, t in args.items()}
+
+        def peer_fb():
+            o, _ = fla_chunk(**leaves, use_qk_l2norm_in_kernel=True)
+            o.backward(x["do"])
+
+        try:
+            rows.append({"impl": "fla-core", "mode": "fwd+bwd", "ms": time_ms(peer_fb)})
+        except Exception as e:
+            rows.append({"impl": "fla-core", "mode": "fwd+bwd", "ms": None,
+                         "note": f"{type(e).__name__}: {str(e)[:100]}"})
+    except Exception as e:
+        rows.append({"impl": "fla-core", "mode": "fwd", "ms": None, "note": f"unavailable: {e}"})
+    qs, ks, vs = (x[n].transpose(1, 2).contiguous().requires_grad_() for n in ("q", "k", "v"))
+    dos = x["do"].transpose(1, 2).contiguous()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        rows.append({"impl": "torch SDPA flash (causal softmax)", "mode": "fwd", "ms": time_ms(
+            lambda: sdpa(qs, ks, vs, is_causal=True))})
+        rows.append({"impl": "torch SDPA flash (causal softmax)", "mode": "fwd+bwd", "ms": time_ms(
+            lambda: sdpa(qs, ks, vs, is_causal=True).backward(dos))})
+    for r in rows:
+        r["shape"] = [B, T, H, D]
+        r["floor_ms"] = floor[r["mode"]]
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--shapes", default="8x2048x16x128,2x8192x16x128")
+    ap.add_argument("--accuracy-shape", default="2x1024x8x128")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    args = ap.parse_args()
+    bw = copy_bandwidth_gbs()
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth {bw:.0f} GB/s")
+    rows: list[dict[str, Any]] = []
+    for s in args.shapes.split(","):
+        rows += speed(*(int(v) for v in s.split("x")), bw)
+    print("| (B, T, H, D) | mode | implementation | time (ms) | x floor | rawdelta speed-up |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ours = next(x["ms"] for x in rows if x["impl"] == "rawdelta cuda" and x["mode"] == r["mode"]
+                    and x["shape"] == r["shape"])
+        ms = r["ms"]
+        t = f"{ms:.3f}" if ms else f"n/a ({r.get('note', '')})"
+        xf = f"{ms / r['floor_ms']:.2f}" if ms else "-"
+        sp = f"{ms / ours:.2f}x" if ms and r["impl"] != "rawdelta cuda" else "-"
+        print(f"| {tuple(r['shape'])} | {r['mode']} | {r['impl']} | {t} | {xf} | {sp} |")
+    acc = []
+    if not args.skip_accuracy:
+        acc = accuracy(*(int(v) for v in args.accuracy_shape.split("x")))
+        names = ["o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+        print(f"accuracy, bf16 inputs, shape {args.accuracy_shape}: relative RMS error vs float64")
+        print("| implementation | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for r in acc:
+            cells = [f"{r[n]:.2e}" if n in r else "-" for n in names]
+            print(f"| {r['impl']} | " + " | ".join(cells) + " |" + (f" {r['note']}" if "note" in r else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw, "speed": rows, "accuracy": acc}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

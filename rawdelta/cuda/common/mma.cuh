@@ -1,0 +1,325 @@
+// Tensor-core tile products on shared-memory operands: mma.sync m16n8k16 with fp32 accumulation.
+//
+// A block of NW warps computes C[M x N] (+)= A[M x KD] * B[KD x N]; each warp owns a fixed set of
+// 16 x 8 accumulator tiles (Acc below), so element-wise epilogues know which (row, col) they hold.
+// Operand tiles live in shared memory either in the 16-bit mma type E (bf16 or fp16; loaded with
+// ldmatrix) or in float. A float operand is split into E hi + lo parts and multiplied as
+// hi*hi + lo*hi + hi*lo, which carries ~16 mantissa bits: states, inverses and fp32 inputs keep
+// their precision through the tensor cores.
+//
+// Layouts: A is MK (s[m * ld + k]) or KM (s[k * ld + m], i.e. the stored matrix is A transposed);
+// B is KN (s[k * ld + n]) or NK (s[n * ld + k]). Leading dimensions of 16-bit tiles must be
+// multiples of 8 elements (16-byte ldmatrix rows); a pad of 8 keeps ldmatrix free of bank conflicts.
+#pragma once
+#include "include/rawdelta_common.cuh"
+
+namespace rawdelta {
+
+typedef unsigned int u32;
+
+enum Layout { MK, KM, KN, NK };
+
+template <typename E> struct MmaType;
+
+template <> struct MmaType<__nv_bfloat16> {
+    static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    static __device__ __forceinline__ u32 pack(float lo_k, float hi_k) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(lo_k, hi_k);
+        return *reinterpret_cast<u32*>(&v);
+    }
+    static __device__ __forceinline__ float round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+};
+
+template <> struct MmaType<__half> {
+    static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    static __device__ __forceinline__ u32 pack(float lo_k, float hi_k) {
+        __half2 v = __floats2half2_rn(lo_k, hi_k);
+        return *reinterpret_cast<u32*>(&v);
+    }
+    static __device__ __forceinline__ float round(float x) { return __half2float(__float2half_rn(x)); }
+};
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x2(u32 (&r)[2], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x2_t(u32 (&r)[2], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+}
+
+// A float matrix kept as two E tiles, hi = E(x) and lo = E(x - hi), with the same leading dimension:
+// split once when stored, loaded with ldmatrix like any E tile.
+template <typename E>
+struct Split {
+    E* hi;
+    E* lo;
+};
+
+// Whether a gemm operand (a tile pointer or a Split) carries a lo part.
+template <typename X> struct OperandSplit;
+template <typename X> struct OperandSplit<X*> { static constexpr bool value = sizeof(X) == 4; };
+template <typename X> struct OperandSplit<const X*> { static constexpr bool value = sizeof(X) == 4; };
+template <typename E> struct OperandSplit<Split<E>> { static constexpr bool value = true; };
+
+// Element (m, k) of an A tile / (k, n) of a B tile in its stored layout.
+template <Layout L, typename TS>
+__device__ __forceinline__ float tile_at(const TS* s, int ld, int row, int col) {
+    return (L == MK || L == KN) ? to_float(s[row * ld + col]) : to_float(s[col * ld + row]);
+}
+
+// A fragment (16 x 16 at (m0, k0)): ldmatrix for E tiles, split hi/lo for float tiles.
+template <typename E, Layout L, typename TS>
+__device__ __forceinline__ void load_a(u32 (&hi)[4], u32 (&lo)[4], const TS* s, int ld, int m0, int k0,
+                                       int lane) {
+    if constexpr (sizeof(TS) == 2) {
+        if constexpr (L == MK) {
+            ldsm_x4(hi, s + (m0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+        } else {
+            const int j = lane >> 3, r = lane & 7;
+            ldsm_x4_t(hi, s + (k0 + (j >> 1) * 8 + r) * ld + m0 + (j & 1) * 8);
+        }
+    } else {
+        const int g = lane >> 2, t = (lane & 3) * 2;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int m = m0 + g + (q & 1) * 8, k = k0 + t + (q >> 1) * 8;
+            const float x0 = tile_at<L>(s, ld, m, k), x1 = tile_at<L>(s, ld, m, k + 1);
+            const float h0 = MmaType<E>::round(x0), h1 = MmaType<E>::round(x1);
+            hi[q] = MmaType<E>::pack(h0, h1);
+            lo[q] = MmaType<E>::pack(x0 - h0, x1 - h1);
+        }
+    }
+}
+
+template <typename E, Layout L>
+__device__ __forceinline__ void load_a(u32 (&hi)[4], u32 (&lo)[4], const Split<E>& s, int ld, int m0, int k0,
+                                       int lane) {
+    u32 unused[4];
+    load_a<E, L>(hi, unused, static_cast<const E*>(s.hi), ld, m0, k0, lane);
+    load_a<E, L>(lo, unused, static_cast<const E*>(s.lo), ld, m0, k0, lane);
+}
+
+// B fragment (16 x 8 at (k0, n0)).
+template <typename E, Layout L, typename TS>
+__device__ __forceinline__ void load_b(u32 (&hi)[2], u32 (&lo)[2], const TS* s, int ld, int k0, int n0,
+                                       int lane) {
+    if constexpr (sizeof(TS) == 2) {
+        if constexpr (L == NK) {
+            ldsm_x2(hi, s + (n0 + (lane & 7)) * ld + k0 + ((lane >> 3) & 1) * 8);
+        } else {
+            ldsm_x2_t(hi, s + (k0 + ((lane >> 3) & 1) * 8 + (lane & 7)) * ld + n0);
+        }
+    } else {
+        const int g = lane >> 2, t = (lane & 3) * 2;
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int k = k0 + t + q * 8, n = n0 + g;
+            const float x0 = tile_at<L>(s, ld, k, n), x1 = tile_at<L>(s, ld, k + 1, n);
+            const float h0 = MmaType<E>::round(x0), h1 = MmaType<E>::round(x1);
+            hi[q] = MmaType<E>::pack(h0, h1);
+            lo[q] = MmaType<E>::pack(x0 - h0, x1 - h1);
+        }
+    }
+}
+
+template <typename E, Layout L>
+__device__ __forceinline__ void load_b(u32 (&hi)[2], u32 (&lo)[2], const Split<E>& s, int ld, int k0, int n0,
+                                       int lane) {
+    u32 unused[2];
+    load_b<E, L>(hi, unused, static_cast<const E*>(s.hi), ld, k0, n0, lane);
+    load_b<E, L>(lo, unused, static_cast<const E*>(s.lo), ld, k0, n0, lane);
+}
+
+template <typename E>
+__device__ __forceinline__ void split_store(Split<E> s, int idx, float x) {
+    const E h = from_float<E>(x);
+    s.hi[idx] = h;
+    s.lo[idx] = from_float<E>(x - to_float(h));
+}
+
+// Which 16 x 8 tiles of an M x N accumulator each of NW warps owns: WM warps along M, WN along N,
+// interleaved (warp (wm, wn) owns m-tiles wm + i * WM and n-tiles wn + j * WN). Warps beyond
+// WM * WN (tiny products) own nothing.
+template <int M, int N, int NW>
+struct Acc {
+    static_assert(M % 16 == 0 && N % 8 == 0, "tile sizes");
+    static constexpr int MT_ALL = M / 16, NT_ALL = N / 8;
+    static constexpr int WM = MT_ALL < NW ? MT_ALL : NW;
+    static constexpr int WN = (NW / WM) < NT_ALL ? (NW / WM) : NT_ALL;
+    static constexpr int MT = MT_ALL / WM, NT = NT_ALL / WN;
+    float v[MT][NT][4];
+
+    __device__ __forceinline__ static bool active(int warp) { return warp < WM * WN; }
+    __device__ __forceinline__ static int row(int warp, int lane, int i, int e) {
+        return ((warp % WM) + i * WM) * 16 + (lane >> 2) + (e >> 1) * 8;
+    }
+    __device__ __forceinline__ static int col(int warp, int lane, int j, int e) {
+        return ((warp / WM) + j * WN) * 8 + (lane & 3) * 2 + (e & 1);
+    }
+    __device__ __forceinline__ void fill(float x) {
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) v[i][j][e] = x;
+    }
+    // f(row, col, value&) for every element this thread holds (nothing for idle warps).
+    template <typename F>
+    __device__ __forceinline__ void apply(F&& f) {
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        if (!active(warp)) return;
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) f(row(warp, lane, i, e), col(warp, lane, j, e), v[i][j][e]);
+    }
+    // f(row, col, value&, other's value&) over the same elements of two accumulators of this shape.
+    template <typename F>
+    __device__ __forceinline__ void zip(Acc& other, F&& f) {
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        if (!active(warp)) return;
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    f(row(warp, lane, i, e), col(warp, lane, j, e), v[i][j][e], other.v[i][j][e]);
+    }
+    // Write (converted) to a shared or global M x N tile s[row * ld + col].
+    template <typename TS>
+    __device__ __forceinline__ void store(TS* s, int ld) {
+        apply([&](int r, int c, float& x) { s[r * ld + c] = from_float<TS>(x); });
+    }
+    template <typename E>
+    __device__ __forceinline__ void store(Split<E> s, int ld) {
+        apply([&](int r, int c, float& x) { split_store(s, r * ld + c, x); });
+    }
+};
+
+// acc += A * B over KD (a multiple of 16).
+// TA / TB: `const E*` (16-bit tile), `const float*` (split per fragment: slow, fp32 inputs only) or Split<E>.
+template <typename E, Layout LA, Layout LB, int M, int N, int KD, int NW, typename TA, typename TB>
+__device__ __forceinline__ void gemm(Acc<M, N, NW>& acc, const TA& sA, int lda, const TB& sB, int ldb) {
+    static_assert(KD % 16 == 0, "KD must be a multiple of 16");
+    using C = Acc<M, N, NW>;
+    constexpr bool A_SPLIT = OperandSplit<TA>::value, B_SPLIT = OperandSplit<TB>::value;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (!C::active(warp)) return;
+    const int wm = warp % C::WM, wn = warp / C::WM;
+#pragma unroll 2
+    for (int k0 = 0; k0 < KD; k0 += 16) {
+        u32 ah[C::MT][4], al[C::MT][4];
+#pragma unroll
+        for (int i = 0; i < C::MT; ++i) load_a<E, LA>(ah[i], al[i], sA, lda, (wm + i * C::WM) * 16, k0, lane);
+#pragma unroll
+        for (int j = 0; j < C::NT; ++j) {
+            u32 bh[2], bl[2];
+            load_b<E, LB>(bh, bl, sB, ldb, k0, (wn + j * C::WN) * 8, lane);
+#pragma unroll
+            for (int i = 0; i < C::MT; ++i) {
+                MmaType<E>::mma(acc.v[i][j], ah[i], bh);
+                if constexpr (A_SPLIT) MmaType<E>::mma(acc.v[i][j], al[i], bh);
+                if constexpr (B_SPLIT) MmaType<E>::mma(acc.v[i][j], ah[i], bl);
+            }
+        }
+    }
+}
+
+// Deterministic per-row sums of an accumulator's elements f(row, col, value): quad shuffles, then the
+// WN warp partials in a fixed order. `scratch` holds WN * M floats; the result lands in out[row]
+// (written by threads < M). Contains __syncthreads: call from every thread of the block.
+template <int M, int N, int NW, typename F>
+__device__ __forceinline__ void acc_row_sums(Acc<M, N, NW>& acc, F&& f, float* scratch, float* out) {
+    using C = Acc<M, N, NW>;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (C::active(warp)) {
+#pragma unroll
+        for (int i = 0; i < C::MT; ++i) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float s = 0.f;
+#pragma unroll
+                for (int j = 0; j < C::NT; ++j)
+#pragma unroll
+                    for (int e = 2 * h; e < 2 * h + 2; ++e)
+                        s += f(C::row(warp, lane, i, e), C::col(warp, lane, j, e), acc.v[i][j][e]);
+                s += __shfl_xor_sync(0xffffffffu, s, 1);
+                s += __shfl_xor_sync(0xffffffffu, s, 2);
+                if ((lane & 3) == 0) scratch[(warp / C::WM) * M + C::row(warp, lane, i, 2 * h)] = s;
+            }
+        }
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < M; r += blockDim.x) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < C::WN; ++w) s += scratch[w * M + r];
+        out[r] = s;
+    }
+    __syncthreads();
+}
+
+// Deterministic per-column sums, like acc_row_sums: lane shuffles over the 8 row groups, then the WM
+// warp partials in a fixed order. `scratch` holds WM * N floats; out[col] is written by threads < N.
+template <int M, int N, int NW, typename F>
+__device__ __forceinline__ void acc_col_sums(Acc<M, N, NW>& acc, F&& f, float* scratch, float* out) {
+    using C = Acc<M, N, NW>;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (C::active(warp)) {
+#pragma unroll
+        for (int j = 0; j < C::NT; ++j) {
+#pragma unroll
+            for (int b = 0; b < 2; ++b) {
+                float s = 0.f;
+#pragma unroll
+                for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+                    for (int e = b; e < 4; e += 2)
+                        s += f(C::row(warp, lane, i, e), C::col(warp, lane, j, e), acc.v[i][j][e]);
+                s += __shfl_xor_sync(0xffffffffu, s, 4);
+                s += __shfl_xor_sync(0xffffffffu, s, 8);
+                s += __shfl_xor_sync(0xffffffffu, s, 16);
+                if (lane < 4) scratch[(warp % C::WM) * N + C::col(warp, lane, j, b)] = s;
+            }
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < N; c += blockDim.x) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < C::WM; ++w) s += scratch[w * N + c];
+        out[c] = s;
+    }
+    __syncthreads();
+}
+
+}  // namespace rawdelta

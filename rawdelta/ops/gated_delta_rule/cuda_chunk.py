@@ -1,0 +1,260 @@
+"""Host side of the CUDA chunked gated delta rule: picks instantiations, allocates, launches.
+
+Kernels: ``rawdelta/cuda/gated_delta_rule/chunk.cu`` (tensor-core stages; the shared ones live in
+``rawdelta/cuda/common``). The gradient finishing (group sums, L2-norm, gate and beta activations)
+reuses the recurrent mode's kernels.
+
+Forward: chunk table -> prepare (cumulative log2 gates, beta, (I + L)^-1 per chunk) -> one state
+pass per (sequence, value head, BV columns) that also writes the output. Backward: the same prepare,
+the state pass again storing per-chunk states and deltas, the reverse state pass (dh per chunk, dv,
+dh0), the per-chunk dq/dk/gate kernel over key slices of KS, then the finishing kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..._arrays import BFLOAT16, empty
+from ...cuda.loader import get_kernel, register
+from . import cuda_recurrent as rec
+from .problem import GDNProblem
+
+SOURCE = "gated_delta_rule/chunk.cu"
+CHUNK_SIZES = (16, 32, 64)
+KP_SIZES = (64, 128, 256)  # key dimension padded to one of these
+KS = 64  # key slice of the dq/dk kernel
+_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2}
+_MMA_TYPE = {"float": "__nv_bfloat16", "__half": "__half", "__nv_bfloat16": "__nv_bfloat16"}
+_NULL = np.uint64(0)
+
+
+def _bv(ct: str, kp: int) -> int:
+    """Value columns per block of the state passes (float32 at K=256 halves it to fit shared memory)."""
+    return 16 if (ct == "float" and kp == 256) else 32
+
+
+def _bvb(ct: str) -> int:
+    return 64
+
+
+def _prepare_name(ct: str, bt: int, kp: int) -> str:
+    return f"gdn_chunk_prepare_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}>"
+
+
+def _fwd_name(ct: str, bt: int, kp: int, store: bool) -> str:
+    return f"gdn_chunk_fwd_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {_bv(ct, kp)}, {'true' if store else 'false'}>"
+
+
+def _bwd_state_name(ct: str, bt: int, kp: int) -> str:
+    return f"gdn_chunk_bwd_state_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {_bv(ct, kp)}>"
+
+
+def _dqk_name(ct: str, bt: int) -> str:
+    return f"gdn_chunk_bwd_dqk_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {KS}, {_bvb(ct)}>"
+
+
+register(
+    SOURCE,
+    ["gdn_chunk_table_kernel", "gdn_chunk_bwd_gate_rows_kernel"]
+    + [f(ct, bt, kp) for ct in rec.CTYPES.values() for bt in CHUNK_SIZES for kp in KP_SIZES
+       for f in (_prepare_name, _bwd_state_name)]
+    + [_fwd_name(ct, bt, kp, s) for ct in rec.CTYPES.values() for bt in CHUNK_SIZES for kp in KP_SIZES
+       for s in (False, True)]
+    + [_dqk_name(ct, bt) for ct in rec.CTYPES.values() for bt in CHUNK_SIZES],
+)
+
+
+# Shared-memory bytes of each kernel, mirroring the SmemCursor carve-up at the top of each kernel in
+# chunk.cu: every buffer is rounded up to 16 bytes; tiles of input precision are 2-byte (split into two
+# for float32 inputs), Split tiles are two 2-byte tiles, the rest float32.
+_PAD = 8
+
+
+def _r16(nbytes: int) -> int:
+    return (nbytes + 15) // 16 * 16
+
+
+def _in_tile(ct: str, n: int) -> int:
+    return _r16(2 * n) * (2 if ct == "float" else 1)
+
+
+def _split(n: int) -> int:
+    return 2 * _r16(2 * n)
+
+
+def _f32(n: int) -> int:
+    return _r16(4 * n)
+
+
+def _smem_prepare(ct: str, bt: int, kp: int) -> int:
+    lda = bt + 4
+    return _in_tile(ct, bt * (kp + _PAD)) + 2 * _f32(bt * lda) + _f32(16 * lda) + 2 * _f32(bt)
+
+
+def _smem_fwd(ct: str, bt: int, kp: int, store: bool) -> int:
+    bv = _bv(ct, kp)
+    ldk, ldv, lda, ldp = kp + _PAD, bv + _PAD, bt + _PAD, bt + _PAD
+    tiles = (1 if store else 2) * _in_tile(ct, bt * ldk) + _in_tile(ct, bt * ldv)
+    tiles += 0 if store else _in_tile(ct, bt * ldp)
+    return tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + 2 * _f32(bt)
+
+
+def _acc_wn(m: int, n: int, nw: int) -> int:
+    wm = min(m // 16, nw)
+    return min(nw // wm, n // 8)
+
+
+def _smem_bwd_state(ct: str, bt: int, kp: int) -> int:
+    bv = _bv(ct, kp)
+    ldk, ldv, lda, ldp = kp + _PAD, bv + _PAD, bt + _PAD, bt + _PAD
+    tiles = 2 * _in_tile(ct, bt * ldk) + _in_tile(ct, bt * ldp) + _in_tile(ct, bt * ldv)
+    return (tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + 2 * _f32(bt)
+            + _f32(_acc_wn(bt, bv, 8) * bt) + _f32(bt))
+
+
+def _smem_dqk(ct: str, bt: int) -> int:
+    bvb = _bvb(ct)
+    ldk, ldv, ldm = KS + _PAD, bvb + _PAD, bt + _PAD
+    tiles = 2 * _in_tile(ct, bt * ldk) + 3 * _in_tile(ct, bt * ldv) + 2 * _in_tile(ct, KS * ldv)
+    return tiles + 2 * _split(bt * ldm) + 2 * _f32(bt) + _f32(2 * bt) + _f32(8 * bt) + _f32(4 * bt) + _f32(256)
+
+
+def _launch(name: str, grid: int, block: int, smem: int, args: tuple[Any, ...]) -> None:
+    if grid <= 0:
+        return
+    kern = get_kernel(SOURCE, name)
+    if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
+        kern.max_dynamic_shared_size_bytes = smem
+    kern((grid,), (block,), args, shared_mem=smem)
+
+
+@dataclass
+class _Chunks:
+    """Per-call chunk bookkeeping and the prepare kernel's outputs."""
+
+    bt: int
+    kp: int
+    ct: str
+    nc: int
+    seq_chunk0: Any  # int32 [N + 1]
+    chunk_bos: Any  # int64 [NC]
+    chunk_len: Any  # int32 [NC]
+    Gc: Any  # float32 [B*T, HV] cumulative log2 gates
+    Bc: Any  # float32 [B*T, HV] effective beta
+    Ahi: Any  # [B*T, HV, BT] (mma type) (I + L)^-1 per chunk, hi part
+    Alo: Any  # lo part
+
+
+def _num_chunks(p: GDNProblem, bt: int) -> int:
+    if p.cu_seqlens_host is None:
+        return p.B * math.ceil(p.T / bt)
+    lens = np.diff(p.cu_seqlens_host)
+    return int(np.sum((lens + bt - 1) // bt))
+
+
+def _kp(K: int) -> int:
+    return next(kp for kp in KP_SIZES if kp >= K)
+
+
+def _prepare(p: GDNProblem, bt: int) -> _Chunks:
+    import cupy
+
+    ct = rec.CTYPES[p.q.dtype]
+    kp = _kp(p.K)
+    nc = _num_chunks(p, bt)
+    flags = rec._flags(p)
+    seq_chunk0 = empty(cupy, (p.N + 1,), np.int32)
+    chunk_bos = empty(cupy, (max(nc, 1),), np.int64)
+    chunk_len = empty(cupy, (max(nc, 1),), np.int32)
+    n_tok = p.B * p.T
+    Gc = empty(cupy, (n_tok, p.HV), np.float32)
+    Bc = empty(cupy, (n_tok, p.HV), np.float32)
+    mma_dt = np.float16 if ct == "__half" else BFLOAT16
+    Ahi = empty(cupy, (n_tok, p.HV, bt), mma_dt)
+    Alo = empty(cupy, (n_tok, p.HV, bt), mma_dt)
+    _launch("gdn_chunk_table_kernel", 1, 1024, 0, (
+        rec._ptr(p.cu_seqlens), np.int32(p.N), np.int32(p.T), np.int32(bt), seq_chunk0, chunk_bos, chunk_len,
+        np.int32(flags)))
+    _launch(_prepare_name(ct, bt, kp), nc * p.HV, 128, _smem_prepare(ct, bt, kp), (
+        p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), chunk_bos, chunk_len, Gc, Bc,
+        Ahi, Alo, np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(flags)))
+    return _Chunks(bt, kp, ct, nc, seq_chunk0, chunk_bos, chunk_len, Gc, Bc, Ahi, Alo)
+
+
+def _state_pass_args(p: GDNProblem, ch: _Chunks) -> tuple[int, int]:
+    nvb = math.ceil(p.V / _bv(ch.ct, ch.kp))
+    return nvb, p.N * p.HV * nvb
+
+
+def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any]:
+    """Launch the forward: o ``[B, T, HV, V]`` (v's dtype) and the final state ``[N, HV, K, V]`` float32."""
+    import cupy
+
+    ch = _prepare(p, chunk_size)
+    o = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
+    flags = rec._flags(p)
+    ht = None
+    if p.output_final_state:
+        ht = empty(cupy, (p.N, p.HV, p.K, p.V), np.float32)
+        flags |= rec.F_HT
+    nvb, grid = _state_pass_args(p, ch)
+    _launch(_fwd_name(ch.ct, ch.bt, ch.kp, False), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, False), (
+        p.q, p.k, p.v, ch.Gc, ch.Bc, ch.Ahi, ch.Alo, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens),
+        ch.seq_chunk0, o, rec._ptr(ht), _NULL, _NULL, np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K),
+        np.int32(p.V), np.int32(nvb), np.float32(p.scale), np.int32(flags)))
+    return o, ht
+
+
+def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any) -> dict[str, Any]:
+    """Launch the backward; returns gradients keyed by input name (dq, dk, dv in the input dtype, the rest
+    float32), None for absent inputs."""
+    import cupy
+
+    ch = _prepare(p, chunk_size)
+    dt = p.q.dtype
+    do = do if do.dtype == dt else do.astype(dt)
+    if dht is not None and dht.dtype != np.float32:
+        dht = dht.astype(np.float32)
+    flags = rec._flags(p) | (rec.F_DHT if dht is not None else 0)
+    n_tok = p.B * p.T
+    nvb, grid = _state_pass_args(p, ch)
+    ints = (np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nvb))
+
+    hbuf = empty(cupy, (max(ch.nc, 1), p.HV, p.K, p.V), dt)
+    vnew = empty(cupy, (n_tok, p.HV, p.V), dt)
+    _launch(_fwd_name(ch.ct, ch.bt, ch.kp, True), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, True), (
+        p.q, p.k, p.v, ch.Gc, ch.Bc, ch.Ahi, ch.Alo, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0,
+        _NULL, _NULL, hbuf, vnew, *ints, np.float32(p.scale), np.int32(flags)))
+
+    dhbuf = empty(cupy, (max(ch.nc, 1), p.HV, p.K, p.V), dt)
+    ybuf = empty(cupy, (n_tok, p.HV, p.V), dt)
+    dv = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
+    part_yv = empty(cupy, (nvb, n_tok, p.HV), np.float32)
+    dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
+    _launch(_bwd_state_name(ch.ct, ch.bt, ch.kp), grid, 256, _smem_bwd_state(ch.ct, ch.bt, ch.kp), (
+        p.q, p.k, p.v, ch.Gc, ch.Bc, ch.Ahi, ch.Alo, do, rec._ptr(dht), rec._ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf,
+        ybuf, dv, part_yv, rec._ptr(dh0), *ints, np.int64(n_tok), np.float32(p.scale), np.int32(flags)))
+
+    nks = math.ceil(p.K / KS)
+    dq_hv = empty(cupy, (1, n_tok, p.HV, p.K), np.float32)
+    dk_hv = empty(cupy, (1, n_tok, p.HV, p.K), np.float32)
+    part_dG = empty(cupy, (nks, n_tok, p.HV), np.float32)
+    part_db = empty(cupy, (nks, n_tok, p.HV), np.float32)
+    _launch(_dqk_name(ch.ct, ch.bt), ch.nc * p.HV * nks, 256, _smem_dqk(ch.ct, ch.bt), (
+        p.q, p.k, do, ch.Gc, ch.Bc, hbuf, dhbuf, vnew, ybuf, ch.chunk_bos, ch.chunk_len, dq_hv, dk_hv, part_dG,
+        part_db, np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nks), np.int64(n_tok),
+        np.float32(p.scale), np.int32(flags)))
+
+    dg_tok = empty(cupy, (n_tok, p.HV), np.float32)
+    db_tok = empty(cupy, (n_tok, p.HV), np.float32)
+    n_el = n_tok * p.HV
+    _launch("gdn_chunk_bwd_gate_rows_kernel", math.ceil(n_el / 256), 256, 0, (
+        part_dG, part_db, part_yv, dg_tok, db_tok, np.int64(n_el), np.int32(nks), np.int32(nvb)))
+
+    grads = rec.finish_gradients(p, flags, dq_hv, dk_hv, dg_tok, db_tok, None, nvb=1)
+    grads.update({"v": dv, "initial_state": dh0})
+    return grads
