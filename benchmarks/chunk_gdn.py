@@ -91,8 +91,6 @@ def reference_f64(x: dict[str, torch.Tensor], h0: torch.Tensor, dht: torch.Tenso
     leaves = {n: x[n].double().requires_grad_() for n in ("q", "k", "v", "g", "beta")}
     S = h0.double().clone().requires_grad_()
     h0_leaf = S
-    q = torch.nn.functional.normalize(leaves["q"], dim=-1, eps=0) * 0  # placeholder, replaced below
-
     def l2(t: torch.Tensor) -> torch.Tensor:
         return t * torch.rsqrt((t * t).sum(-1, keepdim=True) + 1e-6)
 
@@ -151,7 +149,8 @@ def speed(B: int, T: int, H: int, D: int, bw: float) -> list[dict[str, Any]]:
     n_tok = B * T * H
     in_bytes = 3 * n_tok * D * 2 + 2 * n_tok * 4  # q, k, v bf16; g, beta fp32
     fwd_bytes = in_bytes + n_tok * D * 2  # + o
-    fb_bytes = fwd_bytes + in_bytes + n_tok * D * 2 + 3 * n_tok * D * 2 + 2 * n_tok * 4  # + inputs, do; dq, dk, dv, dg, dbeta
+    # backward: the inputs and do again; dq, dk, dv, dg, dbeta out
+    fb_bytes = fwd_bytes + in_bytes + n_tok * D * 2 + 3 * n_tok * D * 2 + 2 * n_tok * 4
     floor = {"fwd": fwd_bytes / (bw * 1e9) * 1e3, "fwd+bwd": fb_bytes / (bw * 1e9) * 1e3}
     rows = []
     rd = RawDelta(x)
