@@ -129,8 +129,9 @@ def accuracy(B: int, T: int, H: int, D: int) -> list[dict[str, Any]]:
         leaves = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v", "g", "beta")}
         h0p = h0.clone().requires_grad_()
         o_p, ht_p = fla_chunk(**leaves, initial_state=h0p, output_final_state=True, use_qk_l2norm_in_kernel=True)
-        row = {"impl": "fla-core chunk_gated_delta_rule", "o": error_stats(ref["o"], o_p.float().cpu().numpy())[0],
-               "ht": error_stats(ref["ht"], ht_p.float().cpu().numpy())[0]}
+        row = {"impl": "fla-core chunk_gated_delta_rule",
+               "o": error_stats(ref["o"], o_p.detach().float().cpu().numpy())[0],
+               "ht": error_stats(ref["ht"], ht_p.detach().float().cpu().numpy())[0]}
         try:
             ((o_p.float() * x["do"].float()).sum() + (ht_p * dht).sum()).backward()
             for n in leaves:
@@ -201,7 +202,7 @@ def main() -> int:
     bw = copy_bandwidth_gbs()
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth {bw:.0f} GB/s")
     rows: list[dict[str, Any]] = []
-    for s in args.shapes.split(","):
+    for s in filter(None, args.shapes.split(",")):
         rows += speed(*(int(v) for v in s.split("x")), bw)
     print("| (B, T, H, D) | mode | implementation | time (ms) | x floor | rawdelta speed-up |")
     print("|---|---|---|---|---|---|")
