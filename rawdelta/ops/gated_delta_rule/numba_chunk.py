@@ -43,12 +43,12 @@ import numpy as np
 
 from ..._arrays import empty
 from ..common.backend import numba_cuda
-from .numba_ref import _check, _device_scope, _group_sum, _l2norm_bwd, _Launcher
+from .calls import GatedDeltaRuleGrads
+from .numba_ref import _check, _device_scope, _group_sum, _l2norm_bwd, _Launcher, device_functions, gate_input_grads
 from .problem import CHUNK_SIZES, GDNProblem
 
 MAX_CHUNK = max(CHUNK_SIZES)  # the per-row dA buffer of the WY backward is a local array of this size
 MAX_K = 256  # size of the per-thread state column of the state passes (same bound as the recurrent backend)
-_GRAD_NAMES = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state", "A_log", "dt_bias")
 
 # numba.cuda, bound by _kernels(). Kernels must reach it as a module global: the CUDA simulator swaps
 # the module in a kernel's globals for its fake one (closure variables would escape the swap).
@@ -85,23 +85,8 @@ def _kernels() -> Any:
             acc += x[b, tx, hx, i] * y[b, ty, hy, i]
         return acc
 
-    @cuda.jit(device=True)
-    def inv_norm(x, b, t, h, K, on):
-        """``1 / sqrt(sum x^2 + 1e-6)`` of the K-vector ``x[b, t, h]``, or 1 when the option is off."""
-        if not on:
-            return one
-        return one / math.sqrt(dot(x, b, t, h, x, t, h, K) + f32(1e-6))
-
-    @cuda.jit(device=True)
-    def log_decay(g, a_log, dt_bias, b, t, hv, use_gate, has_dt_bias):
-        """The log-decay g_t, through ``-exp(A_log) * softplus(g + dt_bias)`` with the gate in kernel."""
-        x = g[b, t, hv]
-        if use_gate:
-            if has_dt_bias:
-                x = x + dt_bias[hv]
-            sp = x if x > f32(20.0) else math.log1p(math.exp(x))
-            x = -math.exp(a_log[hv]) * sp
-        return x
+    dev = device_functions()
+    inv_norm, log_decay = dev.inv_norm, dev.log_decay
 
     @cuda.jit(device=True)
     def effective_beta(beta, b, t, hv, has_beta, use_sig, beta_s):
@@ -645,7 +630,7 @@ def _raw_input_grads(p: GDNProblem, dq: Any, dk: Any, dv: Any, dbeta: Any, dg: A
     if p.use_qk_l2norm_in_kernel:
         dq = _l2norm_bwd(xp, p.q.astype(f32, copy=False), dq)
         dk = _l2norm_bwd(xp, p.k.astype(f32, copy=False), dk)
-    grads: dict[str, Any] = dict.fromkeys(_GRAD_NAMES)
+    grads: dict[str, Any] = dict.fromkeys(GatedDeltaRuleGrads._fields)
     grads.update(q=dq, k=dk, v=dv)
     if p.beta is not None:
         if p.use_beta_sigmoid_in_kernel:
@@ -653,25 +638,7 @@ def _raw_input_grads(p: GDNProblem, dq: Any, dk: Any, dv: Any, dbeta: Any, dg: A
             dbeta = dbeta * f32(2.0 if p.allow_neg_eigval else 1.0) * sig * (f32(1.0) - sig)
         grads["beta"] = dbeta
     if p.g is not None:
-        grads.update(_gate_grads(p, dg))
+        grads.update(gate_input_grads(p, dg))
     if dh0 is not None:
         grads["initial_state"] = dh0
-    return grads
-
-
-def _gate_grads(p: GDNProblem, dg: Any) -> dict[str, Any]:
-    """``g`` (and with the gate in kernel ``A_log``, ``dt_bias``) gradients from ``dg`` ``[B, T, HV]``, the
-    gradient w.r.t. the log-decay; the in-kernel gate is ``-exp(A_log) * softplus(g_raw + dt_bias)``."""
-    if not p.use_gate_in_kernel:
-        return {"g": dg}
-    xp = p.xp
-    f32 = np.float32
-    x = p.g + p.dt_bias if p.dt_bias is not None else p.g
-    a = xp.exp(p.A_log)
-    softplus = xp.where(x > 20, x, xp.log1p(xp.exp(xp.minimum(x, f32(20.0)))))
-    sigmoid = f32(0.5) * (f32(1.0) + xp.tanh(f32(0.5) * x))
-    dg_raw = -a * sigmoid * dg
-    grads = {"g": dg_raw, "A_log": (dg * (-a * softplus)).sum(axis=(0, 1))}
-    if p.dt_bias is not None:
-        grads["dt_bias"] = dg_raw.sum(axis=(0, 1))
     return grads

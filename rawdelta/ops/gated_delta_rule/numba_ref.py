@@ -45,21 +45,16 @@ cuda: Any = None
 
 
 @functools.cache
-def _kernels() -> Any:
-    """Compile (lazily, once) the device functions and the two kernels; returns a namespace."""
+def device_functions() -> Any:
+    """Per-token device functions shared by the recurrent and chunked numba backends (compiled lazily, once):
+    ``inv_norm`` (the in-kernel L2 norm's reciprocal) and ``log_decay`` (the scalar gate through the in-kernel
+    activation)."""
     global cuda
     cuda = numba_cuda()
     from numba import float32 as f32
 
     one = f32(1.0)
     zero = f32(0.0)
-
-    @cuda.jit(device=True)
-    def seq_bounds(cu, n, T, varlen):
-        """``(batch row, first token, end token)`` of sequence n."""
-        if varlen:
-            return 0, cu[n], cu[n + 1]
-        return n, 0, T
 
     @cuda.jit(device=True)
     def inv_norm(x, b, t, h, K, on):
@@ -82,6 +77,29 @@ def _kernels() -> Any:
             sp = x if x > f32(20.0) else math.log1p(math.exp(x))
             x = -math.exp(a_log[hv]) * sp
         return x
+
+    return types.SimpleNamespace(inv_norm=inv_norm, log_decay=log_decay)
+
+
+@functools.cache
+def _kernels() -> Any:
+    """Compile (lazily, once) the device functions and the two kernels; returns a namespace."""
+    global cuda
+    cuda = numba_cuda()
+    from numba import float32 as f32
+
+    one = f32(1.0)
+    zero = f32(0.0)
+
+    @cuda.jit(device=True)
+    def seq_bounds(cu, n, T, varlen):
+        """``(batch row, first token, end token)`` of sequence n."""
+        if varlen:
+            return 0, cu[n], cu[n + 1]
+        return n, 0, T
+
+    dev = device_functions()
+    inv_norm, log_decay = dev.inv_norm, dev.log_decay
 
     @cuda.jit(device=True)
     def column_decay(g, gv, a_log, dt_bias, b, t, hv, j, has_g, has_gv, use_gate, has_dt_bias):
@@ -363,6 +381,25 @@ def _group_sum(x: Any, H: int) -> Any:
     return x.reshape(B, T, H, HV // H, K).sum(axis=3)
 
 
+def gate_input_grads(p: GDNProblem, dg: Any) -> dict[str, Any]:
+    """``g`` (and with the gate in kernel ``A_log``, ``dt_bias``) gradients from ``dg`` ``[B, T, HV]``, the
+    gradient w.r.t. the log-decay; the in-kernel gate is ``-exp(A_log) * softplus(g_raw + dt_bias)``."""
+    if not p.use_gate_in_kernel:
+        return {"g": dg}
+    xp = p.xp
+    f32 = np.float32
+    graw = p.g.astype(f32, copy=False)
+    x = graw + p.dt_bias.astype(f32, copy=False) if p.dt_bias is not None else graw
+    a = xp.exp(p.A_log.astype(f32, copy=False))
+    softplus = xp.where(x > 20, x, xp.log1p(xp.exp(xp.minimum(x, f32(20.0)))))
+    sigmoid = f32(0.5) * (f32(1.0) + xp.tanh(f32(0.5) * x))
+    dg_raw = -a * sigmoid * dg
+    grads = {"g": dg_raw, "A_log": (dg * (-a * softplus)).sum(axis=(0, 1))}
+    if p.dt_bias is not None:
+        grads["dt_bias"] = dg_raw.sum(axis=(0, 1))
+    return grads
+
+
 def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
     """Gradients of the gated delta rule (README.md backward), in float32.
 
@@ -410,18 +447,7 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
             dk = _l2norm_bwd(xp, p.k.astype(f32, copy=False), dk)
         grads: dict[str, Any] = {"q": dq, "k": dk, "v": dv}
         if p.g is not None:
-            dg = zcol.sum(axis=-1)  # gradient w.r.t. the log-decay g_t
-            if p.use_gate_in_kernel:
-                graw = p.g.astype(f32, copy=False)
-                x = graw + p.dt_bias.astype(f32, copy=False) if p.dt_bias is not None else graw
-                a = xp.exp(p.A_log.astype(f32, copy=False))
-                softplus = xp.where(x > 20, x, xp.log1p(xp.exp(xp.minimum(x, f32(20.0)))))
-                sigmoid = f32(0.5) * (f32(1.0) + xp.tanh(f32(0.5) * x))
-                grads["A_log"] = (dg * (-a * softplus)).sum(axis=(0, 1))
-                dg = -a * sigmoid * dg
-                if p.dt_bias is not None:
-                    grads["dt_bias"] = dg.sum(axis=(0, 1))
-            grads["g"] = dg
+            grads.update(gate_input_grads(p, zcol.sum(axis=-1)))  # zcol: gradient w.r.t. the log-decay g_t
         if p.gk is not None:
             grads["gk"] = dgk_part.sum(axis=-1)
         if p.gv is not None:
