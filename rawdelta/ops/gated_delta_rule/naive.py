@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..._arrays import as_array, empty
-from ..._validate import Validator
+from ..._arrays import empty
+from .calls import check_cotangents
 from .problem import GDNProblem, make_problem
 
 if TYPE_CHECKING:
@@ -373,19 +373,5 @@ def naive_recurrent_gated_delta_rule_bwd(
                      gk=gk, gv=gv, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
                      use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
                      backend="numpy")
-    val = Validator()
-    arrs = {}
-    for name, a in (("do", do), ("dht", dht)):
-        try:
-            arrs[name] = None if a is None else as_array(name, a)
-        except TypeError as e:
-            val.type_error(str(e))
-    val.raise_if_any()
-    dims = {"B": p.B, "T": p.T, "HV": p.HV, "V": p.V, "N": p.N, "K": p.K}
-    val.shape("do", arrs["do"], ("B", "T", "HV", "V"), dims)
-    if arrs["dht"] is not None:
-        val.shape("dht", arrs["dht"], ("N", "HV", "K", "V"), dims)
-    if not isinstance(arrs["do"], np.ndarray) or not isinstance(arrs["dht"], (np.ndarray, type(None))):
-        val.type_error("do and dht must be host (numpy) arrays, like the forward inputs")
-    val.raise_if_any()
-    return GatedDeltaRuleGrads(**recurrent_backward(p, arrs["do"], arrs["dht"]))
+    do, dht = check_cotangents(p, do, dht)
+    return GatedDeltaRuleGrads(**recurrent_backward(p, do, dht))
