@@ -2,10 +2,10 @@
 //
 // A block of NW warps computes C[M x N] (+)= A[M x KD] * B[KD x N]; each warp owns a fixed set of
 // 16 x 8 accumulator tiles (Acc below), so element-wise epilogues know which (row, col) they hold.
-// Operand tiles live in shared memory either in the 16-bit mma type E (bf16 or fp16; loaded with
-// ldmatrix) or in float. A float operand is split into E hi + lo parts and multiplied as
-// hi*hi + lo*hi + hi*lo, which carries ~16 mantissa bits: states, inverses and fp32 inputs keep
-// their precision through the tensor cores.
+// Operand tiles live in shared memory in the 16-bit mma type E (bf16 or fp16), loaded with ldmatrix.
+// A float32 matrix is kept as a Split<E> pair of tiles, hi + lo, and multiplied as hi*hi + lo*hi +
+// hi*lo, which carries ~16 mantissa bits: states, inverses and fp32 inputs keep their precision
+// through the tensor cores.
 //
 // Layouts: A is MK (s[m * ld + k]) or KM (s[k * ld + m], i.e. the stored matrix is A transposed);
 // B is KN (s[k * ld + n]) or NK (s[n * ld + k]). Leading dimensions of 16-bit tiles must be
@@ -29,11 +29,6 @@ template <> struct MmaType<__nv_bfloat16> {
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
     }
-    static __device__ __forceinline__ u32 pack(float lo_k, float hi_k) {
-        __nv_bfloat162 v = __floats2bfloat162_rn(lo_k, hi_k);
-        return *reinterpret_cast<u32*>(&v);
-    }
-    static __device__ __forceinline__ float round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 };
 
 template <> struct MmaType<__half> {
@@ -44,11 +39,6 @@ template <> struct MmaType<__half> {
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
     }
-    static __device__ __forceinline__ u32 pack(float lo_k, float hi_k) {
-        __half2 v = __floats2half2_rn(lo_k, hi_k);
-        return *reinterpret_cast<u32*>(&v);
-    }
-    static __device__ __forceinline__ float round(float x) { return __half2float(__float2half_rn(x)); }
 };
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -80,39 +70,18 @@ struct Split {
     E* lo;
 };
 
-// Whether a gemm operand (a tile pointer or a Split) carries a lo part.
-template <typename X> struct OperandSplit;
-template <typename X> struct OperandSplit<X*> { static constexpr bool value = sizeof(X) == 4; };
-template <typename X> struct OperandSplit<const X*> { static constexpr bool value = sizeof(X) == 4; };
+// Whether a gemm operand (a 16-bit tile pointer or a Split) carries a lo part.
+template <typename X> struct OperandSplit { static constexpr bool value = false; };
 template <typename E> struct OperandSplit<Split<E>> { static constexpr bool value = true; };
 
-// Element (m, k) of an A tile / (k, n) of a B tile in its stored layout.
-template <Layout L, typename TS>
-__device__ __forceinline__ float tile_at(const TS* s, int ld, int row, int col) {
-    return (L == MK || L == KN) ? to_float(s[row * ld + col]) : to_float(s[col * ld + row]);
-}
-
-// A fragment (16 x 16 at (m0, k0)): ldmatrix for E tiles, split hi/lo for float tiles.
-template <typename E, Layout L, typename TS>
-__device__ __forceinline__ void load_a(u32 (&hi)[4], u32 (&lo)[4], const TS* s, int ld, int m0, int k0,
-                                       int lane) {
-    if constexpr (sizeof(TS) == 2) {
-        if constexpr (L == MK) {
-            ldsm_x4(hi, s + (m0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
-        } else {
-            const int j = lane >> 3, r = lane & 7;
-            ldsm_x4_t(hi, s + (k0 + (j >> 1) * 8 + r) * ld + m0 + (j & 1) * 8);
-        }
+// A fragment (16 x 16 at (m0, k0)) of a 16-bit tile, with ldmatrix (lo is left alone).
+template <typename E, Layout L>
+__device__ __forceinline__ void load_a(u32 (&hi)[4], u32 (&)[4], const E* s, int ld, int m0, int k0, int lane) {
+    if constexpr (L == MK) {
+        ldsm_x4(hi, s + (m0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
     } else {
-        const int g = lane >> 2, t = (lane & 3) * 2;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int m = m0 + g + (q & 1) * 8, k = k0 + t + (q >> 1) * 8;
-            const float x0 = tile_at<L>(s, ld, m, k), x1 = tile_at<L>(s, ld, m, k + 1);
-            const float h0 = MmaType<E>::round(x0), h1 = MmaType<E>::round(x1);
-            hi[q] = MmaType<E>::pack(h0, h1);
-            lo[q] = MmaType<E>::pack(x0 - h0, x1 - h1);
-        }
+        const int j = lane >> 3, r = lane & 7;
+        ldsm_x4_t(hi, s + (k0 + (j >> 1) * 8 + r) * ld + m0 + (j & 1) * 8);
     }
 }
 
@@ -124,26 +93,13 @@ __device__ __forceinline__ void load_a(u32 (&hi)[4], u32 (&lo)[4], const Split<E
     load_a<E, L>(lo, unused, static_cast<const E*>(s.lo), ld, m0, k0, lane);
 }
 
-// B fragment (16 x 8 at (k0, n0)).
-template <typename E, Layout L, typename TS>
-__device__ __forceinline__ void load_b(u32 (&hi)[2], u32 (&lo)[2], const TS* s, int ld, int k0, int n0,
-                                       int lane) {
-    if constexpr (sizeof(TS) == 2) {
-        if constexpr (L == NK) {
-            ldsm_x2(hi, s + (n0 + (lane & 7)) * ld + k0 + ((lane >> 3) & 1) * 8);
-        } else {
-            ldsm_x2_t(hi, s + (k0 + ((lane >> 3) & 1) * 8 + (lane & 7)) * ld + n0);
-        }
+// B fragment (16 x 8 at (k0, n0)) of a 16-bit tile, with ldmatrix (lo is left alone).
+template <typename E, Layout L>
+__device__ __forceinline__ void load_b(u32 (&hi)[2], u32 (&)[2], const E* s, int ld, int k0, int n0, int lane) {
+    if constexpr (L == NK) {
+        ldsm_x2(hi, s + (n0 + (lane & 7)) * ld + k0 + ((lane >> 3) & 1) * 8);
     } else {
-        const int g = lane >> 2, t = (lane & 3) * 2;
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int k = k0 + t + q * 8, n = n0 + g;
-            const float x0 = tile_at<L>(s, ld, k, n), x1 = tile_at<L>(s, ld, k + 1, n);
-            const float h0 = MmaType<E>::round(x0), h1 = MmaType<E>::round(x1);
-            hi[q] = MmaType<E>::pack(h0, h1);
-            lo[q] = MmaType<E>::pack(x0 - h0, x1 - h1);
-        }
+        ldsm_x2_t(hi, s + (k0 + ((lane >> 3) & 1) * 8 + (lane & 7)) * ld + n0);
     }
 }
 
@@ -226,7 +182,7 @@ struct Acc {
 };
 
 // acc += A * B over KD (a multiple of 16).
-// TA / TB: `const E*` (16-bit tile), `const float*` (split per fragment: slow, fp32 inputs only) or Split<E>.
+// TA / TB: an E tile pointer or a Split<E>.
 template <typename E, Layout LA, Layout LB, int M, int N, int KD, int NW, typename TA, typename TB>
 __device__ __forceinline__ void gemm(Acc<M, N, NW>& acc, const TA& sA, int lda, const TB& sB, int ldb) {
     static_assert(KD % 16 == 0, "KD must be a multiple of 16");

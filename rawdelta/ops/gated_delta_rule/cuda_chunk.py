@@ -21,13 +21,12 @@ import numpy as np
 from ..._arrays import BFLOAT16, empty
 from ...cuda.loader import get_kernel, register
 from . import cuda_recurrent as rec
-from .problem import GDNProblem
+from .problem import CHUNK_SIZES, GDNProblem
 
 SOURCE = "gated_delta_rule/chunk.cu"
-CHUNK_SIZES = (16, 32, 64)
 KP_SIZES = (64, 128, 256)  # key dimension padded to one of these
 KS = 64  # key slice of the dq/dk kernel
-_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2}
+BVB = 64  # value columns per step of the dq/dk kernel's loop over V
 _MMA_TYPE = {"float": "__nv_bfloat16", "__half": "__half", "__nv_bfloat16": "__nv_bfloat16"}
 _NULL = np.uint64(0)
 
@@ -35,10 +34,6 @@ _NULL = np.uint64(0)
 def _bv(ct: str, kp: int) -> int:
     """Value columns per block of the state passes (float32 at K=256 halves it to fit shared memory)."""
     return 16 if (ct == "float" and kp == 256) else 32
-
-
-def _bvb(ct: str) -> int:
-    return 64
 
 
 def _prepare_name(ct: str, bt: int, kp: int) -> str:
@@ -54,7 +49,7 @@ def _bwd_state_name(ct: str, bt: int, kp: int) -> str:
 
 
 def _dqk_name(ct: str, bt: int) -> str:
-    return f"gdn_chunk_bwd_dqk_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {KS}, {_bvb(ct)}>"
+    return f"gdn_chunk_bwd_dqk_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {KS}, {BVB}>"
 
 
 register(
@@ -117,8 +112,7 @@ def _smem_bwd_state(ct: str, bt: int, kp: int) -> int:
 
 
 def _smem_dqk(ct: str, bt: int) -> int:
-    bvb = _bvb(ct)
-    ldk, ldv, ldm = KS + _PAD, bvb + _PAD, bt + _PAD
+    ldk, ldv, ldm = KS + _PAD, BVB + _PAD, bt + _PAD
     tiles = 2 * _in_tile(ct, bt * ldk) + 3 * _in_tile(ct, bt * ldv) + 2 * _in_tile(ct, KS * ldv)
     return tiles + 2 * _split(bt * ldm) + 2 * _f32(bt) + _f32(2 * bt) + _f32(8 * bt) + _f32(4 * bt) + _f32(256)
 
