@@ -19,13 +19,18 @@ TOLERANCES: dict[tuple[str, str], float] = {
     ("float16", "out"): 3e-3, ("float16", "grad"): 5e-3, ("float16", "gate"): 1e-2,
     ("bfloat16", "out"): 1e-2, ("bfloat16", "grad"): 1.5e-2, ("bfloat16", "gate"): 3e-2,
 }
+"""Relative-RMS bound per ``(input dtype name, quantity class)``; the classes are ``"out"`` (o, final state),
+``"grad"`` (dq, dk, dv, dh0) and ``"gate"`` (dg, dgk, dgv, dbeta, dA_log, ddt_bias)."""
 MAX_ABS_FACTOR = 10.0
+"""The max-abs error may be at most ``MAX_ABS_FACTOR * bound * max|ref|``."""
 
 _GATE_NAMES = {"g", "gk", "gv", "beta", "A_log", "dt_bias", "dg", "dgk", "dgv", "dbeta", "dA_log", "ddt_bias"}
 _OUT_NAMES = {"o", "ht", "final_state"}
 
 
 def quantity_class(name: str) -> str:
+    """The tolerance class of quantity `name` (``"o"``, ``"dq"``, ``"grads.beta"``...): ``"out"``, ``"grad"`` or
+    ``"gate"``."""
     base = name.split(".")[-1]
     if base in _OUT_NAMES:
         return "out"

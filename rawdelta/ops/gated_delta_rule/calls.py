@@ -17,7 +17,21 @@ from .problem import GDNProblem
 class GatedDeltaRuleGrads(NamedTuple):
     """Gradients of a gated-delta-rule call; None where the input was None (or has no gradient).
 
-    Each has the shape and dtype of its input, except ``initial_state`` (dh0), which is float32.
+    Each has the shape and dtype of its input, except ``initial_state`` (dh0), which is float32. With
+    ``use_qk_l2norm_in_kernel``, ``use_beta_sigmoid_in_kernel`` or ``use_gate_in_kernel`` the gradients are
+    taken w.r.t. the raw inputs (before the normalisation, the sigmoid, the gate activation).
+
+    Attributes:
+        q: dq ``[B, T, H, K]``, summed over the value heads sharing each key head.
+        k: dk ``[B, T, H, K]``, summed likewise.
+        v: dv ``[B, T, HV, V]``.
+        g: dg ``[B, T, HV]`` (w.r.t. the raw gate with ``use_gate_in_kernel``).
+        gk: dgk ``[B, T, HV, K]`` (recurrent mode only; always None in the chunked mode).
+        gv: dgv ``[B, T, HV, V]`` (recurrent mode only; always None in the chunked mode).
+        beta: dbeta, shaped like beta (w.r.t. the logits with ``use_beta_sigmoid_in_kernel``).
+        initial_state: dh0 ``[N, HV, K, V]``, float32.
+        A_log: dA_log ``[HV]``.
+        dt_bias: ddt_bias ``[HV]``.
     """
 
     q: Any

@@ -25,7 +25,12 @@ __all__ = ["CHUNK_SIZES", "ChunkGatedDeltaRuleResiduals", "chunk_gated_delta_rul
 
 class ChunkGatedDeltaRuleResiduals(NamedTuple):
     """What the backward needs: the validated inputs and the chunk size (the per-chunk factors, states and
-    the WY representation are recomputed, the peer's recompute policy)."""
+    the WY representation are recomputed, the peer's recompute policy).
+
+    Attributes:
+        problem: the validated call (inputs as contiguous arrays, shapes, options, backend, stream).
+        chunk_size: the forward's chunk size.
+    """
 
     problem: GDNProblem
     chunk_size: int

@@ -355,12 +355,28 @@ def naive_recurrent_gated_delta_rule_bwd(
 ) -> GatedDeltaRuleGrads:
     """Float64 gradients of :func:`naive_recurrent_gated_delta_rule` (beta before g, as there).
 
+    The arguments other than ``do`` and ``dht`` are those of the forward call, as in
+    :func:`naive_recurrent_gated_delta_rule`.
+
     Args:
-        q, k, v, beta, g, scale, initial_state: as in :func:`naive_recurrent_gated_delta_rule`.
+        q (array): queries ``[B, T, H, K]``.
+        k (array): keys ``[B, T, H, K]``.
+        v (array): values ``[B, T, HV, V]``.
+        beta (array, optional): ``[B, T, HV]`` or ``[B, T, HV, V]``. Default: ones.
+        g (array, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
+        scale (float, optional): query scale. Default: ``K ** -0.5``.
+        initial_state (array, optional): ``[N, HV, K, V]``. Default: zeros.
         do (array): cotangent of o ``[B, T, HV, V]``.
         dht (array, optional): cotangent of the final state ``[N, HV, K, V]``. Default: zeros.
-        gk, gv, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel,
-            allow_neg_eigval, cu_seqlens: as in :func:`naive_recurrent_gated_delta_rule`.
+        gk (array, optional): per-key log-decay ``[B, T, HV, K]``.
+        gv (array, optional): per-value log-decay ``[B, T, HV, V]``.
+        use_qk_l2norm_in_kernel (bool): L2-normalise q and k.
+        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``.
+        A_log (array, optional): ``[HV]``, with ``use_gate_in_kernel``.
+        dt_bias (array, optional): ``[HV]``, with ``use_gate_in_kernel``.
+        use_beta_sigmoid_in_kernel (bool): beta holds logits.
+        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``.
+        cu_seqlens (array, optional): int ``[N + 1]`` offsets of packed sequences (B must be 1).
 
     Returns:
         :class:`~rawdelta.GatedDeltaRuleGrads` of float64 arrays, shaped like their inputs, w.r.t. the raw

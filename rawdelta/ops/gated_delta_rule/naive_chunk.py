@@ -258,7 +258,9 @@ def naive_chunk_gated_delta_rule(
         use_beta_sigmoid_in_kernel (bool): beta holds logits; ``beta = sigmoid(beta)``.
         allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``.
         cu_seqlens (array, optional): int ``[N + 1]`` offsets of packed sequences (B must be 1).
-        gk, gv: recurrent-mode gates; the chunked mode has none, so passing one raises ``NotImplementedError``.
+        gk (array, optional): recurrent-mode per-key gate; the chunked mode has none, so passing one raises
+            ``NotImplementedError``.
+        gv (array, optional): recurrent-mode per-value gate; passing one raises ``NotImplementedError``.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, HV, V]`` float64; final_state ``[N, HV, K, V]`` float64, or None
@@ -296,12 +298,29 @@ def naive_chunk_gated_delta_rule_bwd(
 ) -> GatedDeltaRuleGrads:
     """Float64 gradients of :func:`naive_chunk_gated_delta_rule` (g before beta, as there), by the chunked backward.
 
+    The arguments other than ``do`` and ``dht`` are those of the forward call, as in
+    :func:`naive_chunk_gated_delta_rule`.
+
     Args:
-        q, k, v, g, beta, chunk_size, scale, initial_state: as in :func:`naive_chunk_gated_delta_rule`.
+        q (array): queries ``[B, T, H, K]``.
+        k (array): keys ``[B, T, H, K]``.
+        v (array): values ``[B, T, HV, V]``.
+        g (array, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
+        beta (array, optional): ``[B, T, HV]``. Default: ones.
+        chunk_size (int): tokens per chunk, 16, 32 or 64. Default: 64.
+        scale (float, optional): query scale. Default: ``K ** -0.5``.
+        initial_state (array, optional): ``[N, HV, K, V]``. Default: zeros.
         do (array): cotangent of o ``[B, T, HV, V]``.
         dht (array, optional): cotangent of the final state ``[N, HV, K, V]``. Default: zeros.
-        use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval,
-            cu_seqlens, gk, gv: as in :func:`naive_chunk_gated_delta_rule`.
+        use_qk_l2norm_in_kernel (bool): L2-normalise q and k.
+        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``.
+        A_log (array, optional): ``[HV]``, with ``use_gate_in_kernel``.
+        dt_bias (array, optional): ``[HV]``, with ``use_gate_in_kernel``.
+        use_beta_sigmoid_in_kernel (bool): beta holds logits.
+        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``.
+        cu_seqlens (array, optional): int ``[N + 1]`` offsets of packed sequences (B must be 1).
+        gk (array, optional): recurrent-mode gate; passing one raises ``NotImplementedError``.
+        gv (array, optional): recurrent-mode gate; passing one raises ``NotImplementedError``.
 
     Returns:
         :class:`~rawdelta.GatedDeltaRuleGrads` of float64 arrays, shaped like their inputs, w.r.t. the raw

@@ -19,7 +19,11 @@ from .problem import GDNProblem, make_problem
 
 
 class FusedRecurrentGatedDeltaRuleResiduals(NamedTuple):
-    """What the backward needs: the validated inputs only (states are recomputed from checkpoints)."""
+    """What the backward needs: the validated inputs only (states are recomputed from checkpoints).
+
+    Attributes:
+        problem: the validated call (inputs as contiguous arrays, shapes, options, backend, stream).
+    """
 
     problem: GDNProblem
 
@@ -155,6 +159,7 @@ def fused_recurrent_gated_delta_rule(
         allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``. Default: ``False``.
         inplace_final_state (bool): write the final state into ``initial_state`` (float32, contiguous) and
             return it; for decoding. The call then has no backward. Default: ``False``.
+        cu_seqlens_cpu (array, optional): host copy of ``cu_seqlens``, to avoid a device-to-host copy.
         backend (str): ``"auto"`` (cuda for device arrays, numpy for host), ``"cuda"``, ``"numba"``, ``"numpy"``.
         stream: CUDA stream for the launches (CuPy stream or raw handle). Default: CuPy's current stream.
 
