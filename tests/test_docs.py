@@ -1,10 +1,17 @@
-"""The documentation states what the code does: the tolerance table, the site's pages, the README's commands."""
+"""The documentation states what the code does: the tolerance table, the site's pages, the README's commands,
+the API reference's coverage of the public names, and the usage pages' examples, which run."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
+import pytest
+
+import rawdelta
+import rawdelta.testing
+from rawdelta.testing import compare, inputs
 from rawdelta.testing.compare import MAX_ABS_FACTOR, TOLERANCES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,3 +59,50 @@ def test_benchmarks_page_has_the_decode_section_and_command():
     assert rawdelta_rows and peer_rows, "the decode table needs rawdelta and peer rows measured in one run"
     for r in rawdelta_rows + peer_rows:
         assert re.search(r"\| \d+\.\d \| \d\.\d\d \|", r), f"row without a time and x-floor: {r}"
+
+
+def _all_names(module_file: Path) -> list[str]:
+    """A module's ``__all__``, read from its source (no import: rawdelta.torch would need torch)."""
+    for node in ast.parse(module_file.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise AssertionError(f"{module_file} has no __all__")
+
+
+def _reference_directives() -> set[str]:
+    """The objects the API reference renders: every ``::: path`` line under docs/reference/."""
+    return {m for page in (DOCS / "reference").glob("*.md")
+            for m in re.findall(r"^::: (\S+)\s*$", page.read_text(), re.M)}
+
+
+def test_api_reference_renders_every_public_name():
+    shown = _reference_directives()
+    expected = {f"rawdelta.{n}" for n in rawdelta.__all__ if n not in ("__version__", "errors")}
+    for adapter in ("torch", "jax"):
+        expected |= {f"rawdelta.{adapter}.{n}" for n in _all_names(ROOT / "rawdelta" / f"{adapter}.py")}
+    expected |= {"rawdelta.errors", "rawdelta.cli"}
+    assert expected <= shown, f"not in the API reference: {sorted(expected - shown)}"
+    # rawdelta.testing: each public name is rendered itself or with the whole module that defines it.
+    for n in rawdelta.testing.__all__:
+        homes = {f"rawdelta.testing.{n}"} | {m.__name__ for m in (compare, inputs) if n in vars(m)}
+        assert homes & shown, f"rawdelta.testing.{n} is not in the API reference"
+
+
+def _page_code(page: str) -> str:
+    """The ``python`` code blocks of a docs page, in order, with the example shapes made small."""
+    code = "\n".join(re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S))
+    small, n = re.subn(r"^B, T, H, HV, K, V = .*$", "B, T, H, HV, K, V = 2, 40, 2, 4, 16, 8", code, flags=re.M)
+    assert n, f"{page}: no shape line to shrink"
+    return small
+
+
+def test_jax_usage_page_runs():
+    pytest.importorskip("jax")
+    exec(compile(_page_code("usage/jax.md"), "docs/usage/jax.md", "exec"), {})
+
+
+def test_torch_usage_page_runs_on_the_cpu():
+    pytest.importorskip("torch")
+    code = _page_code("usage/torch.md")
+    assert 'device="cuda"' in code
+    exec(compile(code.replace('device="cuda"', 'device="cpu"'), "docs/usage/torch.md", "exec"), {})
