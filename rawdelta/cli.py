@@ -1,4 +1,5 @@
-"""The ``rawdelta`` command: ``check`` (self-test of every available backend) and ``info`` (environment).
+"""The ``rawdelta`` command: ``check`` (self-test of every available backend), ``bench`` (timings against the
+peer, :mod:`rawdelta.bench`) and ``info`` (environment).
 
 ``rawdelta check`` runs each op in :data:`CHECKS` on a small embedded problem, forward and backward, on
 every backend that can run here, and compares every output and gradient with the float64 NumPy
@@ -399,6 +400,9 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, GPU, kernel cache, registered CUDA instantiations")
     info.add_argument("--json", action="store_true", help="print as JSON")
     info.set_defaults(func=_info)
+    from .bench.command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -411,5 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 on success, 1 when a check fails, 2 for a usage error.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv  # `rawdelta bench` records the command that produced its numbers
     return int(args.func(args))
