@@ -40,6 +40,18 @@ template <typename X> __device__ __forceinline__ float tile_get(const X* s, int 
 template <typename E> __device__ __forceinline__ float tile_get(Split<E> s, int idx) {
     return to_float(s.hi[idx]) + to_float(s.lo[idx]);
 }
+// Two adjacent elements (idx even) of a tile, as one access per part.
+template <typename X> __device__ __forceinline__ void tile_put_pair(X* s, int idx, float a, float b) {
+    store_pair(s, idx, a, b);
+}
+template <typename E> __device__ __forceinline__ void tile_put_pair(Split<E> s, int idx, float a, float b) {
+    split_store_pair(s, idx, a, b);
+}
+template <typename X> __device__ __forceinline__ float2 tile_get_pair(const X* s, int idx) { return load_pair(s, idx); }
+template <typename E> __device__ __forceinline__ float2 tile_get_pair(Split<E> s, int idx) {
+    const float2 h = load_pair(static_cast<const E*>(s.hi), idx), l = load_pair(static_cast<const E*>(s.lo), idx);
+    return make_float2(h.x + l.x, h.y + l.y);
+}
 
 // Carve consecutive tiles out of dynamic shared memory (every size is kept a multiple of 16 bytes).
 struct SmemCursor {
@@ -95,18 +107,20 @@ __device__ __forceinline__ void load_tile(TL s, int ld, const T* __restrict__ g,
     }
 }
 
-// Scale rows [0, rows) of a tile to unit L2 norm (eps 1e-6 inside the sqrt), one warp per row.
+// Inverse L2 norms 1 / sqrt(|x_r|^2 + 1e-6) of rows [0, rows) of a tile, one of `nthreads` threads (this
+// one is `tid`) per row; rows up to rows_pad get 1. The chunk kernels fold these row factors into their
+// epilogues instead of normalising tiles. `cols` even.
 template <typename TL>
-__device__ __forceinline__ void l2norm_rows(TL s, int ld, int rows, int cols) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    for (int r = warp; r < rows; r += nw) {
-        float ss = 0.f;
-        for (int c = lane; c < cols; c += 32) {
-            const float x = tile_get(s, r * ld + c);
-            ss += x * x;
+__device__ __forceinline__ void row_inv_norms(TL s, int ld, int rows, int rows_pad, int cols, float* out, int tid,
+                                              int nthreads) {
+    for (int r = tid; r < rows_pad; r += nthreads) {
+        float s0 = 0.f, s1 = 0.f;
+        for (int c = 0; c < cols; c += 2) {
+            const float2 x = tile_get_pair(s, r * ld + c);
+            s0 += x.x * x.x;
+            s1 += x.y * x.y;
         }
-        const float rn = rsqrtf(warp_sum(ss) + 1e-6f);
-        for (int c = lane; c < cols; c += 32) tile_put(s, r * ld + c, tile_get(s, r * ld + c) * rn);
+        out[r] = r < rows ? rsqrtf(s0 + s1 + 1e-6f) : 1.f;
     }
 }
 
@@ -130,22 +144,25 @@ __device__ __forceinline__ void decay_state(Acc<KP, BV, NW>& S, const float* G, 
     S.apply([&](int kd, int, float& x) { x *= Form::chunk_decay(G, ldg, last, kd); });
 }
 
-// Intra-chunk scores with the causal mask and decay: P[i][j] = x * 2^(G_i - G_j) * scale for
-// j <= i < rows (j < i when STRICT), else 0. Scalar gates only (per-key decays are folded into the
-// operands before the product).
+// Intra-chunk scores with the causal mask and decay: P[i][j] = x * 2^(G_i - G_j) * scale * ri_i * rj_j
+// for j <= i < rows (j < i when STRICT), else 0; ri / rj are row factors of the two operands (their
+// inverse L2 norms, or 1). Scalar gates only (per-key decays are folded into the operands before the
+// product).
 template <bool STRICT, int BT, int NW>
-__device__ __forceinline__ void mask_decay_scores(Acc<BT, BT, NW>& P, const float* G, int rows, float scale) {
+__device__ __forceinline__ void mask_decay_scores(Acc<BT, BT, NW>& P, const float* G, int rows, float scale,
+                                                  const float* ri, const float* rj) {
     P.apply([&](int i, int j, float& x) {
         const bool keep = STRICT ? (j < i) : (j <= i);
-        x = (keep && i < rows) ? x * exp2f(G[i] - G[j]) * scale : 0.f;
+        x = (keep && i < rows) ? x * exp2f(G[i] - G[j]) * (scale * ri[i] * rj[j]) : 0.f;
     });
 }
 
 // Output of a chunk: O = scale * 2^(G_i) * (q S)_i + (P d)_i, with Y = q S given and P d added by the
-// caller's product into the same accumulator afterwards (P already carries the scale).
+// caller's product into the same accumulator afterwards (P already carries the scale). gq_i = 2^G_i
+// times q's row factor.
 template <int BT, int BV, int NW>
-__device__ __forceinline__ void scale_inter_output(Acc<BT, BV, NW>& Y, const float* G, float scale) {
-    Y.apply([&](int i, int, float& x) { x *= exp2f(G[i]) * scale; });
+__device__ __forceinline__ void scale_inter_output(Acc<BT, BV, NW>& Y, const float* gq, float scale) {
+    Y.apply([&](int i, int, float& x) { x *= gq[i] * scale; });
 }
 
 // A = (I + L)^-1 for a strictly lower-triangular BT x BT L (floats, leading dimension ld), in float32.

@@ -118,6 +118,43 @@ __device__ __forceinline__ void split_store(Split<E> s, int idx, float x) {
     s.lo[idx] = from_float<E>(x - to_float(h));
 }
 
+// Two adjacent elements as one 32-bit (16-bit types) or 64-bit (float) access: accumulator elements
+// come in column pairs, and paired accesses halve the conversion and load/store instructions of the
+// epilogues that dominate the chunk kernels' instruction count.
+template <typename X> struct PairOf;
+template <> struct PairOf<float> {
+    using type = float2;
+    static __device__ __forceinline__ type pack(float a, float b) { return make_float2(a, b); }
+    static __device__ __forceinline__ float2 unpack(type v) { return v; }
+};
+template <> struct PairOf<__nv_bfloat16> {
+    using type = __nv_bfloat162;
+    static __device__ __forceinline__ type pack(float a, float b) { return __floats2bfloat162_rn(a, b); }
+    static __device__ __forceinline__ float2 unpack(type v) { return __bfloat1622float2(v); }
+};
+template <> struct PairOf<__half> {
+    using type = __half2;
+    static __device__ __forceinline__ type pack(float a, float b) { return __floats2half2_rn(a, b); }
+    static __device__ __forceinline__ float2 unpack(type v) { return __half22float2(v); }
+};
+
+// x[idx], x[idx + 1] for an even idx of an 8-byte (float) or 4-byte (16-bit) aligned array.
+template <typename X>
+__device__ __forceinline__ void store_pair(X* p, int idx, float a, float b) {
+    *reinterpret_cast<typename PairOf<X>::type*>(p + idx) = PairOf<X>::pack(a, b);
+}
+template <typename X>
+__device__ __forceinline__ float2 load_pair(const X* p, int idx) {
+    return PairOf<X>::unpack(*reinterpret_cast<const typename PairOf<X>::type*>(p + idx));
+}
+template <typename E>
+__device__ __forceinline__ void split_store_pair(Split<E> s, int idx, float a, float b) {
+    const typename PairOf<E>::type h = PairOf<E>::pack(a, b);
+    const float2 hf = PairOf<E>::unpack(h);
+    *reinterpret_cast<typename PairOf<E>::type*>(s.hi + idx) = h;
+    store_pair(s.lo, idx, a - hf.x, b - hf.y);
+}
+
 // Which 16 x 8 tiles of an M x N accumulator each of NW warps owns: WM warps along M, WN along N,
 // interleaved (warp (wm, wn) owns m-tiles wm + i * WM and n-tiles wn + j * WN). Warps beyond
 // WM * WN (tiny products) own nothing.
@@ -157,6 +194,19 @@ struct Acc {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) f(row(warp, lane, i, e), col(warp, lane, j, e), v[i][j][e]);
     }
+    // f(row, col, value&, next value&) for every pair of adjacent columns (col, col + 1), col even.
+    template <typename F>
+    __device__ __forceinline__ void apply_pairs(F&& f) {
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        if (!active(warp)) return;
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; e += 2)
+                    f(row(warp, lane, i, e), col(warp, lane, j, e), v[i][j][e], v[i][j][e + 1]);
+    }
     // f(row, col, value&, other's value&) over the same elements of two accumulators of this shape.
     template <typename F>
     __device__ __forceinline__ void zip(Acc& other, F&& f) {
@@ -170,14 +220,14 @@ struct Acc {
                 for (int e = 0; e < 4; ++e)
                     f(row(warp, lane, i, e), col(warp, lane, j, e), v[i][j][e], other.v[i][j][e]);
     }
-    // Write (converted) to a shared or global M x N tile s[row * ld + col].
+    // Write (converted) to a shared M x N tile s[row * ld + col] (ld even).
     template <typename TS>
     __device__ __forceinline__ void store(TS* s, int ld) {
-        apply([&](int r, int c, float& x) { s[r * ld + c] = from_float<TS>(x); });
+        apply_pairs([&](int r, int c, float& x0, float& x1) { store_pair(s, r * ld + c, x0, x1); });
     }
     template <typename E>
     __device__ __forceinline__ void store(Split<E> s, int ld) {
-        apply([&](int r, int c, float& x) { split_store(s, r * ld + c, x); });
+        apply_pairs([&](int r, int c, float& x0, float& x1) { split_store_pair(s, r * ld + c, x0, x1); });
     }
 };
 

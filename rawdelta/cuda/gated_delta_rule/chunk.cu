@@ -4,6 +4,8 @@
 // Layouts (C-contiguous; BT_ = B * T flattened tokens, NC chunks in all, chunks never cross sequences):
 //   q, k [BT_, H, K] (T)   v, o, do [BT_, HV, V] (T)   g, beta [BT_, HV] (float)
 //   Gc, Bc [BT_, HV] float: chunk-local cumulative log2 gates, effective beta (prepare kernel)
+//   Rq, Rk [BT_, HV] float: inverse L2 norms of the q and k rows (prepare kernel; only with F_L2). The
+//                    kernels fold them into their epilogues as row factors instead of normalising tiles
 //   hbuf, dhbuf [NC, HV, K, V] (T): state at each chunk's start / its gradient at the chunk's end
 //   vnew, ybuf [BT_, HV, V] (T): delta = A r and y = A^T d(delta), per chunk
 //
@@ -31,26 +33,30 @@ __global__ void __launch_bounds__(1024) gdn_chunk_table_kernel(const i64* __rest
 // A = (I + L)^-1 with L_ij = beta_i (k_i . k_j) 2^(G_i - G_j), i > j.
 template <typename T, typename E, int BT, int KP>
 __global__ void __launch_bounds__(128) gdn_chunk_prepare_kernel(
-    const T* __restrict__ k, const float* __restrict__ g, const float* __restrict__ beta,
+    const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ g, const float* __restrict__ beta,
     const float* __restrict__ A_log, const float* __restrict__ dt_bias, const i64* __restrict__ chunk_bos,
-    const int* __restrict__ chunk_len, float* __restrict__ Gc, float* __restrict__ Bc, E* __restrict__ Ahi,
-    E* __restrict__ Alo, int H, int HV, int K, int flags) {
+    const int* __restrict__ chunk_len, float* __restrict__ Gc, float* __restrict__ Bc, float* __restrict__ Rq,
+    float* __restrict__ Rk, E* __restrict__ Ahi, E* __restrict__ Alo, int H, int HV, int K, int flags) {
     using TT = typename InputTile<T, E>::type;
     constexpr int LDK = KP + PAD, LDA = BT + 4;
     extern __shared__ __align__(16) unsigned char smem[];
     SmemCursor cur{smem};
-    TT sK;
+    TT sK, sQ;
     cur.into(sK, BT * LDK);
+    if (flags & F_L2) cur.into(sQ, BT * LDK);  // only for its row norms
     float* sL = cur.take<float>(BT * LDA);
     float* sA = cur.take<float>(BT * LDA);
     float* sX = cur.take<float>(16 * LDA);
     float* sG = cur.take<float>(BT);
     float* sB = cur.take<float>(BT);
+    float* sRq = cur.take<float>(BT);
+    float* sRk = cur.take<float>(BT);
 
     const int c = blockIdx.x / HV, hv = blockIdx.x % HV, h = hv / (HV / H);
     const i64 bos = chunk_bos[c];
     const int L = chunk_len[c];
     load_tile(sK, LDK, k + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
+    if (flags & F_L2) load_tile(sQ, LDK, q + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
     for (int r = threadIdx.x; r < BT; r += blockDim.x) {
         const i64 th = (bos + r) * HV + hv;
         sG[r] = r < L ? scalar_log_gate(g, A_log, dt_bias, th, hv, flags) : 0.f;
@@ -58,18 +64,29 @@ __global__ void __launch_bounds__(128) gdn_chunk_prepare_kernel(
     }
     cp_async_wait_all();
     __syncthreads();
-    if (flags & F_L2) l2norm_rows(sK, LDK, L, K);
+    if (flags & F_L2) {  // half the threads take q's rows, half k's
+        const int half = blockDim.x / 2;
+        if ((int)threadIdx.x < half) row_inv_norms(sQ, LDK, L, BT, KP, sRq, threadIdx.x, half);
+        else row_inv_norms(sK, LDK, L, BT, KP, sRk, threadIdx.x - half, half);
+    } else {
+        for (int r = threadIdx.x; r < BT; r += blockDim.x) sRk[r] = 1.f;
+    }
     if (threadIdx.x < 32) chunk_local_cumsum_log2(sG, 1, 1, L, BT);
     __syncthreads();
     for (int r = threadIdx.x; r < L; r += blockDim.x) {
-        Gc[(bos + r) * HV + hv] = sG[r];
-        Bc[(bos + r) * HV + hv] = sB[r];
+        const i64 th = (bos + r) * HV + hv;
+        Gc[th] = sG[r];
+        Bc[th] = sB[r];
+        if (flags & F_L2) {
+            Rq[th] = sRq[r];
+            Rk[th] = sRk[r];
+        }
     }
     Acc<BT, BT, 4> P;
     P.fill(0.f);
     gemm<E, MK, NK, BT, BT, KP, 4>(P, sK, LDK, sK, LDK);
     P.apply([&](int i, int j, float& x) {
-        sL[i * LDA + j] = (j < i && i < L) ? sB[i] * x * exp2f(sG[i] - sG[j]) : 0.f;
+        sL[i * LDA + j] = (j < i && i < L) ? sB[i] * x * (sRk[i] * sRk[j]) * exp2f(sG[i] - sG[j]) : 0.f;
     });
     __syncthreads();
     invert_unit_lower<BT>(sL, sA, sX, LDA);
@@ -80,15 +97,48 @@ __global__ void __launch_bounds__(128) gdn_chunk_prepare_kernel(
     }
 }
 
-// Per-chunk scalars into shared memory: cumulative log2 gates (rows past the chunk repeat the last,
-// so every decay stays finite) and the effective beta (0 past the chunk).
-__device__ __forceinline__ void load_chunk_scalars(float* sG, float* sB, const float* Gc, const float* Bc, i64 bos,
-                                                   int L, int BT, int HV, int hv) {
-    for (int r = threadIdx.x; r < BT; r += blockDim.x) {
-        const i64 th = (bos + (r < L ? r : L - 1)) * HV + hv;
-        sG[r] = Gc[th];
-        sB[r] = r < L ? Bc[th] : 0.f;
+// Per-chunk row scalars in shared memory, loaded at each chunk's start:
+//   G the cumulative log2 gates (rows past the chunk repeat the last, so every decay stays finite),
+//   B the effective beta (0 past the chunk), rq / rk the q / k row factors (inverse L2 norms with F_L2,
+//   else 1), and the products the epilogues need: gq = 2^G rq, gk = 2^G rk, lk = 2^(G_last - G) rk.
+struct ChunkRows {
+    float *G, *B, *rq, *rk, *gq, *gk, *lk;
+    static constexpr int ARRAYS = 7;
+
+    __device__ __forceinline__ void carve(SmemCursor& cur, int BT) {
+        float** arrays[ARRAYS] = {&G, &B, &rq, &rk, &gq, &gk, &lk};
+#pragma unroll
+        for (int a = 0; a < ARRAYS; ++a) *arrays[a] = cur.take<float>(BT);
     }
+    __device__ __forceinline__ void load(const float* Gc, const float* Bc, const float* Rq, const float* Rk, i64 bos,
+                                         int L, int BT, int HV, int hv, int flags) {
+        const float glast = Gc[(bos + L - 1) * HV + hv];
+        for (int r = threadIdx.x; r < BT; r += blockDim.x) {
+            const bool in = r < L;
+            const i64 th = (bos + (in ? r : L - 1)) * HV + hv;
+            const float x = Gc[th], e = exp2f(x), l = exp2f(glast - x);
+            const float nq = (in && (flags & F_L2)) ? Rq[th] : 1.f, nk = (in && (flags & F_L2)) ? Rk[th] : 1.f;
+            G[r] = x;
+            B[r] = in ? Bc[th] : 0.f;
+            rq[r] = nq;
+            rk[r] = nk;
+            gq[r] = e * nq;
+            gk[r] = e * nk;
+            lk[r] = l * nk;
+        }
+    }
+};
+
+// out[e], out[e + 1] for columns j, j + 1 of a row with `cols` valid columns; one paired store when the
+// row length is even (then e is even and the pair aligned).
+template <typename T>
+__device__ __forceinline__ void put_row_pair(T* out, i64 e, int j, int cols, bool paired, float a, float b) {
+    if (paired && j + 1 < cols) {
+        *reinterpret_cast<typename PairOf<T>::type*>(out + e) = PairOf<T>::pack(a, b);
+        return;
+    }
+    if (j < cols) out[e] = from_float<T>(a);
+    if (j + 1 < cols) out[e + 1] = from_float<T>(b);
 }
 
 // The chunk's (I + L)^-1 rows [bos, bos + L) into a split tile (zero rows past the chunk).
@@ -102,8 +152,8 @@ __device__ __forceinline__ void load_inverse(Split<E> sA, int lda, const E* Ahi,
 // State tile [K, V] (row stride V) <-> a KP x BV accumulator at value columns [v0, v0 + vcols).
 template <typename TS, int KP, int BV, int NW>
 __device__ __forceinline__ void store_state(Acc<KP, BV, NW>& S, TS* dst, int K, int V, int v0, int vcols) {
-    S.apply([&](int r, int c, float& x) {
-        if (r < K && c < vcols) dst[(i64)r * V + v0 + c] = from_float<TS>(x);
+    S.apply_pairs([&](int r, int c, float& x0, float& x1) {
+        if (r < K) put_row_pair(dst, (i64)r * V + v0 + c, c, vcols, (V & 1) == 0, x0, x1);
     });
 }
 template <int KP, int BV, int NW>
@@ -120,10 +170,10 @@ __device__ __forceinline__ void load_state(Acc<KP, BV, NW>& S, const float* src,
 template <typename T, typename E, int BT, int KP, int BV, bool STORE>
 __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
-    const float* __restrict__ Bc, const E* __restrict__ Ahi, const E* __restrict__ Alo,
-    const float* __restrict__ h0, const i64* __restrict__ cu, const int* __restrict__ seq_chunk0,
-    T* __restrict__ o, float* __restrict__ ht, T* __restrict__ hbuf, T* __restrict__ vnew, int T_, int H, int HV,
-    int K, int V, int NVB, float scale, int flags) {
+    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
+    const E* __restrict__ Ahi, const E* __restrict__ Alo, const float* __restrict__ h0, const i64* __restrict__ cu,
+    const int* __restrict__ seq_chunk0, T* __restrict__ o, float* __restrict__ ht, T* __restrict__ hbuf,
+    T* __restrict__ vnew, int T_, int H, int HV, int K, int V, int NVB, float scale, int flags) {
     using TT = typename InputTile<T, E>::type;
     constexpr int NW = 8, LDK = KP + PAD, LDV = BV + PAD, LDA = BT + PAD, LDP = BT + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -135,11 +185,12 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
     if (!STORE) cur.into(sP, BT * LDP);
     const Split<E> sA = cur.take_split<E>(BT * LDA), sS = cur.take_split<E>(KP * LDV),
                    sR = cur.take_split<E>(BT * LDV), sDt = cur.take_split<E>(BT * LDV);
-    float* sG = cur.take<float>(BT);
-    float* sB = cur.take<float>(BT);
+    ChunkRows rows;
+    rows.carve(cur, BT);
 
     const int vb = blockIdx.x % NVB, nh = blockIdx.x / NVB, hv = nh % HV, n = nh / HV, h = hv / (HV / H);
     const int v0 = vb * BV, vcols = min(BV, V - v0);
+    const bool paired = (V & 1) == 0;
     const SeqRange sr = seq_range(cu, n, T_, flags);
     const int len = (int)(sr.eos - sr.bos), nchunks = (len + BT - 1) / BT;
     const i64 state_off = ((i64)n * HV + hv) * K * V;
@@ -156,21 +207,18 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
         load_tile(sK, LDK, k + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
         load_tile(sVD, LDV, v + (bos * HV + hv) * V + v0, (i64)HV * V, L, vcols, BT, BV);
         load_inverse<E, BT>(sA, LDA, Ahi, Alo, bos, L, HV, hv);
-        load_chunk_scalars(sG, sB, Gc, Bc, bos, L, BT, HV, hv);
+        rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
         S.store(sS, LDV);
         if (STORE) store_state(S, hbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V, K, V, v0, vcols);
         cp_async_wait_all();
         __syncthreads();
-        if (flags & F_L2) {
-            if (!STORE) l2norm_rows(sQ, LDK, L, K);
-            l2norm_rows(sK, LDK, L, K);
-            __syncthreads();
-        }
         Acc<BT, BV, NW> X;
         X.fill(0.f);
         gemm<E, MK, KN, BT, BV, KP, NW>(X, sK, LDK, sS, LDV);
-        X.apply([&](int i, int j, float& x) {
-            tile_put(sR, i * LDV + j, sB[i] * (tile_get(sVD, i * LDV + j) - exp2f(sG[i]) * x));
+        X.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            const float2 vv = tile_get_pair(sVD, i * LDV + j);
+            const float b = rows.B[i], f = rows.gk[i];
+            tile_put_pair(sR, i * LDV + j, b * (vv.x - f * x0), b * (vv.y - f * x1));
         });
         Acc<BT, BV, NW> Y;
         if (!STORE) {
@@ -179,28 +227,28 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
             Acc<BT, BT, NW> P;
             P.fill(0.f);
             gemm<E, MK, NK, BT, BT, KP, NW>(P, sQ, LDK, sK, LDK);
-            mask_decay_scores<false>(P, sG, L, scale);
+            mask_decay_scores<false>(P, rows.G, L, scale, rows.rq, rows.rk);
             P.store(sP, LDP);
         }
         __syncthreads();
         Acc<BT, BV, NW> D;
         D.fill(0.f);
         gemm<E, MK, KN, BT, BV, BT, NW>(D, sA, LDA, sR, LDV);
-        const float glast = sG[BT - 1];
-        D.apply([&](int i, int j, float& x) {
-            if (!STORE) tile_put(sVD, i * LDV + j, x);
-            tile_put(sDt, i * LDV + j, x * exp2f(glast - sG[i]));
-            if (STORE && i < L && j < vcols) vnew[((bos + i) * HV + hv) * V + v0 + j] = from_float<T>(x);
+        D.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            if (!STORE) tile_put_pair(sVD, i * LDV + j, x0, x1);
+            const float l = rows.lk[i];
+            tile_put_pair(sDt, i * LDV + j, x0 * l, x1 * l);
+            if (STORE && i < L) put_row_pair(vnew, ((bos + i) * HV + hv) * V + v0 + j, j, vcols, paired, x0, x1);
         });
         __syncthreads();
         if (!STORE) {
-            scale_inter_output(Y, sG, scale);
+            scale_inter_output(Y, rows.gq, scale);
             gemm<E, MK, KN, BT, BV, BT, NW>(Y, sP, LDP, sVD, LDV);
-            Y.apply([&](int i, int j, float& x) {
-                if (i < L && j < vcols) o[((bos + i) * HV + hv) * V + v0 + j] = from_float<T>(x);
+            Y.apply_pairs([&](int i, int j, float& x0, float& x1) {
+                if (i < L) put_row_pair(o, ((bos + i) * HV + hv) * V + v0 + j, j, vcols, paired, x0, x1);
             });
         }
-        decay_state<ScalarGate>(S, sG, 1, BT - 1);
+        decay_state<ScalarGate>(S, rows.G, 1, BT - 1);
         gemm<E, KM, KN, KP, BV, BT, NW>(S, sK, LDK, sDt, LDV);
         __syncthreads();
     }
@@ -216,10 +264,11 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
 template <typename T, typename E, int BT, int KP, int BV>
 __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
-    const float* __restrict__ Bc, const E* __restrict__ Ahi, const E* __restrict__ Alo, const T* __restrict__ dout,
-    const float* __restrict__ dht, const i64* __restrict__ cu, const int* __restrict__ seq_chunk0,
-    T* __restrict__ dhbuf, T* __restrict__ ybuf, T* __restrict__ dv, float* __restrict__ part_yv,
-    float* __restrict__ dh0, int T_, int H, int HV, int K, int V, int NVB, i64 BT_, float scale, int flags) {
+    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
+    const E* __restrict__ Ahi, const E* __restrict__ Alo, const T* __restrict__ dout, const float* __restrict__ dht,
+    const i64* __restrict__ cu, const int* __restrict__ seq_chunk0, T* __restrict__ dhbuf, T* __restrict__ ybuf,
+    T* __restrict__ dv, float* __restrict__ part_yv, float* __restrict__ dh0, int T_, int H, int HV, int K, int V,
+    int NVB, i64 BT_, float scale, int flags) {
     using TT = typename InputTile<T, E>::type;
     constexpr int NW = 8, LDK = KP + PAD, LDV = BV + PAD, LDA = BT + PAD, LDP = BT + PAD;
     using AccV = Acc<BT, BV, NW>;
@@ -232,13 +281,14 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
     cur.into(sDo, BT * LDV);
     const Split<E> sA = cur.take_split<E>(BT * LDA), sS = cur.take_split<E>(KP * LDV),
                    sT = cur.take_split<E>(BT * LDV), sDoG = cur.take_split<E>(BT * LDV);
-    float* sG = cur.take<float>(BT);
-    float* sB = cur.take<float>(BT);
+    ChunkRows rows;
+    rows.carve(cur, BT);
     float* sScratch = cur.take<float>(AccV::WN * BT);
     float* sRow = cur.take<float>(BT);
 
     const int vb = blockIdx.x % NVB, nh = blockIdx.x / NVB, hv = nh % HV, n = nh / HV, h = hv / (HV / H);
     const int v0 = vb * BV, vcols = min(BV, V - v0);
+    const bool paired = (V & 1) == 0;
     const SeqRange sr = seq_range(cu, n, T_, flags);
     const int len = (int)(sr.eos - sr.bos), nchunks = (len + BT - 1) / BT;
     const i64 state_off = ((i64)n * HV + hv) * K * V;
@@ -255,53 +305,52 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
         load_tile(sK, LDK, k + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
         load_tile(sDo, LDV, dout + (bos * HV + hv) * V + v0, (i64)HV * V, L, vcols, BT, BV);
         load_inverse<E, BT>(sA, LDA, Ahi, Alo, bos, L, HV, hv);
-        load_chunk_scalars(sG, sB, Gc, Bc, bos, L, BT, HV, hv);
+        rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
         dS.store(sS, LDV);
         store_state(dS, dhbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V, K, V, v0, vcols);
         cp_async_wait_all();
         __syncthreads();
-        if (flags & F_L2) {
-            l2norm_rows(sQ, LDK, L, K);
-            l2norm_rows(sK, LDK, L, K);
-            __syncthreads();
-        }
-        const float glast = sG[BT - 1];
         {
             Acc<BT, BT, NW> P;
             P.fill(0.f);
             gemm<E, MK, NK, BT, BT, KP, NW>(P, sQ, LDK, sK, LDK);
-            mask_decay_scores<false>(P, sG, L, scale);
+            mask_decay_scores<false>(P, rows.G, L, scale, rows.rq, rows.rk);
             P.store(sP, LDP);
         }
         AccV Z;
         Z.fill(0.f);
         gemm<E, MK, KN, BT, BV, KP, NW>(Z, sK, LDK, sS, LDV);
-        Z.apply([&](int i, int, float& x) { x *= exp2f(glast - sG[i]); });
-        for (int idx = threadIdx.x; idx < BT * BV; idx += blockDim.x) {
+        Z.apply([&](int i, int, float& x) { x *= rows.lk[i]; });
+        for (int idx = 2 * threadIdx.x; idx < BT * BV; idx += 2 * blockDim.x) {
             const int i = idx / BV, j = idx % BV;
-            tile_put(sDoG, i * LDV + j, scale * exp2f(sG[i]) * tile_get(sDo, i * LDV + j));
+            const float2 d = tile_get_pair(sDo, i * LDV + j);
+            const float f = scale * rows.gq[i];
+            tile_put_pair(sDoG, i * LDV + j, f * d.x, f * d.y);
         }
         __syncthreads();
         gemm<E, KM, KN, BT, BV, BT, NW>(Z, sP, LDP, sDo, LDV);
         Z.store(sT, LDV);
         __syncthreads();
+        // do is dead now: its tile takes v, for the row sums y . v below, while y is computed
+        load_tile(sDo, LDV, v + (bos * HV + hv) * V + v0, (i64)HV * V, L, vcols, BT, BV);
         AccV Yc;
         Yc.fill(0.f);
         gemm<E, KM, KN, BT, BV, BT, NW>(Yc, sA, LDA, sT, LDV);
+        cp_async_wait_all();
         __syncthreads();
-        Yc.apply([&](int i, int j, float& x) {
-            if (i < L && j < vcols) {
+        Yc.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            if (i < L) {
                 const i64 e = ((bos + i) * HV + hv) * V + v0 + j;
-                dv[e] = from_float<T>(sB[i] * x);
-                ybuf[e] = from_float<T>(x);
+                const float b = rows.B[i];
+                put_row_pair(dv, e, j, vcols, paired, b * x0, b * x1);
+                put_row_pair(ybuf, e, j, vcols, paired, x0, x1);
             }
-            tile_put(sT, i * LDV + j, -sB[i] * exp2f(sG[i]) * x);
+            const float f = -rows.B[i] * rows.gk[i];
+            tile_put_pair(sT, i * LDV + j, f * x0, f * x1);
         });
-        acc_row_sums(Yc, [&](int i, int j, float x) {
-            return (i < L && j < vcols) ? x * to_float(v[((bos + i) * HV + hv) * V + v0 + j]) : 0.f;
-        }, sScratch, sRow);
+        acc_row_sums(Yc, [&](int i, int j, float x) { return x * tile_get(sDo, i * LDV + j); }, sScratch, sRow);
         for (int i = threadIdx.x; i < L; i += blockDim.x) part_yv[((i64)vb * BT_ + bos + i) * HV + hv] = sRow[i];
-        decay_state<ScalarGate>(dS, sG, 1, BT - 1);
+        decay_state<ScalarGate>(dS, rows.G, 1, BT - 1);
         gemm<E, KM, KN, KP, BV, BT, NW>(dS, sQ, LDK, sDoG, LDV);
         gemm<E, KM, KN, KP, BV, BT, NW>(dS, sK, LDK, sT, LDV);
         __syncthreads();
@@ -321,9 +370,9 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
 //          j < s; 2^G_last <h, dh> always; 2^(G_i - G_j) (DM_ij q_i . k_j + dL_ij L_ij) for j < s <= i
 //   dbeta_i = -2^G_i k.Yh + sum_j dL_ij (k_i . k_j) E_ij     (+ y . v from the state pass)
 template <typename T, typename E, int BT, int KS, int BVB>
-__global__ void __launch_bounds__(256) gdn_chunk_bwd_dqk_kernel(
+__global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ dout, const float* __restrict__ Gc,
-    const float* __restrict__ Bc, const T* __restrict__ hbuf, const T* __restrict__ dhbuf,
+    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk, const T* __restrict__ hbuf, const T* __restrict__ dhbuf,
     const T* __restrict__ vnew, const T* __restrict__ ybuf, const i64* __restrict__ chunk_bos,
     const int* __restrict__ chunk_len, float* __restrict__ dq_hv, float* __restrict__ dk_hv,
     float* __restrict__ part_dG, float* __restrict__ part_db, int H, int HV, int K, int V, int NKS, i64 BT_,
@@ -344,12 +393,13 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_dqk_kernel(
     cur.into(sH, KS * LDV);
     cur.into(sDh, KS * LDV);
     const Split<E> sDM = cur.take_split<E>(BT * LDM), sDK = cur.take_split<E>(BT * LDM);
-    float* sG = cur.take<float>(BT);
-    float* sB = cur.take<float>(BT);
-    float* sRn = cur.take<float>(2 * BT);
+    ChunkRows rows;
+    rows.carve(cur, BT);
+    const float* sG = rows.G;
+    const float* sB = rows.B;
     float* sScratch = cur.take<float>(NW * BT);  // max(WN, WM) * BT floats
     float* sRow = cur.take<float>(4 * BT);       // 4 row vectors of BT
-    float* sRed = cur.take<float>(NW * 32);      // one float per thread
+    float* sRed = cur.take<float>(NW);           // one float per warp
 
     const int ks = blockIdx.x % NKS, ch = blockIdx.x / NKS, hv = ch % HV, c = ch / HV, h = hv / (HV / H);
     const i64 bos = chunk_bos[c];
@@ -358,25 +408,15 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_dqk_kernel(
 
     load_tile(sQ, LDK, q + (bos * H + h) * K + k0, (i64)H * K, L, kc, BT, KS);
     load_tile(sK, LDK, k + (bos * H + h) * K + k0, (i64)H * K, L, kc, BT, KS);
-    load_chunk_scalars(sG, sB, Gc, Bc, bos, L, BT, HV, hv);
+    rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
     cp_async_wait_all();
     __syncthreads();
-    if (flags & F_L2) {  // norms over the full key rows, not just this slice
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        for (int rr = warp; rr < 2 * BT; rr += NW) {
-            const int r = rr % BT;
-            const T* x = (rr < BT ? q : k) + ((bos + r) * H + h) * K;
-            float ss = 0.f;
-            if (r < L)
-                for (int d = lane; d < K; d += 32) ss += to_float(x[d]) * to_float(x[d]);
-            ss = warp_sum(ss);
-            if (lane == 0) sRn[rr] = rsqrtf(ss + 1e-6f);
-        }
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < BT * KS; idx += blockDim.x) {
+    if (flags & F_L2) {  // q and k are operands of many products below: normalise the tiles once
+        for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * blockDim.x) {
             const int r = idx / KS, d = idx % KS;
-            tile_put(sQ, r * LDK + d, tile_get(sQ, r * LDK + d) * sRn[r]);
-            tile_put(sK, r * LDK + d, tile_get(sK, r * LDK + d) * sRn[BT + r]);
+            const float2 x = tile_get_pair(sQ, r * LDK + d), y = tile_get_pair(sK, r * LDK + d);
+            tile_put_pair(sQ, r * LDK + d, x.x * rows.rq[r], x.y * rows.rq[r]);
+            tile_put_pair(sK, r * LDK + d, y.x * rows.rk[r], y.y * rows.rk[r]);
         }
     }
 
@@ -399,8 +439,11 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_dqk_kernel(
         load_tile(sDh, LDV, dhbuf + hoff + v0, (i64)V, kc, vc, KS, BVB);
         cp_async_wait_all();
         __syncthreads();
-        for (int idx = threadIdx.x; idx < KS * BVB; idx += blockDim.x)
-            hdh += tile_get(sH, (idx / BVB) * LDV + idx % BVB) * tile_get(sDh, (idx / BVB) * LDV + idx % BVB);
+        for (int idx = 2 * threadIdx.x; idx < KS * BVB; idx += 2 * blockDim.x) {
+            const int e = (idx / BVB) * LDV + idx % BVB;
+            const float2 a = tile_get_pair(sH, e), b = tile_get_pair(sDh, e);
+            hdh += a.x * b.x + a.y * b.y;
+        }
         gemm<E, MK, NK, BT, KS, BVB, NW>(Dq, sDo, LDV, sH, LDV);
         gemm<E, MK, NK, BT, KS, BVB, NW>(Yh, sY, LDV, sH, LDV);
         gemm<E, MK, NK, BT, KS, BVB, NW>(Dk, sDel, LDV, sDh, LDV);
@@ -459,34 +502,52 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_dqk_kernel(
         if (i < L && j < kc) dk_hv[qrow + (i64)i * HV * K + j] = x;
     });
 
-    sRed[threadIdx.x] = hdh;
+    hdh = warp_sum(hdh);
+    if ((threadIdx.x & 31) == 0) sRed[threadIdx.x >> 5] = hdh;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float s = 0.f;
-        for (int t = 0; t < (int)blockDim.x; ++t) s += sRed[t];
-        sRed[0] = exp2f(glast) * s;  // decay 2^G_last of the carried state spans every step
-    }
-    __syncthreads();
+    float carried = 0.f;  // decay 2^G_last of the carried state spans every step
+#pragma unroll
+    for (int w = 0; w < NW; ++w) carried += sRed[w];
+    carried *= exp2f(glast);
     // Gradient of each step's log-gate: the sum of the decay-exponent gradients of every factor spanning it
     // (summing spans directly, instead of a reverse cumsum of per-row terms, avoids cancelling large terms).
     // The pair factors' spans are rectangles of C: row-wise exclusive prefixes first, then column sums.
-    for (int i = threadIdx.x; i < L; i += blockDim.x) {
-        float run = 0.f;
-        for (int j = 0; j < L; ++j) {
-            const float x = sC[i * LDC + j];
-            sC[i * LDC + j] = run;
+    // Q threads share each row (and then each step), W entries each, combined by lane shuffles.
+    constexpr int Q = NW * 32 / BT, W = BT / Q;
+    const int part = threadIdx.x % Q, seg0 = part * W, rs = threadIdx.x / Q;
+    {
+        float* crow = sC + rs * LDC;
+        float loc = 0.f;
+#pragma unroll
+        for (int j = seg0; j < seg0 + W; ++j) loc += crow[j];
+        float incl = loc;
+#pragma unroll
+        for (int o = 1; o < Q; o <<= 1) {
+            const float y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (part >= o) incl += y;
+        }
+        float run = incl - loc;
+#pragma unroll
+        for (int j = seg0; j < seg0 + W; ++j) {
+            const float x = crow[j];
+            crow[j] = run;
             run += x;
         }
     }
     __syncthreads();
-    for (int s = threadIdx.x; s < L; s += blockDim.x) {
-        float dg = sRed[0], rect = 0.f;
-        for (int i = s; i < L; ++i) dg += rowQ[i] - sB[i] * exp2f(sG[i]) * rowY[i];
-        for (int j = 0; j < s; ++j) dg += rowK[j];
-        for (int i = s; i < L; ++i) rect += sC[i * LDC + s];
-        const i64 e = ((i64)ks * BT_ + bos + s) * HV + hv;
-        part_dG[e] = dg + rect;
-        part_db[e] = -exp2f(sG[s]) * rowY[s] + rowB[s];
+    {
+        float acc = 0.f;
+#pragma unroll
+        for (int x = seg0; x < seg0 + W; ++x) {
+            if (x >= rs && x < L) acc += rowQ[x] - sB[x] * exp2f(sG[x]) * rowY[x] + sC[x * LDC + rs];
+            if (x < rs) acc += rowK[x];
+        }
+        acc = lane_group_sum<1, Q>(acc);
+        if (part == 0 && rs < L) {
+            const i64 e = ((i64)ks * BT_ + bos + rs) * HV + hv;
+            part_dG[e] = carried + acc;
+            part_db[e] = -exp2f(sG[rs]) * rowY[rs] + rowB[rs];
+        }
     }
 }
 

@@ -4,7 +4,8 @@ Kernels: ``rawdelta/cuda/gated_delta_rule/chunk.cu`` (tensor-core stages; the sh
 ``rawdelta/cuda/common``). The gradient finishing (group sums, L2-norm, gate and beta activations)
 reuses the recurrent mode's kernels.
 
-Forward: chunk table -> prepare (cumulative log2 gates, beta, (I + L)^-1 per chunk) -> one state
+Forward: chunk table -> prepare (cumulative log2 gates, beta, the q/k rows' inverse L2 norms, (I + L)^-1
+per chunk) -> one state
 pass per (sequence, value head, BV columns) that also writes the output. Backward: the same prepare,
 the state pass again storing per-chunk states and deltas, the reverse state pass (dh per chunk, dv,
 dh0), the per-chunk dq/dk/gate kernel over key slices of KS, then the finishing kernels.
@@ -67,6 +68,7 @@ register(
 # chunk.cu: every buffer is rounded up to 16 bytes; tiles of input precision are 2-byte (split into two
 # for float32 inputs), Split tiles are two 2-byte tiles, the rest float32.
 _PAD = 8
+_ROWS = 7  # ChunkRows: per-chunk row arrays of BT floats
 
 
 def _r16(nbytes: int) -> int:
@@ -87,7 +89,7 @@ def _f32(n: int) -> int:
 
 def _smem_prepare(ct: str, bt: int, kp: int) -> int:
     lda = bt + 4
-    return _in_tile(ct, bt * (kp + _PAD)) + 2 * _f32(bt * lda) + _f32(16 * lda) + 2 * _f32(bt)
+    return 2 * _in_tile(ct, bt * (kp + _PAD)) + 2 * _f32(bt * lda) + _f32(16 * lda) + 4 * _f32(bt)
 
 
 def _smem_fwd(ct: str, bt: int, kp: int, store: bool) -> int:
@@ -95,7 +97,7 @@ def _smem_fwd(ct: str, bt: int, kp: int, store: bool) -> int:
     ldk, ldv, lda, ldp = kp + _PAD, bv + _PAD, bt + _PAD, bt + _PAD
     tiles = (1 if store else 2) * _in_tile(ct, bt * ldk) + _in_tile(ct, bt * ldv)
     tiles += 0 if store else _in_tile(ct, bt * ldp)
-    return tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + 2 * _f32(bt)
+    return tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + _ROWS * _f32(bt)
 
 
 def _acc_wn(m: int, n: int, nw: int) -> int:
@@ -107,14 +109,14 @@ def _smem_bwd_state(ct: str, bt: int, kp: int) -> int:
     bv = _bv(ct, kp)
     ldk, ldv, lda, ldp = kp + _PAD, bv + _PAD, bt + _PAD, bt + _PAD
     tiles = 2 * _in_tile(ct, bt * ldk) + _in_tile(ct, bt * ldp) + _in_tile(ct, bt * ldv)
-    return (tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + 2 * _f32(bt)
+    return (tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + _ROWS * _f32(bt)
             + _f32(_acc_wn(bt, bv, 8) * bt) + _f32(bt))
 
 
 def _smem_dqk(ct: str, bt: int) -> int:
     ldk, ldv, ldm = KS + _PAD, BVB + _PAD, bt + _PAD
     tiles = 2 * _in_tile(ct, bt * ldk) + 3 * _in_tile(ct, bt * ldv) + 2 * _in_tile(ct, KS * ldv)
-    return tiles + 2 * _split(bt * ldm) + 2 * _f32(bt) + _f32(2 * bt) + _f32(8 * bt) + _f32(4 * bt) + _f32(256)
+    return tiles + 2 * _split(bt * ldm) + _ROWS * _f32(bt) + _f32(8 * bt) + _f32(4 * bt) + _f32(8)
 
 
 def _launch(name: str, grid: int, block: int, smem: int, args: tuple[Any, ...]) -> None:
@@ -123,6 +125,8 @@ def _launch(name: str, grid: int, block: int, smem: int, args: tuple[Any, ...]) 
     kern = get_kernel(SOURCE, name)
     if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
         kern.max_dynamic_shared_size_bytes = smem
+        # all of the SM's unified L1/shared memory as shared memory, so that two blocks fit where they can
+        kern.preferred_shared_memory_carveout = 100
     kern((grid,), (block,), args, shared_mem=smem)
 
 
@@ -139,8 +143,15 @@ class _Chunks:
     chunk_len: Any  # int32 [NC]
     Gc: Any  # float32 [B*T, HV] cumulative log2 gates
     Bc: Any  # float32 [B*T, HV] effective beta
+    Rq: Any  # float32 [B*T, HV] inverse L2 norms of q's rows (None without the in-kernel L2 norm)
+    Rk: Any  # float32 [B*T, HV] same for k
     Ahi: Any  # [B*T, HV, BT] (mma type) (I + L)^-1 per chunk, hi part
     Alo: Any  # lo part
+
+    @property
+    def rows(self) -> tuple[Any, ...]:
+        """The per-token row arrays every chunk kernel takes: Gc, Bc, Rq, Rk (null pointers when absent)."""
+        return self.Gc, self.Bc, rec._ptr(self.Rq), rec._ptr(self.Rk)
 
 
 def _num_chunks(p: GDNProblem, bt: int) -> int:
@@ -167,6 +178,9 @@ def _prepare(p: GDNProblem, bt: int) -> _Chunks:
     n_tok = p.B * p.T
     Gc = empty(cupy, (n_tok, p.HV), np.float32)
     Bc = empty(cupy, (n_tok, p.HV), np.float32)
+    l2 = bool(flags & rec.F_L2)
+    Rq = empty(cupy, (n_tok, p.HV), np.float32) if l2 else None
+    Rk = empty(cupy, (n_tok, p.HV), np.float32) if l2 else None
     mma_dt = np.float16 if ct == "__half" else BFLOAT16
     Ahi = empty(cupy, (n_tok, p.HV, bt), mma_dt)
     Alo = empty(cupy, (n_tok, p.HV, bt), mma_dt)
@@ -174,9 +188,9 @@ def _prepare(p: GDNProblem, bt: int) -> _Chunks:
         rec._ptr(p.cu_seqlens), np.int32(p.N), np.int32(p.T), np.int32(bt), seq_chunk0, chunk_bos, chunk_len,
         np.int32(flags)))
     _launch(_prepare_name(ct, bt, kp), nc * p.HV, 128, _smem_prepare(ct, bt, kp), (
-        p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), chunk_bos, chunk_len, Gc, Bc,
-        Ahi, Alo, np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(flags)))
-    return _Chunks(bt, kp, ct, nc, seq_chunk0, chunk_bos, chunk_len, Gc, Bc, Ahi, Alo)
+        p.q, p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), chunk_bos, chunk_len,
+        Gc, Bc, rec._ptr(Rq), rec._ptr(Rk), Ahi, Alo, np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(flags)))
+    return _Chunks(bt, kp, ct, nc, seq_chunk0, chunk_bos, chunk_len, Gc, Bc, Rq, Rk, Ahi, Alo)
 
 
 def _state_pass_args(p: GDNProblem, ch: _Chunks) -> tuple[int, int]:
@@ -197,9 +211,9 @@ def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any]:
         flags |= rec.F_HT
     nvb, grid = _state_pass_args(p, ch)
     _launch(_fwd_name(ch.ct, ch.bt, ch.kp, False), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, False), (
-        p.q, p.k, p.v, ch.Gc, ch.Bc, ch.Ahi, ch.Alo, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens),
-        ch.seq_chunk0, o, rec._ptr(ht), _NULL, _NULL, np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K),
-        np.int32(p.V), np.int32(nvb), np.float32(p.scale), np.int32(flags)))
+        p.q, p.k, p.v, *ch.rows, ch.Ahi, ch.Alo, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0,
+        o, rec._ptr(ht), _NULL, _NULL, np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V),
+        np.int32(nvb), np.float32(p.scale), np.int32(flags)))
     return o, ht
 
 
@@ -221,7 +235,7 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any) -> dict[st
     hbuf = empty(cupy, (max(ch.nc, 1), p.HV, p.K, p.V), dt)
     vnew = empty(cupy, (n_tok, p.HV, p.V), dt)
     _launch(_fwd_name(ch.ct, ch.bt, ch.kp, True), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, True), (
-        p.q, p.k, p.v, ch.Gc, ch.Bc, ch.Ahi, ch.Alo, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0,
+        p.q, p.k, p.v, *ch.rows, ch.Ahi, ch.Alo, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0,
         _NULL, _NULL, hbuf, vnew, *ints, np.float32(p.scale), np.int32(flags)))
 
     dhbuf = empty(cupy, (max(ch.nc, 1), p.HV, p.K, p.V), dt)
@@ -230,7 +244,7 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any) -> dict[st
     part_yv = empty(cupy, (nvb, n_tok, p.HV), np.float32)
     dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
     _launch(_bwd_state_name(ch.ct, ch.bt, ch.kp), grid, 256, _smem_bwd_state(ch.ct, ch.bt, ch.kp), (
-        p.q, p.k, p.v, ch.Gc, ch.Bc, ch.Ahi, ch.Alo, do, rec._ptr(dht), rec._ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf,
+        p.q, p.k, p.v, *ch.rows, ch.Ahi, ch.Alo, do, rec._ptr(dht), rec._ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf,
         ybuf, dv, part_yv, rec._ptr(dh0), *ints, np.int64(n_tok), np.float32(p.scale), np.int32(flags)))
 
     nks = math.ceil(p.K / KS)
@@ -239,8 +253,8 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any) -> dict[st
     part_dG = empty(cupy, (nks, n_tok, p.HV), np.float32)
     part_db = empty(cupy, (nks, n_tok, p.HV), np.float32)
     _launch(_dqk_name(ch.ct, ch.bt), ch.nc * p.HV * nks, 256, _smem_dqk(ch.ct, ch.bt), (
-        p.q, p.k, do, ch.Gc, ch.Bc, hbuf, dhbuf, vnew, ybuf, ch.chunk_bos, ch.chunk_len, dq_hv, dk_hv, part_dG,
-        part_db, np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nks), np.int64(n_tok),
+        p.q, p.k, do, *ch.rows, hbuf, dhbuf, vnew, ybuf, ch.chunk_bos, ch.chunk_len, dq_hv, dk_hv, part_dG, part_db,
+        np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nks), np.int64(n_tok),
         np.float32(p.scale), np.int32(flags)))
 
     dg_tok = empty(cupy, (n_tok, p.HV), np.float32)
