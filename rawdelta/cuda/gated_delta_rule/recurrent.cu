@@ -404,7 +404,9 @@ gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 }
 
 // dq and dk: sum the partials over vb and over the value heads of each key head, then the
-// L2-norm backward. One warp per (token, key head); lane owns rows lane + 32 * i.
+// L2-norm backward. One warp per (token, key head); lane owns the 8 key rows col(i) below: four
+// consecutive rows per 128 when K is a multiple of 4 (16-byte loads of the float partials), else
+// rows lane + 32 * i.
 template <typename T>
 __global__ void __launch_bounds__(128)
 gdn_recurrent_bwd_finish_qk_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ part_dq,
@@ -415,25 +417,45 @@ gdn_recurrent_bwd_finish_qk_kernel(const T* __restrict__ q, const T* __restrict_
     if (item >= BT * H) return;
     const i64 t = item / H;
     const int h = (int)(item % H), G = HV / H;
+    const bool vec = (K & 3) == 0;
+    auto col = [&](int i) { return vec ? 128 * (i >> 2) + 4 * lane + (i & 3) : lane + 32 * i; };
     for (int which = 0; which < 2; ++which) {
-        const T* x = which == 0 ? q : k;
+        const T* x = (which == 0 ? q : k) + (t * H + h) * K;
         const float* part = which == 0 ? part_dq : part_dk;
-        T* out = which == 0 ? dq : dk;
+        T* out = (which == 0 ? dq : dk) + (t * H + h) * K;
         float d[8], xv[8];
-        float ss = 0.f, dot = 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int r = lane + 32 * i;
-            d[i] = 0.f;
-            xv[i] = 0.f;
-            if (r < K) {
+        for (int i = 0; i < 8; ++i) d[i] = xv[i] = 0.f;
+        if (vec) {
+#pragma unroll
+            for (int i4 = 0; i4 < 2; ++i4) {
+                const int r = 128 * i4 + 4 * lane;
+                if (r >= K) continue;
+                for (int vb = 0; vb < NVB; ++vb)
+                    for (int gi = 0; gi < G; ++gi) {
+                        const float4 p4 = *reinterpret_cast<const float4*>(part + ((vb * BT + t) * HV + h * G + gi) * K + r);
+                        d[4 * i4] += p4.x;
+                        d[4 * i4 + 1] += p4.y;
+                        d[4 * i4 + 2] += p4.z;
+                        d[4 * i4 + 3] += p4.w;
+                    }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) xv[4 * i4 + e] = to_float(x[r + e]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int r = col(i);
+                if (r >= K) continue;
                 for (int vb = 0; vb < NVB; ++vb)
                     for (int gi = 0; gi < G; ++gi) d[i] += part[((vb * BT + t) * HV + h * G + gi) * K + r];
-                xv[i] = to_float(x[(t * H + h) * K + r]);
+                xv[i] = to_float(x[r]);
             }
-            ss += xv[i] * xv[i];
         }
         if (flags & F_L2) {
+            float ss = 0.f, dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) ss += xv[i] * xv[i];
             const float rn = rsqrtf(warp_sum(ss) + 1e-6f);
 #pragma unroll
             for (int i = 0; i < 8; ++i) dot += d[i] * xv[i] * rn;
@@ -443,8 +465,8 @@ gdn_recurrent_bwd_finish_qk_kernel(const T* __restrict__ q, const T* __restrict_
         }
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            const int r = lane + 32 * i;
-            if (r < K) out[(t * H + h) * K + r] = from_float<T>(d[i]);
+            const int r = col(i);
+            if (r < K) out[r] = from_float<T>(d[i]);
         }
     }
 }
