@@ -317,7 +317,9 @@ def test_public_reference_equals_chunk_forward_and_backward(chunk_size: int | No
 def test_public_reference_validation() -> None:
     kw, do, _ = _public_case()
     q, k, v, g, beta, rest = kw["q"], kw["k"], kw["v"], kw["g"], kw["beta"], _rest(kw)
-    for bad in (48, 0, True):
+    for bad in (48, 0, True, None):
+        with pytest.raises(ValueError, match="chunk_size must be one of"):
+            rawdelta.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=bad, **rest)
         with pytest.raises(ValueError, match="chunk_size must be one of"):
             rawdelta.naive_chunk_gated_delta_rule(q, k, v, g, beta, bad, **rest)
         with pytest.raises(ValueError, match="chunk_size must be one of"):

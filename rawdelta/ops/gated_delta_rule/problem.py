@@ -91,6 +91,9 @@ class GDNProblem:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name in _ARRAY_ARGS}
 
 
+RECURRENT: Any = object()  # make_problem's chunk_size for the recurrent mode (None is a chunked caller's error)
+
+
 def make_problem(
     q: Any,
     k: Any,
@@ -116,15 +119,18 @@ def make_problem(
     stream: Any = None,
     allow_gk_gv: bool = True,
     allow_beta_per_v: bool = True,
-    chunk_size: Any = None,
+    chunk_size: Any = RECURRENT,
 ) -> GDNProblem:
     """Validate a gated-delta-rule call and normalise it into a :class:`GDNProblem`.
 
     ``allow_gk_gv`` / ``allow_beta_per_v`` are False for the chunked mode, which also passes its
-    ``chunk_size`` (one of ``CHUNK_SIZES``) to be validated with everything else.
+    ``chunk_size`` (one of ``CHUNK_SIZES``; the default, ``RECURRENT``, means the recurrent mode) to be
+    validated with everything else.
     """
     v_ = Validator()
-    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES):
+    if chunk_size is not RECURRENT and (
+        chunk_size is None or isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES
+    ):
         v_.error(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
     raw = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
            "A_log": A_log, "dt_bias": dt_bias}
