@@ -5,10 +5,10 @@ Kernels: ``rawdelta/cuda/gated_delta_rule/chunk.cu`` (tensor-core stages; the sh
 reuses the recurrent mode's kernels.
 
 Forward: chunk table -> prepare (cumulative log2 gates, beta, the q/k rows' inverse L2 norms, (I + L)^-1
-per chunk) -> one state
-pass per (sequence, value head, BV columns) that also writes the output. Backward: the same prepare,
-the state pass again storing per-chunk states and deltas, the reverse state pass (dh per chunk, dv,
-dh0), the per-chunk dq/dk/gate kernel over key slices of KS, then the finishing kernels.
+per chunk) -> one state pass per (sequence, value head, BV columns) that also writes the output.
+Backward: the same prepare, the state pass again storing per-chunk states and deltas, the reverse state
+pass (dh per chunk, dv, dh0), the per-chunk dq/dk/gate kernel over key slices of KS, then the finishing
+kernels.
 """
 
 from __future__ import annotations
