@@ -51,8 +51,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     how.add_argument("--cold-timeout-s", type=float, default=240.0,
                      help="limit for one fresh process, s (default: %(default)s)")
     how.add_argument("--time-limit-s", type=float, default=None,
-                     help="after this long, report the remaining cases as skipped (the run then ends about one "
-                          "measurement later)")
+                     help="end the run by then, s: the sweep stops at 70%% of it (the rest reported as skipped) "
+                          "and the fresh-process first calls share what is left")
     how.add_argument("--jobs", type=int, default=None,
                      help="worker processes for the float64 references (default: 0 on a CPU, up to 4 on a GPU)")
     out = p.add_argument_group("output")

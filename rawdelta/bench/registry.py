@@ -82,6 +82,9 @@ class ImplSpec:
         model: bytes/FLOPs model used for its floor instead of the op's.
         shared: its result does not depend on the op (measured once per shape and mode, shown under each op).
         cold_start: time to first result is measured in a fresh process.
+        compiles_per_shape: its first call at a new shape may compile or autotune (NVRTC instantiations per head
+            dimension, Triton autotuning per shape); when False (Numba, NumPy) a first call after one at another
+            shape is taken as warm, so a slow one is reported at once instead of being repeated.
     """
 
     name: str
@@ -97,6 +100,7 @@ class ImplSpec:
     model: str | None = None
     shared: bool = False
     cold_start: bool = False
+    compiles_per_shape: bool = True
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -114,9 +118,9 @@ IMPLS: tuple[ImplSpec, ...] = (
     ImplSpec("cuda", "rawdelta cuda", "rawdelta", "cupy", impls.rawdelta("cuda"), impls.needs_gpu,
              frozenset({"gpu"}), cold_start=True),
     ImplSpec("numba", "rawdelta numba", "rawdelta", "cupy", impls.rawdelta("numba"), impls.numba_on_gpu,
-             frozenset({"gpu"})),
+             frozenset({"gpu"}), compiles_per_shape=False),
     ImplSpec("numpy", "rawdelta numpy (float64)", "rawdelta", "numpy", impls.rawdelta("numpy"), impls.anywhere,
-             frozenset({"cpu"}), cold_start=True),
+             frozenset({"cpu"}), cold_start=True, compiles_per_shape=False),
     ImplSpec("fla", "fla-core (peer)", "peer", "torch", impls.peer, impls.fla_on_gpu, frozenset({"gpu"}),
              applies=lambda op: op.peer is not None, cold_start=True),
     ImplSpec("sdpa", "torch SDPA (causal softmax)", "yardstick", "torch", impls.sdpa, impls.torch_here,

@@ -207,7 +207,7 @@ def table(doc: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[tuple[s
             t = f"{r['status']} [{notes.index(reason) + 1}]"
         s = speedup(doc, r)
         body.append((fmt_shape(r["shape"]), label(doc, r["impl"]), t, _floor_cell(r),
-                     f"{s:.2f}×" if s is not None else "-", fmt_bytes(r.get("peak_bytes")),
+                     f"{s:.3g}×" if s is not None else "-", fmt_bytes(r.get("peak_bytes")),
                      fmt_time(r.get("first_call_s")), _gate_cell(r)))
     return body, notes
 
@@ -257,7 +257,8 @@ def headline(doc: dict[str, Any]) -> list[tuple[str, str]]:
         ("copy bandwidth", f"{_rate(d.get('copy_per_s'), 'B/s')} ({d.get('copy_source')})"),
         ("FLOP ceiling", f"{_rate(d.get('flops_per_s'), 'FLOP/s')} ({d.get('flops_source')})"),
         ("inputs", f"q, k, v, do {s['dtype']}; g (log-sigmoid), beta (sigmoid) and states float32; "
-                   f"q/k L2-normalised in the kernel; seed {s['seed']}"),
+                   f"q/k L2-normalised in the kernel; H = HV, K = V = D; no initial state except in decode (one "
+                   f"token per sequence, the state in and a new final state out); seed {s['seed']}"),
         ("timing", timing),
     ]
 

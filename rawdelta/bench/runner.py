@@ -56,8 +56,9 @@ class Settings:
             ``"all"`` (every mode) or ``"none"``.
         cold_timeout_s: limit for one such process.
         jobs: worker processes computing the float64 references (0: in this process).
-        time_limit_s: once the run has taken this long, the remaining cases are reported as skipped and
-            the fresh-process first calls are cut to what is left (None: no limit).
+        time_limit_s: the whole run aims to end by then (None: no limit). With fresh-process first calls
+            the sweep takes no new case after 70% of it (without them, after all of it); the rest are
+            reported as skipped, and the first calls share what is left.
     """
 
     dtype: str = "bfloat16"
@@ -203,7 +204,11 @@ def run(env: Env, cases: Sequence[Case], settings: Settings, impls: Sequence[Imp
     shared: dict[tuple[Any, ...], dict[str, Any]] = {}
     too_slow: dict[tuple[str, str, str], tuple[int, float, Shape]] = {}
     refused: dict[tuple[str, str, str], str] = {}
+    ran: set[tuple[str, str, str]] = set()
     started = time.perf_counter()
+    sweep_limit = settings.time_limit_s
+    if sweep_limit is not None and settings.cold_start != "none":
+        sweep_limit *= 0.7
     bar = _progress(len(runnable)) if progress else None
     workload: tuple[tuple[Any, ...], Workload] | None = None
     try:
@@ -224,8 +229,9 @@ def run(env: Env, cases: Sequence[Case], settings: Settings, impls: Sequence[Imp
                                                 "larger shapes not run)")
                 elif ckey in refused:
                     m = Measurement("unavailable", refused[ckey])
-                elif settings.time_limit_s is not None and time.perf_counter() - started > settings.time_limit_s:
-                    m = Measurement("skipped", f"the run's time limit ({settings.time_limit_s:g} s) was reached")
+                elif sweep_limit is not None and time.perf_counter() - started > sweep_limit:
+                    m = Measurement("skipped", f"the sweep's share ({sweep_limit:.0f} s) of the run's time limit "
+                                               "was spent")
                 else:
                     ikey = _input_key(c.op, c.shape, c.mode)
                     if workload is None or workload[0] != ikey:
@@ -239,7 +245,9 @@ def run(env: Env, cases: Sequence[Case], settings: Settings, impls: Sequence[Imp
                                 f"shape {c.shape}")
                         workload = (ikey, Workload(host_inputs(c.op, c.shape, c.mode, settings.dtype, settings.seed),
                                                    env))
-                    m = _measure_case(c, workload[1], clock, settings, refs)
+                    warm = not c.impl.compiles_per_shape and ckey in ran
+                    m = _measure_case(c, workload[1], clock, settings, refs, warm)
+                    ran.add(ckey)
                     if m.status == "too slow" and m.call_s is not None:
                         too_slow[ckey] = (work_size(c.shape), m.call_s, c.shape)
                     if m.status == "unavailable" and not _out_of_memory(m.reason):
@@ -279,7 +287,8 @@ def run(env: Env, cases: Sequence[Case], settings: Settings, impls: Sequence[Imp
     }
 
 
-def _measure_case(c: Case, w: Workload, clock: Any, settings: Settings, refs: _References) -> Measurement:
+def _measure_case(c: Case, w: Workload, clock: Any, settings: Settings, refs: _References,
+                  first_is_warm: bool) -> Measurement:
     ref = REFERENCES[c.impl.reference or c.op.reference]
     sl = ref.gate_slice(c.shape)
 
@@ -290,7 +299,7 @@ def _measure_case(c: Case, w: Workload, clock: Any, settings: Settings, refs: _R
         fn = c.impl.build(c.op, c.mode, w)
     except Exception as e:
         return Measurement("unavailable", f"{type(e).__name__}: {str(e)[:300]}")
-    m = measure(fn, clock, settings.budget, check)
+    m = measure(fn, clock, settings.budget, check, first_is_warm)
     if not w.env.gpu and c.impl.arrays != "numpy":
         m.peak_bytes = None  # tracemalloc sees NumPy's allocations only
     return m
@@ -330,7 +339,7 @@ def _cold_starts(results: list[dict[str, Any]], cases: Sequence[Case], env: Env,
         if settings.time_limit_s is not None:
             timeout = min(timeout, settings.time_limit_s - (time.perf_counter() - started))
         if timeout < 5:
-            res: dict[str, Any] = {"status": "skipped", "reason": "the run's time limit was reached"}
+            res: dict[str, Any] = {"status": "skipped", "reason": "the run's time limit was spent"}
         else:
             log(f"time to first result: {op} {mode} {impl} at {tuple(r['shape'])} in a fresh process")
             res = cold_start(op, mode, impl, tuple(r["shape"]), settings.dtype, settings.seed, not env.gpu, timeout)

@@ -257,12 +257,13 @@ def _why(e: BaseException) -> str:
 
 
 def measure(fn: Callable[[], dict[str, Any]], clock: Clock, budget: Budget,
-            gate: Callable[[dict[str, Any]], Any]) -> Measurement:
+            gate: Callable[[dict[str, Any]], Any], first_is_warm: bool = False) -> Measurement:
     """Run, gate, warm up and time `fn`.
 
     The first call (compilation, autotuning) is timed on the wall clock and its outputs go to `gate`
     (returning an object with ``passed`` and ``detail``); a wrong result is returned untimed. A warm call
-    slower than ``budget.max_call_s`` is reported as too slow. Otherwise ``budget.warmup`` more calls, then
+    slower than ``budget.max_call_s`` is reported as too slow (the first call itself when `first_is_warm`:
+    nothing left to compile). Otherwise ``budget.warmup`` more calls, then
     ``clamp(rep_s / call, min_reps, max_reps)`` timed repetitions, then one call for the peak memory.
     """
     try:
@@ -281,6 +282,10 @@ def measure(fn: Callable[[], dict[str, Any]], clock: Clock, budget: Budget,
     m = Measurement("ok", first_call_s=first, gate=verdict)
     if not verdict.passed:
         m.status, m.reason = "wrong", verdict.detail
+        return m
+    if first_is_warm and first > budget.max_call_s:
+        m.status, m.call_s = "too slow", first
+        m.reason = f"too slow ({first:.3g} s/call; limit {budget.max_call_s:g} s)"
         return m
     try:
         call = first
