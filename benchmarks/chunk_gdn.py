@@ -11,6 +11,10 @@ Accuracy: with bf16 inputs, the relative RMS error of o, the final state and eve
 a float64 reference (the token-by-token recurrence run in float64 with torch autograd on the GPU), for
 rawdelta and, where it runs, the peer.
 
+The standard sweep (every op, mode and shape, with the correctness gate, floors, peak memory, time to
+first result and plots) is ``rawdelta bench`` (rawdelta/bench/); this script keeps the accuracy study with
+an initial state and a final-state cotangent against the float64 torch recurrence.
+
 Usage: PYTHONPATH=. python3 benchmarks/chunk_gdn.py [--json out.json] [--shapes 8x2048x16x128,...]
 """
 

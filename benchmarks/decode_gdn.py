@@ -6,6 +6,9 @@ when importable. Shapes: 64 sequences x 32 heads x K = V = 128, bf16 q/k/v, floa
 q/k L2-normalised in the kernel. The floor is the state traffic (read + write) over the device-to-device
 copy bandwidth measured in the same run.
 
+The standard decode sweep (64 and 256 sequences, with the gate, floor and plots) is
+``rawdelta bench --mode decode``; this script keeps the in-place-state, kernel-only and CUDA-graph variants.
+
 Usage: PYTHONPATH=. python3 benchmarks/decode_gdn.py [--json out.json]
 """
 
