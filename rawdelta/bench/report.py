@@ -338,7 +338,9 @@ def markdown_region(doc: dict[str, Any], prefix: str, plots_rel: str) -> str:
             "the FLOP ceiling, whichever is larger) as a fraction of the time; *rawdelta speed-up* is that "
             "implementation's time over rawdelta's; *first call* is the first call in the run (compilation and "
             "autotuning included, disk caches as found); *gate* is the worst relative RMS error against the "
-            "float64 reference on the benchmark's own inputs."]
+            "float64 reference on the benchmark's own inputs (the first and last batch rows times the first and "
+            "last heads, every token; 64 query rows for softmax attention), within the tolerance table of the "
+            "input dtype or the result is reported wrong and not timed."]
     plots = plot_files(doc, prefix)
     for op in dict.fromkeys(op for op, _, _ in sections(doc)):
         for op_, mode, rows in sections(doc):
