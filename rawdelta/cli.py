@@ -75,7 +75,13 @@ CHECKS: tuple[CheckCase, ...] = (
     CheckCase("fused_recurrent_gated_delta_rule", "varlen", gated_delta_rule_inputs,
               {"B": 1, "T": 13, "H": 2, "HV": 4, "K": 8, "V": 12, "seqlens": (5, 0, 8), "seed": 8},
               _gated_delta_rule_reference, {"output_final_state": True}),
+    # the chunked form equals the recurrence, so the recurrent float64 reference serves both modes
+    CheckCase("chunk_gated_delta_rule", "varlen", gated_delta_rule_inputs,
+              {"B": 1, "T": 21, "H": 2, "HV": 4, "K": 8, "V": 12, "seqlens": (5, 0, 16), "seed": 9},
+              _gated_delta_rule_reference, {"output_final_state": True, "chunk_size": 16}),
 )
+"""The embedded problems of ``rawdelta check``: op, label, input generator and its arguments, reference, call
+options."""
 
 # Input dtypes checked per backend. numpy and numba compute in float64 / float32 whatever the input, so one
 # dtype exercises them; the CUDA kernels have a load/store path per dtype.

@@ -37,8 +37,8 @@ def test_check_passes_on_every_available_backend():
     out = proc.stdout
     for backend in ("numpy", "numba"):
         rows = table_rows(out, backend)
-        # two cases x (o, final_state, dq, dk, dv, dg, dbeta, dh0)
-        assert len(rows) == 16, out
+        # every case x (o, final_state, dq, dk, dv, dg, dbeta, dh0)
+        assert len(rows) == 8 * len(cli.CHECKS), out
         assert all(r[-1] == "PASS" for r in rows), out
     if HAS_GPU:
         rows = table_rows(out, "cuda")
@@ -47,6 +47,8 @@ def test_check_passes_on_every_available_backend():
     else:
         assert "numba  ran on the CUDA simulator" in out
         assert "cuda   not available: " in out
+    for op in ("fused_recurrent_gated_delta_rule", "chunk_gated_delta_rule"):
+        assert f"\n{op}\n" in out, out
     assert "FAIL" not in out
 
 
