@@ -321,15 +321,9 @@ _DISTRIBUTIONS = ("numpy", "cupy", "numba", "numba-cuda", "torch", "jax")
 
 
 def _version(dist: str) -> str:
-    names = [dist]
-    if dist == "cupy":  # published as cupy-cuda13x, cupy-cuda12x, ... or plain cupy
-        names = importlib.metadata.packages_distributions().get("cupy", []) or names
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "not installed"
+    from .bench.env import version
+
+    return version(dist) or "not installed"
 
 
 def _gpus() -> list[dict[str, Any]]:

@@ -134,7 +134,7 @@ struct ChunkRows {
 template <typename T>
 __device__ __forceinline__ void put_row_pair(T* out, i64 e, int j, int cols, bool paired, float a, float b) {
     if (paired && j + 1 < cols) {
-        *reinterpret_cast<typename PairOf<T>::type*>(out + e) = PairOf<T>::pack(a, b);
+        store_pair(out + e, 0, a, b);
         return;
     }
     if (j < cols) out[e] = from_float<T>(a);
