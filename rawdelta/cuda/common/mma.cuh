@@ -45,21 +45,19 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
-__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const void* p) {
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
-__device__ __forceinline__ void ldsm_x4_t(u32 (&r)[4], const void* p) {
+__device__ __forceinline__ void ldsm_x4_t(u32 (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
-__device__ __forceinline__ void ldsm_x2(u32 (&r)[2], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+__device__ __forceinline__ void ldsm_x2(u32 (&r)[2], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
 }
-__device__ __forceinline__ void ldsm_x2_t(u32 (&r)[2], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+__device__ __forceinline__ void ldsm_x2_t(u32 (&r)[2], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
 }
 
 // A float matrix kept as two E tiles, hi = E(x) and lo = E(x - hi), with the same leading dimension:
@@ -74,41 +72,42 @@ struct Split {
 template <typename X> struct OperandSplit { static constexpr bool value = false; };
 template <typename E> struct OperandSplit<Split<E>> { static constexpr bool value = true; };
 
-// A fragment (16 x 16 at (m0, k0)) of a 16-bit tile, with ldmatrix (lo is left alone).
-template <typename E, Layout L>
-__device__ __forceinline__ void load_a(u32 (&hi)[4], u32 (&)[4], const E* s, int ld, int m0, int k0, int lane) {
-    if constexpr (L == MK) {
-        ldsm_x4(hi, s + (m0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
-    } else {
-        const int j = lane >> 3, r = lane & 7;
-        ldsm_x4_t(hi, s + (k0 + (j >> 1) * 8 + r) * ld + m0 + (j & 1) * 8);
-    }
+// Shared-memory addresses of an operand's hi and lo tiles (lo = hi for an unsplit tile).
+template <typename E> __device__ __forceinline__ uint2 tile_addrs(const E* s) {
+    const unsigned a = smem_addr(s);
+    return make_uint2(a, a);
+}
+template <typename E> __device__ __forceinline__ uint2 tile_addrs(const Split<E>& s) {
+    return make_uint2(smem_addr(s.hi), smem_addr(s.lo));
 }
 
-template <typename E, Layout L>
-__device__ __forceinline__ void load_a(u32 (&hi)[4], u32 (&lo)[4], const Split<E>& s, int ld, int m0, int k0,
-                                       int lane) {
-    u32 unused[4];
-    load_a<E, L>(hi, unused, static_cast<const E*>(s.hi), ld, m0, k0, lane);
-    load_a<E, L>(lo, unused, static_cast<const E*>(s.lo), ld, m0, k0, lane);
+// Byte offsets inside a 16-bit tile of leading dimension ld. A fragment is 16 x 16 at (m0, k0), a B
+// fragment 16 x 8 at (k0, n0); lane_* is where this lane's ldmatrix row starts relative to the
+// fragment's origin. The gemm adds the fragment offsets to per-lane base addresses: with the k loop
+// unrolled and ld a compile-time constant they fold into the ldmatrix immediates, so the loop issues
+// no address arithmetic.
+template <Layout L> __device__ __forceinline__ int a_lane(int lane, int ld) {
+    if constexpr (L == MK) return ((lane & 15) * ld + (lane >> 4) * 8) * 2;
+    const int j = lane >> 3, r = lane & 7;
+    return (((j >> 1) * 8 + r) * ld + (j & 1) * 8) * 2;
 }
-
-// B fragment (16 x 8 at (k0, n0)) of a 16-bit tile, with ldmatrix (lo is left alone).
-template <typename E, Layout L>
-__device__ __forceinline__ void load_b(u32 (&hi)[2], u32 (&)[2], const E* s, int ld, int k0, int n0, int lane) {
-    if constexpr (L == NK) {
-        ldsm_x2(hi, s + (n0 + (lane & 7)) * ld + k0 + ((lane >> 3) & 1) * 8);
-    } else {
-        ldsm_x2_t(hi, s + (k0 + ((lane >> 3) & 1) * 8 + (lane & 7)) * ld + n0);
-    }
+template <Layout L> __device__ __forceinline__ int a_frag(int m0, int k0, int ld) {
+    return L == MK ? (m0 * ld + k0) * 2 : (k0 * ld + m0) * 2;
 }
-
-template <typename E, Layout L>
-__device__ __forceinline__ void load_b(u32 (&hi)[2], u32 (&lo)[2], const Split<E>& s, int ld, int k0, int n0,
-                                       int lane) {
-    u32 unused[2];
-    load_b<E, L>(hi, unused, static_cast<const E*>(s.hi), ld, k0, n0, lane);
-    load_b<E, L>(lo, unused, static_cast<const E*>(s.lo), ld, k0, n0, lane);
+template <Layout L> __device__ __forceinline__ int b_lane(int lane, int ld) {
+    if constexpr (L == NK) return ((lane & 7) * ld + ((lane >> 3) & 1) * 8) * 2;
+    return ((((lane >> 3) & 1) * 8 + (lane & 7)) * ld) * 2;
+}
+template <Layout L> __device__ __forceinline__ int b_frag(int k0, int n0, int ld) {
+    return L == NK ? (n0 * ld + k0) * 2 : (k0 * ld + n0) * 2;
+}
+template <Layout L> __device__ __forceinline__ void load_a(u32 (&r)[4], unsigned addr) {
+    if constexpr (L == MK) ldsm_x4(r, addr);
+    else ldsm_x4_t(r, addr);
+}
+template <Layout L> __device__ __forceinline__ void load_b(u32 (&r)[2], unsigned addr) {
+    if constexpr (L == NK) ldsm_x2(r, addr);
+    else ldsm_x2_t(r, addr);
 }
 
 template <typename E>
@@ -167,7 +166,8 @@ struct Acc {
     static constexpr int MT = MT_ALL / WM, NT = NT_ALL / WN;
     float v[MT][NT][4];
 
-    __device__ __forceinline__ static bool active(int warp) { return warp < WM * WN; }
+    // Blocks have exactly NW warps, so when WM * WN == NW every warp is active at compile time.
+    __device__ __forceinline__ static bool active(int warp) { return WM * WN == NW || warp < WM * WN; }
     __device__ __forceinline__ static int row(int warp, int lane, int i, int e) {
         return ((warp % WM) + i * WM) * 16 + (lane >> 2) + (e >> 1) * 8;
     }
@@ -232,8 +232,10 @@ struct Acc {
 };
 
 // acc += A * B over KD (a multiple of 16).
-// TA / TB: an E tile pointer or a Split<E>.
-template <typename E, Layout LA, Layout LB, int M, int N, int KD, int NW, typename TA, typename TB>
+// TA / TB: an E tile pointer or a Split<E>. UNROLL k steps are unrolled (all by default, see a_lane / a_frag);
+// fewer where the caller holds many live accumulators and full unrolling would spill.
+template <typename E, Layout LA, Layout LB, int M, int N, int KD, int NW, int UNROLL = KD / 16, typename TA,
+          typename TB>
 __device__ __forceinline__ void gemm(Acc<M, N, NW>& acc, const TA& sA, int lda, const TB& sB, int ldb) {
     static_assert(KD % 16 == 0, "KD must be a multiple of 16");
     using C = Acc<M, N, NW>;
@@ -241,22 +243,58 @@ __device__ __forceinline__ void gemm(Acc<M, N, NW>& acc, const TA& sA, int lda, 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (!C::active(warp)) return;
     const int wm = warp % C::WM, wn = warp / C::WM;
-#pragma unroll 2
-    for (int k0 = 0; k0 < KD; k0 += 16) {
-        u32 ah[C::MT][4], al[C::MT][4];
+    const int ao = a_lane<LA>(lane, lda) + a_frag<LA>(wm * 16, 0, lda);
+    const int bo = b_lane<LB>(lane, ldb) + b_frag<LB>(0, wn * 8, ldb);
+    const uint2 a = tile_addrs(sA), b = tile_addrs(sB);
+    const unsigned ah0 = a.x + ao, al0 = a.y + ao, bh0 = b.x + bo, bl0 = b.y + bo;
+    // The lo-part products go to their own accumulator, added at the end: two independent mma chains per
+    // output tile instead of one chain of two or three dependent mmas per k step. Callers that limit the
+    // unrolling are register-bound and keep the single chain.
+    constexpr bool CORR = (A_SPLIT || B_SPLIT) && UNROLL > 1;
+    float corr[C::MT][C::NT][4];
+    if constexpr (CORR) {
 #pragma unroll
-        for (int i = 0; i < C::MT; ++i) load_a<E, LA>(ah[i], al[i], sA, lda, (wm + i * C::WM) * 16, k0, lane);
+        for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+            for (int j = 0; j < C::NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) corr[i][j][e] = 0.f;
+    }
+#pragma unroll UNROLL
+    for (int k0 = 0; k0 < KD; k0 += 16) {
+        u32 ah[C::MT][4], al[C::MT][4], bh[C::NT][2], bl[C::NT][2];
+#pragma unroll
+        for (int i = 0; i < C::MT; ++i) {
+            const int off = a_frag<LA>(i * C::WM * 16, k0, lda);
+            load_a<LA>(ah[i], ah0 + off);
+            if constexpr (A_SPLIT) load_a<LA>(al[i], al0 + off);
+        }
 #pragma unroll
         for (int j = 0; j < C::NT; ++j) {
-            u32 bh[2], bl[2];
-            load_b<E, LB>(bh, bl, sB, ldb, k0, (wn + j * C::WN) * 8, lane);
+            const int off = b_frag<LB>(k0, j * C::WN * 8, ldb);
+            load_b<LB>(bh[j], bh0 + off);
+            if constexpr (B_SPLIT) load_b<LB>(bl[j], bl0 + off);
+        }
+#pragma unroll
+        for (int j = 0; j < C::NT; ++j)
+#pragma unroll
+            for (int i = 0; i < C::MT; ++i) MmaType<E>::mma(acc.v[i][j], ah[i], bh[j]);
+#pragma unroll
+        for (int j = 0; j < C::NT; ++j)
 #pragma unroll
             for (int i = 0; i < C::MT; ++i) {
-                MmaType<E>::mma(acc.v[i][j], ah[i], bh);
-                if constexpr (A_SPLIT) MmaType<E>::mma(acc.v[i][j], al[i], bh);
-                if constexpr (B_SPLIT) MmaType<E>::mma(acc.v[i][j], ah[i], bl);
+                float(&c)[4] = CORR ? corr[i][j] : acc.v[i][j];
+                if constexpr (A_SPLIT) MmaType<E>::mma(c, al[i], bh[j]);
+                if constexpr (B_SPLIT) MmaType<E>::mma(c, ah[i], bl[j]);
             }
-        }
+    }
+    if constexpr (CORR) {
+#pragma unroll
+        for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+            for (int j = 0; j < C::NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc.v[i][j][e] += corr[i][j][e];
     }
 }
 

@@ -381,6 +381,7 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
     constexpr int NW = 8, LDK = KS + PAD, LDV = BVB + PAD, LDM = BT + PAD, LDC = BT + 4;
     using AccQ = Acc<BT, KS, NW>;
     using AccP = Acc<BT, BT, NW>;
+    constexpr int U = 1;  // k steps unrolled per product: up to seven accumulators are live, more would spill
     extern __shared__ __align__(16) unsigned char smem[];
     SmemCursor cur{smem};
     TT sQ, sK, sDo, sY, sDel, sH, sDh;
@@ -444,11 +445,11 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
             const float2 a = tile_get_pair(sH, e), b = tile_get_pair(sDh, e);
             hdh += a.x * b.x + a.y * b.y;
         }
-        gemm<E, MK, NK, BT, KS, BVB, NW>(Dq, sDo, LDV, sH, LDV);
-        gemm<E, MK, NK, BT, KS, BVB, NW>(Yh, sY, LDV, sH, LDV);
-        gemm<E, MK, NK, BT, KS, BVB, NW>(Dk, sDel, LDV, sDh, LDV);
-        gemm<E, MK, NK, BT, BT, BVB, NW>(D, sDo, LDV, sDel, LDV);
-        gemm<E, MK, NK, BT, BT, BVB, NW>(D2, sY, LDV, sDel, LDV);
+        gemm<E, MK, NK, BT, KS, BVB, NW, U>(Dq, sDo, LDV, sH, LDV);
+        gemm<E, MK, NK, BT, KS, BVB, NW, U>(Yh, sY, LDV, sH, LDV);
+        gemm<E, MK, NK, BT, KS, BVB, NW, U>(Dk, sDel, LDV, sDh, LDV);
+        gemm<E, MK, NK, BT, BT, BVB, NW, U>(D, sDo, LDV, sDel, LDV);
+        gemm<E, MK, NK, BT, BT, BVB, NW, U>(D2, sY, LDV, sDel, LDV);
         __syncthreads();
     }
 
@@ -456,8 +457,8 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
     AccP KK, C;
     KK.fill(0.f);
     C.fill(0.f);
-    gemm<E, MK, NK, BT, BT, KS, NW>(KK, sK, LDK, sK, LDK);
-    gemm<E, MK, NK, BT, BT, KS, NW>(C, sQ, LDK, sK, LDK);
+    gemm<E, MK, NK, BT, BT, KS, NW, U>(KK, sK, LDK, sK, LDK);
+    gemm<E, MK, NK, BT, BT, KS, NW, U>(C, sQ, LDK, sK, LDK);
     D.apply([&](int i, int j, float& x) {
         tile_put(sDM, i * LDM + j, (j <= i && i < L) ? x * exp2f(sG[i] - sG[j]) * scale : 0.f);
     });
@@ -484,15 +485,15 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
 
     Dq.apply([&](int i, int, float& x) { x *= exp2f(sG[i]) * scale; });
     acc_row_sums(Dq, [&](int i, int j, float x) { return x * tile_get(sQ, i * LDK + j); }, sScratch, rowQ);
-    gemm<E, MK, KN, BT, KS, BT, NW>(Dq, sDM, LDM, sK, LDK);
+    gemm<E, MK, KN, BT, KS, BT, NW, U>(Dq, sDM, LDM, sK, LDK);
     const float glast = sG[BT - 1];
     Dk.apply([&](int i, int, float& x) { x *= exp2f(glast - sG[i]); });
     acc_row_sums(Dk, [&](int i, int j, float x) { return x * tile_get(sK, i * LDK + j); }, sScratch, rowK);
     acc_row_sums(Yh, [&](int i, int j, float x) { return x * tile_get(sK, i * LDK + j); }, sScratch, rowY);
-    gemm<E, KM, KN, BT, KS, BT, NW>(Dk, sDM, LDM, sQ, LDK);
+    gemm<E, KM, KN, BT, KS, BT, NW, U>(Dk, sDM, LDM, sQ, LDK);
     Dk.zip(Yh, [&](int i, int, float& x, float& y) { x -= sB[i] * exp2f(sG[i]) * y; });
-    gemm<E, MK, KN, BT, KS, BT, NW>(Dk, sDK, LDM, sK, LDK);
-    gemm<E, KM, KN, BT, KS, BT, NW>(Dk, sDK, LDM, sK, LDK);
+    gemm<E, MK, KN, BT, KS, BT, NW, U>(Dk, sDK, LDM, sK, LDK);
+    gemm<E, KM, KN, BT, KS, BT, NW, U>(Dk, sDK, LDM, sK, LDK);
 
     const i64 qrow = (bos * HV + hv) * K + k0;
     Dq.apply([&](int i, int j, float& x) {
