@@ -154,6 +154,24 @@ __device__ __forceinline__ void split_store_pair(Split<E> s, int idx, float a, f
     store_pair(s.lo, idx, a - hf.x, b - hf.y);
 }
 
+// Eight consecutive floats (16-byte aligned) split into hi and lo parts, stored as one 16-byte access to
+// each of hi and lo (16-byte aligned).
+template <typename E>
+__device__ __forceinline__ void split_store8(E* hi, E* lo, const float* src) {
+    using P = PairOf<E>;
+    const float4 a = *reinterpret_cast<const float4*>(src), b = *reinterpret_cast<const float4*>(src + 4);
+    const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    alignas(16) typename P::type h[4], l[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        h[p] = P::pack(x[2 * p], x[2 * p + 1]);
+        const float2 hf = P::unpack(h[p]);
+        l[p] = P::pack(x[2 * p] - hf.x, x[2 * p + 1] - hf.y);
+    }
+    *reinterpret_cast<uint4*>(hi) = *reinterpret_cast<const uint4*>(h);
+    *reinterpret_cast<uint4*>(lo) = *reinterpret_cast<const uint4*>(l);
+}
+
 // Which 16 x 8 tiles of an M x N accumulator each of NW warps owns: WM warps along M, WN along N,
 // interleaved (warp (wm, wn) owns m-tiles wm + i * WM and n-tiles wn + j * WN). Warps beyond
 // WM * WN (tiny products) own nothing.

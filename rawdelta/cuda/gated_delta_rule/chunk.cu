@@ -30,9 +30,11 @@ __global__ void __launch_bounds__(1024) gdn_chunk_table_kernel(const i64* __rest
 
 // ---------------------------------------------------------------------------------------------
 // Prepare: per (chunk, value head) the cumulative log2 gates, the effective beta and
-// A = (I + L)^-1 with L_ij = beta_i (k_i . k_j) 2^(G_i - G_j), i > j.
+// A = (I + L)^-1 with L_ij = beta_i (k_i . k_j) 2^(G_i - G_j), i > j. Blocks of PREP_THREADS.
+constexpr int PREP_THREADS = 256;
+
 template <typename T, typename E, int BT, int KP>
-__global__ void __launch_bounds__(128) gdn_chunk_prepare_kernel(
+__global__ void __launch_bounds__(PREP_THREADS) gdn_chunk_prepare_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ g, const float* __restrict__ beta,
     const float* __restrict__ A_log, const float* __restrict__ dt_bias, const i64* __restrict__ chunk_bos,
     const int* __restrict__ chunk_len, float* __restrict__ Gc, float* __restrict__ Bc, float* __restrict__ Rq,
@@ -82,18 +84,19 @@ __global__ void __launch_bounds__(128) gdn_chunk_prepare_kernel(
             Rk[th] = sRk[r];
         }
     }
-    Acc<BT, BT, 4> P;
+    constexpr int NW = PREP_THREADS / 32;
+    Acc<BT, BT, NW> P;
     P.fill(0.f);
-    gemm<E, MK, NK, BT, BT, KP, 4>(P, sK, LDK, sK, LDK);
+    gemm<E, MK, NK, BT, BT, KP, NW>(P, sK, LDK, sK, LDK);
     P.apply([&](int i, int j, float& x) {
         sL[i * LDA + j] = (j < i && i < L) ? sB[i] * x * (sRk[i] * sRk[j]) * exp2f(sG[i] - sG[j]) : 0.f;
     });
     __syncthreads();
     invert_unit_lower<BT>(sL, sA, sX, LDA);
-    const Split<E> out{Ahi, Alo};
-    for (int idx = threadIdx.x; idx < L * BT; idx += blockDim.x) {
-        const int r = idx / BT, j = idx % BT;
-        split_store(out, (int)(((bos + r) * HV + hv) * BT + j), sA[r * LDA + j]);
+    for (int idx = threadIdx.x; idx < L * (BT / 8); idx += blockDim.x) {
+        const int r = idx / (BT / 8), j = (idx % (BT / 8)) * 8;
+        const i64 e = ((bos + r) * HV + hv) * BT + j;
+        split_store8(Ahi + e, Alo + e, sA + r * LDA + j);
     }
 }
 
@@ -454,26 +457,32 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
     }
 
     // Scores: DM (output path) and dK (through L).
-    AccP KK, C;
+    // D becomes DM, D2 becomes dL_ij E_ij: each decay 2^(G_i - G_j) is evaluated once per element (select,
+    // never multiply: it overflows above the diagonal).
+    D.apply_pairs([&](int i, int j, float& x0, float& x1) {
+        const bool in = i < L;
+        x0 = (in && j <= i) ? x0 * exp2f(sG[i] - sG[j]) * scale : 0.f;
+        x1 = (in && j + 1 <= i) ? x1 * exp2f(sG[i] - sG[j + 1]) * scale : 0.f;
+        tile_put_pair(sDM, i * LDM + j, x0, x1);
+    });
+    D2.apply_pairs([&](int i, int j, float& x0, float& x1) {
+        const bool in = i < L;
+        x0 = (in && j < i) ? -x0 * exp2f(sG[i] - sG[j]) : 0.f;
+        x1 = (in && j + 1 < i) ? -x1 * exp2f(sG[i] - sG[j + 1]) : 0.f;
+        tile_put_pair(sDK, i * LDM + j, x0 * sB[i], x1 * sB[i]);
+    });
+    // KK becomes W_ij = dL_ij (k_i . k_j) E_ij (this key slice's part); beta_i W_ij = dL_ij L_ij. The score
+    // products come after the transforms above so that fewer accumulators are live at once.
+    AccP KK;
     KK.fill(0.f);
-    C.fill(0.f);
     gemm<E, MK, NK, BT, BT, KS, NW, U>(KK, sK, LDK, sK, LDK);
-    gemm<E, MK, NK, BT, BT, KS, NW, U>(C, sQ, LDK, sK, LDK);
-    D.apply([&](int i, int j, float& x) {
-        tile_put(sDM, i * LDM + j, (j <= i && i < L) ? x * exp2f(sG[i] - sG[j]) * scale : 0.f);
-    });
-    D2.apply([&](int i, int j, float& x) {  // select, never multiply: 2^(G_i - G_j) overflows above the diagonal
-        const bool keep = j < i && i < L;
-        x = keep ? -x : 0.f;
-        tile_put(sDK, i * LDM + j, keep ? x * sB[i] * exp2f(sG[i] - sG[j]) : 0.f);
-    });
-    // KK becomes W_ij = dL_ij (k_i . k_j) E_ij (this key slice's part); beta_i W_ij = dL_ij L_ij.
-    KK.zip(D2, [&](int i, int j, float& x, float& dl) { x = (j < i && i < L) ? dl * x * exp2f(sG[i] - sG[j]) : 0.f; });
+    KK.zip(D2, [&](int, int, float& x, float& dle) { x *= dle; });
     // C_ij: the gradient w.r.t. the exponent of the decay 2^(G_i - G_j), which spans the steps j < s <= i:
     // the intra-chunk output's DM_ij (q_i . k_j) plus the WY inverse's dL_ij L_ij.
-    C.zip(D, [&](int i, int j, float& x, float& d) {
-        x = (j <= i && i < L) ? x * d * exp2f(sG[i] - sG[j]) * scale : 0.f;
-    });
+    AccP C;
+    C.fill(0.f);
+    gemm<E, MK, NK, BT, BT, KS, NW, U>(C, sQ, LDK, sK, LDK);
+    C.zip(D, [&](int, int, float& x, float& dm) { x *= dm; });
     C.zip(KK, [&](int i, int, float& x, float& w) { x += sB[i] * w; });
     float* sC = reinterpret_cast<float*>(vloop_tiles);
     C.store(sC, LDC);
@@ -496,11 +505,12 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
     gemm<E, KM, KN, BT, KS, BT, NW, U>(Dk, sDK, LDM, sK, LDK);
 
     const i64 qrow = (bos * HV + hv) * K + k0;
-    Dq.apply([&](int i, int j, float& x) {
-        if (i < L && j < kc) dq_hv[qrow + (i64)i * HV * K + j] = x;
+    const bool paired = (K & 1) == 0;
+    Dq.apply_pairs([&](int i, int j, float& x0, float& x1) {
+        if (i < L) put_row_pair(dq_hv, qrow + (i64)i * HV * K + j, j, kc, paired, x0, x1);
     });
-    Dk.apply([&](int i, int j, float& x) {
-        if (i < L && j < kc) dk_hv[qrow + (i64)i * HV * K + j] = x;
+    Dk.apply_pairs([&](int i, int j, float& x0, float& x1) {
+        if (i < L) put_row_pair(dk_hv, qrow + (i64)i * HV * K + j, j, kc, paired, x0, x1);
     });
 
     hdh = warp_sum(hdh);

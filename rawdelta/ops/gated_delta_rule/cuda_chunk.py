@@ -28,6 +28,7 @@ SOURCE = "gated_delta_rule/chunk.cu"
 KP_SIZES = (64, 128, 256)  # key dimension padded to one of these
 KS = 64  # key slice of the dq/dk kernel
 BVB = 64  # value columns per step of the dq/dk kernel's loop over V
+PREP_THREADS = 256  # threads per block of the prepare kernel (PREP_THREADS in chunk.cu)
 _MMA_TYPE = {"float": "__nv_bfloat16", "__half": "__half", "__nv_bfloat16": "__nv_bfloat16"}
 _NULL = np.uint64(0)
 
@@ -187,7 +188,7 @@ def _prepare(p: GDNProblem, bt: int) -> _Chunks:
     _launch("gdn_chunk_table_kernel", 1, 1024, 0, (
         rec._ptr(p.cu_seqlens), np.int32(p.N), np.int32(p.T), np.int32(bt), seq_chunk0, chunk_bos, chunk_len,
         np.int32(flags)))
-    _launch(_prepare_name(ct, bt, kp), nc * p.HV, 128, _smem_prepare(ct, bt, kp), (
+    _launch(_prepare_name(ct, bt, kp), nc * p.HV, PREP_THREADS, _smem_prepare(ct, bt, kp), (
         p.q, p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), chunk_bos, chunk_len,
         Gc, Bc, rec._ptr(Rq), rec._ptr(Rk), Ahi, Alo, np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(flags)))
     return _Chunks(bt, kp, ct, nc, seq_chunk0, chunk_bos, chunk_len, Gc, Bc, Rq, Rk, Ahi, Alo)
