@@ -10,6 +10,8 @@
 //   vnew, ybuf [BT_, HV, V] (T): delta = A r and y = A^T d(delta), per chunk
 //
 //   Ahi, Alo [BT_, HV, BT] (E): row r of the chunk's (I + L)^-1 at token r, split into hi + lo parts
+//   Phi, Plo [BT_, HV, BT] (E): row r of the chunk's masked, decayed, scaled scores q k^T (prepare kernel),
+//                    for both state passes; Plo only for float inputs (their score tiles are split)
 //
 // Template parameters: T input dtype; E the 16-bit mma type (bf16 for bf16 and float inputs, fp16 for
 // fp16); BT chunk size; KP the key dimension padded to 64/128/256; BV the value columns per block of
@@ -22,6 +24,16 @@ using namespace rawdelta;
 
 constexpr int PAD = 8;  // elements added to every 16-bit tile row: ldmatrix without bank conflicts
 
+// A per-token [BT_, HV, BT] chunk matrix in global memory as the tile type TT of its kernel: the hi array
+// for 16-bit inputs, the hi and lo arrays for float inputs (lo is unused otherwise); advance() offsets both.
+template <typename TT, typename E>
+__device__ __forceinline__ TT chunk_matrix(const E* hi, const E* lo) {
+    if constexpr (OperandSplit<TT>::value) return TT{const_cast<E*>(hi), const_cast<E*>(lo)};
+    else return const_cast<E*>(hi);
+}
+template <typename E> __device__ __forceinline__ E* advance(E* p, i64 n) { return p + n; }
+template <typename E> __device__ __forceinline__ Split<E> advance(Split<E> s, i64 n) { return {s.hi + n, s.lo + n}; }
+
 __global__ void __launch_bounds__(1024) gdn_chunk_table_kernel(const i64* __restrict__ cu, int N, int T_, int BT,
                                                                 int* seq_chunk0, i64* chunk_bos, int* chunk_len,
                                                                 int flags) {
@@ -29,8 +41,10 @@ __global__ void __launch_bounds__(1024) gdn_chunk_table_kernel(const i64* __rest
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prepare: per (chunk, value head) the cumulative log2 gates, the effective beta and
-// A = (I + L)^-1 with L_ij = beta_i (k_i . k_j) 2^(G_i - G_j), i > j. Blocks of PREP_THREADS.
+// Prepare: per (chunk, value head) the cumulative log2 gates, the effective beta,
+// A = (I + L)^-1 with L_ij = beta_i (k_i . k_j) 2^(G_i - G_j), i > j, and the intra-chunk scores
+// P_ij = scale (q_i . k_j) 2^(G_i - G_j), j <= i (with the row factors), which every value block of the
+// state passes needs: computed once here instead of once per value block. Blocks of PREP_THREADS.
 constexpr int PREP_THREADS = 256;
 
 template <typename T, typename E, int BT, int KP>
@@ -38,14 +52,15 @@ __global__ void __launch_bounds__(PREP_THREADS) gdn_chunk_prepare_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ g, const float* __restrict__ beta,
     const float* __restrict__ A_log, const float* __restrict__ dt_bias, const i64* __restrict__ chunk_bos,
     const int* __restrict__ chunk_len, float* __restrict__ Gc, float* __restrict__ Bc, float* __restrict__ Rq,
-    float* __restrict__ Rk, E* __restrict__ Ahi, E* __restrict__ Alo, int H, int HV, int K, int flags) {
+    float* __restrict__ Rk, E* __restrict__ Ahi, E* __restrict__ Alo, E* __restrict__ Phi, E* __restrict__ Plo,
+    int H, int HV, int K, float scale, int flags) {
     using TT = typename InputTile<T, E>::type;
     constexpr int LDK = KP + PAD, LDA = BT + 4;
     extern __shared__ __align__(16) unsigned char smem[];
     SmemCursor cur{smem};
     TT sK, sQ;
     cur.into(sK, BT * LDK);
-    if (flags & F_L2) cur.into(sQ, BT * LDK);  // only for its row norms
+    cur.into(sQ, BT * LDK);
     float* sL = cur.take<float>(BT * LDA);
     float* sA = cur.take<float>(BT * LDA);
     float* sX = cur.take<float>(16 * LDA);
@@ -58,7 +73,7 @@ __global__ void __launch_bounds__(PREP_THREADS) gdn_chunk_prepare_kernel(
     const i64 bos = chunk_bos[c];
     const int L = chunk_len[c];
     load_tile(sK, LDK, k + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
-    if (flags & F_L2) load_tile(sQ, LDK, q + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
+    load_tile(sQ, LDK, q + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
     for (int r = threadIdx.x; r < BT; r += blockDim.x) {
         const i64 th = (bos + r) * HV + hv;
         sG[r] = r < L ? scalar_log_gate(g, A_log, dt_bias, th, hv, flags) : 0.f;
@@ -71,7 +86,7 @@ __global__ void __launch_bounds__(PREP_THREADS) gdn_chunk_prepare_kernel(
         if ((int)threadIdx.x < half) row_inv_norms(sQ, LDK, L, BT, KP, sRq, threadIdx.x, half);
         else row_inv_norms(sK, LDK, L, BT, KP, sRk, threadIdx.x - half, half);
     } else {
-        for (int r = threadIdx.x; r < BT; r += blockDim.x) sRk[r] = 1.f;
+        for (int r = threadIdx.x; r < BT; r += blockDim.x) sRq[r] = sRk[r] = 1.f;
     }
     if (threadIdx.x < 32) chunk_local_cumsum_log2(sG, 1, 1, L, BT);
     __syncthreads();
@@ -91,6 +106,16 @@ __global__ void __launch_bounds__(PREP_THREADS) gdn_chunk_prepare_kernel(
     P.apply([&](int i, int j, float& x) {
         sL[i * LDA + j] = (j < i && i < L) ? sB[i] * x * (sRk[i] * sRk[j]) * exp2f(sG[i] - sG[j]) : 0.f;
     });
+    {
+        Acc<BT, BT, NW> S;
+        S.fill(0.f);
+        gemm<E, MK, NK, BT, BT, KP, NW>(S, sQ, LDK, sK, LDK);
+        mask_decay_scores<false>(S, sG, L, scale, sRq, sRk);
+        const TT out = advance(chunk_matrix<TT>(Phi, Plo), (bos * HV + hv) * BT);
+        S.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            if (i < L) tile_put_pair(out, i * HV * BT + j, x0, x1);
+        });
+    }
     __syncthreads();
     invert_unit_lower<BT>(sL, sA, sX, LDA);
     for (int idx = threadIdx.x; idx < L * (BT / 8); idx += blockDim.x) {
@@ -144,12 +169,16 @@ __device__ __forceinline__ void put_row_pair(T* out, i64 e, int j, int cols, boo
     if (j + 1 < cols) out[e + 1] = from_float<T>(b);
 }
 
-// The chunk's (I + L)^-1 rows [bos, bos + L) into a split tile (zero rows past the chunk).
-template <typename E, int BT>
-__device__ __forceinline__ void load_inverse(Split<E> sA, int lda, const E* Ahi, const E* Alo, i64 bos, int L, int HV,
-                                             int hv) {
-    load_tile(sA.hi, lda, Ahi + (bos * HV + hv) * BT, (i64)HV * BT, L, BT, BT, BT);
-    load_tile(sA.lo, lda, Alo + (bos * HV + hv) * BT, (i64)HV * BT, L, BT, BT, BT);
+// Rows [bos, bos + L) of a per-token [BT_, HV, BT] chunk matrix (A or P) into a tile, zero rows past the
+// chunk; a split matrix (hi and lo arrays) into a split tile.
+template <int BT, typename E>
+__device__ __forceinline__ void load_chunk_rows(E* s, int ld, const E* g, i64 bos, int L, int HV, int hv) {
+    load_tile(s, ld, g + (bos * HV + hv) * BT, (i64)HV * BT, L, BT, BT, BT);
+}
+template <int BT, typename E>
+__device__ __forceinline__ void load_chunk_rows(Split<E> s, int ld, Split<E> g, i64 bos, int L, int HV, int hv) {
+    load_chunk_rows<BT>(s.hi, ld, g.hi, bos, L, HV, hv);
+    load_chunk_rows<BT>(s.lo, ld, g.lo, bos, L, HV, hv);
 }
 
 // State tile [K, V] (row stride V) <-> a KP x BV accumulator at value columns [v0, v0 + vcols).
@@ -174,8 +203,9 @@ template <typename T, typename E, int BT, int KP, int BV, bool STORE>
 __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
     const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
-    const E* __restrict__ Ahi, const E* __restrict__ Alo, const float* __restrict__ h0, const i64* __restrict__ cu,
-    const int* __restrict__ seq_chunk0, T* __restrict__ o, float* __restrict__ ht, T* __restrict__ hbuf,
+    const E* __restrict__ Ahi, const E* __restrict__ Alo, const E* __restrict__ Phi, const E* __restrict__ Plo,
+    const float* __restrict__ h0, const i64* __restrict__ cu, const int* __restrict__ seq_chunk0,
+    T* __restrict__ o, float* __restrict__ ht, T* __restrict__ hbuf,
     T* __restrict__ vnew, int T_, int H, int HV, int K, int V, int NVB, float scale, int flags) {
     using TT = typename InputTile<T, E>::type;
     constexpr int NW = 8, LDK = KP + PAD, LDV = BV + PAD, LDA = BT + PAD, LDP = BT + PAD;
@@ -209,7 +239,8 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
         if (!STORE) load_tile(sQ, LDK, q + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
         load_tile(sK, LDK, k + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
         load_tile(sVD, LDV, v + (bos * HV + hv) * V + v0, (i64)HV * V, L, vcols, BT, BV);
-        load_inverse<E, BT>(sA, LDA, Ahi, Alo, bos, L, HV, hv);
+        load_chunk_rows<BT>(sA, LDA, chunk_matrix<Split<E>>(Ahi, Alo), bos, L, HV, hv);
+        if (!STORE) load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, hv);
         rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
         S.store(sS, LDV);
         if (STORE) store_state(S, hbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V, K, V, v0, vcols);
@@ -227,11 +258,6 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
         if (!STORE) {
             Y.fill(0.f);
             gemm<E, MK, KN, BT, BV, KP, NW>(Y, sQ, LDK, sS, LDV);
-            Acc<BT, BT, NW> P;
-            P.fill(0.f);
-            gemm<E, MK, NK, BT, BT, KP, NW>(P, sQ, LDK, sK, LDK);
-            mask_decay_scores<false>(P, rows.G, L, scale, rows.rq, rows.rk);
-            P.store(sP, LDP);
         }
         __syncthreads();
         Acc<BT, BV, NW> D;
@@ -268,7 +294,8 @@ template <typename T, typename E, int BT, int KP, int BV>
 __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
     const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
-    const E* __restrict__ Ahi, const E* __restrict__ Alo, const T* __restrict__ dout, const float* __restrict__ dht,
+    const E* __restrict__ Ahi, const E* __restrict__ Alo, const E* __restrict__ Phi, const E* __restrict__ Plo,
+    const T* __restrict__ dout, const float* __restrict__ dht,
     const i64* __restrict__ cu, const int* __restrict__ seq_chunk0, T* __restrict__ dhbuf, T* __restrict__ ybuf,
     T* __restrict__ dv, float* __restrict__ part_yv, float* __restrict__ dh0, int T_, int H, int HV, int K, int V,
     int NVB, i64 BT_, float scale, int flags) {
@@ -307,19 +334,13 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
         load_tile(sQ, LDK, q + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
         load_tile(sK, LDK, k + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
         load_tile(sDo, LDV, dout + (bos * HV + hv) * V + v0, (i64)HV * V, L, vcols, BT, BV);
-        load_inverse<E, BT>(sA, LDA, Ahi, Alo, bos, L, HV, hv);
+        load_chunk_rows<BT>(sA, LDA, chunk_matrix<Split<E>>(Ahi, Alo), bos, L, HV, hv);
+        load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, hv);
         rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
         dS.store(sS, LDV);
         store_state(dS, dhbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V, K, V, v0, vcols);
         cp_async_wait_all();
         __syncthreads();
-        {
-            Acc<BT, BT, NW> P;
-            P.fill(0.f);
-            gemm<E, MK, NK, BT, BT, KP, NW>(P, sQ, LDK, sK, LDK);
-            mask_decay_scores<false>(P, rows.G, L, scale, rows.rq, rows.rk);
-            P.store(sP, LDP);
-        }
         AccV Z;
         Z.fill(0.f);
         gemm<E, MK, KN, BT, BV, KP, NW>(Z, sK, LDK, sS, LDV);

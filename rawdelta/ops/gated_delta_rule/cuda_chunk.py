@@ -5,7 +5,8 @@ Kernels: ``rawdelta/cuda/gated_delta_rule/chunk.cu`` (tensor-core stages; the sh
 reuses the recurrent mode's kernels.
 
 Forward: chunk table -> prepare (cumulative log2 gates, beta, the q/k rows' inverse L2 norms, (I + L)^-1
-per chunk) -> one state pass per (sequence, value head, BV columns) that also writes the output.
+and the masked intra-chunk scores per chunk) -> one state pass per (sequence, value head, BV columns) that
+also writes the output.
 Backward: the same prepare, the state pass again storing per-chunk states and deltas, the reverse state
 pass (dh per chunk, dv, dh0), the per-chunk dq/dk/gate kernel over key slices of KS, then the finishing
 kernels.
@@ -148,11 +149,18 @@ class _Chunks:
     Rk: Any  # float32 [B*T, HV] same for k
     Ahi: Any  # [B*T, HV, BT] (mma type) (I + L)^-1 per chunk, hi part
     Alo: Any  # lo part
+    Phi: Any  # [B*T, HV, BT] (mma type) masked, decayed, scaled intra-chunk scores q k^T
+    Plo: Any  # their lo part, float32 inputs only (else None)
 
     @property
     def rows(self) -> tuple[Any, ...]:
         """The per-token row arrays every chunk kernel takes: Gc, Bc, Rq, Rk (null pointers when absent)."""
         return self.Gc, self.Bc, rec._ptr(self.Rq), rec._ptr(self.Rk)
+
+    @property
+    def matrices(self) -> tuple[Any, ...]:
+        """The per-chunk matrices the state passes take: Ahi, Alo, Phi, Plo (a null pointer when absent)."""
+        return self.Ahi, self.Alo, self.Phi, rec._ptr(self.Plo)
 
 
 def _num_chunks(p: GDNProblem, bt: int) -> int:
@@ -185,13 +193,16 @@ def _prepare(p: GDNProblem, bt: int) -> _Chunks:
     mma_dt = np.float16 if ct == "__half" else BFLOAT16
     Ahi = empty(cupy, (n_tok, p.HV, bt), mma_dt)
     Alo = empty(cupy, (n_tok, p.HV, bt), mma_dt)
+    Phi = empty(cupy, (n_tok, p.HV, bt), mma_dt)
+    Plo = empty(cupy, (n_tok, p.HV, bt), mma_dt) if ct == "float" else None
     _launch("gdn_chunk_table_kernel", 1, 1024, 0, (
         rec._ptr(p.cu_seqlens), np.int32(p.N), np.int32(p.T), np.int32(bt), seq_chunk0, chunk_bos, chunk_len,
         np.int32(flags)))
     _launch(_prepare_name(ct, bt, kp), nc * p.HV, PREP_THREADS, _smem_prepare(ct, bt, kp), (
         p.q, p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), chunk_bos, chunk_len,
-        Gc, Bc, rec._ptr(Rq), rec._ptr(Rk), Ahi, Alo, np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(flags)))
-    return _Chunks(bt, kp, ct, nc, seq_chunk0, chunk_bos, chunk_len, Gc, Bc, Rq, Rk, Ahi, Alo)
+        Gc, Bc, rec._ptr(Rq), rec._ptr(Rk), Ahi, Alo, Phi, rec._ptr(Plo), np.int32(p.H), np.int32(p.HV), np.int32(p.K),
+        np.float32(p.scale), np.int32(flags)))
+    return _Chunks(bt, kp, ct, nc, seq_chunk0, chunk_bos, chunk_len, Gc, Bc, Rq, Rk, Ahi, Alo, Phi, Plo)
 
 
 def _state_pass_args(p: GDNProblem, ch: _Chunks) -> tuple[int, int]:
@@ -212,7 +223,7 @@ def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any]:
         flags |= rec.F_HT
     nvb, grid = _state_pass_args(p, ch)
     _launch(_fwd_name(ch.ct, ch.bt, ch.kp, False), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, False), (
-        p.q, p.k, p.v, *ch.rows, ch.Ahi, ch.Alo, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0,
+        p.q, p.k, p.v, *ch.rows, *ch.matrices, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0,
         o, rec._ptr(ht), _NULL, _NULL, np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V),
         np.int32(nvb), np.float32(p.scale), np.int32(flags)))
     return o, ht
@@ -236,7 +247,7 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any) -> dict[st
     hbuf = empty(cupy, (max(ch.nc, 1), p.HV, p.K, p.V), dt)
     vnew = empty(cupy, (n_tok, p.HV, p.V), dt)
     _launch(_fwd_name(ch.ct, ch.bt, ch.kp, True), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, True), (
-        p.q, p.k, p.v, *ch.rows, ch.Ahi, ch.Alo, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0,
+        p.q, p.k, p.v, *ch.rows, *ch.matrices, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0,
         _NULL, _NULL, hbuf, vnew, *ints, np.float32(p.scale), np.int32(flags)))
 
     dhbuf = empty(cupy, (max(ch.nc, 1), p.HV, p.K, p.V), dt)
@@ -245,7 +256,7 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any) -> dict[st
     part_yv = empty(cupy, (nvb, n_tok, p.HV), np.float32)
     dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
     _launch(_bwd_state_name(ch.ct, ch.bt, ch.kp), grid, 256, _smem_bwd_state(ch.ct, ch.bt, ch.kp), (
-        p.q, p.k, p.v, *ch.rows, ch.Ahi, ch.Alo, do, rec._ptr(dht), rec._ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf,
+        p.q, p.k, p.v, *ch.rows, *ch.matrices, do, rec._ptr(dht), rec._ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf,
         ybuf, dv, part_yv, rec._ptr(dh0), *ints, np.int64(n_tok), np.float32(p.scale), np.int32(flags)))
 
     nks = math.ceil(p.K / KS)
