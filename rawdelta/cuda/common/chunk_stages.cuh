@@ -190,14 +190,23 @@ __device__ __forceinline__ void invert_unit_lower(const float* L, float* A, floa
     __syncthreads();
 #pragma unroll 1
     for (int r0 = 16; r0 < BT; r0 += 16) {
-        for (int idx = threadIdx.x; idx < 16 * r0; idx += blockDim.x) {
-            const int m = idx / r0, c = idx % r0;
-            float s0 = 0.f, s1 = 0.f;
-            for (int j = 0; j < r0; j += 2) {
-                s0 += L[(r0 + m) * ld + j] * A[j * ld + c];
-                s1 += L[(r0 + m) * ld + j + 1] * A[(j + 1) * ld + c];
+        // X = L_I A_<I. A_<I is lower triangular, so column c only takes rows j >= c; each thread computes
+        // four rows of one column, so every A element it loads serves four products.
+        for (int idx = threadIdx.x; idx < 4 * r0; idx += blockDim.x) {
+            const int m = (idx / r0) * 4, c = idx % r0;
+            const float* Lm = L + (r0 + m) * ld;
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+            for (int j = c; j < r0; ++j) {
+                const float a = A[j * ld + c];
+                s0 += Lm[j] * a;
+                s1 += Lm[ld + j] * a;
+                s2 += Lm[2 * ld + j] * a;
+                s3 += Lm[3 * ld + j] * a;
             }
-            X[m * ld + c] = s0 + s1;
+            X[m * ld + c] = s0;
+            X[(m + 1) * ld + c] = s1;
+            X[(m + 2) * ld + c] = s2;
+            X[(m + 3) * ld + c] = s3;
         }
         __syncthreads();
         for (int idx = threadIdx.x; idx < 16 * r0; idx += blockDim.x) {
