@@ -43,12 +43,20 @@ import numpy as np
 
 from ..._arrays import empty
 from ..common.backend import numba_cuda
+from ..common.numba_launch import NumbaLauncher
 from .calls import GatedDeltaRuleGrads
-from .numba_ref import _check, _device_scope, _group_sum, _l2norm_bwd, _Launcher, device_functions, gate_input_grads
+from .numba_common import (
+    MAX_K,
+    check_numba_problem,
+    device_scope,
+    gate_input_grads,
+    l2norm_backward,
+    sum_value_head_groups,
+)
+from .numba_ref import device_functions
 from .problem import CHUNK_SIZES, GDNProblem
 
 MAX_CHUNK = max(CHUNK_SIZES)  # the per-row dA buffer of the WY backward is a local array of this size
-MAX_K = 256  # size of the per-thread state column of the state passes (same bound as the recurrent backend)
 
 # numba.cuda, bound by _kernels(). Kernels must reach it as a module global: the CUDA simulator swaps
 # the module in a kernel's globals for its fake one (closure variables would escape the swap).
@@ -475,7 +483,7 @@ class _ForwardStages(types.SimpleNamespace):
     """
 
 
-def _run_forward_stages(p: GDNProblem, chunk_size: int, L: _Launcher, ht: Any) -> _ForwardStages:
+def _run_forward_stages(p: GDNProblem, chunk_size: int, L: NumbaLauncher, ht: Any) -> _ForwardStages:
     """Launch every forward stage but the output, writing the final state into the device array `ht`."""
     xp = p.xp
     f32 = np.float32
@@ -527,10 +535,10 @@ def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any]:
         ``(o, ht)``: o ``[B, T, HV, V]`` and the final state ``[N, HV, K, V]`` (always computed; an empty
         sequence's is its initial state, or zeros), both float32, in the array library of ``p.q``.
     """
-    _check(p)
+    check_numba_problem(p)
     xp = p.xp
-    with _device_scope(p):
-        L = _Launcher(xp)
+    with device_scope(p):
+        L = NumbaLauncher(xp)
         o = empty(xp, (p.B, p.T, p.HV, p.V), np.float32)
         ht = empty(xp, (p.N, p.HV, p.K, p.V), np.float32)
         s = _run_forward_stages(p, chunk_size, L, L.out(ht))
@@ -574,13 +582,13 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any) -> dict[st
         summed over each group of value heads, the others shaped like their inputs; None for absent inputs
         (gk and gv always).
     """
-    _check(p)
+    check_numba_problem(p)
     xp = p.xp
     f32 = np.float32
     B, T, H, HV, K, V, N, C = p.B, p.T, p.H, p.HV, p.K, p.V, p.N, chunk_size
     kern = _kernels()
-    with _device_scope(p):
-        L = _Launcher(xp)
+    with device_scope(p):
+        L = NumbaLauncher(xp)
 
         def scratch(*shape: int) -> Any:
             return L.put(empty(xp, shape, f32))
@@ -626,10 +634,10 @@ def _raw_input_grads(p: GDNProblem, dq: Any, dk: Any, dv: Any, dbeta: Any, dg: A
     effective beta and the log-decay) to the gradients w.r.t. the raw inputs, keyed like ``GatedDeltaRuleGrads``."""
     xp = p.xp
     f32 = np.float32
-    dq, dk = _group_sum(dq, p.H), _group_sum(dk, p.H)
+    dq, dk = sum_value_head_groups(dq, p.H), sum_value_head_groups(dk, p.H)
     if p.use_qk_l2norm_in_kernel:
-        dq = _l2norm_bwd(xp, p.q.astype(f32, copy=False), dq)
-        dk = _l2norm_bwd(xp, p.k.astype(f32, copy=False), dk)
+        dq = l2norm_backward(xp, p.q.astype(f32, copy=False), dq)
+        dk = l2norm_backward(xp, p.k.astype(f32, copy=False), dk)
     grads: dict[str, Any] = dict.fromkeys(GatedDeltaRuleGrads._fields)
     grads.update(q=dq, k=dk, v=dv)
     if p.beta is not None:

@@ -21,23 +21,25 @@ or ``p.stream``). Results come back in the array library of ``p.q``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import types
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from ..._arrays import empty, zeros
-from ...errors import UnsupportedConfigError
+from ..._arrays import empty
 from ..common.backend import numba_cuda
+from ..common.numba_launch import NumbaLauncher
+from .numba_common import (
+    MAX_K,
+    check_numba_problem,
+    device_scope,
+    gate_input_grads,
+    l2norm_backward,
+    sum_value_head_groups,
+)
 from .problem import GDNProblem
-
-MAX_K = 256  # size of the per-thread state column; a compile-time constant for cuda.local.array
-_THREADS_PER_BLOCK = 128
 
 # numba.cuda, bound by _kernels(). Kernels must reach it as a module global: the CUDA simulator swaps
 # the module in a kernel's globals for its fake one (closure variables would escape the swap).
@@ -224,79 +226,7 @@ def _kernels() -> Any:
                                  forward_py=forward, backward_py=backward)
 
 
-class _Launcher:
-    """Moves arrays to where the kernels run and launches them, for numpy or CuPy inputs.
-
-    numpy: inputs are copied to the device and registered outputs copied back by :meth:`finish`.
-    CuPy: arrays are wrapped without copying and kernels go on CuPy's current stream.
-    """
-
-    def __init__(self, xp: Any) -> None:
-        self.cuda = numba_cuda()
-        self.xp = xp
-        self.host = xp is np
-        self._copy_back: list[tuple[Any, Any]] = []
-        if self.host:
-            self.stream = 0
-        else:
-            ptr = int(xp.cuda.get_current_stream().ptr)
-            self.stream = self.cuda.default_stream() if ptr == 0 else self.cuda.external_stream(ptr)
-
-    def dummy(self, ndim: int) -> Any:
-        """A 1-element float32 array of `ndim` dimensions standing in for an absent input."""
-        return self.put(zeros(self.xp, (1,) * ndim, np.float32))
-
-    def put(self, x: Any) -> Any:
-        """Device view (CuPy) or device copy (numpy) of an input array."""
-        if x.size == 0:  # never indexed; some drivers refuse zero-byte buffers
-            x = zeros(self.xp, (1,) * x.ndim, x.dtype)
-        if self.host:
-            return self.cuda.to_device(np.ascontiguousarray(x))
-        return self.cuda.as_cuda_array(x, sync=False)
-
-    def out(self, x: Any) -> Any:
-        """Device array the kernel writes into; for numpy `x` it is copied back into `x` by :meth:`finish`."""
-        d = self.put(x)
-        if self.host and x.size:
-            self._copy_back.append((d, x))
-        return d
-
-    def launch(self, kernel: Any, n_threads: int, *args: Any) -> None:
-        if n_threads == 0:
-            return
-        tpb = min(_THREADS_PER_BLOCK, n_threads)
-        with warnings.catch_warnings():
-            # Small problems give small grids; the reference does not tune for occupancy.
-            # Matched by message: numba and numba-cuda each define their own NumbaPerformanceWarning class.
-            warnings.filterwarnings("ignore", message=".*under-utilization due to low occupancy")
-            kernel[(n_threads + tpb - 1) // tpb, tpb, self.stream](*args)
-
-    def finish(self) -> None:
-        for d, x in self._copy_back:
-            d.copy_to_host(x)
-        self._copy_back.clear()
-
-
-@contextlib.contextmanager
-def _device_scope(p: GDNProblem) -> Iterator[None]:
-    """For CuPy inputs: run on ``p.stream`` and with Numba on the arrays' device."""
-    if p.xp is np:
-        yield
-        return
-    from ..._arrays import on_stream
-
-    cuda = numba_cuda()
-    with on_stream(p.stream), cuda.gpus[int(p.q.device.id)]:
-        yield
-
-
-def _check(p: GDNProblem) -> None:
-    if p.K > MAX_K:
-        raise UnsupportedConfigError(f"backend='numba' supports K <= {MAX_K} (the state column lives in a local "
-                                     f"array), got K={p.K}")
-
-
-def _common_args(p: GDNProblem, L: _Launcher) -> tuple[list[Any], list[Any]]:
+def _common_args(p: GDNProblem, L: NumbaLauncher) -> tuple[list[Any], list[Any]]:
     """Device arrays ``[q, k, v, g, gk, gv, beta, A_log, dt_bias, cu]`` and the trailing scalar arguments."""
     xp = p.xp
     f32 = np.float32
@@ -324,7 +254,7 @@ def _common_args(p: GDNProblem, L: _Launcher) -> tuple[list[Any], list[Any]]:
     return arrays, scalars
 
 
-def _run_forward(p: GDNProblem, L: _Launcher, store_states: bool) -> tuple[Any, Any, Any, list[Any], list[Any]]:
+def _run_forward(p: GDNProblem, L: NumbaLauncher, store_states: bool) -> tuple[Any, Any, Any, list[Any], list[Any]]:
     """Launch the forward kernel; returns ``(o, ht, states device array or None, common arrays, scalars)``."""
     xp = p.xp
     arrays, scalars = _common_args(p, L)
@@ -355,49 +285,15 @@ def recurrent_forward(p: GDNProblem) -> tuple[Any, Any]:
         library of ``p.q``. With ``p.inplace_final_state`` the final state is also written into
         ``p.initial_state``, which is returned as ``ht``.
     """
-    _check(p)
-    with _device_scope(p):
-        L = _Launcher(p.xp)
+    check_numba_problem(p)
+    with device_scope(p):
+        L = NumbaLauncher(p.xp)
         o, ht, _, _, _ = _run_forward(p, L, store_states=False)
         L.finish()
         if p.inplace_final_state:
             p.initial_state[...] = ht
             ht = p.initial_state
     return o, ht
-
-
-def _l2norm_bwd(xp: Any, x: Any, dxh: Any) -> Any:
-    """Backward of ``x^ = x r``, ``r = 1/sqrt(sum x^2 + 1e-6)`` over the last axis: ``r (dx^ - (dx^ . x^) x^)``."""
-    r = 1.0 / xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True) + np.float32(1e-6))
-    xh = x * r
-    return r * (dxh - xp.sum(dxh * xh, axis=-1, keepdims=True) * xh)
-
-
-def _group_sum(x: Any, H: int) -> Any:
-    """Sum ``[B, T, HV, K]`` over the value heads sharing a key head: ``[B, T, H, K]``."""
-    B, T, HV, K = x.shape
-    if HV == H:
-        return x
-    return x.reshape(B, T, H, HV // H, K).sum(axis=3)
-
-
-def gate_input_grads(p: GDNProblem, dg: Any) -> dict[str, Any]:
-    """``g`` (and with the gate in kernel ``A_log``, ``dt_bias``) gradients from ``dg`` ``[B, T, HV]``, the
-    gradient w.r.t. the log-decay; the in-kernel gate is ``-exp(A_log) * softplus(g_raw + dt_bias)``."""
-    if not p.use_gate_in_kernel:
-        return {"g": dg}
-    xp = p.xp
-    f32 = np.float32
-    graw = p.g.astype(f32, copy=False)
-    x = graw + p.dt_bias.astype(f32, copy=False) if p.dt_bias is not None else graw
-    a = xp.exp(p.A_log.astype(f32, copy=False))
-    softplus = xp.where(x > 20, x, xp.log1p(xp.exp(xp.minimum(x, f32(20.0)))))
-    sigmoid = f32(0.5) * (f32(1.0) + xp.tanh(f32(0.5) * x))
-    dg_raw = -a * sigmoid * dg
-    grads = {"g": dg_raw, "A_log": (dg * (-a * softplus)).sum(axis=(0, 1))}
-    if p.dt_bias is not None:
-        grads["dt_bias"] = dg_raw.sum(axis=(0, 1))
-    return grads
 
 
 def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
@@ -413,12 +309,12 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
         ``gk``, ``gv``, ``beta`` (shaped like their inputs), ``initial_state`` (``[N, HV, K, V]``), ``A_log``,
         ``dt_bias`` (``[HV]``): one per input that was given, float32, in the array library of ``p.q``.
     """
-    _check(p)
+    check_numba_problem(p)
     xp = p.xp
     f32 = np.float32
     B, T, H, HV, K, V, N = p.B, p.T, p.H, p.HV, p.K, p.V, p.N
-    with _device_scope(p):
-        L = _Launcher(xp)
+    with device_scope(p):
+        L = NumbaLauncher(xp)
         _, _, d_states, arrays, scalars = _run_forward(p, L, store_states=True)
         q, k, v, g, gk, gv, beta, a_log, dt_bias, cu = arrays
         d_do = L.put(xp.asarray(do).astype(f32, copy=False))
@@ -440,11 +336,11 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
                  L.out(dv), out_or_dummy(dbeta_col, 4), out_or_dummy(dh0, 4), *scalars, dht is not None)
         L.finish()
 
-        dq = _group_sum(dq_part.sum(axis=-1), H)
-        dk = _group_sum(dk_part.sum(axis=-1), H)
+        dq = sum_value_head_groups(dq_part.sum(axis=-1), H)
+        dk = sum_value_head_groups(dk_part.sum(axis=-1), H)
         if p.use_qk_l2norm_in_kernel:
-            dq = _l2norm_bwd(xp, p.q.astype(f32, copy=False), dq)
-            dk = _l2norm_bwd(xp, p.k.astype(f32, copy=False), dk)
+            dq = l2norm_backward(xp, p.q.astype(f32, copy=False), dq)
+            dk = l2norm_backward(xp, p.k.astype(f32, copy=False), dk)
         grads: dict[str, Any] = {"q": dq, "k": dk, "v": dv}
         if p.g is not None:
             grads.update(gate_input_grads(p, zcol.sum(axis=-1)))  # zcol: gradient w.r.t. the log-decay g_t
