@@ -50,8 +50,7 @@ from .numba_common import (
     check_numba_problem,
     device_scope,
     gate_input_grads,
-    l2norm_backward,
-    sum_value_head_groups,
+    qk_input_grads,
 )
 from .numba_ref import device_functions
 from .problem import CHUNK_SIZES, GDNProblem
@@ -634,10 +633,7 @@ def _raw_input_grads(p: GDNProblem, dq: Any, dk: Any, dv: Any, dbeta: Any, dg: A
     effective beta and the log-decay) to the gradients w.r.t. the raw inputs, keyed like ``GatedDeltaRuleGrads``."""
     xp = p.xp
     f32 = np.float32
-    dq, dk = sum_value_head_groups(dq, p.H), sum_value_head_groups(dk, p.H)
-    if p.use_qk_l2norm_in_kernel:
-        dq = l2norm_backward(xp, p.q.astype(f32, copy=False), dq)
-        dk = l2norm_backward(xp, p.k.astype(f32, copy=False), dk)
+    dq, dk = qk_input_grads(p, dq, dk)
     grads: dict[str, Any] = dict.fromkeys(GatedDeltaRuleGrads._fields)
     grads.update(q=dq, k=dk, v=dv)
     if p.beta is not None:

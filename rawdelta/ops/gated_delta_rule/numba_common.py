@@ -44,6 +44,18 @@ def sum_value_head_groups(x: Any, H: int) -> Any:
     return x.reshape(B, T, H, HV // H, K).sum(axis=3)
 
 
+def qk_input_grads(p: GDNProblem, dq: Any, dk: Any) -> tuple[Any, Any]:
+    """Gradients w.r.t. the raw q, k ``[B, T, H, K]`` from those w.r.t. the per-value-head rows the kernels
+    use, ``[B, T, HV, K]`` (L2-normalised with ``use_qk_l2norm_in_kernel``): summed over each group of value
+    heads, then through the L2 norm."""
+    dq, dk = sum_value_head_groups(dq, p.H), sum_value_head_groups(dk, p.H)
+    if p.use_qk_l2norm_in_kernel:
+        f32 = np.float32
+        dq = l2norm_backward(p.xp, p.q.astype(f32, copy=False), dq)
+        dk = l2norm_backward(p.xp, p.k.astype(f32, copy=False), dk)
+    return dq, dk
+
+
 def gate_input_grads(p: GDNProblem, dg: Any) -> dict[str, Any]:
     """``g`` (and with the gate in kernel ``A_log``, ``dt_bias``) gradients from ``dg`` ``[B, T, HV]``, the
     gradient w.r.t. the log-decay; the in-kernel gate is ``-exp(A_log) * softplus(g_raw + dt_bias)``."""

@@ -36,8 +36,7 @@ from .numba_common import (
     check_numba_problem,
     device_scope,
     gate_input_grads,
-    l2norm_backward,
-    sum_value_head_groups,
+    qk_input_grads,
 )
 from .problem import GDNProblem
 
@@ -312,7 +311,7 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
     check_numba_problem(p)
     xp = p.xp
     f32 = np.float32
-    B, T, H, HV, K, V, N = p.B, p.T, p.H, p.HV, p.K, p.V, p.N
+    B, T, HV, K, V, N = p.B, p.T, p.HV, p.K, p.V, p.N
     with device_scope(p):
         L = NumbaLauncher(xp)
         _, _, d_states, arrays, scalars = _run_forward(p, L, store_states=True)
@@ -336,11 +335,7 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
                  L.out(dv), out_or_dummy(dbeta_col, 4), out_or_dummy(dh0, 4), *scalars, dht is not None)
         L.finish()
 
-        dq = sum_value_head_groups(dq_part.sum(axis=-1), H)
-        dk = sum_value_head_groups(dk_part.sum(axis=-1), H)
-        if p.use_qk_l2norm_in_kernel:
-            dq = l2norm_backward(xp, p.q.astype(f32, copy=False), dq)
-            dk = l2norm_backward(xp, p.k.astype(f32, copy=False), dk)
+        dq, dk = qk_input_grads(p, dq_part.sum(axis=-1), dk_part.sum(axis=-1))
         grads: dict[str, Any] = {"q": dq, "k": dk, "v": dv}
         if p.g is not None:
             grads.update(gate_input_grads(p, zcol.sum(axis=-1)))  # zcol: gradient w.r.t. the log-decay g_t
