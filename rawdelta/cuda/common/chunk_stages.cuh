@@ -79,12 +79,25 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // Same-type 16-bit tiles with aligned rows go through cp.async (all of a chunk's loads in flight at
 // once; the caller waits with cp_async_wait_all() before its __syncthreads()); otherwise 16-byte
 // vector loads stored through tile_put (converting or splitting), or scalar loads at ragged edges.
+// A whole tile (rows == rows_pad, cols == cols_pad) of aligned rows takes a fast path: one address per
+// thread, stepped by whole row groups, so each 16-byte copy costs a few instructions instead of the general
+// loop's per-element index arithmetic and edge tests.
 template <typename TL, typename T>
 __device__ __forceinline__ void load_tile(TL s, int ld, const T* __restrict__ g, i64 gstride, int rows, int cols,
                                           int rows_pad, int cols_pad) {
     constexpr int VEC = 16 / sizeof(T);
     const bool vec = (gstride % VEC == 0) && ((reinterpret_cast<size_t>(g) & 15) == 0);
     const int nvc = (cols_pad + VEC - 1) / VEC;
+    if constexpr (SameType<TL, T*>::value) {
+        if (vec && rows == rows_pad && cols == cols_pad && cols % VEC == 0 && blockDim.x % nvc == 0) {
+            const int step = blockDim.x / nvc, c0 = (threadIdx.x % nvc) * VEC;
+            int r = threadIdx.x / nvc;
+            const T* gp = g + r * gstride + c0;
+            T* sp = s + r * ld + c0;
+            for (; r < rows; r += step, gp += step * gstride, sp += step * ld) cp_async16(sp, gp, 16);
+            return;
+        }
+    }
     for (int idx = threadIdx.x; idx < rows_pad * nvc; idx += blockDim.x) {
         const int r = idx / nvc, c0 = (idx % nvc) * VEC;
         const bool inside = r < rows && c0 + VEC <= cols, outside = r >= rows || c0 >= cols;
