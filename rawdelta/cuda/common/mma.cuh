@@ -269,15 +269,8 @@ __device__ __forceinline__ void gemm(Acc<M, N, NW>& acc, const TA& sA, int lda, 
     // output tile instead of one chain of two or three dependent mmas per k step. Callers that limit the
     // unrolling are register-bound and keep the single chain.
     constexpr bool CORR = (A_SPLIT || B_SPLIT) && UNROLL > 1;
-    float corr[C::MT][C::NT][4];
-    if constexpr (CORR) {
-#pragma unroll
-        for (int i = 0; i < C::MT; ++i)
-#pragma unroll
-            for (int j = 0; j < C::NT; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) corr[i][j][e] = 0.f;
-    }
+    C corr;
+    if constexpr (CORR) corr.fill(0.f);
 #pragma unroll UNROLL
     for (int k0 = 0; k0 < KD; k0 += 16) {
         u32 ah[C::MT][4], al[C::MT][4], bh[C::NT][2], bl[C::NT][2];
@@ -301,19 +294,12 @@ __device__ __forceinline__ void gemm(Acc<M, N, NW>& acc, const TA& sA, int lda, 
         for (int j = 0; j < C::NT; ++j)
 #pragma unroll
             for (int i = 0; i < C::MT; ++i) {
-                float(&c)[4] = CORR ? corr[i][j] : acc.v[i][j];
+                float(&c)[4] = CORR ? corr.v[i][j] : acc.v[i][j];
                 if constexpr (A_SPLIT) MmaType<E>::mma(c, al[i], bh[j]);
                 if constexpr (B_SPLIT) MmaType<E>::mma(c, ah[i], bl[j]);
             }
     }
-    if constexpr (CORR) {
-#pragma unroll
-        for (int i = 0; i < C::MT; ++i)
-#pragma unroll
-            for (int j = 0; j < C::NT; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc.v[i][j][e] += corr[i][j][e];
-    }
+    if constexpr (CORR) acc.zip(corr, [](int, int, float& x, float& c) { x += c; });
 }
 
 // Deterministic per-row sums of an accumulator's elements f(row, col, value): quad shuffles, then the

@@ -44,11 +44,11 @@ __global__ void __launch_bounds__(1024) gdn_chunk_table_kernel(const i64* __rest
 // Prepare: per (chunk, value head) the cumulative log2 gates, the effective beta,
 // A = (I + L)^-1 with L_ij = beta_i (k_i . k_j) 2^(G_i - G_j), i > j, and the intra-chunk scores
 // P_ij = scale (q_i . k_j) 2^(G_i - G_j), j <= i (with the row factors), which every value block of the
-// state passes needs: computed once here instead of once per value block. Blocks of PREP_THREADS.
-constexpr int PREP_THREADS = 256;
+// state passes needs: computed once here instead of once per value block. Blocks of NTHREADS (the host's
+// launch size is the template argument).
 
-template <typename T, typename E, int BT, int KP>
-__global__ void __launch_bounds__(PREP_THREADS) gdn_chunk_prepare_kernel(
+template <typename T, typename E, int BT, int KP, int NTHREADS>
+__global__ void __launch_bounds__(NTHREADS) gdn_chunk_prepare_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ g, const float* __restrict__ beta,
     const float* __restrict__ A_log, const float* __restrict__ dt_bias, const i64* __restrict__ chunk_bos,
     const int* __restrict__ chunk_len, float* __restrict__ Gc, float* __restrict__ Bc, float* __restrict__ Rq,
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(PREP_THREADS) gdn_chunk_prepare_kernel(
             Rk[th] = sRk[r];
         }
     }
-    constexpr int NW = PREP_THREADS / 32;
+    constexpr int NW = NTHREADS / 32;
     Acc<BT, BT, NW> P;
     P.fill(0.f);
     gemm<E, MK, NK, BT, BT, KP, NW>(P, sK, LDK, sK, LDK);

@@ -29,7 +29,7 @@ SOURCE = "gated_delta_rule/chunk.cu"
 KP_SIZES = (64, 128, 256)  # key dimension padded to one of these
 KS = 64  # key slice of the dq/dk kernel
 BVB = 64  # value columns per step of the dq/dk kernel's loop over V
-PREP_THREADS = 256  # threads per block of the prepare kernel (PREP_THREADS in chunk.cu)
+PREP_THREADS = 256  # threads per block of the prepare kernel (its NTHREADS template argument)
 _MMA_TYPE = {"float": "__nv_bfloat16", "__half": "__half", "__nv_bfloat16": "__nv_bfloat16"}
 _NULL = np.uint64(0)
 
@@ -40,7 +40,7 @@ def _bv(ct: str, kp: int) -> int:
 
 
 def _prepare_name(ct: str, bt: int, kp: int) -> str:
-    return f"gdn_chunk_prepare_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}>"
+    return f"gdn_chunk_prepare_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {PREP_THREADS}>"
 
 
 def _fwd_name(ct: str, bt: int, kp: int, store: bool) -> str:
