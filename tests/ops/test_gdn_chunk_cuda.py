@@ -71,6 +71,36 @@ def test_backward_is_bitwise_deterministic() -> None:
             np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_backward_reuses_the_forward_factors(dtype: str) -> None:
+    """The per-chunk factors the forward leaves in the residuals give the backward's gradients bit for bit."""
+    import cupy
+
+    kw, do, dht = split_op_args(gated_delta_rule_inputs(1, 0, 2, 40, 24, HV=4, dtype=dtype, seed=6,
+                                                        seqlens=(70, 0, 1, 64), use_gate_in_kernel=True,
+                                                        use_qk_l2norm_in_kernel=True))
+    kw, do, dht = to_device(kw), cupy.asarray(do), cupy.asarray(dht)
+    (_, _), res = chunk_gated_delta_rule_fwd(**kw, output_final_state=True, chunk_size=32, backend="cuda")
+    assert res.factors is not None
+    kept = chunk_gated_delta_rule_bwd(res, do, dht)
+    recomputed = chunk_gated_delta_rule_bwd(res._replace(factors=None), do, dht)
+    for name, a, b in zip(kept._fields, kept, recomputed):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            np.testing.assert_array_equal(to_host(a).view(np.uint8), to_host(b).view(np.uint8), err_msg=name)
+
+
+def test_backward_rejects_factors_of_another_chunk_size() -> None:
+    import cupy
+
+    kw, do, _ = split_op_args(gated_delta_rule_inputs(1, 50, 1, 16, 16, seed=8))
+    kw, do = to_device(kw), cupy.asarray(do)
+    (_, _), res16 = chunk_gated_delta_rule_fwd(**kw, chunk_size=16, backend="cuda")
+    (_, _), res32 = chunk_gated_delta_rule_fwd(**kw, chunk_size=32, backend="cuda")
+    with pytest.raises(ValueError, match="factors"):
+        chunk_gated_delta_rule_bwd(res32._replace(factors=res16.factors), do)
+
+
 def test_large_grid_many_sequences() -> None:
     """2,050 packed sequences of 16 tokens x 32 heads in one varlen call: grids are flat on x."""
     import cupy

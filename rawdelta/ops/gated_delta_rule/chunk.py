@@ -9,7 +9,8 @@ Public entry points (api.md sections 2-3)::
 Backends: ``numpy`` (naive_chunk.py, float64), ``numba`` (numba_chunk.py, float32) and ``cuda``
 (cuda_chunk.py launching the tensor-core kernels of ``rawdelta/cuda/gated_delta_rule/chunk.cu``).
 Each backend module exposes ``chunk_forward(p, chunk_size) -> (o, ht)`` and
-``chunk_backward(p, chunk_size, do, dht) -> dict`` of gradients keyed like :class:`GatedDeltaRuleGrads`.
+``chunk_backward(p, chunk_size, do, dht) -> dict`` of gradients keyed like :class:`GatedDeltaRuleGrads`;
+the cuda backend's forward also returns its per-chunk factors, which its backward takes back (``factors``).
 """
 
 from __future__ import annotations
@@ -24,16 +25,22 @@ __all__ = ["CHUNK_SIZES", "ChunkGatedDeltaRuleResiduals", "chunk_gated_delta_rul
 
 
 class ChunkGatedDeltaRuleResiduals(NamedTuple):
-    """What the backward needs: the validated inputs and the chunk size (the per-chunk factors, states and
-    the WY representation are recomputed, the peer's recompute policy).
+    """What the backward needs: the validated inputs, the chunk size and, from the cuda backend, the forward's
+    per-chunk factors (the per-chunk states are recomputed, the peer's recompute policy).
 
     Attributes:
         problem: the validated call (inputs as contiguous arrays, shapes, options, backend, stream).
         chunk_size: the forward's chunk size.
+        factors: the cuda forward's per-chunk factors (cumulative log2 gates, effective beta, the q/k rows'
+            inverse L2 norms ``[B*T, HV]`` float32; ``(I + L)^-1`` and the masked intra-chunk scores
+            ``[B*T, HV, chunk_size]`` 16-bit), which its backward reuses instead of recomputing them.
+            None for the numpy and numba backends, and where the residuals are rebuilt from the inputs
+            (the torch and JAX adapters): the backward then recomputes them.
     """
 
     problem: GDNProblem
     chunk_size: int
+    factors: Any = None
 
 
 def _impl(backend: str) -> Any:
@@ -74,17 +81,22 @@ def chunk_gated_delta_rule_fwd(
 ) -> tuple[tuple[Any, Any], ChunkGatedDeltaRuleResiduals]:
     """Forward pass returning ``((o, final_state), residuals)`` for :func:`chunk_gated_delta_rule_bwd`.
 
-    Same arguments as :func:`chunk_gated_delta_rule`. ``residuals`` holds the validated inputs and the
-    chunk size only; the backward recomputes the per-chunk factors and states.
+    Same arguments as :func:`chunk_gated_delta_rule`. ``residuals`` holds the validated inputs, the chunk
+    size and (cuda) the per-chunk factors; the backward recomputes the per-chunk states.
     """
     p = make_problem(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
                      use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
                      use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
                      cu_seqlens_cpu=cu_seqlens_cpu, backend=backend, stream=stream, allow_gk_gv=False,
                      allow_beta_per_v=False, chunk_size=chunk_size)
+    factors = None
     with backend_stream(p):
-        o, ht = cast_outputs(p, *_impl(p.backend).chunk_forward(p, chunk_size))
-    return (o, ht if p.output_final_state else None), ChunkGatedDeltaRuleResiduals(p, chunk_size)
+        if p.backend == "cuda":
+            o, ht, factors = _impl(p.backend).chunk_forward(p, chunk_size)
+        else:
+            o, ht = _impl(p.backend).chunk_forward(p, chunk_size)
+        o, ht = cast_outputs(p, o, ht)
+    return (o, ht if p.output_final_state else None), ChunkGatedDeltaRuleResiduals(p, chunk_size, factors)
 
 
 def chunk_gated_delta_rule_bwd(
@@ -95,10 +107,13 @@ def chunk_gated_delta_rule_bwd(
     Returns :class:`GatedDeltaRuleGrads` (q, k, v, g, beta, initial_state, A_log, dt_bias; gk and gv are
     always None in this mode), each in its input's dtype (dh0 in float32), None for inputs that were None.
     """
-    p, chunk_size = residuals
+    p, chunk_size, factors = residuals
     do, dht = check_cotangents(p, do, dht)
     with backend_stream(p):
-        grads = _impl(p.backend).chunk_backward(p, chunk_size, do, dht)
+        if p.backend == "cuda":
+            grads = _impl(p.backend).chunk_backward(p, chunk_size, do, dht, factors)
+        else:
+            grads = _impl(p.backend).chunk_backward(p, chunk_size, do, dht)
     return cast_grads(p, grads)
 
 

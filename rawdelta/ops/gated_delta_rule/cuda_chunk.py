@@ -210,8 +210,9 @@ def _state_pass_args(p: GDNProblem, ch: _Chunks) -> tuple[int, int]:
     return nvb, p.N * p.HV * nvb
 
 
-def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any]:
-    """Launch the forward: o ``[B, T, HV, V]`` (v's dtype) and the final state ``[N, HV, K, V]`` float32."""
+def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any, _Chunks]:
+    """Launch the forward: o ``[B, T, HV, V]`` (v's dtype), the final state ``[N, HV, K, V]`` float32, and the
+    per-chunk factors (for :func:`chunk_backward`)."""
     import cupy
 
     ch = _prepare(p, chunk_size)
@@ -226,15 +227,18 @@ def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any]:
         p.q, p.k, p.v, *ch.rows, *ch.matrices, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0,
         o, rec._ptr(ht), _NULL, _NULL, np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V),
         np.int32(nvb), np.float32(p.scale), np.int32(flags)))
-    return o, ht
+    return o, ht, ch
 
 
-def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any) -> dict[str, Any]:
+def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: _Chunks | None = None) -> dict[str, Any]:
     """Launch the backward; returns gradients keyed by input name (dq, dk, dv in the input dtype, the rest
-    float32), None for absent inputs."""
+    float32), None for absent inputs. ``factors``: the forward's per-chunk factors, or None to recompute them."""
     import cupy
 
-    ch = _prepare(p, chunk_size)
+    ch = factors if factors is not None else _prepare(p, chunk_size)
+    if (ch.bt, ch.nc) != (chunk_size, _num_chunks(p, chunk_size)):
+        raise ValueError(f"factors: expected the per-chunk factors of this call (chunk_size {chunk_size}, "
+                         f"{_num_chunks(p, chunk_size)} chunks), got chunk_size {ch.bt}, {ch.nc} chunks")
     dt = p.q.dtype
     do = do if do.dtype == dt else do.astype(dt)
     if dht is not None and dht.dtype != np.float32:
