@@ -122,9 +122,14 @@ class TorchCudaClock:
             self._flush = self.torch.empty(FLUSH_BYTES // 4, dtype=self.torch.int32, device="cuda")
         self._flush.zero_()
 
+    def _event(self) -> Any:
+        return self.torch.cuda.Event(enable_timing=True)
+
+    def _elapsed_s(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) * 1e-3
+
     def time_calls(self, fn: Callable[[], Any], n: int, flush: bool) -> list[float]:
-        Event = self.torch.cuda.Event
-        pairs = [(Event(enable_timing=True), Event(enable_timing=True)) for _ in range(n)]
+        pairs = [(self._event(), self._event()) for _ in range(n)]
         for start, end in pairs:
             if flush:
                 self._flush_l2()
@@ -132,7 +137,7 @@ class TorchCudaClock:
             fn()
             end.record()
         self.sync()
-        return [s.elapsed_time(e) * 1e-3 for s, e in pairs]
+        return [self._elapsed_s(s, e) for s, e in pairs]
 
     def peak_bytes(self, fn: Callable[[], Any]) -> int | None:
         """Peak bytes allocated during one call, outputs included, over what was allocated before it."""
@@ -176,17 +181,11 @@ class CupyCudaClock(TorchCudaClock):
             self._flush = self.cp.empty(FLUSH_BYTES // 4, dtype=self.cp.int32)
         self._flush.fill(0)
 
-    def time_calls(self, fn: Callable[[], Any], n: int, flush: bool) -> list[float]:
-        Event = self.cp.cuda.Event
-        pairs = [(Event(), Event()) for _ in range(n)]
-        for start, end in pairs:
-            if flush:
-                self._flush_l2()
-            start.record()
-            fn()
-            end.record()
-        self.sync()
-        return [self.cp.cuda.get_elapsed_time(s, e) * 1e-3 for s, e in pairs]
+    def _event(self) -> Any:
+        return self.cp.cuda.Event()
+
+    def _elapsed_s(self, start: Any, end: Any) -> float:
+        return self.cp.cuda.get_elapsed_time(start, end) * 1e-3
 
     def peak_bytes(self, fn: Callable[[], Any]) -> int | None:
         return None

@@ -235,10 +235,14 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: _
     float32), None for absent inputs. ``factors``: the forward's per-chunk factors, or None to recompute them."""
     import cupy
 
-    ch = factors if factors is not None else _prepare(p, chunk_size)
-    if (ch.bt, ch.nc) != (chunk_size, _num_chunks(p, chunk_size)):
-        raise ValueError(f"factors: expected the per-chunk factors of this call (chunk_size {chunk_size}, "
-                         f"{_num_chunks(p, chunk_size)} chunks), got chunk_size {ch.bt}, {ch.nc} chunks")
+    if factors is None:
+        ch = _prepare(p, chunk_size)
+    else:
+        nc = _num_chunks(p, chunk_size)
+        if (factors.bt, factors.nc) != (chunk_size, nc):
+            raise ValueError(f"factors: expected the per-chunk factors of this call (chunk_size {chunk_size}, "
+                             f"{nc} chunks), got chunk_size {factors.bt}, {factors.nc} chunks")
+        ch = factors
     dt = p.q.dtype
     do = do if do.dtype == dt else do.astype(dt)
     if dht is not None and dht.dtype != np.float32:
