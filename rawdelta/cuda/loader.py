@@ -4,12 +4,13 @@
   ``common/`` are found through ``-I rawdelta/cuda``.
 * Template instantiations are listed as NVRTC ``name_expressions`` when a source is registered
   (:func:`register`); the registry is the set of every instantiation the package can launch.
-* Compile options live in :func:`compile_options`; ``RAWDELTA_JIT_LINEINFO=1`` adds ``-lineinfo``
+* Compile options live in :func:`compile_options` (sm_90a on compute capability 9.0 devices, for the
+  wgmma kernels); ``RAWDELTA_JIT_LINEINFO=1`` adds ``-lineinfo``
   for ncu, ``RAWDELTA_JIT_DEBUG=1`` adds ``-G``.
 * Modules are cached per device; CuPy's own disk cache (``CUPY_CACHE_DIR``) keeps the binaries.
   A hash of every header is put in the source text, so editing a header invalidates that cache.
 * Compile failures raise :class:`rawdelta.errors.KernelCompileError` with the NVRTC log.
-* :func:`compile_all_to_cubin` compiles every registered instantiation to sm_80/sm_90 cubins on a
+* :func:`compile_all_to_cubin` compiles every registered instantiation to sm_80/sm_90/sm_90a cubins on a
   machine without a GPU or driver (NVRTC through ``cuda.core``); CI uses it.
 """
 
@@ -86,8 +87,27 @@ def _source_text(spec: KernelSpec) -> str:
     return f"// rawdelta headers {_headers_hash()}\n{defs}{body}"
 
 
-def compile_options() -> tuple[str, ...]:
+@functools.cache
+def _compute_capability(device: int) -> str:
+    import cupy
+
+    return str(cupy.cuda.Device(device).compute_capability)
+
+
+def wgmma_available() -> bool:
+    """Whether the current device runs Hopper warpgroup products (compute capability 9.0; modules for it are
+    built for sm_90a, so kernels guarded by ``RAWDELTA_WGMMA`` in ``common/wgmma.cuh`` get their wgmma code)."""
+    import cupy
+
+    return _compute_capability(cupy.cuda.runtime.getDevice()) == "90"
+
+
+def compile_options(device: int | None = None) -> tuple[str, ...]:
+    """NVRTC options; with a device of compute capability 9.0, ``-arch=sm_90a`` (the wgmma instructions are
+    sm_90a-only; NVRTC keeps it over the ``-arch=sm_90`` that CuPy appends)."""
     opts = ["-std=c++17", f"-I{CUDA_DIR}"]
+    if device is not None and _compute_capability(device) == "90":
+        opts.append("-arch=sm_90a")
     if os.environ.get("RAWDELTA_JIT_LINEINFO") == "1":
         opts.append("-lineinfo")
     if os.environ.get("RAWDELTA_JIT_DEBUG") == "1":
@@ -105,7 +125,8 @@ def _module(spec: KernelSpec, device: int) -> Any:
     if mod is None:
         import cupy
 
-        mod = cupy.RawModule(code=_source_text(spec), options=compile_options(), name_expressions=spec.name_expressions)
+        mod = cupy.RawModule(code=_source_text(spec), options=compile_options(device),
+                             name_expressions=spec.name_expressions)
         _modules[key] = mod
     return mod
 
@@ -135,7 +156,7 @@ def get_kernel(source: str, name_expression: str, defines: dict[str, Any] | None
     except cupy.cuda.compiler.CompileException as e:
         _modules.pop((device, spec), None)
         raise KernelCompileError(name_expression, e.get_message() if hasattr(e, "get_message") else str(e),
-                                 compile_options()) from None
+                                 compile_options(device)) from None
 
 
 def precompile() -> int:
@@ -169,7 +190,7 @@ def _cuda_include_dirs() -> list[str]:
     return dirs
 
 
-def compile_all_to_cubin(archs: tuple[str, ...] = ("sm_80", "sm_90")) -> dict[tuple[str, str], int]:
+def compile_all_to_cubin(archs: tuple[str, ...] = ("sm_80", "sm_90", "sm_90a")) -> dict[tuple[str, str], int]:
     """Compile every registered instantiation to cubin for each arch, without a GPU or driver.
 
     Uses NVRTC through ``cuda.core``. Returns ``{(source, arch): cubin_bytes}``; raises

@@ -137,3 +137,71 @@ def test_cuda_chunk_matches_cuda_recurrent() -> None:
     g1, g2 = chunk_gated_delta_rule_bwd(r1, do, dht), fused_recurrent_gated_delta_rule_bwd(r2, do, dht)
     for name in ("q", "k", "v", "g", "beta", "initial_state"):
         assert_close("d" + name, getattr(g2, name), getattr(g1, name), dtype="float32")
+
+
+def _record_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from rawdelta.ops.gated_delta_rule import cuda_chunk
+
+    names: list[str] = []
+    launch = cuda_chunk._launch
+
+    def spy(name: str, *args: Any) -> None:
+        names.append(name)
+        launch(name, *args)
+
+    monkeypatch.setattr(cuda_chunk, "_launch", spy)
+    return names
+
+
+_WG_CONFIGS = [(32, False), (32, True), (16, False), (16, True)]
+_WG_CASES = [("K64_V48", {"B": 2, "T": 150, "H": 2, "HV": 4, "K": 64, "V": 48}),
+             ("K128_varlen", {"B": 1, "T": 0, "H": 1, "HV": 2, "K": 128, "V": 136, "seqlens": (70, 0, 1, 128, 64)}),
+             ("K256", {"B": 1, "T": 130, "H": 1, "HV": 1, "K": 256, "V": 64})]
+
+
+_WG_RUNS = ([(o[0], o[1:], _WG_CASES[0], "bfloat16") for o in CHUNK_OPTIONS]
+            + [("g", ({}, {}, ()), c, dt) for c in _WG_CASES for dt in ("bfloat16", "float16")])
+
+
+_WG_PARAMS = [(r[1], r[2][1], r[3], cfg) for r in _WG_RUNS for cfg in _WG_CONFIGS
+              if not (r[2][1]["K"] > 128 and cfg[0] == 32)]  # K = 256 runs 16 columns per warpgroup only
+_WG_IDS = [f"{r[0]}-{r[2][0]}-{r[3]}-bvw{cfg[0]}_{'pipe' if cfg[1] else 'single'}" for r in _WG_RUNS
+           for cfg in _WG_CONFIGS if not (r[2][1]["K"] > 128 and cfg[0] == 32)]
+
+
+@pytest.mark.parametrize(("option", "shape", "dtype", "config"), _WG_PARAMS, ids=_WG_IDS)
+def test_hopper_forward_state_pass(option: tuple[dict[str, Any], dict[str, Any], tuple[str, ...]],
+                                   shape: dict[str, Any], dtype: str, config: tuple[int, bool],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wgmma forward state pass (and its recompute for the backward) in each of its configurations: value
+    columns per warpgroup, single stage or prefetching; every option, K = 64, 128, 256, varlen with an empty
+    sequence, V off the 64-column blocks."""
+    from rawdelta.ops.gated_delta_rule import cuda_chunk
+
+    if not cuda_chunk.wgmma_available():
+        pytest.skip("the wgmma kernels need a compute capability 9.0 GPU")
+    gen, extra, drop = option
+    bvw, pipe = config
+    monkeypatch.setattr(cuda_chunk, "_wg_config", lambda p, kp: config)
+    launched = _record_launches(monkeypatch)
+    check_backend("cuda", make_inputs({**shape, **gen}, seed=9, dtype=dtype), device=True, drop=drop, mode="chunk",
+                  chunk_size=64, **extra)
+    tf = {False: "false", True: "true"}
+    for store in (False, True):
+        assert any(n.startswith("gdn_chunk_fwd_wg_kernel<") and n.endswith(f", {bvw}, {tf[store]}, {tf[pipe]}>")
+                   for n in launched), launched
+
+
+@pytest.mark.parametrize(("gen", "extra", "drop"), [o[1:] for o in CHUNK_OPTIONS], ids=[o[0] for o in CHUNK_OPTIONS])
+def test_mma_sync_forward_on_hopper(gen: dict[str, Any], extra: dict[str, Any], drop: tuple[str, ...],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the wgmma path switched off, bf16 chunks of 64 run the mma.sync forward state pass (what sm_80
+    runs), so a Hopper machine tests it too."""
+    from rawdelta.ops.gated_delta_rule import cuda_chunk
+
+    monkeypatch.setattr(cuda_chunk, "USE_WGMMA", False)
+    launched = _record_launches(monkeypatch)
+    check_backend("cuda", make_inputs({**_WG_CASES[0][1], **gen}, seed=10, dtype="bfloat16"), device=True,
+                  drop=drop, mode="chunk", chunk_size=64, **extra)
+    assert any(n.startswith("gdn_chunk_fwd_kernel<") for n in launched), launched
+    assert not any("fwd_wg" in n for n in launched), launched

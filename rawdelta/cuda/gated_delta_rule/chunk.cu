@@ -18,6 +18,7 @@
 // the state passes. Tiles of input precision are E tiles (Split<E> for float inputs); states, inverses
 // and other float32 intermediates are Split<E> tiles, so their products keep ~16 mantissa bits.
 #include "common/chunk_stages.cuh"
+#include "common/wgmma.cuh"
 #include "gated_delta_rule/gdn_common.cuh"
 
 using namespace rawdelta;
@@ -138,21 +139,42 @@ struct ChunkRows {
 #pragma unroll
         for (int a = 0; a < ARRAYS; ++a) *arrays[a] = cur.take<float>(BT);
     }
+    __device__ __forceinline__ void set(int r, float x, float glast, float b, float nq, float nk) {
+        const float e = exp2f(x), l = exp2f(glast - x);
+        G[r] = x;
+        B[r] = b;
+        rq[r] = nq;
+        rk[r] = nk;
+        gq[r] = e * nq;
+        gk[r] = e * nk;
+        lk[r] = l * nk;
+    }
     __device__ __forceinline__ void load(const float* Gc, const float* Bc, const float* Rq, const float* Rk, i64 bos,
                                          int L, int BT, int HV, int hv, int flags) {
         const float glast = Gc[(bos + L - 1) * HV + hv];
         for (int r = threadIdx.x; r < BT; r += blockDim.x) {
-            const bool in = r < L;
+            const bool in = r < L, l2 = in && (flags & F_L2);
             const i64 th = (bos + (in ? r : L - 1)) * HV + hv;
-            const float x = Gc[th], e = exp2f(x), l = exp2f(glast - x);
-            const float nq = (in && (flags & F_L2)) ? Rq[th] : 1.f, nk = (in && (flags & F_L2)) ? Rk[th] : 1.f;
-            G[r] = x;
-            B[r] = in ? Bc[th] : 0.f;
-            rq[r] = nq;
-            rk[r] = nk;
-            gq[r] = e * nq;
-            gk[r] = e * nk;
-            lk[r] = l * nk;
+            set(r, Gc[th], glast, in ? Bc[th] : 0.f, l2 ? Rq[th] : 1.f, l2 ? Rk[th] : 1.f);
+        }
+    }
+    // load() in two steps, for prefetching: the raw per-token values into shared memory ([4][BT] floats: Gc,
+    // Bc, Rq, Rk; cp.async, zeros past the chunk), then the rows from them once they have landed.
+    static __device__ __forceinline__ void fetch_raw(float* raw, const float* Gc, const float* Bc, const float* Rq,
+                                                     const float* Rk, i64 bos, int L, int BT, int HV, int hv,
+                                                     int flags) {
+        for (int idx = threadIdx.x; idx < 4 * BT; idx += blockDim.x) {
+            const int a = idx / BT, r = idx % BT;
+            const float* src = a == 0 ? Gc : a == 1 ? Bc : a == 2 ? Rq : Rk;
+            const bool in = r < L && (a < 2 || (flags & F_L2));
+            cp_async4(raw + idx, in ? src + (bos + r) * HV + hv : Gc, in ? 4 : 0);
+        }
+    }
+    __device__ __forceinline__ void derive(const float* raw, int L, int BT, int flags) {
+        const float glast = raw[L - 1];
+        for (int r = threadIdx.x; r < BT; r += blockDim.x) {
+            const bool in = r < L, l2 = in && (flags & F_L2);
+            set(r, raw[in ? r : L - 1], glast, raw[BT + r], l2 ? raw[2 * BT + r] : 1.f, l2 ? raw[3 * BT + r] : 1.f);
         }
     }
 };
@@ -282,6 +304,160 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
         __syncthreads();
     }
     if (!STORE && (flags & F_HT)) store_state(S, ht + state_off, K, V, v0, vcols);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The forward state pass on Hopper warpgroups (wgmma, sm_90a), for 16-bit inputs and chunks of 64: the math
+// of gdn_chunk_fwd_kernel, per (sequence, value head, block of BV = 2 BVW value columns). Warpgroup w owns
+// the state's columns [w BVW, (w + 1) BVW), all KP rows, in registers, and runs the chunk's chain of products
+// on them alone: inside a chunk it waits only on its own warpgroup; the chunk's q, k, v, (I + L)^-1 and score
+// tiles are loaded once for both. Tiles are blocked (common/wgmma.cuh). The state, r and delta enter the
+// tensor cores rounded to T, like the peer's; the state itself stays float32 in registers through the pass.
+// PIPE: two stages of chunk inputs, the next chunk's loads in flight while this one computes (for grids of
+// at most one block per SM, where no other block hides the loads).
+template <typename T, int KP, int BV, bool STORE>
+struct WgStage {  // byte offsets of one chunk's inputs in a stage
+    static constexpr int BT = 64, Q = 0, K = STORE ? 0 : Q + BT * KP * 2, V = K + BT * KP * 2, A = V + BT * BV * 2,
+                         P = A + BT * BT * 2, RAW = P + (STORE ? 0 : BT * BT * 2), BYTES = RAW + 4 * BT * 4;
+};
+
+template <typename T, int KP, int BVW, bool STORE, bool PIPE>
+__global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 : 2) gdn_chunk_fwd_wg_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
+    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
+    const T* __restrict__ Ahi, const T* __restrict__ Phi, const float* __restrict__ h0, const i64* __restrict__ cu,
+    const int* __restrict__ seq_chunk0, T* __restrict__ o, float* __restrict__ ht, T* __restrict__ hbuf,
+    T* __restrict__ vnew, int T_, int H, int HV, int K, int V, int NVB, float scale, int flags) {
+    constexpr int BT = 64, BV = 2 * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
+    using St = WgStage<T, KP, BV, STORE>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    SmemCursor cur{smem};
+    unsigned char* stages = cur.take<unsigned char>(NS * St::BYTES);
+    T* sS = cur.take<T>(KP * BV);
+    T* sR = cur.take<T>(BT * BV);  // r, then delta (each warpgroup's columns, after its product on r is done)
+    T* sDt = cur.take<T>(BT * BV);
+    ChunkRows rows;
+    rows.carve(cur, BT);
+    const unsigned aS = smem_addr(sS), aR = smem_addr(sR), aDt = smem_addr(sDt);
+
+    const int vb = blockIdx.x % NVB, nh = blockIdx.x / NVB, hv = nh % HV, n = nh / HV, h = hv / (HV / H);
+    const int v0 = vb * BV, vcols = min(BV, V - v0), wg = threadIdx.x >> 7, c0 = wg * BVW;
+    const bool paired = (V & 1) == 0;
+    const SeqRange sr = seq_range(cu, n, T_, flags);
+    const int len = (int)(sr.eos - sr.bos), nchunks = (len + BT - 1) / BT;
+    const i64 state_off = ((i64)n * HV + hv) * K * V;
+    const auto kmaj = [](unsigned tile, int cols, int r0) { return [=](int, int kk) { return desc_kmajor(tile, cols, r0, kk); }; };
+    const auto ncols = [&](unsigned tile) { return [=](int kk) { return desc_mnmajor(tile, BV, c0, kk); }; };
+    // chunk c's inputs into stage s, as one cp.async group
+    const auto issue = [&](int c, int s) {
+        const i64 bos = sr.bos + (i64)c * BT;
+        const int L = min(BT, len - c * BT);
+        unsigned char* st = stages + s * St::BYTES;
+        if (!STORE) load_blocked(reinterpret_cast<T*>(st + St::Q), KP, q + (bos * H + h) * K, (i64)H * K, L, K, BT);
+        load_blocked(reinterpret_cast<T*>(st + St::K), KP, k + (bos * H + h) * K, (i64)H * K, L, K, BT);
+        load_blocked(reinterpret_cast<T*>(st + St::V), BV, v + (bos * HV + hv) * V + v0, (i64)HV * V, L, vcols, BT);
+        load_blocked(reinterpret_cast<T*>(st + St::A), BT, Ahi + (bos * HV + hv) * BT, (i64)HV * BT, L, BT, BT);
+        if (!STORE)
+            load_blocked(reinterpret_cast<T*>(st + St::P), BT, Phi + (bos * HV + hv) * BT, (i64)HV * BT, L, BT, BT);
+        ChunkRows::fetch_raw(reinterpret_cast<float*>(st + St::RAW), Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
+        cp_async_commit();
+    };
+
+    WgAcc<MS, BVW> S;
+    if (flags & F_H0) {
+        S.apply_pairs([&](int r, int c, float& x0, float& x1) {
+            const i64 e = state_off + (i64)r * V + v0 + c0 + c;
+            x0 = (r < K && c0 + c < vcols) ? h0[e] : 0.f;
+            x1 = (r < K && c0 + c + 1 < vcols) ? h0[e + 1] : 0.f;
+        });
+    } else {
+        S.fill(0.f);
+    }
+
+    if (PIPE && nchunks > 0) issue(0, 0);
+#pragma unroll 1
+    for (int c = 0; c < nchunks; ++c) {
+        const i64 bos = sr.bos + (i64)c * BT;
+        const int L = min(BT, len - c * BT), s = PIPE ? (c & 1) : 0;
+        if (!PIPE) issue(c, 0);
+        if (PIPE && c + 1 < nchunks) {
+            issue(c + 1, s ^ 1);  // that stage's last reader was chunk c - 1, before its closing barrier
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        unsigned char* st = stages + s * St::BYTES;
+        const T* sV = reinterpret_cast<const T*>(st + St::V);
+        const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
+                       aP = smem_addr(st + St::P);
+        rows.derive(reinterpret_cast<const float*>(st + St::RAW), L, BT, flags);
+        T* hc = STORE ? hbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V : nullptr;
+        S.apply_pairs([&](int r, int j, float& x0, float& x1) {
+            store_pair(sS, blk(r, c0 + j, BV), x0, x1);
+            if (STORE && r < K) put_row_pair(hc, (i64)r * V + v0 + c0 + j, c0 + j, vcols, paired, x0, x1);
+        });
+        fence_proxy_async();
+        __syncthreads();
+        // X = k S (and Y = q S): this warpgroup's columns
+        WgAcc<1, BVW> X, Y;
+        wg_fence();
+        X.template mma<T, false, true, KP>(kmaj(aK, KP, 0), ncols(aS), false);
+        if (!STORE) Y.template mma<T, false, true, KP>(kmaj(aQ, KP, 0), ncols(aS), false);
+        wg_commit();
+        wg_wait<0>();
+        X.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            const int e = blk(i, c0 + j, BV);
+            const float2 vv = load_pair(sV, e);
+            const float b = rows.B[i], f = rows.gk[i];
+            store_pair(sR, e, b * (vv.x - f * x0), b * (vv.y - f * x1));
+        });
+        fence_proxy_async();
+        wg_barrier(wg);
+        // delta = A r
+        WgAcc<1, BVW> D;
+        wg_fence();
+        D.template mma<T, false, true, BT>(kmaj(aA, BT, 0), ncols(aR), false);
+        wg_commit();
+        wg_wait<0>();
+        if (!STORE) wg_barrier(wg);  // every warp's part of the product has read r before delta overwrites it
+        D.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            const int e = blk(i, c0 + j, BV);
+            if (!STORE) store_pair(sR, e, x0, x1);
+            const float l = rows.lk[i];
+            store_pair(sDt, e, x0 * l, x1 * l);
+            if (STORE && i < L)
+                put_row_pair(vnew, ((bos + i) * HV + hv) * V + v0 + c0 + j, c0 + j, vcols, paired, x0, x1);
+        });
+        if (!STORE) Y.apply_pairs([&](int i, int, float& x0, float& x1) {
+            const float f = rows.gq[i] * scale;
+            x0 *= f;
+            x1 *= f;
+        });
+        const float decay = exp2f(rows.G[BT - 1]);
+        S.apply_pairs([&](int, int, float& x0, float& x1) {
+            x0 *= decay;
+            x1 *= decay;
+        });
+        fence_proxy_async();
+        wg_barrier(wg);
+        // o = scale 2^G q S + P delta;  S = 2^G_last S + k^T (2^(G_last - G) delta)
+        wg_fence();
+        if (!STORE) Y.template mma<T, false, true, BT>(kmaj(aP, BT, 0), ncols(aR), true);
+        S.template mma<T, true, true, BT>([&](int i, int kk) { return desc_mnmajor(aK, KP, 64 * i, kk); }, ncols(aDt),
+                                          true);
+        wg_commit();
+        wg_wait<0>();
+        if (!STORE) Y.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            if (i < L) put_row_pair(o, ((bos + i) * HV + hv) * V + v0 + c0 + j, c0 + j, vcols, paired, x0, x1);
+        });
+        __syncthreads();
+    }
+    if (!STORE && (flags & F_HT)) {
+        S.apply_pairs([&](int r, int j, float& x0, float& x1) {
+            if (r < K) put_row_pair(ht + state_off, (i64)r * V + v0 + c0 + j, c0 + j, vcols, paired, x0, x1);
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

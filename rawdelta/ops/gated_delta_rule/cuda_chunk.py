@@ -6,7 +6,9 @@ reuses the recurrent mode's kernels.
 
 Forward: chunk table -> prepare (cumulative log2 gates, beta, the q/k rows' inverse L2 norms, (I + L)^-1
 and the masked intra-chunk scores per chunk) -> one state pass per (sequence, value head, BV columns) that
-also writes the output.
+also writes the output. On compute capability 9.0 devices, 16-bit inputs with chunks of 64 take the Hopper
+state pass (``gdn_chunk_fwd_wg_kernel``: wgmma warpgroup products, optionally prefetching the next chunk);
+everything else, and sm_80, the mma.sync one.
 Backward: the same prepare, the state pass again storing per-chunk states and deltas, the reverse state
 pass (dh per chunk, dv, dh0), the per-chunk dq/dk/gate kernel over key slices of KS, then the finishing
 kernels.
@@ -14,6 +16,7 @@ kernels.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..._arrays import BFLOAT16, empty
-from ...cuda.loader import get_kernel, register
+from ...cuda.loader import get_kernel, register, wgmma_available
 from . import cuda_recurrent as rec
 from .problem import CHUNK_SIZES, GDNProblem
 
@@ -31,7 +34,6 @@ KS = 64  # key slice of the dq/dk kernel
 BVB = 64  # value columns per step of the dq/dk kernel's loop over V
 PREP_THREADS = 256  # threads per block of the prepare kernel (its NTHREADS template argument)
 _MMA_TYPE = {"float": "__nv_bfloat16", "__half": "__half", "__nv_bfloat16": "__nv_bfloat16"}
-_NULL = np.uint64(0)
 
 
 def _bv(ct: str, kp: int) -> int:
@@ -45,6 +47,33 @@ def _prepare_name(ct: str, bt: int, kp: int) -> str:
 
 def _fwd_name(ct: str, bt: int, kp: int, store: bool) -> str:
     return f"gdn_chunk_fwd_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {_bv(ct, kp)}, {'true' if store else 'false'}>"
+
+
+# Hopper forward state pass (wgmma): 16-bit inputs, chunks of 64; value columns per warpgroup by KP.
+WG_TYPES = ("__half", "__nv_bfloat16")
+WG_BT = 64
+USE_WGMMA = True  # tests switch it off to run the mma.sync kernels on a Hopper GPU too
+
+
+def _wg_bvw_options(kp: int) -> tuple[int, ...]:
+    return (16,) if kp == 256 else (16, 32)
+
+
+def _wg_config(p: GDNProblem, kp: int) -> tuple[int, bool]:
+    """Value columns per warpgroup and whether to prefetch, for the Hopper forward state pass.
+
+    32 columns load the q, k, (I + L)^-1 and score tiles once per 64 columns instead of 32; 16 doubles the
+    blocks, which pays only when 32 would leave more than half the SMs idle (and keeps K = 256 within the
+    registers). Prefetching the next chunk needs a second stage of inputs, one block per SM: it pays when the
+    grid has at most one block per SM anyway (H100, bf16, docs/benchmarks.md)."""
+    sms = _sm_count()
+    bvw = 32 if 32 in _wg_bvw_options(kp) and p.N * p.HV * math.ceil(p.V / 64) >= sms / 2 else 16
+    return bvw, p.N * p.HV * math.ceil(p.V / (2 * bvw)) <= sms
+
+
+def _fwd_wg_name(ct: str, kp: int, bvw: int, store: bool, pipe: bool) -> str:
+    tf = {False: "false", True: "true"}
+    return f"gdn_chunk_fwd_wg_kernel<{ct}, {kp}, {bvw}, {tf[store]}, {tf[pipe]}>"
 
 
 def _bwd_state_name(ct: str, bt: int, kp: int) -> str:
@@ -62,7 +91,9 @@ register(
        for f in (_prepare_name, _bwd_state_name)]
     + [_fwd_name(ct, bt, kp, s) for ct in rec.CTYPES.values() for bt in CHUNK_SIZES for kp in KP_SIZES
        for s in (False, True)]
-    + [_dqk_name(ct, bt) for ct in rec.CTYPES.values() for bt in CHUNK_SIZES],
+    + [_dqk_name(ct, bt) for ct in rec.CTYPES.values() for bt in CHUNK_SIZES]
+    + [_fwd_wg_name(ct, kp, bvw, s, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
+       for s in (False, True) for pp in (False, True)],
 )
 
 
@@ -100,6 +131,12 @@ def _smem_fwd(ct: str, bt: int, kp: int, store: bool) -> int:
     tiles = (1 if store else 2) * _in_tile(ct, bt * ldk) + _in_tile(ct, bt * ldv)
     tiles += 0 if store else _in_tile(ct, bt * ldp)
     return tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + _ROWS * _f32(bt)
+
+
+def _smem_fwd_wg(kp: int, bvw: int, store: bool, pipe: bool) -> int:
+    bt, bv = WG_BT, 2 * bvw
+    stage = 2 * ((1 if store else 2) * bt * kp + bt * bv + (1 if store else 2) * bt * bt) + 4 * bt * 4
+    return (2 if pipe else 1) * stage + 2 * (kp * bv + 2 * bt * bv) + _ROWS * _f32(bt)
 
 
 def _acc_wn(m: int, n: int, nw: int) -> int:
@@ -210,6 +247,46 @@ def _state_pass_args(p: GDNProblem, ch: _Chunks) -> tuple[int, int]:
     return nvb, p.N * p.HV * nvb
 
 
+@functools.cache
+def _sm_count_on(device: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
+
+
+def _sm_count() -> int:
+    import cupy
+
+    return _sm_count_on(cupy.cuda.runtime.getDevice())
+
+
+def _wgmma_applies(p: GDNProblem, ch: _Chunks) -> bool:
+    """The Hopper forward state pass takes 16-bit inputs, chunks of 64, K and V multiples of 8 (16-byte rows)
+    and 16-byte aligned q, k, v, on a compute capability 9.0 device."""
+    return (USE_WGMMA and ch.ct in WG_TYPES and ch.bt == WG_BT and p.K % 8 == 0 and p.V % 8 == 0
+            and all(x.data.ptr % 16 == 0 for x in (p.q, p.k, p.v)) and wgmma_available())
+
+
+def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None,
+                        vnew: Any = None) -> None:
+    """The forward state pass: the output and final state (o, ht), or with ``hbuf`` the per-chunk states and
+    deltas for the backward (hbuf, vnew)."""
+    store = hbuf is not None
+    tail = (rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0, rec._ptr(o), rec._ptr(ht),
+            rec._ptr(hbuf), rec._ptr(vnew), np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K),
+            np.int32(p.V))
+    if _wgmma_applies(p, ch):
+        bvw, pipe = _wg_config(p, ch.kp)
+        nvb = math.ceil(p.V / (2 * bvw))
+        grid = p.N * p.HV * nvb
+        _launch(_fwd_wg_name(ch.ct, ch.kp, bvw, store, pipe), grid, 256, _smem_fwd_wg(ch.kp, bvw, store, pipe), (
+            p.q, p.k, p.v, *ch.rows, ch.Ahi, ch.Phi, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags)))
+        return
+    nvb, grid = _state_pass_args(p, ch)
+    _launch(_fwd_name(ch.ct, ch.bt, ch.kp, store), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, store), (
+        p.q, p.k, p.v, *ch.rows, *ch.matrices, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags)))
+
+
 def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any, _Chunks]:
     """Launch the forward: o ``[B, T, HV, V]`` (v's dtype), the final state ``[N, HV, K, V]`` float32, and the
     per-chunk factors (for :func:`chunk_backward`)."""
@@ -222,11 +299,7 @@ def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any, _Chunks]:
     if p.output_final_state:
         ht = empty(cupy, (p.N, p.HV, p.K, p.V), np.float32)
         flags |= rec.F_HT
-    nvb, grid = _state_pass_args(p, ch)
-    _launch(_fwd_name(ch.ct, ch.bt, ch.kp, False), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, False), (
-        p.q, p.k, p.v, *ch.rows, *ch.matrices, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0,
-        o, rec._ptr(ht), _NULL, _NULL, np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V),
-        np.int32(nvb), np.float32(p.scale), np.int32(flags)))
+    _forward_state_pass(p, ch, flags, o=o, ht=ht)
     return o, ht, ch
 
 
@@ -254,9 +327,7 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: _
 
     hbuf = empty(cupy, (max(ch.nc, 1), p.HV, p.K, p.V), dt)
     vnew = empty(cupy, (n_tok, p.HV, p.V), dt)
-    _launch(_fwd_name(ch.ct, ch.bt, ch.kp, True), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, True), (
-        p.q, p.k, p.v, *ch.rows, *ch.matrices, rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0,
-        _NULL, _NULL, hbuf, vnew, *ints, np.float32(p.scale), np.int32(flags)))
+    _forward_state_pass(p, ch, flags, hbuf=hbuf, vnew=vnew)
 
     dhbuf = empty(cupy, (max(ch.nc, 1), p.HV, p.K, p.V), dt)
     ybuf = empty(cupy, (n_tok, p.HV, p.V), dt)

@@ -1,0 +1,170 @@
+// Hopper warpgroup tile products (wgmma.mma_async, sm_90a): a warpgroup of 4 warps computes
+// D[64 x N] (+)= A[64 x 16] B[16 x N] per instruction, both operands read from shared memory through
+// matrix descriptors, fp32 accumulators in registers. The instructions exist only in sm_90a code; other
+// targets compile these helpers to a trap, and the host launches wgmma kernels only on sm_90 devices, whose
+// modules the loader builds for sm_90a.
+//
+// Shared-memory layout ("blocked", no swizzle): a rows x cols tile of 16-bit elements (cols a multiple of
+// 8) is stored as 8 x 8 core matrices of 128 contiguous bytes, row-major over core matrices:
+//   element (r, c) at ((r / 8) * (cols / 8) + c / 8) * 64 + (r % 8) * 8 + c % 8.
+// The same tile serves as a K-major operand (cols the contraction dimension) or an MN-major one (rows the
+// contraction dimension). A warp's accumulator pairs land in one core matrix row each, so epilogue stores
+// into this layout are free of bank conflicts, and 16-byte chunks of rows fill it linearly.
+#pragma once
+#include "common/chunk_stages.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define RAWDELTA_WGMMA 1
+#endif
+
+namespace rawdelta {
+
+typedef unsigned long long u64;
+
+// Element offset of (r, c) in a blocked tile with `cols` columns.
+__device__ __forceinline__ int blk(int r, int c, int cols) {
+    return (((r >> 3) * (cols >> 3) + (c >> 3)) << 6) + ((r & 7) << 3) + (c & 7);
+}
+
+// Matrix descriptor without swizzle: start address, leading-dimension byte offset (between core matrices
+// along the contraction dimension for K-major operands, along M/N for MN-major ones) and stride byte offset
+// (the other direction).
+__device__ __forceinline__ u64 wg_desc(unsigned saddr, unsigned lbo, unsigned sbo) {
+    return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32);
+}
+
+// Descriptor of the 16-wide contraction step kk of a blocked tile (`cols` columns, E 16-bit elements).
+// K-major: the operand's M/N rows are tile rows [r0, r0 + 64 or N), contraction over tile columns.
+__device__ __forceinline__ u64 desc_kmajor(unsigned tile, int cols, int r0, int kk) {
+    return wg_desc(tile + r0 * cols * 2 + kk * 256, 128, cols * 16);
+}
+// MN-major: the operand's M/N indices are tile columns [c0, ...), contraction over tile rows.
+__device__ __forceinline__ u64 desc_mnmajor(unsigned tile, int cols, int c0, int kk) {
+    return wg_desc(tile + kk * 32 * cols + c0 * 16, cols * 16, 128);
+}
+
+__device__ __forceinline__ void wg_fence() {
+#ifdef RAWDELTA_WGMMA
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#ifdef RAWDELTA_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void wg_wait() {
+#ifdef RAWDELTA_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Generic-proxy shared-memory writes (st.shared, cp.async) made visible to the async proxy that wgmma
+// reads through; each writing thread fences, then the threads synchronise.
+__device__ __forceinline__ void fence_proxy_async() {
+#ifdef RAWDELTA_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Barrier over one warpgroup (named barrier 1 + wg; 0 is __syncthreads).
+__device__ __forceinline__ void wg_barrier(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
+
+// d[64 x N] = (scale_d ? d : 0) + A B. TA / TB: the operand is MN-major (transposed) in shared memory.
+template <typename E, int N, bool TA, bool TB> struct Wgmma;
+
+#define RAWDELTA_D8(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+
+template <typename E, bool TA, bool TB> struct Wgmma<E, 16, TA, TB> {
+    static __device__ __forceinline__ void run(float (&d)[8], u64 da, u64 db, int scale_d) {
+#ifdef RAWDELTA_WGMMA
+        if constexpr (SameType<E, __nv_bfloat16>::value)
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+                         "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, p, "
+                         "1, 1, %11, %12;\n}\n"
+                         : RAWDELTA_D8(d)
+                         : "l"(da), "l"(db), "r"(scale_d), "n"(TA ? 1 : 0), "n"(TB ? 1 : 0));
+        else
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+                         "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, p, "
+                         "1, 1, %11, %12;\n}\n"
+                         : RAWDELTA_D8(d)
+                         : "l"(da), "l"(db), "r"(scale_d), "n"(TA ? 1 : 0), "n"(TB ? 1 : 0));
+#else
+        __trap();
+#endif
+    }
+};
+
+template <typename E, bool TA, bool TB> struct Wgmma<E, 32, TA, TB> {
+    static __device__ __forceinline__ void run(float (&d)[16], u64 da, u64 db, int scale_d) {
+#ifdef RAWDELTA_WGMMA
+        if constexpr (SameType<E, __nv_bfloat16>::value)
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                         "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,"
+                         "%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+                         : RAWDELTA_D8(d), RAWDELTA_D8((d + 8))
+                         : "l"(da), "l"(db), "r"(scale_d), "n"(TA ? 1 : 0), "n"(TB ? 1 : 0));
+        else
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                         "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,"
+                         "%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+                         : RAWDELTA_D8(d), RAWDELTA_D8((d + 8))
+                         : "l"(da), "l"(db), "r"(scale_d), "n"(TA ? 1 : 0), "n"(TB ? 1 : 0));
+#else
+        __trap();
+#endif
+    }
+};
+
+#undef RAWDELTA_D8
+
+// A warpgroup's accumulator of MT stacked 64 x N tiles (rows [64 i, 64 i + 64) in tile i). Thread t of the
+// warpgroup holds, per tile, N / 2 floats: element x at row 16 (t / 32) + (t % 32) / 4 + 8 ((x % 4) / 2) and
+// column 8 (x / 4) + 2 (t % 4) + x % 2, the m16n8 accumulator layout repeated along N.
+template <int MT, int N>
+struct WgAcc {
+    static constexpr int NX = N / 2;
+    float v[MT][NX];
+
+    __device__ __forceinline__ void fill(float x) {
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int e = 0; e < NX; ++e) v[i][e] = x;
+    }
+    // f(row, col, value&, next value&) for each pair of adjacent columns (col even) this thread holds.
+    template <typename F>
+    __device__ __forceinline__ void apply_pairs(F&& f) {
+        const int t = threadIdx.x & 127, r = 16 * (t >> 5) + ((t & 31) >> 2), c = 2 * (t & 3);
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int e = 0; e < NX; e += 2) f(64 * i + r + 8 * ((e & 3) >> 1), 8 * (e >> 2) + c, v[i][e], v[i][e + 1]);
+    }
+    // acc (+)= A B over KD (a multiple of 16): A the M x KD operand (tile i from desc_a(i, kk)), B KD x N
+    // (desc_b(kk)); the first step overwrites when `accumulate` is false. Issues only: the caller commits and
+    // waits.
+    template <typename E, bool TA, bool TB, int KD, typename DA, typename DB>
+    __device__ __forceinline__ void mma(DA&& desc_a, DB&& desc_b, bool accumulate) {
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int kk = 0; kk < KD / 16; ++kk)
+                Wgmma<E, N, TA, TB>::run(v[i], desc_a(i, kk), desc_b(kk), (accumulate || kk > 0) ? 1 : 0);
+    }
+};
+
+// 16-byte chunks of global rows into a blocked tile: s (rows_pad x cols_pad, E) from g[r * gstride + c],
+// rows < rows and columns < cols (a multiple of 8), zeros elsewhere. g and gstride 16-byte aligned. The chunk
+// order makes shared-memory addresses linear in the thread index. The caller waits (cp_async_wait_all).
+template <typename E>
+__device__ __forceinline__ void load_blocked(E* s, int cols_pad, const E* __restrict__ g, i64 gstride, int rows,
+                                             int cols, int rows_pad) {
+    const int cc = cols_pad >> 3, n = rows_pad * cc;
+    for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
+        const int r = ((idx / (8 * cc)) << 3) + (idx & 7), c = ((idx >> 3) % cc) << 3;
+        const bool in = r < rows && c < cols;
+        cp_async16(s + idx * 8, in ? g + r * gstride + c : g, in ? 16 : 0);
+    }
+}
+
+}  // namespace rawdelta
