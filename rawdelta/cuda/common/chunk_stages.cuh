@@ -158,9 +158,9 @@ __device__ __forceinline__ void chunk_local_cumsum_log2(float* G, int ld, int wi
 }
 
 // State across one chunk: S = decay(G_last) * S, then the caller adds its rank-BT update. S is a
-// KP x BV accumulator whose rows are keys.
-template <typename Form, int KP, int BV, int NW>
-__device__ __forceinline__ void decay_state(Acc<KP, BV, NW>& S, const float* G, int ldg, int last) {
+// KP x BV accumulator (Acc, or a warpgroup's WgAcc) whose rows are keys.
+template <typename Form, typename AccT>
+__device__ __forceinline__ void decay_state(AccT& S, const float* G, int ldg, int last) {
     S.apply([&](int kd, int, float& x) { x *= Form::chunk_decay(G, ldg, last, kd); });
 }
 
@@ -179,9 +179,9 @@ __device__ __forceinline__ void mask_decay_scores(Acc<BT, BT, NW>& P, const floa
 
 // Output of a chunk: O = scale * 2^(G_i) * (q S)_i + (P d)_i, with Y = q S given and P d added by the
 // caller's product into the same accumulator afterwards (P already carries the scale). gq_i = 2^G_i
-// times q's row factor.
-template <int BT, int BV, int NW>
-__device__ __forceinline__ void scale_inter_output(Acc<BT, BV, NW>& Y, const float* gq, float scale) {
+// times q's row factor. Y: an Acc or a warpgroup's WgAcc.
+template <typename AccT>
+__device__ __forceinline__ void scale_inter_output(AccT& Y, const float* gq, float scale) {
     Y.apply([&](int i, int, float& x) { x *= gq[i] * scale; });
 }
 

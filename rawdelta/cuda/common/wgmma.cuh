@@ -72,22 +72,24 @@ __device__ __forceinline__ void wg_barrier(int wg) { asm volatile("bar.sync %0, 
 template <typename E, int N, bool TA, bool TB> struct Wgmma;
 
 #define RAWDELTA_D8(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+// One wgmma of SHAPE on E operands (bf16 or f16): ACC the accumulator operand list, DA / DB / SD / XA / XB
+// the operand numbers of the two descriptors, scale-d and the two transpose immediates; the accumulator
+// operands (__VA_ARGS__) come first.
+#define RAWDELTA_WGMMA_ASM(SHAPE, TY, ACC, DA, DB, SD, XA, XB, ...)                                           \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" SD ", 0;\nwgmma.mma_async.sync.aligned." SHAPE ".f32." TY   \
+                 "." TY " {" ACC "}, %" DA ", %" DB ", p, 1, 1, %" XA ", %" XB ";\n}\n"                             \
+                 : __VA_ARGS__                                                                                \
+                 : "l"(da), "l"(db), "r"(scale_d), "n"(TA ? 1 : 0), "n"(TB ? 1 : 0))
+#define RAWDELTA_WGMMA(SHAPE, ACC, DA, DB, SD, XA, XB, ...)                                                    \
+    if constexpr (SameType<E, __nv_bfloat16>::value)                                                           \
+        RAWDELTA_WGMMA_ASM(SHAPE, "bf16", ACC, DA, DB, SD, XA, XB, __VA_ARGS__);                               \
+    else                                                                                                        \
+        RAWDELTA_WGMMA_ASM(SHAPE, "f16", ACC, DA, DB, SD, XA, XB, __VA_ARGS__)
 
 template <typename E, bool TA, bool TB> struct Wgmma<E, 16, TA, TB> {
     static __device__ __forceinline__ void run(float (&d)[8], u64 da, u64 db, int scale_d) {
 #ifdef RAWDELTA_WGMMA
-        if constexpr (SameType<E, __nv_bfloat16>::value)
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-                         "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, p, "
-                         "1, 1, %11, %12;\n}\n"
-                         : RAWDELTA_D8(d)
-                         : "l"(da), "l"(db), "r"(scale_d), "n"(TA ? 1 : 0), "n"(TB ? 1 : 0));
-        else
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-                         "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, p, "
-                         "1, 1, %11, %12;\n}\n"
-                         : RAWDELTA_D8(d)
-                         : "l"(da), "l"(db), "r"(scale_d), "n"(TA ? 1 : 0), "n"(TB ? 1 : 0));
+        RAWDELTA_WGMMA("m64n16k16", "%0,%1,%2,%3,%4,%5,%6,%7", "8", "9", "10", "11", "12", RAWDELTA_D8(d));
 #else
         __trap();
 #endif
@@ -97,24 +99,16 @@ template <typename E, bool TA, bool TB> struct Wgmma<E, 16, TA, TB> {
 template <typename E, bool TA, bool TB> struct Wgmma<E, 32, TA, TB> {
     static __device__ __forceinline__ void run(float (&d)[16], u64 da, u64 db, int scale_d) {
 #ifdef RAWDELTA_WGMMA
-        if constexpr (SameType<E, __nv_bfloat16>::value)
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-                         "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,"
-                         "%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
-                         : RAWDELTA_D8(d), RAWDELTA_D8((d + 8))
-                         : "l"(da), "l"(db), "r"(scale_d), "n"(TA ? 1 : 0), "n"(TB ? 1 : 0));
-        else
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-                         "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,"
-                         "%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
-                         : RAWDELTA_D8(d), RAWDELTA_D8((d + 8))
-                         : "l"(da), "l"(db), "r"(scale_d), "n"(TA ? 1 : 0), "n"(TB ? 1 : 0));
+        RAWDELTA_WGMMA("m64n32k16", "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15", "16", "17", "18", "19",
+                       "20", RAWDELTA_D8(d), RAWDELTA_D8((d + 8)));
 #else
         __trap();
 #endif
     }
 };
 
+#undef RAWDELTA_WGMMA
+#undef RAWDELTA_WGMMA_ASM
 #undef RAWDELTA_D8
 
 // A warpgroup's accumulator of MT stacked 64 x N tiles (rows [64 i, 64 i + 64) in tile i). Thread t of the
@@ -130,6 +124,14 @@ struct WgAcc {
         for (int i = 0; i < MT; ++i)
 #pragma unroll
             for (int e = 0; e < NX; ++e) v[i][e] = x;
+    }
+    // f(row, col, value&) for every element this thread holds.
+    template <typename F>
+    __device__ __forceinline__ void apply(F&& f) {
+        apply_pairs([&](int r, int c, float& x0, float& x1) {
+            f(r, c, x0);
+            f(r, c + 1, x1);
+        });
     }
     // f(row, col, value&, next value&) for each pair of adjacent columns (col even) this thread holds.
     template <typename F>

@@ -203,15 +203,16 @@ __device__ __forceinline__ void load_chunk_rows(Split<E> s, int ld, Split<E> g, 
     load_chunk_rows<BT>(s.lo, ld, g.lo, bos, L, HV, hv);
 }
 
-// State tile [K, V] (row stride V) <-> a KP x BV accumulator at value columns [v0, v0 + vcols).
-template <typename TS, int KP, int BV, int NW>
-__device__ __forceinline__ void store_state(Acc<KP, BV, NW>& S, TS* dst, int K, int V, int v0, int vcols) {
+// State tile [K, V] (row stride V) <-> a KP x BV accumulator (Acc, or a warpgroup's WgAcc) at value columns
+// [v0, v0 + vcols) (none when vcols <= 0).
+template <typename TS, typename AccT>
+__device__ __forceinline__ void store_state(AccT& S, TS* dst, int K, int V, int v0, int vcols) {
     S.apply_pairs([&](int r, int c, float& x0, float& x1) {
         if (r < K) put_row_pair(dst, (i64)r * V + v0 + c, c, vcols, (V & 1) == 0, x0, x1);
     });
 }
-template <int KP, int BV, int NW>
-__device__ __forceinline__ void load_state(Acc<KP, BV, NW>& S, const float* src, int K, int V, int v0, int vcols) {
+template <typename AccT>
+__device__ __forceinline__ void load_state(AccT& S, const float* src, int K, int V, int v0, int vcols) {
     S.apply([&](int r, int c, float& x) { x = (r < K && c < vcols) ? src[(i64)r * V + v0 + c] : 0.f; });
 }
 
@@ -363,16 +364,9 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
         cp_async_commit();
     };
 
-    WgAcc<MS, BVW> S;
-    if (flags & F_H0) {
-        S.apply_pairs([&](int r, int c, float& x0, float& x1) {
-            const i64 e = state_off + (i64)r * V + v0 + c0 + c;
-            x0 = (r < K && c0 + c < vcols) ? h0[e] : 0.f;
-            x1 = (r < K && c0 + c + 1 < vcols) ? h0[e + 1] : 0.f;
-        });
-    } else {
-        S.fill(0.f);
-    }
+    WgAcc<MS, BVW> S;  // this warpgroup's columns: value columns [v0 + c0, v0 + vcols) of the state
+    if (flags & F_H0) load_state(S, h0 + state_off, K, V, v0 + c0, vcols - c0);
+    else S.fill(0.f);
 
     if (PIPE && nchunks > 0) issue(0, 0);
 #pragma unroll 1
@@ -392,11 +386,8 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
         const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
                        aP = smem_addr(st + St::P);
         rows.derive(reinterpret_cast<const float*>(st + St::RAW), L, BT, flags);
-        T* hc = STORE ? hbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V : nullptr;
-        S.apply_pairs([&](int r, int j, float& x0, float& x1) {
-            store_pair(sS, blk(r, c0 + j, BV), x0, x1);
-            if (STORE && r < K) put_row_pair(hc, (i64)r * V + v0 + c0 + j, c0 + j, vcols, paired, x0, x1);
-        });
+        S.apply_pairs([&](int r, int j, float& x0, float& x1) { store_pair(sS, blk(r, c0 + j, BV), x0, x1); });
+        if (STORE) store_state(S, hbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V, K, V, v0 + c0, vcols - c0);
         fence_proxy_async();
         __syncthreads();
         // X = k S (and Y = q S): this warpgroup's columns
@@ -429,16 +420,8 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
             if (STORE && i < L)
                 put_row_pair(vnew, ((bos + i) * HV + hv) * V + v0 + c0 + j, c0 + j, vcols, paired, x0, x1);
         });
-        if (!STORE) Y.apply_pairs([&](int i, int, float& x0, float& x1) {
-            const float f = rows.gq[i] * scale;
-            x0 *= f;
-            x1 *= f;
-        });
-        const float decay = exp2f(rows.G[BT - 1]);
-        S.apply_pairs([&](int, int, float& x0, float& x1) {
-            x0 *= decay;
-            x1 *= decay;
-        });
+        if (!STORE) scale_inter_output(Y, rows.gq, scale);
+        decay_state<ScalarGate>(S, rows.G, 1, BT - 1);
         fence_proxy_async();
         wg_barrier(wg);
         // o = scale 2^G q S + P delta;  S = 2^G_last S + k^T (2^(G_last - G) delta)
@@ -453,11 +436,7 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
         });
         __syncthreads();
     }
-    if (!STORE && (flags & F_HT)) {
-        S.apply_pairs([&](int r, int j, float& x0, float& x1) {
-            if (r < K) put_row_pair(ht + state_off, (i64)r * V + v0 + c0 + j, c0 + j, vcols, paired, x0, x1);
-        });
-    }
+    if (!STORE && (flags & F_HT)) store_state(S, ht + state_off, K, V, v0 + c0, vcols - c0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -45,8 +45,12 @@ def _prepare_name(ct: str, bt: int, kp: int) -> str:
     return f"gdn_chunk_prepare_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {PREP_THREADS}>"
 
 
+def _cpp_bool(x: bool) -> str:
+    return "true" if x else "false"
+
+
 def _fwd_name(ct: str, bt: int, kp: int, store: bool) -> str:
-    return f"gdn_chunk_fwd_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {_bv(ct, kp)}, {'true' if store else 'false'}>"
+    return f"gdn_chunk_fwd_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {_bv(ct, kp)}, {_cpp_bool(store)}>"
 
 
 # Hopper forward state pass (wgmma): 16-bit inputs, chunks of 64; value columns per warpgroup by KP.
@@ -72,8 +76,7 @@ def _wg_config(p: GDNProblem, kp: int) -> tuple[int, bool]:
 
 
 def _fwd_wg_name(ct: str, kp: int, bvw: int, store: bool, pipe: bool) -> str:
-    tf = {False: "false", True: "true"}
-    return f"gdn_chunk_fwd_wg_kernel<{ct}, {kp}, {bvw}, {tf[store]}, {tf[pipe]}>"
+    return f"gdn_chunk_fwd_wg_kernel<{ct}, {kp}, {bvw}, {_cpp_bool(store)}, {_cpp_bool(pipe)}>"
 
 
 def _bwd_state_name(ct: str, bt: int, kp: int) -> str:
