@@ -80,7 +80,7 @@ template <typename E, int N, bool TA, bool TB> struct Wgmma;
                  "." TY " {" ACC "}, %" DA ", %" DB ", p, 1, 1, %" XA ", %" XB ";\n}\n"                             \
                  : __VA_ARGS__                                                                                \
                  : "l"(da), "l"(db), "r"(scale_d), "n"(TA ? 1 : 0), "n"(TB ? 1 : 0))
-#define RAWDELTA_WGMMA(SHAPE, ACC, DA, DB, SD, XA, XB, ...)                                                    \
+#define RAWDELTA_WGMMA_RUN(SHAPE, ACC, DA, DB, SD, XA, XB, ...)                                                    \
     if constexpr (SameType<E, __nv_bfloat16>::value)                                                           \
         RAWDELTA_WGMMA_ASM(SHAPE, "bf16", ACC, DA, DB, SD, XA, XB, __VA_ARGS__);                               \
     else                                                                                                        \
@@ -89,7 +89,7 @@ template <typename E, int N, bool TA, bool TB> struct Wgmma;
 template <typename E, bool TA, bool TB> struct Wgmma<E, 16, TA, TB> {
     static __device__ __forceinline__ void run(float (&d)[8], u64 da, u64 db, int scale_d) {
 #ifdef RAWDELTA_WGMMA
-        RAWDELTA_WGMMA("m64n16k16", "%0,%1,%2,%3,%4,%5,%6,%7", "8", "9", "10", "11", "12", RAWDELTA_D8(d));
+        RAWDELTA_WGMMA_RUN("m64n16k16", "%0,%1,%2,%3,%4,%5,%6,%7", "8", "9", "10", "11", "12", RAWDELTA_D8(d));
 #else
         __trap();
 #endif
@@ -99,7 +99,7 @@ template <typename E, bool TA, bool TB> struct Wgmma<E, 16, TA, TB> {
 template <typename E, bool TA, bool TB> struct Wgmma<E, 32, TA, TB> {
     static __device__ __forceinline__ void run(float (&d)[16], u64 da, u64 db, int scale_d) {
 #ifdef RAWDELTA_WGMMA
-        RAWDELTA_WGMMA("m64n32k16", "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15", "16", "17", "18", "19",
+        RAWDELTA_WGMMA_RUN("m64n32k16", "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15", "16", "17", "18", "19",
                        "20", RAWDELTA_D8(d), RAWDELTA_D8((d + 8)));
 #else
         __trap();
@@ -107,7 +107,7 @@ template <typename E, bool TA, bool TB> struct Wgmma<E, 32, TA, TB> {
     }
 };
 
-#undef RAWDELTA_WGMMA
+#undef RAWDELTA_WGMMA_RUN
 #undef RAWDELTA_WGMMA_ASM
 #undef RAWDELTA_D8
 
