@@ -173,9 +173,9 @@ _WG_IDS = [f"{r[0]}-{r[2][0]}-{r[3]}-bvw{cfg[0]}_{'pipe' if cfg[1] else 'single'
 def test_hopper_forward_state_pass(option: tuple[dict[str, Any], dict[str, Any], tuple[str, ...]],
                                    shape: dict[str, Any], dtype: str, config: tuple[int, bool],
                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The wgmma forward state pass (and its recompute for the backward) in each of its configurations: value
-    columns per warpgroup, single stage or prefetching; every option, K = 64, 128, 256, varlen with an empty
-    sequence, V off the 64-column blocks."""
+    """The wgmma state passes (the forward, its recompute for the backward and the reverse pass) in each of their
+    configurations: value columns per warpgroup, single stage or prefetching; every option, K = 64, 128, 256,
+    varlen with an empty sequence, V off the 64-column blocks."""
     from rawdelta.ops.gated_delta_rule import cuda_chunk
 
     if not cuda_chunk.wgmma_available():
@@ -190,13 +190,15 @@ def test_hopper_forward_state_pass(option: tuple[dict[str, Any], dict[str, Any],
     for store in (False, True):
         assert any(n.startswith("gdn_chunk_fwd_wg_kernel<") and n.endswith(f", {bvw}, {tf[store]}, {tf[pipe]}>")
                    for n in launched), launched
+    assert any(n.startswith("gdn_chunk_bwd_wg_kernel<") and n.endswith(f", {bvw}, {tf[pipe]}>") for n in launched), (
+        launched)
 
 
 @pytest.mark.parametrize(("gen", "extra", "drop"), [o[1:] for o in CHUNK_OPTIONS], ids=[o[0] for o in CHUNK_OPTIONS])
-def test_mma_sync_forward_on_hopper(gen: dict[str, Any], extra: dict[str, Any], drop: tuple[str, ...],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the wgmma path switched off, bf16 chunks of 64 run the mma.sync forward state pass (what sm_80
-    runs), so a Hopper machine tests it too."""
+def test_mma_sync_state_passes_on_hopper(gen: dict[str, Any], extra: dict[str, Any], drop: tuple[str, ...],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the wgmma path switched off, bf16 chunks of 64 run the mma.sync forward and reverse state passes
+    (what sm_80 runs), so a Hopper machine tests them too."""
     from rawdelta.ops.gated_delta_rule import cuda_chunk
 
     monkeypatch.setattr(cuda_chunk, "USE_WGMMA", False)
@@ -204,4 +206,5 @@ def test_mma_sync_forward_on_hopper(gen: dict[str, Any], extra: dict[str, Any], 
     check_backend("cuda", make_inputs({**_WG_CASES[0][1], **gen}, seed=10, dtype="bfloat16"), device=True,
                   drop=drop, mode="chunk", chunk_size=64, **extra)
     assert any(n.startswith("gdn_chunk_fwd_kernel<") for n in launched), launched
-    assert not any("fwd_wg" in n for n in launched), launched
+    assert any(n.startswith("gdn_chunk_bwd_state_kernel<") for n in launched), launched
+    assert not any("_wg_" in n for n in launched), launched

@@ -136,11 +136,17 @@ struct WgAcc {
     // f(row, col, value&, next value&) for each pair of adjacent columns (col even) this thread holds.
     template <typename F>
     __device__ __forceinline__ void apply_pairs(F&& f) {
+        zip_pairs(*this, [&](int r, int c, float& x0, float& x1, float&, float&) { f(r, c, x0, x1); });
+    }
+    // f(row, col, x0&, x1&, y0&, y1&): the pairs of this accumulator (x) beside the same elements of o (y).
+    template <typename F>
+    __device__ __forceinline__ void zip_pairs(WgAcc& o, F&& f) {
         const int t = threadIdx.x & 127, r = 16 * (t >> 5) + ((t & 31) >> 2), c = 2 * (t & 3);
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
-            for (int e = 0; e < NX; e += 2) f(64 * i + r + 8 * ((e & 3) >> 1), 8 * (e >> 2) + c, v[i][e], v[i][e + 1]);
+            for (int e = 0; e < NX; e += 2)
+                f(64 * i + r + 8 * ((e & 3) >> 1), 8 * (e >> 2) + c, v[i][e], v[i][e + 1], o.v[i][e], o.v[i][e + 1]);
     }
     // acc (+)= A B over KD (a multiple of 16): A the M x KD operand (tile i from desc_a(i, kk)), B KD x N
     // (desc_b(kk)); the first step overwrites when `accumulate` is false. Issues only: the caller commits and

@@ -316,10 +316,32 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
 // tensor cores rounded to T, like the peer's; the state itself stays float32 in registers through the pass.
 // PIPE: two stages of chunk inputs, the next chunk's loads in flight while this one computes (for grids of
 // at most one block per SM, where no other block hides the loads).
-template <typename T, int KP, int BV, bool STORE>
-struct WgStage {  // byte offsets of one chunk's inputs in a stage
-    static constexpr int BT = 64, Q = 0, K = STORE ? 0 : Q + BT * KP * 2, V = K + BT * KP * 2, A = V + BT * BV * 2,
-                         P = A + BT * BT * 2, RAW = P + (STORE ? 0 : BT * BT * 2), BYTES = RAW + 4 * BT * 4;
+// One stage of a Hopper state pass's chunk inputs: byte offsets of its blocked tiles (q and the scores only
+// with HAS_Q_P, do only with HAS_DO) and of the raw row scalars.
+template <int KP, int BV, bool HAS_Q_P, bool HAS_DO>
+struct WgStage {
+    static constexpr int BT = 64, Q = 0, K = Q + (HAS_Q_P ? BT * KP * 2 : 0), V = K + BT * KP * 2,
+                         DO = V + BT * BV * 2, A = DO + (HAS_DO ? BT * BV * 2 : 0), P = A + BT * BT * 2,
+                         RAW = P + (HAS_Q_P ? BT * BT * 2 : 0), BYTES = RAW + 4 * BT * 4;
+
+    // Chunk [bos, bos + L)'s inputs into stage st, as one cp.async group: value-sized tiles at columns
+    // [v0, v0 + vcols) of this BV block.
+    template <typename T>
+    static __device__ __forceinline__ void issue(unsigned char* st, const T* q, const T* k, const T* v,
+                                                 const T* dout, const T* Ahi, const T* Phi, const float* Gc,
+                                                 const float* Bc, const float* Rq, const float* Rk, i64 bos, int L,
+                                                 int h, int hv, int H, int HV, int Kd, int Vd, int v0, int vcols,
+                                                 int flags) {
+        const i64 qk = (bos * H + h) * Kd, vo = (bos * HV + hv) * Vd + v0, ao = (bos * HV + hv) * BT;
+        if (HAS_Q_P) load_blocked(reinterpret_cast<T*>(st + Q), KP, q + qk, (i64)H * Kd, L, Kd, BT);
+        load_blocked(reinterpret_cast<T*>(st + K), KP, k + qk, (i64)H * Kd, L, Kd, BT);
+        load_blocked(reinterpret_cast<T*>(st + V), BV, v + vo, (i64)HV * Vd, L, vcols, BT);
+        if (HAS_DO) load_blocked(reinterpret_cast<T*>(st + DO), BV, dout + vo, (i64)HV * Vd, L, vcols, BT);
+        load_blocked(reinterpret_cast<T*>(st + A), BT, Ahi + ao, (i64)HV * BT, L, BT, BT);
+        if (HAS_Q_P) load_blocked(reinterpret_cast<T*>(st + P), BT, Phi + ao, (i64)HV * BT, L, BT, BT);
+        ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
+        cp_async_commit();
+    }
 };
 
 template <typename T, int KP, int BVW, bool STORE, bool PIPE>
@@ -330,7 +352,7 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
     const int* __restrict__ seq_chunk0, T* __restrict__ o, float* __restrict__ ht, T* __restrict__ hbuf,
     T* __restrict__ vnew, int T_, int H, int HV, int K, int V, int NVB, float scale, int flags) {
     constexpr int BT = 64, BV = 2 * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
-    using St = WgStage<T, KP, BV, STORE>;
+    using St = WgStage<KP, BV, !STORE, false>;
     extern __shared__ __align__(128) unsigned char smem[];
     SmemCursor cur{smem};
     unsigned char* stages = cur.take<unsigned char>(NS * St::BYTES);
@@ -349,19 +371,9 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
     const i64 state_off = ((i64)n * HV + hv) * K * V;
     const auto kmaj = [](unsigned tile, int cols, int r0) { return [=](int, int kk) { return desc_kmajor(tile, cols, r0, kk); }; };
     const auto ncols = [&](unsigned tile) { return [=](int kk) { return desc_mnmajor(tile, BV, c0, kk); }; };
-    // chunk c's inputs into stage s, as one cp.async group
-    const auto issue = [&](int c, int s) {
-        const i64 bos = sr.bos + (i64)c * BT;
-        const int L = min(BT, len - c * BT);
-        unsigned char* st = stages + s * St::BYTES;
-        if (!STORE) load_blocked(reinterpret_cast<T*>(st + St::Q), KP, q + (bos * H + h) * K, (i64)H * K, L, K, BT);
-        load_blocked(reinterpret_cast<T*>(st + St::K), KP, k + (bos * H + h) * K, (i64)H * K, L, K, BT);
-        load_blocked(reinterpret_cast<T*>(st + St::V), BV, v + (bos * HV + hv) * V + v0, (i64)HV * V, L, vcols, BT);
-        load_blocked(reinterpret_cast<T*>(st + St::A), BT, Ahi + (bos * HV + hv) * BT, (i64)HV * BT, L, BT, BT);
-        if (!STORE)
-            load_blocked(reinterpret_cast<T*>(st + St::P), BT, Phi + (bos * HV + hv) * BT, (i64)HV * BT, L, BT, BT);
-        ChunkRows::fetch_raw(reinterpret_cast<float*>(st + St::RAW), Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
-        cp_async_commit();
+    const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
+        St::issue(stages + s * St::BYTES, q, k, v, (const T*)nullptr, Ahi, Phi, Gc, Bc, Rq, Rk, sr.bos + (i64)c * BT,
+                  min(BT, len - c * BT), h, hv, H, HV, K, V, v0, vcols, flags);
     };
 
     WgAcc<MS, BVW> S;  // this warpgroup's columns: value columns [v0 + c0, v0 + vcols) of the state
@@ -535,6 +547,134 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
         __syncthreads();
     }
     if (flags & F_H0) store_state(dS, dh0 + state_off, K, V, v0, vcols);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backward state pass on Hopper warpgroups (wgmma, sm_90a), for 16-bit inputs and chunks of 64: the math
+// of gdn_chunk_bwd_state_kernel, last chunk to first, laid out like gdn_chunk_fwd_wg_kernel: warpgroup w owns
+// the columns [w BVW, (w + 1) BVW) of dS, all KP rows, in float32 registers; dS, d(delta), y and the scaled do
+// enter the tensor cores rounded to T. Each warpgroup writes its own partial row sums y . v (partial 2 vb + w
+// of part_yv). PIPE: the previous chunk's inputs load while this one computes.
+template <typename T, int KP, int BVW, bool PIPE>
+__global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 : 2) gdn_chunk_bwd_wg_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
+    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
+    const T* __restrict__ Ahi, const T* __restrict__ Phi, const T* __restrict__ dout, const float* __restrict__ dht,
+    const i64* __restrict__ cu, const int* __restrict__ seq_chunk0, T* __restrict__ dhbuf, T* __restrict__ ybuf,
+    T* __restrict__ dv, float* __restrict__ part_yv, float* __restrict__ dh0, int T_, int H, int HV, int K, int V,
+    int NVB, i64 BT_, float scale, int flags) {
+    constexpr int BT = 64, BV = 2 * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
+    using St = WgStage<KP, BV, true, true>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    SmemCursor cur{smem};
+    unsigned char* stages = cur.take<unsigned char>(NS * St::BYTES);
+    T* sS = cur.take<T>(KP * BV);
+    T* sT = cur.take<T>(BT * BV);    // d(delta), then -beta 2^G y (each warpgroup's columns)
+    T* sDoG = cur.take<T>(BT * BV);  // scale 2^G do
+    ChunkRows rows;
+    rows.carve(cur, BT);
+    const unsigned aS = smem_addr(sS), aT = smem_addr(sT), aDoG = smem_addr(sDoG);
+
+    const int vb = blockIdx.x % NVB, nh = blockIdx.x / NVB, hv = nh % HV, n = nh / HV, h = hv / (HV / H);
+    const int v0 = vb * BV, vcols = min(BV, V - v0), wg = threadIdx.x >> 7, c0 = wg * BVW;
+    const bool paired = (V & 1) == 0;
+    const SeqRange sr = seq_range(cu, n, T_, flags);
+    const int len = (int)(sr.eos - sr.bos), nchunks = (len + BT - 1) / BT;
+    const i64 state_off = ((i64)n * HV + hv) * K * V;
+    const auto ncols = [&](unsigned tile) { return [=](int kk) { return desc_mnmajor(tile, BV, c0, kk); }; };
+    const auto trans = [](unsigned tile, int cols) {  // the tile's transpose as the A operand
+        return [=](int i, int kk) { return desc_mnmajor(tile, cols, 64 * i, kk); };
+    };
+    const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
+        St::issue(stages + s * St::BYTES, q, k, v, dout, Ahi, Phi, Gc, Bc, Rq, Rk, sr.bos + (i64)c * BT,
+                  min(BT, len - c * BT), h, hv, H, HV, K, V, v0, vcols, flags);
+    };
+
+    WgAcc<MS, BVW> dS;  // this warpgroup's columns of the state gradient at the current chunk's end
+    if (flags & F_DHT) load_state(dS, dht + state_off, K, V, v0 + c0, vcols - c0);
+    else dS.fill(0.f);
+
+    if (PIPE && nchunks > 0) issue(nchunks - 1, 0);
+#pragma unroll 1
+    for (int c = nchunks - 1; c >= 0; --c) {
+        const i64 bos = sr.bos + (i64)c * BT;
+        const int L = min(BT, len - c * BT), s = PIPE ? ((nchunks - 1 - c) & 1) : 0;
+        if (!PIPE) issue(c, 0);
+        if (PIPE && c > 0) {
+            issue(c - 1, s ^ 1);  // that stage's last reader was chunk c + 1, before its closing barrier
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        unsigned char* st = stages + s * St::BYTES;
+        const T* sV = reinterpret_cast<const T*>(st + St::V);
+        const T* sDo = reinterpret_cast<const T*>(st + St::DO);
+        const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
+                       aP = smem_addr(st + St::P), aDo = smem_addr(st + St::DO);
+        rows.derive(reinterpret_cast<const float*>(st + St::RAW), L, BT, flags);
+        dS.apply_pairs([&](int r, int j, float& x0, float& x1) { store_pair(sS, blk(r, c0 + j, BV), x0, x1); });
+        store_state(dS, dhbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V, K, V, v0 + c0, vcols - c0);
+        fence_proxy_async();
+        __syncthreads();
+        // d(delta) = 2^(G_last - G) (k dS) + P^T do
+        WgAcc<1, BVW> Z, U;
+        wg_fence();
+        Z.template mma<T, false, true, KP>([&](int, int kk) { return desc_kmajor(aK, KP, 0, kk); }, ncols(aS), false);
+        U.template mma<T, true, true, BT>(trans(aP, BT), ncols(aDo), false);
+        wg_commit();
+        for (int idx = threadIdx.x & 127; idx < BT * BVW / 2; idx += 128) {  // meanwhile: scale 2^G do
+            const int i = idx / (BVW / 2), e = blk(i, c0 + 2 * (idx % (BVW / 2)), BV);
+            const float2 d = load_pair(sDo, e);
+            const float f = scale * rows.gq[i];
+            store_pair(sDoG, e, f * d.x, f * d.y);
+        }
+        wg_wait<0>();
+        Z.zip_pairs(U, [&](int i, int j, float& z0, float& z1, float& u0, float& u1) {
+            const float l = rows.lk[i];
+            store_pair(sT, blk(i, c0 + j, BV), l * z0 + u0, l * z1 + u1);
+        });
+        fence_proxy_async();
+        wg_barrier(wg);
+        // y = A^T d(delta)
+        wg_fence();
+        Z.template mma<T, true, true, BT>(trans(aA, BT), ncols(aT), false);
+        wg_commit();
+        wg_wait<0>();
+        wg_barrier(wg);  // every warp's part of the product has read d(delta) before y's factor overwrites it
+        float yv[2] = {0.f, 0.f};  // this thread's parts of its two rows' y . v
+        Z.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            const int e = blk(i, c0 + j, BV);
+            const float b = rows.B[i];
+            if (i < L) {
+                const i64 g = ((bos + i) * HV + hv) * V + v0 + c0 + j;
+                put_row_pair(dv, g, c0 + j, vcols, paired, b * x0, b * x1);
+                put_row_pair(ybuf, g, c0 + j, vcols, paired, x0, x1);
+            }
+            const float2 vv = load_pair(sV, e);
+            yv[(i >> 3) & 1] += x0 * vv.x + x1 * vv.y;
+            const float f = -b * rows.gk[i];
+            store_pair(sT, e, f * x0, f * x1);
+        });
+        const int t = threadIdx.x & 127, r0 = 16 * (t >> 5) + ((t & 31) >> 2);
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+            yv[a] += __shfl_xor_sync(0xffffffffu, yv[a], 1);
+            yv[a] += __shfl_xor_sync(0xffffffffu, yv[a], 2);
+            if ((t & 3) == 0 && r0 + 8 * a < L) part_yv[((i64)(2 * vb + wg) * BT_ + bos + r0 + 8 * a) * HV + hv] = yv[a];
+        }
+        decay_state<ScalarGate>(dS, rows.G, 1, BT - 1);
+        fence_proxy_async();
+        wg_barrier(wg);
+        // dS = 2^G_last dS + q^T (scale 2^G do) - k^T (beta 2^G y)
+        wg_fence();
+        dS.template mma<T, true, true, BT>(trans(aQ, KP), ncols(aDoG), true);
+        dS.template mma<T, true, true, BT>(trans(aK, KP), ncols(aT), true);
+        wg_commit();
+        wg_wait<0>();
+        __syncthreads();
+    }
+    if (flags & F_H0) store_state(dS, dh0 + state_off, K, V, v0 + c0, vcols - c0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -79,6 +79,10 @@ def _fwd_wg_name(ct: str, kp: int, bvw: int, store: bool, pipe: bool) -> str:
     return f"gdn_chunk_fwd_wg_kernel<{ct}, {kp}, {bvw}, {_cpp_bool(store)}, {_cpp_bool(pipe)}>"
 
 
+def _bwd_wg_name(ct: str, kp: int, bvw: int, pipe: bool) -> str:
+    return f"gdn_chunk_bwd_wg_kernel<{ct}, {kp}, {bvw}, {_cpp_bool(pipe)}>"
+
+
 def _bwd_state_name(ct: str, bt: int, kp: int) -> str:
     return f"gdn_chunk_bwd_state_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {_bv(ct, kp)}>"
 
@@ -96,7 +100,9 @@ register(
        for s in (False, True)]
     + [_dqk_name(ct, bt) for ct in rec.CTYPES.values() for bt in CHUNK_SIZES]
     + [_fwd_wg_name(ct, kp, bvw, s, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
-       for s in (False, True) for pp in (False, True)],
+       for s in (False, True) for pp in (False, True)]
+    + [_bwd_wg_name(ct, kp, bvw, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
+       for pp in (False, True)],
 )
 
 
@@ -136,10 +142,17 @@ def _smem_fwd(ct: str, bt: int, kp: int, store: bool) -> int:
     return tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + _ROWS * _f32(bt)
 
 
-def _smem_fwd_wg(kp: int, bvw: int, store: bool, pipe: bool) -> int:
-    bt, bv = WG_BT, 2 * bvw
-    stage = 2 * ((1 if store else 2) * bt * kp + bt * bv + (1 if store else 2) * bt * bt) + 4 * bt * 4
-    return (2 if pipe else 1) * stage + 2 * (kp * bv + 2 * bt * bv) + _ROWS * _f32(bt)
+def _wg_stage(kp: int, bv: int, q_p: bool, do: bool) -> int:
+    """Bytes of one WgStage: the k, v and (I + L)^-1 tiles, q and the scores with ``q_p``, do with ``do``, and
+    the raw row scalars."""
+    bt = WG_BT
+    return 2 * ((2 if q_p else 1) * bt * kp + (2 if do else 1) * bt * bv + (2 if q_p else 1) * bt * bt) + 4 * bt * 4
+
+
+def _smem_wg(kp: int, bvw: int, pipe: bool, q_p: bool, do: bool) -> int:
+    """Shared-memory bytes of a Hopper state pass: its stages, the state tile and two value-sized tiles, the rows."""
+    bv = 2 * bvw
+    return (2 if pipe else 1) * _wg_stage(kp, bv, q_p, do) + 2 * (kp * bv + 2 * WG_BT * bv) + _ROWS * _f32(WG_BT)
 
 
 def _acc_wn(m: int, n: int, nw: int) -> int:
@@ -263,11 +276,11 @@ def _sm_count() -> int:
     return _sm_count_on(cupy.cuda.runtime.getDevice())
 
 
-def _wgmma_applies(p: GDNProblem, ch: _Chunks) -> bool:
-    """The Hopper forward state pass takes 16-bit inputs, chunks of 64, K and V multiples of 8 (16-byte rows)
-    and 16-byte aligned q, k, v, on a compute capability 9.0 device."""
+def _wgmma_applies(p: GDNProblem, ch: _Chunks, *more: Any) -> bool:
+    """The Hopper state passes take 16-bit inputs, chunks of 64, K and V multiples of 8 (16-byte rows) and
+    16-byte aligned q, k, v (and ``more`` arrays, the backward's do), on a compute capability 9.0 device."""
     return (USE_WGMMA and ch.ct in WG_TYPES and ch.bt == WG_BT and p.K % 8 == 0 and p.V % 8 == 0
-            and all(x.data.ptr % 16 == 0 for x in (p.q, p.k, p.v)) and wgmma_available())
+            and all(x.data.ptr % 16 == 0 for x in (p.q, p.k, p.v, *more)) and wgmma_available())
 
 
 def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None,
@@ -282,7 +295,7 @@ def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, h
         bvw, pipe = _wg_config(p, ch.kp)
         nvb = math.ceil(p.V / (2 * bvw))
         grid = p.N * p.HV * nvb
-        _launch(_fwd_wg_name(ch.ct, ch.kp, bvw, store, pipe), grid, 256, _smem_fwd_wg(ch.kp, bvw, store, pipe), (
+        _launch(_fwd_wg_name(ch.ct, ch.kp, bvw, store, pipe), grid, 256, _smem_wg(ch.kp, bvw, pipe, not store, False), (
             p.q, p.k, p.v, *ch.rows, ch.Ahi, ch.Phi, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags)))
         return
     nvb, grid = _state_pass_args(p, ch)
@@ -306,6 +319,35 @@ def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any, _Chunks]:
     return o, ht, ch
 
 
+def _backward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, dht: Any) -> tuple[Any, ...]:
+    """The reverse state pass: the state gradient at each chunk's end ``dhbuf [NC, HV, K, V]`` and y = A^T
+    d(delta) ``ybuf [B*T, HV, V]`` (q's dtype), dv, dh0 (None without an initial state) and the partial row sums
+    y . v ``[partials, B*T, HV]`` float32 of the beta gradient."""
+    import cupy
+
+    n_tok = p.B * p.T
+    dhbuf = empty(cupy, (max(ch.nc, 1), p.HV, p.K, p.V), p.q.dtype)
+    ybuf = empty(cupy, (n_tok, p.HV, p.V), p.q.dtype)
+    dv = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
+    dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
+    out = (rec._ptr(dht), rec._ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf, ybuf, dv)
+    if _wgmma_applies(p, ch, do):
+        bvw, pipe = _wg_config(p, ch.kp)
+        nvb = math.ceil(p.V / (2 * bvw))
+        part_yv = empty(cupy, (2 * nvb, n_tok, p.HV), np.float32)  # one partial per warpgroup
+        name, grid, smem, mats = _bwd_wg_name(ch.ct, ch.kp, bvw, pipe), p.N * p.HV * nvb, _smem_wg(
+            ch.kp, bvw, pipe, True, True), (ch.Ahi, ch.Phi)
+    else:
+        nvb, grid = _state_pass_args(p, ch)
+        part_yv = empty(cupy, (nvb, n_tok, p.HV), np.float32)
+        name, smem, mats = _bwd_state_name(ch.ct, ch.bt, ch.kp), _smem_bwd_state(ch.ct, ch.bt, ch.kp), ch.matrices
+    _launch(name, grid, 256, smem, (
+        p.q, p.k, p.v, *ch.rows, *mats, do, *out, part_yv, rec._ptr(dh0), np.int32(p.T), np.int32(p.H),
+        np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nvb), np.int64(n_tok), np.float32(p.scale),
+        np.int32(flags)))
+    return dhbuf, ybuf, dv, dh0, part_yv
+
+
 def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: _Chunks | None = None) -> dict[str, Any]:
     """Launch the backward; returns gradients keyed by input name (dq, dk, dv in the input dtype, the rest
     float32), None for absent inputs. ``factors``: the forward's per-chunk factors, or None to recompute them."""
@@ -325,21 +367,11 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: _
         dht = dht.astype(np.float32)
     flags = rec._flags(p) | (rec.F_DHT if dht is not None else 0)
     n_tok = p.B * p.T
-    nvb, grid = _state_pass_args(p, ch)
-    ints = (np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nvb))
-
     hbuf = empty(cupy, (max(ch.nc, 1), p.HV, p.K, p.V), dt)
     vnew = empty(cupy, (n_tok, p.HV, p.V), dt)
     _forward_state_pass(p, ch, flags, hbuf=hbuf, vnew=vnew)
 
-    dhbuf = empty(cupy, (max(ch.nc, 1), p.HV, p.K, p.V), dt)
-    ybuf = empty(cupy, (n_tok, p.HV, p.V), dt)
-    dv = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
-    part_yv = empty(cupy, (nvb, n_tok, p.HV), np.float32)
-    dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
-    _launch(_bwd_state_name(ch.ct, ch.bt, ch.kp), grid, 256, _smem_bwd_state(ch.ct, ch.bt, ch.kp), (
-        p.q, p.k, p.v, *ch.rows, *ch.matrices, do, rec._ptr(dht), rec._ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf,
-        ybuf, dv, part_yv, rec._ptr(dh0), *ints, np.int64(n_tok), np.float32(p.scale), np.int32(flags)))
+    dhbuf, ybuf, dv, dh0, part_yv = _backward_state_pass(p, ch, flags, do, dht)
 
     nks = math.ceil(p.K / KS)
     dq_hv = empty(cupy, (1, n_tok, p.HV, p.K), np.float32)
@@ -355,7 +387,7 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: _
     db_tok = empty(cupy, (n_tok, p.HV), np.float32)
     n_el = n_tok * p.HV
     _launch("gdn_chunk_bwd_gate_rows_kernel", math.ceil(n_el / 256), 256, 0, (
-        part_dG, part_db, part_yv, dg_tok, db_tok, np.int64(n_el), np.int32(nks), np.int32(nvb)))
+        part_dG, part_db, part_yv, dg_tok, db_tok, np.int64(n_el), np.int32(nks), np.int32(part_yv.shape[0])))
 
     grads = rec.finish_gradients(p, flags, dq_hv, dk_hv, dg_tok, db_tok, None, nvb=1)
     grads.update({"v": dv, "initial_state": dh0})
