@@ -156,10 +156,11 @@ def _record_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 _WG_CONFIGS = [(32, False), (32, True), (16, False), (16, True)]
 _WG_CASES = [("K64_V48", {"B": 2, "T": 150, "H": 2, "HV": 4, "K": 64, "V": 48}),
              ("K128_varlen", {"B": 1, "T": 0, "H": 1, "HV": 2, "K": 128, "V": 136, "seqlens": (70, 0, 1, 128, 64)}),
-             ("K256", {"B": 1, "T": 130, "H": 1, "HV": 1, "K": 256, "V": 64})]
+             ("K256", {"B": 1, "T": 130, "H": 1, "HV": 1, "K": 256, "V": 64}),
+             ("K120_V72_mha", {"B": 2, "T": 100, "H": 2, "HV": 2, "K": 120, "V": 72})]  # dq, dk finished in dqk
 
 
-_WG_RUNS = ([(o[0], o[1:], _WG_CASES[0], "bfloat16") for o in CHUNK_OPTIONS]
+_WG_RUNS = ([(o[0], o[1:], c, "bfloat16") for o in CHUNK_OPTIONS for c in (_WG_CASES[0], _WG_CASES[3])]
             + [("g", ({}, {}, ()), c, dt) for c in _WG_CASES for dt in ("bfloat16", "float16")])
 
 
@@ -173,9 +174,10 @@ _WG_IDS = [f"{r[0]}-{r[2][0]}-{r[3]}-bvw{cfg[0]}_{'pipe' if cfg[1] else 'single'
 def test_hopper_forward_state_pass(option: tuple[dict[str, Any], dict[str, Any], tuple[str, ...]],
                                    shape: dict[str, Any], dtype: str, config: tuple[int, bool],
                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The wgmma state passes (the forward, its recompute for the backward and the reverse pass) in each of their
-    configurations: value columns per warpgroup, single stage or prefetching; every option, K = 64, 128, 256,
-    varlen with an empty sequence, V off the 64-column blocks."""
+    """The wgmma kernels (the forward state pass, its recompute for the backward, the reverse pass and dq/dk)
+    in each configuration of the state passes: value columns per warpgroup, single stage or prefetching; every
+    option with grouped and ungrouped value heads (dq/dk per value head, or finished in the kernel), K = 64,
+    120, 128, 256, varlen with an empty sequence, V off the 64-column blocks."""
     from rawdelta.ops.gated_delta_rule import cuda_chunk
 
     if not cuda_chunk.wgmma_available():
@@ -192,13 +194,16 @@ def test_hopper_forward_state_pass(option: tuple[dict[str, Any], dict[str, Any],
                    for n in launched), launched
     assert any(n.startswith("gdn_chunk_bwd_wg_kernel<") and n.endswith(f", {bvw}, {tf[pipe]}>") for n in launched), (
         launched)
+    fuse = shape["HV"] == shape["H"] and shape["K"] <= 128
+    assert any(n.startswith("gdn_chunk_bwd_dqk_wg_kernel<") and n.endswith(f", {tf[fuse]}>")
+               for n in launched), launched
 
 
 @pytest.mark.parametrize(("gen", "extra", "drop"), [o[1:] for o in CHUNK_OPTIONS], ids=[o[0] for o in CHUNK_OPTIONS])
 def test_mma_sync_state_passes_on_hopper(gen: dict[str, Any], extra: dict[str, Any], drop: tuple[str, ...],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the wgmma path switched off, bf16 chunks of 64 run the mma.sync forward and reverse state passes
-    (what sm_80 runs), so a Hopper machine tests them too."""
+    """With the wgmma path switched off, bf16 chunks of 64 run the mma.sync forward and reverse state passes and
+    dq/dk kernel (what sm_80 runs), so a Hopper machine tests them too."""
     from rawdelta.ops.gated_delta_rule import cuda_chunk
 
     monkeypatch.setattr(cuda_chunk, "USE_WGMMA", False)
@@ -207,4 +212,5 @@ def test_mma_sync_state_passes_on_hopper(gen: dict[str, Any], extra: dict[str, A
                   drop=drop, mode="chunk", chunk_size=64, **extra)
     assert any(n.startswith("gdn_chunk_fwd_kernel<") for n in launched), launched
     assert any(n.startswith("gdn_chunk_bwd_state_kernel<") for n in launched), launched
+    assert any(n.startswith("gdn_chunk_bwd_dqk_kernel<") for n in launched), launched
     assert not any("_wg_" in n for n in launched), launched

@@ -107,6 +107,20 @@ template <typename E, bool TA, bool TB> struct Wgmma<E, 32, TA, TB> {
     }
 };
 
+template <typename E, bool TA, bool TB> struct Wgmma<E, 64, TA, TB> {
+    static __device__ __forceinline__ void run(float (&d)[32], u64 da, u64 db, int scale_d) {
+#ifdef RAWDELTA_WGMMA
+        RAWDELTA_WGMMA_RUN("m64n64k16",
+                       "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,"
+                       "%25,%26,%27,%28,%29,%30,%31",
+                       "32", "33", "34", "35", "36", RAWDELTA_D8(d), RAWDELTA_D8((d + 8)), RAWDELTA_D8((d + 16)),
+                       RAWDELTA_D8((d + 24)));
+#else
+        __trap();
+#endif
+    }
+};
+
 #undef RAWDELTA_WGMMA_RUN
 #undef RAWDELTA_WGMMA_ASM
 #undef RAWDELTA_D8
@@ -147,6 +161,21 @@ struct WgAcc {
 #pragma unroll
             for (int e = 0; e < NX; e += 2)
                 f(64 * i + r + 8 * ((e & 3) >> 1), 8 * (e >> 2) + c, v[i][e], v[i][e + 1], o.v[i][e], o.v[i][e + 1]);
+    }
+    // Sums over this warpgroup's columns of f(row, col, value) for each row (MT = 1): put(row, sum) is called
+    // by one lane per row (lane shuffles over the 4 lanes that share it).
+    template <typename F, typename P>
+    __device__ __forceinline__ void row_sums(F&& f, P&& put) {
+        static_assert(MT == 1, "row_sums: one 64-row tile");
+        float s[2] = {0.f, 0.f};  // this thread's two rows r0 and r0 + 8
+        apply_pairs([&](int r, int c, float& x0, float& x1) { s[(r >> 3) & 1] += f(r, c, x0) + f(r, c + 1, x1); });
+        const int t = threadIdx.x & 127, r0 = 16 * (t >> 5) + ((t & 31) >> 2);
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+            s[a] += __shfl_xor_sync(0xffffffffu, s[a], 1);
+            s[a] += __shfl_xor_sync(0xffffffffu, s[a], 2);
+            if ((t & 3) == 0) put(r0 + 8 * a, s[a]);
+        }
     }
     // acc (+)= A B over KD (a multiple of 16): A the M x KD operand (tile i from desc_a(i, kk)), B KD x N
     // (desc_b(kk)); the first step overwrites when `accumulate` is false. Issues only: the caller commits and

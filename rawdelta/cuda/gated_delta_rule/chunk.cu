@@ -642,27 +642,19 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
         wg_commit();
         wg_wait<0>();
         wg_barrier(wg);  // every warp's part of the product has read d(delta) before y's factor overwrites it
-        float yv[2] = {0.f, 0.f};  // this thread's parts of its two rows' y . v
         Z.apply_pairs([&](int i, int j, float& x0, float& x1) {
-            const int e = blk(i, c0 + j, BV);
             const float b = rows.B[i];
             if (i < L) {
                 const i64 g = ((bos + i) * HV + hv) * V + v0 + c0 + j;
                 put_row_pair(dv, g, c0 + j, vcols, paired, b * x0, b * x1);
                 put_row_pair(ybuf, g, c0 + j, vcols, paired, x0, x1);
             }
-            const float2 vv = load_pair(sV, e);
-            yv[(i >> 3) & 1] += x0 * vv.x + x1 * vv.y;
             const float f = -b * rows.gk[i];
-            store_pair(sT, e, f * x0, f * x1);
+            store_pair(sT, blk(i, c0 + j, BV), f * x0, f * x1);
         });
-        const int t = threadIdx.x & 127, r0 = 16 * (t >> 5) + ((t & 31) >> 2);
-#pragma unroll
-        for (int a = 0; a < 2; ++a) {
-            yv[a] += __shfl_xor_sync(0xffffffffu, yv[a], 1);
-            yv[a] += __shfl_xor_sync(0xffffffffu, yv[a], 2);
-            if ((t & 3) == 0 && r0 + 8 * a < L) part_yv[((i64)(2 * vb + wg) * BT_ + bos + r0 + 8 * a) * HV + hv] = yv[a];
-        }
+        Z.row_sums([&](int i, int j, float x) { return x * to_float(sV[blk(i, c0 + j, BV)]); }, [&](int i, float x) {
+            if (i < L) part_yv[((i64)(2 * vb + wg) * BT_ + bos + i) * HV + hv] = x;
+        });
         decay_state<ScalarGate>(dS, rows.G, 1, BT - 1);
         fence_proxy_async();
         wg_barrier(wg);
@@ -675,6 +667,64 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
         __syncthreads();
     }
     if (flags & F_H0) store_state(dS, dh0 + state_off, K, V, v0 + c0, vcols - c0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One chunk's partial log-gate and beta gradients (over one key slice) from the gradients w.r.t. the decay
+// exponents: C [BT x BT] (row stride ldc; rewritten in place) of the pair factors 2^(G_i - G_j), the row sums
+// rowQ (q . dq_inter, decay 2^G_i), rowK (k . dk_inter, 2^(G_last - G_j)), rowY (k . Yh, 2^G_i), rowB
+// (sum_j dL_ij (k_i . k_j) E_ij), and this thread's part of <h, dh> (2^G_last). Blocks of NT threads, sRed
+// NT / 32 floats. Writes part_dG and part_db at e0 + r HV for the chunk's rows r < L.
+template <int BT, int NT>
+__device__ __forceinline__ void chunk_gate_grads(float* sC, int ldc, const float* rowB, const float* rowQ,
+                                                 const float* rowK, const float* rowY, const float* sG,
+                                                 const float* sB, float hdh, float* sRed, int L,
+                                                 float* __restrict__ part_dG, float* __restrict__ part_db, i64 e0,
+                                                 int HV) {
+    hdh = warp_sum(hdh);
+    if ((threadIdx.x & 31) == 0) sRed[threadIdx.x >> 5] = hdh;
+    __syncthreads();
+    float carried = 0.f;  // decay 2^G_last of the carried state spans every step
+#pragma unroll
+    for (int w = 0; w < NT / 32; ++w) carried += sRed[w];
+    carried *= exp2f(sG[BT - 1]);
+    // Gradient of each step's log-gate: the sum of the decay-exponent gradients of every factor spanning it
+    // (summing spans directly, instead of a reverse cumsum of per-row terms, avoids cancelling large terms).
+    // The pair factors' spans are rectangles of C: row-wise exclusive prefixes first, then column sums.
+    // Q threads share each row (and then each step), W entries each, combined by lane shuffles.
+    constexpr int Q = NT / BT, W = BT / Q;
+    const int part = threadIdx.x % Q, seg0 = part * W, rs = threadIdx.x / Q;
+    {
+        float* crow = sC + rs * ldc;
+        float loc = 0.f;
+#pragma unroll
+        for (int j = seg0; j < seg0 + W; ++j) loc += crow[j];
+        float incl = loc;
+#pragma unroll
+        for (int o = 1; o < Q; o <<= 1) {
+            const float y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (part >= o) incl += y;
+        }
+        float run = incl - loc;
+#pragma unroll
+        for (int j = seg0; j < seg0 + W; ++j) {
+            const float x = crow[j];
+            crow[j] = run;
+            run += x;
+        }
+    }
+    __syncthreads();
+    float acc = 0.f;
+#pragma unroll
+    for (int x = seg0; x < seg0 + W; ++x) {
+        if (x >= rs && x < L) acc += rowQ[x] - sB[x] * exp2f(sG[x]) * rowY[x] + sC[x * ldc + rs];
+        if (x < rs) acc += rowK[x];
+    }
+    acc = lane_group_sum<1, Q>(acc);
+    if (part == 0 && rs < L) {
+        part_dG[e0 + (i64)rs * HV] = carried + acc;
+        part_db[e0 + (i64)rs * HV] = -exp2f(sG[rs]) * rowY[rs] + rowB[rs];
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -829,52 +879,242 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
         if (i < L) put_row_pair(dk_hv, qrow + (i64)i * HV * K + j, j, kc, paired, x0, x1);
     });
 
-    hdh = warp_sum(hdh);
-    if ((threadIdx.x & 31) == 0) sRed[threadIdx.x >> 5] = hdh;
-    __syncthreads();
-    float carried = 0.f;  // decay 2^G_last of the carried state spans every step
-#pragma unroll
-    for (int w = 0; w < NW; ++w) carried += sRed[w];
-    carried *= exp2f(glast);
-    // Gradient of each step's log-gate: the sum of the decay-exponent gradients of every factor spanning it
-    // (summing spans directly, instead of a reverse cumsum of per-row terms, avoids cancelling large terms).
-    // The pair factors' spans are rectangles of C: row-wise exclusive prefixes first, then column sums.
-    // Q threads share each row (and then each step), W entries each, combined by lane shuffles.
-    constexpr int Q = NW * 32 / BT, W = BT / Q;
-    const int part = threadIdx.x % Q, seg0 = part * W, rs = threadIdx.x / Q;
-    {
-        float* crow = sC + rs * LDC;
-        float loc = 0.f;
-#pragma unroll
-        for (int j = seg0; j < seg0 + W; ++j) loc += crow[j];
-        float incl = loc;
-#pragma unroll
-        for (int o = 1; o < Q; o <<= 1) {
-            const float y = __shfl_up_sync(0xffffffffu, incl, o);
-            if (part >= o) incl += y;
+    chunk_gate_grads<BT, NW * 32>(sC, LDC, rowB, rowQ, rowK, rowY, sG, sB, hdh, sRed, L, part_dG, part_db,
+                                  ((i64)ks * BT_ + bos) * HV + hv, HV);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The dq/dk kernel on Hopper warpgroups (wgmma, sm_90a), for 16-bit inputs and chunks of 64: the math of
+// gdn_chunk_bwd_dqk_kernel per (chunk, value head, slice of KS = 2 KSW keys). Persistent: each block walks
+// the items blockIdx.x, blockIdx.x + gridDim.x, ... as a stream of V steps (BVB columns of do, y, delta, h,
+// dh; an item's first step also brings its q, k and row scalars), loading step s + 1 while step s computes,
+// so the next item's loads overlap this item's epilogue. Warpgroup w owns the keys [w KSW, (w + 1) KSW) of
+// Dq, Yh, Dk and the score columns [32 w, 32 w + 32) of D, D2, KK, C. The q / k row factors (inverse L2 norms)
+// enter as row and column factors of the score tiles instead of normalising q and k. With FUSE (HV == H, one
+// key slice) it finishes dq and dk itself, through the L2 norm's backward, in q's dtype; otherwise it writes
+// the float32 per-value-head gradients like gdn_chunk_bwd_dqk_kernel.
+template <int KS>
+struct DqkStages {  // byte offsets: an item's q, k and raw rows; one V step's tiles
+    static constexpr int BT = 64, BVB = 64, Q = 0, K = BT * KS * 2, RAW = 2 * BT * KS * 2, QK_BYTES = RAW + 4 * BT * 4,
+                         DO = 0, Y = DO + BT * BVB * 2, DEL = Y + BT * BVB * 2, H = DEL + BT * BVB * 2,
+                         DH = H + KS * BVB * 2, V_BYTES = DH + KS * BVB * 2;
+    static_assert(V_BYTES >= 4 * BT * BT * 2, "a consumed V step holds the four score tiles");
+};
+
+template <typename T, int KSW, bool FUSE>
+__global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ dout, const float* __restrict__ Gc,
+    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
+    const T* __restrict__ hbuf, const T* __restrict__ dhbuf, const T* __restrict__ vnew, const T* __restrict__ ybuf,
+    const i64* __restrict__ chunk_bos, const int* __restrict__ chunk_len, float* __restrict__ dq_hv,
+    float* __restrict__ dk_hv, T* __restrict__ dq, T* __restrict__ dk, float* __restrict__ part_dG,
+    float* __restrict__ part_db, int H, int HV, int K, int V, int NKS, int NITEMS, i64 BT_, float scale,
+    int flags) {
+    constexpr int BT = 64, BVB = 64, KS = 2 * KSW, LDC = BT + 4;
+    using St = DqkStages<KS>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    SmemCursor cur{smem};
+    unsigned char* qk_slots = cur.take<unsigned char>(2 * St::QK_BYTES);
+    unsigned char* v_slots = cur.take<unsigned char>(2 * St::V_BYTES);
+    float* sC = cur.take<float>(BT * LDC);
+    ChunkRows rows;
+    rows.carve(cur, BT);
+    float* sPart = cur.take<float>(2 * 6 * BT);  // per warpgroup: rowB, rowQ, rowK, rowY, q . dq, k . dk
+    float* sRow = cur.take<float>(6 * BT);       // the two warpgroups' sums
+    float* sRed = cur.take<float>(8);
+
+    const int wg = threadIdx.x >> 7, kw = wg * KSW, sw = 32 * wg;
+    const int nvs = (V + BVB - 1) / BVB;
+    const int my_items = blockIdx.x < NITEMS ? (NITEMS - 1 - blockIdx.x) / gridDim.x + 1 : 0, nsteps = my_items * nvs;
+    struct Item { int c, hv, h, ks, L, k0, kc; i64 bos; };
+    const auto item_at = [&](int it) {
+        const int x = blockIdx.x + it * gridDim.x, ks = x % NKS, ch = x / NKS, hv = ch % HV, c = ch / HV;
+        const int k0 = ks * KS;
+        return Item{c, hv, hv / (HV / H), ks, chunk_len[c], k0, min(KS, K - k0), chunk_bos[c]};
+    };
+    const auto issue = [&](int s) {  // step s's inputs into their slots, as one cp.async group
+        const int it = s / nvs, vb = s % nvs, v0 = vb * BVB, vc = min(BVB, V - v0);
+        const Item m = item_at(it);
+        if (vb == 0) {
+            unsigned char* st = qk_slots + (it & 1) * St::QK_BYTES;
+            load_blocked(reinterpret_cast<T*>(st + St::Q), KS, q + (m.bos * H + m.h) * K + m.k0, (i64)H * K, m.L, m.kc, BT);
+            load_blocked(reinterpret_cast<T*>(st + St::K), KS, k + (m.bos * H + m.h) * K + m.k0, (i64)H * K, m.L, m.kc, BT);
+            ChunkRows::fetch_raw(reinterpret_cast<float*>(st + St::RAW), Gc, Bc, Rq, Rk, m.bos, m.L, BT, HV, m.hv, flags);
         }
-        float run = incl - loc;
-#pragma unroll
-        for (int j = seg0; j < seg0 + W; ++j) {
-            const float x = crow[j];
-            crow[j] = run;
-            run += x;
+        unsigned char* sv = v_slots + (s & 1) * St::V_BYTES;
+        const i64 row = (m.bos * HV + m.hv) * V + v0, hoff = ((i64)m.c * HV + m.hv) * K * V + (i64)m.k0 * V + v0;
+        load_blocked(reinterpret_cast<T*>(sv + St::DO), BVB, dout + row, (i64)HV * V, m.L, vc, BT);
+        load_blocked(reinterpret_cast<T*>(sv + St::Y), BVB, ybuf + row, (i64)HV * V, m.L, vc, BT);
+        load_blocked(reinterpret_cast<T*>(sv + St::DEL), BVB, vnew + row, (i64)HV * V, m.L, vc, BT);
+        load_blocked(reinterpret_cast<T*>(sv + St::H), BVB, hbuf + hoff, (i64)V, m.kc, vc, KS);
+        load_blocked(reinterpret_cast<T*>(sv + St::DH), BVB, dhbuf + hoff, (i64)V, m.kc, vc, KS);
+        cp_async_commit();
+    };
+    const auto kmaj = [](unsigned tile, int cols, int r0) { return [=](int, int kk) { return desc_kmajor(tile, cols, r0, kk); }; };
+    const auto kmaj_b = [](unsigned tile, int cols, int r0) { return [=](int kk) { return desc_kmajor(tile, cols, r0, kk); }; };
+    const auto mn_b = [](unsigned tile, int cols, int c0) { return [=](int kk) { return desc_mnmajor(tile, cols, c0, kk); }; };
+    const auto trans = [](unsigned tile, int cols) { return [=](int, int kk) { return desc_mnmajor(tile, cols, 0, kk); }; };
+
+    WgAcc<1, KSW> Dq, Yh, Dk;
+    WgAcc<1, 32> D, D2;
+    float hdh = 0.f;
+    if (nsteps > 0) issue(0);
+#pragma unroll 1
+    for (int s = 0; s < nsteps; ++s) {
+        const int it = s / nvs, vb = s % nvs;
+        if (s + 1 < nsteps) {
+            issue(s + 1);  // into the slot step s - 1 read, released by that step's closing barrier
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
-    }
-    __syncthreads();
-    {
-        float acc = 0.f;
-#pragma unroll
-        for (int x = seg0; x < seg0 + W; ++x) {
-            if (x >= rs && x < L) acc += rowQ[x] - sB[x] * exp2f(sG[x]) * rowY[x] + sC[x * LDC + rs];
-            if (x < rs) acc += rowK[x];
+        fence_proxy_async();
+        __syncthreads();
+        const Item m = item_at(it);
+        unsigned char* sq = qk_slots + (it & 1) * St::QK_BYTES;
+        unsigned char* sv = v_slots + (s & 1) * St::V_BYTES;
+        const T* sQ = reinterpret_cast<const T*>(sq + St::Q);
+        const T* sK = reinterpret_cast<const T*>(sq + St::K);
+        const unsigned aQ = smem_addr(sq + St::Q), aK = smem_addr(sq + St::K), aDo = smem_addr(sv + St::DO),
+                       aY = smem_addr(sv + St::Y), aDel = smem_addr(sv + St::DEL), aH = smem_addr(sv + St::H),
+                       aDh = smem_addr(sv + St::DH);
+        // Dq = do h^T, Yh = y h^T, Dk = delta dh^T (this warpgroup's keys); D = do delta^T, D2 = y delta^T
+        // (its score columns), over this step's value columns
+        const bool acc = vb > 0;
+        wg_fence();
+        Dq.template mma<T, false, false, BVB>(kmaj(aDo, BVB, 0), kmaj_b(aH, BVB, kw), acc);
+        Yh.template mma<T, false, false, BVB>(kmaj(aY, BVB, 0), kmaj_b(aH, BVB, kw), acc);
+        Dk.template mma<T, false, false, BVB>(kmaj(aDel, BVB, 0), kmaj_b(aDh, BVB, kw), acc);
+        D.template mma<T, false, false, BVB>(kmaj(aDo, BVB, 0), kmaj_b(aDel, BVB, sw), acc);
+        D2.template mma<T, false, false, BVB>(kmaj(aY, BVB, 0), kmaj_b(aDel, BVB, sw), acc);
+        wg_commit();
+        if (vb == 0) {
+            rows.derive(reinterpret_cast<const float*>(sq + St::RAW), m.L, BT, flags);
+            hdh = 0.f;
         }
-        acc = lane_group_sum<1, Q>(acc);
-        if (part == 0 && rs < L) {
-            const i64 e = ((i64)ks * BT_ + bos + rs) * HV + hv;
-            part_dG[e] = carried + acc;
-            part_db[e] = -exp2f(sG[rs]) * rowY[rs] + rowB[rs];
+        {  // <h, dh> over this step (both tiles blocked alike, zeros outside)
+            const T* sH = reinterpret_cast<const T*>(sv + St::H);
+            const T* sDh = reinterpret_cast<const T*>(sv + St::DH);
+            for (int idx = 2 * threadIdx.x; idx < KS * BVB; idx += 2 * blockDim.x) {
+                const float2 a = load_pair(sH, idx), b = load_pair(sDh, idx);
+                hdh += a.x * b.x + a.y * b.y;
+            }
         }
+        wg_wait<0>();
+        if (vb + 1 < nvs) {
+            __syncthreads();
+            continue;
+        }
+
+        // ---- the item's epilogue; this step's V slot is dead from here and holds the score tiles ----
+        __syncthreads();
+        const float* sG = rows.G;
+        const float* sB = rows.B;
+        T* sDMr = reinterpret_cast<T*>(sv);  // DM_ij rk_j      (dq += DMr k)
+        T* sDMq = sDMr + BT * BT;             // DM_ij rq_i      (dk += DMq^T q)
+        T* sdKc = sDMq + BT * BT;             // dK_ij rk_j      (dk += dKc k)
+        T* sdKr = sdKc + BT * BT;             // dK_ij rk_i      (dk += dKr^T k)
+        // D becomes DM = scale D M, D2 becomes dL_ij E_ij (each decay evaluated once; select, never multiply:
+        // it overflows above the diagonal); dK_ij = beta_i dL_ij E_ij
+        D.zip_pairs(D2, [&](int i, int jj, float& d0, float& d1, float& e0, float& e1) {
+            const int j = sw + jj;
+            const bool in = i < m.L;
+            const float x0 = in && j <= i ? exp2f(sG[i] - sG[j]) : 0.f, x1 = in && j + 1 <= i ? exp2f(sG[i] - sG[j + 1]) : 0.f;
+            d0 = x0 * d0 * scale;
+            d1 = x1 * d1 * scale;
+            e0 = j < i ? -x0 * e0 : 0.f;
+            e1 = j + 1 < i ? -x1 * e1 : 0.f;
+            const int e = blk(i, j, BT);
+            const float rqi = rows.rq[i], rki = rows.rk[i], rk0 = rows.rk[j], rk1 = rows.rk[j + 1], b = sB[i];
+            store_pair(sDMr, e, d0 * rk0, d1 * rk1);
+            store_pair(sDMq, e, d0 * rqi, d1 * rqi);
+            store_pair(sdKc, e, b * e0 * rk0, b * e1 * rk1);
+            store_pair(sdKr, e, b * e0 * rki, b * e1 * rki);
+        });
+        fence_proxy_async();
+        // KK = k k^T, C = q k^T over this slice's keys (this warpgroup's score columns)
+        WgAcc<1, 32> KK, C;
+        wg_fence();
+        KK.template mma<T, false, false, KS>(kmaj(aK, KS, 0), kmaj_b(aK, KS, sw), false);
+        C.template mma<T, false, false, KS>(kmaj(aQ, KS, 0), kmaj_b(aK, KS, sw), false);
+        wg_commit();
+        // meanwhile: the inter-chunk parts and their row sums (q . dq_inter, k . dk_inter, k . Yh)
+        float* part = sPart + wg * 6 * BT;
+        const float glast = sG[BT - 1];
+        const auto qv = [&](int i, int j) { return to_float(sQ[blk(i, kw + j, KS)]); };
+        const auto kv = [&](int i, int j) { return to_float(sK[blk(i, kw + j, KS)]); };
+        Dq.apply([&](int i, int, float& x) { x *= exp2f(sG[i]) * scale; });
+        Dk.apply([&](int i, int, float& x) { x *= exp2f(glast - sG[i]); });
+        Dq.row_sums([&](int i, int j, float x) { return x * qv(i, j); }, [&](int i, float x) { part[BT + i] = x * rows.rq[i]; });
+        Dk.row_sums([&](int i, int j, float x) { return x * kv(i, j); }, [&](int i, float x) { part[2 * BT + i] = x * rows.rk[i]; });
+        Yh.row_sums([&](int i, int j, float x) { return x * kv(i, j); }, [&](int i, float x) { part[3 * BT + i] = x * rows.rk[i]; });
+        Dk.zip_pairs(Yh, [&](int i, int, float& x0, float& x1, float& y0, float& y1) {
+            const float f = sB[i] * exp2f(sG[i]);
+            x0 -= f * y0;
+            x1 -= f * y1;
+        });
+        wg_wait<0>();
+        // KK becomes W_ij = dL_ij (k_i . k_j) E_ij (beta_i W_ij = dL_ij L_ij); C_ij = DM_ij (q_i . k_j) + beta_i W_ij:
+        // the gradient w.r.t. the exponent of 2^(G_i - G_j)
+        KK.zip_pairs(D2, [&](int i, int jj, float& x0, float& x1, float& e0, float& e1) {
+            const float r = rows.rk[i];
+            x0 *= r * rows.rk[sw + jj] * e0;
+            x1 *= r * rows.rk[sw + jj + 1] * e1;
+        });
+        KK.row_sums([](int, int, float x) { return x; }, [&](int i, float x) { part[i] = x; });
+        C.zip_pairs(D, [&](int i, int jj, float& x0, float& x1, float& d0, float& d1) {
+            const float r = rows.rq[i];
+            x0 *= r * rows.rk[sw + jj] * d0;
+            x1 *= r * rows.rk[sw + jj + 1] * d1;
+        });
+        C.zip_pairs(KK, [&](int i, int jj, float& x0, float& x1, float& w0, float& w1) {
+            x0 += sB[i] * w0;
+            x1 += sB[i] * w1;
+            *reinterpret_cast<float2*>(sC + i * LDC + sw + jj) = make_float2(x0, x1);
+        });
+        __syncthreads();  // the score tiles of both warpgroups
+        wg_fence();
+        Dq.template mma<T, false, true, BT>(kmaj(smem_addr(sDMr), BT, 0), mn_b(aK, KS, kw), true);
+        Dk.template mma<T, true, true, BT>(trans(smem_addr(sDMq), BT), mn_b(aQ, KS, kw), true);
+        Dk.template mma<T, false, true, BT>(kmaj(smem_addr(sdKc), BT, 0), mn_b(aK, KS, kw), true);
+        Dk.template mma<T, true, true, BT>(trans(smem_addr(sdKr), BT), mn_b(aK, KS, kw), true);
+        wg_commit();
+        wg_wait<0>();
+        const bool l2 = FUSE && (flags & F_L2);
+        if (l2) {  // q . dq_n and k . dk_n over this warpgroup's keys, for the L2 norm's backward
+            Dq.row_sums([&](int i, int j, float x) { return x * qv(i, j); }, [&](int i, float x) { part[4 * BT + i] = x; });
+            Dk.row_sums([&](int i, int j, float x) { return x * kv(i, j); }, [&](int i, float x) { part[5 * BT + i] = x; });
+        }
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < 6 * BT; idx += blockDim.x) sRow[idx] = sPart[idx] + sPart[6 * BT + idx];
+        __syncthreads();
+        const i64 qrow = (m.bos * H + m.h) * K + m.k0, hvrow = (m.bos * HV + m.hv) * K + m.k0;
+        const bool paired = (K & 1) == 0;
+        if (FUSE) {
+            // dq = rq (dq_n - rq^2 (q . dq_n) q), likewise dk (the L2 norm's backward), else dq = dq_n
+            Dq.apply_pairs([&](int i, int j, float& x0, float& x1) {
+                const float r = rows.rq[i], f = l2 ? r * r * sRow[4 * BT + i] : 0.f, g = l2 ? r : 1.f;
+                if (i < m.L)
+                    put_row_pair(dq, qrow + (i64)i * H * K + kw + j, kw + j, m.kc, paired, g * (x0 - f * qv(i, j)),
+                                 g * (x1 - f * qv(i, j + 1)));
+            });
+            Dk.apply_pairs([&](int i, int j, float& x0, float& x1) {
+                const float r = rows.rk[i], f = l2 ? r * r * sRow[5 * BT + i] : 0.f, g = l2 ? r : 1.f;
+                if (i < m.L)
+                    put_row_pair(dk, qrow + (i64)i * H * K + kw + j, kw + j, m.kc, paired, g * (x0 - f * kv(i, j)),
+                                 g * (x1 - f * kv(i, j + 1)));
+            });
+        } else {
+            Dq.apply_pairs([&](int i, int j, float& x0, float& x1) {
+                if (i < m.L) put_row_pair(dq_hv, hvrow + (i64)i * HV * K + kw + j, kw + j, m.kc, paired, x0, x1);
+            });
+            Dk.apply_pairs([&](int i, int j, float& x0, float& x1) {
+                if (i < m.L) put_row_pair(dk_hv, hvrow + (i64)i * HV * K + kw + j, kw + j, m.kc, paired, x0, x1);
+            });
+        }
+        chunk_gate_grads<BT, 256>(sC, LDC, sRow, sRow + BT, sRow + 2 * BT, sRow + 3 * BT, sG, sB, hdh, sRed, m.L,
+                                  part_dG, part_db, ((i64)m.ks * BT_ + m.bos) * HV + m.hv, HV);
+        __syncthreads();
     }
 }
 

@@ -83,6 +83,15 @@ def _bwd_wg_name(ct: str, kp: int, bvw: int, pipe: bool) -> str:
     return f"gdn_chunk_bwd_wg_kernel<{ct}, {kp}, {bvw}, {_cpp_bool(pipe)}>"
 
 
+def _dqk_wg_name(ct: str, ksw: int, fuse: bool) -> str:
+    return f"gdn_chunk_bwd_dqk_wg_kernel<{ct}, {ksw}, {_cpp_bool(fuse)}>"
+
+
+def _dqk_wg_ksw(K: int) -> int:
+    """Keys per warpgroup of the Hopper dq/dk kernel: a slice of 2 KSW keys per item covers K <= 128 at once."""
+    return 32 if K <= 64 else 64
+
+
 def _bwd_state_name(ct: str, bt: int, kp: int) -> str:
     return f"gdn_chunk_bwd_state_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {_bv(ct, kp)}>"
 
@@ -102,7 +111,8 @@ register(
     + [_fwd_wg_name(ct, kp, bvw, s, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
        for s in (False, True) for pp in (False, True)]
     + [_bwd_wg_name(ct, kp, bvw, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
-       for pp in (False, True)],
+       for pp in (False, True)]
+    + [_dqk_wg_name(ct, ksw, f) for ct in WG_TYPES for ksw in (32, 64) for f in (False, True)],
 )
 
 
@@ -172,6 +182,15 @@ def _smem_dqk(ct: str, bt: int) -> int:
     ldk, ldv, ldm = KS + _PAD, BVB + _PAD, bt + _PAD
     tiles = 2 * _in_tile(ct, bt * ldk) + 3 * _in_tile(ct, bt * ldv) + 2 * _in_tile(ct, KS * ldv)
     return tiles + 2 * _split(bt * ldm) + _ROWS * _f32(bt) + _f32(8 * bt) + _f32(4 * bt) + _f32(8)
+
+
+def _smem_dqk_wg(ksw: int) -> int:
+    """Shared-memory bytes of the Hopper dq/dk kernel: two slots of an item's q, k and raw rows, two of a V
+    step's do, y, delta, h and dh tiles, the float C tile and the row arrays."""
+    ks, bt = 2 * ksw, WG_BT
+    qk = 2 * bt * ks * 2 + 4 * bt * 4
+    vstep = 3 * bt * BVB * 2 + 2 * ks * BVB * 2
+    return 2 * qk + 2 * vstep + _f32(bt * (bt + 4)) + _ROWS * _f32(bt) + _f32(12 * bt) + _f32(6 * bt) + _f32(8)
 
 
 def _launch(name: str, grid: int, block: int, smem: int, args: tuple[Any, ...]) -> None:
@@ -348,6 +367,38 @@ def _backward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, dht: A
     return dhbuf, ybuf, dv, dh0, part_yv
 
 
+def _dqk_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, hbuf: Any, dhbuf: Any, vnew: Any,
+              ybuf: Any) -> tuple[Any, ...]:
+    """Per chunk and key slice: dq, dk and the partial log-gate and beta gradients ``[slices, B*T, HV]``
+    float32. Returns (dq_hv, dk_hv, part_dG, part_db, qk): the per-value-head float32 dq, dk ``[1, B*T, HV, K]``
+    for :func:`cuda_recurrent.finish_gradients`, or None and ``qk = (dq, dk)`` ``[B, T, H, K]`` in q's dtype when
+    the Hopper kernel finished them itself (no grouped value heads, K <= 128)."""
+    import cupy
+
+    n_tok = p.B * p.T
+    wg = _wgmma_applies(p, ch, do)
+    ks = 2 * _dqk_wg_ksw(p.K) if wg else KS
+    nks = math.ceil(p.K / ks)
+    part_dG = empty(cupy, (nks, n_tok, p.HV), np.float32)
+    part_db = empty(cupy, (nks, n_tok, p.HV), np.float32)
+    fuse = wg and p.HV == p.H and nks == 1
+    dq_hv = None if fuse else empty(cupy, (1, n_tok, p.HV, p.K), np.float32)
+    dk_hv = None if fuse else empty(cupy, (1, n_tok, p.HV, p.K), np.float32)
+    qk = (empty(cupy, (p.B, p.T, p.H, p.K), p.q.dtype), empty(cupy, (p.B, p.T, p.H, p.K), p.q.dtype)) if fuse else None
+    common = (p.q, p.k, do, *ch.rows, hbuf, dhbuf, vnew, ybuf, ch.chunk_bos, ch.chunk_len)
+    tail = (np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nks))
+    items = ch.nc * p.HV * nks
+    if wg:  # persistent: one block per SM walks the items
+        ksw = _dqk_wg_ksw(p.K)
+        _launch(_dqk_wg_name(ch.ct, ksw, fuse), min(items, _sm_count()), 256, _smem_dqk_wg(ksw), (
+            *common, rec._ptr(dq_hv), rec._ptr(dk_hv), *(rec._ptr(x) for x in (qk or (None, None))), part_dG, part_db,
+            *tail, np.int32(items), np.int64(n_tok), np.float32(p.scale), np.int32(flags)))
+    else:
+        _launch(_dqk_name(ch.ct, ch.bt), items, 256, _smem_dqk(ch.ct, ch.bt), (
+            *common, dq_hv, dk_hv, part_dG, part_db, *tail, np.int64(n_tok), np.float32(p.scale), np.int32(flags)))
+    return dq_hv, dk_hv, part_dG, part_db, qk
+
+
 def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: _Chunks | None = None) -> dict[str, Any]:
     """Launch the backward; returns gradients keyed by input name (dq, dk, dv in the input dtype, the rest
     float32), None for absent inputs. ``factors``: the forward's per-chunk factors, or None to recompute them."""
@@ -373,22 +424,15 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: _
 
     dhbuf, ybuf, dv, dh0, part_yv = _backward_state_pass(p, ch, flags, do, dht)
 
-    nks = math.ceil(p.K / KS)
-    dq_hv = empty(cupy, (1, n_tok, p.HV, p.K), np.float32)
-    dk_hv = empty(cupy, (1, n_tok, p.HV, p.K), np.float32)
-    part_dG = empty(cupy, (nks, n_tok, p.HV), np.float32)
-    part_db = empty(cupy, (nks, n_tok, p.HV), np.float32)
-    _launch(_dqk_name(ch.ct, ch.bt), ch.nc * p.HV * nks, 256, _smem_dqk(ch.ct, ch.bt), (
-        p.q, p.k, do, *ch.rows, hbuf, dhbuf, vnew, ybuf, ch.chunk_bos, ch.chunk_len, dq_hv, dk_hv, part_dG, part_db,
-        np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nks), np.int64(n_tok),
-        np.float32(p.scale), np.int32(flags)))
+    dq_hv, dk_hv, part_dG, part_db, qk = _dqk_pass(p, ch, flags, do, hbuf, dhbuf, vnew, ybuf)
 
     dg_tok = empty(cupy, (n_tok, p.HV), np.float32)
     db_tok = empty(cupy, (n_tok, p.HV), np.float32)
     n_el = n_tok * p.HV
     _launch("gdn_chunk_bwd_gate_rows_kernel", math.ceil(n_el / 256), 256, 0, (
-        part_dG, part_db, part_yv, dg_tok, db_tok, np.int64(n_el), np.int32(nks), np.int32(part_yv.shape[0])))
+        part_dG, part_db, part_yv, dg_tok, db_tok, np.int64(n_el), np.int32(part_dG.shape[0]),
+        np.int32(part_yv.shape[0])))
 
-    grads = rec.finish_gradients(p, flags, dq_hv, dk_hv, dg_tok, db_tok, None, nvb=1)
+    grads = rec.finish_gradients(p, flags, dq_hv, dk_hv, dg_tok, db_tok, None, nvb=1, qk=qk)
     grads.update({"v": dv, "initial_state": dh0})
     return grads

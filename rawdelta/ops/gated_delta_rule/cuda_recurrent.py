@@ -174,21 +174,26 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
 
 
 def finish_gradients(p: GDNProblem, flags: int, part_dq: Any, part_dk: Any, part_dg: Any, part_db: Any,
-                     part_dgk: Any, nvb: int, *, dbeta_v: Any = None) -> dict[str, Any]:
+                     part_dgk: Any, nvb: int, *, dbeta_v: Any = None, qk: tuple[Any, Any] | None = None
+                     ) -> dict[str, Any]:
     """Sum per-block partial gradients and apply the input transforms' backward (shared by both modes).
 
     part_dq, part_dk ``[nvb, B*T, HV, K]`` float32 (per value head: summed over each group here, then
     through the L2 norm); part_dg, part_db ``[nvb, B*T, HV]`` (gradients of the log-gate and of the
     effective beta: through the in-kernel gate and the beta sigmoid here); part_dgk like part_dq or
-    None. Returns q, k (input dtype), g, beta, gk, A_log, dt_bias (float32; None where absent).
+    None. ``qk``: dq and dk already finished by the caller (part_dq and part_dk are then unused). Returns q,
+    k (input dtype), g, beta, gk, A_log, dt_bias (float32; None where absent).
     """
     import cupy
 
     BT = p.B * p.T
     ct = _ctype(p)
-    dq = empty(cupy, (p.B, p.T, p.H, p.K), p.q.dtype)
-    dk = empty(cupy, (p.B, p.T, p.H, p.K), p.q.dtype)
-    if BT > 0:
+    if qk is not None:
+        dq, dk = qk
+    else:
+        dq = empty(cupy, (p.B, p.T, p.H, p.K), p.q.dtype)
+        dk = empty(cupy, (p.B, p.T, p.H, p.K), p.q.dtype)
+    if BT > 0 and qk is None:
         get_kernel(SOURCE, _finish_qk_name(ct))((math.ceil(BT * p.H / 4),), (128,), (
             p.q, p.k, part_dq, part_dk, dq, dk, np.int64(BT), np.int32(p.H), np.int32(p.HV), np.int32(p.K),
             np.int32(nvb), np.int32(flags)))
