@@ -9,9 +9,11 @@ and the masked intra-chunk scores per chunk) -> one state pass per (sequence, va
 also writes the output. On compute capability 9.0 devices, 16-bit inputs with chunks of 64 take the Hopper
 state pass (``gdn_chunk_fwd_wg_kernel``: wgmma warpgroup products, optionally prefetching the next chunk);
 everything else, and sm_80, the mma.sync one.
-Backward: the same prepare, the state pass again storing per-chunk states and deltas, the reverse state
-pass (dh per chunk, dv, dh0), the per-chunk dq/dk/gate kernel over key slices of KS, then the finishing
-kernels.
+Backward: the same prepare (or the forward's factors), the state pass again storing per-chunk states and
+deltas, the reverse state pass (dh per chunk, dv, dh0), the per-chunk dq/dk/gate kernel over key slices,
+then the finishing kernels. Where the Hopper forward applies, so do the Hopper reverse pass
+(``gdn_chunk_bwd_wg_kernel``) and dq/dk kernel (``gdn_chunk_bwd_dqk_wg_kernel``: persistent, slices of 128
+keys, and dq, dk finished in the kernel when there are no grouped value heads).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _fwd_name(ct: str, bt: int, kp: int, store: bool) -> str:
     return f"gdn_chunk_fwd_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {_bv(ct, kp)}, {_cpp_bool(store)}>"
 
 
-# Hopper forward state pass (wgmma): 16-bit inputs, chunks of 64; value columns per warpgroup by KP.
+# Hopper kernels (wgmma): 16-bit inputs, chunks of 64; state-pass value columns per warpgroup by KP.
 WG_TYPES = ("__half", "__nv_bfloat16")
 WG_BT = 64
 USE_WGMMA = True  # tests switch it off to run the mma.sync kernels on a Hopper GPU too
