@@ -58,13 +58,16 @@ __global__ void __launch_bounds__(NTHREADS) gdn_chunk_prepare_kernel(
     using TT = typename InputTile<T, E>::type;
     constexpr int LDK = KP + PAD, LDA = BT + 4;
     extern __shared__ __align__(16) unsigned char smem[];
-    SmemCursor cur{smem};
+    SmemCursor tiles{smem}, inv{smem};
     TT sK, sQ;
-    cur.into(sK, BT * LDK);
-    cur.into(sQ, BT * LDK);
+    tiles.into(sK, BT * LDK);
+    tiles.into(sQ, BT * LDK);
+    // the inverse and its scratch reuse the q / k tiles' space once their products are done (a smaller
+    // block, so more of them share an SM and hide each other's barrier waits in the inversion)
+    float* sA = inv.take<float>(BT * LDA);
+    float* sX = inv.take<float>(16 * LDA);
+    SmemCursor cur{tiles.p > inv.p ? tiles.p : inv.p};
     float* sL = cur.take<float>(BT * LDA);
-    float* sA = cur.take<float>(BT * LDA);
-    float* sX = cur.take<float>(16 * LDA);
     float* sG = cur.take<float>(BT);
     float* sB = cur.take<float>(BT);
     float* sRq = cur.take<float>(BT);
