@@ -43,6 +43,22 @@ __device__ __forceinline__ u64 desc_mnmajor(unsigned tile, int cols, int c0, int
     return wg_desc(tile + kk * 32 * cols + c0 * 16, cols * 16, 128);
 }
 
+// Operand descriptor makers for WgAcc::mma: an A operand maps (tile i of MT, step kk) to a descriptor, a B
+// operand (step kk). K-major: operand rows are tile rows from r0 (A: r0 + 64 i); MN-major: operand rows are tile
+// columns from c0 (A: c0 + 64 i), the tile's transpose.
+__device__ __forceinline__ auto a_kmajor(unsigned tile, int cols, int r0) {
+    return [=](int i, int kk) { return desc_kmajor(tile, cols, r0 + 64 * i, kk); };
+}
+__device__ __forceinline__ auto a_mnmajor(unsigned tile, int cols, int c0 = 0) {
+    return [=](int i, int kk) { return desc_mnmajor(tile, cols, c0 + 64 * i, kk); };
+}
+__device__ __forceinline__ auto b_kmajor(unsigned tile, int cols, int r0) {
+    return [=](int kk) { return desc_kmajor(tile, cols, r0, kk); };
+}
+__device__ __forceinline__ auto b_mnmajor(unsigned tile, int cols, int c0) {
+    return [=](int kk) { return desc_mnmajor(tile, cols, c0, kk); };
+}
+
 __device__ __forceinline__ void wg_fence() {
 #ifdef RAWDELTA_WGMMA
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");

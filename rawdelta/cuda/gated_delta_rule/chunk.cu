@@ -219,6 +219,31 @@ __device__ __forceinline__ void load_state(AccT& S, const float* src, int K, int
     S.apply([&](int r, int c, float& x) { x = (r < K && c < vcols) ? src[(i64)r * V + v0 + c] : 0.f; });
 }
 
+// A state pass block's work: sequence n, value head hv (key head h), the value columns [v0, v0 + vcols) of its
+// block vb (NVB blocks of BV columns per head), the sequence's tokens [bos, bos + len) in nchunks chunks of BT,
+// and the offset of its [K, V] states.
+struct StatePassBlock {
+    int vb, hv, n, h, v0, vcols, len, nchunks;
+    i64 bos, state_off;
+    bool paired;  // V even: output rows take paired stores
+    __device__ __forceinline__ StatePassBlock(int NVB, int BV, int BT, const i64* cu, int T_, int H, int HV, int K,
+                                              int V, int flags) {
+        vb = blockIdx.x % NVB;
+        const int nh = blockIdx.x / NVB;
+        hv = nh % HV;
+        n = nh / HV;
+        h = hv / (HV / H);
+        v0 = vb * BV;
+        vcols = min(BV, V - v0);
+        paired = (V & 1) == 0;
+        const SeqRange sr = seq_range(cu, n, T_, flags);
+        bos = sr.bos;
+        len = (int)(sr.eos - sr.bos);
+        nchunks = (len + BT - 1) / BT;
+        state_off = ((i64)n * HV + hv) * K * V;
+    }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Forward state pass over one sequence's chunks, per (sequence, value head, block of BV columns).
 // Per chunk, with S the state at its start (float32 registers):
@@ -247,29 +272,24 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
     ChunkRows rows;
     rows.carve(cur, BT);
 
-    const int vb = blockIdx.x % NVB, nh = blockIdx.x / NVB, hv = nh % HV, n = nh / HV, h = hv / (HV / H);
-    const int v0 = vb * BV, vcols = min(BV, V - v0);
-    const bool paired = (V & 1) == 0;
-    const SeqRange sr = seq_range(cu, n, T_, flags);
-    const int len = (int)(sr.eos - sr.bos), nchunks = (len + BT - 1) / BT;
-    const i64 state_off = ((i64)n * HV + hv) * K * V;
+    const StatePassBlock pb(NVB, BV, BT, cu, T_, H, HV, K, V, flags);
 
     Acc<KP, BV, NW> S;
-    if (flags & F_H0) load_state(S, h0 + state_off, K, V, v0, vcols);
+    if (flags & F_H0) load_state(S, h0 + pb.state_off, K, V, pb.v0, pb.vcols);
     else S.fill(0.f);
 
 #pragma unroll 1
-    for (int c = 0; c < nchunks; ++c) {
-        const i64 bos = sr.bos + (i64)c * BT;
-        const int L = min(BT, len - c * BT);
-        if (!STORE) load_tile(sQ, LDK, q + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
-        load_tile(sK, LDK, k + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
-        load_tile(sVD, LDV, v + (bos * HV + hv) * V + v0, (i64)HV * V, L, vcols, BT, BV);
-        load_chunk_rows<BT>(sA, LDA, chunk_matrix<Split<E>>(Ahi, Alo), bos, L, HV, hv);
-        if (!STORE) load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, hv);
-        rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
+    for (int c = 0; c < pb.nchunks; ++c) {
+        const i64 bos = pb.bos + (i64)c * BT;
+        const int L = min(BT, pb.len - c * BT);
+        if (!STORE) load_tile(sQ, LDK, q + (bos * H + pb.h) * K, (i64)H * K, L, K, BT, KP);
+        load_tile(sK, LDK, k + (bos * H + pb.h) * K, (i64)H * K, L, K, BT, KP);
+        load_tile(sVD, LDV, v + (bos * HV + pb.hv) * V + pb.v0, (i64)HV * V, L, pb.vcols, BT, BV);
+        load_chunk_rows<BT>(sA, LDA, chunk_matrix<Split<E>>(Ahi, Alo), bos, L, HV, pb.hv);
+        if (!STORE) load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, pb.hv);
+        rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
         S.store(sS, LDV);
-        if (STORE) store_state(S, hbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V, K, V, v0, vcols);
+        if (STORE) store_state(S, hbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V, pb.v0, pb.vcols);
         cp_async_wait_all();
         __syncthreads();
         Acc<BT, BV, NW> X;
@@ -293,21 +313,22 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
             if (!STORE) tile_put_pair(sVD, i * LDV + j, x0, x1);
             const float l = rows.lk[i];
             tile_put_pair(sDt, i * LDV + j, x0 * l, x1 * l);
-            if (STORE && i < L) put_row_pair(vnew, ((bos + i) * HV + hv) * V + v0 + j, j, vcols, paired, x0, x1);
+            if (STORE && i < L)
+                put_row_pair(vnew, ((bos + i) * HV + pb.hv) * V + pb.v0 + j, j, pb.vcols, pb.paired, x0, x1);
         });
         __syncthreads();
         if (!STORE) {
             scale_inter_output(Y, rows.gq, scale);
             gemm<E, MK, KN, BT, BV, BT, NW>(Y, sP, LDP, sVD, LDV);
             Y.apply_pairs([&](int i, int j, float& x0, float& x1) {
-                if (i < L) put_row_pair(o, ((bos + i) * HV + hv) * V + v0 + j, j, vcols, paired, x0, x1);
+                if (i < L) put_row_pair(o, ((bos + i) * HV + pb.hv) * V + pb.v0 + j, j, pb.vcols, pb.paired, x0, x1);
             });
         }
         decay_state<ScalarGate>(S, rows.G, 1, BT - 1);
         gemm<E, KM, KN, KP, BV, BT, NW>(S, sK, LDK, sDt, LDV);
         __syncthreads();
     }
-    if (!STORE && (flags & F_HT)) store_state(S, ht + state_off, K, V, v0, vcols);
+    if (!STORE && (flags & F_HT)) store_state(S, ht + pb.state_off, K, V, pb.v0, pb.vcols);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -327,23 +348,67 @@ struct WgStage {
                          DO = V + BT * BV * 2, A = DO + (HAS_DO ? BT * BV * 2 : 0), P = A + BT * BT * 2,
                          RAW = P + (HAS_Q_P ? BT * BT * 2 : 0), BYTES = RAW + 4 * BT * 4;
 
-    // Chunk [bos, bos + L)'s inputs into stage st, as one cp.async group: value-sized tiles at columns
-    // [v0, v0 + vcols) of this BV block.
+    // Chunk c of block pb's sequence into stage st, as one cp.async group (value-sized tiles at the block's
+    // value columns).
     template <typename T>
-    static __device__ __forceinline__ void issue(unsigned char* st, const T* q, const T* k, const T* v,
-                                                 const T* dout, const T* Ahi, const T* Phi, const float* Gc,
-                                                 const float* Bc, const float* Rq, const float* Rk, i64 bos, int L,
-                                                 int h, int hv, int H, int HV, int Kd, int Vd, int v0, int vcols,
-                                                 int flags) {
-        const i64 qk = (bos * H + h) * Kd, vo = (bos * HV + hv) * Vd + v0, ao = (bos * HV + hv) * BT;
+    static __device__ __forceinline__ void issue(unsigned char* st, const StatePassBlock& pb, int c, const T* q,
+                                                 const T* k, const T* v, const T* dout, const T* Ahi, const T* Phi,
+                                                 const float* Gc, const float* Bc, const float* Rq, const float* Rk,
+                                                 int H, int HV, int Kd, int Vd, int flags) {
+        const i64 bos = pb.bos + (i64)c * BT;
+        const int L = min(BT, pb.len - c * BT);
+        const i64 qk = (bos * H + pb.h) * Kd, vo = (bos * HV + pb.hv) * Vd + pb.v0, ao = (bos * HV + pb.hv) * BT;
         if (HAS_Q_P) load_blocked(reinterpret_cast<T*>(st + Q), KP, q + qk, (i64)H * Kd, L, Kd, BT);
         load_blocked(reinterpret_cast<T*>(st + K), KP, k + qk, (i64)H * Kd, L, Kd, BT);
-        load_blocked(reinterpret_cast<T*>(st + V), BV, v + vo, (i64)HV * Vd, L, vcols, BT);
-        if (HAS_DO) load_blocked(reinterpret_cast<T*>(st + DO), BV, dout + vo, (i64)HV * Vd, L, vcols, BT);
+        load_blocked(reinterpret_cast<T*>(st + V), BV, v + vo, (i64)HV * Vd, L, pb.vcols, BT);
+        if (HAS_DO) load_blocked(reinterpret_cast<T*>(st + DO), BV, dout + vo, (i64)HV * Vd, L, pb.vcols, BT);
         load_blocked(reinterpret_cast<T*>(st + A), BT, Ahi + ao, (i64)HV * BT, L, BT, BT);
         if (HAS_Q_P) load_blocked(reinterpret_cast<T*>(st + P), BT, Phi + ao, (i64)HV * BT, L, BT, BT);
-        ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
+        ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
         cp_async_commit();
+    }
+};
+
+// Shared memory of a Hopper state pass: NS stages of chunk inputs, the state tile (KP x BV, T), two value-sized
+// tiles (BT x BV, T) and the chunk's row arrays.
+template <typename T, typename St, int KP, int BV, int NS>
+struct WgPassSmem {
+    unsigned char* stages;
+    T *state, *tile0, *tile1;
+    unsigned a_state, a0, a1;  // their shared-memory addresses, for the descriptors
+    ChunkRows rows;
+    __device__ __forceinline__ explicit WgPassSmem(unsigned char* smem) {
+        SmemCursor cur{smem};
+        stages = cur.take<unsigned char>(NS * St::BYTES);
+        state = cur.take<T>(KP * BV);
+        tile0 = cur.take<T>(St::BT * BV);
+        tile1 = cur.take<T>(St::BT * BV);
+        rows.carve(cur, St::BT);
+        a_state = smem_addr(state);
+        a0 = smem_addr(tile0);
+        a1 = smem_addr(tile1);
+    }
+    // The start of pass step `step` (chunk c of L tokens): with PIPE, first issues chunk `next`'s loads (none when
+    // next < 0) into the other stage; waits for chunk c's stage, derives its rows and returns it.
+    template <bool PIPE, typename Issue>
+    __device__ __forceinline__ unsigned char* enter_chunk(int step, int c, int next, int L, int flags, Issue&& issue) {
+        const int s = PIPE ? (step & 1) : 0;
+        if (!PIPE) issue(c, 0);
+        if (PIPE && next >= 0) {
+            issue(next, s ^ 1);  // that stage's last reader was the previous step, before its closing barrier
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        unsigned char* st = stages + s * St::BYTES;
+        rows.derive(reinterpret_cast<const float*>(st + St::RAW), L, St::BT, flags);
+        return st;
+    }
+    // A warpgroup's state columns (from c0) into the state tile.
+    template <typename AccT>
+    __device__ __forceinline__ void put_state(AccT& S, int c0) {
+        S.apply_pairs([&](int r, int j, float& x0, float& x1) { store_pair(state, blk(r, c0 + j, BV), x0, x1); });
     }
 };
 
@@ -357,101 +422,82 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
     constexpr int BT = 64, BV = 2 * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
     using St = WgStage<KP, BV, !STORE, false>;
     extern __shared__ __align__(128) unsigned char smem[];
-    SmemCursor cur{smem};
-    unsigned char* stages = cur.take<unsigned char>(NS * St::BYTES);
-    T* sS = cur.take<T>(KP * BV);
-    T* sR = cur.take<T>(BT * BV);  // r, then delta (each warpgroup's columns, after its product on r is done)
-    T* sDt = cur.take<T>(BT * BV);
-    ChunkRows rows;
-    rows.carve(cur, BT);
-    const unsigned aS = smem_addr(sS), aR = smem_addr(sR), aDt = smem_addr(sDt);
+    // tile0: r, then delta (each warpgroup's columns, after its product on r is done); tile1: 2^(G_last - G) delta
+    WgPassSmem<T, St, KP, BV, NS> sm(smem);
 
-    const int vb = blockIdx.x % NVB, nh = blockIdx.x / NVB, hv = nh % HV, n = nh / HV, h = hv / (HV / H);
-    const int v0 = vb * BV, vcols = min(BV, V - v0), wg = threadIdx.x >> 7, c0 = wg * BVW;
-    const bool paired = (V & 1) == 0;
-    const SeqRange sr = seq_range(cu, n, T_, flags);
-    const int len = (int)(sr.eos - sr.bos), nchunks = (len + BT - 1) / BT;
-    const i64 state_off = ((i64)n * HV + hv) * K * V;
-    const auto kmaj = [](unsigned tile, int cols, int r0) { return [=](int, int kk) { return desc_kmajor(tile, cols, r0, kk); }; };
-    const auto ncols = [&](unsigned tile) { return [=](int kk) { return desc_mnmajor(tile, BV, c0, kk); }; };
+    const StatePassBlock pb(NVB, BV, BT, cu, T_, H, HV, K, V, flags);
+    const int wg = threadIdx.x >> 7, c0 = wg * BVW;
+    const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
-        St::issue(stages + s * St::BYTES, q, k, v, (const T*)nullptr, Ahi, Phi, Gc, Bc, Rq, Rk, sr.bos + (i64)c * BT,
-                  min(BT, len - c * BT), h, hv, H, HV, K, V, v0, vcols, flags);
+        St::issue(sm.stages + s * St::BYTES, pb, c, q, k, v, (const T*)nullptr, Ahi, Phi, Gc, Bc, Rq, Rk, H, HV, K, V,
+                  flags);
     };
 
     WgAcc<MS, BVW> S;  // this warpgroup's columns: value columns [v0 + c0, v0 + vcols) of the state
-    if (flags & F_H0) load_state(S, h0 + state_off, K, V, v0 + c0, vcols - c0);
+    if (flags & F_H0) load_state(S, h0 + pb.state_off, K, V, pb.v0 + c0, pb.vcols - c0);
     else S.fill(0.f);
 
-    if (PIPE && nchunks > 0) issue(0, 0);
+    if (PIPE && pb.nchunks > 0) issue(0, 0);
 #pragma unroll 1
-    for (int c = 0; c < nchunks; ++c) {
-        const i64 bos = sr.bos + (i64)c * BT;
-        const int L = min(BT, len - c * BT), s = PIPE ? (c & 1) : 0;
-        if (!PIPE) issue(c, 0);
-        if (PIPE && c + 1 < nchunks) {
-            issue(c + 1, s ^ 1);  // that stage's last reader was chunk c - 1, before its closing barrier
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        unsigned char* st = stages + s * St::BYTES;
+    for (int c = 0; c < pb.nchunks; ++c) {
+        const i64 bos = pb.bos + (i64)c * BT;
+        const int L = min(BT, pb.len - c * BT);
+        unsigned char* st = sm.template enter_chunk<PIPE>(c, c, c + 1 < pb.nchunks ? c + 1 : -1, L, flags, issue);
         const T* sV = reinterpret_cast<const T*>(st + St::V);
         const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
                        aP = smem_addr(st + St::P);
-        rows.derive(reinterpret_cast<const float*>(st + St::RAW), L, BT, flags);
-        S.apply_pairs([&](int r, int j, float& x0, float& x1) { store_pair(sS, blk(r, c0 + j, BV), x0, x1); });
-        if (STORE) store_state(S, hbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V, K, V, v0 + c0, vcols - c0);
+        sm.put_state(S, c0);
+        if (STORE)
+            store_state(S, hbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V, pb.v0 + c0, pb.vcols - c0);
         fence_proxy_async();
         __syncthreads();
         // X = k S (and Y = q S): this warpgroup's columns
         WgAcc<1, BVW> X, Y;
         wg_fence();
-        X.template mma<T, false, true, KP>(kmaj(aK, KP, 0), ncols(aS), false);
-        if (!STORE) Y.template mma<T, false, true, KP>(kmaj(aQ, KP, 0), ncols(aS), false);
+        X.template mma<T, false, true, KP>(a_kmajor(aK, KP, 0), ncols(sm.a_state), false);
+        if (!STORE) Y.template mma<T, false, true, KP>(a_kmajor(aQ, KP, 0), ncols(sm.a_state), false);
         wg_commit();
         wg_wait<0>();
         X.apply_pairs([&](int i, int j, float& x0, float& x1) {
             const int e = blk(i, c0 + j, BV);
             const float2 vv = load_pair(sV, e);
-            const float b = rows.B[i], f = rows.gk[i];
-            store_pair(sR, e, b * (vv.x - f * x0), b * (vv.y - f * x1));
+            const float b = sm.rows.B[i], f = sm.rows.gk[i];
+            store_pair(sm.tile0, e, b * (vv.x - f * x0), b * (vv.y - f * x1));
         });
         fence_proxy_async();
         wg_barrier(wg);
         // delta = A r
         WgAcc<1, BVW> D;
         wg_fence();
-        D.template mma<T, false, true, BT>(kmaj(aA, BT, 0), ncols(aR), false);
+        D.template mma<T, false, true, BT>(a_kmajor(aA, BT, 0), ncols(sm.a0), false);
         wg_commit();
         wg_wait<0>();
         if (!STORE) wg_barrier(wg);  // every warp's part of the product has read r before delta overwrites it
         D.apply_pairs([&](int i, int j, float& x0, float& x1) {
             const int e = blk(i, c0 + j, BV);
-            if (!STORE) store_pair(sR, e, x0, x1);
-            const float l = rows.lk[i];
-            store_pair(sDt, e, x0 * l, x1 * l);
+            if (!STORE) store_pair(sm.tile0, e, x0, x1);
+            const float l = sm.rows.lk[i];
+            store_pair(sm.tile1, e, x0 * l, x1 * l);
             if (STORE && i < L)
-                put_row_pair(vnew, ((bos + i) * HV + hv) * V + v0 + c0 + j, c0 + j, vcols, paired, x0, x1);
+                put_row_pair(vnew, ((bos + i) * HV + pb.hv) * V + pb.v0 + c0 + j, c0 + j, pb.vcols, pb.paired, x0, x1);
         });
-        if (!STORE) scale_inter_output(Y, rows.gq, scale);
-        decay_state<ScalarGate>(S, rows.G, 1, BT - 1);
+        if (!STORE) scale_inter_output(Y, sm.rows.gq, scale);
+        decay_state<ScalarGate>(S, sm.rows.G, 1, BT - 1);
         fence_proxy_async();
         wg_barrier(wg);
         // o = scale 2^G q S + P delta;  S = 2^G_last S + k^T (2^(G_last - G) delta)
         wg_fence();
-        if (!STORE) Y.template mma<T, false, true, BT>(kmaj(aP, BT, 0), ncols(aR), true);
-        S.template mma<T, true, true, BT>([&](int i, int kk) { return desc_mnmajor(aK, KP, 64 * i, kk); }, ncols(aDt),
-                                          true);
+        if (!STORE) Y.template mma<T, false, true, BT>(a_kmajor(aP, BT, 0), ncols(sm.a0), true);
+        S.template mma<T, true, true, BT>(a_mnmajor(aK, KP), ncols(sm.a1), true);
         wg_commit();
         wg_wait<0>();
         if (!STORE) Y.apply_pairs([&](int i, int j, float& x0, float& x1) {
-            if (i < L) put_row_pair(o, ((bos + i) * HV + hv) * V + v0 + c0 + j, c0 + j, vcols, paired, x0, x1);
+            if (i < L)
+                put_row_pair(o, ((bos + i) * HV + pb.hv) * V + pb.v0 + c0 + j, c0 + j, pb.vcols, pb.paired, x0, x1);
         });
         __syncthreads();
     }
-    if (!STORE && (flags & F_HT)) store_state(S, ht + state_off, K, V, v0 + c0, vcols - c0);
+    if (!STORE && (flags & F_HT)) store_state(S, ht + pb.state_off, K, V, pb.v0 + c0, pb.vcols - c0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -486,29 +532,24 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
     float* sScratch = cur.take<float>(AccV::WN * BT);
     float* sRow = cur.take<float>(BT);
 
-    const int vb = blockIdx.x % NVB, nh = blockIdx.x / NVB, hv = nh % HV, n = nh / HV, h = hv / (HV / H);
-    const int v0 = vb * BV, vcols = min(BV, V - v0);
-    const bool paired = (V & 1) == 0;
-    const SeqRange sr = seq_range(cu, n, T_, flags);
-    const int len = (int)(sr.eos - sr.bos), nchunks = (len + BT - 1) / BT;
-    const i64 state_off = ((i64)n * HV + hv) * K * V;
+    const StatePassBlock pb(NVB, BV, BT, cu, T_, H, HV, K, V, flags);
 
     Acc<KP, BV, NW> dS;
-    if (flags & F_DHT) load_state(dS, dht + state_off, K, V, v0, vcols);
+    if (flags & F_DHT) load_state(dS, dht + pb.state_off, K, V, pb.v0, pb.vcols);
     else dS.fill(0.f);
 
 #pragma unroll 1
-    for (int c = nchunks - 1; c >= 0; --c) {
-        const i64 bos = sr.bos + (i64)c * BT;
-        const int L = min(BT, len - c * BT);
-        load_tile(sQ, LDK, q + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
-        load_tile(sK, LDK, k + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
-        load_tile(sDo, LDV, dout + (bos * HV + hv) * V + v0, (i64)HV * V, L, vcols, BT, BV);
-        load_chunk_rows<BT>(sA, LDA, chunk_matrix<Split<E>>(Ahi, Alo), bos, L, HV, hv);
-        load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, hv);
-        rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
+    for (int c = pb.nchunks - 1; c >= 0; --c) {
+        const i64 bos = pb.bos + (i64)c * BT;
+        const int L = min(BT, pb.len - c * BT);
+        load_tile(sQ, LDK, q + (bos * H + pb.h) * K, (i64)H * K, L, K, BT, KP);
+        load_tile(sK, LDK, k + (bos * H + pb.h) * K, (i64)H * K, L, K, BT, KP);
+        load_tile(sDo, LDV, dout + (bos * HV + pb.hv) * V + pb.v0, (i64)HV * V, L, pb.vcols, BT, BV);
+        load_chunk_rows<BT>(sA, LDA, chunk_matrix<Split<E>>(Ahi, Alo), bos, L, HV, pb.hv);
+        load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, pb.hv);
+        rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
         dS.store(sS, LDV);
-        store_state(dS, dhbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V, K, V, v0, vcols);
+        store_state(dS, dhbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V, pb.v0, pb.vcols);
         cp_async_wait_all();
         __syncthreads();
         AccV Z;
@@ -526,7 +567,7 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
         Z.store(sT, LDV);
         __syncthreads();
         // do is dead now: its tile takes v, for the row sums y . v below, while y is computed
-        load_tile(sDo, LDV, v + (bos * HV + hv) * V + v0, (i64)HV * V, L, vcols, BT, BV);
+        load_tile(sDo, LDV, v + (bos * HV + pb.hv) * V + pb.v0, (i64)HV * V, L, pb.vcols, BT, BV);
         AccV Yc;
         Yc.fill(0.f);
         gemm<E, KM, KN, BT, BV, BT, NW>(Yc, sA, LDA, sT, LDV);
@@ -534,22 +575,22 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
         __syncthreads();
         Yc.apply_pairs([&](int i, int j, float& x0, float& x1) {
             if (i < L) {
-                const i64 e = ((bos + i) * HV + hv) * V + v0 + j;
+                const i64 e = ((bos + i) * HV + pb.hv) * V + pb.v0 + j;
                 const float b = rows.B[i];
-                put_row_pair(dv, e, j, vcols, paired, b * x0, b * x1);
-                put_row_pair(ybuf, e, j, vcols, paired, x0, x1);
+                put_row_pair(dv, e, j, pb.vcols, pb.paired, b * x0, b * x1);
+                put_row_pair(ybuf, e, j, pb.vcols, pb.paired, x0, x1);
             }
             const float f = -rows.B[i] * rows.gk[i];
             tile_put_pair(sT, i * LDV + j, f * x0, f * x1);
         });
         acc_row_sums(Yc, [&](int i, int j, float x) { return x * tile_get(sDo, i * LDV + j); }, sScratch, sRow);
-        for (int i = threadIdx.x; i < L; i += blockDim.x) part_yv[((i64)vb * BT_ + bos + i) * HV + hv] = sRow[i];
+        for (int i = threadIdx.x; i < L; i += blockDim.x) part_yv[((i64)pb.vb * BT_ + bos + i) * HV + pb.hv] = sRow[i];
         decay_state<ScalarGate>(dS, rows.G, 1, BT - 1);
         gemm<E, KM, KN, KP, BV, BT, NW>(dS, sQ, LDK, sDoG, LDV);
         gemm<E, KM, KN, KP, BV, BT, NW>(dS, sK, LDK, sT, LDV);
         __syncthreads();
     }
-    if (flags & F_H0) store_state(dS, dh0 + state_off, K, V, v0, vcols);
+    if (flags & F_H0) store_state(dS, dh0 + pb.state_off, K, V, pb.v0, pb.vcols);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -569,107 +610,83 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
     constexpr int BT = 64, BV = 2 * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
     using St = WgStage<KP, BV, true, true>;
     extern __shared__ __align__(128) unsigned char smem[];
-    SmemCursor cur{smem};
-    unsigned char* stages = cur.take<unsigned char>(NS * St::BYTES);
-    T* sS = cur.take<T>(KP * BV);
-    T* sT = cur.take<T>(BT * BV);    // d(delta), then -beta 2^G y (each warpgroup's columns)
-    T* sDoG = cur.take<T>(BT * BV);  // scale 2^G do
-    ChunkRows rows;
-    rows.carve(cur, BT);
-    const unsigned aS = smem_addr(sS), aT = smem_addr(sT), aDoG = smem_addr(sDoG);
+    WgPassSmem<T, St, KP, BV, NS> sm(smem);  // tile0: d(delta), then -beta 2^G y; tile1: scale 2^G do
 
-    const int vb = blockIdx.x % NVB, nh = blockIdx.x / NVB, hv = nh % HV, n = nh / HV, h = hv / (HV / H);
-    const int v0 = vb * BV, vcols = min(BV, V - v0), wg = threadIdx.x >> 7, c0 = wg * BVW;
-    const bool paired = (V & 1) == 0;
-    const SeqRange sr = seq_range(cu, n, T_, flags);
-    const int len = (int)(sr.eos - sr.bos), nchunks = (len + BT - 1) / BT;
-    const i64 state_off = ((i64)n * HV + hv) * K * V;
-    const auto ncols = [&](unsigned tile) { return [=](int kk) { return desc_mnmajor(tile, BV, c0, kk); }; };
-    const auto trans = [](unsigned tile, int cols) {  // the tile's transpose as the A operand
-        return [=](int i, int kk) { return desc_mnmajor(tile, cols, 64 * i, kk); };
-    };
+    const StatePassBlock pb(NVB, BV, BT, cu, T_, H, HV, K, V, flags);
+    const int wg = threadIdx.x >> 7, c0 = wg * BVW;
+    const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
-        St::issue(stages + s * St::BYTES, q, k, v, dout, Ahi, Phi, Gc, Bc, Rq, Rk, sr.bos + (i64)c * BT,
-                  min(BT, len - c * BT), h, hv, H, HV, K, V, v0, vcols, flags);
+        St::issue(sm.stages + s * St::BYTES, pb, c, q, k, v, dout, Ahi, Phi, Gc, Bc, Rq, Rk, H, HV, K, V, flags);
     };
 
     WgAcc<MS, BVW> dS;  // this warpgroup's columns of the state gradient at the current chunk's end
-    if (flags & F_DHT) load_state(dS, dht + state_off, K, V, v0 + c0, vcols - c0);
+    if (flags & F_DHT) load_state(dS, dht + pb.state_off, K, V, pb.v0 + c0, pb.vcols - c0);
     else dS.fill(0.f);
 
-    if (PIPE && nchunks > 0) issue(nchunks - 1, 0);
+    if (PIPE && pb.nchunks > 0) issue(pb.nchunks - 1, 0);
 #pragma unroll 1
-    for (int c = nchunks - 1; c >= 0; --c) {
-        const i64 bos = sr.bos + (i64)c * BT;
-        const int L = min(BT, len - c * BT), s = PIPE ? ((nchunks - 1 - c) & 1) : 0;
-        if (!PIPE) issue(c, 0);
-        if (PIPE && c > 0) {
-            issue(c - 1, s ^ 1);  // that stage's last reader was chunk c + 1, before its closing barrier
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        unsigned char* st = stages + s * St::BYTES;
+    for (int c = pb.nchunks - 1; c >= 0; --c) {
+        const i64 bos = pb.bos + (i64)c * BT;
+        const int L = min(BT, pb.len - c * BT);
+        unsigned char* st = sm.template enter_chunk<PIPE>(pb.nchunks - 1 - c, c, c - 1, L, flags, issue);
         const T* sV = reinterpret_cast<const T*>(st + St::V);
         const T* sDo = reinterpret_cast<const T*>(st + St::DO);
         const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
                        aP = smem_addr(st + St::P), aDo = smem_addr(st + St::DO);
-        rows.derive(reinterpret_cast<const float*>(st + St::RAW), L, BT, flags);
-        dS.apply_pairs([&](int r, int j, float& x0, float& x1) { store_pair(sS, blk(r, c0 + j, BV), x0, x1); });
-        store_state(dS, dhbuf + ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V, K, V, v0 + c0, vcols - c0);
+        sm.put_state(dS, c0);
+        store_state(dS, dhbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V, pb.v0 + c0, pb.vcols - c0);
         fence_proxy_async();
         __syncthreads();
         // d(delta) = 2^(G_last - G) (k dS) + P^T do
         WgAcc<1, BVW> Z, U;
         wg_fence();
-        Z.template mma<T, false, true, KP>([&](int, int kk) { return desc_kmajor(aK, KP, 0, kk); }, ncols(aS), false);
-        U.template mma<T, true, true, BT>(trans(aP, BT), ncols(aDo), false);
+        Z.template mma<T, false, true, KP>(a_kmajor(aK, KP, 0), ncols(sm.a_state), false);
+        U.template mma<T, true, true, BT>(a_mnmajor(aP, BT), ncols(aDo), false);
         wg_commit();
         for (int idx = threadIdx.x & 127; idx < BT * BVW / 2; idx += 128) {  // meanwhile: scale 2^G do
             const int i = idx / (BVW / 2), e = blk(i, c0 + 2 * (idx % (BVW / 2)), BV);
             const float2 d = load_pair(sDo, e);
-            const float f = scale * rows.gq[i];
-            store_pair(sDoG, e, f * d.x, f * d.y);
+            const float f = scale * sm.rows.gq[i];
+            store_pair(sm.tile1, e, f * d.x, f * d.y);
         }
         wg_wait<0>();
         Z.zip_pairs(U, [&](int i, int j, float& z0, float& z1, float& u0, float& u1) {
-            const float l = rows.lk[i];
-            store_pair(sT, blk(i, c0 + j, BV), l * z0 + u0, l * z1 + u1);
+            const float l = sm.rows.lk[i];
+            store_pair(sm.tile0, blk(i, c0 + j, BV), l * z0 + u0, l * z1 + u1);
         });
         fence_proxy_async();
         wg_barrier(wg);
         // y = A^T d(delta)
         wg_fence();
-        Z.template mma<T, true, true, BT>(trans(aA, BT), ncols(aT), false);
+        Z.template mma<T, true, true, BT>(a_mnmajor(aA, BT), ncols(sm.a0), false);
         wg_commit();
         wg_wait<0>();
         wg_barrier(wg);  // every warp's part of the product has read d(delta) before y's factor overwrites it
         Z.apply_pairs([&](int i, int j, float& x0, float& x1) {
-            const float b = rows.B[i];
+            const float b = sm.rows.B[i];
             if (i < L) {
-                const i64 g = ((bos + i) * HV + hv) * V + v0 + c0 + j;
-                put_row_pair(dv, g, c0 + j, vcols, paired, b * x0, b * x1);
-                put_row_pair(ybuf, g, c0 + j, vcols, paired, x0, x1);
+                const i64 g = ((bos + i) * HV + pb.hv) * V + pb.v0 + c0 + j;
+                put_row_pair(dv, g, c0 + j, pb.vcols, pb.paired, b * x0, b * x1);
+                put_row_pair(ybuf, g, c0 + j, pb.vcols, pb.paired, x0, x1);
             }
-            const float f = -b * rows.gk[i];
-            store_pair(sT, blk(i, c0 + j, BV), f * x0, f * x1);
+            const float f = -b * sm.rows.gk[i];
+            store_pair(sm.tile0, blk(i, c0 + j, BV), f * x0, f * x1);
         });
         Z.row_sums([&](int i, int j, float x) { return x * to_float(sV[blk(i, c0 + j, BV)]); }, [&](int i, float x) {
-            if (i < L) part_yv[((i64)(2 * vb + wg) * BT_ + bos + i) * HV + hv] = x;
+            if (i < L) part_yv[((i64)(2 * pb.vb + wg) * BT_ + bos + i) * HV + pb.hv] = x;
         });
-        decay_state<ScalarGate>(dS, rows.G, 1, BT - 1);
+        decay_state<ScalarGate>(dS, sm.rows.G, 1, BT - 1);
         fence_proxy_async();
         wg_barrier(wg);
         // dS = 2^G_last dS + q^T (scale 2^G do) - k^T (beta 2^G y)
         wg_fence();
-        dS.template mma<T, true, true, BT>(trans(aQ, KP), ncols(aDoG), true);
-        dS.template mma<T, true, true, BT>(trans(aK, KP), ncols(aT), true);
+        dS.template mma<T, true, true, BT>(a_mnmajor(aQ, KP), ncols(sm.a1), true);
+        dS.template mma<T, true, true, BT>(a_mnmajor(aK, KP), ncols(sm.a0), true);
         wg_commit();
         wg_wait<0>();
         __syncthreads();
     }
-    if (flags & F_H0) store_state(dS, dh0 + state_off, K, V, v0 + c0, vcols - c0);
+    if (flags & F_H0) store_state(dS, dh0 + pb.state_off, K, V, pb.v0 + c0, pb.vcols - c0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -744,7 +761,8 @@ __device__ __forceinline__ void chunk_gate_grads(float* sC, int ldc, const float
 template <typename T, typename E, int BT, int KS, int BVB>
 __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ dout, const float* __restrict__ Gc,
-    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk, const T* __restrict__ hbuf, const T* __restrict__ dhbuf,
+    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
+    const T* __restrict__ hbuf, const T* __restrict__ dhbuf,
     const T* __restrict__ vnew, const T* __restrict__ ybuf, const i64* __restrict__ chunk_bos,
     const int* __restrict__ chunk_len, float* __restrict__ dq_hv, float* __restrict__ dk_hv,
     float* __restrict__ part_dG, float* __restrict__ part_db, int H, int HV, int K, int V, int NKS, i64 BT_,
@@ -940,9 +958,11 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
         const Item m = item_at(it);
         if (vb == 0) {
             unsigned char* st = qk_slots + (it & 1) * St::QK_BYTES;
-            load_blocked(reinterpret_cast<T*>(st + St::Q), KS, q + (m.bos * H + m.h) * K + m.k0, (i64)H * K, m.L, m.kc, BT);
-            load_blocked(reinterpret_cast<T*>(st + St::K), KS, k + (m.bos * H + m.h) * K + m.k0, (i64)H * K, m.L, m.kc, BT);
-            ChunkRows::fetch_raw(reinterpret_cast<float*>(st + St::RAW), Gc, Bc, Rq, Rk, m.bos, m.L, BT, HV, m.hv, flags);
+            const i64 qk = (m.bos * H + m.h) * K + m.k0;
+            load_blocked(reinterpret_cast<T*>(st + St::Q), KS, q + qk, (i64)H * K, m.L, m.kc, BT);
+            load_blocked(reinterpret_cast<T*>(st + St::K), KS, k + qk, (i64)H * K, m.L, m.kc, BT);
+            ChunkRows::fetch_raw(reinterpret_cast<float*>(st + St::RAW), Gc, Bc, Rq, Rk, m.bos, m.L, BT, HV, m.hv,
+                                 flags);
         }
         unsigned char* sv = v_slots + (s & 1) * St::V_BYTES;
         const i64 row = (m.bos * HV + m.hv) * V + v0, hoff = ((i64)m.c * HV + m.hv) * K * V + (i64)m.k0 * V + v0;
@@ -953,10 +973,6 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
         load_blocked(reinterpret_cast<T*>(sv + St::DH), BVB, dhbuf + hoff, (i64)V, m.kc, vc, KS);
         cp_async_commit();
     };
-    const auto kmaj = [](unsigned tile, int cols, int r0) { return [=](int, int kk) { return desc_kmajor(tile, cols, r0, kk); }; };
-    const auto kmaj_b = [](unsigned tile, int cols, int r0) { return [=](int kk) { return desc_kmajor(tile, cols, r0, kk); }; };
-    const auto mn_b = [](unsigned tile, int cols, int c0) { return [=](int kk) { return desc_mnmajor(tile, cols, c0, kk); }; };
-    const auto trans = [](unsigned tile, int cols) { return [=](int, int kk) { return desc_mnmajor(tile, cols, 0, kk); }; };
 
     WgAcc<1, KSW> Dq, Yh, Dk;
     WgAcc<1, 32> D, D2;
@@ -985,11 +1001,11 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
         // (its score columns), over this step's value columns
         const bool acc = vb > 0;
         wg_fence();
-        Dq.template mma<T, false, false, BVB>(kmaj(aDo, BVB, 0), kmaj_b(aH, BVB, kw), acc);
-        Yh.template mma<T, false, false, BVB>(kmaj(aY, BVB, 0), kmaj_b(aH, BVB, kw), acc);
-        Dk.template mma<T, false, false, BVB>(kmaj(aDel, BVB, 0), kmaj_b(aDh, BVB, kw), acc);
-        D.template mma<T, false, false, BVB>(kmaj(aDo, BVB, 0), kmaj_b(aDel, BVB, sw), acc);
-        D2.template mma<T, false, false, BVB>(kmaj(aY, BVB, 0), kmaj_b(aDel, BVB, sw), acc);
+        Dq.template mma<T, false, false, BVB>(a_kmajor(aDo, BVB, 0), b_kmajor(aH, BVB, kw), acc);
+        Yh.template mma<T, false, false, BVB>(a_kmajor(aY, BVB, 0), b_kmajor(aH, BVB, kw), acc);
+        Dk.template mma<T, false, false, BVB>(a_kmajor(aDel, BVB, 0), b_kmajor(aDh, BVB, kw), acc);
+        D.template mma<T, false, false, BVB>(a_kmajor(aDo, BVB, 0), b_kmajor(aDel, BVB, sw), acc);
+        D2.template mma<T, false, false, BVB>(a_kmajor(aY, BVB, 0), b_kmajor(aDel, BVB, sw), acc);
         wg_commit();
         if (vb == 0) {
             rows.derive(reinterpret_cast<const float*>(sq + St::RAW), m.L, BT, flags);
@@ -1022,7 +1038,8 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
         D.zip_pairs(D2, [&](int i, int jj, float& d0, float& d1, float& e0, float& e1) {
             const int j = sw + jj;
             const bool in = i < m.L;
-            const float x0 = in && j <= i ? exp2f(sG[i] - sG[j]) : 0.f, x1 = in && j + 1 <= i ? exp2f(sG[i] - sG[j + 1]) : 0.f;
+            const float x0 = in && j <= i ? exp2f(sG[i] - sG[j]) : 0.f;
+            const float x1 = in && j + 1 <= i ? exp2f(sG[i] - sG[j + 1]) : 0.f;
             d0 = x0 * d0 * scale;
             d1 = x1 * d1 * scale;
             e0 = j < i ? -x0 * e0 : 0.f;
@@ -1038,8 +1055,8 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
         // KK = k k^T, C = q k^T over this slice's keys (this warpgroup's score columns)
         WgAcc<1, 32> KK, C;
         wg_fence();
-        KK.template mma<T, false, false, KS>(kmaj(aK, KS, 0), kmaj_b(aK, KS, sw), false);
-        C.template mma<T, false, false, KS>(kmaj(aQ, KS, 0), kmaj_b(aK, KS, sw), false);
+        KK.template mma<T, false, false, KS>(a_kmajor(aK, KS, 0), b_kmajor(aK, KS, sw), false);
+        C.template mma<T, false, false, KS>(a_kmajor(aQ, KS, 0), b_kmajor(aK, KS, sw), false);
         wg_commit();
         // meanwhile: the inter-chunk parts and their row sums (q . dq_inter, k . dk_inter, k . Yh)
         float* part = sPart + wg * 6 * BT;
@@ -1048,9 +1065,11 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
         const auto kv = [&](int i, int j) { return to_float(sK[blk(i, kw + j, KS)]); };
         Dq.apply([&](int i, int, float& x) { x *= exp2f(sG[i]) * scale; });
         Dk.apply([&](int i, int, float& x) { x *= exp2f(glast - sG[i]); });
-        Dq.row_sums([&](int i, int j, float x) { return x * qv(i, j); }, [&](int i, float x) { part[BT + i] = x * rows.rq[i]; });
-        Dk.row_sums([&](int i, int j, float x) { return x * kv(i, j); }, [&](int i, float x) { part[2 * BT + i] = x * rows.rk[i]; });
-        Yh.row_sums([&](int i, int j, float x) { return x * kv(i, j); }, [&](int i, float x) { part[3 * BT + i] = x * rows.rk[i]; });
+        const auto times_q = [&](int i, int j, float x) { return x * qv(i, j); };
+        const auto times_k = [&](int i, int j, float x) { return x * kv(i, j); };
+        Dq.row_sums(times_q, [&](int i, float x) { part[BT + i] = x * rows.rq[i]; });
+        Dk.row_sums(times_k, [&](int i, float x) { part[2 * BT + i] = x * rows.rk[i]; });
+        Yh.row_sums(times_k, [&](int i, float x) { part[3 * BT + i] = x * rows.rk[i]; });
         Dk.zip_pairs(Yh, [&](int i, int, float& x0, float& x1, float& y0, float& y1) {
             const float f = sB[i] * exp2f(sG[i]);
             x0 -= f * y0;
@@ -1077,16 +1096,16 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
         });
         __syncthreads();  // the score tiles of both warpgroups
         wg_fence();
-        Dq.template mma<T, false, true, BT>(kmaj(smem_addr(sDMr), BT, 0), mn_b(aK, KS, kw), true);
-        Dk.template mma<T, true, true, BT>(trans(smem_addr(sDMq), BT), mn_b(aQ, KS, kw), true);
-        Dk.template mma<T, false, true, BT>(kmaj(smem_addr(sdKc), BT, 0), mn_b(aK, KS, kw), true);
-        Dk.template mma<T, true, true, BT>(trans(smem_addr(sdKr), BT), mn_b(aK, KS, kw), true);
+        Dq.template mma<T, false, true, BT>(a_kmajor(smem_addr(sDMr), BT, 0), b_mnmajor(aK, KS, kw), true);
+        Dk.template mma<T, true, true, BT>(a_mnmajor(smem_addr(sDMq), BT), b_mnmajor(aQ, KS, kw), true);
+        Dk.template mma<T, false, true, BT>(a_kmajor(smem_addr(sdKc), BT, 0), b_mnmajor(aK, KS, kw), true);
+        Dk.template mma<T, true, true, BT>(a_mnmajor(smem_addr(sdKr), BT), b_mnmajor(aK, KS, kw), true);
         wg_commit();
         wg_wait<0>();
         const bool l2 = FUSE && (flags & F_L2);
         if (l2) {  // q . dq_n and k . dk_n over this warpgroup's keys, for the L2 norm's backward
-            Dq.row_sums([&](int i, int j, float x) { return x * qv(i, j); }, [&](int i, float x) { part[4 * BT + i] = x; });
-            Dk.row_sums([&](int i, int j, float x) { return x * kv(i, j); }, [&](int i, float x) { part[5 * BT + i] = x; });
+            Dq.row_sums(times_q, [&](int i, float x) { part[4 * BT + i] = x; });
+            Dk.row_sums(times_k, [&](int i, float x) { part[5 * BT + i] = x; });
         }
         __syncthreads();
         for (int idx = threadIdx.x; idx < 6 * BT; idx += blockDim.x) sRow[idx] = sPart[idx] + sPart[6 * BT + idx];
