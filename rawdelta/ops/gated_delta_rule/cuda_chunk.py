@@ -340,10 +340,10 @@ def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any, _Chunks]:
     return o, ht, ch
 
 
-def _backward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, dht: Any) -> tuple[Any, ...]:
-    """The reverse state pass: the state gradient at each chunk's end ``dhbuf [NC, HV, K, V]`` and y = A^T
-    d(delta) ``ybuf [B*T, HV, V]`` (q's dtype), dv, dh0 (None without an initial state) and the partial row sums
-    y . v ``[partials, B*T, HV]`` float32 of the beta gradient."""
+def _backward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, dht: Any, wg: bool) -> tuple[Any, ...]:
+    """The reverse state pass (the Hopper kernel with ``wg``): the state gradient at each chunk's end
+    ``dhbuf [NC, HV, K, V]`` and y = A^T d(delta) ``ybuf [B*T, HV, V]`` (q's dtype), dv, dh0 (None without an
+    initial state) and the partial row sums y . v ``[partials, B*T, HV]`` float32 of the beta gradient."""
     import cupy
 
     n_tok = p.B * p.T
@@ -352,7 +352,7 @@ def _backward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, dht: A
     dv = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
     dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
     out = (rec._ptr(dht), rec._ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf, ybuf, dv)
-    if _wgmma_applies(p, ch, do):
+    if wg:
         bvw, pipe = _wg_config(p, ch.kp)
         nvb = math.ceil(p.V / (2 * bvw))
         part_yv = empty(cupy, (2 * nvb, n_tok, p.HV), np.float32)  # one partial per warpgroup
@@ -369,18 +369,18 @@ def _backward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, dht: A
     return dhbuf, ybuf, dv, dh0, part_yv
 
 
-def _dqk_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, hbuf: Any, dhbuf: Any, vnew: Any,
-              ybuf: Any) -> tuple[Any, ...]:
-    """Per chunk and key slice: dq, dk and the partial log-gate and beta gradients ``[slices, B*T, HV]``
-    float32. Returns (dq_hv, dk_hv, part_dG, part_db, qk): the per-value-head float32 dq, dk ``[1, B*T, HV, K]``
-    for :func:`cuda_recurrent.finish_gradients`, or None and ``qk = (dq, dk)`` ``[B, T, H, K]`` in q's dtype when
-    the Hopper kernel finished them itself (no grouped value heads, K <= 128)."""
+def _dqk_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, hbuf: Any, dhbuf: Any, vnew: Any, ybuf: Any,
+              wg: bool) -> tuple[Any, ...]:
+    """Per chunk and key slice (the Hopper kernel with ``wg``): dq, dk and the partial log-gate and beta
+    gradients ``[slices, B*T, HV]`` float32. Returns (dq_hv, dk_hv, part_dG, part_db, qk): the per-value-head
+    float32 dq, dk ``[1, B*T, HV, K]`` for :func:`cuda_recurrent.finish_gradients`, or None and
+    ``qk = (dq, dk)`` ``[B, T, H, K]`` in q's dtype when the Hopper kernel finished them itself (no grouped value
+    heads, K <= 128)."""
     import cupy
 
     n_tok = p.B * p.T
-    wg = _wgmma_applies(p, ch, do)
-    ks = 2 * _dqk_wg_ksw(p.K) if wg else KS
-    nks = math.ceil(p.K / ks)
+    ksw = _dqk_wg_ksw(p.K)
+    nks = math.ceil(p.K / (2 * ksw if wg else KS))
     part_dG = empty(cupy, (nks, n_tok, p.HV), np.float32)
     part_db = empty(cupy, (nks, n_tok, p.HV), np.float32)
     fuse = wg and p.HV == p.H and nks == 1
@@ -391,7 +391,6 @@ def _dqk_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, hbuf: Any, dhbuf:
     tail = (np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nks))
     items = ch.nc * p.HV * nks
     if wg:  # persistent: one block per SM walks the items
-        ksw = _dqk_wg_ksw(p.K)
         _launch(_dqk_wg_name(ch.ct, ksw, fuse), min(items, _sm_count()), 256, _smem_dqk_wg(ksw), (
             *common, rec._ptr(dq_hv), rec._ptr(dk_hv), *(rec._ptr(x) for x in (qk or (None, None))), part_dG, part_db,
             *tail, np.int32(items), np.int64(n_tok), np.float32(p.scale), np.int32(flags)))
@@ -424,9 +423,10 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: _
     vnew = empty(cupy, (n_tok, p.HV, p.V), dt)
     _forward_state_pass(p, ch, flags, hbuf=hbuf, vnew=vnew)
 
-    dhbuf, ybuf, dv, dh0, part_yv = _backward_state_pass(p, ch, flags, do, dht)
+    wg = _wgmma_applies(p, ch, do)  # the Hopper reverse pass and dq/dk kernel
+    dhbuf, ybuf, dv, dh0, part_yv = _backward_state_pass(p, ch, flags, do, dht, wg)
 
-    dq_hv, dk_hv, part_dG, part_db, qk = _dqk_pass(p, ch, flags, do, hbuf, dhbuf, vnew, ybuf)
+    dq_hv, dk_hv, part_dG, part_db, qk = _dqk_pass(p, ch, flags, do, hbuf, dhbuf, vnew, ybuf, wg)
 
     dg_tok = empty(cupy, (n_tok, p.HV), np.float32)
     db_tok = empty(cupy, (n_tok, p.HV), np.float32)
