@@ -153,7 +153,8 @@ def _record_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return names
 
 
-_WG_CONFIGS = [(32, False), (32, True), (16, False), (16, True)]
+# (warpgroups per block, value columns per warpgroup, prefetch) of the state passes
+_WG_CONFIGS = [(2, 32, False), (2, 32, True), (2, 16, False), (2, 16, True), (4, 32, True), (4, 16, True)]
 _WG_CASES = [("K64_V48", {"B": 2, "T": 150, "H": 2, "HV": 4, "K": 64, "V": 48}),
              ("K128_varlen", {"B": 1, "T": 0, "H": 1, "HV": 2, "K": 128, "V": 136, "seqlens": (70, 0, 1, 128, 64)}),
              ("K256", {"B": 1, "T": 130, "H": 1, "HV": 1, "K": 256, "V": 64}),
@@ -164,36 +165,39 @@ _WG_RUNS = ([(o[0], o[1:], c, "bfloat16") for o in CHUNK_OPTIONS for c in (_WG_C
             + [("g", ({}, {}, ()), c, dt) for c in _WG_CASES for dt in ("bfloat16", "float16")])
 
 
-_WG_PARAMS = [(r[1], r[2][1], r[3], cfg) for r in _WG_RUNS for cfg in _WG_CONFIGS
-              if not (r[2][1]["K"] > 128 and cfg[0] == 32)]  # K = 256 runs 16 columns per warpgroup only
-_WG_IDS = [f"{r[0]}-{r[2][0]}-{r[3]}-bvw{cfg[0]}_{'pipe' if cfg[1] else 'single'}" for r in _WG_RUNS
-           for cfg in _WG_CONFIGS if not (r[2][1]["K"] > 128 and cfg[0] == 32)]
+def _wg_config_fits(shape: dict[str, Any], config: tuple[int, int, bool]) -> bool:
+    return shape["K"] <= 128 or (config[0] == 2 and config[1] == 16)  # K = 256: 2 x 16 columns only
+
+
+_WG_PARAMS = [(r[1], r[2][1], r[3], cfg) for r in _WG_RUNS for cfg in _WG_CONFIGS if _wg_config_fits(r[2][1], cfg)]
+_WG_IDS = [f"{r[0]}-{r[2][0]}-{r[3]}-wg{cfg[0]}x{cfg[1]}_{'pipe' if cfg[2] else 'single'}" for r in _WG_RUNS
+           for cfg in _WG_CONFIGS if _wg_config_fits(r[2][1], cfg)]
 
 
 @pytest.mark.parametrize(("option", "shape", "dtype", "config"), _WG_PARAMS, ids=_WG_IDS)
 def test_hopper_forward_state_pass(option: tuple[dict[str, Any], dict[str, Any], tuple[str, ...]],
-                                   shape: dict[str, Any], dtype: str, config: tuple[int, bool],
+                                   shape: dict[str, Any], dtype: str, config: tuple[int, int, bool],
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The wgmma kernels (the forward state pass, its recompute for the backward, the reverse pass and dq/dk)
-    in each configuration of the state passes: value columns per warpgroup, single stage or prefetching; every
-    option with grouped and ungrouped value heads (dq/dk per value head, or finished in the kernel), K = 64,
-    120, 128, 256, varlen with an empty sequence, V off the 64-column blocks."""
+    in each configuration of the state passes: warpgroups per block, value columns per warpgroup, single stage
+    or prefetching; every option with grouped and ungrouped value heads (dq/dk per value head, or finished in
+    the kernel), K = 64, 120, 128, 256, varlen with an empty sequence, V off the 64-column blocks."""
     from rawdelta.ops.gated_delta_rule import cuda_chunk
 
     if not cuda_chunk.wgmma_available():
         pytest.skip("the wgmma kernels need a compute capability 9.0 GPU")
     gen, extra, drop = option
-    bvw, pipe = config
+    nwg, bvw, pipe = config
     monkeypatch.setattr(cuda_chunk, "_wg_config", lambda p, kp: config)
     launched = _record_launches(monkeypatch)
     check_backend("cuda", make_inputs({**shape, **gen}, seed=9, dtype=dtype), device=True, drop=drop, mode="chunk",
                   chunk_size=64, **extra)
     tf = {False: "false", True: "true"}
     for store in (False, True):
-        assert any(n.startswith("gdn_chunk_fwd_wg_kernel<") and n.endswith(f", {bvw}, {tf[store]}, {tf[pipe]}>")
+        assert any(n.startswith("gdn_chunk_fwd_wg_kernel<") and n.endswith(f", {nwg}, {bvw}, {tf[store]}, {tf[pipe]}>")
                    for n in launched), launched
-    assert any(n.startswith("gdn_chunk_bwd_wg_kernel<") and n.endswith(f", {bvw}, {tf[pipe]}>") for n in launched), (
-        launched)
+    assert any(n.startswith("gdn_chunk_bwd_wg_kernel<") and n.endswith(f", {nwg}, {bvw}, {tf[pipe]}>")
+               for n in launched), launched
     fuse = shape["HV"] == shape["H"] and shape["K"] <= 128
     assert any(n.startswith("gdn_chunk_bwd_dqk_wg_kernel<") and n.endswith(f", {tf[fuse]}>")
                for n in launched), launched

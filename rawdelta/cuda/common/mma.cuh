@@ -155,7 +155,7 @@ __device__ __forceinline__ void split_store_pair(Split<E> s, int idx, float a, f
 }
 
 // Eight consecutive floats (16-byte aligned) split into hi and lo parts, stored as one 16-byte access to
-// each of hi and lo (16-byte aligned).
+// each of hi and lo (16-byte aligned); the hi part only when lo is null.
 template <typename E>
 __device__ __forceinline__ void split_store8(E* hi, E* lo, const float* src) {
     using P = PairOf<E>;
@@ -169,7 +169,7 @@ __device__ __forceinline__ void split_store8(E* hi, E* lo, const float* src) {
         l[p] = P::pack(x[2 * p] - hf.x, x[2 * p + 1] - hf.y);
     }
     *reinterpret_cast<uint4*>(hi) = *reinterpret_cast<const uint4*>(h);
-    *reinterpret_cast<uint4*>(lo) = *reinterpret_cast<const uint4*>(l);
+    if (lo != nullptr) *reinterpret_cast<uint4*>(lo) = *reinterpret_cast<const uint4*>(l);
 }
 
 // Which 16 x 8 tiles of an M x N accumulator each of NW warps owns: WM warps along M, WN along N,

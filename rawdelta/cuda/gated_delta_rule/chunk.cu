@@ -9,7 +9,8 @@
 //   hbuf, dhbuf [NC, HV, K, V] (T): state at each chunk's start / its gradient at the chunk's end
 //   vnew, ybuf [BT_, HV, V] (T): delta = A r and y = A^T d(delta), per chunk
 //
-//   Ahi, Alo [BT_, HV, BT] (E): row r of the chunk's (I + L)^-1 at token r, split into hi + lo parts
+//   Ahi, Alo [BT_, HV, BT] (E): row r of the chunk's (I + L)^-1 at token r, split into hi + lo parts (Alo for
+//                    the mma.sync state passes only)
 //   Phi, Plo [BT_, HV, BT] (E): row r of the chunk's masked, decayed, scaled scores q k^T (prepare kernel),
 //                    for both state passes; Plo only for float inputs (their score tiles are split)
 //
@@ -46,7 +47,7 @@ __global__ void __launch_bounds__(1024) gdn_chunk_table_kernel(const i64* __rest
 // A = (I + L)^-1 with L_ij = beta_i (k_i . k_j) 2^(G_i - G_j), i > j, and the intra-chunk scores
 // P_ij = scale (q_i . k_j) 2^(G_i - G_j), j <= i (with the row factors), which every value block of the
 // state passes needs: computed once here instead of once per value block. Blocks of NTHREADS (the host's
-// launch size is the template argument).
+// launch size is the template argument). Alo is null for the Hopper state passes, which take the hi part only.
 
 template <typename T, typename E, int BT, int KP, int NTHREADS>
 __global__ void __launch_bounds__(NTHREADS) gdn_chunk_prepare_kernel(
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(NTHREADS) gdn_chunk_prepare_kernel(
     for (int idx = threadIdx.x; idx < L * (BT / 8); idx += blockDim.x) {
         const int r = idx / (BT / 8), j = (idx % (BT / 8)) * 8;
         const i64 e = ((bos + r) * HV + hv) * BT + j;
-        split_store8(Ahi + e, Alo + e, sA + r * LDA + j);
+        split_store8(Ahi + e, Alo != nullptr ? Alo + e : nullptr, sA + r * LDA + j);
     }
 }
 
@@ -333,10 +334,10 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
 
 // ---------------------------------------------------------------------------------------------
 // The forward state pass on Hopper warpgroups (wgmma, sm_90a), for 16-bit inputs and chunks of 64: the math
-// of gdn_chunk_fwd_kernel, per (sequence, value head, block of BV = 2 BVW value columns). Warpgroup w owns
+// of gdn_chunk_fwd_kernel, per (sequence, value head, block of BV = NWG BVW value columns). Warpgroup w owns
 // the state's columns [w BVW, (w + 1) BVW), all KP rows, in registers, and runs the chunk's chain of products
 // on them alone: inside a chunk it waits only on its own warpgroup; the chunk's q, k, v, (I + L)^-1 and score
-// tiles are loaded once for both. Tiles are blocked (common/wgmma.cuh). The state, r and delta enter the
+// tiles are loaded once for all NWG (2, or 4 so that one block covers a head's 128 value columns). Tiles are blocked (common/wgmma.cuh). The state, r and delta enter the
 // tensor cores rounded to T, like the peer's; the state itself stays float32 in registers through the pass.
 // PIPE: two stages of chunk inputs, the next chunk's loads in flight while this one computes (for grids of
 // at most one block per SM, where no other block hides the loads).
@@ -369,9 +370,9 @@ struct WgStage {
     }
 };
 
-// Shared memory of a Hopper state pass: NS stages of chunk inputs, the state tile (KP x BV, T), two value-sized
-// tiles (BT x BV, T) and the chunk's row arrays.
-template <typename T, typename St, int KP, int BV, int NS>
+// Shared memory of a Hopper state pass: NS stages of chunk inputs, the state tile (KP x BV, T), NT value-sized
+// tiles (BT x BV, T; tile1 only with NT = 2) and the chunk's row arrays.
+template <typename T, typename St, int KP, int BV, int NS, int NT>
 struct WgPassSmem {
     unsigned char* stages;
     T *state, *tile0, *tile1;
@@ -382,11 +383,11 @@ struct WgPassSmem {
         stages = cur.take<unsigned char>(NS * St::BYTES);
         state = cur.take<T>(KP * BV);
         tile0 = cur.take<T>(St::BT * BV);
-        tile1 = cur.take<T>(St::BT * BV);
+        tile1 = NT > 1 ? cur.take<T>(St::BT * BV) : nullptr;
         rows.carve(cur, St::BT);
         a_state = smem_addr(state);
         a0 = smem_addr(tile0);
-        a1 = smem_addr(tile1);
+        a1 = NT > 1 ? smem_addr(tile1) : 0u;
     }
     // The start of pass step `step` (chunk c of L tokens): with PIPE, first issues chunk `next`'s loads (none when
     // next < 0) into the other stage; waits for chunk c's stage, derives its rows and returns it.
@@ -412,18 +413,19 @@ struct WgPassSmem {
     }
 };
 
-template <typename T, int KP, int BVW, bool STORE, bool PIPE>
-__global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 : 2) gdn_chunk_fwd_wg_kernel(
+template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE>
+__global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 && KP <= 128) ? 3 : 2)
+    gdn_chunk_fwd_wg_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
     const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
     const T* __restrict__ Ahi, const T* __restrict__ Phi, const float* __restrict__ h0, const i64* __restrict__ cu,
     const int* __restrict__ seq_chunk0, T* __restrict__ o, float* __restrict__ ht, T* __restrict__ hbuf,
     T* __restrict__ vnew, int T_, int H, int HV, int K, int V, int NVB, float scale, int flags) {
-    constexpr int BT = 64, BV = 2 * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
+    constexpr int BT = 64, BV = NWG * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
     using St = WgStage<KP, BV, !STORE, false>;
     extern __shared__ __align__(128) unsigned char smem[];
     // tile0: r, then delta (each warpgroup's columns, after its product on r is done); tile1: 2^(G_last - G) delta
-    WgPassSmem<T, St, KP, BV, NS> sm(smem);
+    WgPassSmem<T, St, KP, BV, NS, 2> sm(smem);
 
     const StatePassBlock pb(NVB, BV, BT, cu, T_, H, HV, K, V, flags);
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
@@ -597,20 +599,23 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
 // The backward state pass on Hopper warpgroups (wgmma, sm_90a), for 16-bit inputs and chunks of 64: the math
 // of gdn_chunk_bwd_state_kernel, last chunk to first, laid out like gdn_chunk_fwd_wg_kernel: warpgroup w owns
 // the columns [w BVW, (w + 1) BVW) of dS, all KP rows, in float32 registers; dS, d(delta), y and the scaled do
-// enter the tensor cores rounded to T. Each warpgroup writes its own partial row sums y . v (partial 2 vb + w
-// of part_yv). PIPE: the previous chunk's inputs load while this one computes.
-template <typename T, int KP, int BVW, bool PIPE>
-__global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 : 2) gdn_chunk_bwd_wg_kernel(
+// enter the tensor cores rounded to T. Each warpgroup writes its own partial row sums y . v (partial NWG vb + w
+// of part_yv). PIPE: the previous chunk's inputs load while this one computes. NWG: 2 or 4 warpgroups per block.
+template <typename T, int KP, int NWG, int BVW, bool PIPE>
+__global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 && KP <= 128) ? 3 : 2)
+    gdn_chunk_bwd_wg_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
     const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
     const T* __restrict__ Ahi, const T* __restrict__ Phi, const T* __restrict__ dout, const float* __restrict__ dht,
     const i64* __restrict__ cu, const int* __restrict__ seq_chunk0, T* __restrict__ dhbuf, T* __restrict__ ybuf,
     T* __restrict__ dv, float* __restrict__ part_yv, float* __restrict__ dh0, int T_, int H, int HV, int K, int V,
     int NVB, i64 BT_, float scale, int flags) {
-    constexpr int BT = 64, BV = 2 * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
+    constexpr int BT = 64, BV = NWG * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
     using St = WgStage<KP, BV, true, true>;
     extern __shared__ __align__(128) unsigned char smem[];
-    WgPassSmem<T, St, KP, BV, NS> sm(smem);  // tile0: d(delta), then -beta 2^G y; tile1: scale 2^G do
+    // tile0: d(delta), then -beta 2^G y. The stage's do tile turns into scale 2^G do in place, so that two stages
+    // of 128 value columns fit.
+    WgPassSmem<T, St, KP, BV, NS, 1> sm(smem);
 
     const StatePassBlock pb(NVB, BV, BT, cu, T_, H, HV, K, V, flags);
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
@@ -630,7 +635,7 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
         const int L = min(BT, pb.len - c * BT);
         unsigned char* st = sm.template enter_chunk<PIPE>(pb.nchunks - 1 - c, c, c - 1, L, flags, issue);
         const T* sV = reinterpret_cast<const T*>(st + St::V);
-        const T* sDo = reinterpret_cast<const T*>(st + St::DO);
+        T* sDo = reinterpret_cast<T*>(st + St::DO);
         const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
                        aP = smem_addr(st + St::P), aDo = smem_addr(st + St::DO);
         sm.put_state(dS, c0);
@@ -643,13 +648,14 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
         Z.template mma<T, false, true, KP>(a_kmajor(aK, KP, 0), ncols(sm.a_state), false);
         U.template mma<T, true, true, BT>(a_mnmajor(aP, BT), ncols(aDo), false);
         wg_commit();
-        for (int idx = threadIdx.x & 127; idx < BT * BVW / 2; idx += 128) {  // meanwhile: scale 2^G do
+        wg_wait<0>();
+        wg_barrier(wg);  // every warp's part of P^T do has read this warpgroup's do columns
+        for (int idx = threadIdx.x & 127; idx < BT * BVW / 2; idx += 128) {  // do -> scale 2^G do, in place
             const int i = idx / (BVW / 2), e = blk(i, c0 + 2 * (idx % (BVW / 2)), BV);
             const float2 d = load_pair(sDo, e);
             const float f = scale * sm.rows.gq[i];
-            store_pair(sm.tile1, e, f * d.x, f * d.y);
+            store_pair(sDo, e, f * d.x, f * d.y);
         }
-        wg_wait<0>();
         Z.zip_pairs(U, [&](int i, int j, float& z0, float& z1, float& u0, float& u1) {
             const float l = sm.rows.lk[i];
             store_pair(sm.tile0, blk(i, c0 + j, BV), l * z0 + u0, l * z1 + u1);
@@ -673,14 +679,14 @@ __global__ void __launch_bounds__(256, PIPE ? 1 : (BVW == 16 && KP <= 128) ? 3 :
             store_pair(sm.tile0, blk(i, c0 + j, BV), f * x0, f * x1);
         });
         Z.row_sums([&](int i, int j, float x) { return x * to_float(sV[blk(i, c0 + j, BV)]); }, [&](int i, float x) {
-            if (i < L) part_yv[((i64)(2 * pb.vb + wg) * BT_ + bos + i) * HV + pb.hv] = x;
+            if (i < L) part_yv[((i64)(NWG * pb.vb + wg) * BT_ + bos + i) * HV + pb.hv] = x;
         });
         decay_state<ScalarGate>(dS, sm.rows.G, 1, BT - 1);
         fence_proxy_async();
         wg_barrier(wg);
         // dS = 2^G_last dS + q^T (scale 2^G do) - k^T (beta 2^G y)
         wg_fence();
-        dS.template mma<T, true, true, BT>(a_mnmajor(aQ, KP), ncols(sm.a1), true);
+        dS.template mma<T, true, true, BT>(a_mnmajor(aQ, KP), ncols(aDo), true);
         dS.template mma<T, true, true, BT>(a_mnmajor(aK, KP), ncols(sm.a0), true);
         wg_commit();
         wg_wait<0>();

@@ -7,8 +7,8 @@ reuses the recurrent mode's kernels.
 Forward: chunk table -> prepare (cumulative log2 gates, beta, the q/k rows' inverse L2 norms, (I + L)^-1
 and the masked intra-chunk scores per chunk) -> one state pass per (sequence, value head, BV columns) that
 also writes the output. On compute capability 9.0 devices, 16-bit inputs with chunks of 64 take the Hopper
-state pass (``gdn_chunk_fwd_wg_kernel``: wgmma warpgroup products, optionally prefetching the next chunk);
-everything else, and sm_80, the mma.sync one.
+state pass (``gdn_chunk_fwd_wg_kernel``: wgmma warpgroup products, two or four warpgroups per block, optionally
+prefetching the next chunk); everything else, and sm_80, the mma.sync one.
 Backward: the same prepare (or the forward's factors), the state pass again storing per-chunk states and
 deltas, the reverse state pass (dh per chunk, dv, dh0), the per-chunk dq/dk/gate kernel over key slices,
 then the finishing kernels. Where the Hopper forward applies, so do the Hopper reverse pass
@@ -59,30 +59,37 @@ def _fwd_name(ct: str, bt: int, kp: int, store: bool) -> str:
 WG_TYPES = ("__half", "__nv_bfloat16")
 WG_BT = 64
 USE_WGMMA = True  # tests switch it off to run the mma.sync kernels on a Hopper GPU too
+WG4_MIN_FILL = 0.75  # the fraction of SMs four-warpgroup blocks must fill (_wg_config)
 
 
 def _wg_bvw_options(kp: int) -> tuple[int, ...]:
     return (16,) if kp == 256 else (16, 32)
 
 
-def _wg_config(p: GDNProblem, kp: int) -> tuple[int, bool]:
-    """Value columns per warpgroup and whether to prefetch, for the Hopper forward state pass.
+def _wg_config(p: GDNProblem, kp: int) -> tuple[int, int, bool]:
+    """Warpgroups per block, value columns per warpgroup and whether to prefetch, for the Hopper state passes.
 
-    32 columns load the q, k, (I + L)^-1 and score tiles once per 64 columns instead of 32; 16 doubles the
-    blocks, which pays only when 32 would leave more than half the SMs idle (and keeps K = 256 within the
-    registers). Prefetching the next chunk needs a second stage of inputs, one block per SM: it pays when the
-    grid has at most one block per SM anyway (H100, bf16, docs/benchmarks.md)."""
+    Four warpgroups cover 128 value columns (64 when V <= 64) with one block, so a chunk's q, k and (I + L)^-1
+    tiles are read once per head, and shared memory holds two stages: the next chunk loads while this one
+    computes. That takes one block per SM; it pays when those blocks fill most SMs (``WG4_MIN_FILL``). Otherwise,
+    and at K = 256 (two stages do not fit), two warpgroups: 32 columns each load the tiles once per 64 columns
+    instead of 32; 16 doubles the blocks, which pays only when 32 would leave more than half the SMs idle (and
+    keeps K = 256 within the registers). Two warpgroups prefetch when the grid has at most one block per SM
+    anyway (H100, bf16, docs/benchmarks.md)."""
     sms = _sm_count()
+    bvw = 32 if p.V > 64 else 16
+    if kp <= 128 and p.N * p.HV * math.ceil(p.V / (4 * bvw)) >= WG4_MIN_FILL * sms:
+        return 4, bvw, True
     bvw = 32 if 32 in _wg_bvw_options(kp) and p.N * p.HV * math.ceil(p.V / 64) >= sms / 2 else 16
-    return bvw, p.N * p.HV * math.ceil(p.V / (2 * bvw)) <= sms
+    return 2, bvw, p.N * p.HV * math.ceil(p.V / (2 * bvw)) <= sms
 
 
-def _fwd_wg_name(ct: str, kp: int, bvw: int, store: bool, pipe: bool) -> str:
-    return f"gdn_chunk_fwd_wg_kernel<{ct}, {kp}, {bvw}, {_cpp_bool(store)}, {_cpp_bool(pipe)}>"
+def _fwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, store: bool, pipe: bool) -> str:
+    return f"gdn_chunk_fwd_wg_kernel<{ct}, {kp}, {nwg}, {bvw}, {_cpp_bool(store)}, {_cpp_bool(pipe)}>"
 
 
-def _bwd_wg_name(ct: str, kp: int, bvw: int, pipe: bool) -> str:
-    return f"gdn_chunk_bwd_wg_kernel<{ct}, {kp}, {bvw}, {_cpp_bool(pipe)}>"
+def _bwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, pipe: bool) -> str:
+    return f"gdn_chunk_bwd_wg_kernel<{ct}, {kp}, {nwg}, {bvw}, {_cpp_bool(pipe)}>"
 
 
 def _dqk_wg_name(ct: str, ksw: int, fuse: bool) -> str:
@@ -110,9 +117,13 @@ register(
     + [_fwd_name(ct, bt, kp, s) for ct in rec.CTYPES.values() for bt in CHUNK_SIZES for kp in KP_SIZES
        for s in (False, True)]
     + [_dqk_name(ct, bt) for ct in rec.CTYPES.values() for bt in CHUNK_SIZES]
-    + [_fwd_wg_name(ct, kp, bvw, s, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
+    + [_fwd_wg_name(ct, kp, 2, bvw, s, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
        for s in (False, True) for pp in (False, True)]
-    + [_bwd_wg_name(ct, kp, bvw, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
+    + [_fwd_wg_name(ct, kp, 4, bvw, s, True) for ct in WG_TYPES for kp in (64, 128) for bvw in (16, 32)
+       for s in (False, True)]
+    + [_bwd_wg_name(ct, kp, 2, bvw, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
+       for pp in (False, True)]
+    + [_bwd_wg_name(ct, kp, 4, bvw, pp) for ct in WG_TYPES for kp in (64, 128) for bvw in (16, 32)
        for pp in (False, True)]
     + [_dqk_wg_name(ct, ksw, f) for ct in WG_TYPES for ksw in (32, 64) for f in (False, True)],
 )
@@ -161,10 +172,11 @@ def _wg_stage(kp: int, bv: int, q_p: bool, do: bool) -> int:
     return 2 * ((2 if q_p else 1) * bt * kp + (2 if do else 1) * bt * bv + (2 if q_p else 1) * bt * bt) + 4 * bt * 4
 
 
-def _smem_wg(kp: int, bvw: int, pipe: bool, q_p: bool, do: bool) -> int:
-    """Shared-memory bytes of a Hopper state pass: its stages, the state tile and two value-sized tiles, the rows."""
-    bv = 2 * bvw
-    return (2 if pipe else 1) * _wg_stage(kp, bv, q_p, do) + 2 * (kp * bv + 2 * WG_BT * bv) + _ROWS * _f32(WG_BT)
+def _smem_wg(kp: int, bv: int, pipe: bool, q_p: bool, do: bool) -> int:
+    """Shared-memory bytes of a Hopper state pass of ``bv`` value columns per block: its stages, the state tile,
+    value-sized tiles (two forward; one in the reverse pass, ``do``, which scales do in its stage), the rows."""
+    tiles = 1 if do else 2
+    return (2 if pipe else 1) * _wg_stage(kp, bv, q_p, do) + 2 * (kp * bv + tiles * WG_BT * bv) + _ROWS * _f32(WG_BT)
 
 
 def _acc_wn(m: int, n: int, nw: int) -> int:
@@ -214,6 +226,7 @@ class _Chunks:
     kp: int
     ct: str
     nc: int
+    wg: bool  # for the Hopper state passes (which take the inverse's hi part only: no Alo)
     seq_chunk0: Any  # int32 [N + 1]
     chunk_bos: Any  # int64 [NC]
     chunk_len: Any  # int32 [NC]
@@ -222,7 +235,7 @@ class _Chunks:
     Rq: Any  # float32 [B*T, HV] inverse L2 norms of q's rows (None without the in-kernel L2 norm)
     Rk: Any  # float32 [B*T, HV] same for k
     Ahi: Any  # [B*T, HV, BT] (mma type) (I + L)^-1 per chunk, hi part
-    Alo: Any  # lo part
+    Alo: Any  # lo part (None with wg)
     Phi: Any  # [B*T, HV, BT] (mma type) masked, decayed, scaled intra-chunk scores q k^T
     Plo: Any  # their lo part, float32 inputs only (else None)
 
@@ -252,6 +265,7 @@ def _prepare(p: GDNProblem, bt: int) -> _Chunks:
     import cupy
 
     ct = rec.CTYPES[p.q.dtype]
+    wg = _wgmma_applies(p, bt)
     kp = _kp(p.K)
     nc = _num_chunks(p, bt)
     flags = rec._flags(p)
@@ -266,7 +280,7 @@ def _prepare(p: GDNProblem, bt: int) -> _Chunks:
     Rk = empty(cupy, (n_tok, p.HV), np.float32) if l2 else None
     mma_dt = np.float16 if ct == "__half" else BFLOAT16
     Ahi = empty(cupy, (n_tok, p.HV, bt), mma_dt)
-    Alo = empty(cupy, (n_tok, p.HV, bt), mma_dt)
+    Alo = None if wg else empty(cupy, (n_tok, p.HV, bt), mma_dt)
     Phi = empty(cupy, (n_tok, p.HV, bt), mma_dt)
     Plo = empty(cupy, (n_tok, p.HV, bt), mma_dt) if ct == "float" else None
     _launch("gdn_chunk_table_kernel", 1, 1024, 0, (
@@ -274,9 +288,9 @@ def _prepare(p: GDNProblem, bt: int) -> _Chunks:
         np.int32(flags)))
     _launch(_prepare_name(ct, bt, kp), nc * p.HV, PREP_THREADS, _smem_prepare(ct, bt, kp), (
         p.q, p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), chunk_bos, chunk_len,
-        Gc, Bc, rec._ptr(Rq), rec._ptr(Rk), Ahi, Alo, Phi, rec._ptr(Plo), np.int32(p.H), np.int32(p.HV), np.int32(p.K),
-        np.float32(p.scale), np.int32(flags)))
-    return _Chunks(bt, kp, ct, nc, seq_chunk0, chunk_bos, chunk_len, Gc, Bc, Rq, Rk, Ahi, Alo, Phi, Plo)
+        Gc, Bc, rec._ptr(Rq), rec._ptr(Rk), Ahi, rec._ptr(Alo), Phi, rec._ptr(Plo), np.int32(p.H),
+        np.int32(p.HV), np.int32(p.K), np.float32(p.scale), np.int32(flags)))
+    return _Chunks(bt, kp, ct, nc, wg, seq_chunk0, chunk_bos, chunk_len, Gc, Bc, Rq, Rk, Ahi, Alo, Phi, Plo)
 
 
 def _state_pass_args(p: GDNProblem, ch: _Chunks) -> tuple[int, int]:
@@ -297,11 +311,11 @@ def _sm_count() -> int:
     return _sm_count_on(cupy.cuda.runtime.getDevice())
 
 
-def _wgmma_applies(p: GDNProblem, ch: _Chunks, *more: Any) -> bool:
+def _wgmma_applies(p: GDNProblem, bt: int) -> bool:
     """The Hopper state passes take 16-bit inputs, chunks of 64, K and V multiples of 8 (16-byte rows) and
-    16-byte aligned q, k, v (and ``more`` arrays, the backward's do), on a compute capability 9.0 device."""
-    return (USE_WGMMA and ch.ct in WG_TYPES and ch.bt == WG_BT and p.K % 8 == 0 and p.V % 8 == 0
-            and all(x.data.ptr % 16 == 0 for x in (p.q, p.k, p.v, *more)) and wgmma_available())
+    16-byte aligned q, k, v (the backward copies a misaligned do), on a compute capability 9.0 device."""
+    return (USE_WGMMA and rec.CTYPES[p.q.dtype] in WG_TYPES and bt == WG_BT and p.K % 8 == 0 and p.V % 8 == 0
+            and all(x.data.ptr % 16 == 0 for x in (p.q, p.k, p.v)) and wgmma_available())
 
 
 def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None,
@@ -312,12 +326,12 @@ def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, h
     tail = (rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0, rec._ptr(o), rec._ptr(ht),
             rec._ptr(hbuf), rec._ptr(vnew), np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K),
             np.int32(p.V))
-    if _wgmma_applies(p, ch):
-        bvw, pipe = _wg_config(p, ch.kp)
-        nvb = math.ceil(p.V / (2 * bvw))
-        grid = p.N * p.HV * nvb
-        _launch(_fwd_wg_name(ch.ct, ch.kp, bvw, store, pipe), grid, 256, _smem_wg(ch.kp, bvw, pipe, not store, False), (
-            p.q, p.k, p.v, *ch.rows, ch.Ahi, ch.Phi, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags)))
+    if ch.wg:
+        nwg, bvw, pipe = _wg_config(p, ch.kp)
+        nvb = math.ceil(p.V / (nwg * bvw))
+        _launch(_fwd_wg_name(ch.ct, ch.kp, nwg, bvw, store, pipe), p.N * p.HV * nvb, 128 * nwg,
+                _smem_wg(ch.kp, nwg * bvw, pipe, not store, False),
+                (p.q, p.k, p.v, *ch.rows, ch.Ahi, ch.Phi, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags)))
         return
     nvb, grid = _state_pass_args(p, ch)
     _launch(_fwd_name(ch.ct, ch.bt, ch.kp, store), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, store), (
@@ -340,8 +354,8 @@ def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any, _Chunks]:
     return o, ht, ch
 
 
-def _backward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, dht: Any, wg: bool) -> tuple[Any, ...]:
-    """The reverse state pass (the Hopper kernel with ``wg``): the state gradient at each chunk's end
+def _backward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, dht: Any) -> tuple[Any, ...]:
+    """The reverse state pass (the Hopper kernel with ``ch.wg``): the state gradient at each chunk's end
     ``dhbuf [NC, HV, K, V]`` and y = A^T d(delta) ``ybuf [B*T, HV, V]`` (q's dtype), dv, dh0 (None without an
     initial state) and the partial row sums y . v ``[partials, B*T, HV]`` float32 of the beta gradient."""
     import cupy
@@ -352,32 +366,34 @@ def _backward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, dht: A
     dv = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
     dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
     out = (rec._ptr(dht), rec._ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf, ybuf, dv)
-    if wg:
-        bvw, pipe = _wg_config(p, ch.kp)
-        nvb = math.ceil(p.V / (2 * bvw))
-        part_yv = empty(cupy, (2 * nvb, n_tok, p.HV), np.float32)  # one partial per warpgroup
-        name, grid, smem, mats = _bwd_wg_name(ch.ct, ch.kp, bvw, pipe), p.N * p.HV * nvb, _smem_wg(
-            ch.kp, bvw, pipe, True, True), (ch.Ahi, ch.Phi)
+    block = 256
+    if ch.wg:
+        nwg, bvw, pipe = _wg_config(p, ch.kp)
+        nvb, block = math.ceil(p.V / (nwg * bvw)), 128 * nwg
+        part_yv = empty(cupy, (nwg * nvb, n_tok, p.HV), np.float32)  # one partial per warpgroup
+        name, grid, smem, mats = _bwd_wg_name(ch.ct, ch.kp, nwg, bvw, pipe), p.N * p.HV * nvb, _smem_wg(
+            ch.kp, nwg * bvw, pipe, True, True), (ch.Ahi, ch.Phi)
     else:
         nvb, grid = _state_pass_args(p, ch)
         part_yv = empty(cupy, (nvb, n_tok, p.HV), np.float32)
         name, smem, mats = _bwd_state_name(ch.ct, ch.bt, ch.kp), _smem_bwd_state(ch.ct, ch.bt, ch.kp), ch.matrices
-    _launch(name, grid, 256, smem, (
+    _launch(name, grid, block, smem, (
         p.q, p.k, p.v, *ch.rows, *mats, do, *out, part_yv, rec._ptr(dh0), np.int32(p.T), np.int32(p.H),
         np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nvb), np.int64(n_tok), np.float32(p.scale),
         np.int32(flags)))
     return dhbuf, ybuf, dv, dh0, part_yv
 
 
-def _dqk_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, hbuf: Any, dhbuf: Any, vnew: Any, ybuf: Any,
-              wg: bool) -> tuple[Any, ...]:
-    """Per chunk and key slice (the Hopper kernel with ``wg``): dq, dk and the partial log-gate and beta
+def _dqk_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, hbuf: Any, dhbuf: Any, vnew: Any,
+              ybuf: Any) -> tuple[Any, ...]:
+    """Per chunk and key slice (the Hopper kernel with ``ch.wg``): dq, dk and the partial log-gate and beta
     gradients ``[slices, B*T, HV]`` float32. Returns (dq_hv, dk_hv, part_dG, part_db, qk): the per-value-head
     float32 dq, dk ``[1, B*T, HV, K]`` for :func:`cuda_recurrent.finish_gradients`, or None and
     ``qk = (dq, dk)`` ``[B, T, H, K]`` in q's dtype when the Hopper kernel finished them itself (no grouped value
     heads, K <= 128)."""
     import cupy
 
+    wg = ch.wg
     n_tok = p.B * p.T
     ksw = _dqk_wg_ksw(p.K)
     nks = math.ceil(p.K / (2 * ksw if wg else KS))
@@ -415,6 +431,8 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: _
         ch = factors
     dt = p.q.dtype
     do = do if do.dtype == dt else do.astype(dt)
+    if ch.wg and do.data.ptr % 16:  # the Hopper kernels load 16-byte rows
+        do = do.copy()
     if dht is not None and dht.dtype != np.float32:
         dht = dht.astype(np.float32)
     flags = rec._flags(p) | (rec.F_DHT if dht is not None else 0)
@@ -423,10 +441,8 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: _
     vnew = empty(cupy, (n_tok, p.HV, p.V), dt)
     _forward_state_pass(p, ch, flags, hbuf=hbuf, vnew=vnew)
 
-    wg = _wgmma_applies(p, ch, do)  # the Hopper reverse pass and dq/dk kernel
-    dhbuf, ybuf, dv, dh0, part_yv = _backward_state_pass(p, ch, flags, do, dht, wg)
-
-    dq_hv, dk_hv, part_dG, part_db, qk = _dqk_pass(p, ch, flags, do, hbuf, dhbuf, vnew, ybuf, wg)
+    dhbuf, ybuf, dv, dh0, part_yv = _backward_state_pass(p, ch, flags, do, dht)
+    dq_hv, dk_hv, part_dG, part_db, qk = _dqk_pass(p, ch, flags, do, hbuf, dhbuf, vnew, ybuf)
 
     dg_tok = empty(cupy, (n_tok, p.HV), np.float32)
     db_tok = empty(cupy, (n_tok, p.HV), np.float32)
