@@ -220,4 +220,19 @@ __device__ __forceinline__ void load_blocked(E* s, int cols_pad, const E* __rest
     }
 }
 
+// The mirror of load_blocked for NC columns from c0 of a blocked tile s (rows_pad x cols_pad, E): rows < rows and
+// columns < cols to g[r * gstride + c], in 16-byte pieces of 8 columns, by NT threads (t: this thread's index
+// among them). Each warp writes 64 bytes of 8 rows per instruction (stores from accumulator fragments write 16)
+// and reads shared memory without bank conflicts. g and gstride 16-byte aligned.
+template <int NC, int NT, typename E>
+__device__ __forceinline__ void store_blocked(E* __restrict__ g, i64 gstride, const E* s, int cols_pad, int rows_pad,
+                                              int rows, int c0, int cols, int t) {
+    constexpr int CG = NC / 8;
+    for (int idx = t; idx < rows_pad * CG; idx += NT) {
+        const int r = ((idx / (8 * CG)) << 3) + (idx & 7), c = c0 + (((idx >> 3) % CG) << 3);
+        if (r < rows && c < cols)
+            *reinterpret_cast<uint4*>(g + r * gstride + c) = *reinterpret_cast<const uint4*>(s + blk(r, c, cols_pad));
+    }
+}
+
 }  // namespace rawdelta

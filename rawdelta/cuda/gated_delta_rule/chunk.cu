@@ -411,6 +411,19 @@ struct WgPassSmem {
     __device__ __forceinline__ void put_state(AccT& S, int c0) {
         S.apply_pairs([&](int r, int j, float& x0, float& x1) { store_pair(state, blk(r, c0 + j, BV), x0, x1); });
     }
+    // The whole state tile (once every warpgroup has put its columns) to a [K, V] state at value columns
+    // [v0, v0 + vcols) (V and v0 multiples of 8), by the block's NT threads.
+    template <int NT>
+    __device__ __forceinline__ void copy_state_out(T* dst, int K, int V, int v0, int vcols) const {
+        store_blocked<BV, NT>(dst + v0, V, state, BV, KP, K, 0, vcols, threadIdx.x);
+    }
+    // Rows [0, L) of a warpgroup's columns [c0, c0 + BVW) of a BT x BV tile to a chunk's rows of a [.., HV, V]
+    // array (dst: its first row at the block's first value column), by the warpgroup's threads.
+    template <int BVW>
+    static __device__ __forceinline__ void copy_cols_out(T* dst, int HV, int V, const T* tile, int L, int c0,
+                                                         int vcols) {
+        store_blocked<BVW, 128>(dst, (i64)HV * V, tile, BV, St::BT, L, c0, vcols, threadIdx.x & 127);
+    }
 };
 
 template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE>
@@ -445,12 +458,11 @@ __global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 
         const i64 bos = pb.bos + (i64)c * BT;
         const int L = min(BT, pb.len - c * BT);
         unsigned char* st = sm.template enter_chunk<PIPE>(c, c, c + 1 < pb.nchunks ? c + 1 : -1, L, flags, issue);
-        const T* sV = reinterpret_cast<const T*>(st + St::V);
+        T* sV = reinterpret_cast<T*>(st + St::V);
+        T* const rows_out = (STORE ? vnew : o) + (bos * HV + pb.hv) * V + pb.v0;  // the chunk's output rows
         const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
                        aP = smem_addr(st + St::P);
         sm.put_state(S, c0);
-        if (STORE)
-            store_state(S, hbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V, pb.v0 + c0, pb.vcols - c0);
         fence_proxy_async();
         __syncthreads();
         // X = k S (and Y = q S): this warpgroup's columns
@@ -459,6 +471,7 @@ __global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 
         X.template mma<T, false, true, KP>(a_kmajor(aK, KP, 0), ncols(sm.a_state), false);
         if (!STORE) Y.template mma<T, false, true, KP>(a_kmajor(aQ, KP, 0), ncols(sm.a_state), false);
         wg_commit();
+        if (STORE) sm.template copy_state_out<128 * NWG>(hbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V, pb.v0, pb.vcols);
         wg_wait<0>();
         X.apply_pairs([&](int i, int j, float& x0, float& x1) {
             const int e = blk(i, c0 + j, BV);
@@ -474,14 +487,12 @@ __global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 
         D.template mma<T, false, true, BT>(a_kmajor(aA, BT, 0), ncols(sm.a0), false);
         wg_commit();
         wg_wait<0>();
-        if (!STORE) wg_barrier(wg);  // every warp's part of the product has read r before delta overwrites it
+        wg_barrier(wg);  // every warp's part of the product has read r before delta overwrites it
         D.apply_pairs([&](int i, int j, float& x0, float& x1) {
             const int e = blk(i, c0 + j, BV);
-            if (!STORE) store_pair(sm.tile0, e, x0, x1);
+            store_pair(sm.tile0, e, x0, x1);
             const float l = sm.rows.lk[i];
             store_pair(sm.tile1, e, x0 * l, x1 * l);
-            if (STORE && i < L)
-                put_row_pair(vnew, ((bos + i) * HV + pb.hv) * V + pb.v0 + c0 + j, c0 + j, pb.vcols, pb.paired, x0, x1);
         });
         if (!STORE) scale_inter_output(Y, sm.rows.gq, scale);
         decay_state<ScalarGate>(S, sm.rows.G, 1, BT - 1);
@@ -492,11 +503,13 @@ __global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 
         if (!STORE) Y.template mma<T, false, true, BT>(a_kmajor(aP, BT, 0), ncols(sm.a0), true);
         S.template mma<T, true, true, BT>(a_mnmajor(aK, KP), ncols(sm.a1), true);
         wg_commit();
+        if (STORE) sm.template copy_cols_out<BVW>(rows_out, HV, V, sm.tile0, L, c0, pb.vcols);  // delta
         wg_wait<0>();
-        if (!STORE) Y.apply_pairs([&](int i, int j, float& x0, float& x1) {
-            if (i < L)
-                put_row_pair(o, ((bos + i) * HV + pb.hv) * V + pb.v0 + c0 + j, c0 + j, pb.vcols, pb.paired, x0, x1);
-        });
+        if (!STORE) {  // o through this warpgroup's columns of the v tile (its last reader was this thread)
+            Y.apply_pairs([&](int i, int j, float& x0, float& x1) { store_pair(sV, blk(i, c0 + j, BV), x0, x1); });
+            wg_barrier(wg);
+            sm.template copy_cols_out<BVW>(rows_out, HV, V, sV, L, c0, pb.vcols);
+        }
         __syncthreads();
     }
     if (!STORE && (flags & F_HT)) store_state(S, ht + pb.state_off, K, V, pb.v0 + c0, pb.vcols - c0);
@@ -634,12 +647,12 @@ __global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 
         const i64 bos = pb.bos + (i64)c * BT;
         const int L = min(BT, pb.len - c * BT);
         unsigned char* st = sm.template enter_chunk<PIPE>(pb.nchunks - 1 - c, c, c - 1, L, flags, issue);
-        const T* sV = reinterpret_cast<const T*>(st + St::V);
+        T* sV = reinterpret_cast<T*>(st + St::V);
         T* sDo = reinterpret_cast<T*>(st + St::DO);
+        const i64 rows_off = (bos * HV + pb.hv) * V + pb.v0;  // the chunk's rows of dv and ybuf
         const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
                        aP = smem_addr(st + St::P), aDo = smem_addr(st + St::DO);
         sm.put_state(dS, c0);
-        store_state(dS, dhbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V, pb.v0 + c0, pb.vcols - c0);
         fence_proxy_async();
         __syncthreads();
         // d(delta) = 2^(G_last - G) (k dS) + P^T do
@@ -648,6 +661,8 @@ __global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 
         Z.template mma<T, false, true, KP>(a_kmajor(aK, KP, 0), ncols(sm.a_state), false);
         U.template mma<T, true, true, BT>(a_mnmajor(aP, BT), ncols(aDo), false);
         wg_commit();
+        sm.template copy_state_out<128 * NWG>(dhbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V,
+                                              pb.v0, pb.vcols);
         wg_wait<0>();
         wg_barrier(wg);  // every warp's part of P^T do has read this warpgroup's do columns
         for (int idx = threadIdx.x & 127; idx < BT * BVW / 2; idx += 128) {  // do -> scale 2^G do, in place
@@ -669,17 +684,16 @@ __global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 
         wg_wait<0>();
         wg_barrier(wg);  // every warp's part of the product has read d(delta) before y's factor overwrites it
         Z.apply_pairs([&](int i, int j, float& x0, float& x1) {
-            const float b = sm.rows.B[i];
-            if (i < L) {
-                const i64 g = ((bos + i) * HV + pb.hv) * V + pb.v0 + c0 + j;
-                put_row_pair(dv, g, c0 + j, pb.vcols, pb.paired, b * x0, b * x1);
-                put_row_pair(ybuf, g, c0 + j, pb.vcols, pb.paired, x0, x1);
-            }
-            const float f = -b * sm.rows.gk[i];
+            const float f = -sm.rows.B[i] * sm.rows.gk[i];
             store_pair(sm.tile0, blk(i, c0 + j, BV), f * x0, f * x1);
         });
         Z.row_sums([&](int i, int j, float x) { return x * to_float(sV[blk(i, c0 + j, BV)]); }, [&](int i, float x) {
             if (i < L) part_yv[((i64)(NWG * pb.vb + wg) * BT_ + bos + i) * HV + pb.hv] = x;
+        });
+        // dv = beta y through this warpgroup's columns of the v tile (their last reader was this thread)
+        Z.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            const float b = sm.rows.B[i];
+            store_pair(sV, blk(i, c0 + j, BV), b * x0, b * x1);
         });
         decay_state<ScalarGate>(dS, sm.rows.G, 1, BT - 1);
         fence_proxy_async();
@@ -689,7 +703,12 @@ __global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 
         dS.template mma<T, true, true, BT>(a_mnmajor(aQ, KP), ncols(aDo), true);
         dS.template mma<T, true, true, BT>(a_mnmajor(aK, KP), ncols(sm.a0), true);
         wg_commit();
+        sm.template copy_cols_out<BVW>(dv + rows_off, HV, V, sV, L, c0, pb.vcols);
         wg_wait<0>();
+        wg_barrier(wg);  // every warp's part of the product has read the scaled do before y overwrites it
+        Z.apply_pairs([&](int i, int j, float& x0, float& x1) { store_pair(sDo, blk(i, c0 + j, BV), x0, x1); });
+        wg_barrier(wg);
+        sm.template copy_cols_out<BVW>(ybuf + rows_off, HV, V, sDo, L, c0, pb.vcols);
         __syncthreads();
     }
     if (flags & F_H0) store_state(dS, dh0 + pb.state_off, K, V, pb.v0 + c0, pb.vcols - c0);
