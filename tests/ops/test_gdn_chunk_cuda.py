@@ -90,6 +90,26 @@ def test_backward_reuses_the_forward_factors(dtype: str) -> None:
             np.testing.assert_array_equal(to_host(a).view(np.uint8), to_host(b).view(np.uint8), err_msg=name)
 
 
+def test_backward_takes_a_misaligned_do() -> None:
+    """A do view 2 bytes off 16-byte alignment gives the gradients of an aligned do, bit for bit (the Hopper
+    kernels, chosen by the forward's factors, load 16-byte rows: the backward copies such a do)."""
+    import cupy
+
+    kw, do, dht = split_op_args(gated_delta_rule_inputs(2, 100, 2, 64, 64, dtype="bfloat16", seed=11,
+                                                        use_qk_l2norm_in_kernel=True))
+    kw, do, dht = to_device(kw), cupy.asarray(do), cupy.asarray(dht)
+    (_, _), res = chunk_gated_delta_rule_fwd(**kw, output_final_state=True, chunk_size=64, backend="cuda")
+    shifted = cupy.zeros(do.size + 1, do.dtype)[1:].reshape(do.shape)
+    shifted[...] = do
+    assert shifted.data.ptr % 16 != 0
+    aligned = chunk_gated_delta_rule_bwd(res, do, dht)
+    misaligned = chunk_gated_delta_rule_bwd(res, shifted, dht)
+    for name, a, b in zip(aligned._fields, aligned, misaligned):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            np.testing.assert_array_equal(to_host(a).view(np.uint8), to_host(b).view(np.uint8), err_msg=name)
+
+
 def test_backward_rejects_factors_of_another_chunk_size() -> None:
     import cupy
 
