@@ -96,7 +96,7 @@ template <typename E, int N, bool TA, bool TB> struct Wgmma;
                  "." TY " {" ACC "}, %" DA ", %" DB ", p, 1, 1, %" XA ", %" XB ";\n}\n"                             \
                  : __VA_ARGS__                                                                                \
                  : "l"(da), "l"(db), "r"(scale_d), "n"(TA ? 1 : 0), "n"(TB ? 1 : 0))
-#define RAWDELTA_WGMMA_RUN(SHAPE, ACC, DA, DB, SD, XA, XB, ...)                                                    \
+#define RAWDELTA_WGMMA_RUN(SHAPE, ACC, DA, DB, SD, XA, XB, ...)                                                \
     if constexpr (SameType<E, __nv_bfloat16>::value)                                                           \
         RAWDELTA_WGMMA_ASM(SHAPE, "bf16", ACC, DA, DB, SD, XA, XB, __VA_ARGS__);                               \
     else                                                                                                        \
@@ -115,8 +115,8 @@ template <typename E, bool TA, bool TB> struct Wgmma<E, 16, TA, TB> {
 template <typename E, bool TA, bool TB> struct Wgmma<E, 32, TA, TB> {
     static __device__ __forceinline__ void run(float (&d)[16], u64 da, u64 db, int scale_d) {
 #ifdef RAWDELTA_WGMMA
-        RAWDELTA_WGMMA_RUN("m64n32k16", "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15", "16", "17", "18", "19",
-                       "20", RAWDELTA_D8(d), RAWDELTA_D8((d + 8)));
+        RAWDELTA_WGMMA_RUN("m64n32k16", "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15", "16", "17", "18",
+                           "19", "20", RAWDELTA_D8(d), RAWDELTA_D8((d + 8)));
 #else
         __trap();
 #endif
@@ -127,10 +127,10 @@ template <typename E, bool TA, bool TB> struct Wgmma<E, 64, TA, TB> {
     static __device__ __forceinline__ void run(float (&d)[32], u64 da, u64 db, int scale_d) {
 #ifdef RAWDELTA_WGMMA
         RAWDELTA_WGMMA_RUN("m64n64k16",
-                       "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,"
-                       "%25,%26,%27,%28,%29,%30,%31",
-                       "32", "33", "34", "35", "36", RAWDELTA_D8(d), RAWDELTA_D8((d + 8)), RAWDELTA_D8((d + 16)),
-                       RAWDELTA_D8((d + 24)));
+                           "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,"
+                           "%25,%26,%27,%28,%29,%30,%31",
+                           "32", "33", "34", "35", "36", RAWDELTA_D8(d), RAWDELTA_D8((d + 8)), RAWDELTA_D8((d + 16)),
+                           RAWDELTA_D8((d + 24)));
 #else
         __trap();
 #endif
@@ -206,6 +206,12 @@ struct WgAcc {
     }
 };
 
+// Row and column of piece idx (8 columns, 16 bytes) of a blocked tile with cg pieces per row, in the order that
+// makes shared-memory addresses linear in idx: down the 8 rows of a core matrix, then across, then down.
+__device__ __forceinline__ int2 blocked_piece(int idx, int cg) {
+    return make_int2(((idx / (8 * cg)) << 3) + (idx & 7), ((idx >> 3) % cg) << 3);
+}
+
 // 16-byte chunks of global rows into a blocked tile: s (rows_pad x cols_pad, E) from g[r * gstride + c],
 // rows < rows and columns < cols (a multiple of 8), zeros elsewhere. g and gstride 16-byte aligned. The chunk
 // order makes shared-memory addresses linear in the thread index. The caller waits (cp_async_wait_all).
@@ -214,7 +220,8 @@ __device__ __forceinline__ void load_blocked(E* s, int cols_pad, const E* __rest
                                              int cols, int rows_pad) {
     const int cc = cols_pad >> 3, n = rows_pad * cc;
     for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
-        const int r = ((idx / (8 * cc)) << 3) + (idx & 7), c = ((idx >> 3) % cc) << 3;
+        const int2 rc = blocked_piece(idx, cc);
+        const int r = rc.x, c = rc.y;
         const bool in = r < rows && c < cols;
         cp_async16(s + idx * 8, in ? g + r * gstride + c : g, in ? 16 : 0);
     }
@@ -229,7 +236,8 @@ __device__ __forceinline__ void store_blocked(E* __restrict__ g, i64 gstride, co
                                               int rows, int c0, int cols, int t) {
     constexpr int CG = NC / 8;
     for (int idx = t; idx < rows_pad * CG; idx += NT) {
-        const int r = ((idx / (8 * CG)) << 3) + (idx & 7), c = c0 + (((idx >> 3) % CG) << 3);
+        const int2 rc = blocked_piece(idx, CG);
+        const int r = rc.x, c = c0 + rc.y;
         if (r < rows && c < cols)
             *reinterpret_cast<uint4*>(g + r * gstride + c) = *reinterpret_cast<const uint4*>(s + blk(r, c, cols_pad));
     }

@@ -243,7 +243,17 @@ struct StatePassBlock {
         nchunks = (len + BT - 1) / BT;
         state_off = ((i64)n * HV + hv) * K * V;
     }
+    // Offset of chunk c's [K, V] state in a per-chunk [NC, HV, K, V] array (hbuf, dhbuf).
+    __device__ __forceinline__ i64 chunk_state_off(const int* seq_chunk0, int c, int HV, int K, int V) const {
+        return ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V;
+    }
 };
+
+// Blocks per SM the Hopper state passes' launch bounds promise: one with four warpgroups or two stages of inputs,
+// else as many as their shared memory allows (three at 16 columns per warpgroup and K <= 128, else two).
+__host__ __device__ constexpr int wg_pass_blocks_per_sm(int nwg, int bvw, int kp, bool pipe) {
+    return (pipe || nwg > 2) ? 1 : (bvw == 16 && kp <= 128) ? 3 : 2;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Forward state pass over one sequence's chunks, per (sequence, value head, block of BV columns).
@@ -290,7 +300,7 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
         if (!STORE) load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, pb.hv);
         rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
         S.store(sS, LDV);
-        if (STORE) store_state(S, hbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V, pb.v0, pb.vcols);
+        if (STORE) store_state(S, hbuf + pb.chunk_state_off(seq_chunk0, c, HV, K, V), K, V, pb.v0, pb.vcols);
         cp_async_wait_all();
         __syncthreads();
         Acc<BT, BV, NW> X;
@@ -337,8 +347,9 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
 // of gdn_chunk_fwd_kernel, per (sequence, value head, block of BV = NWG BVW value columns). Warpgroup w owns
 // the state's columns [w BVW, (w + 1) BVW), all KP rows, in registers, and runs the chunk's chain of products
 // on them alone: inside a chunk it waits only on its own warpgroup; the chunk's q, k, v, (I + L)^-1 and score
-// tiles are loaded once for all NWG (2, or 4 so that one block covers a head's 128 value columns). Tiles are blocked (common/wgmma.cuh). The state, r and delta enter the
-// tensor cores rounded to T, like the peer's; the state itself stays float32 in registers through the pass.
+// tiles are loaded once for all NWG (2, or 4 so that one block covers a head's 128 value columns). Tiles are
+// blocked (common/wgmma.cuh). The state, r and delta enter the tensor cores rounded to T, like the peer's; the
+// state itself stays float32 in registers through the pass.
 // PIPE: two stages of chunk inputs, the next chunk's loads in flight while this one computes (for grids of
 // at most one block per SM, where no other block hides the loads).
 // One stage of a Hopper state pass's chunk inputs: byte offsets of its blocked tiles (q and the scores only
@@ -427,7 +438,7 @@ struct WgPassSmem {
 };
 
 template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE>
-__global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 && KP <= 128) ? 3 : 2)
+__global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE))
     gdn_chunk_fwd_wg_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
     const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
@@ -471,7 +482,9 @@ __global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 
         X.template mma<T, false, true, KP>(a_kmajor(aK, KP, 0), ncols(sm.a_state), false);
         if (!STORE) Y.template mma<T, false, true, KP>(a_kmajor(aQ, KP, 0), ncols(sm.a_state), false);
         wg_commit();
-        if (STORE) sm.template copy_state_out<128 * NWG>(hbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V, pb.v0, pb.vcols);
+        if (STORE)
+            sm.template copy_state_out<128 * NWG>(hbuf + pb.chunk_state_off(seq_chunk0, c, HV, K, V), K, V, pb.v0,
+                                                  pb.vcols);
         wg_wait<0>();
         X.apply_pairs([&](int i, int j, float& x0, float& x1) {
             const int e = blk(i, c0 + j, BV);
@@ -564,7 +577,7 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
         load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, pb.hv);
         rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
         dS.store(sS, LDV);
-        store_state(dS, dhbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V, pb.v0, pb.vcols);
+        store_state(dS, dhbuf + pb.chunk_state_off(seq_chunk0, c, HV, K, V), K, V, pb.v0, pb.vcols);
         cp_async_wait_all();
         __syncthreads();
         AccV Z;
@@ -615,7 +628,7 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
 // enter the tensor cores rounded to T. Each warpgroup writes its own partial row sums y . v (partial NWG vb + w
 // of part_yv). PIPE: the previous chunk's inputs load while this one computes. NWG: 2 or 4 warpgroups per block.
 template <typename T, int KP, int NWG, int BVW, bool PIPE>
-__global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 && KP <= 128) ? 3 : 2)
+__global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE))
     gdn_chunk_bwd_wg_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
     const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
@@ -661,8 +674,8 @@ __global__ void __launch_bounds__(128 * NWG, (PIPE || NWG > 2) ? 1 : (BVW == 16 
         Z.template mma<T, false, true, KP>(a_kmajor(aK, KP, 0), ncols(sm.a_state), false);
         U.template mma<T, true, true, BT>(a_mnmajor(aP, BT), ncols(aDo), false);
         wg_commit();
-        sm.template copy_state_out<128 * NWG>(dhbuf + ((i64)(seq_chunk0[pb.n] + c) * HV + pb.hv) * K * V, K, V,
-                                              pb.v0, pb.vcols);
+        sm.template copy_state_out<128 * NWG>(dhbuf + pb.chunk_state_off(seq_chunk0, c, HV, K, V), K, V, pb.v0,
+                                              pb.vcols);
         wg_wait<0>();
         wg_barrier(wg);  // every warp's part of P^T do has read this warpgroup's do columns
         for (int idx = threadIdx.x & 127; idx < BT * BVW / 2; idx += 128) {  // do -> scale 2^G do, in place
