@@ -70,8 +70,11 @@ template <typename A, typename B> struct SameType { static constexpr bool value 
 template <typename A> struct SameType<A, A> { static constexpr bool value = true; };
 
 // 16-byte global -> shared copy in flight (cp.async); src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async16_shared(unsigned dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+    cp_async16_shared(smem_addr(dst), src, src_bytes);
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
 // 4-byte copy in flight (src_bytes = 0 writes a zero); groups: commit what was issued, wait until at most N
@@ -127,20 +130,39 @@ __device__ __forceinline__ void load_tile(TL s, int ld, const T* __restrict__ g,
     }
 }
 
-// Inverse L2 norms 1 / sqrt(|x_r|^2 + 1e-6) of rows [0, rows) of a tile, one of `nthreads` threads (this
-// one is `tid`) per row; rows up to rows_pad get 1. The chunk kernels fold these row factors into their
-// epilogues instead of normalising tiles. `cols` even.
-template <typename TL>
-__device__ __forceinline__ void row_inv_norms(TL s, int ld, int rows, int rows_pad, int cols, float* out, int tid,
-                                              int nthreads) {
-    for (int r = tid; r < rows_pad; r += nthreads) {
-        float s0 = 0.f, s1 = 0.f;
-        for (int c = 0; c < cols; c += 2) {
-            const float2 x = tile_get_pair(s, r * ld + c);
-            s0 += x.x * x.x;
-            s1 += x.y * x.y;
+// Sum of squares of this thread's part of a tile row from element `row` (p: which of two interleaved halves of
+// the 16-byte pieces of cols columns, a multiple of 16).
+template <typename X> __device__ __forceinline__ float row_part_squares(const X* s, int row, int cols, int p) {
+    float acc = 0.f;
+    for (int c = 8 * p; c < cols; c += 16) {
+        const uint4 x = *reinterpret_cast<const uint4*>(s + row + c);
+        acc += dot8<X>(x, x);
+    }
+    return acc;
+}
+template <typename E> __device__ __forceinline__ float row_part_squares(Split<E> s, int row, int cols, int p) {
+    float acc = 0.f;
+    for (int c = 8 * p; c < cols; c += 16)
+#pragma unroll
+        for (int d = 0; d < 8; d += 2) {
+            const float2 x = tile_get_pair(s, row + c + d);
+            acc += x.x * x.x + x.y * x.y;
         }
-        out[r] = r < rows ? rsqrtf(s0 + s1 + 1e-6f) : 1.f;
+    return acc;
+}
+
+// Inverse L2 norms 1 / sqrt(|x_r|^2 + 1e-6) of rows [0, rows) of a tile (ld: a multiple of 8 elements, cols of
+// 16), by 128 threads (this one is tid); rows up to rows_pad get 1. Two threads per row: lanes l and l + 16 of a
+// warp share a row, so each quarter-warp's 16-byte loads cover 8 rows (free of bank conflicts with the padded
+// stride). The chunk kernels fold these row factors into their epilogues instead of normalising tiles.
+template <typename TL>
+__device__ __forceinline__ void row_inv_norms(TL s, int ld, int rows, int rows_pad, int cols, float* out, int tid) {
+    const int p = (tid >> 4) & 1, r0 = (tid >> 5) * 16 + (tid & 15);
+    for (int rb = 0; rb < rows_pad; rb += 64) {
+        const int r = rb + r0;
+        float acc = r < rows_pad ? row_part_squares(s, r * ld, cols, p) : 0.f;
+        acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+        if (p == 0 && r < rows_pad) out[r] = r < rows ? rsqrtf(acc + 1e-6f) : 1.f;
     }
 }
 
@@ -186,14 +208,25 @@ __device__ __forceinline__ void scale_inter_output(AccT& Y, const float* gq, flo
 }
 
 // A = (I + L)^-1 for a strictly lower-triangular BT x BT L (floats, leading dimension ld), in float32.
-// The 16 x 16 diagonal blocks are inverted at once by forward substitution (one column per thread);
-// then block row I below them is A_I = -D_I (L_I A_<I) with D_I its diagonal inverse: two small
-// products per block row, parallel over elements. X is scratch of 16 x BT floats (leading dimension ld).
-template <int BT>
-__device__ __forceinline__ void invert_unit_lower(const float* L, float* A, float* X, int ld) {
-    for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) A[(idx / BT) * ld + idx % BT] = 0.f;
-    __syncthreads();
-    if (threadIdx.x < BT) {
+// The 16 x 16 diagonal blocks are inverted at once by forward substitution (one column per thread); then
+// pairs of inverted s x s diagonal blocks (s = 16, 32, ..) merge into 2s x 2s inverses, all pairs of a
+// level at once: [A_ll 0; A_hl A_hh] with A_hl = -A_hh (L_hl A_ll), two products parallel over elements.
+// log2(BT / 16) levels of two barriers each, instead of one level per 16-row block row. The products run
+// over whole 16-blocks, fully unrolled (the zeros above the diagonal inside a 16-block are stored), so
+// their shared-memory loads issue together instead of one loop trip at a time. The threads beyond the
+// first BT zero A's 16-blocks above the diagonal meanwhile, which no product reads. Blocks of NTHREADS; L and A
+// 16-byte aligned with leading dimension ld (a multiple of 4); X is scratch of BT / 2 x BT / 2 floats, leading
+// dimension ldx.
+template <int BT, int NTHREADS>
+__device__ __forceinline__ void invert_unit_lower(const float* L, float* A, int ld, float* X, int ldx) {
+    static_assert(NTHREADS > BT, "threads beyond the first BT clear the upper blocks");
+    if (threadIdx.x >= BT) {
+        constexpr int NB = BT / 16;
+        for (int idx = threadIdx.x - BT; idx < NB * NB * 64; idx += NTHREADS - BT) {
+            const int blk = idx / 64, r = 16 * (blk / NB) + idx % 64 / 4, j = 16 * (blk % NB) + 4 * (idx % 4);
+            if (blk % NB > blk / NB) *reinterpret_cast<float4*>(A + r * ld + j) = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    } else {
         const int c = threadIdx.x, r0 = c & ~15;
         float x[16];
 #pragma unroll
@@ -208,32 +241,51 @@ __device__ __forceinline__ void invert_unit_lower(const float* L, float* A, floa
         for (int m = 0; m < 16; ++m) A[(r0 + m) * ld + c] = x[m];
     }
     __syncthreads();
-#pragma unroll 1
-    for (int r0 = 16; r0 < BT; r0 += 16) {
-        // X = L_I A_<I. A_<I is lower triangular, so column c only takes rows j >= c; each thread computes
-        // four rows of one column, so every A element it loads serves four products.
-        for (int idx = threadIdx.x; idx < 4 * r0; idx += blockDim.x) {
-            const int m = (idx / r0) * 4, c = idx % r0;
-            const float* Lm = L + (r0 + m) * ld;
-            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-            for (int j = c; j < r0; ++j) {
-                const float a = A[j * ld + c];
-                s0 += Lm[j] * a;
-                s1 += Lm[ld + j] * a;
-                s2 += Lm[2 * ld + j] * a;
-                s3 += Lm[3 * ld + j] * a;
+#pragma unroll
+    for (int s = 16; s < BT; s *= 2) {
+        // Each thread takes four rows m of one column c (four-row float4 loads of L and of A_hh serve four
+        // products per element of the other operand). X_p = L_hl A_ll for pair p (diagonal blocks at b = 2 s p
+        // and b + s) into X[m][p s + c]; A_ll[j][c] is zero for j in 16-blocks above c's, so the sums start
+        // at c's 16-block.
+        for (int idx = threadIdx.x; idx < BT / 8 * s; idx += NTHREADS) {
+            const int c = idx % s, m = 4 * (idx / s % (s / 4)), p = idx / (s * s / 4), b = 2 * s * p;
+            const float* Lr = L + (b + s + m) * ld + b;
+            const float* Ac = A + b * ld + b + c;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int j0 = c & ~15; j0 < s; j0 += 16) {
+#pragma unroll
+                for (int j = j0; j < j0 + 16; j += 4) {
+                    const float a[4] = {Ac[j * ld], Ac[(j + 1) * ld], Ac[(j + 2) * ld], Ac[(j + 3) * ld]};
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        const float4 l = *reinterpret_cast<const float4*>(Lr + q * ld + j);
+                        acc[q] += l.x * a[0] + l.y * a[1] + l.z * a[2] + l.w * a[3];
+                    }
+                }
             }
-            X[m * ld + c] = s0;
-            X[(m + 1) * ld + c] = s1;
-            X[(m + 2) * ld + c] = s2;
-            X[(m + 3) * ld + c] = s3;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) X[(m + q) * ldx + p * s + c] = acc[q];
         }
         __syncthreads();
-        for (int idx = threadIdx.x; idx < 16 * r0; idx += blockDim.x) {
-            const int m = idx / r0, c = idx % r0;
-            float s = 0.f;
-            for (int n = 0; n <= m; ++n) s += A[(r0 + m) * ld + r0 + n] * X[n * ld + c];
-            A[(r0 + m) * ld + c] = -s;
+        // A_hl = -A_hh X_p: A_hh[m][n] is zero for n in 16-blocks after m's
+        for (int idx = threadIdx.x; idx < BT / 8 * s; idx += NTHREADS) {
+            const int c = idx % s, m = 4 * (idx / s % (s / 4)), p = idx / (s * s / 4), b = 2 * s * p;
+            const float* Ar = A + (b + s + m) * ld + b + s;
+            const float* Xc = X + p * s + c;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int n0 = 0; n0 <= (m & ~15); n0 += 16) {
+#pragma unroll
+                for (int n = n0; n < n0 + 16; n += 4) {
+                    const float x[4] = {Xc[n * ldx], Xc[(n + 1) * ldx], Xc[(n + 2) * ldx], Xc[(n + 3) * ldx]};
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        const float4 r = *reinterpret_cast<const float4*>(Ar + q * ld + n);
+                        acc[q] += r.x * x[0] + r.y * x[1] + r.z * x[2] + r.w * x[3];
+                    }
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) A[(b + s + m + q) * ld + b + c] = -acc[q];
         }
         __syncthreads();
     }

@@ -146,6 +146,19 @@ template <typename X>
 __device__ __forceinline__ float2 load_pair(const X* p, int idx) {
     return PairOf<X>::unpack(*reinterpret_cast<const typename PairOf<X>::type*>(p + idx));
 }
+// The dot product of two 16-byte pieces of eight 16-bit X elements each, in float32.
+template <typename X>
+__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
+    const auto* pa = reinterpret_cast<const typename PairOf<X>::type*>(&a);
+    const auto* pb = reinterpret_cast<const typename PairOf<X>::type*>(&b);
+    float s = 0.f;
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const float2 x = PairOf<X>::unpack(pa[p]), y = PairOf<X>::unpack(pb[p]);
+        s += x.x * y.x + x.y * y.y;
+    }
+    return s;
+}
 template <typename E>
 __device__ __forceinline__ void split_store_pair(Split<E> s, int idx, float a, float b) {
     const typename PairOf<E>::type h = PairOf<E>::pack(a, b);

@@ -57,18 +57,18 @@ __global__ void __launch_bounds__(NTHREADS) gdn_chunk_prepare_kernel(
     float* __restrict__ Rk, E* __restrict__ Ahi, E* __restrict__ Alo, E* __restrict__ Phi, E* __restrict__ Plo,
     int H, int HV, int K, float scale, int flags) {
     using TT = typename InputTile<T, E>::type;
-    constexpr int LDK = KP + PAD, LDA = BT + 4;
+    constexpr int LDK = KP + PAD, LDA = BT + 8, LDX = BT / 2 + 4;  // LDA: L's pair stores free of bank conflicts
     extern __shared__ __align__(16) unsigned char smem[];
     SmemCursor tiles{smem}, inv{smem};
     TT sK, sQ;
     tiles.into(sK, BT * LDK);
     tiles.into(sQ, BT * LDK);
-    // the inverse and its scratch reuse the q / k tiles' space once their products are done (a smaller
+    // L, the inverse and its scratch reuse the q / k tiles' space once their products are done (a smaller
     // block, so more of them share an SM and hide each other's barrier waits in the inversion)
+    float* sL = inv.take<float>(BT * LDA);
     float* sA = inv.take<float>(BT * LDA);
-    float* sX = inv.take<float>(16 * LDA);
+    float* sX = inv.take<float>(BT / 2 * LDX);
     SmemCursor cur{tiles.p > inv.p ? tiles.p : inv.p};
-    float* sL = cur.take<float>(BT * LDA);
     float* sG = cur.take<float>(BT);
     float* sB = cur.take<float>(BT);
     float* sRq = cur.take<float>(BT);
@@ -86,10 +86,10 @@ __global__ void __launch_bounds__(NTHREADS) gdn_chunk_prepare_kernel(
     }
     cp_async_wait_all();
     __syncthreads();
-    if (flags & F_L2) {  // half the threads take q's rows, half k's
-        const int half = blockDim.x / 2;
-        if ((int)threadIdx.x < half) row_inv_norms(sQ, LDK, L, BT, KP, sRq, threadIdx.x, half);
-        else row_inv_norms(sK, LDK, L, BT, KP, sRk, threadIdx.x - half, half);
+    if (flags & F_L2) {  // 128 threads take q's rows, 128 k's
+        static_assert(NTHREADS == 256, "two groups of 128 threads for the row norms");
+        if (threadIdx.x < 128) row_inv_norms(sQ, LDK, L, BT, KP, sRq, threadIdx.x);
+        else row_inv_norms(sK, LDK, L, BT, KP, sRk, threadIdx.x - 128);
     } else {
         for (int r = threadIdx.x; r < BT; r += blockDim.x) sRq[r] = sRk[r] = 1.f;
     }
@@ -105,12 +105,6 @@ __global__ void __launch_bounds__(NTHREADS) gdn_chunk_prepare_kernel(
         }
     }
     constexpr int NW = NTHREADS / 32;
-    Acc<BT, BT, NW> P;
-    P.fill(0.f);
-    gemm<E, MK, NK, BT, BT, KP, NW>(P, sK, LDK, sK, LDK);
-    P.apply([&](int i, int j, float& x) {
-        sL[i * LDA + j] = (j < i && i < L) ? sB[i] * x * (sRk[i] * sRk[j]) * exp2f(sG[i] - sG[j]) : 0.f;
-    });
     {
         Acc<BT, BT, NW> S;
         S.fill(0.f);
@@ -121,8 +115,18 @@ __global__ void __launch_bounds__(NTHREADS) gdn_chunk_prepare_kernel(
             if (i < L) tile_put_pair(out, i * HV * BT + j, x0, x1);
         });
     }
+    Acc<BT, BT, NW> P;
+    P.fill(0.f);
+    gemm<E, MK, NK, BT, BT, KP, NW>(P, sK, LDK, sK, LDK);
+    __syncthreads();  // sL takes the tiles' space
+    P.apply_pairs([&](int i, int j, float& x0, float& x1) {
+        const bool in = i < L;
+        *reinterpret_cast<float2*>(sL + i * LDA + j) = make_float2(
+            (in && j < i) ? sB[i] * x0 * (sRk[i] * sRk[j]) * exp2f(sG[i] - sG[j]) : 0.f,
+            (in && j + 1 < i) ? sB[i] * x1 * (sRk[i] * sRk[j + 1]) * exp2f(sG[i] - sG[j + 1]) : 0.f);
+    });
     __syncthreads();
-    invert_unit_lower<BT>(sL, sA, sX, LDA);
+    invert_unit_lower<BT, NTHREADS>(sL, sA, LDA, sX, LDX);
     for (int idx = threadIdx.x; idx < L * (BT / 8); idx += blockDim.x) {
         const int r = idx / (BT / 8), j = (idx % (BT / 8)) * 8;
         const i64 e = ((bos + r) * HV + hv) * BT + j;

@@ -153,8 +153,8 @@ def _f32(n: int) -> int:
 
 
 def _smem_prepare(ct: str, bt: int, kp: int) -> int:
-    lda = bt + 4  # the inverse and its scratch share the q / k tiles' space
-    return max(2 * _in_tile(ct, bt * (kp + _PAD)), _f32(bt * lda) + _f32(16 * lda)) + _f32(bt * lda) + 4 * _f32(bt)
+    lda, ldx = bt + 8, bt // 2 + 4  # L, the inverse and its scratch share the q / k tiles' space
+    return max(2 * _in_tile(ct, bt * (kp + _PAD)), 2 * _f32(bt * lda) + _f32(bt // 2 * ldx)) + 4 * _f32(bt)
 
 
 def _smem_fwd(ct: str, bt: int, kp: int, store: bool) -> int:
