@@ -43,21 +43,24 @@ __device__ __forceinline__ u64 desc_mnmajor(unsigned tile, int cols, int c0, int
     return wg_desc(tile + kk * 32 * cols + c0 * 16, cols * 16, 128);
 }
 
-// Operand descriptor makers for WgAcc::mma: an A operand maps (tile i of MT, step kk) to a descriptor, a B
-// operand (step kk). K-major: operand rows are tile rows from r0 (A: r0 + 64 i); MN-major: operand rows are tile
-// columns from c0 (A: c0 + 64 i), the tile's transpose.
-__device__ __forceinline__ auto a_kmajor(unsigned tile, int cols, int r0) {
-    return [=](int i, int kk) { return desc_kmajor(tile, cols, r0 + 64 * i, kk); };
+// Operands for WgAcc::mma: the descriptor of (tile i, step kk) is the first one's plus i * di + kk * dk. The
+// start-address field is the low 14 bits (byte address / 16) and shared addresses stay below 2^18, so the
+// offsets never carry out of it: one 64-bit add per product instead of a descriptor built from fields.
+struct WgOperand {
+    u64 d0;
+    unsigned di, dk;
+    __device__ __forceinline__ u64 at(int i, int kk) const { return d0 + (u64)(i * di + kk * dk); }
+};
+// K-major: operand rows are tile rows from r0 (A: r0 + 64 i); MN-major: operand rows are tile columns from c0
+// (A: c0 + 64 i), the tile's transpose. A B operand takes i = 0.
+__device__ __forceinline__ WgOperand a_kmajor(unsigned tile, int cols, int r0) {
+    return {desc_kmajor(tile, cols, r0, 0), (unsigned)(64 * cols * 2) >> 4, 256u >> 4};
 }
-__device__ __forceinline__ auto a_mnmajor(unsigned tile, int cols, int c0 = 0) {
-    return [=](int i, int kk) { return desc_mnmajor(tile, cols, c0 + 64 * i, kk); };
+__device__ __forceinline__ WgOperand a_mnmajor(unsigned tile, int cols, int c0 = 0) {
+    return {desc_mnmajor(tile, cols, c0, 0), (64u * 16) >> 4, (unsigned)(32 * cols) >> 4};
 }
-__device__ __forceinline__ auto b_kmajor(unsigned tile, int cols, int r0) {
-    return [=](int kk) { return desc_kmajor(tile, cols, r0, kk); };
-}
-__device__ __forceinline__ auto b_mnmajor(unsigned tile, int cols, int c0) {
-    return [=](int kk) { return desc_mnmajor(tile, cols, c0, kk); };
-}
+__device__ __forceinline__ WgOperand b_kmajor(unsigned tile, int cols, int r0) { return a_kmajor(tile, cols, r0); }
+__device__ __forceinline__ WgOperand b_mnmajor(unsigned tile, int cols, int c0) { return a_mnmajor(tile, cols, c0); }
 
 __device__ __forceinline__ void wg_fence() {
 #ifdef RAWDELTA_WGMMA
@@ -171,12 +174,34 @@ struct WgAcc {
     // f(row, col, x0&, x1&, y0&, y1&): the pairs of this accumulator (x) beside the same elements of o (y).
     template <typename F>
     __device__ __forceinline__ void zip_pairs(WgAcc& o, F&& f) {
-        const int t = threadIdx.x & 127, r = 16 * (t >> 5) + ((t & 31) >> 2), c = 2 * (t & 3);
+        const int r = row0(), c = col0();
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
             for (int e = 0; e < NX; e += 2)
                 f(64 * i + r + 8 * ((e & 3) >> 1), 8 * (e >> 2) + c, v[i][e], v[i][e + 1], o.v[i][e], o.v[i][e + 1]);
+    }
+    // This thread's first row (it also holds row + 8, and both + 64 i) and first column (it also holds col + 1,
+    // and both + 8 j) in the m16n8 layout.
+    static __device__ __forceinline__ int row0() {
+        const int t = threadIdx.x & 127;
+        return 16 * (t >> 5) + ((t & 31) >> 2);
+    }
+    static __device__ __forceinline__ int col0() { return 2 * (threadIdx.x & 3); }
+    // x *= f(row) for every element, f evaluated once per row this thread holds.
+    template <typename F>
+    __device__ __forceinline__ void scale_rows(F&& f) {
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int a = 0; a < 2; ++a) {
+                const float m = f(64 * i + row0() + 8 * a);
+#pragma unroll
+                for (int e = 2 * a; e < NX; e += 4) {
+                    v[i][e] *= m;
+                    v[i][e + 1] *= m;
+                }
+            }
     }
     // Sums over this warpgroup's columns of f(row, col, value) for each row (MT = 1): put(row, sum) is called
     // by one lane per row (lane shuffles over the 4 lanes that share it).
@@ -185,24 +210,43 @@ struct WgAcc {
         static_assert(MT == 1, "row_sums: one 64-row tile");
         float s[2] = {0.f, 0.f};  // this thread's two rows r0 and r0 + 8
         apply_pairs([&](int r, int c, float& x0, float& x1) { s[(r >> 3) & 1] += f(r, c, x0) + f(r, c + 1, x1); });
-        const int t = threadIdx.x & 127, r0 = 16 * (t >> 5) + ((t & 31) >> 2);
+        put_row_sums(s, put);
+    }
+    // Row sums (as row_sums) of the products with the same elements of a blocked tile of 16-bit X elements with
+    // COLS columns, at its columns [c0, c0 + N) (c0 a multiple of 8): each element pair is one 32-bit load at an
+    // offset fixed at compile time from the thread's first.
+    template <int COLS, typename X, typename P>
+    __device__ __forceinline__ void row_dots(const X* tile, int c0, P&& put) const {
+        static_assert(MT == 1, "row_dots: one 64-row tile");
+        const int base = blk(row0(), c0 + col0(), COLS);
+        float s[2] = {0.f, 0.f};
+#pragma unroll
+        for (int e = 0; e < NX; e += 2) {
+            const int a = (e & 3) >> 1;
+            const float2 y = load_pair(tile, base + a * 8 * COLS + (e >> 2) * 64);
+            s[a] += v[0][e] * y.x + v[0][e + 1] * y.y;
+        }
+        put_row_sums(s, put);
+    }
+    template <typename P>
+    static __device__ __forceinline__ void put_row_sums(float (&s)[2], P&& put) {
+        const int t = threadIdx.x & 127;
 #pragma unroll
         for (int a = 0; a < 2; ++a) {
             s[a] += __shfl_xor_sync(0xffffffffu, s[a], 1);
             s[a] += __shfl_xor_sync(0xffffffffu, s[a], 2);
-            if ((t & 3) == 0) put(r0 + 8 * a, s[a]);
+            if ((t & 3) == 0) put(row0() + 8 * a, s[a]);
         }
     }
-    // acc (+)= A B over KD (a multiple of 16): A the M x KD operand (tile i from desc_a(i, kk)), B KD x N
-    // (desc_b(kk)); the first step overwrites when `accumulate` is false. Issues only: the caller commits and
-    // waits.
-    template <typename E, bool TA, bool TB, int KD, typename DA, typename DB>
-    __device__ __forceinline__ void mma(DA&& desc_a, DB&& desc_b, bool accumulate) {
+    // acc (+)= A B over KD (a multiple of 16): A the M x KD operand, B KD x N; the first step overwrites when
+    // `accumulate` is false. Issues only: the caller commits and waits.
+    template <typename E, bool TA, bool TB, int KD>
+    __device__ __forceinline__ void mma(const WgOperand& a, const WgOperand& b, bool accumulate) {
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
             for (int kk = 0; kk < KD / 16; ++kk)
-                Wgmma<E, N, TA, TB>::run(v[i], desc_a(i, kk), desc_b(kk), (accumulate || kk > 0) ? 1 : 0);
+                Wgmma<E, N, TA, TB>::run(v[i], a.at(i, kk), b.at(0, kk), (accumulate || kk > 0) ? 1 : 0);
     }
 };
 
@@ -212,34 +256,63 @@ __device__ __forceinline__ int2 blocked_piece(int idx, int cg) {
     return make_int2(((idx / (8 * cg)) << 3) + (idx & 7), ((idx >> 3) % cg) << 3);
 }
 
-// 16-byte chunks of global rows into a blocked tile: s (rows_pad x cols_pad, E) from g[r * gstride + c],
-// rows < rows and columns < cols (a multiple of 8), zeros elsewhere. g and gstride 16-byte aligned. The chunk
-// order makes shared-memory addresses linear in the thread index. The caller waits (cp_async_wait_all).
-template <typename E>
-__device__ __forceinline__ void load_blocked(E* s, int cols_pad, const E* __restrict__ g, i64 gstride, int rows,
-                                             int cols, int rows_pad) {
-    const int cc = cols_pad >> 3, n = rows_pad * cc;
-    for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
-        const int2 rc = blocked_piece(idx, cc);
-        const int r = rc.x, c = rc.y;
-        const bool in = r < rows && c < cols;
-        cp_async16(s + idx * 8, in ? g + r * gstride + c : g, in ? 16 : 0);
+// 16-byte chunks of global rows into a blocked tile: s (RP x CP, E; RP a multiple of 8) from g[r * gstride + c],
+// rows < rows and columns < cols (a multiple of 8), zeros elsewhere, by a block of NT threads. g and gstride
+// 16-byte aligned. The chunk order makes shared-memory addresses linear in the thread index. The caller waits
+// (cp_async_wait_all).
+template <int CP, int RP, int NT, typename E>
+__device__ __forceinline__ void load_blocked(E* s, const E* __restrict__ g, i64 gstride, int rows, int cols) {
+    constexpr int CG = CP / 8, N = RP * CG;
+    if constexpr (NT % (8 * CG) == 0 && N % NT == 0) {
+        // Then a thread's chunks share a column, every NT / CG rows: their addresses are the first's plus constants
+        // instead of each chunk's position being decoded, and each copy has its own address registers (a copy in
+        // flight holds its registers: advancing one pointer made the next copy wait for the previous one).
+        constexpr int RS = NT / CG;
+        const int2 rc = blocked_piece(threadIdx.x, CG);
+        const bool cin = rc.y < cols;
+        const E* gp = g + rc.x * gstride + rc.y;
+        const unsigned sa = smem_addr(s + threadIdx.x * 8);
+#pragma unroll
+        for (int i = 0; i < N / NT; ++i) {
+            const bool in = cin && rc.x + i * RS < rows;
+            cp_async16_shared(sa + i * NT * 16, in ? gp + i * RS * gstride : g, in ? 16 : 0);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < N; idx += NT) {
+            const int2 rc = blocked_piece(idx, CG);
+            const int r = rc.x, c = rc.y;
+            const bool in = r < rows && c < cols;
+            cp_async16(s + idx * 8, in ? g + r * gstride + c : g, in ? 16 : 0);
+        }
     }
 }
 
-// The mirror of load_blocked for NC columns from c0 of a blocked tile s (rows_pad x cols_pad, E): rows < rows and
-// columns < cols to g[r * gstride + c], in 16-byte pieces of 8 columns, by NT threads (t: this thread's index
-// among them). Each warp writes 64 bytes of 8 rows per instruction (stores from accumulator fragments write 16)
-// and reads shared memory without bank conflicts. g and gstride 16-byte aligned.
-template <int NC, int NT, typename E>
-__device__ __forceinline__ void store_blocked(E* __restrict__ g, i64 gstride, const E* s, int cols_pad, int rows_pad,
-                                              int rows, int c0, int cols, int t) {
-    constexpr int CG = NC / 8;
-    for (int idx = t; idx < rows_pad * CG; idx += NT) {
-        const int2 rc = blocked_piece(idx, CG);
-        const int r = rc.x, c = c0 + rc.y;
-        if (r < rows && c < cols)
-            *reinterpret_cast<uint4*>(g + r * gstride + c) = *reinterpret_cast<const uint4*>(s + blk(r, c, cols_pad));
+// The mirror of load_blocked for NC columns from c0 of a blocked tile s (RP x CPS, E): rows < rows and columns
+// < cols to g[r * gstride + c], in 16-byte pieces of 8 columns, by NT threads (t: this thread's index among them).
+// Each warp writes 64 bytes of 8 rows per instruction (stores from accumulator fragments write 16) and reads
+// shared memory without bank conflicts; a thread's shared-memory reads all issue before its stores. g and
+// gstride 16-byte aligned.
+template <int NC, int NT, int CPS, int RP, typename E>
+__device__ __forceinline__ void store_blocked(E* __restrict__ g, i64 gstride, const E* s, int rows, int c0, int cols,
+                                              int t) {
+    constexpr int CG = NC / 8, N = RP * CG;
+    if constexpr (NT % (8 * CG) == 0 && N % NT == 0) {
+        constexpr int RS = NT / CG, IT = N / NT;
+        const int2 rc = blocked_piece(t, CG);
+        const int c = c0 + rc.y;
+        uint4 x[IT];
+#pragma unroll
+        for (int i = 0; i < IT; ++i) x[i] = *reinterpret_cast<const uint4*>(s + blk(rc.x + i * RS, c, CPS));
+#pragma unroll
+        for (int i = 0; i < IT; ++i)
+            if (rc.x + i * RS < rows && c < cols) *reinterpret_cast<uint4*>(g + (rc.x + i * RS) * gstride + c) = x[i];
+    } else {
+        for (int idx = t; idx < N; idx += NT) {
+            const int2 rc = blocked_piece(idx, CG);
+            const int r = rc.x, c = c0 + rc.y;
+            if (r < rows && c < cols)
+                *reinterpret_cast<uint4*>(g + r * gstride + c) = *reinterpret_cast<const uint4*>(s + blk(r, c, CPS));
+        }
     }
 }
 

@@ -365,8 +365,8 @@ struct WgStage {
                          RAW = P + (HAS_Q_P ? BT * BT * 2 : 0), BYTES = RAW + 4 * BT * 4;
 
     // Chunk c of block pb's sequence into stage st, as one cp.async group (value-sized tiles at the block's
-    // value columns).
-    template <typename T>
+    // value columns), by the block's NT threads.
+    template <int NT, typename T>
     static __device__ __forceinline__ void issue(unsigned char* st, const StatePassBlock& pb, int c, const T* q,
                                                  const T* k, const T* v, const T* dout, const T* Ahi, const T* Phi,
                                                  const float* Gc, const float* Bc, const float* Rq, const float* Rk,
@@ -374,12 +374,12 @@ struct WgStage {
         const i64 bos = pb.bos + (i64)c * BT;
         const int L = min(BT, pb.len - c * BT);
         const i64 qk = (bos * H + pb.h) * Kd, vo = (bos * HV + pb.hv) * Vd + pb.v0, ao = (bos * HV + pb.hv) * BT;
-        if (HAS_Q_P) load_blocked(reinterpret_cast<T*>(st + Q), KP, q + qk, (i64)H * Kd, L, Kd, BT);
-        load_blocked(reinterpret_cast<T*>(st + K), KP, k + qk, (i64)H * Kd, L, Kd, BT);
-        load_blocked(reinterpret_cast<T*>(st + V), BV, v + vo, (i64)HV * Vd, L, pb.vcols, BT);
-        if (HAS_DO) load_blocked(reinterpret_cast<T*>(st + DO), BV, dout + vo, (i64)HV * Vd, L, pb.vcols, BT);
-        load_blocked(reinterpret_cast<T*>(st + A), BT, Ahi + ao, (i64)HV * BT, L, BT, BT);
-        if (HAS_Q_P) load_blocked(reinterpret_cast<T*>(st + P), BT, Phi + ao, (i64)HV * BT, L, BT, BT);
+        if (HAS_Q_P) load_blocked<KP, BT, NT>(reinterpret_cast<T*>(st + Q), q + qk, (i64)H * Kd, L, Kd);
+        load_blocked<KP, BT, NT>(reinterpret_cast<T*>(st + K), k + qk, (i64)H * Kd, L, Kd);
+        load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + V), v + vo, (i64)HV * Vd, L, pb.vcols);
+        if (HAS_DO) load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + DO), dout + vo, (i64)HV * Vd, L, pb.vcols);
+        load_blocked<BT, BT, NT>(reinterpret_cast<T*>(st + A), Ahi + ao, (i64)HV * BT, L, BT);
+        if (HAS_Q_P) load_blocked<BT, BT, NT>(reinterpret_cast<T*>(st + P), Phi + ao, (i64)HV * BT, L, BT);
         ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
         cp_async_commit();
     }
@@ -430,14 +430,14 @@ struct WgPassSmem {
     // [v0, v0 + vcols) (V and v0 multiples of 8), by the block's NT threads.
     template <int NT>
     __device__ __forceinline__ void copy_state_out(T* dst, int K, int V, int v0, int vcols) const {
-        store_blocked<BV, NT>(dst + v0, V, state, BV, KP, K, 0, vcols, threadIdx.x);
+        store_blocked<BV, NT, BV, KP>(dst + v0, V, state, K, 0, vcols, threadIdx.x);
     }
     // Rows [0, L) of a warpgroup's columns [c0, c0 + BVW) of a BT x BV tile to a chunk's rows of a [.., HV, V]
     // array (dst: its first row at the block's first value column), by the warpgroup's threads.
     template <int BVW>
     static __device__ __forceinline__ void copy_cols_out(T* dst, int HV, int V, const T* tile, int L, int c0,
                                                          int vcols) {
-        store_blocked<BVW, 128>(dst, (i64)HV * V, tile, BV, St::BT, L, c0, vcols, threadIdx.x & 127);
+        store_blocked<BVW, 128, BV, St::BT>(dst, (i64)HV * V, tile, L, c0, vcols, threadIdx.x & 127);
     }
 };
 
@@ -459,8 +459,8 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
     const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
-        St::issue(sm.stages + s * St::BYTES, pb, c, q, k, v, (const T*)nullptr, Ahi, Phi, Gc, Bc, Rq, Rk, H, HV, K, V,
-                  flags);
+        St::template issue<128 * NWG>(sm.stages + s * St::BYTES, pb, c, q, k, v, (const T*)nullptr, Ahi, Phi, Gc, Bc,
+                                      Rq, Rk, H, HV, K, V, flags);
     };
 
     WgAcc<MS, BVW> S;  // this warpgroup's columns: value columns [v0 + c0, v0 + vcols) of the state
@@ -651,7 +651,8 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
     const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
-        St::issue(sm.stages + s * St::BYTES, pb, c, q, k, v, dout, Ahi, Phi, Gc, Bc, Rq, Rk, H, HV, K, V, flags);
+        St::template issue<128 * NWG>(sm.stages + s * St::BYTES, pb, c, q, k, v, dout, Ahi, Phi, Gc, Bc, Rq, Rk, H,
+                                      HV, K, V, flags);
     };
 
     WgAcc<MS, BVW> dS;  // this warpgroup's columns of the state gradient at the current chunk's end
@@ -704,7 +705,7 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
             const float f = -sm.rows.B[i] * sm.rows.gk[i];
             store_pair(sm.tile0, blk(i, c0 + j, BV), f * x0, f * x1);
         });
-        Z.row_sums([&](int i, int j, float x) { return x * to_float(sV[blk(i, c0 + j, BV)]); }, [&](int i, float x) {
+        Z.template row_dots<BV>(sV, c0, [&](int i, float x) {
             if (i < L) part_yv[((i64)(NWG * pb.vb + wg) * BT_ + bos + i) * HV + pb.hv] = x;
         });
         // dv = beta y through this warpgroup's columns of the v tile (their last reader was this thread)
@@ -734,11 +735,11 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
 // ---------------------------------------------------------------------------------------------
 // One chunk's partial log-gate and beta gradients (over one key slice) from the gradients w.r.t. the decay
 // exponents: C [BT x BT] (row stride ldc; rewritten in place) of the pair factors 2^(G_i - G_j), the row sums
-// rowQ (q . dq_inter, decay 2^G_i), rowK (k . dk_inter, 2^(G_last - G_j)), rowY (k . Yh, 2^G_i), rowB
-// (sum_j dL_ij (k_i . k_j) E_ij), and this thread's part of <h, dh> (2^G_last). Blocks of NT threads, sRed
-// NT / 32 floats. Writes part_dG and part_db at e0 + r HV for the chunk's rows r < L.
+// rowQ (q . dq_inter, decay 2^G_i; rewritten in place), rowK (k . dk_inter, 2^(G_last - G_j)), rowY (k . Yh,
+// 2^G_i), rowB (sum_j dL_ij (k_i . k_j) E_ij), and this thread's part of <h, dh> (2^G_last). Blocks of NT
+// threads, sRed NT / 32 floats. Writes part_dG and part_db at e0 + r HV for the chunk's rows r < L.
 template <int BT, int NT>
-__device__ __forceinline__ void chunk_gate_grads(float* sC, int ldc, const float* rowB, const float* rowQ,
+__device__ __forceinline__ void chunk_gate_grads(float* sC, int ldc, const float* rowB, float* rowQ,
                                                  const float* rowK, const float* rowY, const float* sG,
                                                  const float* sB, float hdh, float* sRed, int L,
                                                  float* __restrict__ part_dG, float* __restrict__ part_db, i64 e0,
@@ -750,6 +751,8 @@ __device__ __forceinline__ void chunk_gate_grads(float* sC, int ldc, const float
 #pragma unroll
     for (int w = 0; w < NT / 32; ++w) carried += sRed[w];
     carried *= exp2f(sG[BT - 1]);
+    // rowQ becomes the whole per-row term of the spans s <= i, once per row instead of once per thread
+    if ((int)threadIdx.x < BT) rowQ[threadIdx.x] -= sB[threadIdx.x] * exp2f(sG[threadIdx.x]) * rowY[threadIdx.x];
     // Gradient of each step's log-gate: the sum of the decay-exponent gradients of every factor spanning it
     // (summing spans directly, instead of a reverse cumsum of per-row terms, avoids cancelling large terms).
     // The pair factors' spans are rectangles of C: row-wise exclusive prefixes first, then column sums.
@@ -779,7 +782,7 @@ __device__ __forceinline__ void chunk_gate_grads(float* sC, int ldc, const float
     float acc = 0.f;
 #pragma unroll
     for (int x = seg0; x < seg0 + W; ++x) {
-        if (x >= rs && x < L) acc += rowQ[x] - sB[x] * exp2f(sG[x]) * rowY[x] + sC[x * ldc + rs];
+        if (x >= rs && x < L) acc += rowQ[x] + sC[x * ldc + rs];
         if (x < rs) acc += rowK[x];
     }
     acc = lane_group_sum<1, Q>(acc);
@@ -990,48 +993,64 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
     const int nvs = (V + BVB - 1) / BVB;
     const int my_items = blockIdx.x < NITEMS ? (NITEMS - 1 - blockIdx.x) / gridDim.x + 1 : 0, nsteps = my_items * nvs;
     struct Item { int c, hv, h, ks, L, k0, kc; i64 bos; };
-    const auto item_at = [&](int it) {
-        const int x = blockIdx.x + it * gridDim.x, ks = x % NKS, ch = x / NKS, hv = ch % HV, c = ch / HV;
-        const int k0 = ks * KS;
-        return Item{c, hv, hv / (HV / H), ks, chunk_len[c], k0, min(KS, K - k0), chunk_bos[c]};
-    };
-    const auto issue = [&](int s) {  // step s's inputs into their slots, as one cp.async group
-        const int it = s / nvs, vb = s % nvs, v0 = vb * BVB, vc = min(BVB, V - v0);
-        const Item m = item_at(it);
+    __shared__ Item sItems[2];  // the items of the two qk slots, decoded once (integer divisions)
+    const auto item_chunk = [&](int it) { return (blockIdx.x + it * gridDim.x) / NKS / HV; };
+    // The chunk table entries of the next item to issue, loaded one item ahead so that issuing never waits on them
+    i64 next_bos = 0;
+    int next_len = 0;
+    if (my_items > 0) {
+        next_bos = chunk_bos[item_chunk(0)];
+        next_len = chunk_len[item_chunk(0)];
+    }
+    const auto issue = [&](int it, int vb) {  // step (item it, V block vb) into its slots, as one cp.async group
+        const int v0 = vb * BVB, vc = min(BVB, V - v0);
+        Item m;
         if (vb == 0) {
+            const int x = blockIdx.x + it * gridDim.x, ks = x % NKS, ch = x / NKS, hv = ch % HV, c = ch / HV;
+            const int k0 = ks * KS;
+            m = Item{c, hv, hv / (HV / H), ks, next_len, k0, min(KS, K - k0), next_bos};
+            if (threadIdx.x == 0) sItems[it & 1] = m;  // read after the step's barrier
+            if (it + 1 < my_items) {
+                next_bos = chunk_bos[item_chunk(it + 1)];
+                next_len = chunk_len[item_chunk(it + 1)];
+            }
             unsigned char* st = qk_slots + (it & 1) * St::QK_BYTES;
             const i64 qk = (m.bos * H + m.h) * K + m.k0;
-            load_blocked(reinterpret_cast<T*>(st + St::Q), KS, q + qk, (i64)H * K, m.L, m.kc, BT);
-            load_blocked(reinterpret_cast<T*>(st + St::K), KS, k + qk, (i64)H * K, m.L, m.kc, BT);
+            load_blocked<KS, BT, 256>(reinterpret_cast<T*>(st + St::Q), q + qk, (i64)H * K, m.L, m.kc);
+            load_blocked<KS, BT, 256>(reinterpret_cast<T*>(st + St::K), k + qk, (i64)H * K, m.L, m.kc);
             ChunkRows::fetch_raw(reinterpret_cast<float*>(st + St::RAW), Gc, Bc, Rq, Rk, m.bos, m.L, BT, HV, m.hv,
                                  flags);
+        } else {
+            m = sItems[it & 1];
         }
-        unsigned char* sv = v_slots + (s & 1) * St::V_BYTES;
+        unsigned char* sv = v_slots + (((it * nvs + vb) & 1) * St::V_BYTES);
         const i64 row = (m.bos * HV + m.hv) * V + v0, hoff = ((i64)m.c * HV + m.hv) * K * V + (i64)m.k0 * V + v0;
-        load_blocked(reinterpret_cast<T*>(sv + St::DO), BVB, dout + row, (i64)HV * V, m.L, vc, BT);
-        load_blocked(reinterpret_cast<T*>(sv + St::Y), BVB, ybuf + row, (i64)HV * V, m.L, vc, BT);
-        load_blocked(reinterpret_cast<T*>(sv + St::DEL), BVB, vnew + row, (i64)HV * V, m.L, vc, BT);
-        load_blocked(reinterpret_cast<T*>(sv + St::H), BVB, hbuf + hoff, (i64)V, m.kc, vc, KS);
-        load_blocked(reinterpret_cast<T*>(sv + St::DH), BVB, dhbuf + hoff, (i64)V, m.kc, vc, KS);
+        load_blocked<BVB, BT, 256>(reinterpret_cast<T*>(sv + St::DO), dout + row, (i64)HV * V, m.L, vc);
+        load_blocked<BVB, BT, 256>(reinterpret_cast<T*>(sv + St::Y), ybuf + row, (i64)HV * V, m.L, vc);
+        load_blocked<BVB, BT, 256>(reinterpret_cast<T*>(sv + St::DEL), vnew + row, (i64)HV * V, m.L, vc);
+        load_blocked<BVB, KS, 256>(reinterpret_cast<T*>(sv + St::H), hbuf + hoff, (i64)V, m.kc, vc);
+        load_blocked<BVB, KS, 256>(reinterpret_cast<T*>(sv + St::DH), dhbuf + hoff, (i64)V, m.kc, vc);
         cp_async_commit();
     };
 
     WgAcc<1, KSW> Dq, Yh, Dk;
     WgAcc<1, 32> D, D2;
     float hdh = 0.f;
-    if (nsteps > 0) issue(0);
+    if (nsteps > 0) issue(0, 0);
+    __syncthreads();  // sItems[0], for step 1's issue
+    // step s is V block vb of item it; (nit, nvb) the step after it
 #pragma unroll 1
-    for (int s = 0; s < nsteps; ++s) {
-        const int it = s / nvs, vb = s % nvs;
+    for (int s = 0, it = 0, vb = 0; s < nsteps; ++s, it += (vb + 1 == nvs), vb = (vb + 1 == nvs) ? 0 : vb + 1) {
+        const int nvb = (vb + 1 == nvs) ? 0 : vb + 1, nit = it + (nvb == 0);
         if (s + 1 < nsteps) {
-            issue(s + 1);  // into the slot step s - 1 read, released by that step's closing barrier
+            issue(nit, nvb);  // into the slots step s - 1 read, released by that step's closing barrier
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         fence_proxy_async();
         __syncthreads();
-        const Item m = item_at(it);
+        const Item m = sItems[it & 1];
         unsigned char* sq = qk_slots + (it & 1) * St::QK_BYTES;
         unsigned char* sv = v_slots + (s & 1) * St::V_BYTES;
         const T* sQ = reinterpret_cast<const T*>(sq + St::Q);
@@ -1053,13 +1072,11 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
             rows.derive(reinterpret_cast<const float*>(sq + St::RAW), m.L, BT, flags);
             hdh = 0.f;
         }
-        {  // <h, dh> over this step (both tiles blocked alike, zeros outside)
-            const T* sH = reinterpret_cast<const T*>(sv + St::H);
-            const T* sDh = reinterpret_cast<const T*>(sv + St::DH);
-            for (int idx = 2 * threadIdx.x; idx < KS * BVB; idx += 2 * blockDim.x) {
-                const float2 a = load_pair(sH, idx), b = load_pair(sDh, idx);
-                hdh += a.x * b.x + a.y * b.y;
-            }
+        {  // <h, dh> over this step (both tiles blocked alike, zeros outside), 16 bytes of each at a time
+            const uint4* sH = reinterpret_cast<const uint4*>(sv + St::H);
+            const uint4* sDh = reinterpret_cast<const uint4*>(sv + St::DH);
+#pragma unroll
+            for (int idx = threadIdx.x; idx < KS * BVB / 8; idx += 256) hdh += dot8<T>(sH[idx], sDh[idx]);
         }
         wg_wait<0>();
         if (vb + 1 < nvs) {
@@ -1103,19 +1120,15 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
         // meanwhile: the inter-chunk parts and their row sums (q . dq_inter, k . dk_inter, k . Yh)
         float* part = sPart + wg * 6 * BT;
         const float glast = sG[BT - 1];
-        const auto qv = [&](int i, int j) { return to_float(sQ[blk(i, kw + j, KS)]); };
-        const auto kv = [&](int i, int j) { return to_float(sK[blk(i, kw + j, KS)]); };
-        Dq.apply([&](int i, int, float& x) { x *= exp2f(sG[i]) * scale; });
-        Dk.apply([&](int i, int, float& x) { x *= exp2f(glast - sG[i]); });
-        const auto times_q = [&](int i, int j, float x) { return x * qv(i, j); };
-        const auto times_k = [&](int i, int j, float x) { return x * kv(i, j); };
-        Dq.row_sums(times_q, [&](int i, float x) { part[BT + i] = x * rows.rq[i]; });
-        Dk.row_sums(times_k, [&](int i, float x) { part[2 * BT + i] = x * rows.rk[i]; });
-        Yh.row_sums(times_k, [&](int i, float x) { part[3 * BT + i] = x * rows.rk[i]; });
-        Dk.zip_pairs(Yh, [&](int i, int, float& x0, float& x1, float& y0, float& y1) {
-            const float f = sB[i] * exp2f(sG[i]);
-            x0 -= f * y0;
-            x1 -= f * y1;
+        Dq.scale_rows([&](int i) { return exp2f(sG[i]) * scale; });
+        Dk.scale_rows([&](int i) { return exp2f(glast - sG[i]); });
+        Dq.template row_dots<KS>(sQ, kw, [&](int i, float x) { part[BT + i] = x * rows.rq[i]; });
+        Dk.template row_dots<KS>(sK, kw, [&](int i, float x) { part[2 * BT + i] = x * rows.rk[i]; });
+        Yh.template row_dots<KS>(sK, kw, [&](int i, float x) { part[3 * BT + i] = x * rows.rk[i]; });
+        Yh.scale_rows([&](int i) { return -sB[i] * exp2f(sG[i]); });
+        Dk.zip_pairs(Yh, [&](int, int, float& x0, float& x1, float& y0, float& y1) {
+            x0 += y0;
+            x1 += y1;
         });
         wg_wait<0>();
         // KK becomes W_ij = dL_ij (k_i . k_j) E_ij (beta_i W_ij = dL_ij L_ij); C_ij = DM_ij (q_i . k_j) + beta_i W_ij:
@@ -1146,8 +1159,8 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
         wg_wait<0>();
         const bool l2 = FUSE && (flags & F_L2);
         if (l2) {  // q . dq_n and k . dk_n over this warpgroup's keys, for the L2 norm's backward
-            Dq.row_sums(times_q, [&](int i, float x) { part[4 * BT + i] = x; });
-            Dk.row_sums(times_k, [&](int i, float x) { part[5 * BT + i] = x; });
+            Dq.template row_dots<KS>(sQ, kw, [&](int i, float x) { part[4 * BT + i] = x; });
+            Dk.template row_dots<KS>(sK, kw, [&](int i, float x) { part[5 * BT + i] = x; });
         }
         __syncthreads();
         for (int idx = threadIdx.x; idx < 6 * BT; idx += blockDim.x) sRow[idx] = sPart[idx] + sPart[6 * BT + idx];
@@ -1158,15 +1171,17 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
             // dq = rq (dq_n - rq^2 (q . dq_n) q), likewise dk (the L2 norm's backward), else dq = dq_n
             Dq.apply_pairs([&](int i, int j, float& x0, float& x1) {
                 const float r = rows.rq[i], f = l2 ? r * r * sRow[4 * BT + i] : 0.f, g = l2 ? r : 1.f;
+                const float2 y = l2 ? load_pair(sQ, blk(i, kw + j, KS)) : make_float2(0.f, 0.f);
                 if (i < m.L)
-                    put_row_pair(dq, qrow + (i64)i * H * K + kw + j, kw + j, m.kc, paired, g * (x0 - f * qv(i, j)),
-                                 g * (x1 - f * qv(i, j + 1)));
+                    put_row_pair(dq, qrow + (i64)i * H * K + kw + j, kw + j, m.kc, paired, g * (x0 - f * y.x),
+                                 g * (x1 - f * y.y));
             });
             Dk.apply_pairs([&](int i, int j, float& x0, float& x1) {
                 const float r = rows.rk[i], f = l2 ? r * r * sRow[5 * BT + i] : 0.f, g = l2 ? r : 1.f;
+                const float2 y = l2 ? load_pair(sK, blk(i, kw + j, KS)) : make_float2(0.f, 0.f);
                 if (i < m.L)
-                    put_row_pair(dk, qrow + (i64)i * H * K + kw + j, kw + j, m.kc, paired, g * (x0 - f * kv(i, j)),
-                                 g * (x1 - f * kv(i, j + 1)));
+                    put_row_pair(dk, qrow + (i64)i * H * K + kw + j, kw + j, m.kc, paired, g * (x0 - f * y.x),
+                                 g * (x1 - f * y.y));
             });
         } else {
             Dq.apply_pairs([&](int i, int j, float& x0, float& x1) {
