@@ -207,6 +207,25 @@ __device__ __forceinline__ void scale_inter_output(AccT& Y, const float* gq, flo
     Y.apply([&](int i, int, float& x) { x *= gq[i] * scale; });
 }
 
+// acc[q] = sum over k in [k0, k1) of R[q ld_r + k] C[k ld_c], q < 4: four rows of R (16-byte aligned, as float4
+// loads) against one column of C, over whole 16-blocks of k (k0, k1 multiples of 16), fully unrolled per block.
+__device__ __forceinline__ void four_row_dots(const float* R, int ld_r, const float* C, int ld_c, int k0, int k1,
+                                              float (&acc)[4]) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[q] = 0.f;
+    for (int kb = k0; kb < k1; kb += 16) {
+#pragma unroll
+        for (int k = kb; k < kb + 16; k += 4) {
+            const float c[4] = {C[k * ld_c], C[(k + 1) * ld_c], C[(k + 2) * ld_c], C[(k + 3) * ld_c]};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const float4 r = *reinterpret_cast<const float4*>(R + q * ld_r + k);
+                acc[q] += r.x * c[0] + r.y * c[1] + r.z * c[2] + r.w * c[3];
+            }
+        }
+    }
+}
+
 // A = (I + L)^-1 for a strictly lower-triangular BT x BT L (floats, leading dimension ld), in float32.
 // The 16 x 16 diagonal blocks are inverted at once by forward substitution (one column per thread); then
 // pairs of inverted s x s diagonal blocks (s = 16, 32, ..) merge into 2s x 2s inverses, all pairs of a
@@ -251,18 +270,8 @@ __device__ __forceinline__ void invert_unit_lower(const float* L, float* A, int 
             const int c = idx % s, m = 4 * (idx / s % (s / 4)), p = idx / (s * s / 4), b = 2 * s * p;
             const float* Lr = L + (b + s + m) * ld + b;
             const float* Ac = A + b * ld + b + c;
-            float acc[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int j0 = c & ~15; j0 < s; j0 += 16) {
-#pragma unroll
-                for (int j = j0; j < j0 + 16; j += 4) {
-                    const float a[4] = {Ac[j * ld], Ac[(j + 1) * ld], Ac[(j + 2) * ld], Ac[(j + 3) * ld]};
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        const float4 l = *reinterpret_cast<const float4*>(Lr + q * ld + j);
-                        acc[q] += l.x * a[0] + l.y * a[1] + l.z * a[2] + l.w * a[3];
-                    }
-                }
-            }
+            float acc[4];
+            four_row_dots(Lr, ld, Ac, ld, c & ~15, s, acc);
 #pragma unroll
             for (int q = 0; q < 4; ++q) X[(m + q) * ldx + p * s + c] = acc[q];
         }
@@ -272,18 +281,8 @@ __device__ __forceinline__ void invert_unit_lower(const float* L, float* A, int 
             const int c = idx % s, m = 4 * (idx / s % (s / 4)), p = idx / (s * s / 4), b = 2 * s * p;
             const float* Ar = A + (b + s + m) * ld + b + s;
             const float* Xc = X + p * s + c;
-            float acc[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int n0 = 0; n0 <= (m & ~15); n0 += 16) {
-#pragma unroll
-                for (int n = n0; n < n0 + 16; n += 4) {
-                    const float x[4] = {Xc[n * ldx], Xc[(n + 1) * ldx], Xc[(n + 2) * ldx], Xc[(n + 3) * ldx]};
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        const float4 r = *reinterpret_cast<const float4*>(Ar + q * ld + n);
-                        acc[q] += r.x * x[0] + r.y * x[1] + r.z * x[2] + r.w * x[3];
-                    }
-                }
-            }
+            float acc[4];
+            four_row_dots(Ar, ld, Xc, ldx, 0, (m & ~15) + 16, acc);
 #pragma unroll
             for (int q = 0; q < 4; ++q) A[(b + s + m + q) * ld + b + c] = -acc[q];
         }
