@@ -256,6 +256,13 @@ __device__ __forceinline__ int2 blocked_piece(int idx, int cg) {
     return make_int2(((idx / (8 * cg)) << 3) + (idx & 7), ((idx >> 3) % cg) << 3);
 }
 
+// The piece that thread t takes in the compile-time copy paths. Within each warp, every 8 lanes (which the memory
+// system serves together for 16-byte accesses) take 4 rows x 2 adjacent pieces, so that each request covers whole
+// 32-byte sectors; 8 rows x 1 piece covered half sectors, and the lanes with the other halves fetched them again.
+__device__ __forceinline__ int sector_piece(int t) {
+    return (t & ~31) | (((t & 1) | ((t >> 3) & 2)) << 3) | ((t >> 1) & 3) | ((t >> 1) & 4);
+}
+
 // 16-byte chunks of global rows into a blocked tile: s (RP x CP, E; RP a multiple of 8) from g[r * gstride + c],
 // rows < rows and columns < cols (a multiple of 8), zeros elsewhere, by a block of NT threads. g and gstride
 // 16-byte aligned. The chunk order makes shared-memory addresses linear in the thread index. The caller waits
@@ -268,10 +275,11 @@ __device__ __forceinline__ void load_blocked(E* s, const E* __restrict__ g, i64 
         // instead of each chunk's position being decoded, and each copy has its own address registers (a copy in
         // flight holds its registers: advancing one pointer made the next copy wait for the previous one).
         constexpr int RS = NT / CG;
-        const int2 rc = blocked_piece(threadIdx.x, CG);
+        const int tp = sector_piece(threadIdx.x);
+        const int2 rc = blocked_piece(tp, CG);
         const bool cin = rc.y < cols;
         const E* gp = g + rc.x * gstride + rc.y;
-        const unsigned sa = smem_addr(s + threadIdx.x * 8);
+        const unsigned sa = smem_addr(s + tp * 8);
 #pragma unroll
         for (int i = 0; i < N / NT; ++i) {
             const bool in = cin && rc.x + i * RS < rows;
@@ -298,7 +306,7 @@ __device__ __forceinline__ void store_blocked(E* __restrict__ g, i64 gstride, co
     constexpr int CG = NC / 8, N = RP * CG;
     if constexpr (NT % (8 * CG) == 0 && N % NT == 0) {
         constexpr int RS = NT / CG, IT = N / NT;
-        const int2 rc = blocked_piece(t, CG);
+        const int2 rc = blocked_piece(sector_piece(t), CG);
         const int c = c0 + rc.y;
         uint4 x[IT];
 #pragma unroll
