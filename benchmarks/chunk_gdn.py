@@ -7,6 +7,12 @@ SDPA (causal, same B, T, H, D) as the softmax-attention yardstick. Each time is 
 multiple of the memory floor: bytes of the inputs read once and outputs written once, over the
 device-to-device copy bandwidth measured in the same run.
 
+Two times per row: the wall time of back-to-back calls between CUDA events, and the GPU kernel time (the sum
+of the call's kernel durations from the torch profiler, which sees the CuPy launches too). The peer launches
+about a dozen Triton and torch kernels per forward from Python; where the host cannot keep up, its event time
+includes the gaps between them. The speed-up is taken on the kernel times, so that launch overhead on this
+host does not flatter rawdelta.
+
 Accuracy: with bf16 inputs, the relative RMS error of o, the final state and every gradient against
 a float64 reference (the token-by-token recurrence run in float64 with torch autograd on the GPU), for
 rawdelta and, where it runs, the peer.
@@ -49,6 +55,24 @@ def time_ms(fn, iters: int = 20, warmup: int = 5, reps: int = 5) -> float:
         end.synchronize()
         samples.append(start.elapsed_time(end) / iters)
     return statistics.median(samples)
+
+
+def kernel_ms(fn, calls: int = 5) -> float:
+    """GPU kernel time per call: the sum of the CUDA kernel durations of `calls` calls (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.device_time_total for e in prof.key_averages())
+    return total_us / calls / 1e3
+
+
+def timed(fn) -> dict[str, float]:
+    return {"ms": time_ms(fn), "gpu_ms": kernel_ms(fn)}
 
 
 def copy_bandwidth_gbs() -> float:
@@ -159,14 +183,14 @@ def speed(B: int, T: int, H: int, D: int, bw: float) -> list[dict[str, Any]]:
     floor = {"fwd": fwd_bytes / (bw * 1e9) * 1e3, "fwd+bwd": fb_bytes / (bw * 1e9) * 1e3}
     rows = []
     rd = RawDelta(x)
-    rows.append({"impl": "rawdelta cuda", "mode": "fwd", "ms": time_ms(lambda: rd.fwd())})
-    rows.append({"impl": "rawdelta cuda", "mode": "fwd+bwd", "ms": time_ms(lambda: rd.fwd_bwd())})
+    rows.append({"impl": "rawdelta cuda", "mode": "fwd", **timed(lambda: rd.fwd())})
+    rows.append({"impl": "rawdelta cuda", "mode": "fwd+bwd", **timed(lambda: rd.fwd_bwd())})
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
         args = {n: x[n] for n in ("q", "k", "v", "g", "beta")}
-        rows.append({"impl": "fla-core", "mode": "fwd", "ms": time_ms(
-            lambda: fla_chunk(**args, use_qk_l2norm_in_kernel=True))})
+        rows.append({"impl": "fla-core", "mode": "fwd",
+                     **timed(lambda: fla_chunk(**args, use_qk_l2norm_in_kernel=True))})
         leaves = {n: t.clone().requires_grad_() for n, t in args.items()}
 
         def peer_fb():
@@ -174,7 +198,7 @@ def speed(B: int, T: int, H: int, D: int, bw: float) -> list[dict[str, Any]]:
             o.backward(x["do"])
 
         try:
-            rows.append({"impl": "fla-core", "mode": "fwd+bwd", "ms": time_ms(peer_fb)})
+            rows.append({"impl": "fla-core", "mode": "fwd+bwd", **timed(peer_fb)})
         except Exception as e:
             rows.append({"impl": "fla-core", "mode": "fwd+bwd", "ms": None,
                          "note": f"{type(e).__name__}: {str(e)[:100]}"})
@@ -186,10 +210,10 @@ def speed(B: int, T: int, H: int, D: int, bw: float) -> list[dict[str, Any]]:
 
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        rows.append({"impl": "torch SDPA flash (causal softmax)", "mode": "fwd", "ms": time_ms(
-            lambda: sdpa(qs, ks, vs, is_causal=True))})
-        rows.append({"impl": "torch SDPA flash (causal softmax)", "mode": "fwd+bwd", "ms": time_ms(
-            lambda: sdpa(qs, ks, vs, is_causal=True).backward(dos))})
+        rows.append({"impl": "torch SDPA flash (causal softmax)", "mode": "fwd",
+                     **timed(lambda: sdpa(qs, ks, vs, is_causal=True))})
+        rows.append({"impl": "torch SDPA flash (causal softmax)", "mode": "fwd+bwd",
+                     **timed(lambda: sdpa(qs, ks, vs, is_causal=True).backward(dos))})
     for r in rows:
         r["shape"] = [B, T, H, D]
         r["floor_ms"] = floor[r["mode"]]
@@ -208,16 +232,18 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for s in filter(None, args.shapes.split(",")):
         rows += speed(*(int(v) for v in s.split("x")), bw)
-    print("| (B, T, H, D) | mode | implementation | time (ms) | x floor | rawdelta speed-up |")
-    print("|---|---|---|---|---|---|")
+    print("| (B, T, H, D) | mode | implementation | time (ms) | GPU kernel time (ms) | x floor (kernel time) "
+          "| rawdelta speed-up (kernel time) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        ours = next(x["ms"] for x in rows if x["impl"] == "rawdelta cuda" and x["mode"] == r["mode"]
+        ours = next(x["gpu_ms"] for x in rows if x["impl"] == "rawdelta cuda" and x["mode"] == r["mode"]
                     and x["shape"] == r["shape"])
-        ms = r["ms"]
+        ms, gpu = r["ms"], r.get("gpu_ms")
         t = f"{ms:.3f}" if ms else f"n/a ({r.get('note', '')})"
-        xf = f"{ms / r['floor_ms']:.2f}" if ms else "-"
-        sp = f"{ms / ours:.2f}x" if ms and r["impl"] != "rawdelta cuda" else "-"
-        print(f"| {tuple(r['shape'])} | {r['mode']} | {r['impl']} | {t} | {xf} | {sp} |")
+        g = f"{gpu:.3f}" if ms else "-"
+        xf = f"{gpu / r['floor_ms']:.2f}" if ms else "-"
+        sp = f"{gpu / ours:.2f}x" if ms and r["impl"] != "rawdelta cuda" else "-"
+        print(f"| {tuple(r['shape'])} | {r['mode']} | {r['impl']} | {t} | {g} | {xf} | {sp} |")
     acc = []
     if not args.skip_accuracy:
         acc = accuracy(*(int(v) for v in args.accuracy_shape.split("x")))
