@@ -265,8 +265,8 @@ __device__ __forceinline__ int sector_piece(int t) {
 
 // 16-byte chunks of global rows into a blocked tile: s (RP x CP, E; RP a multiple of 8) from g[r * gstride + c],
 // rows < rows and columns < cols (a multiple of 8), zeros elsewhere, by a block of NT threads. g and gstride
-// 16-byte aligned. The chunk order makes shared-memory addresses linear in the thread index. The caller waits
-// (cp_async_wait_all).
+// 16-byte aligned. Piece idx lands at element 8 idx of s (blocked_piece's order); the compile-time path hands
+// the pieces of each warp to its lanes in sector_piece's order. The caller waits (cp_async_wait_all).
 template <int CP, int RP, int NT, typename E>
 __device__ __forceinline__ void load_blocked(E* s, const E* __restrict__ g, i64 gstride, int rows, int cols) {
     constexpr int CG = CP / 8, N = RP * CG;
@@ -297,9 +297,9 @@ __device__ __forceinline__ void load_blocked(E* s, const E* __restrict__ g, i64 
 
 // The mirror of load_blocked for NC columns from c0 of a blocked tile s (RP x CPS, E): rows < rows and columns
 // < cols to g[r * gstride + c], in 16-byte pieces of 8 columns, by NT threads (t: this thread's index among them).
-// Each warp writes 64 bytes of 8 rows per instruction (stores from accumulator fragments write 16) and reads
-// shared memory without bank conflicts; a thread's shared-memory reads all issue before its stores. g and
-// gstride 16-byte aligned.
+// Each 8 lanes write whole 32-byte sectors of 4 rows (sector_piece; stores from accumulator fragments write 16
+// bytes of 8 rows per warp instruction), reading shared memory with 2-way bank conflicts; a thread's
+// shared-memory reads all issue before its stores. g and gstride 16-byte aligned.
 template <int NC, int NT, int CPS, int RP, typename E>
 __device__ __forceinline__ void store_blocked(E* __restrict__ g, i64 gstride, const E* s, int rows, int c0, int cols,
                                               int t) {

@@ -123,8 +123,7 @@ register(
        for s in (False, True)]
     + [_bwd_wg_name(ct, kp, 2, bvw, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
        for pp in (False, True)]
-    + [_bwd_wg_name(ct, kp, 4, bvw, pp) for ct in WG_TYPES for kp in (64, 128) for bvw in (16, 32)
-       for pp in (False, True)]
+    + [_bwd_wg_name(ct, kp, 4, bvw, True) for ct in WG_TYPES for kp in (64, 128) for bvw in (16, 32)]
     + [_dqk_wg_name(ct, ksw, f) for ct in WG_TYPES for ksw in (32, 64) for f in (False, True)],
 )
 
