@@ -34,8 +34,9 @@ class ChunkGatedDeltaRuleResiduals(NamedTuple):
         factors: the cuda forward's per-chunk factors (cumulative log2 gates, effective beta, the q/k rows'
             inverse L2 norms ``[B*T, HV]`` float32; ``(I + L)^-1`` and the masked intra-chunk scores
             ``[B*T, HV, chunk_size]`` 16-bit), which its backward reuses instead of recomputing them.
-            None for the numpy and numba backends, and where the residuals are rebuilt from the inputs
-            (the torch and JAX adapters): the backward then recomputes them.
+            None for the numpy and numba backends: the backward then recomputes them. (The torch and JAX
+            adapters rebuild the residuals from the inputs and take the factors from the workspace their
+            forward filled: ``cuda_chunk.factors_from_workspace``.)
     """
 
     problem: GDNProblem
@@ -89,10 +90,18 @@ def chunk_gated_delta_rule_fwd(
                      use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
                      cu_seqlens_cpu=cu_seqlens_cpu, backend=backend, stream=stream, allow_gk_gv=False,
                      allow_beta_per_v=False, chunk_size=chunk_size)
+    return forward_problem(p, chunk_size)
+
+
+def forward_problem(p: GDNProblem, chunk_size: int, workspace: Any = None) -> tuple[tuple[Any, Any],
+                                                                                  ChunkGatedDeltaRuleResiduals]:
+    """:func:`chunk_gated_delta_rule_fwd` on a validated problem. The framework adapters pass `workspace`, a
+    1-D uint8 array of ``cuda_chunk.factor_nbytes`` bytes that they keep for the backward: the cuda backend
+    writes its per-chunk factors there (where it is their size) instead of into fresh arrays."""
     factors = None
     with backend_stream(p):
         if p.backend == "cuda":
-            o, ht, factors = _impl(p.backend).chunk_forward(p, chunk_size)
+            o, ht, factors = _impl(p.backend).chunk_forward(p, chunk_size, workspace)
         else:
             o, ht = _impl(p.backend).chunk_forward(p, chunk_size)
         o, ht = cast_outputs(p, o, ht)

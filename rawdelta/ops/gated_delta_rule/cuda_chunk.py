@@ -260,36 +260,113 @@ def _kp(K: int) -> int:
     return next(kp for kp in KP_SIZES if kp >= K)
 
 
-def _prepare(p: GDNProblem, bt: int) -> _Chunks:
+# The per-chunk factors prepare writes, in the order they sit in a factor workspace (see factor_nbytes): packed
+# without gaps, so that every byte of it is written (the matrices come first: each is a multiple of 32 bytes, so
+# every array starts 16-byte aligned for the kernels' 16-byte accesses, then the float32 rows).
+
+
+def _factor_fields(n_tok: int, HV: int, bt: int, ct: str, l2: bool, wg: bool) -> list[tuple[str, tuple[int, ...],
+                                                                                          np.dtype]]:
+    """(name, shape, dtype) of every factor array :func:`_prepare` fills (the absent ones left out)."""
+    f32 = np.dtype(np.float32)
+    mma = np.dtype(np.float16) if ct == "__half" else BFLOAT16
+    rows, mats = (n_tok, HV), (n_tok, HV, bt)
+    fields = [("Ahi", mats, mma)]
+    if not wg:
+        fields.append(("Alo", mats, mma))
+    fields.append(("Phi", mats, mma))
+    if ct == "float":
+        fields.append(("Plo", mats, mma))
+    fields += [("Gc", rows, f32), ("Bc", rows, f32)]
+    if l2:
+        fields += [("Rq", rows, f32), ("Rk", rows, f32)]
+    return fields
+
+
+def _fields_nbytes(fields: list[tuple[str, tuple[int, ...], np.dtype]]) -> int:
+    return sum(math.prod(shape) * dt.itemsize for _, shape, dt in fields)
+
+
+def _wg_layout(ct: str, bt: int, K: int, V: int, compute_capability: str) -> bool:
+    """Whether the Hopper state passes take a call of this type and shape on a device of `compute_capability`
+    (``"90"``), before the alignment of its arrays is known (:func:`_wgmma_applies` adds it)."""
+    return USE_WGMMA and ct in WG_TYPES and bt == WG_BT and K % 8 == 0 and V % 8 == 0 and compute_capability == "90"
+
+
+def factor_nbytes(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: Any, chunk_size: int, l2: bool,
+                  compute_capability: str | None) -> int:
+    """Bytes of a workspace that holds the forward's per-chunk factors for the backward (0: none kept).
+
+    For the framework adapters, which must size the buffer before the call: q ``[B, T, H, K]`` and v
+    ``[B, T, HV, V]`` shapes, the input dtype, the chunk size, whether q and k are L2-normalised in the kernel,
+    and the device's compute capability as ``"90"`` (None off the GPU, where the backends keep no factors).
+    A workspace of the wrong size (the inputs' alignment made the forward take other kernels) is not used:
+    the backward then recomputes the factors.
+    """
+    ct = rec.CTYPES.get(np.dtype(dtype))
+    if compute_capability is None or ct is None or chunk_size not in CHUNK_SIZES:
+        return 0
+    B, T, _, K = q_shape
+    HV, V = v_shape[2], v_shape[3]
+    return _fields_nbytes(_factor_fields(B * T, HV, chunk_size, ct, l2, _wg_layout(ct, chunk_size, K, V,
+                                                                                    compute_capability)))
+
+
+def _factor_arrays(p: GDNProblem, bt: int, ct: str, wg: bool, workspace: Any) -> dict[str, Any] | None:
+    """The factor arrays as views of `workspace` (a 1-D uint8 CuPy array), None when it is not their size;
+    fresh arrays when `workspace` is None."""
+    import cupy
+
+    fields = _factor_fields(p.B * p.T, p.HV, bt, ct, bool(rec._flags(p) & rec.F_L2), wg)
+    if workspace is None:
+        return {name: empty(cupy, shape, dt) for name, shape, dt in fields}
+    if workspace.dtype != np.uint8 or workspace.ndim != 1 or workspace.nbytes != _fields_nbytes(fields):
+        return None
+    out, off = {}, 0
+    for name, shape, dt in fields:
+        nb = math.prod(shape) * dt.itemsize
+        out[name] = workspace[off:off + nb].view(dt).reshape(shape)
+        off += nb
+    return out
+
+
+def _chunks(p: GDNProblem, bt: int, workspace: Any = None) -> _Chunks | None:
+    """The chunk table (launched) and the factor arrays (in `workspace` where it fits, else None; fresh arrays
+    without one), not yet filled."""
     import cupy
 
     ct = rec.CTYPES[p.q.dtype]
     wg = _wgmma_applies(p, bt)
-    kp = _kp(p.K)
+    arrays = _factor_arrays(p, bt, ct, wg, workspace)
+    if arrays is None:
+        return None
     nc = _num_chunks(p, bt)
-    flags = rec._flags(p)
     seq_chunk0 = empty(cupy, (p.N + 1,), np.int32)
     chunk_bos = empty(cupy, (max(nc, 1),), np.int64)
     chunk_len = empty(cupy, (max(nc, 1),), np.int32)
-    n_tok = p.B * p.T
-    Gc = empty(cupy, (n_tok, p.HV), np.float32)
-    Bc = empty(cupy, (n_tok, p.HV), np.float32)
-    l2 = bool(flags & rec.F_L2)
-    Rq = empty(cupy, (n_tok, p.HV), np.float32) if l2 else None
-    Rk = empty(cupy, (n_tok, p.HV), np.float32) if l2 else None
-    mma_dt = np.float16 if ct == "__half" else BFLOAT16
-    Ahi = empty(cupy, (n_tok, p.HV, bt), mma_dt)
-    Alo = None if wg else empty(cupy, (n_tok, p.HV, bt), mma_dt)
-    Phi = empty(cupy, (n_tok, p.HV, bt), mma_dt)
-    Plo = empty(cupy, (n_tok, p.HV, bt), mma_dt) if ct == "float" else None
     _launch("gdn_chunk_table_kernel", 1, 1024, 0, (
         rec._ptr(p.cu_seqlens), np.int32(p.N), np.int32(p.T), np.int32(bt), seq_chunk0, chunk_bos, chunk_len,
-        np.int32(flags)))
-    _launch(_prepare_name(ct, bt, kp), nc * p.HV, PREP_THREADS, _smem_prepare(ct, bt, kp), (
-        p.q, p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), chunk_bos, chunk_len,
-        Gc, Bc, rec._ptr(Rq), rec._ptr(Rk), Ahi, rec._ptr(Alo), Phi, rec._ptr(Plo), np.int32(p.H),
-        np.int32(p.HV), np.int32(p.K), np.float32(p.scale), np.int32(flags)))
-    return _Chunks(bt, kp, ct, nc, wg, seq_chunk0, chunk_bos, chunk_len, Gc, Bc, Rq, Rk, Ahi, Alo, Phi, Plo)
+        np.int32(rec._flags(p))))
+    return _Chunks(bt, _kp(p.K), ct, nc, wg, seq_chunk0, chunk_bos, chunk_len,
+                   *(arrays.get(n) for n in ("Gc", "Bc", "Rq", "Rk", "Ahi", "Alo", "Phi", "Plo")))
+
+
+def _prepare(p: GDNProblem, bt: int, workspace: Any = None) -> _Chunks:
+    """Launch the chunk table and prepare kernels; the factors go into `workspace` where it is their size."""
+    ch = _chunks(p, bt, workspace) or _chunks(p, bt)
+    assert ch is not None
+    _launch(_prepare_name(ch.ct, bt, ch.kp), ch.nc * p.HV, PREP_THREADS, _smem_prepare(ch.ct, bt, ch.kp), (
+        p.q, p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), ch.chunk_bos,
+        ch.chunk_len, ch.Gc, ch.Bc, rec._ptr(ch.Rq), rec._ptr(ch.Rk), ch.Ahi, rec._ptr(ch.Alo), ch.Phi,
+        rec._ptr(ch.Plo), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.float32(p.scale),
+        np.int32(rec._flags(p))))
+    return ch
+
+
+def factors_from_workspace(p: GDNProblem, chunk_size: int, workspace: Any) -> _Chunks | None:
+    """The per-chunk factors a forward wrote into `workspace` (:func:`chunk_forward`), for :func:`chunk_backward`;
+    None where it holds none (its size is not theirs), and the backward recomputes them."""
+    return None if workspace is None else _chunks(p, chunk_size, workspace)
 
 
 def _state_pass_args(p: GDNProblem, ch: _Chunks) -> tuple[int, int]:
@@ -313,8 +390,8 @@ def _sm_count() -> int:
 def _wgmma_applies(p: GDNProblem, bt: int) -> bool:
     """The Hopper state passes take 16-bit inputs, chunks of 64, K and V multiples of 8 (16-byte rows) and
     16-byte aligned q, k, v (the backward copies a misaligned do), on a compute capability 9.0 device."""
-    return (USE_WGMMA and rec.CTYPES[p.q.dtype] in WG_TYPES and bt == WG_BT and p.K % 8 == 0 and p.V % 8 == 0
-            and all(x.data.ptr % 16 == 0 for x in (p.q, p.k, p.v)) and wgmma_available())
+    return (_wg_layout(rec.CTYPES[p.q.dtype], bt, p.K, p.V, "90" if wgmma_available() else "")
+            and all(x.data.ptr % 16 == 0 for x in (p.q, p.k, p.v)))
 
 
 def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None,
@@ -337,12 +414,13 @@ def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, h
         p.q, p.k, p.v, *ch.rows, *ch.matrices, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags)))
 
 
-def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any, _Chunks]:
+def chunk_forward(p: GDNProblem, chunk_size: int, workspace: Any = None) -> tuple[Any, Any, _Chunks]:
     """Launch the forward: o ``[B, T, HV, V]`` (v's dtype), the final state ``[N, HV, K, V]`` float32, and the
-    per-chunk factors (for :func:`chunk_backward`)."""
+    per-chunk factors (for :func:`chunk_backward`), written into `workspace` (1-D uint8, :func:`factor_nbytes`
+    bytes) where it is their size."""
     import cupy
 
-    ch = _prepare(p, chunk_size)
+    ch = _prepare(p, chunk_size, workspace)
     o = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
     flags = rec._flags(p)
     ht = None
