@@ -14,12 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from ..ops.gated_delta_rule.chunk import (
-    ChunkGatedDeltaRuleResiduals,
-    chunk_gated_delta_rule_bwd,
-    chunk_gated_delta_rule_fwd,
-)
-from ..ops.gated_delta_rule.problem import make_problem
+from ..ops.gated_delta_rule import cuda_chunk
+from ..ops.gated_delta_rule.calls import backend_stream
+from ..ops.gated_delta_rule.chunk import ChunkGatedDeltaRuleResiduals, chunk_gated_delta_rule_bwd, forward_problem
+from ..ops.gated_delta_rule.problem import GDNProblem, make_problem
 from ..ops.gated_delta_rule.recurrent import (
     FusedRecurrentGatedDeltaRuleResiduals,
     fused_recurrent_gated_delta_rule_bwd,
@@ -92,6 +90,23 @@ def _call_kwargs(arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any, f
     return kw
 
 
+def workspace_nbytes(flags: GDNFlags, q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: Any,
+                     compute_capability: str | None) -> int:
+    """Bytes of the workspace in which the chunked mode's forward keeps its per-chunk factors for the backward
+    (``cuda_chunk.factor_nbytes``); 0 for the recurrent mode, whose residuals are its inputs, and off the GPU
+    (``compute_capability`` None; else like ``"90"``)."""
+    if flags.mode != "chunk":
+        return 0
+    return cuda_chunk.factor_nbytes(q_shape, v_shape, dtype, flags.chunk_size, flags.use_qk_l2norm_in_kernel,
+                                    compute_capability)
+
+
+def _chunk_problem(kw: dict[str, Any], flags: GDNFlags, backend: str) -> GDNProblem:
+    # The validation of chunk_gated_delta_rule_fwd.
+    return make_problem(**kw, backend=backend, allow_gk_gv=False, allow_beta_per_v=False,
+                        chunk_size=flags.chunk_size)
+
+
 def forward(
     arrays: dict[str, Any],
     cu_seqlens: Any,
@@ -100,17 +115,21 @@ def forward(
     backend: str,
     *,
     inplace_final_state: bool = False,
+    workspace: Any = None,
 ) -> tuple[Any, Any]:
     """Run the core forward of ``flags.mode`` on raw arrays; returns ``(o, final_state or None)``.
 
     Launches go on the current CuPy stream (the adapters make their framework's stream current).
-    ``inplace_final_state`` is the recurrent mode's only.
+    ``inplace_final_state`` is the recurrent mode's only. ``workspace`` (chunked mode, cuda backend): a 1-D
+    uint8 array of :func:`workspace_nbytes` bytes that receives the per-chunk factors, to be handed to
+    :func:`backward`.
     """
     kw = _call_kwargs(arrays, cu_seqlens, cu_seqlens_cpu, flags)
     if flags.mode == "chunk":
         if inplace_final_state:
             raise ValueError("inplace_final_state is only supported by the recurrent mode")
-        (o, ht), _ = chunk_gated_delta_rule_fwd(**kw, chunk_size=flags.chunk_size, backend=backend)
+        p = _chunk_problem(kw, flags, backend)
+        (o, ht), _ = forward_problem(p, flags.chunk_size, workspace if p.backend == "cuda" else None)
     else:
         (o, ht), _ = fused_recurrent_gated_delta_rule_fwd(**kw, inplace_final_state=inplace_final_state,
                                                           backend=backend)
@@ -125,17 +144,23 @@ def backward(
     backend: str,
     do: Any,
     dht: Any,
+    workspace: Any = None,
 ) -> dict[str, Any]:
     """Run the core backward of ``flags.mode`` on raw arrays; returns ``{name: gradient}`` for every present input.
 
     The residuals of both modes are the validated inputs (and the chunk size), so they are rebuilt here from
-    the saved inputs instead of re-running the forward; the validation matches the mode's ``_fwd``.
+    the saved inputs instead of re-running the forward; the validation matches the mode's ``_fwd``. The
+    chunked mode takes its per-chunk factors from the forward's ``workspace`` where that holds them, and
+    recomputes them otherwise.
     """
     kw = _call_kwargs(arrays, cu_seqlens, cu_seqlens_cpu, flags)
     if flags.mode == "chunk":
-        p = make_problem(**kw, backend=backend, allow_gk_gv=False, allow_beta_per_v=False,
-                         chunk_size=flags.chunk_size)
-        grads = chunk_gated_delta_rule_bwd(ChunkGatedDeltaRuleResiduals(p, flags.chunk_size), do, dht)
+        p = _chunk_problem(kw, flags, backend)
+        factors = None
+        if p.backend == "cuda" and workspace is not None:
+            with backend_stream(p):
+                factors = cuda_chunk.factors_from_workspace(p, flags.chunk_size, workspace)
+        grads = chunk_gated_delta_rule_bwd(ChunkGatedDeltaRuleResiduals(p, flags.chunk_size, factors), do, dht)
     else:
         p = make_problem(**kw, backend=backend)
         grads = fused_recurrent_gated_delta_rule_bwd(FusedRecurrentGatedDeltaRuleResiduals(p), do, dht)

@@ -40,7 +40,15 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 from ..ops.gated_delta_rule.problem import CHUNK_SIZES
-from ._common import DIFF_NAMES, GDNFlags, backward, cupy_external_stream, final_state_dtype, forward
+from ._common import (
+    DIFF_NAMES,
+    GDNFlags,
+    backward,
+    cupy_external_stream,
+    final_state_dtype,
+    forward,
+    workspace_nbytes,
+)
 
 __all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
 
@@ -141,7 +149,18 @@ def _check_at_trace_time(arrays: dict[str, Any], flags: GDNFlags) -> None:
         raise ValueError("; ".join(bad))
 
 
-def _forward(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[Any, Any]:
+def _workspace_nbytes(flags: GDNFlags, arrays: dict[str, Any], device: Any) -> int:
+    """Bytes of the forward's workspace for the backward on `device` (under a trace: the default backend's
+    first device, since the buffers' platform is known only when the callback runs)."""
+    cc = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+    cc = None if cc is None else str(cc).replace(".", "")
+    q, v = arrays["q"], arrays["v"]
+    return workspace_nbytes(flags, tuple(q.shape), tuple(v.shape), q.dtype, cc)
+
+
+def _forward(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[Any, Any, Any]:
+    """``(o, final state or None, workspace or None)``: the workspace carries the chunked mode's per-chunk factors
+    from the forward to the backward on the GPU."""
     names = tuple(arrays)
     leaves = list(arrays.values()) + ([] if cu is None else [cu])
     flags = static.flags
@@ -150,37 +169,44 @@ def _forward(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[Any, Any
         if dev.platform == "cpu":
             raw = {n: np.asarray(x) for n, x in arrays.items()}
             o, ht = forward(raw, None if cu is None else np.asarray(cu), static.cu_host(), flags, "numpy")
-            return jax.device_put(o, dev), (None if ht is None else jax.device_put(ht, dev))
+            return jax.device_put(o, dev), (None if ht is None else jax.device_put(ht, dev)), None
         import cupy
 
         with cupy.cuda.Device(arrays["q"].__dlpack_device__()[1]):
             raw = {n: _to_cupy(x) for n, x in arrays.items()}
-            o, ht = forward(raw, None if cu is None else _to_cupy(cu), static.cu_host(), flags, "cuda")
-            return jax.dlpack.from_dlpack(o), (None if ht is None else jax.dlpack.from_dlpack(ht))
+            nbytes = _workspace_nbytes(flags, arrays, dev)
+            ws = cupy.empty((nbytes,), dtype=np.uint8) if nbytes else None
+            o, ht = forward(raw, None if cu is None else _to_cupy(cu), static.cu_host(), flags, "cuda", workspace=ws)
+            return (jax.dlpack.from_dlpack(o), (None if ht is None else jax.dlpack.from_dlpack(ht)),
+                    None if ws is None else jax.dlpack.from_dlpack(ws))
 
     _check_at_trace_time(arrays, flags)
     v = arrays["v"]
     specs = [jax.ShapeDtypeStruct(v.shape, v.dtype)]
     if flags.output_final_state:
         specs.append(_final_state_struct(arrays, cu))
+    nbytes = _workspace_nbytes(flags, arrays, jax.devices()[0])
+    if nbytes:
+        specs.append(jax.ShapeDtypeStruct((nbytes,), np.uint8))
 
     def callback(ctx: Any, out: Any, *bufs: Any) -> None:
         with _buffers_context(ctx, bufs[0]) as (conv, backend):
             xs = [conv(b) for b in bufs]
             raw = dict(zip(names, xs))
-            o, ht = forward(raw, xs[-1] if cu is not None else None, static.cu_host(), flags, backend)
+            ws = conv(out[-1]) if nbytes and backend == "cuda" else None
+            o, ht = forward(raw, xs[-1] if cu is not None else None, static.cu_host(), flags, backend, workspace=ws)
             _copy_into(conv(out[0]), o)
             if ht is not None:
                 _copy_into(conv(out[1]), ht)
 
     outs = buffer_callback(callback, tuple(specs), vmap_method="sequential")(*leaves)
-    return outs[0], (outs[1] if flags.output_final_state else None)
+    return outs[0], (outs[1] if flags.output_final_state else None), (outs[-1] if nbytes else None)
 
 
-def _backward(static: _Static, arrays: dict[str, Any], cu: Any, do: Any, dht: Any) -> dict[str, Any]:
+def _backward(static: _Static, arrays: dict[str, Any], cu: Any, do: Any, dht: Any, ws: Any) -> dict[str, Any]:
     names = tuple(arrays)
     leaves = list(arrays.values()) + ([] if cu is None else [cu])
-    tail = [do] + ([] if dht is None else [dht])
+    tail = [do] + ([] if dht is None else [dht]) + ([] if ws is None else [ws])
     flags = static.flags
     if not _is_traced(leaves + tail):
         dev = _device(arrays["q"])
@@ -195,7 +221,8 @@ def _backward(static: _Static, arrays: dict[str, Any], cu: Any, do: Any, dht: An
             with cupy.cuda.Device(arrays["q"].__dlpack_device__()[1]):
                 raw = {n: _to_cupy(x) for n, x in arrays.items()}
                 grads = backward(raw, None if cu is None else _to_cupy(cu), static.cu_host(), flags, "cuda",
-                                 _to_cupy(do), None if dht is None else _to_cupy(dht))
+                                 _to_cupy(do), None if dht is None else _to_cupy(dht),
+                                 None if ws is None else _to_cupy(ws))
                 out = {n: jax.dlpack.from_dlpack(gr) for n, gr in grads.items()}
         # dh0 comes back float32; a cotangent must have its primal's dtype.
         return {n: gr if gr.dtype == arrays[n].dtype else gr.astype(arrays[n].dtype) for n, gr in out.items()}
@@ -204,6 +231,7 @@ def _backward(static: _Static, arrays: dict[str, Any], cu: Any, do: Any, dht: An
     n_in = len(names)
     has_cu = cu is not None
     has_dht = dht is not None
+    has_ws = ws is not None
 
     def callback(ctx: Any, out: Any, *bufs: Any) -> None:
         with _buffers_context(ctx, bufs[0]) as (conv, backend):
@@ -213,7 +241,8 @@ def _backward(static: _Static, arrays: dict[str, Any], cu: Any, do: Any, dht: An
             cu_ = rest.pop(0) if has_cu else None
             do_ = rest.pop(0)
             dht_ = rest.pop(0) if has_dht else None
-            grads = backward(raw, cu_, static.cu_host(), flags, backend, do_, dht_)
+            ws_ = rest.pop(0) if has_ws and backend == "cuda" else None
+            grads = backward(raw, cu_, static.cu_host(), flags, backend, do_, dht_, ws_)
             for buf, n in zip(out, names):
                 _copy_into(conv(buf), grads[n])
 
@@ -223,18 +252,20 @@ def _backward(static: _Static, arrays: dict[str, Any], cu: Any, do: Any, dht: An
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gdn(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[Any, Any]:
-    return _forward(static, arrays, cu)
+    o, ht, _ = _forward(static, arrays, cu)
+    return o, ht
 
 
-def _gdn_fwd(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
-    # The recurrent op's residuals are its inputs: the backward recomputes the states.
-    return _forward(static, arrays, cu), (arrays, cu)
+def _gdn_fwd(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[tuple[Any, Any], tuple[Any, Any, Any]]:
+    # The residuals are the inputs (the backward recomputes the states) and the chunked mode's workspace.
+    o, ht, ws = _forward(static, arrays, cu)
+    return (o, ht), (arrays, cu, ws)
 
 
-def _gdn_bwd(static: _Static, res: tuple[Any, Any], cts: tuple[Any, Any]) -> tuple[dict[str, Any], None]:
-    arrays, cu = res
+def _gdn_bwd(static: _Static, res: tuple[Any, Any, Any], cts: tuple[Any, Any]) -> tuple[dict[str, Any], None]:
+    arrays, cu, ws = res
     do, dht = cts
-    return _backward(static, arrays, cu, do, dht if static.flags.output_final_state else None), None
+    return _backward(static, arrays, cu, do, dht if static.flags.output_final_state else None, ws), None
 
 
 _gdn.defvjp(_gdn_fwd, _gdn_bwd)

@@ -13,6 +13,9 @@ Layout (one registration function, :func:`_register`, makes each op's pair of cu
            forward  -> rawdelta::chunk_gated_delta_rule_fwd             (custom op + fake; ends in chunk_size)
            backward -> rawdelta::chunk_gated_delta_rule_bwd             (custom op + fake; ends in chunk_size)
 
+Every ``_fwd`` op also returns a uint8 workspace that its ``_bwd`` op takes back: the chunked op's per-chunk
+factors on CUDA (so the backward does not recompute them), empty otherwise.
+
 The custom ops are opaque to ``torch.compile`` (their fake kernels give shapes and dtypes only), so
 ``torch.compile(fullgraph=True)`` traces through them. On CUDA tensors they run the ``cuda`` backend
 zero-copy through DLPack on ``torch.cuda.current_stream()``, with every CuPy allocation served by
@@ -34,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .._arrays import BFLOAT16
-from ._common import GDNFlags, backward, cupy_external_stream, diff_names, forward
+from ._common import GDNFlags, backward, cupy_external_stream, diff_names, forward, workspace_nbytes
 
 __all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
 
@@ -124,28 +127,44 @@ def _check_device(q: Tensor) -> None:
         raise TypeError(f"rawdelta.torch supports CUDA and CPU tensors, got q on {q.device}")
 
 
+def _workspace(flags: GDNFlags, q: Tensor, v: Tensor) -> Tensor:
+    """The forward's uint8 workspace for the backward (:func:`~rawdelta.adapters._common.workspace_nbytes`)."""
+    cc = None
+    if q.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(q.device)
+        cc = f"{major}{minor}"
+    return torch.empty((workspace_nbytes(flags, tuple(q.shape), tuple(v.shape), _numpy_dtype(q.dtype), cc),),
+                       dtype=torch.uint8, device=q.device)
+
+
+def _numpy_dtype(dt: torch.dtype) -> np.dtype:
+    return BFLOAT16 if dt == torch.bfloat16 else np.dtype(str(dt).removeprefix("torch."))
+
+
 def _run_forward(
     tensors: dict[str, Tensor | None],
     cu_seqlens: Tensor | None,
     cu_seqlens_cpu: Tensor | None,
     flags: GDNFlags,
     inplace_final_state: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    q = tensors["q"]
-    assert q is not None
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Returns ``(o, final state or None, workspace)``."""
+    q, v = tensors["q"], tensors["v"]
+    assert q is not None and v is not None
     _check_device(q)
     cu_host = _to_numpy(cu_seqlens_cpu)
+    ws = _workspace(flags, q, v)
     if q.device.type == "cuda":
         with _on_torch_stream(q.device):
             arrays = {n: _to_cupy(t) for n, t in tensors.items() if t is not None}
             o, ht = forward(arrays, _to_cupy(cu_seqlens), cu_host, flags, "cuda",
-                            inplace_final_state=inplace_final_state)
+                            inplace_final_state=inplace_final_state, workspace=_to_cupy(ws) if ws.numel() else None)
             o_t = torch.from_dlpack(o)
             ht_t = None if ht is None or inplace_final_state else torch.from_dlpack(ht)
-        return o_t, ht_t
+        return o_t, ht_t, ws
     arrays = {n: _to_numpy(t) for n, t in tensors.items() if t is not None}
     o, ht = forward(arrays, _to_numpy(cu_seqlens), cu_host, flags, "numpy", inplace_final_state=inplace_final_state)
-    return _from_numpy(o), (None if ht is None or inplace_final_state else _from_numpy(ht))
+    return _from_numpy(o), (None if ht is None or inplace_final_state else _from_numpy(ht)), ws
 
 
 def _run_backward(
@@ -155,6 +174,7 @@ def _run_backward(
     flags: GDNFlags,
     do: Tensor,
     dht: Tensor | None,
+    workspace: Tensor | None = None,
 ) -> list[Tensor]:
     q = tensors["q"]
     assert q is not None
@@ -164,7 +184,8 @@ def _run_backward(
     if q.device.type == "cuda":
         with _on_torch_stream(q.device):
             arrays = {n: _to_cupy(tensors[n]) for n in present}
-            grads = backward(arrays, _to_cupy(cu_seqlens), cu_host, flags, "cuda", _to_cupy(do), _to_cupy(dht))
+            ws = _to_cupy(workspace) if workspace is not None and workspace.numel() else None
+            grads = backward(arrays, _to_cupy(cu_seqlens), cu_host, flags, "cuda", _to_cupy(do), _to_cupy(dht), ws)
             out = [torch.from_dlpack(grads[n]) for n in present]
     else:
         arrays = {n: _to_numpy(tensors[n]) for n in present}
@@ -204,7 +225,7 @@ class _OpSpec:
 
     @property
     def bwd_args(self) -> tuple[str, ...]:
-        return ("do", "dht", *self.tensors, "scale", *_FLAG_ARGS, *self.extra)
+        return ("do", "dht", "workspace", *self.tensors, "scale", *_FLAG_ARGS, *self.extra)
 
 
 _RECURRENT = _OpSpec("fused_recurrent_gated_delta_rule", "recurrent",
@@ -215,7 +236,8 @@ _CHUNK = _OpSpec("chunk_gated_delta_rule", "chunk",
                  ("chunk_size",))
 
 # Schema types by argument name; every other argument is an optional tensor.
-_ANNOTATIONS: dict[str, Any] = {"q": Tensor, "k": Tensor, "v": Tensor, "do": Tensor, "scale": float | None,
+_ANNOTATIONS: dict[str, Any] = {"q": Tensor, "k": Tensor, "v": Tensor, "do": Tensor, "workspace": Tensor,
+                                "scale": float | None,
                                 "output_final_state": bool, "chunk_size": int, **dict.fromkeys(_FLAG_ARGS, bool)}
 
 
@@ -243,16 +265,17 @@ class _Op:
     def apply(self, given: dict[str, Any], scale: Any, output_final_state: bool, flags: tuple[bool, ...],
               extra: tuple[Any, ...] = ()) -> tuple[Tensor, Tensor | None]:
         """The public call: the op's tensors (by name, absent = None), scale, output_final_state, flags, extras."""
-        o, ht = self.function.apply(*(given.get(n) for n in self.spec.tensors), scale, bool(output_final_state),
-                                    *(bool(f) for f in flags), *extra)
+        o, ht, _ = self.function.apply(*(given.get(n) for n in self.spec.tensors), scale, bool(output_final_state),
+                                       *(bool(f) for f in flags), *extra)
         return o, (ht if output_final_state else None)
 
 
 def _register(spec: _OpSpec) -> _Op:
     """Register ``rawdelta::{name}_fwd`` / ``_bwd`` (with fake kernels) for `spec` and build its autograd.Function.
 
-    ``_fwd`` returns ``(o [B, T, HV, V], final_state [N, HV, K, V])``, final_state an empty ``[0]`` tensor when
-    not requested (custom ops cannot return None). ``_bwd`` returns the gradients of the present floating
+    ``_fwd`` returns ``(o [B, T, HV, V], final_state [N, HV, K, V], workspace [nbytes] uint8)``, final_state an
+    empty ``[0]`` tensor when not requested (custom ops cannot return None); ``_bwd`` takes the workspace back
+    after ``do`` and ``dht``. ``_bwd`` returns the gradients of the present floating
     inputs in :data:`~rawdelta.adapters._common.DIFF_NAMES` order (absent inputs skipped), each with its
     input's shape and dtype.
     """
@@ -264,34 +287,34 @@ def _register(spec: _OpSpec) -> _Op:
     n_tensors = len(tensor_names)
     fwd_name, bwd_name = f"{spec.name}_fwd", f"{spec.name}_bwd"
 
-    def fwd_impl(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def fwd_impl(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
         a = _named(fwd_args, args, kwargs)
         flags = _flags(a, a["output_final_state"], spec.mode)
-        o, ht = _run_forward({n: a[n] for n in floats}, a["cu_seqlens"], a["cu_seqlens_cpu"], flags)
+        o, ht, ws = _run_forward({n: a[n] for n in floats}, a["cu_seqlens"], a["cu_seqlens_cpu"], flags)
         if ht is None:
             ht = torch.empty((0,), dtype=torch.float32, device=o.device)
-        return o, ht
+        return o, ht, ws
 
-    def fwd_fake(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def fwd_fake(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
         a = _named(fwd_args, args, kwargs)
         q, v = a["q"], a["v"]
         if a["output_final_state"]:
             ht = v.new_empty(_final_state_shape(q, v, a["cu_seqlens"]), dtype=_state_dtype(v))
         else:
             ht = v.new_empty((0,), dtype=torch.float32)
-        return v.new_empty(v.shape), ht
+        return v.new_empty(v.shape), ht, _workspace(_flags(a, a["output_final_state"], spec.mode), q, v)
 
     def bwd_impl(*args: Any, **kwargs: Any) -> list[Tensor]:
         a = _named(bwd_args, args, kwargs)
         flags = _flags(a, False, spec.mode)
         return _run_backward({n: a[n] for n in floats}, a["cu_seqlens"], a["cu_seqlens_cpu"], flags, a["do"],
-                             a["dht"])
+                             a["dht"], a["workspace"])
 
     def bwd_fake(*args: Any, **kwargs: Any) -> list[Tensor]:
         a = _named(bwd_args, args, kwargs)
         return [t.new_empty(t.shape) for n in floats if (t := a[n]) is not None]
 
-    fwd_impl.__signature__ = _signature(fwd_args, tuple[Tensor, Tensor])  # type: ignore[attr-defined]
+    fwd_impl.__signature__ = _signature(fwd_args, tuple[Tensor, Tensor, Tensor])  # type: ignore[attr-defined]
     bwd_impl.__signature__ = _signature(bwd_args, list[Tensor])  # type: ignore[attr-defined]
     fwd_op = torch.library.custom_op(f"rawdelta::{fwd_name}", mutates_args=())(fwd_impl)
     bwd_op = torch.library.custom_op(f"rawdelta::{bwd_name}", mutates_args=())(bwd_impl)
@@ -302,29 +325,30 @@ def _register(spec: _OpSpec) -> _Op:
         """Arguments: ``spec.tensors`` (or None), then scale, output_final_state, the 4 flags and ``spec.extra``."""
 
         @staticmethod
-        def forward(*args: Any) -> tuple[Tensor, Tensor]:
+        def forward(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
             return getattr(torch.ops.rawdelta, fwd_name)(*args)
 
         @staticmethod
-        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-            ctx.save_for_backward(*inputs[:n_tensors])
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+            ctx.save_for_backward(output[2], *inputs[:n_tensors])
             # statics: the flags and extras, which the backward op takes after scale.
             ctx.scale, ctx.output_final_state, *ctx.statics = inputs[n_tensors:]
             # None (not zeros) for an unused o or final state, so an unused final state costs no dht.
             ctx.set_materialize_grads(False)
-            if not ctx.output_final_state:
-                ctx.mark_non_differentiable(output[1])
+            # The workspace, and a final state not asked for, take no cotangent (in one call: a second replaces it).
+            ctx.mark_non_differentiable(*output[2 if ctx.output_final_state else 1:])
 
         @staticmethod
-        def backward(ctx: Any, do: Tensor | None, dht: Tensor | None) -> tuple[Tensor | None, ...]:
-            saved = dict(zip(tensor_names, ctx.saved_tensors))
+        def backward(ctx: Any, do: Tensor | None, dht: Tensor | None, _dws: Any = None) -> tuple[Tensor | None, ...]:
+            ws, *inputs = ctx.saved_tensors
+            saved = dict(zip(tensor_names, inputs))
             n_args = n_tensors + 2 + len(ctx.statics)
             if (do is None and dht is None) or not any(ctx.needs_input_grad):
                 return (None,) * n_args
             v = saved["v"]
             do = torch.zeros(v.shape, dtype=v.dtype, device=v.device) if do is None else do.contiguous()
             dht = dht.contiguous() if dht is not None and ctx.output_final_state else None
-            grads = getattr(torch.ops.rawdelta, bwd_name)(do, dht, *ctx.saved_tensors, ctx.scale, *ctx.statics)
+            grads = getattr(torch.ops.rawdelta, bwd_name)(do, dht, ws, *inputs, ctx.scale, *ctx.statics)
             by_name = dict(zip([n for n in floats if saved[n] is not None], grads))
             return tuple(by_name.get(n) for n in tensor_names) + (None,) * (n_args - n_tensors)
 
@@ -359,8 +383,8 @@ def _fwd_inplace_op(
     """Decoding forward (recurrent op only): returns o and writes the final state into ``initial_state``
     (float32, contiguous)."""
     a = locals()
-    o, _ = _run_forward({n: a[n] for n in diff_names("recurrent")}, cu_seqlens, cu_seqlens_cpu, _flags(a, True),
-                        inplace_final_state=True)
+    o, _, _ = _run_forward({n: a[n] for n in diff_names("recurrent")}, cu_seqlens, cu_seqlens_cpu,
+                           _flags(a, True), inplace_final_state=True)
     return o
 
 

@@ -92,3 +92,19 @@ def reference(arrays: dict[str, np.ndarray], cu: np.ndarray | None, flags: dict[
     o, ht = rawdelta.naive_recurrent_gated_delta_rule(**kw, output_final_state=True)
     grads = rawdelta.naive_recurrent_gated_delta_rule_bwd(**kw, do=do, dht=dht)
     return o, ht, {n: getattr(grads, n) for n in arrays}
+
+
+def count_prepare_launches(monkeypatch: Any) -> list[str]:
+    """Record every launch of the chunked op's prepare kernel (which computes the per-chunk factors) from now on."""
+    from rawdelta.ops.gated_delta_rule import cuda_chunk
+
+    seen: list[str] = []
+    launch = cuda_chunk._launch
+
+    def spy(name: str, *args: Any) -> None:
+        if name.startswith("gdn_chunk_prepare_kernel"):
+            seen.append(name)
+        launch(name, *args)
+
+    monkeypatch.setattr(cuda_chunk, "_launch", spy)
+    return seen

@@ -20,7 +20,17 @@ import rawdelta  # noqa: E402
 import rawdelta.jax as rj  # noqa: E402
 from rawdelta.testing import assert_close  # noqa: E402
 
-from ._cases import CHUNK_SIZE, GRAD_LABEL, OPS, RICH_CASE, Case, make_case, op_cases, reference  # noqa: E402
+from ._cases import (  # noqa: E402
+    CHUNK_SIZE,
+    GRAD_LABEL,
+    OPS,
+    RICH_CASE,
+    Case,
+    count_prepare_launches,
+    make_case,
+    op_cases,
+    reference,
+)
 
 QKV = ("q", "k", "v")
 MODES = ["eager", "jit"]
@@ -334,6 +344,29 @@ def test_gpu_varlen(op: str, mode: str) -> None:
     case = make_case("varlen_empty_sequence", seed=32, op=op, H=2, K=64, V=32, seqlens=[17, 0, 40, 1])
     cu = jax.device_put(jnp.asarray(case.cu_seqlens), _jax_gpu())
     _check(case, _arrays(case, "float32", _jax_gpu()), "float32", mode, cu, op)
+
+
+@pytest.mark.gpu
+@needs_jax_gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("dtype", "chunk_size"), [("float32", 16), ("bfloat16", 64)])
+def test_gpu_chunk_backward_takes_the_forward_factors(dtype: str, chunk_size: int, mode: str,
+                                                      monkeypatch: Any) -> None:
+    """The chunked op's backward takes the per-chunk factors from the forward's workspace (a residual): prepare
+    runs once per step, and the gradients are those of a backward that recomputes the factors, bit for bit."""
+    import rawdelta.adapters.jax as adapter
+
+    seen = count_prepare_launches(monkeypatch)
+    case = make_case("l2norm_sigmoid_gate_in_kernel", seed=35, op="chunk", **GPU_SHAPE)
+    a = _arrays(case, dtype, _jax_gpu())
+    kept = jax.block_until_ready(_fwd_and_grad(case, a, mode, op="chunk", chunk_size=chunk_size))
+    assert len(seen) == 1
+    seen.clear()
+    monkeypatch.setattr(adapter, "workspace_nbytes", lambda *args: 0)  # no workspace: the backward recomputes
+    recomputed = jax.block_until_ready(_fwd_and_grad(case, a, mode, op="chunk", chunk_size=chunk_size))
+    assert len(seen) == 2
+    for x, y in zip(jax.tree_util.tree_leaves(kept), jax.tree_util.tree_leaves(recomputed)):
+        np.testing.assert_array_equal(_host64(x), _host64(y))
 
 
 @pytest.mark.gpu

@@ -13,7 +13,17 @@ import rawdelta  # noqa: E402
 import rawdelta.torch as rt  # noqa: E402
 from rawdelta.testing import assert_close  # noqa: E402
 
-from ._cases import CHUNK_SIZE, GRAD_LABEL, OPS, RICH_CASE, Case, make_case, op_cases, reference  # noqa: E402
+from ._cases import (  # noqa: E402
+    CHUNK_SIZE,
+    GRAD_LABEL,
+    OPS,
+    RICH_CASE,
+    Case,
+    count_prepare_launches,
+    make_case,
+    op_cases,
+    reference,
+)
 
 TORCH_OPS = torch.ops.rawdelta
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -289,7 +299,8 @@ def _op_args(case: Case, dtype: str, device: str, op: str) -> tuple[tuple[Any, .
     fwd = (*tensors, None, True, *flags, *extra)
     do = torch.from_numpy(case.do).to(device, TORCH_DTYPES[dtype])
     dht = torch.from_numpy(case.dht).to(device, torch.float32)
-    bwd = (do, dht, *tensors, None, *flags, *extra)
+    workspace = getattr(TORCH_OPS, OP_NAME[op] + "_fwd").default(*fwd)[2]  # the forward's factors for the backward
+    bwd = (do, dht, workspace, *tensors, None, *flags, *extra)
     return fwd, bwd
 
 
@@ -396,6 +407,45 @@ def test_gpu_cuda_graph_capture_and_replay(op: str) -> None:
     eager = step(fresh)
     for i, (c, e) in enumerate(zip(captured, eager)):
         torch.testing.assert_close(c, e, rtol=0, atol=0, msg=f"output {i} differs after replay")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize(("dtype", "chunk_size"), [("float32", 16), ("bfloat16", 64)])
+def test_gpu_chunk_backward_takes_the_forward_factors(dtype: str, chunk_size: int, aligned: bool,
+                                                      monkeypatch: Any) -> None:
+    """The chunked op's backward takes the per-chunk factors from the workspace its forward op returned: prepare
+    runs once per step, and the gradients are those of a backward that recomputes the factors, bit for bit. Where
+    q, k and v are not 16-byte aligned, bf16 chunks of 64 miss the Hopper kernels the workspace was sized for: it
+    stays unused and the backward recomputes the factors."""
+    import rawdelta.adapters.torch as adapter
+
+    case = _gpu_case("l2norm_sigmoid_gate_in_kernel", seed=19, op="chunk")
+    do = torch.from_numpy(case.do).cuda().float()
+    dht = torch.from_numpy(case.dht).cuda().float()
+
+    def step() -> tuple[Any, ...]:
+        ts = _tensors(case, dtype, "cuda", requires_grad=False)
+        if not aligned:  # one element past an allocation's start
+            for n in QKV:
+                t = torch.empty(ts[n].numel() + 1, dtype=ts[n].dtype, device="cuda")[1:].view(ts[n].shape)
+                ts[n] = t.copy_(ts[n])
+        for t in ts.values():
+            t.requires_grad_()
+        o, ht = _call("chunk", **ts, output_final_state=True, chunk_size=chunk_size, **case.flags)
+        grads = torch.autograd.grad(_loss(o, ht, do, dht), list(ts.values()))
+        return (o, ht, *grads)
+
+    seen = count_prepare_launches(monkeypatch)
+    kept = step()
+    hopper_layout = dtype == "bfloat16" and chunk_size == 64 and torch.cuda.get_device_capability() == (9, 0)
+    assert len(seen) == (1 if aligned or not hopper_layout else 2)
+    seen.clear()
+    monkeypatch.setattr(adapter, "workspace_nbytes", lambda *a: 0)  # no workspace: the backward recomputes
+    recomputed = step()
+    assert len(seen) == 2
+    for i, (a, b) in enumerate(zip(kept, recomputed)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"output {i} differs")
 
 
 @pytest.mark.gpu
