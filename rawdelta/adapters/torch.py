@@ -162,12 +162,9 @@ def _workspace(flags: GDNFlags, q: Tensor, v: Tensor) -> Tensor:
     if q.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(q.device)
         cc = f"{major}{minor}"
-    return torch.empty((workspace_nbytes(flags, tuple(q.shape), tuple(v.shape), _numpy_dtype(q.dtype), cc),),
-                       dtype=torch.uint8, device=q.device)
-
-
-def _numpy_dtype(dt: torch.dtype) -> np.dtype:
-    return BFLOAT16 if dt == torch.bfloat16 else np.dtype(str(dt).removeprefix("torch."))
+    dt = _NUMPY_OF.get(q.dtype)  # other dtypes are refused by the validation
+    nbytes = 0 if dt is None else workspace_nbytes(flags, tuple(q.shape), tuple(v.shape), dt, cc)
+    return torch.empty((nbytes,), dtype=torch.uint8, device=q.device)
 
 
 def _run_forward(
