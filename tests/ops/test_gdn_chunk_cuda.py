@@ -130,6 +130,35 @@ def test_factors_through_a_workspace(dtype: str, chunk_size: int) -> None:
     assert cuda_chunk.factors_from_workspace(p, chunk_size, other) is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_sequence_ignores_the_tokens_after_it(dtype: str) -> None:
+    """Packed sequences are independent: with NaN in every input of the second sequence, the first one's output,
+    final state and gradients are those of running it alone, bit for bit. A chunk's tiles hold rows past its
+    sequence's end (the Hopper pass's TMA boxes load the next sequence's rows there), which must not reach it."""
+    import cupy
+
+    L = 100  # a partial last chunk
+    kw, do, dht = split_op_args(gated_delta_rule_inputs(1, 0, 2, 128, 64, HV=4, dtype=dtype, seed=11, seqlens=(L, 50),
+                                                        use_qk_l2norm_in_kernel=True))
+    per_token = ("q", "k", "v", "g", "beta")
+    alone = {**kw, **{n: kw[n][:, :L] for n in per_token}, "initial_state": kw["initial_state"][:1],
+             "cu_seqlens": kw["cu_seqlens"][:2]}
+    poisoned = dict(kw)
+    for n in per_token:
+        poisoned[n] = kw[n].copy()
+        poisoned[n][:, L:] = np.nan
+    runs = []
+    for args, d, dh in ((alone, do[:, :L], dht[:1]), (poisoned, do, dht)):
+        (o, ht), res = chunk_gated_delta_rule_fwd(**to_device(args), output_final_state=True, chunk_size=64,
+                                                  backend="cuda")
+        grads = chunk_gated_delta_rule_bwd(res, cupy.asarray(d), cupy.asarray(dh))
+        runs.append({"o": o[:, :L], "ht": ht[:1], **{f"d{n}": getattr(grads, n)[:, :L] for n in per_token},
+                     "dh0": grads.initial_state[:1]})
+    for name, want in runs[0].items():
+        np.testing.assert_array_equal(to_host(want).view(np.uint8), to_host(runs[1][name]).view(np.uint8),
+                                      err_msg=name)
+
+
 def test_backward_takes_a_misaligned_do() -> None:
     """A do view 2 bytes off 16-byte alignment gives the gradients of an aligned do, bit for bit (the Hopper
     kernels, chosen by the forward's factors, load 16-byte rows: the backward copies such a do)."""

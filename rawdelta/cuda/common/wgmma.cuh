@@ -43,21 +43,37 @@ __device__ __forceinline__ u64 desc_mnmajor(unsigned tile, int cols, int c0, int
     return wg_desc(tile + kk * 32 * cols + c0 * 16, cols * 16, 128);
 }
 
-// Operands for WgAcc::mma: the descriptor of (tile i, step kk) is the first one's plus i * di + kk * dk. The
-// start-address field is the low 14 bits (byte address / 16) and shared addresses stay below 2^18, so the
-// offsets never carry out of it: one 64-bit add per product instead of a descriptor built from fields.
+// Operands for WgAcc::mma: the descriptor of (tile i, step kk) is the first one's plus i * di + (kk % 4) * dk +
+// (kk / 4) * dg (dg = 4 dk but where four steps end a 128-byte-swizzle box). The start-address field is the low
+// 14 bits (byte address / 16) and shared addresses stay below 2^18, so the offsets never carry out of it: one
+// 64-bit add per product instead of a descriptor built from fields.
 struct WgOperand {
     u64 d0;
-    unsigned di, dk;
-    __device__ __forceinline__ u64 at(int i, int kk) const { return d0 + (u64)(i * di + kk * dk); }
+    unsigned di, dk, dg;
+    __device__ __forceinline__ u64 at(int i, int kk) const {
+        return d0 + (u64)(i * di + (kk & 3) * dk + (kk >> 2) * dg);
+    }
 };
 // K-major: operand rows are tile rows from r0 (A: r0 + 64 i); MN-major: operand rows are tile columns from c0
 // (A: c0 + 64 i), the tile's transpose. A B operand takes i = 0.
 __device__ __forceinline__ WgOperand a_kmajor(unsigned tile, int cols, int r0) {
-    return {desc_kmajor(tile, cols, r0, 0), (unsigned)(64 * cols * 2) >> 4, 256u >> 4};
+    return {desc_kmajor(tile, cols, r0, 0), (unsigned)(64 * cols * 2) >> 4, 256u >> 4, 1024u >> 4};
 }
 __device__ __forceinline__ WgOperand a_mnmajor(unsigned tile, int cols, int c0 = 0) {
-    return {desc_mnmajor(tile, cols, c0, 0), (64u * 16) >> 4, (unsigned)(32 * cols) >> 4};
+    return {desc_mnmajor(tile, cols, c0, 0), (64u * 16) >> 4, (unsigned)(32 * cols) >> 4, (unsigned)(128 * cols) >> 4};
+}
+// 128-byte-swizzle tiles (tma.cuh): 64 rows, columns in boxes of 64 (8 KB apart). Layout type 1 in bits 62-63.
+// K-major: a step of 16 columns is 32 bytes into the swizzled rows, then the next box; 8-row groups 1024 bytes
+// apart (the leading offset is unused). MN-major: operand rows are the tile's columns, box i holding the 64 of
+// A tile i; a step of 16 tile rows is 2048 bytes.
+__device__ __forceinline__ u64 wg_desc_sw128(unsigned saddr, unsigned lbo, unsigned sbo) {
+    return wg_desc(saddr, lbo, sbo) | (1ull << 62);
+}
+__device__ __forceinline__ WgOperand a_kmajor_sw128(unsigned tile) {
+    return {wg_desc_sw128(tile, 16, 1024), 8192u >> 4, 32u >> 4, 8192u >> 4};
+}
+__device__ __forceinline__ WgOperand a_mnmajor_sw128(unsigned tile) {
+    return {wg_desc_sw128(tile, 8192, 1024), 8192u >> 4, 2048u >> 4, 8192u >> 4};
 }
 __device__ __forceinline__ WgOperand b_kmajor(unsigned tile, int cols, int r0) { return a_kmajor(tile, cols, r0); }
 __device__ __forceinline__ WgOperand b_mnmajor(unsigned tile, int cols, int c0) { return a_mnmajor(tile, cols, c0); }

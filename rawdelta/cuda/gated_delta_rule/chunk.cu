@@ -19,6 +19,7 @@
 // the state passes. Tiles of input precision are E tiles (Split<E> for float inputs); states, inverses
 // and other float32 intermediates are Split<E> tiles, so their products keep ~16 mantissa bits.
 #include "common/chunk_stages.cuh"
+#include "common/tma.cuh"
 #include "common/wgmma.cuh"
 #include "gated_delta_rule/gdn_common.cuh"
 
@@ -351,11 +352,19 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
 // of gdn_chunk_fwd_kernel, per (sequence, value head, block of BV = NWG BVW value columns). Warpgroup w owns
 // the state's columns [w BVW, (w + 1) BVW), all KP rows, in registers, and runs the chunk's chain of products
 // on them alone: inside a chunk it waits only on its own warpgroup; the chunk's q, k, v, (I + L)^-1 and score
-// tiles are loaded once for all NWG (2, or 4 so that one block covers a head's 128 value columns). Tiles are
-// blocked (common/wgmma.cuh). The state, r and delta enter the tensor cores rounded to T, like the peer's; the
-// state itself stays float32 in registers through the pass.
+// tiles are loaded once for all NWG (2, or 4 so that one block covers a head's 128 value columns). The q, k,
+// (I + L)^-1 and score tiles come as TMA boxes in the 128-byte swizzle, issued by one thread (common/tma.cuh),
+// so the warps no longer spend the chain's time on the addresses of 16-byte copies; v and the tiles the
+// warpgroups write are blocked (common/wgmma.cuh). The state, r and delta enter the tensor cores rounded to T,
+// like the peer's; the state itself stays float32 in registers through the pass.
 // PIPE: two stages of chunk inputs, the next chunk's loads in flight while this one computes (for grids of
 // at most one block per SM, where no other block hides the loads).
+
+// TMA maps of the forward state pass's per-chunk tiles: q, k [BT_, H, K]; (I + L)^-1 and the scores [BT_, HV, BT].
+struct PassMaps {
+    TmaMap q, k, a, p;
+};
+
 // One stage of a Hopper state pass's chunk inputs: byte offsets of its blocked tiles (q and the scores only
 // with HAS_Q_P, do only with HAS_DO) and of the raw row scalars.
 template <int KP, int BV, bool HAS_Q_P, bool HAS_DO>
@@ -383,29 +392,76 @@ struct WgStage {
         ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
         cp_async_commit();
     }
+
+    // issue() with the q, k, (I + L)^-1 and score tiles as TMA boxes in the 128-byte swizzle (tma.cuh; KP / 64
+    // boxes for q and k), issued by thread 0 and counted by `bar`; v, do and the row scalars as before. The
+    // boxes hold rows past the chunk (the next sequence's, or zeros past the tensor): zero_tail clears them.
+    template <int NT, typename T>
+    static __device__ __forceinline__ void issue_tma(unsigned char* st, u64* bar, const StatePassBlock& pb, int c,
+                                                     const PassMaps& maps, const T* v, const T* dout, const float* Gc,
+                                                     const float* Bc, const float* Rq, const float* Rk, int HV, int Vd,
+                                                     int flags) {
+        const i64 bos = pb.bos + (i64)c * BT;
+        const int L = min(BT, pb.len - c * BT), row = (int)bos;
+        if (threadIdx.x == 0) {
+            mbar_arrive_expect_tx(bar, TMA_BYTES);
+#pragma unroll
+            for (int b = 0; b < KP / 64; ++b) {
+                if (HAS_Q_P) tma_load_3d(st + Q + b * SW128_BOX_BYTES, &maps.q, 64 * b, pb.h, row, bar);
+                tma_load_3d(st + K + b * SW128_BOX_BYTES, &maps.k, 64 * b, pb.h, row, bar);
+            }
+            tma_load_3d(st + A, &maps.a, 0, pb.hv, row, bar);
+            if (HAS_Q_P) tma_load_3d(st + P, &maps.p, 0, pb.hv, row, bar);
+        }
+        const i64 vo = (bos * HV + pb.hv) * Vd + pb.v0;
+        load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + V), v + vo, (i64)HV * Vd, L, pb.vcols);
+        if (HAS_DO) load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + DO), dout + vo, (i64)HV * Vd, L, pb.vcols);
+        ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
+        cp_async_commit();
+    }
+    static constexpr int QK_BOXES = (HAS_Q_P ? 2 : 1) * (KP / 64), AP_BOXES = HAS_Q_P ? 2 : 1,
+                         TMA_BYTES = (QK_BOXES + AP_BOXES) * SW128_BOX_BYTES;
+    // Rows [L, BT) of the TMA tiles to zero, as load_blocked leaves them, by the block's threads.
+    static __device__ __forceinline__ void zero_tail(unsigned char* st, int L) {
+        if (L >= BT) return;
+        zero_box_rows(st + Q, QK_BOXES, L);  // q and k are adjacent, as are A and P
+        zero_box_rows(st + A, AP_BOXES, L);
+    }
 };
 
 // Shared memory of a Hopper state pass: NS stages of chunk inputs, the state tile (KP x BV, T), NT value-sized
-// tiles (BT x BV, T; tile1 only with NT = 2) and the chunk's row arrays.
-template <typename T, typename St, int KP, int BV, int NS, int NT>
+// tiles (BT x BV, T; tile1 only with NT = 2) and the chunk's row arrays. TMA: the stages start 1024-byte aligned
+// (the host adds 1024 bytes of slack) and each has an mbarrier for its TMA tiles, after the rows.
+template <typename T, typename St, int KP, int BV, int NS, int NT, bool TMA = false>
 struct WgPassSmem {
     unsigned char* stages;
     T *state, *tile0, *tile1;
     unsigned a_state, a0, a1;  // their shared-memory addresses, for the descriptors
     ChunkRows rows;
+    u64* bars;  // TMA: one per stage
     __device__ __forceinline__ explicit WgPassSmem(unsigned char* smem) {
-        SmemCursor cur{smem};
+        SmemCursor cur{TMA ? smem + ((1024u - (smem_addr(smem) & 1023u)) & 1023u) : smem};
         stages = cur.take<unsigned char>(NS * St::BYTES);
         state = cur.take<T>(KP * BV);
         tile0 = cur.take<T>(St::BT * BV);
         tile1 = NT > 1 ? cur.take<T>(St::BT * BV) : nullptr;
         rows.carve(cur, St::BT);
+        bars = TMA ? cur.take<u64>(2) : nullptr;
         a_state = smem_addr(state);
         a0 = smem_addr(tile0);
         a1 = NT > 1 ? smem_addr(tile1) : 0u;
+        if (TMA) {
+            if (threadIdx.x == 0) {
+                for (int s = 0; s < NS; ++s) mbar_init(bars + s, 1);
+                fence_mbarrier_init();
+            }
+            __syncthreads();
+        }
     }
     // The start of pass step `step` (chunk c of L tokens): with PIPE, first issues chunk `next`'s loads (none when
-    // next < 0) into the other stage; waits for chunk c's stage, derives its rows and returns it.
+    // next < 0) into the other stage; waits for chunk c's stage, derives its rows and returns it. TMA: issue(c, s)
+    // counts the stage's TMA tiles on bars[s], filled once per use of the stage; their rows past the chunk are
+    // cleared here.
     template <bool PIPE, typename Issue>
     __device__ __forceinline__ unsigned char* enter_chunk(int step, int c, int next, int L, int flags, Issue&& issue) {
         const int s = PIPE ? (step & 1) : 0;
@@ -416,8 +472,10 @@ struct WgPassSmem {
         } else {
             cp_async_wait<0>();
         }
+        if (TMA) mbar_wait(bars + s, ((PIPE ? step >> 1 : step) & 1));
         __syncthreads();
         unsigned char* st = stages + s * St::BYTES;
+        if (TMA) St::zero_tail(st, L);  // fenced and synchronised before the first product
         rows.derive(reinterpret_cast<const float*>(st + St::RAW), L, St::BT, flags);
         return st;
     }
@@ -444,23 +502,23 @@ struct WgPassSmem {
 template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE>
 __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE))
     gdn_chunk_fwd_wg_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
-    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
-    const T* __restrict__ Ahi, const T* __restrict__ Phi, const float* __restrict__ h0, const i64* __restrict__ cu,
+    const T* __restrict__ v, const float* __restrict__ Gc, const float* __restrict__ Bc,
+    const float* __restrict__ Rq, const float* __restrict__ Rk, const float* __restrict__ h0, const i64* __restrict__ cu,
     const int* __restrict__ seq_chunk0, T* __restrict__ o, float* __restrict__ ht, T* __restrict__ hbuf,
-    T* __restrict__ vnew, int T_, int H, int HV, int K, int V, int NVB, float scale, int flags) {
+    T* __restrict__ vnew, int T_, int H, int HV, int K, int V, int NVB, float scale, int flags,
+    const __grid_constant__ PassMaps maps) {
     constexpr int BT = 64, BV = NWG * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
     using St = WgStage<KP, BV, !STORE, false>;
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(1024) unsigned char smem[];
     // tile0: r, then delta (each warpgroup's columns, after its product on r is done); tile1: 2^(G_last - G) delta
-    WgPassSmem<T, St, KP, BV, NS, 2> sm(smem);
+    WgPassSmem<T, St, KP, BV, NS, 2, true> sm(smem);
 
     const StatePassBlock pb(NVB, BV, BT, cu, T_, H, HV, K, V, flags);
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
     const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
-        St::template issue<128 * NWG>(sm.stages + s * St::BYTES, pb, c, q, k, v, (const T*)nullptr, Ahi, Phi, Gc, Bc,
-                                      Rq, Rk, H, HV, K, V, flags);
+        St::template issue_tma<128 * NWG>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, v, (const T*)nullptr,
+                                          Gc, Bc, Rq, Rk, HV, V, flags);
     };
 
     WgAcc<MS, BVW> S;  // this warpgroup's columns: value columns [v0 + c0, v0 + vcols) of the state
@@ -483,8 +541,8 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
         // X = k S (and Y = q S): this warpgroup's columns
         WgAcc<1, BVW> X, Y;
         wg_fence();
-        X.template mma<T, false, true, KP>(a_kmajor(aK, KP, 0), ncols(sm.a_state), false);
-        if (!STORE) Y.template mma<T, false, true, KP>(a_kmajor(aQ, KP, 0), ncols(sm.a_state), false);
+        X.template mma<T, false, true, KP>(a_kmajor_sw128(aK), ncols(sm.a_state), false);
+        if (!STORE) Y.template mma<T, false, true, KP>(a_kmajor_sw128(aQ), ncols(sm.a_state), false);
         wg_commit();
         if (STORE)
             sm.template copy_state_out<128 * NWG>(hbuf + pb.chunk_state_off(seq_chunk0, c, HV, K, V), K, V, pb.v0,
@@ -501,7 +559,7 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
         // delta = A r
         WgAcc<1, BVW> D;
         wg_fence();
-        D.template mma<T, false, true, BT>(a_kmajor(aA, BT, 0), ncols(sm.a0), false);
+        D.template mma<T, false, true, BT>(a_kmajor_sw128(aA), ncols(sm.a0), false);
         wg_commit();
         wg_wait<0>();
         wg_barrier(wg);  // every warp's part of the product has read r before delta overwrites it
@@ -517,8 +575,8 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
         wg_barrier(wg);
         // o = scale 2^G q S + P delta;  S = 2^G_last S + k^T (2^(G_last - G) delta)
         wg_fence();
-        if (!STORE) Y.template mma<T, false, true, BT>(a_kmajor(aP, BT, 0), ncols(sm.a0), true);
-        S.template mma<T, true, true, BT>(a_mnmajor(aK, KP), ncols(sm.a1), true);
+        if (!STORE) Y.template mma<T, false, true, BT>(a_kmajor_sw128(aP), ncols(sm.a0), true);
+        S.template mma<T, true, true, BT>(a_mnmajor_sw128(aK), ncols(sm.a1), true);
         wg_commit();
         if (STORE) sm.template copy_cols_out<BVW>(rows_out, HV, V, sm.tile0, L, c0, pb.vcols);  // delta
         wg_wait<0>();

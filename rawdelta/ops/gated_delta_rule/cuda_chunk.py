@@ -8,7 +8,8 @@ Forward: chunk table -> prepare (cumulative log2 gates, beta, the q/k rows' inve
 and the masked intra-chunk scores per chunk) -> one state pass per (sequence, value head, BV columns) that
 also writes the output. On compute capability 9.0 devices, 16-bit inputs with chunks of 64 take the Hopper
 state pass (``gdn_chunk_fwd_wg_kernel``: wgmma warpgroup products, two or four warpgroups per block, optionally
-prefetching the next chunk); everything else, and sm_80, the mma.sync one.
+prefetching the next chunk, the q, k, (I + L)^-1 and score tiles as TMA copies through tensor maps encoded here);
+everything else, and sm_80, the mma.sync one.
 Backward: the same prepare (or the forward's factors), the state pass again storing per-chunk states and
 deltas, the reverse state pass (dh per chunk, dv, dh0), the per-chunk dq/dk/gate kernel over key slices,
 then the finishing kernels. Where the Hopper forward applies, so do the Hopper reverse pass
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..._arrays import BFLOAT16, empty
+from ...cuda import tensor_map
 from ...cuda.loader import get_kernel, register, wgmma_available
 from . import cuda_recurrent as rec
 from .problem import CHUNK_SIZES, GDNProblem
@@ -171,11 +173,13 @@ def _wg_stage(kp: int, bv: int, q_p: bool, do: bool) -> int:
     return 2 * ((2 if q_p else 1) * bt * kp + (2 if do else 1) * bt * bv + (2 if q_p else 1) * bt * bt) + 4 * bt * 4
 
 
-def _smem_wg(kp: int, bv: int, pipe: bool, q_p: bool, do: bool) -> int:
+def _smem_wg(kp: int, bv: int, pipe: bool, q_p: bool, do: bool, tma: bool = False) -> int:
     """Shared-memory bytes of a Hopper state pass of ``bv`` value columns per block: its stages, the state tile,
-    value-sized tiles (two forward; one in the reverse pass, ``do``, which scales do in its stage), the rows."""
+    value-sized tiles (two forward; one in the reverse pass, ``do``, which scales do in its stage), the rows; with
+    ``tma`` (the forward) the slack that aligns the stages to 1024 bytes and two mbarriers."""
     tiles = 1 if do else 2
-    return (2 if pipe else 1) * _wg_stage(kp, bv, q_p, do) + 2 * (kp * bv + tiles * WG_BT * bv) + _ROWS * _f32(WG_BT)
+    return ((2 if pipe else 1) * _wg_stage(kp, bv, q_p, do) + 2 * (kp * bv + tiles * WG_BT * bv)
+            + _ROWS * _f32(WG_BT) + (1024 + 16 if tma else 0))
 
 
 def _acc_wn(m: int, n: int, nw: int) -> int:
@@ -394,6 +398,20 @@ def _wgmma_applies(p: GDNProblem, bt: int) -> bool:
             and all(x.data.ptr % 16 == 0 for x in (p.q, p.k, p.v)))
 
 
+def _pass_maps(p: GDNProblem, ch: _Chunks, store: bool) -> np.void:
+    """The Hopper forward pass's TMA maps (kernel parameter ``PassMaps``): q and the scores only without
+    ``store``."""
+    n_tok = p.B * p.T
+
+    def qk(x: Any) -> np.ndarray:
+        return tensor_map.sw128_rows_map(x, n_tok, p.H, p.K)
+
+    def ap(x: Any) -> np.ndarray:
+        return tensor_map.sw128_rows_map(x, n_tok, p.HV, ch.bt)
+
+    return tensor_map.kernel_maps(None if store else qk(p.q), qk(p.k), ap(ch.Ahi), None if store else ap(ch.Phi))
+
+
 def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None,
                         vnew: Any = None) -> None:
     """The forward state pass: the output and final state (o, ht), or with ``hbuf`` the per-chunk states and
@@ -406,8 +424,8 @@ def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, h
         nwg, bvw, pipe = _wg_config(p, ch.kp)
         nvb = math.ceil(p.V / (nwg * bvw))
         _launch(_fwd_wg_name(ch.ct, ch.kp, nwg, bvw, store, pipe), p.N * p.HV * nvb, 128 * nwg,
-                _smem_wg(ch.kp, nwg * bvw, pipe, not store, False),
-                (p.q, p.k, p.v, *ch.rows, ch.Ahi, ch.Phi, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags)))
+                _smem_wg(ch.kp, nwg * bvw, pipe, not store, False, tma=True),
+                (p.v, *ch.rows, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags), _pass_maps(p, ch, store)))
         return
     nvb, grid = _state_pass_args(p, ch)
     _launch(_fwd_name(ch.ct, ch.bt, ch.kp, store), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, store), (

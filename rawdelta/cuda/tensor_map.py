@@ -1,0 +1,50 @@
+"""TMA tensor maps for the Hopper kernels (``rawdelta/cuda/common/tma.cuh``), encoded by the driver.
+
+A kernel takes its maps by value, as ``__grid_constant__`` parameters: :func:`kernel_maps` packs them into one
+NumPy structured scalar, which CuPy passes by value like the C struct it mirrors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+MAP_BYTES = 128  # sizeof(CUtensorMap), 64-byte aligned in the kernel's parameters
+SW128_ELEMS = 64  # 16-bit elements per 128-byte swizzled row (tma.cuh)
+SW128_ROWS = 64  # rows per box (tma.cuh: SW128_ROWS)
+_DATA_TYPES = {"float16": "CU_TENSOR_MAP_DATA_TYPE_FLOAT16", "bfloat16": "CU_TENSOR_MAP_DATA_TYPE_BFLOAT16"}
+
+
+def sw128_rows_map(array: Any, rows: int, heads: int, cols: int) -> np.ndarray:
+    """The map of boxes of 64 rows x 64 columns (128-byte swizzle) at one head of a C-contiguous 16-bit array
+    ``[rows, heads, cols]`` (any leading shape that flattens to it); box coordinates (column, head, row), zeros
+    past each extent. Returns the 128 encoded bytes as 16 uint64."""
+    from cuda.bindings import driver
+
+    if array.dtype.name not in _DATA_TYPES:
+        raise TypeError(f"tensor maps: 16-bit float arrays only, got {array.dtype}")
+    u64, u32 = driver.cuuint64_t, driver.cuuint32_t
+    item = array.dtype.itemsize
+    err, tmap = driver.cuTensorMapEncodeTiled(
+        getattr(driver.CUtensorMapDataType, _DATA_TYPES[array.dtype.name]), 3, array.data.ptr,
+        [u64(cols), u64(heads), u64(rows)], [u64(cols * item), u64(heads * cols * item)],
+        [u32(SW128_ELEMS), u32(1), u32(SW128_ROWS)], [u32(1)] * 3,
+        driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err.name}) for {array.dtype} [{rows}, {heads}, {cols}] "
+                           f"at {array.data.ptr:#x}")
+    return np.array([int(x) for x in tmap.opaque], dtype=np.uint64)
+
+
+def kernel_maps(*maps: np.ndarray | None) -> np.void:
+    """Maps as one by-value kernel parameter: a struct of ``len(maps)`` TmaMap (absent ones zero)."""
+    dtype = np.dtype([("opaque", np.uint64, (len(maps), MAP_BYTES // 8))], align=True)
+    packed = np.zeros((), dtype)
+    for i, m in enumerate(maps):
+        if m is not None:
+            packed["opaque"][i] = m
+    return packed[()]
