@@ -373,31 +373,13 @@ struct WgStage {
                          DO = V + BT * BV * 2, A = DO + (HAS_DO ? BT * BV * 2 : 0), P = A + BT * BT * 2,
                          RAW = P + (HAS_Q_P ? BT * BT * 2 : 0), BYTES = RAW + 4 * BT * 4;
 
-    // Chunk c of block pb's sequence into stage st, as one cp.async group (value-sized tiles at the block's
-    // value columns), by the block's NT threads.
+    // Chunk c of block pb's sequence into stage st: the q, k, (I + L)^-1 and score tiles as TMA boxes in the
+    // 128-byte swizzle (tma.cuh; KP / 64 boxes for q and k), issued by thread 0 and counted by `bar`; the
+    // value-sized tiles (at the block's value columns) and the row scalars as one cp.async group, by the block's
+    // NT threads. The boxes hold rows past the chunk (the next sequence's, or zeros past the tensor): zero_tail
+    // clears them.
     template <int NT, typename T>
-    static __device__ __forceinline__ void issue(unsigned char* st, const StatePassBlock& pb, int c, const T* q,
-                                                 const T* k, const T* v, const T* dout, const T* Ahi, const T* Phi,
-                                                 const float* Gc, const float* Bc, const float* Rq, const float* Rk,
-                                                 int H, int HV, int Kd, int Vd, int flags) {
-        const i64 bos = pb.bos + (i64)c * BT;
-        const int L = min(BT, pb.len - c * BT);
-        const i64 qk = (bos * H + pb.h) * Kd, vo = (bos * HV + pb.hv) * Vd + pb.v0, ao = (bos * HV + pb.hv) * BT;
-        if (HAS_Q_P) load_blocked<KP, BT, NT>(reinterpret_cast<T*>(st + Q), q + qk, (i64)H * Kd, L, Kd);
-        load_blocked<KP, BT, NT>(reinterpret_cast<T*>(st + K), k + qk, (i64)H * Kd, L, Kd);
-        load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + V), v + vo, (i64)HV * Vd, L, pb.vcols);
-        if (HAS_DO) load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + DO), dout + vo, (i64)HV * Vd, L, pb.vcols);
-        load_blocked<BT, BT, NT>(reinterpret_cast<T*>(st + A), Ahi + ao, (i64)HV * BT, L, BT);
-        if (HAS_Q_P) load_blocked<BT, BT, NT>(reinterpret_cast<T*>(st + P), Phi + ao, (i64)HV * BT, L, BT);
-        ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
-        cp_async_commit();
-    }
-
-    // issue() with the q, k, (I + L)^-1 and score tiles as TMA boxes in the 128-byte swizzle (tma.cuh; KP / 64
-    // boxes for q and k), issued by thread 0 and counted by `bar`; v, do and the row scalars as before. The
-    // boxes hold rows past the chunk (the next sequence's, or zeros past the tensor): zero_tail clears them.
-    template <int NT, typename T>
-    static __device__ __forceinline__ void issue_tma(unsigned char* st, u64* bar, const StatePassBlock& pb, int c,
+    static __device__ __forceinline__ void issue(unsigned char* st, u64* bar, const StatePassBlock& pb, int c,
                                                      const PassMaps& maps, const T* v, const T* dout, const float* Gc,
                                                      const float* Bc, const float* Rq, const float* Rk, int HV, int Vd,
                                                      int flags) {
@@ -430,36 +412,34 @@ struct WgStage {
 };
 
 // Shared memory of a Hopper state pass: NS stages of chunk inputs, the state tile (KP x BV, T), NT value-sized
-// tiles (BT x BV, T; tile1 only with NT = 2) and the chunk's row arrays. TMA: the stages start 1024-byte aligned
-// (the host adds 1024 bytes of slack) and each has an mbarrier for its TMA tiles, after the rows.
-template <typename T, typename St, int KP, int BV, int NS, int NT, bool TMA = false>
+// tiles (BT x BV, T; tile1 only with NT = 2), the chunk's row arrays and one mbarrier per stage for its TMA
+// tiles. The stages start 1024-byte aligned (the 128-byte swizzle's period; the host adds 1024 bytes of slack).
+template <typename T, typename St, int KP, int BV, int NS, int NT>
 struct WgPassSmem {
     unsigned char* stages;
     T *state, *tile0, *tile1;
     unsigned a_state, a0, a1;  // their shared-memory addresses, for the descriptors
     ChunkRows rows;
-    u64* bars;  // TMA: one per stage
+    u64* bars;  // one per stage
     __device__ __forceinline__ explicit WgPassSmem(unsigned char* smem) {
-        SmemCursor cur{TMA ? smem + ((1024u - (smem_addr(smem) & 1023u)) & 1023u) : smem};
+        SmemCursor cur{smem + ((1024u - (smem_addr(smem) & 1023u)) & 1023u)};
         stages = cur.take<unsigned char>(NS * St::BYTES);
         state = cur.take<T>(KP * BV);
         tile0 = cur.take<T>(St::BT * BV);
         tile1 = NT > 1 ? cur.take<T>(St::BT * BV) : nullptr;
         rows.carve(cur, St::BT);
-        bars = TMA ? cur.take<u64>(2) : nullptr;
+        bars = cur.take<u64>(2);
         a_state = smem_addr(state);
         a0 = smem_addr(tile0);
         a1 = NT > 1 ? smem_addr(tile1) : 0u;
-        if (TMA) {
-            if (threadIdx.x == 0) {
-                for (int s = 0; s < NS; ++s) mbar_init(bars + s, 1);
-                fence_mbarrier_init();
-            }
-            __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int s = 0; s < NS; ++s) mbar_init(bars + s, 1);
+            fence_mbarrier_init();
         }
+        __syncthreads();
     }
     // The start of pass step `step` (chunk c of L tokens): with PIPE, first issues chunk `next`'s loads (none when
-    // next < 0) into the other stage; waits for chunk c's stage, derives its rows and returns it. TMA: issue(c, s)
+    // next < 0) into the other stage; waits for chunk c's stage, derives its rows and returns it. issue(c, s)
     // counts the stage's TMA tiles on bars[s], filled once per use of the stage; their rows past the chunk are
     // cleared here.
     template <bool PIPE, typename Issue>
@@ -472,10 +452,10 @@ struct WgPassSmem {
         } else {
             cp_async_wait<0>();
         }
-        if (TMA) mbar_wait(bars + s, ((PIPE ? step >> 1 : step) & 1));
+        mbar_wait(bars + s, (PIPE ? step >> 1 : step) & 1);
         __syncthreads();
         unsigned char* st = stages + s * St::BYTES;
-        if (TMA) St::zero_tail(st, L);  // fenced and synchronised before the first product
+        St::zero_tail(st, L);  // fenced and synchronised before the first product
         rows.derive(reinterpret_cast<const float*>(st + St::RAW), L, St::BT, flags);
         return st;
     }
@@ -511,13 +491,13 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
     using St = WgStage<KP, BV, !STORE, false>;
     extern __shared__ __align__(1024) unsigned char smem[];
     // tile0: r, then delta (each warpgroup's columns, after its product on r is done); tile1: 2^(G_last - G) delta
-    WgPassSmem<T, St, KP, BV, NS, 2, true> sm(smem);
+    WgPassSmem<T, St, KP, BV, NS, 2> sm(smem);
 
     const StatePassBlock pb(NVB, BV, BT, cu, T_, H, HV, K, V, flags);
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
     const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
-        St::template issue_tma<128 * NWG>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, v, (const T*)nullptr,
+        St::template issue<128 * NWG>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, v, (const T*)nullptr,
                                           Gc, Bc, Rq, Rk, HV, V, flags);
     };
 
@@ -689,18 +669,19 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
 // the columns [w BVW, (w + 1) BVW) of dS, all KP rows, in float32 registers; dS, d(delta), y and the scaled do
 // enter the tensor cores rounded to T. Each warpgroup writes its own partial row sums y . v (partial NWG vb + w
 // of part_yv). PIPE: the previous chunk's inputs load while this one computes. NWG: 2 or 4 warpgroups per block.
+// The q, k, (I + L)^-1 and score tiles come by TMA, as in the forward pass.
 template <typename T, int KP, int NWG, int BVW, bool PIPE>
 __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE))
     gdn_chunk_bwd_wg_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
-    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
-    const T* __restrict__ Ahi, const T* __restrict__ Phi, const T* __restrict__ dout, const float* __restrict__ dht,
-    const i64* __restrict__ cu, const int* __restrict__ seq_chunk0, T* __restrict__ dhbuf, T* __restrict__ ybuf,
-    T* __restrict__ dv, float* __restrict__ part_yv, float* __restrict__ dh0, int T_, int H, int HV, int K, int V,
-    int NVB, i64 BT_, float scale, int flags) {
+    const T* __restrict__ v, const float* __restrict__ Gc, const float* __restrict__ Bc,
+    const float* __restrict__ Rq, const float* __restrict__ Rk, const T* __restrict__ dout,
+    const float* __restrict__ dht, const i64* __restrict__ cu, const int* __restrict__ seq_chunk0,
+    T* __restrict__ dhbuf, T* __restrict__ ybuf, T* __restrict__ dv, float* __restrict__ part_yv,
+    float* __restrict__ dh0, int T_, int H, int HV, int K, int V, int NVB, i64 BT_, float scale, int flags,
+    const __grid_constant__ PassMaps maps) {
     constexpr int BT = 64, BV = NWG * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
     using St = WgStage<KP, BV, true, true>;
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(1024) unsigned char smem[];
     // tile0: d(delta), then -beta 2^G y. The stage's do tile turns into scale 2^G do in place, so that two stages
     // of 128 value columns fit.
     WgPassSmem<T, St, KP, BV, NS, 1> sm(smem);
@@ -709,8 +690,8 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
     const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
-        St::template issue<128 * NWG>(sm.stages + s * St::BYTES, pb, c, q, k, v, dout, Ahi, Phi, Gc, Bc, Rq, Rk, H,
-                                      HV, K, V, flags);
+        St::template issue<128 * NWG>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, v, dout, Gc, Bc, Rq,
+                                          Rk, HV, V, flags);
     };
 
     WgAcc<MS, BVW> dS;  // this warpgroup's columns of the state gradient at the current chunk's end
@@ -734,8 +715,8 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
         // d(delta) = 2^(G_last - G) (k dS) + P^T do
         WgAcc<1, BVW> Z, U;
         wg_fence();
-        Z.template mma<T, false, true, KP>(a_kmajor(aK, KP, 0), ncols(sm.a_state), false);
-        U.template mma<T, true, true, BT>(a_mnmajor(aP, BT), ncols(aDo), false);
+        Z.template mma<T, false, true, KP>(a_kmajor_sw128(aK), ncols(sm.a_state), false);
+        U.template mma<T, true, true, BT>(a_mnmajor_sw128(aP), ncols(aDo), false);
         wg_commit();
         sm.template copy_state_out<128 * NWG>(dhbuf + pb.chunk_state_off(seq_chunk0, c, HV, K, V), K, V, pb.v0,
                                               pb.vcols);
@@ -755,7 +736,7 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
         wg_barrier(wg);
         // y = A^T d(delta)
         wg_fence();
-        Z.template mma<T, true, true, BT>(a_mnmajor(aA, BT), ncols(sm.a0), false);
+        Z.template mma<T, true, true, BT>(a_mnmajor_sw128(aA), ncols(sm.a0), false);
         wg_commit();
         wg_wait<0>();
         wg_barrier(wg);  // every warp's part of the product has read d(delta) before y's factor overwrites it
@@ -776,8 +757,8 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
         wg_barrier(wg);
         // dS = 2^G_last dS + q^T (scale 2^G do) - k^T (beta 2^G y)
         wg_fence();
-        dS.template mma<T, true, true, BT>(a_mnmajor(aQ, KP), ncols(aDo), true);
-        dS.template mma<T, true, true, BT>(a_mnmajor(aK, KP), ncols(sm.a0), true);
+        dS.template mma<T, true, true, BT>(a_mnmajor_sw128(aQ), ncols(aDo), true);
+        dS.template mma<T, true, true, BT>(a_mnmajor_sw128(aK), ncols(sm.a0), true);
         wg_commit();
         sm.template copy_cols_out<BVW>(dv + rows_off, HV, V, sV, L, c0, pb.vcols);
         wg_wait<0>();

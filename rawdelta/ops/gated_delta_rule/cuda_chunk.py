@@ -173,13 +173,13 @@ def _wg_stage(kp: int, bv: int, q_p: bool, do: bool) -> int:
     return 2 * ((2 if q_p else 1) * bt * kp + (2 if do else 1) * bt * bv + (2 if q_p else 1) * bt * bt) + 4 * bt * 4
 
 
-def _smem_wg(kp: int, bv: int, pipe: bool, q_p: bool, do: bool, tma: bool = False) -> int:
+def _smem_wg(kp: int, bv: int, pipe: bool, q_p: bool, do: bool) -> int:
     """Shared-memory bytes of a Hopper state pass of ``bv`` value columns per block: its stages, the state tile,
-    value-sized tiles (two forward; one in the reverse pass, ``do``, which scales do in its stage), the rows; with
-    ``tma`` (the forward) the slack that aligns the stages to 1024 bytes and two mbarriers."""
+    value-sized tiles (two forward; one in the reverse pass, ``do``, which scales do in its stage), the rows, two
+    mbarriers and the slack that aligns the stages to 1024 bytes (the TMA tiles' 128-byte swizzle)."""
     tiles = 1 if do else 2
     return ((2 if pipe else 1) * _wg_stage(kp, bv, q_p, do) + 2 * (kp * bv + tiles * WG_BT * bv)
-            + _ROWS * _f32(WG_BT) + (1024 + 16 if tma else 0))
+            + _ROWS * _f32(WG_BT) + 16 + 1024)
 
 
 def _acc_wn(m: int, n: int, nw: int) -> int:
@@ -399,8 +399,8 @@ def _wgmma_applies(p: GDNProblem, bt: int) -> bool:
 
 
 def _pass_maps(p: GDNProblem, ch: _Chunks, store: bool) -> np.void:
-    """The Hopper forward pass's TMA maps (kernel parameter ``PassMaps``): q and the scores only without
-    ``store``."""
+    """The Hopper state passes' TMA maps (kernel parameter ``PassMaps``): q and the scores only without ``store``
+    (the forward pass's recompute for the backward)."""
     n_tok = p.B * p.T
 
     def qk(x: Any) -> np.ndarray:
@@ -424,7 +424,7 @@ def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, h
         nwg, bvw, pipe = _wg_config(p, ch.kp)
         nvb = math.ceil(p.V / (nwg * bvw))
         _launch(_fwd_wg_name(ch.ct, ch.kp, nwg, bvw, store, pipe), p.N * p.HV * nvb, 128 * nwg,
-                _smem_wg(ch.kp, nwg * bvw, pipe, not store, False, tma=True),
+                _smem_wg(ch.kp, nwg * bvw, pipe, not store, False),
                 (p.v, *ch.rows, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags), _pass_maps(p, ch, store)))
         return
     nvb, grid = _state_pass_args(p, ch)
@@ -461,21 +461,21 @@ def _backward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, dht: A
     dv = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
     dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
     out = (rec._ptr(dht), rec._ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf, ybuf, dv)
-    block = 256
+    sizes = (np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V))
     if ch.wg:
         nwg, bvw, pipe = _wg_config(p, ch.kp)
-        nvb, block = math.ceil(p.V / (nwg * bvw)), 128 * nwg
+        nvb = math.ceil(p.V / (nwg * bvw))
         part_yv = empty(cupy, (nwg * nvb, n_tok, p.HV), np.float32)  # one partial per warpgroup
-        name, grid, smem, mats = _bwd_wg_name(ch.ct, ch.kp, nwg, bvw, pipe), p.N * p.HV * nvb, _smem_wg(
-            ch.kp, nwg * bvw, pipe, True, True), (ch.Ahi, ch.Phi)
-    else:
-        nvb, grid = _state_pass_args(p, ch)
-        part_yv = empty(cupy, (nvb, n_tok, p.HV), np.float32)
-        name, smem, mats = _bwd_state_name(ch.ct, ch.bt, ch.kp), _smem_bwd_state(ch.ct, ch.bt, ch.kp), ch.matrices
-    _launch(name, grid, block, smem, (
-        p.q, p.k, p.v, *ch.rows, *mats, do, *out, part_yv, rec._ptr(dh0), np.int32(p.T), np.int32(p.H),
-        np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nvb), np.int64(n_tok), np.float32(p.scale),
-        np.int32(flags)))
+        _launch(_bwd_wg_name(ch.ct, ch.kp, nwg, bvw, pipe), p.N * p.HV * nvb, 128 * nwg,
+                _smem_wg(ch.kp, nwg * bvw, pipe, True, True), (
+                    p.v, *ch.rows, do, *out, part_yv, rec._ptr(dh0), *sizes, np.int32(nvb), np.int64(n_tok),
+                    np.float32(p.scale), np.int32(flags), _pass_maps(p, ch, False)))
+        return dhbuf, ybuf, dv, dh0, part_yv
+    nvb, grid = _state_pass_args(p, ch)
+    part_yv = empty(cupy, (nvb, n_tok, p.HV), np.float32)
+    _launch(_bwd_state_name(ch.ct, ch.bt, ch.kp), grid, 256, _smem_bwd_state(ch.ct, ch.bt, ch.kp), (
+        p.q, p.k, p.v, *ch.rows, *ch.matrices, do, *out, part_yv, rec._ptr(dh0), *sizes, np.int32(nvb),
+        np.int64(n_tok), np.float32(p.scale), np.int32(flags)))
     return dhbuf, ybuf, dv, dh0, part_yv
 
 
