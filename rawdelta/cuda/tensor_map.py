@@ -11,15 +11,16 @@ from typing import Any
 import numpy as np
 
 MAP_BYTES = 128  # sizeof(CUtensorMap), 64-byte aligned in the kernel's parameters
-SW128_ELEMS = 64  # 16-bit elements per 128-byte swizzled row (tma.cuh)
-SW128_ROWS = 64  # rows per box (tma.cuh: SW128_ROWS)
+BOX_ROWS = 64  # rows per box (tma.cuh: SW128_ROWS)
 _DATA_TYPES = {"float16": "CU_TENSOR_MAP_DATA_TYPE_FLOAT16", "bfloat16": "CU_TENSOR_MAP_DATA_TYPE_BFLOAT16"}
+_SWIZZLES = {32: "CU_TENSOR_MAP_SWIZZLE_32B", 64: "CU_TENSOR_MAP_SWIZZLE_64B", 128: "CU_TENSOR_MAP_SWIZZLE_128B"}
 
 
-def sw128_rows_map(array: Any, rows: int, heads: int, cols: int) -> np.ndarray:
-    """The map of boxes of 64 rows x 64 columns (128-byte swizzle) at one head of a C-contiguous 16-bit array
-    ``[rows, heads, cols]`` (any leading shape that flattens to it); box coordinates (column, head, row), zeros
-    past each extent. Returns the 128 encoded bytes as 16 uint64."""
+def rows_map(array: Any, rows: int, heads: int, cols: int, box_cols: int = 64) -> np.ndarray:
+    """The map of boxes of 64 rows x `box_cols` columns at one head of a C-contiguous 16-bit array
+    ``[rows, heads, cols]`` (any leading shape that flattens to it), in the swizzle of the box's row length (16,
+    32 or 64 columns: 32, 64 or 128 bytes; tma.cuh: ``swizzled``); box coordinates (column, head, row), zeros past
+    each extent. Returns the 128 encoded bytes as 16 uint64."""
     from cuda.bindings import driver
 
     if array.dtype.name not in _DATA_TYPES:
@@ -29,9 +30,9 @@ def sw128_rows_map(array: Any, rows: int, heads: int, cols: int) -> np.ndarray:
     err, tmap = driver.cuTensorMapEncodeTiled(
         getattr(driver.CUtensorMapDataType, _DATA_TYPES[array.dtype.name]), 3, array.data.ptr,
         [u64(cols), u64(heads), u64(rows)], [u64(cols * item), u64(heads * cols * item)],
-        [u32(SW128_ELEMS), u32(1), u32(SW128_ROWS)], [u32(1)] * 3,
+        [u32(box_cols), u32(1), u32(BOX_ROWS)], [u32(1)] * 3,
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
-        driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        getattr(driver.CUtensorMapSwizzle, _SWIZZLES[box_cols * item]),
         driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     if err != driver.CUresult.CUDA_SUCCESS:

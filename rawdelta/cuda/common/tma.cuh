@@ -64,14 +64,23 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, int x,
 #endif
 }
 
-// Rows [r0, 64) of `boxes` consecutive 128-byte-swizzle boxes to zero, by the block's threads (a row's pieces are
-// only permuted within the row, so whole rows are cleared alike in either layout). Generic-proxy writes: the
-// caller fences (fence_proxy_async) and synchronises before wgmma reads them.
-__device__ __forceinline__ void zero_box_rows(unsigned char* tile, int boxes, int r0) {
-    const int per_box = (SW128_ROWS - r0) * 8;  // 16-byte pieces
+// Element offset of (r, c) in a tile of `cols` 16-bit columns stored as TMA boxes of 64 rows x min(cols, 64)
+// columns, each in the swizzle of its row length (32, 64 or 128 bytes: the 16-byte piece bits of an address are
+// XORed with its bits 7 and up), boxes 64 rows apart. Box starts aligned to 1024 bytes.
+__device__ __forceinline__ int swizzled(int r, int c, int cols) {
+    const int bc = cols < 64 ? cols : 64, rb = 2 * bc;
+    const int off = (c / bc) * (SW128_ROWS * rb) + r * rb + (c % bc) * 2;
+    return (off ^ (((off >> 7) & (rb / 16 - 1)) << 4)) >> 1;
+}
+
+// Rows [r0, 64) of `boxes` consecutive TMA boxes with rows of `row_bytes` to zero, by the block's threads (a
+// row's pieces are only permuted within the row, so whole rows are cleared alike in any swizzle). Generic-proxy
+// writes: the caller fences (fence_proxy_async) and synchronises before wgmma reads them.
+__device__ __forceinline__ void zero_box_rows(unsigned char* tile, int boxes, int r0, int row_bytes) {
+    const int per_row = row_bytes / 16, per_box = (SW128_ROWS - r0) * per_row;  // 16-byte pieces
     for (int idx = threadIdx.x; idx < boxes * per_box; idx += blockDim.x) {
         const int b = idx / per_box, p = idx % per_box;
-        *reinterpret_cast<uint4*>(tile + b * SW128_BOX_BYTES + r0 * 128 + p * 16) = make_uint4(0u, 0u, 0u, 0u);
+        *reinterpret_cast<uint4*>(tile + (b * SW128_ROWS + r0) * row_bytes + p * 16) = make_uint4(0u, 0u, 0u, 0u);
     }
 }
 

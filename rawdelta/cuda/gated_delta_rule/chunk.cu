@@ -360,9 +360,10 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
 // PIPE: two stages of chunk inputs, the next chunk's loads in flight while this one computes (for grids of
 // at most one block per SM, where no other block hides the loads).
 
-// TMA maps of the forward state pass's per-chunk tiles: q, k [BT_, H, K]; (I + L)^-1 and the scores [BT_, HV, BT].
+// TMA maps of the state passes' per-chunk tiles: q, k [BT_, H, K]; (I + L)^-1 and the scores [BT_, HV, BT]; v
+// [BT_, HV, V] (the forward pass; boxes of min(BV, 64) columns).
 struct PassMaps {
-    TmaMap q, k, a, p;
+    TmaMap q, k, a, p, v;
 };
 
 // One stage of a Hopper state pass's chunk inputs: byte offsets of its blocked tiles (q and the scores only
@@ -374,10 +375,10 @@ struct WgStage {
                          RAW = P + (HAS_Q_P ? BT * BT * 2 : 0), BYTES = RAW + 4 * BT * 4;
 
     // Chunk c of block pb's sequence into stage st: the q, k, (I + L)^-1 and score tiles as TMA boxes in the
-    // 128-byte swizzle (tma.cuh; KP / 64 boxes for q and k), issued by thread 0 and counted by `bar`; the
-    // value-sized tiles (at the block's value columns) and the row scalars as one cp.async group, by the block's
-    // NT threads. The boxes hold rows past the chunk (the next sequence's, or zeros past the tensor): zero_tail
-    // clears them.
+    // 128-byte swizzle (tma.cuh; KP / 64 boxes for q and k), and without do (the forward) the v tile at the
+    // block's value columns (tma.cuh: swizzled), issued by thread 0 and counted by `bar`; v and do blocked
+    // otherwise, and the row scalars, as one cp.async group by the block's NT threads. The boxes hold rows past
+    // the chunk (the next sequence's, or zeros past the tensor): zero_tail clears them.
     template <int NT, typename T>
     static __device__ __forceinline__ void issue(unsigned char* st, u64* bar, const StatePassBlock& pb, int c,
                                                      const PassMaps& maps, const T* v, const T* dout, const float* Gc,
@@ -394,20 +395,28 @@ struct WgStage {
             }
             tma_load_3d(st + A, &maps.a, 0, pb.hv, row, bar);
             if (HAS_Q_P) tma_load_3d(st + P, &maps.p, 0, pb.hv, row, bar);
+            if (!HAS_DO)
+                for (int b = 0; b < V_BOXES; ++b)
+                    tma_load_3d(st + V + b * V_BOX_BYTES, &maps.v, pb.v0 + V_BOX_COLS * b, pb.hv, row, bar);
         }
-        const i64 vo = (bos * HV + pb.hv) * Vd + pb.v0;
-        load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + V), v + vo, (i64)HV * Vd, L, pb.vcols);
-        if (HAS_DO) load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + DO), dout + vo, (i64)HV * Vd, L, pb.vcols);
+        if (HAS_DO) {
+            const i64 vo = (bos * HV + pb.hv) * Vd + pb.v0;
+            load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + V), v + vo, (i64)HV * Vd, L, pb.vcols);
+            load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + DO), dout + vo, (i64)HV * Vd, L, pb.vcols);
+        }
         ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
         cp_async_commit();
     }
     static constexpr int QK_BOXES = (HAS_Q_P ? 2 : 1) * (KP / 64), AP_BOXES = HAS_Q_P ? 2 : 1,
-                         TMA_BYTES = (QK_BOXES + AP_BOXES) * SW128_BOX_BYTES;
+                         V_BOX_COLS = BV < 64 ? BV : 64, V_BOXES = HAS_DO ? 0 : BV / V_BOX_COLS,
+                         V_BOX_BYTES = BT * V_BOX_COLS * 2,
+                         TMA_BYTES = (QK_BOXES + AP_BOXES) * SW128_BOX_BYTES + V_BOXES * V_BOX_BYTES;
     // Rows [L, BT) of the TMA tiles to zero, as load_blocked leaves them, by the block's threads.
     static __device__ __forceinline__ void zero_tail(unsigned char* st, int L) {
         if (L >= BT) return;
-        zero_box_rows(st + Q, QK_BOXES, L);  // q and k are adjacent, as are A and P
-        zero_box_rows(st + A, AP_BOXES, L);
+        zero_box_rows(st + Q, QK_BOXES, L, 128);  // q and k are adjacent, as are A and P
+        zero_box_rows(st + A, AP_BOXES, L, 128);
+        zero_box_rows(st + V, V_BOXES, L, 2 * V_BOX_COLS);
     }
 };
 
@@ -482,8 +491,8 @@ struct WgPassSmem {
 template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE>
 __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE))
     gdn_chunk_fwd_wg_kernel(
-    const T* __restrict__ v, const float* __restrict__ Gc, const float* __restrict__ Bc,
-    const float* __restrict__ Rq, const float* __restrict__ Rk, const float* __restrict__ h0, const i64* __restrict__ cu,
+    const float* __restrict__ Gc, const float* __restrict__ Bc, const float* __restrict__ Rq,
+    const float* __restrict__ Rk, const float* __restrict__ h0, const i64* __restrict__ cu,
     const int* __restrict__ seq_chunk0, T* __restrict__ o, float* __restrict__ ht, T* __restrict__ hbuf,
     T* __restrict__ vnew, int T_, int H, int HV, int K, int V, int NVB, float scale, int flags,
     const __grid_constant__ PassMaps maps) {
@@ -497,8 +506,8 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
     const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
-        St::template issue<128 * NWG>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, v, (const T*)nullptr,
-                                          Gc, Bc, Rq, Rk, HV, V, flags);
+        St::template issue<128 * NWG>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, (const T*)nullptr,
+                                      (const T*)nullptr, Gc, Bc, Rq, Rk, HV, V, flags);
     };
 
     WgAcc<MS, BVW> S;  // this warpgroup's columns: value columns [v0 + c0, v0 + vcols) of the state
@@ -529,10 +538,9 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
                                                   pb.vcols);
         wg_wait<0>();
         X.apply_pairs([&](int i, int j, float& x0, float& x1) {
-            const int e = blk(i, c0 + j, BV);
-            const float2 vv = load_pair(sV, e);
+            const float2 vv = load_pair(sV, swizzled(i, c0 + j, BV));
             const float b = sm.rows.B[i], f = sm.rows.gk[i];
-            store_pair(sm.tile0, e, b * (vv.x - f * x0), b * (vv.y - f * x1));
+            store_pair(sm.tile0, blk(i, c0 + j, BV), b * (vv.x - f * x0), b * (vv.y - f * x1));
         });
         fence_proxy_async();
         wg_barrier(wg);
@@ -560,10 +568,10 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
         wg_commit();
         if (STORE) sm.template copy_cols_out<BVW>(rows_out, HV, V, sm.tile0, L, c0, pb.vcols);  // delta
         wg_wait<0>();
-        if (!STORE) {  // o through this warpgroup's columns of the v tile (its last reader was this thread)
-            Y.apply_pairs([&](int i, int j, float& x0, float& x1) { store_pair(sV, blk(i, c0 + j, BV), x0, x1); });
+        if (!STORE) {  // o through this warpgroup's columns of tile1 (their last reader, S's product, is done)
+            Y.apply_pairs([&](int i, int j, float& x0, float& x1) { store_pair(sm.tile1, blk(i, c0 + j, BV), x0, x1); });
             wg_barrier(wg);
-            sm.template copy_cols_out<BVW>(rows_out, HV, V, sV, L, c0, pb.vcols);
+            sm.template copy_cols_out<BVW>(rows_out, HV, V, sm.tile1, L, c0, pb.vcols);
         }
         __syncthreads();
     }

@@ -398,18 +398,20 @@ def _wgmma_applies(p: GDNProblem, bt: int) -> bool:
             and all(x.data.ptr % 16 == 0 for x in (p.q, p.k, p.v)))
 
 
-def _pass_maps(p: GDNProblem, ch: _Chunks, store: bool) -> np.void:
+def _pass_maps(p: GDNProblem, ch: _Chunks, bv: int, forward: bool, store: bool = False) -> np.void:
     """The Hopper state passes' TMA maps (kernel parameter ``PassMaps``): q and the scores only without ``store``
-    (the forward pass's recompute for the backward)."""
+    (the forward pass's recompute for the backward), v (boxes of ``bv`` value columns, at most 64) only for the
+    ``forward`` passes."""
     n_tok = p.B * p.T
 
     def qk(x: Any) -> np.ndarray:
-        return tensor_map.sw128_rows_map(x, n_tok, p.H, p.K)
+        return tensor_map.rows_map(x, n_tok, p.H, p.K)
 
     def ap(x: Any) -> np.ndarray:
-        return tensor_map.sw128_rows_map(x, n_tok, p.HV, ch.bt)
+        return tensor_map.rows_map(x, n_tok, p.HV, ch.bt)
 
-    return tensor_map.kernel_maps(None if store else qk(p.q), qk(p.k), ap(ch.Ahi), None if store else ap(ch.Phi))
+    v = tensor_map.rows_map(p.v, n_tok, p.HV, p.V, min(bv, 64)) if forward else None
+    return tensor_map.kernel_maps(None if store else qk(p.q), qk(p.k), ap(ch.Ahi), None if store else ap(ch.Phi), v)
 
 
 def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None,
@@ -425,7 +427,8 @@ def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, h
         nvb = math.ceil(p.V / (nwg * bvw))
         _launch(_fwd_wg_name(ch.ct, ch.kp, nwg, bvw, store, pipe), p.N * p.HV * nvb, 128 * nwg,
                 _smem_wg(ch.kp, nwg * bvw, pipe, not store, False),
-                (p.v, *ch.rows, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags), _pass_maps(p, ch, store)))
+                (*ch.rows, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags),
+                 _pass_maps(p, ch, nwg * bvw, True, store)))
         return
     nvb, grid = _state_pass_args(p, ch)
     _launch(_fwd_name(ch.ct, ch.bt, ch.kp, store), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, store), (
@@ -469,7 +472,7 @@ def _backward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, do: Any, dht: A
         _launch(_bwd_wg_name(ch.ct, ch.kp, nwg, bvw, pipe), p.N * p.HV * nvb, 128 * nwg,
                 _smem_wg(ch.kp, nwg * bvw, pipe, True, True), (
                     p.v, *ch.rows, do, *out, part_yv, rec._ptr(dh0), *sizes, np.int32(nvb), np.int64(n_tok),
-                    np.float32(p.scale), np.int32(flags), _pass_maps(p, ch, False)))
+                    np.float32(p.scale), np.int32(flags), _pass_maps(p, ch, nwg * bvw, False)))
         return dhbuf, ybuf, dv, dh0, part_yv
     nvb, grid = _state_pass_args(p, ch)
     part_yv = empty(cupy, (nvb, n_tok, p.HV), np.float32)
