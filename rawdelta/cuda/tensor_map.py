@@ -21,8 +21,10 @@ def rows_map(array: Any, rows: int, heads: int, cols: int, box_cols: int = 64) -
     ``[rows, heads, cols]`` (any leading shape that flattens to it), in the swizzle of the box's row length (16,
     32 or 64 columns: 32, 64 or 128 bytes; tma.cuh: ``swizzled``); box coordinates (column, head, row), zeros past
     each extent. Returns the 128 encoded bytes as 16 uint64."""
-    from cuda.bindings import driver
-
+    try:
+        from cuda.bindings import driver
+    except ImportError as e:
+        raise ImportError("the Hopper kernels' TMA copies need cuda-bindings: pip install 'rawdelta[cuda]'") from e
     if array.dtype.name not in _DATA_TYPES:
         raise TypeError(f"tensor maps: 16-bit float arrays only, got {array.dtype}")
     u64, u32 = driver.cuuint64_t, driver.cuuint32_t
