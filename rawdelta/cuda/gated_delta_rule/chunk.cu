@@ -352,11 +352,12 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
 // of gdn_chunk_fwd_kernel, per (sequence, value head, block of BV = NWG BVW value columns). Warpgroup w owns
 // the state's columns [w BVW, (w + 1) BVW), all KP rows, in registers, and runs the chunk's chain of products
 // on them alone: inside a chunk it waits only on its own warpgroup; the chunk's q, k, v, (I + L)^-1 and score
-// tiles are loaded once for all NWG (2, or 4 so that one block covers a head's 128 value columns). The q, k,
-// (I + L)^-1 and score tiles come as TMA boxes in the 128-byte swizzle, issued by one thread (common/tma.cuh),
-// so the warps no longer spend the chain's time on the addresses of 16-byte copies; v and the tiles the
-// warpgroups write are blocked (common/wgmma.cuh). The state, r and delta enter the tensor cores rounded to T,
-// like the peer's; the state itself stays float32 in registers through the pass.
+// tiles are loaded once for all NWG (2, or 4 so that one block covers a head's 128 value columns). They come as
+// TMA boxes issued by one thread (common/tma.cuh; q, k, (I + L)^-1 and the scores in the 128-byte swizzle that
+// wgmma reads, v in the swizzle of its row length), so the warps no longer spend the chain's time on the
+// addresses of 16-byte copies; the tiles the warpgroups write are blocked (common/wgmma.cuh). The state, r and
+// delta enter the tensor cores rounded to T, like the peer's; the state itself stays float32 in registers through
+// the pass.
 // PIPE: two stages of chunk inputs, the next chunk's loads in flight while this one computes (for grids of
 // at most one block per SM, where no other block hides the loads).
 
@@ -366,8 +367,8 @@ struct PassMaps {
     TmaMap q, k, a, p, v;
 };
 
-// One stage of a Hopper state pass's chunk inputs: byte offsets of its blocked tiles (q and the scores only
-// with HAS_Q_P, do only with HAS_DO) and of the raw row scalars.
+// One stage of a Hopper state pass's chunk inputs: byte offsets of its tiles (q and the scores only with HAS_Q_P,
+// do only with HAS_DO) and of the raw row scalars. Every tile starts 1024-byte aligned when the stage does.
 template <int KP, int BV, bool HAS_Q_P, bool HAS_DO>
 struct WgStage {
     static constexpr int BT = 64, Q = 0, K = Q + (HAS_Q_P ? BT * KP * 2 : 0), V = K + BT * KP * 2,
@@ -381,9 +382,9 @@ struct WgStage {
     // the chunk (the next sequence's, or zeros past the tensor): zero_tail clears them.
     template <int NT, typename T>
     static __device__ __forceinline__ void issue(unsigned char* st, u64* bar, const StatePassBlock& pb, int c,
-                                                     const PassMaps& maps, const T* v, const T* dout, const float* Gc,
-                                                     const float* Bc, const float* Rq, const float* Rk, int HV, int Vd,
-                                                     int flags) {
+                                                 const PassMaps& maps, const T* v, const T* dout, const float* Gc,
+                                                 const float* Bc, const float* Rq, const float* Rk, int HV, int Vd,
+                                                 int flags) {
         const i64 bos = pb.bos + (i64)c * BT;
         const int L = min(BT, pb.len - c * BT), row = (int)bos;
         if (threadIdx.x == 0) {
@@ -569,7 +570,8 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
         if (STORE) sm.template copy_cols_out<BVW>(rows_out, HV, V, sm.tile0, L, c0, pb.vcols);  // delta
         wg_wait<0>();
         if (!STORE) {  // o through this warpgroup's columns of tile1 (their last reader, S's product, is done)
-            Y.apply_pairs([&](int i, int j, float& x0, float& x1) { store_pair(sm.tile1, blk(i, c0 + j, BV), x0, x1); });
+            Y.apply_pairs(
+                [&](int i, int j, float& x0, float& x1) { store_pair(sm.tile1, blk(i, c0 + j, BV), x0, x1); });
             wg_barrier(wg);
             sm.template copy_cols_out<BVW>(rows_out, HV, V, sm.tile1, L, c0, pb.vcols);
         }
@@ -677,7 +679,7 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
 // the columns [w BVW, (w + 1) BVW) of dS, all KP rows, in float32 registers; dS, d(delta), y and the scaled do
 // enter the tensor cores rounded to T. Each warpgroup writes its own partial row sums y . v (partial NWG vb + w
 // of part_yv). PIPE: the previous chunk's inputs load while this one computes. NWG: 2 or 4 warpgroups per block.
-// The q, k, (I + L)^-1 and score tiles come by TMA, as in the forward pass.
+// The q, k, (I + L)^-1 and score tiles come by TMA, as in the forward pass; v and do are blocked copies.
 template <typename T, int KP, int NWG, int BVW, bool PIPE>
 __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE))
     gdn_chunk_bwd_wg_kernel(
@@ -698,8 +700,8 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
     const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
-        St::template issue<128 * NWG>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, v, dout, Gc, Bc, Rq,
-                                          Rk, HV, V, flags);
+        St::template issue<128 * NWG>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, v, dout, Gc, Bc, Rq, Rk,
+                                      HV, V, flags);
     };
 
     WgAcc<MS, BVW> dS;  // this warpgroup's columns of the state gradient at the current chunk's end
