@@ -3,10 +3,11 @@
 // Tensor maps are encoded on the host (rawdelta/cuda/tensor_map.py) and passed by value as __grid_constant__
 // kernel parameters. Other targets compile these helpers to a trap; the host launches them only on sm_90.
 //
-// Tiles are boxes of 64 rows x 64 16-bit elements (128 bytes per row, 8 KB, 1024-byte aligned) in the 128-byte
-// swizzle: the 16-byte piece j of row r sits at piece j ^ (r % 8). That is the layout wgmma reads through a
-// 128-byte-swizzle matrix descriptor (wgmma.cuh: a_kmajor_sw128, a_mnmajor_sw128), and TMA fetches it in whole
-// 128-byte rows.
+// Operand tiles are boxes of 64 rows x 64 16-bit elements (128 bytes per row, 8 KB, 1024-byte aligned) in the
+// 128-byte swizzle: the 16-byte piece j of row r sits at piece j ^ (r % 8). That is the layout wgmma reads through
+// a 128-byte-swizzle matrix descriptor (wgmma.cuh: a_kmajor_sw128, a_mnmajor_sw128), and TMA fetches it in whole
+// 128-byte rows. Narrower boxes (16 or 32 columns, read by threads) take the swizzle of their row length
+// (swizzled()).
 #pragma once
 #include "common/wgmma.cuh"
 
