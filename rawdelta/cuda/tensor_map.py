@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 MAP_BYTES = 128  # sizeof(CUtensorMap), 64-byte aligned in the kernel's parameters
-BOX_ROWS = 64  # rows per box (tma.cuh: SW128_ROWS)
+BOX_ROWS = 64  # rows per box (tma.cuh: BOX_ROWS)
 _DATA_TYPES = {"float16": "CU_TENSOR_MAP_DATA_TYPE_FLOAT16", "bfloat16": "CU_TENSOR_MAP_DATA_TYPE_BFLOAT16"}
 _SWIZZLES = {32: "CU_TENSOR_MAP_SWIZZLE_32B", 64: "CU_TENSOR_MAP_SWIZZLE_64B", 128: "CU_TENSOR_MAP_SWIZZLE_128B"}
 

@@ -18,7 +18,7 @@ struct alignas(64) TmaMap {
     unsigned long long opaque[16];
 };
 
-constexpr int SW128_ROWS = 64, SW128_BOX_BYTES = SW128_ROWS * 128;
+constexpr int BOX_ROWS = 64, SW128_BOX_BYTES = BOX_ROWS * 128;  // every box's rows; a 128-byte-swizzle box's bytes
 
 __device__ __forceinline__ void mbar_init(u64* bar, unsigned count) {
 #ifdef RAWDELTA_WGMMA
@@ -70,7 +70,7 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, int x,
 // XORed with its bits 7 and up), boxes 64 rows apart. Box starts aligned to 1024 bytes.
 __device__ __forceinline__ int swizzled(int r, int c, int cols) {
     const int bc = cols < 64 ? cols : 64, rb = 2 * bc;
-    const int off = (c / bc) * (SW128_ROWS * rb) + r * rb + (c % bc) * 2;
+    const int off = (c / bc) * (BOX_ROWS * rb) + r * rb + (c % bc) * 2;
     return (off ^ (((off >> 7) & (rb / 16 - 1)) << 4)) >> 1;
 }
 
@@ -78,10 +78,10 @@ __device__ __forceinline__ int swizzled(int r, int c, int cols) {
 // row's pieces are only permuted within the row, so whole rows are cleared alike in any swizzle). Generic-proxy
 // writes: the caller fences (fence_proxy_async) and synchronises before wgmma reads them.
 __device__ __forceinline__ void zero_box_rows(unsigned char* tile, int boxes, int r0, int row_bytes) {
-    const int per_row = row_bytes / 16, per_box = (SW128_ROWS - r0) * per_row;  // 16-byte pieces
+    const int per_row = row_bytes / 16, per_box = (BOX_ROWS - r0) * per_row;  // 16-byte pieces
     for (int idx = threadIdx.x; idx < boxes * per_box; idx += blockDim.x) {
         const int b = idx / per_box, p = idx % per_box;
-        *reinterpret_cast<uint4*>(tile + (b * SW128_ROWS + r0) * row_bytes + p * 16) = make_uint4(0u, 0u, 0u, 0u);
+        *reinterpret_cast<uint4*>(tile + (b * BOX_ROWS + r0) * row_bytes + p * 16) = make_uint4(0u, 0u, 0u, 0u);
     }
 }
 

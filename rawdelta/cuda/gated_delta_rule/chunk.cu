@@ -396,9 +396,8 @@ struct WgStage {
             }
             tma_load_3d(st + A, &maps.a, 0, pb.hv, row, bar);
             if (HAS_Q_P) tma_load_3d(st + P, &maps.p, 0, pb.hv, row, bar);
-            if (!HAS_DO)
-                for (int b = 0; b < V_BOXES; ++b)
-                    tma_load_3d(st + V + b * V_BOX_BYTES, &maps.v, pb.v0 + V_BOX_COLS * b, pb.hv, row, bar);
+            for (int b = 0; b < V_BOXES; ++b)  // none with do
+                tma_load_3d(st + V + b * V_BOX_BYTES, &maps.v, pb.v0 + V_BOX_COLS * b, pb.hv, row, bar);
         }
         if (HAS_DO) {
             const i64 vo = (bos * HV + pb.hv) * Vd + pb.v0;
