@@ -18,9 +18,9 @@ factors on CUDA (so the backward does not recompute them), empty otherwise.
 
 The custom ops are opaque to ``torch.compile`` (their fake kernels give shapes and dtypes only), so
 ``torch.compile(fullgraph=True)`` traces through them. On CUDA tensors they run the ``cuda`` backend
-zero-copy through DLPack on ``torch.cuda.current_stream()``, with every CuPy allocation served by
-torch's caching allocator (so CUDA graph capture works and torch accounts for all memory). On CPU
-tensors they run the ``numpy`` backend on ``tensor.numpy()`` views.
+zero-copy (contiguous tensors wrapped by pointer, others through DLPack) on ``torch.cuda.current_stream()``,
+with every CuPy allocation served by torch's caching allocator (so CUDA graph capture works and torch accounts
+for all memory). On CPU tensors they run the ``numpy`` backend on ``tensor.numpy()`` views.
 
 This module must not use ``from __future__ import annotations``: ``torch.library.custom_op`` reads
 the schema from the runtime annotations (the generated ops carry an :class:`inspect.Signature`).
