@@ -12,6 +12,8 @@
 * Compile failures raise :class:`rawdelta.errors.KernelCompileError` with the NVRTC log.
 * :func:`compile_all_to_cubin` compiles every registered instantiation to sm_80/sm_90/sm_90a cubins on a
   machine without a GPU or driver (NVRTC through ``cuda.core``); CI uses it.
+* Kernels launch through CuPy, except those that start beside the kernel before them
+  (:func:`launch_programmatic`: ``cuLaunchKernelEx`` through ``cuda-bindings``, the ``cuda`` extra).
 """
 
 from __future__ import annotations
@@ -157,6 +159,83 @@ def get_kernel(source: str, name_expression: str, defines: dict[str, Any] | None
         _modules.pop((device, spec), None)
         raise KernelCompileError(name_expression, e.get_message() if hasattr(e, "get_message") else str(e),
                                  compile_options(device)) from None
+
+
+@functools.cache
+def _scalar_codes() -> dict[type, str]:
+    import numpy as np
+
+    return {np.int32: "i", np.uint32: "I", np.int64: "q", np.uint64: "Q", np.float32: "f", np.float64: "d"}
+
+
+@functools.lru_cache(maxsize=256)
+def _param_layout(codes: tuple[str, ...]) -> tuple[Any, tuple[int, ...]]:
+    """A ``struct.Struct`` that packs kernel arguments of these ``struct`` codes back to back, and each one's
+    offset in it."""
+    import struct
+
+    offsets = tuple(struct.calcsize("=" + "".join(codes[:i])) for i in range(len(codes)))
+    return struct.Struct("=" + "".join(codes)), offsets
+
+
+def _kernel_params(args: tuple[Any, ...]) -> tuple[Any, Any]:
+    """Kernel arguments (CuPy arrays as their device pointers, NumPy scalars of fixed size, structured ones
+    included) packed back to back into one host buffer, and the ``void *kernelParams[]`` array pointing at each:
+    (buffer, pointers), both to be kept alive until the launch has returned."""
+    import array
+    import ctypes
+
+    import cupy
+    import numpy as np
+
+    scalar_codes = _scalar_codes()
+    codes, values = [], []
+    for a in args:
+        code = scalar_codes.get(type(a))
+        if code is not None:
+            values.append(a)
+        elif isinstance(a, cupy.ndarray):
+            code = "Q"
+            values.append(a.data.ptr)
+        elif isinstance(a, np.void):
+            code = f"{a.nbytes}s"
+            values.append(a.tobytes())
+        else:
+            raise TypeError(f"kernel arguments are CuPy arrays or NumPy scalars of fixed size, got {type(a).__name__}")
+        codes.append(code)
+    layout, offsets = _param_layout(tuple(codes))
+    buf = ctypes.create_string_buffer(layout.pack(*values), layout.size)
+    base = ctypes.addressof(buf)
+    return buf, array.array("Q", [base + o for o in offsets])
+
+
+def launch_programmatic(kernel: Any, grid: int, block: int, shared_mem: int, args: tuple[Any, ...]) -> None:
+    """Launch ``kernel`` (a ``cupy.RawKernel``) on the current stream with programmatic stream serialization:
+    it may start once every block of the stream's previous kernel has run ``griddepcontrol.launch_dependents``
+    (or exited), not only once that kernel has finished; the two then synchronise through memory themselves.
+    Where the device or a graph capture does not support it the launch is an ordinary, serialised one.
+
+    ``args`` as for a CuPy launch: CuPy arrays (passed as their device pointer) and NumPy scalars of fixed size,
+    structured ones included (passed by value). The driver copies each argument from its own buffer: the host
+    packs them into one (a few microseconds; the launch sits between two kernels that run side by side)."""
+    import cupy
+    from cuda.bindings import driver
+
+    _, pointers = params = _kernel_params(args)
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+    config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
+    config.sharedMemBytes = shared_mem
+    config.hStream = driver.CUstream(cupy.cuda.get_current_stream().ptr)
+    config.attrs = [attr]
+    config.numAttrs = 1
+    (err,) = driver.cuLaunchKernelEx(config, driver.CUfunction(kernel.kernel.ptr), pointers.buffer_info()[0], 0)
+    del params  # the driver has copied the arguments
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuLaunchKernelEx failed ({err.name}) for {kernel.name}")
 
 
 def precompile() -> int:
