@@ -231,9 +231,9 @@ def _record_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     names: list[str] = []
     launch = cuda_chunk._launch
 
-    def spy(name: str, *args: Any) -> None:
+    def spy(name: str, *args: Any, **kwargs: Any) -> None:
         names.append(name)
-        launch(name, *args)
+        launch(name, *args, **kwargs)
 
     monkeypatch.setattr(cuda_chunk, "_launch", spy)
     return names
@@ -279,8 +279,8 @@ def test_hopper_forward_state_pass(option: tuple[dict[str, Any], dict[str, Any],
     check_backend("cuda", make_inputs({**shape, **gen}, seed=9, dtype=dtype), device=True, drop=drop, mode="chunk",
                   chunk_size=64, **extra)
     tf = {False: "false", True: "true"}
-    for store in (False, True):
-        assert any(n.startswith("gdn_chunk_fwd_wg_kernel<") and n.endswith(f", {nwg}, {bvw}, {tf[store]}, {tf[pipe]}>")
+    for store in (False, True):  # the forward pass with or without prepare beside it (AHEAD), the recompute without
+        assert any(n.startswith("gdn_chunk_fwd_wg_kernel<") and f", {nwg}, {bvw}, {tf[store]}, {tf[pipe]}, " in n
                    for n in launched), launched
     assert any(n.startswith("gdn_chunk_bwd_wg_kernel<") and n.endswith(f", {nwg}, {bvw}, {tf[pipe]}>")
                for n in launched), launched
@@ -304,3 +304,41 @@ def test_mma_sync_state_passes_on_hopper(gen: dict[str, Any], extra: dict[str, A
     assert any(n.startswith("gdn_chunk_bwd_state_kernel<") for n in launched), launched
     assert any(n.startswith("gdn_chunk_bwd_dqk_kernel<") for n in launched), launched
     assert not any("_wg_" in n for n in launched), launched
+
+
+_AHEAD_CASES = [("K128_V128", {"B": 2, "T": 700, "H": 2, "HV": 4, "K": 128, "V": 128}, "bfloat16"),
+                ("K64_V48_l2_gate", {"B": 2, "T": 150, "H": 2, "HV": 4, "K": 64, "V": 48,
+                                     "use_qk_l2norm_in_kernel": True, "use_gate_in_kernel": True}, "float16"),
+                ("K128_varlen", {"B": 1, "T": 0, "H": 1, "HV": 2, "K": 128, "V": 136,
+                                 "seqlens": (70, 0, 1, 128, 64, 700)}, "bfloat16"),
+                ("many_sequences", {"B": 1, "T": 0, "H": 4, "K": 64, "V": 64, "seqlens": (16,) * 300 + (900, 0)},
+                 "bfloat16"),
+                ("T1", {"B": 3, "T": 1, "H": 2, "K": 64, "V": 64}, "bfloat16")]
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [c[1:] for c in _AHEAD_CASES], ids=[c[0] for c in _AHEAD_CASES])
+def test_prepare_ahead_of_the_forward_pass(shape: dict[str, Any], dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prepare running beside the Hopper forward pass (persistent blocks publishing each chunk; the pass's
+    producer warp waiting on them) gives the output, the final state and the factors the backward takes of
+    prepare run before the pass, bit for bit; sequences of different lengths, empty ones and T = 1 included."""
+    from rawdelta.ops.gated_delta_rule import cuda_chunk
+
+    if not cuda_chunk.wgmma_available():
+        pytest.skip("the wgmma kernels need a compute capability 9.0 GPU")
+    kw, _, _ = split_op_args(make_inputs(shape, seed=11, dtype=dtype))
+    kw = to_device(kw)
+    monkeypatch.setattr(cuda_chunk, "_wg_config", lambda p, kp: (2, 16, True))
+    launched = _record_launches(monkeypatch)
+    runs = []
+    for ahead in (True, False):
+        monkeypatch.setattr(cuda_chunk, "PREPARE_AHEAD", ahead)
+        del launched[:]
+        (o, ht), res = chunk_gated_delta_rule_fwd(**kw, output_final_state=True, chunk_size=64, backend="cuda")
+        f = res.factors
+        runs.append([to_host(x) for x in (o, ht, f.Ahi, f.Phi, f.Gc, f.Bc, f.Rq, f.Rk) if x is not None])
+        assert any(n.startswith("gdn_chunk_prepare_kernel<") and n.endswith(f", {'true' if ahead else 'false'}>")
+                   for n in launched), launched
+        assert any(n.startswith("gdn_chunk_fwd_wg_kernel<") and n.endswith(f", {'true' if ahead else 'false'}>")
+                   for n in launched), launched
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))

@@ -38,6 +38,12 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(u64* bar, unsigned bytes) 
                  : "memory");
 #endif
 }
+// One arrival without bytes (release: this thread's shared-memory writes before it are seen by the waiters).
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+#ifdef RAWDELTA_WGMMA
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
 // Until the phase of parity `parity` has completed (its arrival made and all its bytes landed).
 __device__ __forceinline__ void mbar_wait(u64* bar, unsigned parity) {
 #ifdef RAWDELTA_WGMMA
@@ -74,12 +80,12 @@ __device__ __forceinline__ int swizzled(int r, int c, int cols) {
     return (off ^ (((off >> 7) & (rb / 16 - 1)) << 4)) >> 1;
 }
 
-// Rows [r0, 64) of `boxes` consecutive TMA boxes with rows of `row_bytes` to zero, by the block's threads (a
+// Rows [r0, 64) of `boxes` consecutive TMA boxes with rows of `row_bytes` to zero, by threads [0, nthreads) (a
 // row's pieces are only permuted within the row, so whole rows are cleared alike in any swizzle). Generic-proxy
 // writes: the caller fences (fence_proxy_async) and synchronises before wgmma reads them.
-__device__ __forceinline__ void zero_box_rows(unsigned char* tile, int boxes, int r0, int row_bytes) {
+__device__ __forceinline__ void zero_box_rows(unsigned char* tile, int boxes, int r0, int row_bytes, int nthreads) {
     const int per_row = row_bytes / 16, per_box = (BOX_ROWS - r0) * per_row;  // 16-byte pieces
-    for (int idx = threadIdx.x; idx < boxes * per_box; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < boxes * per_box; idx += nthreads) {
         const int b = idx / per_box, p = idx % per_box;
         *reinterpret_cast<uint4*>(tile + (b * BOX_ROWS + r0) * row_bytes + p * 16) = make_uint4(0u, 0u, 0u, 0u);
     }

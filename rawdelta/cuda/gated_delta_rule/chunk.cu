@@ -19,6 +19,7 @@
 // the state passes. Tiles of input precision are E tiles (Split<E> for float inputs); states, inverses
 // and other float32 intermediates are Split<E> tiles, so their products keep ~16 mantissa bits.
 #include "common/chunk_stages.cuh"
+#include "common/ready_flags.cuh"
 #include "common/tma.cuh"
 #include "common/wgmma.cuh"
 #include "gated_delta_rule/gdn_common.cuh"
@@ -49,14 +50,20 @@ __global__ void __launch_bounds__(1024) gdn_chunk_table_kernel(const i64* __rest
 // P_ij = scale (q_i . k_j) 2^(G_i - G_j), j <= i (with the row factors), which every value block of the
 // state passes needs: computed once here instead of once per value block. Blocks of NTHREADS (the host's
 // launch size is the template argument). Alo is null for the Hopper state passes, which take the hi part only.
+// Without AHEAD, block b takes item b: chunk b / HV (in the chunk table's order), value head b % HV, and the
+// last four arguments are unused. With AHEAD the blocks are persistent and run ahead of a Hopper forward pass
+// launched beside them (gdn_chunk_fwd_wg_kernel with AHEAD): they walk the items in the order that pass consumes
+// them, chunk j of every sequence and value head before chunk j + 1 of any (N sequences, at most max_chunks
+// chunks each), and publish each in ready[global chunk * HV + hv] (common/ready_flags.cuh).
 
-template <typename T, typename E, int BT, int KP, int NTHREADS>
-__global__ void __launch_bounds__(NTHREADS) gdn_chunk_prepare_kernel(
+template <typename T, typename E, int BT, int KP, int NTHREADS, bool AHEAD>
+__global__ void __launch_bounds__(NTHREADS, AHEAD ? 5 : 0) gdn_chunk_prepare_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ g, const float* __restrict__ beta,
     const float* __restrict__ A_log, const float* __restrict__ dt_bias, const i64* __restrict__ chunk_bos,
     const int* __restrict__ chunk_len, float* __restrict__ Gc, float* __restrict__ Bc, float* __restrict__ Rq,
     float* __restrict__ Rk, E* __restrict__ Ahi, E* __restrict__ Alo, E* __restrict__ Phi, E* __restrict__ Plo,
-    int H, int HV, int K, float scale, int flags) {
+    int H, int HV, int K, float scale, int flags, const int* __restrict__ seq_chunk0, int N, int max_chunks,
+    int* __restrict__ ready) {
     using TT = typename InputTile<T, E>::type;
     constexpr int LDK = KP + PAD, LDA = BT + 8, LDX = BT / 2 + 4;  // LDA: L's pair stores free of bank conflicts
     extern __shared__ __align__(16) unsigned char smem[];
@@ -75,63 +82,76 @@ __global__ void __launch_bounds__(NTHREADS) gdn_chunk_prepare_kernel(
     float* sRq = cur.take<float>(BT);
     float* sRk = cur.take<float>(BT);
 
-    const int c = blockIdx.x / HV, hv = blockIdx.x % HV, h = hv / (HV / H);
-    const i64 bos = chunk_bos[c];
-    const int L = chunk_len[c];
-    load_tile(sK, LDK, k + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
-    load_tile(sQ, LDK, q + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
-    for (int r = threadIdx.x; r < BT; r += blockDim.x) {
-        const i64 th = (bos + r) * HV + hv;
-        sG[r] = r < L ? scalar_log_gate(g, A_log, dt_bias, th, hv, flags) : 0.f;
-        sB[r] = r < L ? beta_value(beta, th, flags) : 0.f;
-    }
-    cp_async_wait_all();
-    __syncthreads();
-    if (flags & F_L2) {  // 128 threads take q's rows, 128 k's
-        static_assert(NTHREADS == 256, "two groups of 128 threads for the row norms");
-        if (threadIdx.x < 128) row_inv_norms(sQ, LDK, L, BT, KP, sRq, threadIdx.x);
-        else row_inv_norms(sK, LDK, L, BT, KP, sRk, threadIdx.x - 128);
-    } else {
-        for (int r = threadIdx.x; r < BT; r += blockDim.x) sRq[r] = sRk[r] = 1.f;
-    }
-    if (threadIdx.x < 32) chunk_local_cumsum_log2(sG, 1, 1, L, BT);
-    __syncthreads();
-    for (int r = threadIdx.x; r < L; r += blockDim.x) {
-        const i64 th = (bos + r) * HV + hv;
-        Gc[th] = sG[r];
-        Bc[th] = sB[r];
-        if (flags & F_L2) {
-            Rq[th] = sRq[r];
-            Rk[th] = sRk[r];
+    if (AHEAD) launch_dependents();
+    const int items = AHEAD ? max_chunks * N * HV : 1;  // without AHEAD the loop is one pass, compiled away
+#pragma unroll 1
+    for (int item = AHEAD ? (int)blockIdx.x : 0; item < items; item += AHEAD ? (int)gridDim.x : 1) {
+        const int it = AHEAD ? item : (int)blockIdx.x;
+        int c = it / HV;
+        const int hv = it % HV, h = hv / (HV / H);
+        if (AHEAD) {  // item = (j N + n) HV + hv: chunk j of sequence n
+            const int n = c % N, j = c / N;
+            c = seq_chunk0[n] + j;
+            if (c >= seq_chunk0[n + 1]) continue;
         }
-    }
-    constexpr int NW = NTHREADS / 32;
-    {
-        Acc<BT, BT, NW> S;
-        S.fill(0.f);
-        gemm<E, MK, NK, BT, BT, KP, NW>(S, sQ, LDK, sK, LDK);
-        mask_decay_scores<false>(S, sG, L, scale, sRq, sRk);
-        const TT out = advance(chunk_matrix<TT>(Phi, Plo), (bos * HV + hv) * BT);
-        S.apply_pairs([&](int i, int j, float& x0, float& x1) {
-            if (i < L) tile_put_pair(out, i * HV * BT + j, x0, x1);
+        const i64 bos = chunk_bos[c];
+        const int L = chunk_len[c];
+        load_tile(sK, LDK, k + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
+        load_tile(sQ, LDK, q + (bos * H + h) * K, (i64)H * K, L, K, BT, KP);
+        for (int r = threadIdx.x; r < BT; r += blockDim.x) {
+            const i64 th = (bos + r) * HV + hv;
+            sG[r] = r < L ? scalar_log_gate(g, A_log, dt_bias, th, hv, flags) : 0.f;
+            sB[r] = r < L ? beta_value(beta, th, flags) : 0.f;
+        }
+        cp_async_wait_all();
+        __syncthreads();
+        if (flags & F_L2) {  // 128 threads take q's rows, 128 k's
+            static_assert(NTHREADS == 256, "two groups of 128 threads for the row norms");
+            if (threadIdx.x < 128) row_inv_norms(sQ, LDK, L, BT, KP, sRq, threadIdx.x);
+            else row_inv_norms(sK, LDK, L, BT, KP, sRk, threadIdx.x - 128);
+        } else {
+            for (int r = threadIdx.x; r < BT; r += blockDim.x) sRq[r] = sRk[r] = 1.f;
+        }
+        if (threadIdx.x < 32) chunk_local_cumsum_log2(sG, 1, 1, L, BT);
+        __syncthreads();
+        for (int r = threadIdx.x; r < L; r += blockDim.x) {
+            const i64 th = (bos + r) * HV + hv;
+            Gc[th] = sG[r];
+            Bc[th] = sB[r];
+            if (flags & F_L2) {
+                Rq[th] = sRq[r];
+                Rk[th] = sRk[r];
+            }
+        }
+        constexpr int NW = NTHREADS / 32;
+        {
+            Acc<BT, BT, NW> S;
+            S.fill(0.f);
+            gemm<E, MK, NK, BT, BT, KP, NW>(S, sQ, LDK, sK, LDK);
+            mask_decay_scores<false>(S, sG, L, scale, sRq, sRk);
+            const TT out = advance(chunk_matrix<TT>(Phi, Plo), (bos * HV + hv) * BT);
+            S.apply_pairs([&](int i, int j, float& x0, float& x1) {
+                if (i < L) tile_put_pair(out, i * HV * BT + j, x0, x1);
+            });
+        }
+        Acc<BT, BT, NW> P;
+        P.fill(0.f);
+        gemm<E, MK, NK, BT, BT, KP, NW>(P, sK, LDK, sK, LDK);
+        __syncthreads();  // sL takes the tiles' space
+        P.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            const bool in = i < L;
+            *reinterpret_cast<float2*>(sL + i * LDA + j) = make_float2(
+                (in && j < i) ? sB[i] * x0 * (sRk[i] * sRk[j]) * exp2f(sG[i] - sG[j]) : 0.f,
+                (in && j + 1 < i) ? sB[i] * x1 * (sRk[i] * sRk[j + 1]) * exp2f(sG[i] - sG[j + 1]) : 0.f);
         });
-    }
-    Acc<BT, BT, NW> P;
-    P.fill(0.f);
-    gemm<E, MK, NK, BT, BT, KP, NW>(P, sK, LDK, sK, LDK);
-    __syncthreads();  // sL takes the tiles' space
-    P.apply_pairs([&](int i, int j, float& x0, float& x1) {
-        const bool in = i < L;
-        *reinterpret_cast<float2*>(sL + i * LDA + j) = make_float2(
-            (in && j < i) ? sB[i] * x0 * (sRk[i] * sRk[j]) * exp2f(sG[i] - sG[j]) : 0.f,
-            (in && j + 1 < i) ? sB[i] * x1 * (sRk[i] * sRk[j + 1]) * exp2f(sG[i] - sG[j + 1]) : 0.f);
-    });
-    __syncthreads();
-    invert_unit_lower<BT, NTHREADS>(sL, sA, LDA, sX, LDX);
-    for (int idx = threadIdx.x; idx < L * (BT / 8); idx += blockDim.x) {
-        const int r = idx / (BT / 8), j = (idx % (BT / 8)) * 8;
-        const i64 e = ((bos + r) * HV + hv) * BT + j;
-        split_store8(Ahi + e, Alo != nullptr ? Alo + e : nullptr, sA + r * LDA + j);
+        __syncthreads();
+        invert_unit_lower<BT, NTHREADS>(sL, sA, LDA, sX, LDX);
+        for (int idx = threadIdx.x; idx < L * (BT / 8); idx += blockDim.x) {
+            const int r = idx / (BT / 8), j = (idx % (BT / 8)) * 8;
+            const i64 e = ((bos + r) * HV + hv) * BT + j;
+            split_store8(Ahi + e, Alo != nullptr ? Alo + e : nullptr, sA + r * LDA + j);
+        }
+        if (AHEAD) publish_item(ready + (i64)c * HV + hv);  // also the barrier before the next item
     }
 }
 
@@ -360,6 +380,9 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
 // the pass.
 // PIPE: two stages of chunk inputs, the next chunk's loads in flight while this one computes (for grids of
 // at most one block per SM, where no other block hides the loads).
+// AHEAD (with PIPE): prepare runs beside the pass (gdn_chunk_prepare_kernel with `ready`) instead of before it,
+// and a producer warp after the warpgroups issues every load as soon as prepare has published the chunk and the
+// consumers have handed the stage back; the warpgroups synchronise among themselves only.
 
 // TMA maps of the state passes' per-chunk tiles: q, k [BT_, H, K]; (I + L)^-1 and the scores [BT_, HV, BT]; v
 // [BT_, HV, V] (the forward pass; boxes of min(BV, 64) columns).
@@ -386,18 +409,10 @@ struct WgStage {
                                                  const float* Bc, const float* Rq, const float* Rk, int HV, int Vd,
                                                  int flags) {
         const i64 bos = pb.bos + (i64)c * BT;
-        const int L = min(BT, pb.len - c * BT), row = (int)bos;
+        const int L = min(BT, pb.len - c * BT);
         if (threadIdx.x == 0) {
             mbar_arrive_expect_tx(bar, TMA_BYTES);
-#pragma unroll
-            for (int b = 0; b < KP / 64; ++b) {
-                if (HAS_Q_P) tma_load_3d(st + Q + b * SW128_BOX_BYTES, &maps.q, 64 * b, pb.h, row, bar);
-                tma_load_3d(st + K + b * SW128_BOX_BYTES, &maps.k, 64 * b, pb.h, row, bar);
-            }
-            tma_load_3d(st + A, &maps.a, 0, pb.hv, row, bar);
-            if (HAS_Q_P) tma_load_3d(st + P, &maps.p, 0, pb.hv, row, bar);
-            for (int b = 0; b < V_BOXES; ++b)  // none with do
-                tma_load_3d(st + V + b * V_BOX_BYTES, &maps.v, pb.v0 + V_BOX_COLS * b, pb.hv, row, bar);
+            issue_tiles(st, bar, pb, (int)bos, maps);
         }
         if (HAS_DO) {
             const i64 vo = (bos * HV + pb.hv) * Vd + pb.v0;
@@ -407,29 +422,83 @@ struct WgStage {
         ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
         cp_async_commit();
     }
+    // The row scalars of a producer warp's lane for chunk c, in registers (through L2: in a pass whose prepare
+    // runs beside it, prepare writes them during the pass), ChunkRows::fetch_raw's values at [lane + 32 i].
+    struct LaneRows {
+        float x[4 * BT / 32];
+    };
+    static __device__ __forceinline__ LaneRows lane_rows(const StatePassBlock& pb, int c, const float* Gc,
+                                                         const float* Bc, const float* Rq, const float* Rk, int HV,
+                                                         int flags, int lane) {
+        const i64 bos = pb.bos + (i64)c * BT;
+        const int L = min(BT, pb.len - c * BT);
+        LaneRows v;
+#pragma unroll
+        for (int i = 0; i < 4 * BT / 32; ++i) {
+            const int idx = lane + 32 * i, a = idx / BT, r = idx % BT;
+            const float* src = a == 0 ? Gc : a == 1 ? Bc : a == 2 ? Rq : Rk;
+            v.x[i] = (r < L && (a < 2 || (flags & F_L2))) ? __ldcg(src + (bos + r) * HV + pb.hv) : 0.f;
+        }
+        return v;
+    }
+    // issue() for a pass whose prepare runs beside it (AHEAD), by the producer warp once it has acquired the
+    // chunk's readiness flag and its lanes' rows (lane_rows): they store the rows and arrive on `bar` (32
+    // arrivals), lane 0 announcing and issuing the TMA tiles (no do).
+    static __device__ __forceinline__ void issue_ahead(unsigned char* st, u64* bar, const StatePassBlock& pb, int c,
+                                                       const PassMaps& maps, const LaneRows& rows, int lane) {
+        static_assert(!HAS_DO, "the reverse pass does not run beside prepare");
+        float* raw = reinterpret_cast<float*>(st + RAW);
+#pragma unroll
+        for (int i = 0; i < 4 * BT / 32; ++i) raw[lane + 32 * i] = rows.x[i];
+        const i64 bos = pb.bos + (i64)c * BT;
+        if (lane == 0) {
+            fence_proxy_async_global();  // prepare's global writes, acquired, before the TMA units read them
+            mbar_arrive_expect_tx(bar, TMA_BYTES);
+            issue_tiles(st, bar, pb, (int)bos, maps);
+        } else {
+            mbar_arrive(bar);
+        }
+    }
+    // The TMA tiles of the chunk starting at token `row` (its phase's bytes already announced on `bar`).
+    static __device__ __forceinline__ void issue_tiles(unsigned char* st, u64* bar, const StatePassBlock& pb, int row,
+                                                       const PassMaps& maps) {
+#pragma unroll
+        for (int b = 0; b < KP / 64; ++b) {
+            if (HAS_Q_P) tma_load_3d(st + Q + b * SW128_BOX_BYTES, &maps.q, 64 * b, pb.h, row, bar);
+            tma_load_3d(st + K + b * SW128_BOX_BYTES, &maps.k, 64 * b, pb.h, row, bar);
+        }
+        tma_load_3d(st + A, &maps.a, 0, pb.hv, row, bar);
+        if (HAS_Q_P) tma_load_3d(st + P, &maps.p, 0, pb.hv, row, bar);
+        for (int b = 0; b < V_BOXES; ++b)  // none with do
+            tma_load_3d(st + V + b * V_BOX_BYTES, &maps.v, pb.v0 + V_BOX_COLS * b, pb.hv, row, bar);
+    }
     static constexpr int QK_BOXES = (HAS_Q_P ? 2 : 1) * (KP / 64), AP_BOXES = HAS_Q_P ? 2 : 1,
                          V_BOX_COLS = BV < 64 ? BV : 64, V_BOXES = HAS_DO ? 0 : BV / V_BOX_COLS,
                          V_BOX_BYTES = BT * V_BOX_COLS * 2,
                          TMA_BYTES = (QK_BOXES + AP_BOXES) * SW128_BOX_BYTES + V_BOXES * V_BOX_BYTES;
-    // Rows [L, BT) of the TMA tiles to zero, as load_blocked leaves them, by the block's threads.
+    // Rows [L, BT) of the TMA tiles to zero, as load_blocked leaves them, by threads [0, NT).
+    template <int NT>
     static __device__ __forceinline__ void zero_tail(unsigned char* st, int L) {
         if (L >= BT) return;
-        zero_box_rows(st + Q, QK_BOXES, L, 128);  // q and k are adjacent, as are A and P
-        zero_box_rows(st + A, AP_BOXES, L, 128);
-        zero_box_rows(st + V, V_BOXES, L, 2 * V_BOX_COLS);
+        zero_box_rows(st + Q, QK_BOXES, L, 128, NT);  // q and k are adjacent, as are A and P
+        zero_box_rows(st + A, AP_BOXES, L, 128, NT);
+        zero_box_rows(st + V, V_BOXES, L, 2 * V_BOX_COLS, NT);
     }
 };
 
 // Shared memory of a Hopper state pass: NS stages of chunk inputs, the state tile (KP x BV, T), NT value-sized
-// tiles (BT x BV, T; tile1 only with NT = 2), the chunk's row arrays and one mbarrier per stage for its TMA
-// tiles. The stages start 1024-byte aligned (the 128-byte swizzle's period; the host adds 1024 bytes of slack).
-template <typename T, typename St, int KP, int BV, int NS, int NT>
+// tiles (BT x BV, T; tile1 only with NT = 2), the chunk's row arrays and two mbarriers per stage: `full`, for
+// its TMA tiles, and with AHEAD `empty`, on which the consumers hand it back to the producer warp. NCONS: the
+// threads that run the chain (all of the block but that warp). The stages start 1024-byte aligned (the
+// 128-byte swizzle's period; the host adds 1024 bytes of slack).
+template <typename T, typename St, int KP, int BV, int NS, int NT, int NCONS, bool AHEAD = false>
 struct WgPassSmem {
     unsigned char* stages;
     T *state, *tile0, *tile1;
     unsigned a_state, a0, a1;  // their shared-memory addresses, for the descriptors
     ChunkRows rows;
-    u64* bars;  // one per stage
+    u64* bars;  // full[2], empty[2]
+    static constexpr int CONSUMER_BARRIER = 5;  // named barrier of the NCONS threads (1 + wg: each warpgroup's)
     __device__ __forceinline__ explicit WgPassSmem(unsigned char* smem) {
         SmemCursor cur{smem + ((1024u - (smem_addr(smem) & 1023u)) & 1023u)};
         stages = cur.take<unsigned char>(NS * St::BYTES);
@@ -437,36 +506,71 @@ struct WgPassSmem {
         tile0 = cur.take<T>(St::BT * BV);
         tile1 = NT > 1 ? cur.take<T>(St::BT * BV) : nullptr;
         rows.carve(cur, St::BT);
-        bars = cur.take<u64>(2);
+        bars = cur.take<u64>(4);
         a_state = smem_addr(state);
         a0 = smem_addr(tile0);
         a1 = NT > 1 ? smem_addr(tile1) : 0u;
         if (threadIdx.x == 0) {
-            for (int s = 0; s < NS; ++s) mbar_init(bars + s, 1);
+            for (int s = 0; s < NS; ++s) {
+                mbar_init(bars + s, AHEAD ? 32 : 1);  // AHEAD: every lane of the producer warp arrives
+                mbar_init(bars + 2 + s, 1);
+            }
             fence_mbarrier_init();
         }
         __syncthreads();
+    }
+    // Barrier over the consumer threads (the whole block without a producer warp).
+    __device__ __forceinline__ void sync() const {
+        if (AHEAD) asm volatile("bar.sync %0, %1;\n" ::"n"(CONSUMER_BARRIER), "n"(NCONS) : "memory");
+        else __syncthreads();
+    }
+    // The end of pass step `step`: every consumer is done with its stage; with AHEAD, it goes back to the producer.
+    __device__ __forceinline__ void leave_chunk(int step) {
+        sync();
+        if (AHEAD && threadIdx.x == 0) mbar_arrive(bars + 2 + step % NS);
     }
     // The start of pass step `step` (chunk c of L tokens): with PIPE, first issues chunk `next`'s loads (none when
     // next < 0) into the other stage; waits for chunk c's stage, derives its rows and returns it. issue(c, s)
     // counts the stage's TMA tiles on bars[s], filled once per use of the stage; their rows past the chunk are
     // cleared here.
+    // With AHEAD the producer warp issues every load (produce_ahead): the consumers only wait for the stage.
     template <bool PIPE, typename Issue>
     __device__ __forceinline__ unsigned char* enter_chunk(int step, int c, int next, int L, int flags, Issue&& issue) {
         const int s = PIPE ? (step & 1) : 0;
-        if (!PIPE) issue(c, 0);
-        if (PIPE && next >= 0) {
-            issue(next, s ^ 1);  // that stage's last reader was the previous step, before its closing barrier
-            cp_async_wait<1>();
+        if (AHEAD) {
+            mbar_wait(bars + s, (step >> 1) & 1);  // its arrivals release the producer's row scalars too
         } else {
-            cp_async_wait<0>();
+            if (!PIPE) issue(c, 0);
+            if (PIPE && next >= 0) {
+                issue(next, s ^ 1);  // that stage's last reader was the previous step, before its closing barrier
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            mbar_wait(bars + s, (PIPE ? step >> 1 : step) & 1);
+            __syncthreads();
         }
-        mbar_wait(bars + s, (PIPE ? step >> 1 : step) & 1);
-        __syncthreads();
         unsigned char* st = stages + s * St::BYTES;
-        St::zero_tail(st, L);  // fenced and synchronised before the first product
+        St::template zero_tail<NCONS>(st, L);  // fenced and synchronised before the first product
         rows.derive(reinterpret_cast<const float*>(st + St::RAW), L, St::BT, flags);
         return st;
+    }
+    // The producer warp of a pass that runs beside prepare (AHEAD), chunk by chunk: waits until prepare has
+    // published the chunk (await_item) and reads its rows, then, once the consumers have handed its
+    // stage back, fills it. The flag and the rows' round trips to L2 come before the stage is free, so that only
+    // the TMA copies' latency remains after it.
+    __device__ __forceinline__ void produce_ahead(const StatePassBlock& pb, const PassMaps& maps, const float* Gc,
+                                                  const float* Bc, const float* Rq, const float* Rk, const int* ready,
+                                                  const int* seq_chunk0, int HV, int flags) {
+        const int lane = threadIdx.x & 31;
+#pragma unroll 1
+        for (int c = 0; c < pb.nchunks; ++c) {
+            const int s = c & 1;
+            await_item(ready + (i64)(seq_chunk0[pb.n] + c) * HV + pb.hv);
+            const typename St::LaneRows rows = St::lane_rows(pb, c, Gc, Bc, Rq, Rk, HV, flags, lane);
+            if (c >= 2) mbar_wait(bars + 2 + s, ((c >> 1) - 1) & 1);
+            St::issue_ahead(stages + s * St::BYTES, bars + s, pb, c, maps, rows, lane);
+        }
     }
     // A warpgroup's state columns (from c0) into the state tile.
     template <typename AccT>
@@ -488,21 +592,25 @@ struct WgPassSmem {
     }
 };
 
-template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE>
-__global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE))
+template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE, bool AHEAD>
+__global__ void __launch_bounds__(128 * NWG + (AHEAD ? 32 : 0), wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE))
     gdn_chunk_fwd_wg_kernel(
-    const float* __restrict__ Gc, const float* __restrict__ Bc, const float* __restrict__ Rq,
-    const float* __restrict__ Rk, const float* __restrict__ h0, const i64* __restrict__ cu,
-    const int* __restrict__ seq_chunk0, T* __restrict__ o, float* __restrict__ ht, T* __restrict__ hbuf,
-    T* __restrict__ vnew, int T_, int H, int HV, int K, int V, int NVB, float scale, int flags,
-    const __grid_constant__ PassMaps maps) {
+    const float* Gc, const float* Bc, const float* Rq, const float* Rk, const float* __restrict__ h0,
+    const i64* __restrict__ cu, const int* __restrict__ seq_chunk0, T* __restrict__ o, float* __restrict__ ht,
+    T* __restrict__ hbuf, T* __restrict__ vnew, int T_, int H, int HV, int K, int V, int NVB, float scale, int flags,
+    const int* ready, const __grid_constant__ PassMaps maps) {
+    static_assert(PIPE || !AHEAD, "the producer warp fills two stages");
     constexpr int BT = 64, BV = NWG * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
     using St = WgStage<KP, BV, !STORE, false>;
     extern __shared__ __align__(1024) unsigned char smem[];
     // tile0: r, then delta (each warpgroup's columns, after its product on r is done); tile1: 2^(G_last - G) delta
-    WgPassSmem<T, St, KP, BV, NS, 2> sm(smem);
+    WgPassSmem<T, St, KP, BV, NS, 2, 128 * NWG, AHEAD> sm(smem);
 
     const StatePassBlock pb(NVB, BV, BT, cu, T_, H, HV, K, V, flags);
+    if (AHEAD && threadIdx.x >= 128 * NWG) {
+        sm.produce_ahead(pb, maps, Gc, Bc, Rq, Rk, ready, seq_chunk0, HV, flags);
+        return;
+    }
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
     const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
@@ -514,7 +622,7 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
     if (flags & F_H0) load_state(S, h0 + pb.state_off, K, V, pb.v0 + c0, pb.vcols - c0);
     else S.fill(0.f);
 
-    if (PIPE && pb.nchunks > 0) issue(0, 0);
+    if (PIPE && !AHEAD && pb.nchunks > 0) issue(0, 0);
 #pragma unroll 1
     for (int c = 0; c < pb.nchunks; ++c) {
         const i64 bos = pb.bos + (i64)c * BT;
@@ -526,7 +634,7 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
                        aP = smem_addr(st + St::P);
         sm.put_state(S, c0);
         fence_proxy_async();
-        __syncthreads();
+        sm.sync();
         // X = k S (and Y = q S): this warpgroup's columns
         WgAcc<1, BVW> X, Y;
         wg_fence();
@@ -574,7 +682,7 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
             wg_barrier(wg);
             sm.template copy_cols_out<BVW>(rows_out, HV, V, sm.tile1, L, c0, pb.vcols);
         }
-        __syncthreads();
+        sm.leave_chunk(c);
     }
     if (!STORE && (flags & F_HT)) store_state(S, ht + pb.state_off, K, V, pb.v0 + c0, pb.vcols - c0);
 }
@@ -693,7 +801,7 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
     extern __shared__ __align__(1024) unsigned char smem[];
     // tile0: d(delta), then -beta 2^G y. The stage's do tile turns into scale 2^G do in place, so that two stages
     // of 128 value columns fit.
-    WgPassSmem<T, St, KP, BV, NS, 1> sm(smem);
+    WgPassSmem<T, St, KP, BV, NS, 1, 128 * NWG> sm(smem);
 
     const StatePassBlock pb(NVB, BV, BT, cu, T_, H, HV, K, V, flags);
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..._arrays import BFLOAT16, empty
 from ...cuda import tensor_map
-from ...cuda.loader import get_kernel, register, wgmma_available
+from ...cuda.loader import get_kernel, launch_programmatic, register, wgmma_available
 from . import cuda_recurrent as rec
 from .problem import CHUNK_SIZES, GDNProblem
 
@@ -45,8 +45,8 @@ def _bv(ct: str, kp: int) -> int:
     return 16 if (ct == "float" and kp == 256) else 32
 
 
-def _prepare_name(ct: str, bt: int, kp: int) -> str:
-    return f"gdn_chunk_prepare_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {PREP_THREADS}>"
+def _prepare_name(ct: str, bt: int, kp: int, ahead: bool = False) -> str:
+    return f"gdn_chunk_prepare_kernel<{ct}, {_MMA_TYPE[ct]}, {bt}, {kp}, {PREP_THREADS}, {_cpp_bool(ahead)}>"
 
 
 def _cpp_bool(x: bool) -> str:
@@ -86,8 +86,9 @@ def _wg_config(p: GDNProblem, kp: int) -> tuple[int, int, bool]:
     return 2, bvw, p.N * p.HV * math.ceil(p.V / (2 * bvw)) <= sms
 
 
-def _fwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, store: bool, pipe: bool) -> str:
-    return f"gdn_chunk_fwd_wg_kernel<{ct}, {kp}, {nwg}, {bvw}, {_cpp_bool(store)}, {_cpp_bool(pipe)}>"
+def _fwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, store: bool, pipe: bool, ahead: bool = False) -> str:
+    return (f"gdn_chunk_fwd_wg_kernel<{ct}, {kp}, {nwg}, {bvw}, {_cpp_bool(store)}, {_cpp_bool(pipe)}, "
+            f"{_cpp_bool(ahead)}>")
 
 
 def _bwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, pipe: bool) -> str:
@@ -121,6 +122,9 @@ register(
     + [_dqk_name(ct, bt) for ct in rec.CTYPES.values() for bt in CHUNK_SIZES]
     + [_fwd_wg_name(ct, kp, 2, bvw, s, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
        for s in (False, True) for pp in (False, True)]
+    + [_fwd_wg_name(ct, kp, 2, bvw, False, True, True) for ct in WG_TYPES for kp in KP_SIZES
+       for bvw in _wg_bvw_options(kp)]
+    + [_prepare_name(ct, WG_BT, kp, True) for ct in WG_TYPES for kp in KP_SIZES]
     + [_fwd_wg_name(ct, kp, 4, bvw, s, True) for ct in WG_TYPES for kp in (64, 128) for bvw in (16, 32)
        for s in (False, True)]
     + [_bwd_wg_name(ct, kp, 2, bvw, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in _wg_bvw_options(kp)
@@ -175,11 +179,11 @@ def _wg_stage(kp: int, bv: int, q_p: bool, do: bool) -> int:
 
 def _smem_wg(kp: int, bv: int, pipe: bool, q_p: bool, do: bool) -> int:
     """Shared-memory bytes of a Hopper state pass of ``bv`` value columns per block: its stages, the state tile,
-    value-sized tiles (two forward; one in the reverse pass, ``do``, which scales do in its stage), the rows, two
+    value-sized tiles (two forward; one in the reverse pass, ``do``, which scales do in its stage), the rows, four
     mbarriers and the slack that aligns the stages to 1024 bytes (the TMA tiles' 128-byte swizzle)."""
     tiles = 1 if do else 2
     return ((2 if pipe else 1) * _wg_stage(kp, bv, q_p, do) + 2 * (kp * bv + tiles * WG_BT * bv)
-            + _ROWS * _f32(WG_BT) + 16 + 1024)
+            + _ROWS * _f32(WG_BT) + 32 + 1024)
 
 
 def _acc_wn(m: int, n: int, nw: int) -> int:
@@ -210,15 +214,26 @@ def _smem_dqk_wg(ksw: int) -> int:
     return 2 * qk + 2 * vstep + _f32(bt * (bt + 4)) + _ROWS * _f32(bt) + _f32(12 * bt) + _f32(6 * bt) + _f32(8)
 
 
-def _launch(name: str, grid: int, block: int, smem: int, args: tuple[Any, ...]) -> None:
-    if grid <= 0:
-        return
+def _configured(name: str, smem: int) -> Any:
+    """The kernel, allowed `smem` bytes of dynamic shared memory."""
     kern = get_kernel(SOURCE, name)
     if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
         kern.max_dynamic_shared_size_bytes = smem
         # all of the SM's unified L1/shared memory as shared memory, so that two blocks fit where they can
         kern.preferred_shared_memory_carveout = 100
-    kern((grid,), (block,), args, shared_mem=smem)
+    return kern
+
+
+def _launch(name: str, grid: int, block: int, smem: int, args: tuple[Any, ...], programmatic: bool = False) -> None:
+    """Launch on the current stream; ``programmatic``: the kernel may start beside the stream's previous one
+    (``loader.launch_programmatic``)."""
+    if grid <= 0:
+        return
+    kern = _configured(name, smem)
+    if programmatic:
+        launch_programmatic(kern, grid, block, smem, args)
+    else:
+        kern((grid,), (block,), args, shared_mem=smem)
 
 
 @dataclass
@@ -355,15 +370,27 @@ def _chunks(p: GDNProblem, bt: int, workspace: Any = None) -> _Chunks | None:
                    *(arrays.get(n) for n in ("Gc", "Bc", "Rq", "Rk", "Ahi", "Alo", "Phi", "Plo")))
 
 
+def _launch_prepare(p: GDNProblem, ch: _Chunks, ready: Any = None, grid: int = 0) -> None:
+    """The prepare kernel: a block per (chunk, value head), or with ``ready`` (int32 ``[NC * HV]``, zeros)
+    ``grid`` persistent blocks that publish each chunk there as they run ahead of the forward pass."""
+    max_chunks = 0
+    if ready is not None:
+        lens = (np.diff(p.cu_seqlens_host) if p.cu_seqlens_host is not None else np.array([p.T]))
+        max_chunks = int((lens.max(initial=0) + ch.bt - 1) // ch.bt)
+    _launch(_prepare_name(ch.ct, ch.bt, ch.kp, ready is not None), grid if ready is not None else ch.nc * p.HV,
+            PREP_THREADS,
+            _smem_prepare(ch.ct, ch.bt, ch.kp), (
+                p.q, p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), ch.chunk_bos,
+                ch.chunk_len, ch.Gc, ch.Bc, rec._ptr(ch.Rq), rec._ptr(ch.Rk), ch.Ahi, rec._ptr(ch.Alo), ch.Phi,
+                rec._ptr(ch.Plo), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.float32(p.scale),
+                np.int32(rec._flags(p)), ch.seq_chunk0, np.int32(p.N), np.int32(max_chunks), rec._ptr(ready)))
+
+
 def _prepare(p: GDNProblem, bt: int, workspace: Any = None) -> _Chunks:
     """Launch the chunk table and prepare kernels; the factors go into `workspace` where it is their size."""
     ch = _chunks(p, bt, workspace) or _chunks(p, bt)
     assert ch is not None
-    _launch(_prepare_name(ch.ct, bt, ch.kp), ch.nc * p.HV, PREP_THREADS, _smem_prepare(ch.ct, bt, ch.kp), (
-        p.q, p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), ch.chunk_bos,
-        ch.chunk_len, ch.Gc, ch.Bc, rec._ptr(ch.Rq), rec._ptr(ch.Rk), ch.Ahi, rec._ptr(ch.Alo), ch.Phi,
-        rec._ptr(ch.Plo), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.float32(p.scale),
-        np.int32(rec._flags(p))))
+    _launch_prepare(p, ch)
     return ch
 
 
@@ -379,16 +406,71 @@ def _state_pass_args(p: GDNProblem, ch: _Chunks) -> tuple[int, int]:
 
 
 @functools.cache
-def _sm_count_on(device: int) -> int:
+def _device_props_on(device: int) -> dict[str, Any]:
     import cupy
 
-    return int(cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
+    return cupy.cuda.runtime.getDeviceProperties(device)
+
+
+def _device_props() -> dict[str, Any]:
+    import cupy
+
+    return _device_props_on(cupy.cuda.runtime.getDevice())
 
 
 def _sm_count() -> int:
+    return int(_device_props()["multiProcessorCount"])
+
+
+PREPARE_AHEAD = True  # tests switch it off to compare against prepare run before the forward pass
+AHEAD_PREPARE_BLOCKS = 2  # prepare blocks per SM beside the forward pass, at most
+
+
+def _ahead_grid(p: GDNProblem, ch: _Chunks) -> int:
+    """Persistent prepare blocks to run beside the Hopper forward pass (``gdn_chunk_fwd_wg_kernel`` with AHEAD),
+    0 to run prepare before it.
+
+    Only where the pass takes one block of two warpgroups per SM (prefetching; :func:`_wg_config`), so that the
+    SMs have room beside it, and only as many per SM (up to ``AHEAD_PREPARE_BLOCKS``) as fit next to a pass block
+    in shared memory, registers and threads: every pass block can then start while all of prepare's run, which
+    the pass's waits on prepare rely on (common/ready_flags.cuh)."""
+    if not (PREPARE_AHEAD and ch.wg) or ch.nc == 0:
+        return 0
+    nwg, bvw, pipe = _wg_config(p, ch.kp)
+    if nwg != 2 or not pipe:
+        return 0
     import cupy
 
-    return _sm_count_on(cupy.cuda.runtime.getDevice())
+    per_sm = _ahead_blocks_per_sm(ch.ct, ch.kp, bvw, AHEAD_PREPARE_BLOCKS, cupy.cuda.runtime.getDevice())
+    return min(ch.nc * p.HV, per_sm * _sm_count())
+
+
+@functools.cache
+def _ahead_blocks_per_sm(ct: str, kp: int, bvw: int, most: int, device: int) -> int:
+    """Prepare blocks (at most `most`) that fit on an SM beside a block of the AHEAD forward pass (two warpgroups
+    of `bvw` columns and the producer warp); both kernels compiled here, and prepare told to take all of the
+    SM's unified memory as shared memory, as the pass does."""
+    props = _device_props_on(device)
+    reserved = int(props.get("reservedSharedMemPerBlock", 1024))
+    pass_k = _configured(_fwd_wg_name(ct, kp, 2, bvw, False, True, True), _smem_wg(kp, 2 * bvw, True, True, False))
+    prep_k = get_kernel(SOURCE, _prepare_name(ct, WG_BT, kp, True))
+    prep_k.preferred_shared_memory_carveout = 100
+
+    def regs(kern: Any, threads: int) -> int:
+        # on the SM's busiest quarter: each quarter (scheduler) holds a quarter of the register file and a quarter
+        # of a block's warps, rounded up (the pass's producer warp makes 3 of 9); a warp takes 256 at a time
+        return -(-threads // 128) * -(-kern.num_regs * 32 // 256) * 256
+
+    pass_threads = 2 * 128 + 32
+    pass_smem = _smem_wg(kp, 2 * bvw, True, True, False) + pass_k.shared_size_bytes + reserved
+    prep_smem = _smem_prepare(ct, WG_BT, kp) + prep_k.shared_size_bytes + reserved
+    for n in range(most, 0, -1):
+        if (pass_smem + n * prep_smem <= int(props["sharedMemPerMultiprocessor"])
+                and regs(pass_k, pass_threads) + n * regs(prep_k, PREP_THREADS)
+                <= int(props["regsPerMultiprocessor"]) // 4
+                and pass_threads + n * PREP_THREADS <= int(props["maxThreadsPerMultiProcessor"])):
+            return n
+    return 0
 
 
 def _wgmma_applies(p: GDNProblem, bt: int) -> bool:
@@ -418,6 +500,14 @@ def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, h
                         vnew: Any = None) -> None:
     """The forward state pass: the output and final state (o, ht), or with ``hbuf`` the per-chunk states and
     deltas for the backward (hbuf, vnew)."""
+    _launch(*_forward_pass_launch(p, ch, flags, o, ht, hbuf, vnew))
+
+
+def _forward_pass_launch(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None,
+                         vnew: Any = None, ready: Any = None) -> tuple[Any, ...]:
+    """The arguments of :func:`_launch` for :func:`_forward_state_pass`. With ``ready`` (the Hopper forward only)
+    the pass runs beside the prepare kernel launched just before it, waiting on each chunk's flag there
+    (:func:`_ahead_grid`)."""
     store = hbuf is not None
     tail = (rec._ptr(p.initial_state), rec._ptr(p.cu_seqlens), ch.seq_chunk0, rec._ptr(o), rec._ptr(ht),
             rec._ptr(hbuf), rec._ptr(vnew), np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K),
@@ -425,14 +515,14 @@ def _forward_state_pass(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, h
     if ch.wg:
         nwg, bvw, pipe = _wg_config(p, ch.kp)
         nvb = math.ceil(p.V / (nwg * bvw))
-        _launch(_fwd_wg_name(ch.ct, ch.kp, nwg, bvw, store, pipe), p.N * p.HV * nvb, 128 * nwg,
-                _smem_wg(ch.kp, nwg * bvw, pipe, not store, False),
-                (*ch.rows, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags),
-                 _pass_maps(p, ch, nwg * bvw, True, store)))
-        return
+        ahead = ready is not None  # a producer warp after the warpgroups
+        return (_fwd_wg_name(ch.ct, ch.kp, nwg, bvw, store, pipe, ahead), p.N * p.HV * nvb,
+                128 * nwg + (32 if ahead else 0), _smem_wg(ch.kp, nwg * bvw, pipe, not store, False),
+                (*ch.rows, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags), rec._ptr(ready),
+                 _pass_maps(p, ch, nwg * bvw, True, store)), ahead)
     nvb, grid = _state_pass_args(p, ch)
-    _launch(_fwd_name(ch.ct, ch.bt, ch.kp, store), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, store), (
-        p.q, p.k, p.v, *ch.rows, *ch.matrices, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags)))
+    return (_fwd_name(ch.ct, ch.bt, ch.kp, store), grid, 256, _smem_fwd(ch.ct, ch.bt, ch.kp, store), (
+        p.q, p.k, p.v, *ch.rows, *ch.matrices, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags)), False)
 
 
 def chunk_forward(p: GDNProblem, chunk_size: int, workspace: Any = None) -> tuple[Any, Any, _Chunks]:
@@ -441,14 +531,23 @@ def chunk_forward(p: GDNProblem, chunk_size: int, workspace: Any = None) -> tupl
     bytes) where it is their size."""
     import cupy
 
-    ch = _prepare(p, chunk_size, workspace)
+    ch = _chunks(p, chunk_size, workspace) or _chunks(p, chunk_size)
+    assert ch is not None
     o = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
     flags = rec._flags(p)
     ht = None
     if p.output_final_state:
         ht = empty(cupy, (p.N, p.HV, p.K, p.V), np.float32)
         flags |= rec.F_HT
-    _forward_state_pass(p, ch, flags, o=o, ht=ht)
+    grid = _ahead_grid(p, ch)
+    ready = empty(cupy, (ch.nc * p.HV,), np.int32) if grid else None
+    # with prepare beside the pass, everything the pass's launch needs is ready before prepare's, so that the two
+    # launches follow each other closely: the pass starts only once it is launched
+    state_pass = _forward_pass_launch(p, ch, flags, o=o, ht=ht, ready=ready)
+    if ready is not None:
+        cupy.cuda.runtime.memsetAsync(ready.data.ptr, 0, ready.nbytes, cupy.cuda.get_current_stream().ptr)
+    _launch_prepare(p, ch, ready, grid)
+    _launch(*state_pass)
     return o, ht, ch
 
 
