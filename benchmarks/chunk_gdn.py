@@ -36,6 +36,7 @@ from typing import Any
 import cupy
 import numpy as np
 import torch
+from decode_gdn import time_graph_ms  # this directory is on sys.path for its scripts
 
 import rawdelta
 import rawdelta.torch as rt
@@ -102,22 +103,7 @@ def _replay_ms(replay, mark, elapsed_ms, iters: int = 20, reps: int = 5) -> floa
 
 def graph_ms_torch(fn) -> float:
     """GPU time per call with no host in the way: the call captured once in a CUDA graph (torch), replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-
-    def mark() -> Any:
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        return e
-
-    return _replay_ms(graph.replay, mark, lambda a, b: a.elapsed_time(b))
+    return time_graph_ms(fn, steps=1)
 
 
 def graph_ms_cupy(make_fn) -> float:
