@@ -1,7 +1,7 @@
 // Per-item readiness flags between a producer kernel and a consumer kernel that run at the same time (the
 // consumer launched with programmatic stream serialization, common to both: docs/benchmarks.md, "Session 14").
-// The producer publishes each finished item with a release store; the consumer's thread that reads the item
-// spins on an acquire load. Deadlock-free only because the consumer cannot start before every producer block
+// The producer publishes each finished item with a release store; the consumer's warp that reads the item waits
+// for it (await_item) and acquires it. Deadlock-free only because the consumer cannot start before every producer block
 // has started (the producer triggers its dependents first thing, and the launch waits for all of its blocks),
 // and producer blocks never wait on the consumer.
 #pragma once

@@ -193,11 +193,18 @@ struct ChunkRows {
                                                      const float* Rk, i64 bos, int L, int BT, int HV, int hv,
                                                      int flags) {
         for (int idx = threadIdx.x; idx < 4 * BT; idx += blockDim.x) {
-            const int a = idx / BT, r = idx % BT;
-            const float* src = a == 0 ? Gc : a == 1 ? Bc : a == 2 ? Rq : Rk;
-            const bool in = r < L && (a < 2 || (flags & F_L2));
-            cp_async4(raw + idx, in ? src + (bos + r) * HV + hv : Gc, in ? 4 : 0);
+            const float* src = raw_source(idx, Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, flags);
+            cp_async4(raw + idx, src != nullptr ? src : Gc, src != nullptr ? 4 : 0);
         }
+    }
+    // Where raw value idx of the chunk of L tokens at token bos comes from: null for a zero (a row past the chunk,
+    // or a row norm without F_L2).
+    static __device__ __forceinline__ const float* raw_source(int idx, const float* Gc, const float* Bc,
+                                                              const float* Rq, const float* Rk, i64 bos, int L,
+                                                              int BT, int HV, int hv, int flags) {
+        const int a = idx / BT, r = idx % BT;
+        if (r >= L || (a >= 2 && !(flags & F_L2))) return nullptr;
+        return (a == 0 ? Gc : a == 1 ? Bc : a == 2 ? Rq : Rk) + (bos + r) * HV + hv;
     }
     __device__ __forceinline__ void derive(const float* raw, int L, int BT, int flags) {
         const float glast = raw[L - 1];
@@ -435,9 +442,8 @@ struct WgStage {
         LaneRows v;
 #pragma unroll
         for (int i = 0; i < 4 * BT / 32; ++i) {
-            const int idx = lane + 32 * i, a = idx / BT, r = idx % BT;
-            const float* src = a == 0 ? Gc : a == 1 ? Bc : a == 2 ? Rq : Rk;
-            v.x[i] = (r < L && (a < 2 || (flags & F_L2))) ? __ldcg(src + (bos + r) * HV + pb.hv) : 0.f;
+            const float* src = ChunkRows::raw_source(lane + 32 * i, Gc, Bc, Rq, Rk, bos, L, BT, HV, pb.hv, flags);
+            v.x[i] = src != nullptr ? __ldcg(src) : 0.f;
         }
         return v;
     }
