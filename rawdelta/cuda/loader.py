@@ -221,7 +221,7 @@ def launch_programmatic(kernel: Any, grid: int, block: int, shared_mem: int, arg
     import cupy
     from cuda.bindings import driver
 
-    _, pointers = params = _kernel_params(args)
+    buf, pointers = _kernel_params(args)  # kept alive until the driver has copied the arguments
     attr = driver.CUlaunchAttribute()
     attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
     attr.value.programmaticStreamSerializationAllowed = 1
@@ -233,7 +233,6 @@ def launch_programmatic(kernel: Any, grid: int, block: int, shared_mem: int, arg
     config.attrs = [attr]
     config.numAttrs = 1
     (err,) = driver.cuLaunchKernelEx(config, driver.CUfunction(kernel.kernel.ptr), pointers.buffer_info()[0], 0)
-    del params  # the driver has copied the arguments
     if err != driver.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"cuLaunchKernelEx failed ({err.name}) for {kernel.name}")
 

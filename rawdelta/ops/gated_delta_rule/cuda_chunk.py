@@ -370,6 +370,13 @@ def _chunks(p: GDNProblem, bt: int, workspace: Any = None) -> _Chunks | None:
                    *(arrays.get(n) for n in ("Gc", "Bc", "Rq", "Rk", "Ahi", "Alo", "Phi", "Plo")))
 
 
+def _chunks_for(p: GDNProblem, bt: int, workspace: Any = None) -> _Chunks:
+    """:func:`_chunks` into `workspace` where it is their size, else into fresh arrays."""
+    ch = _chunks(p, bt, workspace) or _chunks(p, bt)
+    assert ch is not None
+    return ch
+
+
 def _launch_prepare(p: GDNProblem, ch: _Chunks, ready: Any = None, grid: int = 0) -> None:
     """The prepare kernel: a block per (chunk, value head), or with ``ready`` (int32 ``[NC * HV]``, zeros)
     ``grid`` persistent blocks that publish each chunk there as they run ahead of the forward pass."""
@@ -378,8 +385,7 @@ def _launch_prepare(p: GDNProblem, ch: _Chunks, ready: Any = None, grid: int = 0
         lens = (np.diff(p.cu_seqlens_host) if p.cu_seqlens_host is not None else np.array([p.T]))
         max_chunks = int((lens.max(initial=0) + ch.bt - 1) // ch.bt)
     _launch(_prepare_name(ch.ct, ch.bt, ch.kp, ready is not None), grid if ready is not None else ch.nc * p.HV,
-            PREP_THREADS,
-            _smem_prepare(ch.ct, ch.bt, ch.kp), (
+            PREP_THREADS, _smem_prepare(ch.ct, ch.bt, ch.kp), (
                 p.q, p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), ch.chunk_bos,
                 ch.chunk_len, ch.Gc, ch.Bc, rec._ptr(ch.Rq), rec._ptr(ch.Rk), ch.Ahi, rec._ptr(ch.Alo), ch.Phi,
                 rec._ptr(ch.Plo), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.float32(p.scale),
@@ -388,8 +394,7 @@ def _launch_prepare(p: GDNProblem, ch: _Chunks, ready: Any = None, grid: int = 0
 
 def _prepare(p: GDNProblem, bt: int, workspace: Any = None) -> _Chunks:
     """Launch the chunk table and prepare kernels; the factors go into `workspace` where it is their size."""
-    ch = _chunks(p, bt, workspace) or _chunks(p, bt)
-    assert ch is not None
+    ch = _chunks_for(p, bt, workspace)
     _launch_prepare(p, ch)
     return ch
 
@@ -531,8 +536,7 @@ def chunk_forward(p: GDNProblem, chunk_size: int, workspace: Any = None) -> tupl
     bytes) where it is their size."""
     import cupy
 
-    ch = _chunks(p, chunk_size, workspace) or _chunks(p, chunk_size)
-    assert ch is not None
+    ch = _chunks_for(p, chunk_size, workspace)
     o = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
     flags = rec._flags(p)
     ht = None
