@@ -17,6 +17,8 @@ import rawdelta
 from rawdelta.testing import gated_delta_rule_inputs
 from rawdelta.testing.inputs import split_op_args
 
+from ..ops.gdn_cases import record_launches
+
 DIFF_NAMES = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state", "A_log", "dt_bias")
 OPS = ("recurrent", "chunk")
 CHUNK_SIZE = 16  # the smallest the op takes, so that the crossing cases cross chunks
@@ -96,15 +98,4 @@ def reference(arrays: dict[str, np.ndarray], cu: np.ndarray | None, flags: dict[
 
 def count_prepare_launches(monkeypatch: Any) -> list[str]:
     """Record every launch of the chunked op's prepare kernel (which computes the per-chunk factors) from now on."""
-    from rawdelta.ops.gated_delta_rule import cuda_chunk
-
-    seen: list[str] = []
-    launch = cuda_chunk._launch
-
-    def spy(name: str, *args: Any) -> None:
-        if name.startswith("gdn_chunk_prepare_kernel"):
-            seen.append(name)
-        launch(name, *args)
-
-    monkeypatch.setattr(cuda_chunk, "_launch", spy)
-    return seen
+    return record_launches(monkeypatch, "gdn_chunk_prepare_kernel")

@@ -192,3 +192,19 @@ def check_against_fd(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None, forw
         rel = float(np.linalg.norm(gr - fd)) / scale
         worst = float(np.max(np.abs(gr - fd))) / max(float(np.max(np.abs(fd))), 1e-12)
         assert rel < FD_RTOL and worst < 10 * FD_RTOL, f"d{name}: relative error {rel:.2e}, worst element {worst:.2e}"
+
+
+def record_launches(monkeypatch: Any, prefix: str = "") -> list[str]:
+    """From now on, the name of every kernel the CUDA chunked op launches (those starting with `prefix`)."""
+    from rawdelta.ops.gated_delta_rule import cuda_chunk
+
+    names: list[str] = []
+    launch = cuda_chunk._launch
+
+    def spy(name: str, *args: Any, **kwargs: Any) -> None:
+        if name.startswith(prefix):
+            names.append(name)
+        launch(name, *args, **kwargs)
+
+    monkeypatch.setattr(cuda_chunk, "_launch", spy)
+    return names

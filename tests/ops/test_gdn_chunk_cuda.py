@@ -18,7 +18,7 @@ from rawdelta.ops.gated_delta_rule.problem import make_problem
 from rawdelta.testing import assert_close, gated_delta_rule_inputs, to_device, to_host
 from rawdelta.testing.inputs import split_op_args
 
-from .gdn_cases import CHUNK_OPTIONS, CHUNK_SHAPES, check_backend, make_inputs
+from .gdn_cases import CHUNK_OPTIONS, CHUNK_SHAPES, check_backend, make_inputs, record_launches
 
 pytestmark = pytest.mark.gpu
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -225,20 +225,6 @@ def test_cuda_chunk_matches_cuda_recurrent() -> None:
         assert_close("d" + name, getattr(g2, name), getattr(g1, name), dtype="float32")
 
 
-def _record_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    from rawdelta.ops.gated_delta_rule import cuda_chunk
-
-    names: list[str] = []
-    launch = cuda_chunk._launch
-
-    def spy(name: str, *args: Any, **kwargs: Any) -> None:
-        names.append(name)
-        launch(name, *args, **kwargs)
-
-    monkeypatch.setattr(cuda_chunk, "_launch", spy)
-    return names
-
-
 # (warpgroups per block, value columns per warpgroup, prefetch) of the state passes
 _WG_CONFIGS = [(2, 32, False), (2, 32, True), (2, 16, False), (2, 16, True), (4, 32, True), (4, 16, True)]
 _WG_CASES = [("K64_V48", {"B": 2, "T": 150, "H": 2, "HV": 4, "K": 64, "V": 48}),
@@ -275,7 +261,7 @@ def test_hopper_forward_state_pass(option: tuple[dict[str, Any], dict[str, Any],
     gen, extra, drop = option
     nwg, bvw, pipe = config
     monkeypatch.setattr(cuda_chunk, "_wg_config", lambda p, kp: config)
-    launched = _record_launches(monkeypatch)
+    launched = record_launches(monkeypatch)
     check_backend("cuda", make_inputs({**shape, **gen}, seed=9, dtype=dtype), device=True, drop=drop, mode="chunk",
                   chunk_size=64, **extra)
     tf = {False: "false", True: "true"}
@@ -297,7 +283,7 @@ def test_mma_sync_state_passes_on_hopper(gen: dict[str, Any], extra: dict[str, A
     from rawdelta.ops.gated_delta_rule import cuda_chunk
 
     monkeypatch.setattr(cuda_chunk, "USE_WGMMA", False)
-    launched = _record_launches(monkeypatch)
+    launched = record_launches(monkeypatch)
     check_backend("cuda", make_inputs({**_WG_CASES[0][1], **gen}, seed=10, dtype="bfloat16"), device=True,
                   drop=drop, mode="chunk", chunk_size=64, **extra)
     assert any(n.startswith("gdn_chunk_fwd_kernel<") for n in launched), launched
@@ -328,7 +314,7 @@ def test_prepare_ahead_of_the_forward_pass(shape: dict[str, Any], dtype: str, mo
     kw, _, _ = split_op_args(make_inputs(shape, seed=11, dtype=dtype))
     kw = to_device(kw)
     monkeypatch.setattr(cuda_chunk, "_wg_config", lambda p, kp: (2, 16, True))
-    launched = _record_launches(monkeypatch)
+    launched = record_launches(monkeypatch)
     runs = []
     for ahead in (True, False):
         monkeypatch.setattr(cuda_chunk, "PREPARE_AHEAD", ahead)
