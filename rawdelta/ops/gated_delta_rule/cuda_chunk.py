@@ -269,10 +269,7 @@ class _Chunks:
 
 
 def _num_chunks(p: GDNProblem, bt: int) -> int:
-    if p.cu_seqlens_host is None:
-        return p.B * math.ceil(p.T / bt)
-    lens = np.diff(p.cu_seqlens_host)
-    return int(np.sum((lens + bt - 1) // bt))
+    return int(np.sum((p.seq_lengths + bt - 1) // bt))
 
 
 def _kp(K: int) -> int:
@@ -382,8 +379,7 @@ def _launch_prepare(p: GDNProblem, ch: _Chunks, ready: Any = None, grid: int = 0
     ``grid`` persistent blocks that publish each chunk there as they run ahead of the forward pass."""
     max_chunks = 0
     if ready is not None:
-        lens = (np.diff(p.cu_seqlens_host) if p.cu_seqlens_host is not None else np.array([p.T]))
-        max_chunks = int((lens.max(initial=0) + ch.bt - 1) // ch.bt)
+        max_chunks = int((p.seq_lengths.max(initial=0) + ch.bt - 1) // ch.bt)
     _launch(_prepare_name(ch.ct, ch.bt, ch.kp, ready is not None), grid if ready is not None else ch.nc * p.HV,
             PREP_THREADS, _smem_prepare(ch.ct, ch.bt, ch.kp), (
                 p.q, p.k, rec._ptr(p.g), rec._ptr(p.beta), rec._ptr(p.A_log), rec._ptr(p.dt_bias), ch.chunk_bos,
@@ -457,7 +453,8 @@ def _ahead_blocks_per_sm(ct: str, kp: int, bvw: int, most: int, device: int) -> 
     SM's unified memory as shared memory, as the pass does."""
     props = _device_props_on(device)
     reserved = int(props.get("reservedSharedMemPerBlock", 1024))
-    pass_k = _configured(_fwd_wg_name(ct, kp, 2, bvw, False, True, True), _smem_wg(kp, 2 * bvw, True, True, False))
+    pass_dynamic = _smem_wg(kp, 2 * bvw, True, True, False)
+    pass_k = _configured(_fwd_wg_name(ct, kp, 2, bvw, False, True, True), pass_dynamic)
     prep_k = get_kernel(SOURCE, _prepare_name(ct, WG_BT, kp, True))
     prep_k.preferred_shared_memory_carveout = 100
 
@@ -467,7 +464,7 @@ def _ahead_blocks_per_sm(ct: str, kp: int, bvw: int, most: int, device: int) -> 
         return -(-threads // 128) * -(-kern.num_regs * 32 // 256) * 256
 
     pass_threads = 2 * 128 + 32
-    pass_smem = _smem_wg(kp, 2 * bvw, True, True, False) + pass_k.shared_size_bytes + reserved
+    pass_smem = pass_dynamic + pass_k.shared_size_bytes + reserved
     prep_smem = _smem_prepare(ct, WG_BT, kp) + prep_k.shared_size_bytes + reserved
     for n in range(most, 0, -1):
         if (pass_smem + n * prep_smem <= int(props["sharedMemPerMultiprocessor"])

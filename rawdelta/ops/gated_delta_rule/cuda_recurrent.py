@@ -138,8 +138,7 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
     flags = _flags(p) | (F_DHT if dht is not None else 0)
     BT = p.B * p.T
     kpt, C = _bwd_kpt_c(p.K)
-    lengths = np.diff(p.cu_seqlens_host) if p.cu_seqlens_host is not None else np.full(p.N, p.T)
-    ns = max(1, math.ceil(int(lengths.max(initial=0)) / C))
+    ns = max(1, math.ceil(int(p.seq_lengths.max(initial=0)) / C))
     max_vb = math.ceil(p.V / BWD_WARPS)
     nvb = max(1, min(max_vb, 8, math.ceil(2 * _num_sms(cupy.cuda.Device().id) / max(1, p.N * p.HV))))
     grid = p.N * p.HV * nvb

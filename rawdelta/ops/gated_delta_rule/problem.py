@@ -80,6 +80,13 @@ class GDNProblem:
         return self.beta is not None and self.beta.ndim == 4
 
     @property
+    def seq_lengths(self) -> np.ndarray:
+        """Tokens per sequence ``[N]`` (int64), from the host copy of ``cu_seqlens``."""
+        if self.cu_seqlens_host is None:
+            return np.full(self.N, self.T, dtype=np.int64)
+        return np.diff(self.cu_seqlens_host.astype(np.int64, copy=False))
+
+    @property
     def seq_bounds(self) -> list[tuple[int, int, int]]:
         """``(batch row, start, end)`` per sequence n, in T coordinates of that row."""
         if self.cu_seqlens_host is None:
