@@ -265,8 +265,15 @@ def test_hopper_forward_state_pass(option: tuple[dict[str, Any], dict[str, Any],
     check_backend("cuda", make_inputs({**shape, **gen}, seed=9, dtype=dtype), device=True, drop=drop, mode="chunk",
                   chunk_size=64, **extra)
     tf = {False: "false", True: "true"}
-    for store in (False, True):  # the forward pass with or without prepare beside it (AHEAD), the recompute without
-        assert any(n.startswith("gdn_chunk_fwd_wg_kernel<") and f", {nwg}, {bvw}, {tf[store]}, {tf[pipe]}, " in n
+    # the forward pass, beside prepare only where it prefetches with two warpgroups and prepare fits beside it
+    # (always at 2 x 16 columns, which become one warpgroup of 32 where K <= 128: _ahead_pass_config), then the
+    # recompute for the backward as configured
+    ahead = any(n.startswith("gdn_chunk_prepare_kernel<") and n.endswith(", true>") for n in launched)
+    assert ahead <= (pipe and nwg == 2) and ahead >= (config == (2, 16, True)), launched
+    beside = (1, 32) if ahead and bvw == 16 and shape["K"] <= 128 else (nwg, bvw)
+    for (w, c), store in ((beside, False), ((nwg, bvw), True)):
+        assert any(n.startswith("gdn_chunk_fwd_wg_kernel<")
+                   and n.endswith(f", {w}, {c}, {tf[store]}, {tf[pipe]}, {tf[ahead and not store]}>")
                    for n in launched), launched
     assert any(n.startswith("gdn_chunk_bwd_wg_kernel<") and n.endswith(f", {nwg}, {bvw}, {tf[pipe]}>")
                for n in launched), launched
@@ -302,18 +309,30 @@ _AHEAD_CASES = [("K128_V128", {"B": 2, "T": 700, "H": 2, "HV": 4, "K": 128, "V":
                 ("T1", {"B": 3, "T": 1, "H": 2, "K": 64, "V": 64}, "bfloat16")]
 
 
-@pytest.mark.parametrize(("shape", "dtype"), [c[1:] for c in _AHEAD_CASES], ids=[c[0] for c in _AHEAD_CASES])
-def test_prepare_ahead_of_the_forward_pass(shape: dict[str, Any], dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+# the two-warpgroup pass prepare runs before, and the pass beside it (warpgroups, columns each): at 2 x 32
+# columns prepare fits beside the pass at K = 64 only (registers)
+_AHEAD_PASSES = {"2x16": ((2, 16, True), (1, 32)), "2x32": ((2, 32, True), (2, 32))}
+_AHEAD_PARAMS = [(c[1], c[2], _AHEAD_PASSES[p]) for c in _AHEAD_CASES for p in _AHEAD_PASSES
+                 if p == "2x16" or c[1]["K"] <= 64]
+_AHEAD_IDS = [f"{c[0]}-{p}" for c in _AHEAD_CASES for p in _AHEAD_PASSES if p == "2x16" or c[1]["K"] <= 64]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "passes"), _AHEAD_PARAMS, ids=_AHEAD_IDS)
+def test_prepare_ahead_of_the_forward_pass(shape: dict[str, Any], dtype: str,
+                                           passes: tuple[tuple[int, int, bool], tuple[int, int]],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Prepare running beside the Hopper forward pass (persistent blocks publishing each chunk; the pass's
     producer warp waiting on them) gives the output, the final state and the factors the backward takes of
-    prepare run before the pass, bit for bit; sequences of different lengths, empty ones and T = 1 included."""
+    prepare run before the pass, bit for bit; sequences of different lengths, empty ones and T = 1 included.
+    Beside prepare, two warpgroups of 16 columns become one of 32 (``_ahead_pass_config``)."""
     from rawdelta.ops.gated_delta_rule import cuda_chunk
 
     if not cuda_chunk.wgmma_available():
         pytest.skip("the wgmma kernels need a compute capability 9.0 GPU")
     kw, _, _ = split_op_args(make_inputs(shape, seed=11, dtype=dtype))
     kw = to_device(kw)
-    monkeypatch.setattr(cuda_chunk, "_wg_config", lambda p, kp: (2, 16, True))
+    before, beside = passes
+    monkeypatch.setattr(cuda_chunk, "_wg_config", lambda p, kp: before)
     launched = record_launches(monkeypatch)
     runs = []
     for ahead in (True, False):
@@ -324,7 +343,9 @@ def test_prepare_ahead_of_the_forward_pass(shape: dict[str, Any], dtype: str, mo
         runs.append([to_host(x) for x in (o, ht, f.Ahi, f.Phi, f.Gc, f.Bc, f.Rq, f.Rk) if x is not None])
         assert any(n.startswith("gdn_chunk_prepare_kernel<") and n.endswith(f", {'true' if ahead else 'false'}>")
                    for n in launched), launched
-        assert any(n.startswith("gdn_chunk_fwd_wg_kernel<") and n.endswith(f", {'true' if ahead else 'false'}>")
+        nwg, bvw = beside if ahead else before[:2]
+        assert any(n.startswith("gdn_chunk_fwd_wg_kernel<") and n.endswith(f", {nwg}, {bvw}, false, true, "
+                                                                           f"{'true' if ahead else 'false'}>")
                    for n in launched), launched
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))

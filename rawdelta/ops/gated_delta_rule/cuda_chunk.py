@@ -124,6 +124,8 @@ register(
        for s in (False, True) for pp in (False, True)]
     + [_fwd_wg_name(ct, kp, 2, bvw, False, True, True) for ct in WG_TYPES for kp in KP_SIZES
        for bvw in _wg_bvw_options(kp)]
+    + [_fwd_wg_name(ct, kp, 1, 32, False, True, True) for ct in WG_TYPES for kp in KP_SIZES
+       if 32 in _wg_bvw_options(kp)]
     + [_prepare_name(ct, WG_BT, kp, True) for ct in WG_TYPES for kp in KP_SIZES]
     + [_fwd_wg_name(ct, kp, 4, bvw, s, True) for ct in WG_TYPES for kp in (64, 128) for bvw in (16, 32)
        for s in (False, True)]
@@ -427,43 +429,56 @@ PREPARE_AHEAD = True  # tests switch it off to compare against prepare run befor
 AHEAD_PREPARE_BLOCKS = 2  # prepare blocks per SM beside the forward pass, at most
 
 
-def _ahead_grid(p: GDNProblem, ch: _Chunks) -> int:
-    """Persistent prepare blocks to run beside the Hopper forward pass (``gdn_chunk_fwd_wg_kernel`` with AHEAD),
-    0 to run prepare before it.
+def _ahead_pass_config(p: GDNProblem, kp: int) -> tuple[int, int] | None:
+    """Warpgroups and value columns per warpgroup of the Hopper forward pass beside prepare (AHEAD), None where
+    prepare runs before the pass.
 
-    Only where the pass takes one block of two warpgroups per SM (prefetching; :func:`_wg_config`), so that the
-    SMs have room beside it, and only as many per SM (up to ``AHEAD_PREPARE_BLOCKS``) as fit next to a pass block
-    in shared memory, registers and threads: every pass block can then start while all of prepare's run, which
-    the pass's waits on prepare rely on (common/ready_flags.cuh)."""
+    Only where the pass prefetches with one block of two warpgroups per SM (:func:`_wg_config`), so that the SMs
+    have room beside it. Two warpgroups of 16 columns become one of 32: the same blocks, each reading a chunk's
+    q, k, inverse and score tiles once instead of twice, which leaves the shared-memory pipe to prepare; alone
+    that pass is 9% slower, beside prepare the forward is 2-3% faster (H100, docs/benchmarks.md)."""
+    nwg, bvw, pipe = _wg_config(p, kp)
+    if nwg != 2 or not pipe:
+        return None
+    return (1, 32) if bvw == 16 and 32 in _wg_bvw_options(kp) else (2, bvw)
+
+
+def _ahead_grid(p: GDNProblem, ch: _Chunks) -> int:
+    """Persistent prepare blocks to run beside the Hopper forward pass (``gdn_chunk_fwd_wg_kernel`` with AHEAD,
+    :func:`_ahead_pass_config`), 0 to run prepare before it.
+
+    As many per SM (up to ``AHEAD_PREPARE_BLOCKS``) as fit next to a pass block in shared memory, registers and
+    threads: every pass block can then start while all of prepare's run, which the pass's waits on prepare rely
+    on (common/ready_flags.cuh)."""
     if not (PREPARE_AHEAD and ch.wg) or ch.nc == 0:
         return 0
-    nwg, bvw, pipe = _wg_config(p, ch.kp)
-    if nwg != 2 or not pipe:
+    config = _ahead_pass_config(p, ch.kp)
+    if config is None:
         return 0
     import cupy
 
-    per_sm = _ahead_blocks_per_sm(ch.ct, ch.kp, bvw, AHEAD_PREPARE_BLOCKS, cupy.cuda.runtime.getDevice())
+    per_sm = _ahead_blocks_per_sm(ch.ct, ch.kp, *config, AHEAD_PREPARE_BLOCKS, cupy.cuda.runtime.getDevice())
     return min(ch.nc * p.HV, per_sm * _sm_count())
 
 
 @functools.cache
-def _ahead_blocks_per_sm(ct: str, kp: int, bvw: int, most: int, device: int) -> int:
-    """Prepare blocks (at most `most`) that fit on an SM beside a block of the AHEAD forward pass (two warpgroups
-    of `bvw` columns and the producer warp); both kernels compiled here, and prepare told to take all of the
-    SM's unified memory as shared memory, as the pass does."""
+def _ahead_blocks_per_sm(ct: str, kp: int, nwg: int, bvw: int, most: int, device: int) -> int:
+    """Prepare blocks (at most `most`) that fit on an SM beside a block of the AHEAD forward pass (`nwg`
+    warpgroups of `bvw` columns and the producer warp); both kernels compiled here, and prepare told to take all
+    of the SM's unified memory as shared memory, as the pass does."""
     props = _device_props_on(device)
     reserved = int(props.get("reservedSharedMemPerBlock", 1024))
-    pass_dynamic = _smem_wg(kp, 2 * bvw, True, True, False)
-    pass_k = _configured(_fwd_wg_name(ct, kp, 2, bvw, False, True, True), pass_dynamic)
+    pass_dynamic = _smem_wg(kp, nwg * bvw, True, True, False)
+    pass_k = _configured(_fwd_wg_name(ct, kp, nwg, bvw, False, True, True), pass_dynamic)
     prep_k = get_kernel(SOURCE, _prepare_name(ct, WG_BT, kp, True))
     prep_k.preferred_shared_memory_carveout = 100
 
     def regs(kern: Any, threads: int) -> int:
         # on the SM's busiest quarter: each quarter (scheduler) holds a quarter of the register file and a quarter
-        # of a block's warps, rounded up (the pass's producer warp makes 3 of 9); a warp takes 256 at a time
+        # of a block's warps, rounded up (the pass's producer warp is one more); a warp takes 256 at a time
         return -(-threads // 128) * -(-kern.num_regs * 32 // 256) * 256
 
-    pass_threads = 2 * 128 + 32
+    pass_threads = nwg * 128 + 32
     pass_smem = pass_dynamic + pass_k.shared_size_bytes + reserved
     prep_smem = _smem_prepare(ct, WG_BT, kp) + prep_k.shared_size_bytes + reserved
     for n in range(most, 0, -1):
@@ -515,9 +530,13 @@ def _forward_pass_launch(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, 
             rec._ptr(hbuf), rec._ptr(vnew), np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K),
             np.int32(p.V))
     if ch.wg:
-        nwg, bvw, pipe = _wg_config(p, ch.kp)
-        nvb = math.ceil(p.V / (nwg * bvw))
         ahead = ready is not None  # a producer warp after the warpgroups
+        if ahead:
+            nwg, bvw = _ahead_pass_config(p, ch.kp) or (2, 16)  # not None where _ahead_grid gave a grid
+            pipe = True
+        else:
+            nwg, bvw, pipe = _wg_config(p, ch.kp)
+        nvb = math.ceil(p.V / (nwg * bvw))
         return (_fwd_wg_name(ch.ct, ch.kp, nwg, bvw, store, pipe, ahead), p.N * p.HV * nvb,
                 128 * nwg + (32 if ahead else 0), _smem_wg(ch.kp, nwg * bvw, pipe, not store, False),
                 (*ch.rows, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags), rec._ptr(ready),
