@@ -312,12 +312,11 @@ _AHEAD_CASES = [("K128_V128", {"B": 2, "T": 700, "H": 2, "HV": 4, "K": 128, "V":
 # the two-warpgroup pass prepare runs before, and the pass beside it (warpgroups, columns each): at 2 x 32
 # columns prepare fits beside the pass at K = 64 only (registers)
 _AHEAD_PASSES = {"2x16": ((2, 16, True), (1, 32)), "2x32": ((2, 32, True), (2, 32))}
-_AHEAD_PARAMS = [(c[1], c[2], _AHEAD_PASSES[p]) for c in _AHEAD_CASES for p in _AHEAD_PASSES
-                 if p == "2x16" or c[1]["K"] <= 64]
-_AHEAD_IDS = [f"{c[0]}-{p}" for c in _AHEAD_CASES for p in _AHEAD_PASSES if p == "2x16" or c[1]["K"] <= 64]
+_AHEAD_PARAMS = [pytest.param(c[1], c[2], _AHEAD_PASSES[p], id=f"{c[0]}-{p}") for c in _AHEAD_CASES
+                 for p in _AHEAD_PASSES if p == "2x16" or c[1]["K"] <= 64]
 
 
-@pytest.mark.parametrize(("shape", "dtype", "passes"), _AHEAD_PARAMS, ids=_AHEAD_IDS)
+@pytest.mark.parametrize(("shape", "dtype", "passes"), _AHEAD_PARAMS)
 def test_prepare_ahead_of_the_forward_pass(shape: dict[str, Any], dtype: str,
                                            passes: tuple[tuple[int, int, bool], tuple[int, int]],
                                            monkeypatch: pytest.MonkeyPatch) -> None:

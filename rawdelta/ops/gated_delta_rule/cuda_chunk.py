@@ -532,8 +532,9 @@ def _forward_pass_launch(p: GDNProblem, ch: _Chunks, flags: int, o: Any = None, 
     if ch.wg:
         ahead = ready is not None  # a producer warp after the warpgroups
         if ahead:
-            nwg, bvw = _ahead_pass_config(p, ch.kp) or (2, 16)  # not None where _ahead_grid gave a grid
-            pipe = True
+            config = _ahead_pass_config(p, ch.kp)
+            assert config is not None, "prepare beside a pass that does not take it (_ahead_grid)"
+            (nwg, bvw), pipe = config, True
         else:
             nwg, bvw, pipe = _wg_config(p, ch.kp)
         nvb = math.ceil(p.V / (nwg * bvw))
