@@ -184,17 +184,18 @@ def _kernel_params(args: tuple[Any, ...]) -> tuple[Any, Any]:
     (buffer, pointers), both to be kept alive until the launch has returned."""
     import array
     import ctypes
+    import sys
 
-    import cupy
     import numpy as np
 
+    cupy = sys.modules.get("cupy")  # an argument can be a CuPy array only where CuPy is imported
     scalar_codes = _scalar_codes()
     codes, values = [], []
     for a in args:
         code = scalar_codes.get(type(a))
         if code is not None:
             values.append(a)
-        elif isinstance(a, cupy.ndarray):
+        elif cupy is not None and isinstance(a, cupy.ndarray):
             code = "Q"
             values.append(a.data.ptr)
         elif isinstance(a, np.void):
