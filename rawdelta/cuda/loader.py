@@ -13,7 +13,7 @@
 * :func:`compile_all_to_cubin` compiles every registered instantiation to sm_80/sm_90/sm_90a cubins on a
   machine without a GPU or driver (NVRTC through ``cuda.core``); CI uses it.
 * Kernels launch through CuPy, except those that start beside the kernel before them
-  (:func:`launch_programmatic`: ``cuLaunchKernelEx`` through ``cuda-bindings``, the ``cuda`` extra).
+  (:class:`ProgrammaticLaunch`: ``cuLaunchKernelEx`` through ``cuda-bindings``, the ``cuda`` extra).
 """
 
 from __future__ import annotations
@@ -210,32 +210,45 @@ def _kernel_params(args: tuple[Any, ...]) -> tuple[Any, Any]:
     return buf, array.array("Q", [base + o for o in offsets])
 
 
-def launch_programmatic(kernel: Any, grid: int, block: int, shared_mem: int, args: tuple[Any, ...]) -> None:
-    """Launch ``kernel`` (a ``cupy.RawKernel``) on the current stream with programmatic stream serialization:
-    it may start once every block of the stream's previous kernel has run ``griddepcontrol.launch_dependents``
-    (or exited), not only once that kernel has finished; the two then synchronise through memory themselves.
-    Where the device or a graph capture does not support it the launch is an ordinary, serialised one.
+class ProgrammaticLaunch:
+    """A launch of ``kernel`` (a ``cupy.RawKernel``) with programmatic stream serialization, its arguments packed
+    and its configuration built ahead; calling it launches on the current stream. The kernel may start once every
+    block of the stream's previous kernel has run ``griddepcontrol.launch_dependents`` (or exited), not only once
+    that kernel has finished; the two then synchronise through memory themselves. Where the device or a graph
+    capture does not support it the launch is an ordinary, serialised one.
 
     ``args`` as for a CuPy launch: CuPy arrays (passed as their device pointer) and NumPy scalars of fixed size,
-    structured ones included (passed by value). The driver copies each argument from its own buffer: the host
-    packs them into one (a few microseconds; the launch sits between two kernels that run side by side)."""
-    import cupy
-    from cuda.bindings import driver
+    structured ones included (passed by value), packed into one host buffer that the driver copies at the launch.
+    Built before the kernel it is to start beside is launched, the launch follows that one within a few
+    microseconds of host time (packing and building take tens of microseconds in Python): while the host is
+    behind the GPU, the kernel before it runs alone until it comes."""
 
-    buf, pointers = _kernel_params(args)  # kept alive until the driver has copied the arguments
-    attr = driver.CUlaunchAttribute()
-    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    attr.value.programmaticStreamSerializationAllowed = 1
-    config = driver.CUlaunchConfig()
-    config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
-    config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
-    config.sharedMemBytes = shared_mem
-    config.hStream = driver.CUstream(cupy.cuda.get_current_stream().ptr)
-    config.attrs = [attr]
-    config.numAttrs = 1
-    (err,) = driver.cuLaunchKernelEx(config, driver.CUfunction(kernel.kernel.ptr), pointers.buffer_info()[0], 0)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuLaunchKernelEx failed ({err.name}) for {kernel.name}")
+    def __init__(self, kernel: Any, grid: int, block: int, shared_mem: int, args: tuple[Any, ...]) -> None:
+        from cuda.bindings import driver
+
+        self._name = kernel.name
+        self._buf, self._pointers = _kernel_params(args)  # kept alive until the driver has copied the arguments
+        self._params = self._pointers.buffer_info()[0]
+        self._function = driver.CUfunction(kernel.kernel.ptr)
+        attr = driver.CUlaunchAttribute()
+        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
+        config.sharedMemBytes = shared_mem
+        config.attrs = [attr]
+        config.numAttrs = 1
+        self._config = config
+
+    def __call__(self) -> None:
+        import cupy
+        from cuda.bindings import driver
+
+        self._config.hStream = driver.CUstream(cupy.cuda.get_current_stream().ptr)
+        (err,) = driver.cuLaunchKernelEx(self._config, self._function, self._params, 0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuLaunchKernelEx failed ({err.name}) for {self._name}")
 
 
 def precompile() -> int:

@@ -1,4 +1,4 @@
-"""Packing of kernel arguments for launches through the driver (``loader.launch_programmatic``); no GPU needed,
+"""Packing of kernel arguments for launches through the driver (``loader.ProgrammaticLaunch``); no GPU needed,
 the launches themselves are tested on the GPU through the forward pass that runs beside prepare."""
 
 from __future__ import annotations
@@ -25,3 +25,19 @@ def test_each_argument_is_at_its_pointer() -> None:
 def test_arguments_of_no_fixed_size_are_refused(bad: object) -> None:
     with pytest.raises(TypeError, match="NumPy scalars of fixed size"):
         loader._kernel_params((np.int32(1), bad))
+
+
+def test_a_programmatic_launch_is_built_ahead() -> None:
+    """The launch's driver configuration and packed arguments exist before it is called (no driver needed)."""
+    pytest.importorskip("cuda.bindings", reason="cuda-bindings comes with cuda-core in the test extra")
+    from types import SimpleNamespace
+
+    kernel = SimpleNamespace(name="k", kernel=SimpleNamespace(ptr=0))
+    args = (np.int32(5), np.float32(-2.0), np.uint64(7))
+    launch = loader.ProgrammaticLaunch(kernel, 300, 160, 4096, args)
+    config = launch._config
+    assert (config.gridDimX, config.gridDimY, config.blockDimX, config.sharedMemBytes) == (300, 1, 160, 4096)
+    assert config.numAttrs == 1 and config.attrs[0].value.programmaticStreamSerializationAllowed == 1
+    pointers = (ctypes.c_uint64 * len(args)).from_address(launch._params)
+    for a, ptr in zip(args, pointers):
+        assert ctypes.string_at(ptr, a.nbytes) == a.tobytes()

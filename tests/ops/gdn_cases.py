@@ -195,16 +195,17 @@ def check_against_fd(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None, forw
 
 
 def record_launches(monkeypatch: Any, prefix: str = "") -> list[str]:
-    """From now on, the name of every kernel the CUDA chunked op launches (those starting with `prefix`)."""
+    """From now on, the name of every kernel the CUDA chunked op launches (those starting with `prefix`), in the
+    order their launches are built (``cuda_chunk._prepared_launch``, through which every launch goes)."""
     from rawdelta.ops.gated_delta_rule import cuda_chunk
 
     names: list[str] = []
-    launch = cuda_chunk._launch
+    prepared_launch = cuda_chunk._prepared_launch
 
-    def spy(name: str, *args: Any, **kwargs: Any) -> None:
+    def spy(name: str, *args: Any, **kwargs: Any) -> Any:
         if name.startswith(prefix):
             names.append(name)
-        launch(name, *args, **kwargs)
+        return prepared_launch(name, *args, **kwargs)
 
-    monkeypatch.setattr(cuda_chunk, "_launch", spy)
+    monkeypatch.setattr(cuda_chunk, "_prepared_launch", spy)
     return names

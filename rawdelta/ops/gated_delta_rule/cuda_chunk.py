@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from ..._arrays import BFLOAT16, empty
 from ...cuda import tensor_map
-from ...cuda.loader import get_kernel, launch_programmatic, register, wgmma_available
+from ...cuda.loader import ProgrammaticLaunch, get_kernel, register, wgmma_available
 from . import cuda_recurrent as rec
 from .problem import CHUNK_SIZES, GDNProblem
 
@@ -228,14 +229,19 @@ def _configured(name: str, smem: int) -> Any:
 
 def _launch(name: str, grid: int, block: int, smem: int, args: tuple[Any, ...], programmatic: bool = False) -> None:
     """Launch on the current stream; ``programmatic``: the kernel may start beside the stream's previous one
-    (``loader.launch_programmatic``)."""
+    (``loader.ProgrammaticLaunch``)."""
+    _prepared_launch(name, grid, block, smem, args, programmatic)()
+
+
+def _prepared_launch(name: str, grid: int, block: int, smem: int, args: tuple[Any, ...],
+                     programmatic: bool = False) -> Callable[[], None]:
+    """:func:`_launch`'s launch, to be called later: a programmatic one has its arguments packed now."""
     if grid <= 0:
-        return
+        return lambda: None
     kern = _configured(name, smem)
     if programmatic:
-        launch_programmatic(kern, grid, block, smem, args)
-    else:
-        kern((grid,), (block,), args, shared_mem=smem)
+        return ProgrammaticLaunch(kern, grid, block, smem, args)
+    return functools.partial(kern, (grid,), (block,), args, shared_mem=smem)
 
 
 @dataclass
@@ -562,13 +568,13 @@ def chunk_forward(p: GDNProblem, chunk_size: int, workspace: Any = None) -> tupl
         flags |= rec.F_HT
     grid = _ahead_grid(p, ch)
     ready = empty(cupy, (ch.nc * p.HV,), np.int32) if grid else None
-    # with prepare beside the pass, everything the pass's launch needs is ready before prepare's, so that the two
-    # launches follow each other closely: the pass starts only once it is launched
-    state_pass = _forward_pass_launch(p, ch, flags, o=o, ht=ht, ready=ready)
+    # with prepare beside the pass, the pass's launch is built (its arguments packed) before prepare's, so that the
+    # two launches follow each other closely: while the host is behind the GPU, prepare runs alone until it comes
+    state_pass = _prepared_launch(*_forward_pass_launch(p, ch, flags, o=o, ht=ht, ready=ready))
     if ready is not None:
         cupy.cuda.runtime.memsetAsync(ready.data.ptr, 0, ready.nbytes, cupy.cuda.get_current_stream().ptr)
     _launch_prepare(p, ch, ready, grid)
-    _launch(*state_pass)
+    state_pass()
     return o, ht, ch
 
 
