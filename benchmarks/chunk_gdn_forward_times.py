@@ -16,7 +16,7 @@ from chunk_gdn import RawDelta, graph_ms_cupy, kernel_ms, make_inputs, time_ms
 import rawdelta
 
 
-def forward_times(B: int, T: int, H: int = 16, D: int = 128) -> dict[str, float]:
+def forward_times(B: int, T: int, H: int = 16, D: int = 128) -> dict[str, float | list[float]]:
     x = make_inputs(B, T, H, D)
     run = RawDelta(x)
     run.fwd()

@@ -227,6 +227,7 @@ class ProgrammaticLaunch:
         from cuda.bindings import driver
 
         self._name = kernel.name
+        self._args = args  # the arrays whose pointers are packed stay allocated until the launch, as in a CuPy one
         self._buf, self._pointers = _kernel_params(args)  # kept alive until the driver has copied the arguments
         self._params = self._pointers.buffer_info()[0]
         self._function = driver.CUfunction(kernel.kernel.ptr)
