@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._arrays import cupy_or_none
+from ..ops.common.backend import gpu_unavailable_reason
 
 # Distributions whose versions go into every result (the peer is fla-core, Triton its compiler).
 DISTRIBUTIONS = ("numpy", "cupy", "numba-cuda", "torch", "triton", "fla-core")
@@ -48,9 +49,7 @@ def _torch_cuda() -> bool:
 
 def detect(force_cpu: bool = False) -> Env:
     """The current machine; ``force_cpu`` measures the CPU path even where a GPU exists."""
-    from ..cli import _gpu_reason
-
-    reason = "--cpu was given" if force_cpu else _gpu_reason()
+    reason = "--cpu was given" if force_cpu else gpu_unavailable_reason()
     if reason is not None:
         return Env("cpu", reason, False)
     return Env("gpu", None, _torch_cuda())

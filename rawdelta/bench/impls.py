@@ -13,6 +13,7 @@ import importlib.util
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..ops.common.backend import numba_status
 from .modes import DECODE, FORWARD, FORWARD_BACKWARD
 
 if TYPE_CHECKING:
@@ -21,12 +22,19 @@ if TYPE_CHECKING:
     from .workload import Workload
 
 Call = Callable[[], dict[str, Any]]
-_DIFF = ("q", "k", "v", "g", "beta")  # the floating inputs of the benchmarked calls
-_GRAD_OUT = {"q": "dq", "k": "dk", "v": "dv", "g": "dg", "beta": "dbeta"}
 
 
 def _op_kwargs(x: dict[str, Any]) -> dict[str, Any]:
     return {n: a for n, a in x.items() if n != "do"}
+
+
+def _arrays(x: dict[str, Any]) -> dict[str, Any]:
+    """The floating input arrays of a workload's call (every array but the cotangent and the offsets)."""
+    return {n: a for n, a in x.items() if n not in ("do", "cu_seqlens") and hasattr(a, "shape")}
+
+
+def _grad_label(name: str) -> str:
+    return "dh0" if name == "initial_state" else "d" + name
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -48,19 +56,21 @@ def rawdelta(backend: str) -> Callable[[OpSpec, str, Workload], Call]:
         f = getattr(rd, op.name)
         if mode == FORWARD:
             def run() -> dict[str, Any]:
-                o, _ = f(**kw)
-                return {"o": o}
+                outs = f(**kw)
+                return {"o": outs[0] if isinstance(outs, tuple) else outs}
         elif mode == DECODE:
             def run() -> dict[str, Any]:
                 o, ht = f(**kw, output_final_state=True)
                 return {"o": o, "final_state": ht}
         elif mode == FORWARD_BACKWARD:
             fwd, bwd, do = getattr(rd, op.name + "_fwd"), getattr(rd, op.name + "_bwd"), x["do"]
+            diff = tuple(_arrays(x))
 
             def run() -> dict[str, Any]:
-                (o, _), res = fwd(**kw)
+                outs, res = fwd(**kw)
                 grads = bwd(res, do)
-                return {"o": o, **{_GRAD_OUT[n]: getattr(grads, n) for n in _DIFF}}
+                return {"o": outs[0] if isinstance(outs, tuple) else outs,
+                        **{_grad_label(n): getattr(grads, n) for n in diff}}
         else:
             raise ValueError(f"unknown mode {mode!r}")
         return run
@@ -86,26 +96,31 @@ def peer(op: OpSpec, mode: str, w: Workload) -> Call:
         raise NotImplementedError(f"no peer function for {op.name}")
     f = _import(op.peer)
     x = w.arrays("torch")
-    flags = {n: v for n, v in x.items() if n.startswith("use_")}
+    flags = {n: v for n, v in x.items() if not hasattr(v, "shape")}
+    arrays = _arrays(x)
+    # q, k, v positionally (every peer op takes them first), the other arrays by name
+    first, rest = ("q", "k", "v"), {n: a for n, a in arrays.items() if n not in ("q", "k", "v")}
+
+    def out0(outs: Any) -> Any:
+        return outs[0] if isinstance(outs, tuple) else outs
+
     if mode == FORWARD:
         def run() -> dict[str, Any]:
             with torch.no_grad():
-                o, _ = f(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], **flags)
-            return {"o": o}
+                return {"o": out0(f(*(arrays[n] for n in first), **rest, **flags))}
     elif mode == DECODE:
         def run() -> dict[str, Any]:
             with torch.no_grad():
-                o, ht = f(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=x["initial_state"],
-                          output_final_state=True, **flags)
+                o, ht = f(*(arrays[n] for n in first), **rest, output_final_state=True, **flags)
             return {"o": o, "final_state": ht}
     elif mode == FORWARD_BACKWARD:
-        leaves = {n: x[n].detach().clone().requires_grad_() for n in _DIFF}
+        leaves = {n: a.detach().clone().requires_grad_() for n, a in arrays.items()}
         do = x["do"]
 
         def run() -> dict[str, Any]:
-            o, _ = f(leaves["q"], leaves["k"], leaves["v"], g=leaves["g"], beta=leaves["beta"], **flags)
+            o = out0(f(*(leaves[n] for n in first), **{n: leaves[n] for n in rest}, **flags))
             grads = torch.autograd.grad(o, list(leaves.values()), do)
-            return {"o": o.detach(), **{_GRAD_OUT[n]: gr for n, gr in zip(leaves, grads)}}
+            return {"o": o.detach(), **{_grad_label(n): gr for n, gr in zip(leaves, grads)}}
     else:
         raise ValueError(f"unknown mode {mode!r}")
     return run
@@ -165,9 +180,7 @@ def needs_gpu(env: Env) -> str | None:
 def numba_on_gpu(env: Env) -> str | None:
     if not env.gpu:
         return f"no GPU ({env.gpu_reason}); the Numba kernels would run in the CUDA simulator, which is not a timing"
-    from ..cli import _numba_status
-
-    reason, mode = _numba_status()
+    reason, mode = numba_status()
     if reason:
         return reason
     return None if mode == "GPU" else "NUMBA_ENABLE_CUDASIM=1 is set: the simulator is not a timing"

@@ -11,28 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .report import baseline, label, sections, shape_key, speedup
-
-
-def _speedups(doc: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, dict[tuple[int, ...], float]]:
-    out: dict[str, dict[tuple[int, ...], float]] = {}
-    for r in rows:
-        s = speedup(doc, r)
-        if s is not None:
-            out.setdefault(r["impl"], {})[tuple(r["shape"])] = s
-    return out
-
-
-def plot_files(doc: dict[str, Any], prefix: str) -> list[tuple[str, str, str, str]]:
-    """``(op, kind, file name, alt text)`` of every plot :func:`make_plots` makes for `doc` (kind: time, speedup)."""
-    out = []
-    for op in dict.fromkeys(op for op, _, _ in sections(doc)):
-        secs = [(m, rows) for o, m, rows in sections(doc) if o == op]
-        if any(r["status"] == "ok" for _, rows in secs for r in rows):
-            out.append((op, "time", f"{prefix}-{op}-time.png", f"{op}: time per call against T"))
-        if any(_speedups(doc, rows) for _, rows in secs):  # panels: the modes with a speed-up
-            out.append((op, "speedup", f"{prefix}-{op}-speedup.png", f"{op}: rawdelta speed-up"))
-    return out
+from .report import baseline, label, plot_files, sections, shape_key, speedups_by_impl
 
 
 def _tick(shape: tuple[int, ...], mode: str) -> str:
@@ -41,7 +20,7 @@ def _tick(shape: tuple[int, ...], mode: str) -> str:
 
 
 def make_plots(doc: dict[str, Any], out_dir: str | Path, prefix: str) -> list[Path]:
-    """Write the plots of :func:`plot_files` into `out_dir`; returns their paths. Needs matplotlib."""
+    """Write the plots of :func:`.report.plot_files` into `out_dir`; returns their paths. Needs matplotlib."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -53,7 +32,7 @@ def make_plots(doc: dict[str, Any], out_dir: str | Path, prefix: str) -> list[Pa
     for op, kind, fname, _ in plot_files(doc, prefix):
         secs = [(m, rows) for o, m, rows in sections(doc) if o == op]
         if kind == "speedup":
-            secs = [(m, rows) for m, rows in secs if _speedups(doc, rows)]
+            secs = [(m, rows) for m, rows in secs if speedups_by_impl(doc, rows)]
         fig = Figure(figsize=(5.2 * len(secs), 4.2), layout="constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, len(secs), squeeze=False)[0]
@@ -71,7 +50,7 @@ def make_plots(doc: dict[str, Any], out_dir: str | Path, prefix: str) -> list[Pa
                 ax.set_yscale("log")
                 ax.set_ylabel("time per call (ms)")
             else:
-                sp = _speedups(doc, rows)
+                sp = speedups_by_impl(doc, rows)
                 width = 0.8 / max(len(sp), 1)
                 for j, (impl, vals) in enumerate(sp.items()):
                     xs = [i + (j - (len(sp) - 1) / 2) * width for i in x]

@@ -5,9 +5,8 @@ tokens), but every op here is independent per sequence and head. So the referenc
 first and last batch row times the first and last head (:meth:`.GateSlice.corners`), every token; the
 implementation runs the whole problem and the same slice of its outputs is compared, with
 :func:`rawdelta.testing.assert_close` and the tolerance table of the input dtype. For the gated delta
-rule that is ``naive_chunk_gated_delta_rule`` (``_bwd``) for forward and forward + backward, and
-``naive_recurrent_gated_delta_rule`` for decode; for softmax attention, a float64 causal attention on 64
-query rows (o and dq of a row depend on that row only).
+op that is its own numpy backend (the chunked algorithm for a chunked op), forward and backward; for softmax
+attention, a float64 causal attention on 64 query rows (o and dq of a row depend on that row only).
 
 A reference job is a pure function of ``(op, shape, mode, dtype, seed)``: it regenerates the inputs, so
 the runner can compute references in worker processes while the device is being timed.
@@ -28,21 +27,20 @@ from .workload import GateSlice, host_inputs, np_dtype
 Expected = dict[str, np.ndarray]
 
 
-def gated_delta_rule(x: dict[str, Any], mode: str) -> Expected:
-    """Float64 outputs of the gated delta rule on host inputs `x` (the generator's dict, already sliced)."""
-    import rawdelta
+def op_outputs(op_name: str, x: dict[str, Any], mode: str) -> Expected:
+    """Float64 outputs of the op's own numpy backend (its chunked algorithm for a chunked op) on host inputs `x`
+    (the generator's dict, already sliced): o, the final state in decode, and the gradients of the floating inputs
+    in forward + backward (``dq``, ``dk`` ...)."""
+    from ..ops import registry
+    from ..testing.reference import grad_label, reference_results
 
-    flags = {n: v for n, v in x.items() if n.startswith("use_")}
-    q, k, v, g, beta = (x[n] for n in ("q", "k", "v", "g", "beta"))
+    op = registry.op(op_name)
+    kw = {n: a for n, a in x.items() if n not in ("do", "dht")}
+    outs, grads = reference_results(op, kw, x["do"] if mode == FORWARD_BACKWARD else None, mode_op=True)
+    out = {"o": outs["o"]}
     if mode == DECODE:
-        o, ht = rawdelta.naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=x["initial_state"],
-                                                          output_final_state=True, **flags)
-        return {"o": o, "final_state": ht}
-    o, _ = rawdelta.naive_chunk_gated_delta_rule(q, k, v, g, beta, **flags)
-    out = {"o": o}
-    if mode == FORWARD_BACKWARD:
-        gr = rawdelta.naive_chunk_gated_delta_rule_bwd(q, k, v, g, beta, do=x["do"], **flags)
-        out.update({"dq": gr.q, "dk": gr.k, "dv": gr.v, "dg": gr.g, "dbeta": gr.beta})
+        out["final_state"] = outs["final_state"]
+    out.update({grad_label(n): g for n, g in grads.items() if g is not None})
     return out
 
 
@@ -82,16 +80,21 @@ class Reference:
     offload: bool = False
 
 
-REFERENCES: dict[str, Reference] = {
-    "gated_delta_rule": Reference(GateSlice.corners, lambda x, mode, s: gated_delta_rule(x, mode), offload=True),
-    "softmax_attention": Reference(lambda shape: GateSlice.corners(shape, attention_rows(shape[1])),
-                                   lambda x, mode, s: softmax_attention(x, mode, s.rows or ())),
-}
+_SOFTMAX = Reference(lambda shape: GateSlice.corners(shape, attention_rows(shape[1])),
+                     lambda x, mode, s: softmax_attention(x, mode, s.rows or ()))
+
+
+def reference_for(name: str) -> Reference:
+    """The reference called `name`: ``"softmax_attention"``, or a registered op's name (its own numpy backend on the
+    corner slice, slow enough at the benchmark shapes to go to a worker process)."""
+    if name == "softmax_attention":
+        return _SOFTMAX
+    return Reference(GateSlice.corners, lambda x, mode, s: op_outputs(name, x, mode), offload=True)
 
 
 def expected_outputs(reference: str, host: dict[str, Any], shape: Shape, mode: str) -> Expected:
     """Float64 reference outputs on the gate slice of the full host inputs `host`."""
-    ref = REFERENCES[reference]
+    ref = reference_for(reference)
     sl = ref.gate_slice(shape)
     return ref.compute(sl.cut_inputs(host), mode, sl)
 

@@ -1,8 +1,8 @@
 """What ``rawdelta bench`` measures, as data: ops x modes x shapes x implementations.
 
-A new op adds one :class:`OpSpec` row (its input generator from :mod:`rawdelta.testing.inputs`, the name
-of its float64 reference in :mod:`.reference`, of its bytes/FLOPs model in :mod:`.models`, and the peer's
-function); a new implementation adds one :class:`ImplSpec` row whose builder (in :mod:`.impls`) works for
+The ops are every registered op with a benchmark declaration (``OpDef.bench``: its modes, the name of its
+bytes/FLOPs model in :mod:`.models`, the model's input settings and the peer's function); a new op is benchmarked
+by being registered. A new implementation adds one :class:`ImplSpec` row whose builder (in :mod:`.impls`) works for
 every op. The runner does not change.
 
 Shapes are ``(B, T, H, D)`` with ``K = V = D`` and ``HV = H``. Decode shapes have ``T = 1`` (B is then the
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..testing.inputs import gated_delta_rule_inputs
+from ..ops import registry
 from . import impls
 from .modes import DECODE, FORWARD, FORWARD_BACKWARD, MODES, Shape
 
@@ -43,10 +43,10 @@ class OpSpec:
     Attributes:
         name: ``rawdelta.<name>`` (and ``<name>_fwd`` / ``<name>_bwd``) are what is timed.
         modes: the modes it is benchmarked in.
-        inputs: generator from :mod:`rawdelta.testing.inputs` (the tests' own), called as
+        inputs: its family's input generator (the tests' own), called as
             ``inputs(B, T, H, D, D, dtype=..., seed=..., initial_state=..., **input_args)``.
         input_args: the model settings (GatedDeltaNet: q/k L2-normalised in the kernel).
-        reference: name of the float64 reference in :data:`.reference.REFERENCES`.
+        reference: name of its float64 reference (:func:`.reference.reference_for`): the op's own name.
         model: name of the bytes/FLOPs model in :data:`.models.MODELS`.
         peer: ``"module:function"`` of the peer's equivalent, or None.
         yardstick: softmax attention (torch SDPA) is timed beside it in forward and forward + backward.
@@ -104,15 +104,14 @@ class ImplSpec:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-_GDN = {"inputs": gated_delta_rule_inputs, "input_args": {"use_qk_l2norm_in_kernel": True},
-        "reference": "gated_delta_rule"}
+def op_spec(op: Any) -> OpSpec:
+    """The benchmark row of a declared op (its ``bench`` declaration)."""
+    b = op.bench
+    return OpSpec(op.name, tuple(b.modes), op.family.input_generator(), dict(b.input_args), op.name, b.model, b.peer,
+                  b.yardstick)
 
-OPS: tuple[OpSpec, ...] = (
-    OpSpec("chunk_gated_delta_rule", (FORWARD, FORWARD_BACKWARD), model="gdn_chunk",
-           peer="fla.ops.gated_delta_rule:chunk_gated_delta_rule", **_GDN),
-    OpSpec("fused_recurrent_gated_delta_rule", (FORWARD, FORWARD_BACKWARD, DECODE), model="gdn_recurrent",
-           peer="fla.ops.gated_delta_rule:fused_recurrent_gated_delta_rule", **_GDN),
-)
+
+OPS: tuple[OpSpec, ...] = tuple(op_spec(op) for op in registry.ops() if op.bench is not None)
 
 IMPLS: tuple[ImplSpec, ...] = (
     ImplSpec("cuda", "rawdelta cuda", "rawdelta", "cupy", impls.rawdelta("cuda"), impls.needs_gpu,

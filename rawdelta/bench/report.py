@@ -175,6 +175,32 @@ def speedup(doc: dict[str, Any], r: dict[str, Any]) -> float | None:
     return None
 
 
+def speedups_by_impl(doc: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, dict[tuple[int, ...], float]]:
+    """``{impl: {shape: rawdelta speed-up over impl}}`` for the rows that have one (see :func:`speedup`)."""
+    out: dict[str, dict[tuple[int, ...], float]] = {}
+    for r in rows:
+        s = speedup(doc, r)
+        if s is not None:
+            out.setdefault(r["impl"], {})[tuple(r["shape"])] = s
+    return out
+
+
+def plot_files(doc: dict[str, Any], prefix: str) -> list[tuple[str, str, str, str]]:
+    """``(op, kind, file name, alt text)`` of every plot :func:`.plots.make_plots` makes for `doc`.
+
+    Kind is ``"time"`` or ``"speedup"``. It lives here, not in :mod:`.plots` (which draws them), because the
+    markdown region links the plots by these names and :mod:`.plots` imports this module, not the reverse.
+    """
+    out = []
+    for op in dict.fromkeys(op for op, _, _ in sections(doc)):
+        secs = [(m, rows) for o, m, rows in sections(doc) if o == op]
+        if any(r["status"] == "ok" for _, rows in secs for r in rows):
+            out.append((op, "time", f"{prefix}-{op}-time.png", f"{op}: time per call against T"))
+        if any(speedups_by_impl(doc, rows) for _, rows in secs):  # panels: the modes with a speed-up
+            out.append((op, "speedup", f"{prefix}-{op}-speedup.png", f"{op}: rawdelta speed-up"))
+    return out
+
+
 def _gate_cell(r: dict[str, Any]) -> str:
     g = r.get("gate")
     if not g:
@@ -322,11 +348,9 @@ def markdown_region(doc: dict[str, Any], prefix: str, plots_rel: str) -> str:
 
     Args:
         doc: the results document.
-        prefix: the plots' file-name prefix (the JSON's stem), see :func:`.plots.plot_files`.
+        prefix: the plots' file-name prefix (the JSON's stem), see :func:`plot_files`.
         plots_rel: the plots' directory relative to the page.
     """
-    from .plots import plot_files
-
     d = doc["device"]
     title = f"{d['name']} ({'GPU' if d['kind'] == 'gpu' else 'CPU, numpy backend, small shapes'})"
     out = ["<!-- Generated from the JSON named above by `rawdelta bench --report`; edits here are overwritten. -->",

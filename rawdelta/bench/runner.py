@@ -26,7 +26,7 @@ from typing import Any
 from .env import Env, describe, versions
 from .models import MODELS, floor_seconds
 from .modes import DECODE, FORWARD, FORWARD_BACKWARD, Shape
-from .reference import REFERENCES, Expected, expected_outputs, gate, reference_job
+from .reference import Expected, expected_outputs, gate, reference_for, reference_job
 from .registry import ImplSpec, OpSpec, impl_modes, shape_fits_mode
 from .timing import Budget, Measurement, cupy_allocations_through_torch, make_clock, measure
 from .workload import Workload, host_inputs, np_dtype
@@ -105,7 +105,7 @@ class _References:
             if self.mode_of.get(k) != FORWARD_BACKWARD:
                 self.mode_of[k] = c.mode
         self.pool: concurrent.futures.Executor | None = None
-        offloaded = [c for c in cases if REFERENCES[self._name(c)].offload]
+        offloaded = [c for c in cases if reference_for(self._name(c)).offload]
         if settings.jobs > 0 and offloaded:
             self.pool = concurrent.futures.ProcessPoolExecutor(
                 settings.jobs, mp_context=multiprocessing.get_context("spawn"))
@@ -289,7 +289,7 @@ def run(env: Env, cases: Sequence[Case], settings: Settings, impls: Sequence[Imp
 
 def _measure_case(c: Case, w: Workload, clock: Any, settings: Settings, refs: _References,
                   first_is_warm: bool) -> Measurement:
-    ref = REFERENCES[c.impl.reference or c.op.reference]
+    ref = reference_for(c.impl.reference or c.op.reference)
     sl = ref.gate_slice(c.shape)
 
     def check(outputs: dict[str, Any]) -> Any:

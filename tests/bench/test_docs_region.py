@@ -8,8 +8,7 @@ import shutil
 from pathlib import Path
 
 from rawdelta import cli
-from rawdelta.bench.plots import plot_files
-from rawdelta.bench.report import load, regions, render_region, update_markdown
+from rawdelta.bench.report import load, plot_files, regions, render_region, update_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "benchmarks.md"

@@ -1,8 +1,9 @@
-"""Backend choice and the single Numba import helper."""
+"""Backend choice, the single Numba import helper, and why a backend cannot run here."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from typing import Any
 
@@ -43,13 +44,34 @@ def numba_simulator() -> bool:
     return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
-def numba_available() -> bool:
+def gpu_unavailable_reason() -> str | None:
+    """None when CuPy sees a GPU, else why not (shown by ``rawdelta check``, ``info`` and ``bench``)."""
+    if cupy_or_none() is not None:
+        return None
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed (pip install 'rawdelta[cuda]')"
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return f"CuPy sees no CUDA GPU ({type(e).__name__}: {str(e).strip() or 'no detail'})"
+    return f"CuPy sees no CUDA GPU (device count {n})"
+
+
+def numba_status() -> tuple[str | None, str]:
+    """``(reason the numba backend cannot run or None, mode)``, mode being ``"GPU"`` or ``"the CUDA simulator"``."""
+    mode = "the CUDA simulator" if numba_simulator() else "GPU"
     try:
         cuda = numba_cuda()
-    except BackendUnavailableError:
-        return False
-    return numba_simulator() or bool(cuda.is_available())
+    except BackendUnavailableError as e:
+        return str(e), mode
+    if not numba_simulator() and not cuda.is_available():
+        return "numba-cuda sees no CUDA GPU (and NUMBA_ENABLE_CUDASIM is not 1)", mode
+    return None, mode
 
 
-def cuda_available() -> bool:
-    return cupy_or_none() is not None
+@functools.cache
+def numba_unavailable_reason() -> str | None:
+    """Why the numba backend cannot run in this process (None when it can); the environment decides it once."""
+    return numba_status()[0]
