@@ -69,19 +69,23 @@ def copy_bandwidth_gbs() -> float:
 
 def _raw_launch(q, k, v, g, beta, state, stream, geom, one_step, min_blocks):
     """The forward kernel launched directly (no validation), to separate kernel time from host overhead."""
+    from rawdelta.cuda.launch import CTYPES, NULL
+    from rawdelta.cuda.loader import get_kernel, register
+    from rawdelta.ops.common.validation import validate
     from rawdelta.ops.gated_delta_rule import cuda_recurrent as cr
-    from rawdelta.ops.gated_delta_rule.problem import make_problem
+    from rawdelta.ops.gated_delta_rule.cuda_common import F_HT, problem_flags
+    from rawdelta.ops.gated_delta_rule.definition import RECURRENT
 
-    p = make_problem(q, k, v, g, beta, initial_state=state, use_qk_l2norm_in_kernel=True, inplace_final_state=True,
-                     backend="cuda")
+    p = validate(RECURRENT, {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": state,
+                             "use_qk_l2norm_in_kernel": True, "inplace_final_state": True, "backend": "cuda"})
     o = cupy.empty_like(v)
-    name = cr._fwd_name(cr._ctype(p), cr._fwd_kpt(p.K, geom), one_step, geom, min_blocks)
-    cr.register(cr.SOURCE, [name])  # benchmark-only variants join the registry like any other
-    kern = cr.get_kernel(cr.SOURCE, name)
+    name = cr.fwd_name(CTYPES[p.q.dtype], cr.fwd_kpt(p.K, geom), one_step, geom, min_blocks)
+    register(cr.SOURCE, [name])  # benchmark-only variants join the registry like any other
+    kern = get_kernel(cr.SOURCE, name)
     nvb = -(-p.V // (4 * geom[0]))
-    args = (q, k, v, g, cr._NULL, cr._NULL, beta, state, cr._NULL, cr._NULL, cr._NULL, o, state, np.int32(p.T),
-            np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nvb), np.float32(p.scale),
-            np.int32(cr._flags(p) | cr.F_HT))
+    args = (q, k, v, g, NULL, NULL, beta, state, NULL, NULL, NULL, o, state, np.int32(p.T), np.int32(p.H),
+            np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nvb), np.float32(p.scale),
+            np.int32(problem_flags(p) | F_HT))
 
     def launch():
         kern((p.N * p.HV * nvb,), (32 * geom[1],), args, stream=stream)

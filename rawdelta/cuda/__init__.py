@@ -1,4 +1,5 @@
-"""CUDA C sources (``*.cu``, ``*.cuh``) and the one loader that compiles them. No framework imports here."""
+"""CUDA C sources (``*.cu``, ``*.cuh``), the one loader that compiles them, the launch helpers every cuda backend
+shares (:mod:`.launch`) and the Hopper kernels' tensor maps (:mod:`.tensor_map`). No framework imports here."""
 
 from .loader import KernelSpec, compile_all_to_cubin, get_kernel, precompile, register, registered
 

@@ -3,17 +3,25 @@
 * Kernel sources are ``.cu`` files under ``rawdelta/cuda/``; headers under ``include/`` and
   ``common/`` are found through ``-I rawdelta/cuda``.
 * Template instantiations are listed as NVRTC ``name_expressions`` when a source is registered
-  (:func:`register`); the registry is the set of every instantiation the package can launch.
+  (:func:`register`), by the op modules that launch them when they are imported; :func:`registered` lists what has
+  been registered (``rawdelta.ops.registry.import_kernel_modules()`` imports every op's, for callers that need them
+  all).
 * Compile options live in :func:`compile_options` (sm_90a on compute capability 9.0 devices, for the
   wgmma kernels); ``RAWDELTA_JIT_LINEINFO=1`` adds ``-lineinfo``
   for ncu, ``RAWDELTA_JIT_DEBUG=1`` adds ``-G``.
 * Modules are cached per device; CuPy's own disk cache (``CUPY_CACHE_DIR``) keeps the binaries.
   A hash of every header is put in the source text, so editing a header invalidates that cache.
 * Compile failures raise :class:`rawdelta.errors.KernelCompileError` with the NVRTC log.
-* :func:`compile_all_to_cubin` compiles every registered instantiation to sm_80/sm_90/sm_90a cubins on a
-  machine without a GPU or driver (NVRTC through ``cuda.core``); CI uses it.
-* Kernels launch through CuPy, except those that start beside the kernel before them
-  (:class:`ProgrammaticLaunch`: ``cuLaunchKernelEx`` through ``cuda-bindings``, the ``cuda`` extra).
+* :func:`compile_all_to_cubin` compiles every registered instantiation to cubins on a machine without a GPU or
+  driver (NVRTC through ``cuda.core``), in parallel processes; CI uses it. Each instantiation is compiled for the
+  targets it runs on (its registration's ``targets``): by default sm_80 and sm_90, which stand for every device
+  the package supports (the runtime builds for the device's own architecture); the instantiations that run only on
+  compute capability 9.0 (the Hopper kernels: wgmma, TMA, programmatic launches) are registered with
+  ``targets=HOPPER_TARGETS`` and compiled for sm_90a only, the target the runtime builds every module for on such
+  a device. There the other instantiations compile to the code they have for sm_90: what only sm_90a has is behind
+  ``RAWDELTA_WGMMA`` (``common/wgmma.cuh``), which only the Hopper kernels reach.
+* Launching (dynamic shared memory, programmatic launches, null pointers, C types, device properties) is
+  :mod:`rawdelta.cuda.launch`.
 """
 
 from __future__ import annotations
@@ -29,49 +37,57 @@ from typing import Any
 from ..errors import KernelCompileError
 
 CUDA_DIR = Path(__file__).resolve().parent
+_NAMES_PER_JOB = 16  # instantiations per compile job of compile_all_to_cubin (see there)
+DEFAULT_TARGETS = ("sm_80", "sm_90")  # where an instantiation is compiled unless registered otherwise
+HOPPER_TARGETS = ("sm_90a",)  # instantiations launched only on compute capability 9.0
+ALL_TARGETS = ("sm_80", "sm_90", "sm_90a")
 _lock = threading.Lock()
+
+Defines = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One CUDA source file and the template instantiations of it that rawdelta launches."""
+    """One CUDA source file and the template instantiations of it that rawdelta launches, with the compile targets
+    they run on."""
 
     source: str  # path relative to rawdelta/cuda, e.g. "gated_delta_rule/recurrent.cu"
     name_expressions: tuple[str, ...] = field(default=())
-    defines: tuple[tuple[str, str], ...] = field(default=())
+    defines: Defines = field(default=())
+    targets: tuple[str, ...] = DEFAULT_TARGETS
 
 
-_REGISTRY: dict[tuple[str, tuple[tuple[str, str], ...]], set[str]] = {}
+# (source, defines) -> {name expression: its compile targets}
+_REGISTRY: dict[tuple[str, Defines], dict[str, tuple[str, ...]]] = {}
 
 
-def register(
-    source: str, name_expressions: list[str] | tuple[str, ...], defines: dict[str, Any] | None = None
-) -> KernelSpec:
-    """Declare instantiations of `source` that the package may launch; returns the spec."""
+def _defines_key(defines: dict[str, Any] | None) -> Defines:
+    return tuple(sorted((str(k), str(v)) for k, v in (defines or {}).items()))
+
+
+def register(source: str, name_expressions: list[str] | tuple[str, ...], defines: dict[str, Any] | None = None,
+             targets: tuple[str, ...] = DEFAULT_TARGETS) -> KernelSpec:
+    """Declare instantiations of `source` that the package may launch, and the compile targets they run on
+    (:data:`HOPPER_TARGETS` for those launched only on compute capability 9.0); returns their spec."""
     if not (CUDA_DIR / source).is_file():
         raise FileNotFoundError(f"CUDA source {source!r} not found under {CUDA_DIR}")
-    key = (source, tuple(sorted((str(k), str(v)) for k, v in (defines or {}).items())))
+    key = (source, _defines_key(defines))
     with _lock:
-        _REGISTRY.setdefault(key, set()).update(name_expressions)
-    return KernelSpec(source, tuple(sorted(_REGISTRY[key])), key[1])
+        names = _REGISTRY.setdefault(key, {})
+        for name in name_expressions:
+            names[name] = targets
+    return KernelSpec(source, tuple(sorted(name_expressions)), key[1], targets)
 
 
 def registered() -> list[KernelSpec]:
-    """Every registered (source, defines) with all its instantiations."""
-    _import_kernel_users()
+    """Every registered (source, defines, targets) with all its instantiations: what the imported op modules have
+    registered (``rawdelta.ops.registry.import_kernel_modules()`` imports them all)."""
     with _lock:
-        return [KernelSpec(s, tuple(sorted(n)), d) for (s, d), n in sorted(_REGISTRY.items())]
-
-
-def _import_kernel_users() -> None:
-    # Registration happens when the op modules are imported; import them all.
-    import importlib
-    import pkgutil
-
-    from .. import ops
-
-    for mod in pkgutil.walk_packages(ops.__path__, ops.__name__ + "."):
-        importlib.import_module(mod.name)
+        groups: dict[tuple[str, Defines, tuple[str, ...]], list[str]] = {}
+        for (source, defines), names in _REGISTRY.items():
+            for name, targets in names.items():
+                groups.setdefault((source, defines, targets), []).append(name)
+    return [KernelSpec(s, tuple(sorted(n)), d, t) for (s, d, t), n in sorted(groups.items())]
 
 
 @functools.cache
@@ -150,7 +166,7 @@ def get_kernel(source: str, name_expression: str, defines: dict[str, Any] | None
         names = _REGISTRY.get(key)
         if names is None or name_expression not in names:
             raise KeyError(f"{name_expression!r} of {source!r} is not registered with rawdelta.cuda.loader.register")
-        spec = KernelSpec(source, (name_expression,), key[1])
+        spec = KernelSpec(source, (name_expression,), key[1], names[name_expression])
     try:
         kern = _module(spec, device).get_function(name_expression)
         _kernels[(source, name_expression, dkey, device)] = kern
@@ -161,101 +177,17 @@ def get_kernel(source: str, name_expression: str, defines: dict[str, Any] | None
                                  compile_options(device)) from None
 
 
-@functools.cache
-def _scalar_codes() -> dict[type, str]:
-    import numpy as np
-
-    return {np.int32: "i", np.uint32: "I", np.int64: "q", np.uint64: "Q", np.float32: "f", np.float64: "d"}
-
-
-@functools.lru_cache(maxsize=256)
-def _param_layout(codes: tuple[str, ...]) -> tuple[Any, tuple[int, ...]]:
-    """A ``struct.Struct`` that packs kernel arguments of these ``struct`` codes back to back, and each one's
-    offset in it."""
-    import struct
-
-    offsets = tuple(struct.calcsize("=" + "".join(codes[:i])) for i in range(len(codes)))
-    return struct.Struct("=" + "".join(codes)), offsets
-
-
-def _kernel_params(args: tuple[Any, ...]) -> tuple[Any, Any]:
-    """Kernel arguments (CuPy arrays as their device pointers, NumPy scalars of fixed size, structured ones
-    included) packed back to back into one host buffer, and the ``void *kernelParams[]`` array pointing at each:
-    (buffer, pointers), both to be kept alive until the launch has returned."""
-    import array
-    import ctypes
-    import sys
-
-    import numpy as np
-
-    cupy = sys.modules.get("cupy")  # an argument can be a CuPy array only where CuPy is imported
-    scalar_codes = _scalar_codes()
-    codes, values = [], []
-    for a in args:
-        code = scalar_codes.get(type(a))
-        if code is not None:
-            values.append(a)
-        elif cupy is not None and isinstance(a, cupy.ndarray):
-            code = "Q"
-            values.append(a.data.ptr)
-        elif isinstance(a, np.void):
-            code = f"{a.nbytes}s"
-            values.append(a.tobytes())
-        else:
-            raise TypeError(f"kernel arguments are CuPy arrays or NumPy scalars of fixed size, got {type(a).__name__}")
-        codes.append(code)
-    layout, offsets = _param_layout(tuple(codes))
-    buf = ctypes.create_string_buffer(layout.pack(*values), layout.size)
-    base = ctypes.addressof(buf)
-    return buf, array.array("Q", [base + o for o in offsets])
-
-
-class ProgrammaticLaunch:
-    """A launch of ``kernel`` (a ``cupy.RawKernel``) with programmatic stream serialization, its arguments packed
-    and its configuration built ahead; calling it launches on the current stream. The kernel may start once every
-    block of the stream's previous kernel has run ``griddepcontrol.launch_dependents`` (or exited), not only once
-    that kernel has finished; the two then synchronise through memory themselves. Where the device or a graph
-    capture does not support it the launch is an ordinary, serialised one.
-
-    ``args`` as for a CuPy launch: CuPy arrays (passed as their device pointer) and NumPy scalars of fixed size,
-    structured ones included (passed by value), packed into one host buffer that the driver copies at the launch.
-    Built before the kernel it is to start beside is launched, the launch follows that one within a few
-    microseconds of host time (packing and building take tens of microseconds in Python): while the host is
-    behind the GPU, the kernel before it runs alone until it comes."""
-
-    def __init__(self, kernel: Any, grid: int, block: int, shared_mem: int, args: tuple[Any, ...]) -> None:
-        from cuda.bindings import driver
-
-        self._name = kernel.name
-        self._args = args  # the arrays whose pointers are packed stay allocated until the launch, as in a CuPy one
-        self._buf, self._pointers = _kernel_params(args)  # kept alive until the driver has copied the arguments
-        self._params = self._pointers.buffer_info()[0]
-        self._function = driver.CUfunction(kernel.kernel.ptr)
-        attr = driver.CUlaunchAttribute()
-        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value.programmaticStreamSerializationAllowed = 1
-        config = driver.CUlaunchConfig()
-        config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
-        config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
-        config.sharedMemBytes = shared_mem
-        config.attrs = [attr]
-        config.numAttrs = 1
-        self._config = config
-
-    def __call__(self) -> None:
-        import cupy
-        from cuda.bindings import driver
-
-        self._config.hStream = driver.CUstream(cupy.cuda.get_current_stream().ptr)
-        (err,) = driver.cuLaunchKernelEx(self._config, self._function, self._params, 0)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"cuLaunchKernelEx failed ({err.name}) for {self._name}")
-
-
 def precompile() -> int:
-    """Compile every registered instantiation for the current device; returns how many."""
+    """Compile every registered instantiation for the current device (those of every op once
+    ``rawdelta.ops.registry.import_kernel_modules()`` has run), except those for other devices (registered with
+    ``targets=HOPPER_TARGETS``, off compute capability 9.0); returns how many."""
+    import cupy
+
+    hopper = _compute_capability(cupy.cuda.runtime.getDevice()) == "90"
     n = 0
     for spec in registered():
+        if spec.targets == HOPPER_TARGETS and not hopper:
+            continue
         for name in spec.name_expressions:
             get_kernel(spec.source, name, dict(spec.defines))
             n += 1
@@ -283,25 +215,53 @@ def _cuda_include_dirs() -> list[str]:
     return dirs
 
 
-def compile_all_to_cubin(archs: tuple[str, ...] = ("sm_80", "sm_90", "sm_90a")) -> dict[tuple[str, str], int]:
-    """Compile every registered instantiation to cubin for each arch, without a GPU or driver.
-
-    Uses NVRTC through ``cuda.core``. Returns ``{(source, arch): cubin_bytes}``; raises
-    :class:`KernelCompileError` with the log on the first failure.
-    """
+def _compile_cubin(text: str, names: tuple[str, ...], arch: str) -> tuple[int, str | None]:
+    """One NVRTC compile to cubin (a job of :func:`compile_all_to_cubin`, run in a worker process): the cubin's
+    bytes, or 0 and the compiler's log."""
     from cuda.core import Program, ProgramOptions
 
-    results: dict[tuple[str, str], int] = {}
-    includes = [str(CUDA_DIR), *_cuda_include_dirs()]
+    opts = ProgramOptions(arch=arch, std="c++17", include_path=[str(CUDA_DIR), *_cuda_include_dirs()])
+    prog = Program(text, "c++", options=opts)
+    try:
+        return len(prog.compile("cubin", name_expressions=names).code), None
+    except Exception as e:  # cuda.core raises its own error type carrying the log
+        return 0, str(e)
+    finally:
+        prog.close()
+
+
+def compile_all_to_cubin(archs: tuple[str, ...] = ALL_TARGETS, workers: int | None = None,
+                         names_per_job: int = _NAMES_PER_JOB, sources: tuple[str, ...] | None = None
+                         ) -> dict[tuple[str, str], int]:
+    """Compile every registered instantiation (of `sources` only, where given) to cubin for each of `archs` among
+    its targets (the module docstring has the rule), without a GPU or driver, in `workers` processes (default: one
+    per CPU).
+
+    Uses NVRTC through ``cuda.core``; each job compiles up to `names_per_job` instantiations of one source for one
+    arch (the workers are processes of the platform's default start method: a script that calls this runs it
+    under ``if __name__ == "__main__":``). Returns ``{(source, arch): cubin bytes}`` summed over a source's jobs;
+    raises :class:`KernelCompileError` with the log of the first job (in registration order) that failed.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = []
     for spec in registered():
+        if sources is not None and spec.source not in sources:
+            continue
+        text = _source_text(spec)
         for arch in archs:
-            opts = ProgramOptions(arch=arch, std="c++17", include_path=includes)
-            prog = Program(_source_text(spec), "c++", options=opts)
-            try:
-                obj = prog.compile("cubin", name_expressions=spec.name_expressions)
-            except Exception as e:  # cuda.core raises its own error type carrying the log
-                raise KernelCompileError(f"{spec.source} [{arch}]", str(e), (arch,)) from None
-            finally:
-                prog.close()
-            results[(spec.source, arch)] = len(obj.code)
+            if arch in spec.targets:
+                for i in range(0, len(spec.name_expressions), names_per_job):
+                    jobs.append((spec.source, arch, text, spec.name_expressions[i:i + names_per_job]))
+    # the largest jobs first, so that no long one starts last
+    order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][3]))
+    with ProcessPoolExecutor(max_workers=max(1, min(workers or os.cpu_count() or 1, len(jobs)))) as ex:
+        futures = {j: ex.submit(_compile_cubin, jobs[j][2], jobs[j][3], jobs[j][1]) for j in order}
+        done = {j: f.result() for j, f in futures.items()}
+    results: dict[tuple[str, str], int] = {}
+    for j, (source, arch, _, names) in enumerate(jobs):
+        nbytes, log = done[j]
+        if log is not None:
+            raise KernelCompileError(f"{source} [{arch}] ({len(names)} instantiations)", log, (arch,))
+        results[(source, arch)] = results.get((source, arch), 0) + nbytes
     return results

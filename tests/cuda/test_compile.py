@@ -1,30 +1,36 @@
-"""Every registered CUDA instantiation compiles to sm_80, sm_90 and sm_90a cubins with NVRTC, no GPU needed."""
+"""Every registered CUDA instantiation compiles with NVRTC for the targets it runs on (sm_80 and sm_90; the Hopper
+kernels for sm_90a), no GPU needed."""
 
 from __future__ import annotations
 
 import pytest
 
 from rawdelta.cuda import loader
+from rawdelta.ops.registry import import_kernel_modules
 
 pytest.importorskip("cuda.core", reason="cuda-core (NVRTC) is part of the test extra")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _every_op_registered() -> None:
+    import_kernel_modules()
 
 
 def test_registry_is_not_empty():
     specs = loader.registered()
     assert specs, "no CUDA instantiations registered"
     assert sum(len(s.name_expressions) for s in specs) > 10
+    assert any(s.targets == loader.HOPPER_TARGETS for s in specs), "no Hopper instantiations registered"
 
 
 def test_every_instantiation_compiles_for_sm80_sm90_and_sm90a():
-    archs = ("sm_80", "sm_90", "sm_90a")  # sm_90a: the wgmma kernels' Hopper code
-    results = loader.compile_all_to_cubin(archs)
-    sources = {s.source for s in loader.registered()}
-    for src in sources:
-        for arch in archs:
-            assert results[(src, arch)] > 0
+    results = loader.compile_all_to_cubin(loader.ALL_TARGETS)
+    for spec in loader.registered():
+        for arch in spec.targets:
+            assert results[(spec.source, arch)] > 0, (spec.source, arch)
 
 
-def test_compile_error_carries_log_and_name(tmp_path, monkeypatch):
+def test_compile_error_carries_log_and_name():
     from rawdelta.errors import KernelCompileError
 
     bad = loader.CUDA_DIR / "_test_broken.cu"
@@ -32,7 +38,7 @@ def test_compile_error_carries_log_and_name(tmp_path, monkeypatch):
     try:
         loader.register("_test_broken.cu", ["broken_kernel<float>"])
         with pytest.raises(KernelCompileError) as ei:
-            loader.compile_all_to_cubin(("sm_80",))
+            loader.compile_all_to_cubin(("sm_80",), sources=("_test_broken.cu",))
         msg = str(ei.value)
         assert "_test_broken.cu" in msg and "undefined_symbol" in msg
     finally:

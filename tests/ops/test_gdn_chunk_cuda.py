@@ -12,13 +12,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rawdelta.ops.gated_delta_rule import naive
-from rawdelta.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd, chunk_gated_delta_rule_fwd
-from rawdelta.ops.gated_delta_rule.problem import make_problem
+from rawdelta.cuda.loader import wgmma_available
+from rawdelta.ops.gated_delta_rule import (
+    chunk_gated_delta_rule_bwd,
+    chunk_gated_delta_rule_fwd,
+    cuda_chunk,
+    fused_recurrent_gated_delta_rule_bwd,
+    fused_recurrent_gated_delta_rule_fwd,
+    naive,
+)
+from rawdelta.ops.gated_delta_rule.cuda_chunk import ChunkOptions
 from rawdelta.testing import assert_close, gated_delta_rule_inputs, to_device, to_host
 from rawdelta.testing.inputs import split_op_args
 
-from .gdn_cases import CHUNK_OPTIONS, CHUNK_SHAPES, check_backend, make_inputs, record_launches
+from .gdn_cases import CHUNK_OPTIONS, CHUNK_SHAPES, check_backend, make_inputs, make_problem, record_launches
 
 pytestmark = pytest.mark.gpu
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -89,9 +96,9 @@ def test_backward_reuses_the_forward_factors(dtype: str) -> None:
                                                         use_qk_l2norm_in_kernel=True))
     kw, do, dht = to_device(kw), cupy.asarray(do), cupy.asarray(dht)
     (_, _), res = chunk_gated_delta_rule_fwd(**kw, output_final_state=True, chunk_size=32, backend="cuda")
-    assert res.factors is not None
+    assert res.saved is not None
     kept = chunk_gated_delta_rule_bwd(res, do, dht)
-    recomputed = chunk_gated_delta_rule_bwd(res._replace(factors=None), do, dht)
+    recomputed = chunk_gated_delta_rule_bwd(res._replace(saved=None), do, dht)
     _assert_same_bits(kept, recomputed)
 
 
@@ -102,8 +109,7 @@ def test_factors_through_a_workspace(dtype: str, chunk_size: int) -> None:
     gradients of the raw pair bit for bit. A workspace of another size is neither written nor read."""
     import cupy
 
-    from rawdelta.ops.gated_delta_rule import cuda_chunk
-    from rawdelta.ops.gated_delta_rule.chunk import forward_problem
+    from rawdelta.ops.common.api import run_forward
 
     kw, do, dht = split_op_args(gated_delta_rule_inputs(2, 150, 2, 64, 40, HV=4, dtype=dtype, seed=7,
                                                         use_qk_l2norm_in_kernel=True))
@@ -114,18 +120,18 @@ def test_factors_through_a_workspace(dtype: str, chunk_size: int) -> None:
     cc = str(cupy.cuda.Device().compute_capability)
     nbytes = cuda_chunk.factor_nbytes(kw["q"].shape, kw["v"].shape, kw["q"].dtype, chunk_size, True, cc)
     ws = cupy.full((nbytes,), 0xFF, dtype=cupy.uint8)
-    (o_ws, ht_ws), _ = forward_problem(p, chunk_size, ws)
+    (o_ws, ht_ws), _ = run_forward(p, ws)
     factors = cuda_chunk.factors_from_workspace(p, chunk_size, ws)
     assert factors is not None and factors.Ahi.data.ptr == ws.data.ptr
-    _assert_same_bits(want, chunk_gated_delta_rule_bwd(res._replace(factors=factors), do, dht))
+    _assert_same_bits(want, chunk_gated_delta_rule_bwd(res._replace(saved=factors), do, dht))
     for a, b in ((o, o_ws), (ht, ht_ws)):
         np.testing.assert_array_equal(to_host(a).view(np.uint8), to_host(b).view(np.uint8))
     zeros = cupy.zeros((nbytes,), dtype=cupy.uint8)
-    forward_problem(p, chunk_size, zeros)
+    run_forward(p, zeros)
     np.testing.assert_array_equal(to_host(zeros), to_host(ws), err_msg="a workspace byte left unwritten")
 
     other = cupy.full((nbytes + 16,), 0xFF, dtype=cupy.uint8)
-    forward_problem(p, chunk_size, other)
+    run_forward(p, other)
     assert bool((other == 0xFF).all()), "a workspace of another size was written"
     assert cuda_chunk.factors_from_workspace(p, chunk_size, other) is None
 
@@ -184,7 +190,7 @@ def test_backward_rejects_factors_of_another_chunk_size() -> None:
     (_, _), res16 = chunk_gated_delta_rule_fwd(**kw, chunk_size=16, backend="cuda")
     (_, _), res32 = chunk_gated_delta_rule_fwd(**kw, chunk_size=32, backend="cuda")
     with pytest.raises(ValueError, match="factors"):
-        chunk_gated_delta_rule_bwd(res32._replace(factors=res16.factors), do)
+        chunk_gated_delta_rule_bwd(res32._replace(saved=res16.saved), do)
 
 
 def test_large_grid_many_sequences() -> None:
@@ -193,7 +199,7 @@ def test_large_grid_many_sequences() -> None:
 
     lens = [16] * 2050
     kw, do, dht = split_op_args(gated_delta_rule_inputs(1, 0, 32, 16, 16, seed=7, seqlens=lens))
-    p = make_problem(**kw, output_final_state=True, backend="numpy")
+    p = make_problem(**kw, output_final_state=True)
     o_ref, ht_ref = naive.recurrent_forward(p)
     grads_ref = naive.recurrent_backward(p, do, dht)
     (o, ht), res = chunk_gated_delta_rule_fwd(**to_device(kw), output_final_state=True, backend="cuda")
@@ -209,11 +215,6 @@ def test_cuda_chunk_matches_cuda_recurrent() -> None:
     """The two CUDA modes compute the same function (float32, shape with many chunks)."""
     import cupy
 
-    from rawdelta.ops.gated_delta_rule.recurrent import (
-        fused_recurrent_gated_delta_rule_bwd,
-        fused_recurrent_gated_delta_rule_fwd,
-    )
-
     kw, do, dht = split_op_args(gated_delta_rule_inputs(2, 200, 2, 64, 64, HV=4, seed=8))
     kw, do, dht = to_device(kw), cupy.asarray(do), cupy.asarray(dht)
     (o1, h1), r1 = chunk_gated_delta_rule_fwd(**kw, output_final_state=True, backend="cuda")
@@ -223,6 +224,13 @@ def test_cuda_chunk_matches_cuda_recurrent() -> None:
     g1, g2 = chunk_gated_delta_rule_bwd(r1, do, dht), fused_recurrent_gated_delta_rule_bwd(r2, do, dht)
     for name in ("q", "k", "v", "g", "beta", "initial_state"):
         assert_close("d" + name, getattr(g2, name), getattr(g1, name), dtype="float32")
+
+
+def run_with_options(monkeypatch: pytest.MonkeyPatch, options: ChunkOptions) -> None:
+    """From now on the cuda chunked op (through its public functions) runs with `options`, not the defaults."""
+    forward, backward = cuda_chunk.forward, cuda_chunk.backward
+    monkeypatch.setattr(cuda_chunk, "forward", lambda p, workspace=None: forward(p, workspace, options))
+    monkeypatch.setattr(cuda_chunk, "backward", lambda p, saved, do, dht: backward(p, saved, do, dht, options))
 
 
 # (warpgroups per block, value columns per warpgroup, prefetch) of the state passes
@@ -254,13 +262,11 @@ def test_hopper_forward_state_pass(option: tuple[dict[str, Any], dict[str, Any],
     in each configuration of the state passes: warpgroups per block, value columns per warpgroup, single stage
     or prefetching; every option with grouped and ungrouped value heads (dq/dk per value head, or finished in
     the kernel), K = 64, 120, 128, 256, varlen with an empty sequence, V off the 64-column blocks."""
-    from rawdelta.ops.gated_delta_rule import cuda_chunk
-
-    if not cuda_chunk.wgmma_available():
+    if not wgmma_available():
         pytest.skip("the wgmma kernels need a compute capability 9.0 GPU")
     gen, extra, drop = option
     nwg, bvw, pipe = config
-    monkeypatch.setattr(cuda_chunk, "_wg_config", lambda p, kp: config)
+    run_with_options(monkeypatch, ChunkOptions(wg_config=config))
     launched = record_launches(monkeypatch)
     check_backend("cuda", make_inputs({**shape, **gen}, seed=9, dtype=dtype), device=True, drop=drop, mode="chunk",
                   chunk_size=64, **extra)
@@ -287,9 +293,7 @@ def test_mma_sync_state_passes_on_hopper(gen: dict[str, Any], extra: dict[str, A
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """With the wgmma path switched off, bf16 chunks of 64 run the mma.sync forward and reverse state passes and
     dq/dk kernel (what sm_80 runs), so a Hopper machine tests them too."""
-    from rawdelta.ops.gated_delta_rule import cuda_chunk
-
-    monkeypatch.setattr(cuda_chunk, "USE_WGMMA", False)
+    run_with_options(monkeypatch, ChunkOptions(wgmma=False))
     launched = record_launches(monkeypatch)
     check_backend("cuda", make_inputs({**_WG_CASES[0][1], **gen}, seed=10, dtype="bfloat16"), device=True,
                   drop=drop, mode="chunk", chunk_size=64, **extra)
@@ -323,22 +327,17 @@ def test_prepare_ahead_of_the_forward_pass(shape: dict[str, Any], dtype: str,
     """Prepare running beside the Hopper forward pass (persistent blocks publishing each chunk; the pass's
     producer warp waiting on them) gives the output, the final state and the factors the backward takes of
     prepare run before the pass, bit for bit; sequences of different lengths, empty ones and T = 1 included.
-    Beside prepare, two warpgroups of 16 columns become one of 32 (``_ahead_pass_config``)."""
-    from rawdelta.ops.gated_delta_rule import cuda_chunk
-
-    if not cuda_chunk.wgmma_available():
+    Beside prepare, two warpgroups of 16 columns become one of 32 (``cuda_chunk_hopper.ahead_pass_config``)."""
+    if not wgmma_available():
         pytest.skip("the wgmma kernels need a compute capability 9.0 GPU")
     kw, _, _ = split_op_args(make_inputs(shape, seed=11, dtype=dtype))
-    kw = to_device(kw)
+    p = make_problem("chunk", **to_device(kw), output_final_state=True, chunk_size=64, backend="cuda")
     before, beside = passes
-    monkeypatch.setattr(cuda_chunk, "_wg_config", lambda p, kp: before)
     launched = record_launches(monkeypatch)
     runs = []
     for ahead in (True, False):
-        monkeypatch.setattr(cuda_chunk, "PREPARE_AHEAD", ahead)
         del launched[:]
-        (o, ht), res = chunk_gated_delta_rule_fwd(**kw, output_final_state=True, chunk_size=64, backend="cuda")
-        f = res.factors
+        o, ht, f = cuda_chunk.chunk_forward(p, 64, options=ChunkOptions(prepare_ahead=ahead, wg_config=before))
         runs.append([to_host(x) for x in (o, ht, f.Ahi, f.Phi, f.Gc, f.Bc, f.Rq, f.Rk) if x is not None])
         assert any(n.startswith("gdn_chunk_prepare_kernel<") and n.endswith(f", {'true' if ahead else 'false'}>")
                    for n in launched), launched

@@ -1,6 +1,7 @@
 """The layout of the chunked op's factor workspace (the adapters keep the forward's per-chunk factors in it for the
 backward), on the host: the size ``factor_nbytes`` gives before a call is what the cuda backend carves the factor
-arrays from. Their use on the GPU: ``test_factors_through_a_workspace`` and the adapters' GPU tests."""
+arrays from (a host workspace here: the carve-up needs no GPU). Their use on the GPU:
+``test_factors_through_a_workspace`` and the adapters' GPU tests."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import itertools
 import numpy as np
 import pytest
 
+from rawdelta.cuda.launch import CTYPES
 from rawdelta.ops.gated_delta_rule import cuda_chunk
-from rawdelta.ops.gated_delta_rule.problem import make_problem
+from rawdelta.ops.gated_delta_rule.cuda_chunk_factors import factor_arrays
+from rawdelta.ops.gated_delta_rule.cuda_chunk_hopper import wg_layout
 from rawdelta.testing import gated_delta_rule_inputs
 from rawdelta.testing.inputs import split_op_args
 
-pytest.importorskip("cupy")  # cuda_chunk's carve-up lives beside its launches
+from .gdn_cases import make_problem
 
 B, T, H, HV, K, V = 2, 70, 1, 3, 40, 24
 
@@ -22,19 +25,21 @@ B, T, H, HV, K, V = 2, 70, 1, 3, 40, 24
 def _problem(dtype: str, l2: bool) -> object:
     kw, _, _ = split_op_args(gated_delta_rule_inputs(B, T, H, K, V, HV=HV, dtype=dtype, seed=1,
                                                      use_qk_l2norm_in_kernel=l2))
-    return make_problem(**kw, backend="numpy", allow_gk_gv=False, allow_beta_per_v=False, chunk_size=64)
+    return make_problem("chunk", **kw, chunk_size=64)
 
 
 @pytest.mark.parametrize(("dtype", "l2", "cc"), list(itertools.product(["float32", "float16", "bfloat16"],
                                                                          [False, True], ["80", "90"])))
 def test_factor_arrays_tile_a_workspace_of_factor_nbytes(dtype: str, l2: bool, cc: str) -> None:
     p = _problem(dtype, l2)
-    ct = cuda_chunk.rec.CTYPES[np.dtype(p.q.dtype)]
-    wg = cuda_chunk._wg_layout(ct, 64, K, V, cc)
+    ct = CTYPES[np.dtype(p.q.dtype)]
+    wg = wg_layout(ct, 64, K, V, cc)
     assert wg == (cc == "90" and dtype != "float32")
     nbytes = cuda_chunk.factor_nbytes((B, T, H, K), (B, T, HV, V), p.q.dtype, 64, l2, cc)
+    statics = {"chunk_size": 64, "use_qk_l2norm_in_kernel": l2}
+    assert cuda_chunk.workspace_nbytes({"q": (B, T, H, K), "v": (B, T, HV, V)}, p.q.dtype, statics, cc) == nbytes
     ws = np.zeros(nbytes, np.uint8)
-    arrays = cuda_chunk._factor_arrays(p, 64, ct, wg, ws)
+    arrays = factor_arrays(p, 64, ct, wg, ws)
     assert arrays is not None
     expected = {"Gc", "Bc", "Ahi", "Phi"} | ({"Rq", "Rk"} if l2 else set()) | (set() if wg else {"Alo"}) | (
         {"Plo"} if dtype == "float32" else set())
@@ -50,7 +55,7 @@ def test_factor_arrays_tile_a_workspace_of_factor_nbytes(dtype: str, l2: bool, c
     # Packed without gaps: the prepare kernel writes every byte (so the workspace is a deterministic output).
     assert spans[0][0] == 0 and spans[-1][1] == nbytes
     assert all(end == nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "factor arrays overlap or leave gaps"
-    assert cuda_chunk._factor_arrays(p, 64, ct, wg, np.zeros(nbytes + 16, np.uint8)) is None
+    assert factor_arrays(p, 64, ct, wg, np.zeros(nbytes + 16, np.uint8)) is None
 
 
 def test_no_workspace_off_the_gpu_or_for_float64() -> None:

@@ -12,17 +12,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rawdelta.ops.gated_delta_rule import naive
-from rawdelta.ops.gated_delta_rule.problem import make_problem
-from rawdelta.ops.gated_delta_rule.recurrent import (
+from rawdelta.ops.gated_delta_rule import (
     fused_recurrent_gated_delta_rule,
     fused_recurrent_gated_delta_rule_bwd,
     fused_recurrent_gated_delta_rule_fwd,
+    naive,
 )
 from rawdelta.testing import assert_close, gated_delta_rule_inputs, to_device, to_host
 from rawdelta.testing.inputs import split_op_args
 
-from .gdn_cases import OPTIONS, SHAPES, check_backend, make_inputs
+from .gdn_cases import OPTIONS, SHAPES, check_backend, make_inputs, make_problem
 
 pytestmark = pytest.mark.gpu
 DTYPES = ["float32", "float16", "bfloat16"]

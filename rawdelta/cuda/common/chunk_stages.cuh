@@ -1,31 +1,15 @@
-// Stages shared by every chunked linear-recurrence kernel (gated delta rule, GLA, DPLR):
-// chunk tiles in shared memory, the chunk-local base-2 gate cumsum, the decay of the state across
-// a chunk, the masked intra-chunk decay and the output assembly.
+// Stages shared by every chunked linear-recurrence kernel (gated delta rule, GLA, DPLR): chunk tiles in
+// shared memory, the chunk-local base-2 gate cumsum, the decay of the state across a chunk, the masked
+// intra-chunk decay, the output assembly, the triangular inverse and the chunk table.
 //
-// The gate form is a template parameter. ScalarGate: one log-gate per (token, head), so a chunk's
-// cumulative gates are a column G[BT] and decays scale whole rows. KeyGate<K>: one per (token, head,
-// key), G[BT][K]; decays act along the key dimension (the state's rows).
+// Decays take the gate form as a template parameter (common/chunk_pass.cuh: ScalarGate, one log-gate per
+// (token, head), whose chunk decays scale whole state rows alike; a per-key form decays each key row by its own).
 #pragma once
 #include "common/mma.cuh"
 
 namespace rawdelta {
 
 constexpr float LOG2E = 1.4426950408889634f;
-
-struct ScalarGate {
-    static constexpr bool PER_KEY = false;
-    // Decay of state row `kd` across the whole chunk (G holds the chunk's cumulative log2 gates).
-    static __device__ __forceinline__ float chunk_decay(const float* G, int ldg, int last, int kd) {
-        return exp2f(G[last * ldg]);
-    }
-};
-
-struct KeyGate {
-    static constexpr bool PER_KEY = true;
-    static __device__ __forceinline__ float chunk_decay(const float* G, int ldg, int last, int kd) {
-        return exp2f(G[last * ldg + kd]);
-    }
-};
 
 // A tile of input precision: 16-bit inputs stay in their type E; float32 inputs are kept as Split<E>.
 template <typename T, typename E> struct InputTile { using type = E*; };
@@ -168,7 +152,7 @@ __device__ __forceinline__ void row_inv_norms(TL s, int ld, int rows, int rows_p
 
 // In-place inclusive cumsum over rows [0, rows) of each of `width` columns of G (natural-log gates in,
 // log2 units out). Rows [rows, rows_pad) repeat the last sum, so masked-out decays stay finite.
-// width = 1 for ScalarGate, K for KeyGate.
+// width = 1 for a scalar gate, K for a per-key one.
 __device__ __forceinline__ void chunk_local_cumsum_log2(float* G, int ld, int width, int rows, int rows_pad) {
     for (int c = threadIdx.x; c < width; c += blockDim.x) {
         float acc = 0.f;

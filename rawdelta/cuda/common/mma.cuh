@@ -349,38 +349,4 @@ __device__ __forceinline__ void acc_row_sums(Acc<M, N, NW>& acc, F&& f, float* s
     __syncthreads();
 }
 
-// Deterministic per-column sums, like acc_row_sums: lane shuffles over the 8 row groups, then the WM
-// warp partials in a fixed order. `scratch` holds WM * N floats; out[col] is written by threads < N.
-template <int M, int N, int NW, typename F>
-__device__ __forceinline__ void acc_col_sums(Acc<M, N, NW>& acc, F&& f, float* scratch, float* out) {
-    using C = Acc<M, N, NW>;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (C::active(warp)) {
-#pragma unroll
-        for (int j = 0; j < C::NT; ++j) {
-#pragma unroll
-            for (int b = 0; b < 2; ++b) {
-                float s = 0.f;
-#pragma unroll
-                for (int i = 0; i < C::MT; ++i)
-#pragma unroll
-                    for (int e = b; e < 4; e += 2)
-                        s += f(C::row(warp, lane, i, e), C::col(warp, lane, j, e), acc.v[i][j][e]);
-                s += __shfl_xor_sync(0xffffffffu, s, 4);
-                s += __shfl_xor_sync(0xffffffffu, s, 8);
-                s += __shfl_xor_sync(0xffffffffu, s, 16);
-                if (lane < 4) scratch[(warp % C::WM) * N + C::col(warp, lane, j, b)] = s;
-            }
-        }
-    }
-    __syncthreads();
-    for (int c = threadIdx.x; c < N; c += blockDim.x) {
-        float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < C::WM; ++w) s += scratch[w * N + c];
-        out[c] = s;
-    }
-    __syncthreads();
-}
-
 }  // namespace rawdelta

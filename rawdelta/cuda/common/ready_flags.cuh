@@ -1,5 +1,6 @@
 // Per-item readiness flags between a producer kernel and a consumer kernel that run at the same time (the
-// consumer launched with programmatic stream serialization, common to both: docs/benchmarks.md, "Session 14").
+// consumer launched right after the producer with programmatic stream serialization: prepare and the Hopper forward
+// pass, docs/benchmarks.md, "Prepare beside the forward pass").
 // The producer publishes each finished item with a release store; the consumer's warp that reads the item waits
 // for it (await_item) and acquires it. Deadlock-free only because the consumer cannot start before every producer block
 // has started (the producer triggers its dependents first thing, and the launch waits for all of its blocks),

@@ -274,7 +274,8 @@ __device__ __forceinline__ int2 blocked_piece(int idx, int cg) {
 
 // The piece that thread t takes in the compile-time copy paths. Within each warp, every 8 lanes (which the memory
 // system serves together for 16-byte accesses) take 4 rows x 2 adjacent pieces, so that each request covers whole
-// 32-byte sectors; 8 rows x 1 piece covered half sectors, and the lanes with the other halves fetched them again.
+// 32-byte sectors (with 8 rows x 1 piece each request would cover half sectors, which the lanes with the other
+// halves would fetch again).
 __device__ __forceinline__ int sector_piece(int t) {
     return (t & ~31) | (((t & 1) | ((t >> 3) & 2)) << 3) | ((t >> 1) & 3) | ((t >> 1) & 4);
 }
@@ -289,7 +290,7 @@ __device__ __forceinline__ void load_blocked(E* s, const E* __restrict__ g, i64 
     if constexpr (NT % (8 * CG) == 0 && N % NT == 0) {
         // Then a thread's chunks share a column, every NT / CG rows: their addresses are the first's plus constants
         // instead of each chunk's position being decoded, and each copy has its own address registers (a copy in
-        // flight holds its registers: advancing one pointer made the next copy wait for the previous one).
+        // flight holds its registers: advancing one pointer would make each copy wait for the one before).
         constexpr int RS = NT / CG;
         const int tp = sector_piece(threadIdx.x);
         const int2 rc = blocked_piece(tp, CG);

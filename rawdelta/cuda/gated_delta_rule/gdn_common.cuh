@@ -4,18 +4,11 @@
 
 namespace rawdelta {
 
-// Option bits; mirrored in rawdelta/ops/gated_delta_rule/cuda_recurrent.py (FLAG_* constants).
+// Option bits; mirrored in rawdelta/ops/gated_delta_rule/cuda_flags.py (F_* constants).
 enum : int {
     F_G = 1, F_GK = 2, F_GV = 4, F_BETA = 8, F_BETA_V = 16, F_L2 = 32, F_GATE = 64, F_DTB = 128,
     F_BSIG = 256, F_NEG = 512, F_H0 = 1024, F_HT = 2048, F_VARLEN = 4096, F_DHT = 8192
 };
-
-struct SeqRange { i64 bos, eos; };
-
-__device__ __forceinline__ SeqRange seq_range(const i64* cu, int n, int T, int flags) {
-    if (flags & F_VARLEN) return {cu[n], cu[n + 1]};
-    return {(i64)n * T, (i64)n * T + T};
-}
 
 // Log-decay of the scalar gate at (token, head), after the optional in-kernel activation.
 __device__ __forceinline__ float scalar_log_gate(const float* g, const float* A_log, const float* dt_bias,

@@ -1,4 +1,4 @@
-// Shared device helpers: dtype load/store, warp reductions, gate/beta activations.
+// Shared device helpers: dtype load/store, sequence ranges, warp reductions, gate/beta activations.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,6 +15,14 @@ template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Tokens [bos, eos) of sequence n: from cu_seqlens with varlen, else the n-th of N sequences of T tokens.
+struct SeqRange { i64 bos, eos; };
+
+__device__ __forceinline__ SeqRange seq_range(const i64* cu, int n, int T, bool varlen) {
+    if (varlen) return {cu[n], cu[n + 1]};
+    return {(i64)n * T, (i64)n * T + T};
+}
 
 // Sum over groups of lanes whose ids differ only in the bits of [FIRST, FIRST * COUNT).
 template <int FIRST, int COUNT>

@@ -1,0 +1,237 @@
+// What every kernel that walks chunks shares, whatever the family: the options every pass has, the per-chunk row
+// scalars in shared memory (ChunkRows), the scalar gate form, a state pass block's work (StatePassBlock), loads of
+// per-token chunk matrices and of [K, V] states, and paired row stores.
+//
+// Layouts (C-contiguous; BT_ = B * T flattened tokens, chunks never cross sequences):
+//   Gc, Bc, Rq, Rk [BT_, HV] float: per token, the chunk-local cumulative log2 gate, the update rule's row scalar
+//                    (the gated delta rule's effective beta) and the inverse L2 norms of the q and k rows
+//   chunk matrices [BT_, HV, BT]: row r of a chunk's BT x BT matrix at token r
+//   states [N or NC, HV, K, V]
+#pragma once
+#include "common/chunk_stages.cuh"
+
+namespace rawdelta {
+
+constexpr int TILE_PAD = 8;  // elements added to every 16-bit mma.sync tile row: ldmatrix without bank conflicts
+
+// The options of a pass that do not select its code at compile time: each is tested once per block or once per
+// row of a chunk, never inside a product. They are these bits of the flag word a family's kernels take (every
+// family keeps them at these positions), tested where they are used.
+enum : int { PASS_ROW_NORMS = 32, PASS_H0 = 1024, PASS_HT = 2048, PASS_VARLEN = 4096, PASS_DHT = 8192 };
+
+struct PassOptions {
+    int flags;
+    // an initial state is given: the forward pass starts from it, the reverse pass writes dh0
+    __device__ __forceinline__ bool h0() const { return flags & PASS_H0; }
+    // the forward pass writes the final state
+    __device__ __forceinline__ bool ht() const { return flags & PASS_HT; }
+    // the reverse pass starts from the final state's gradient, else from zero
+    __device__ __forceinline__ bool dht() const { return flags & PASS_DHT; }
+    // sequences from cu_seqlens, else N sequences of T_ tokens
+    __device__ __forceinline__ bool varlen() const { return flags & PASS_VARLEN; }
+    // Rq and Rk hold the q and k rows' inverse L2 norms, else every row factor is 1
+    __device__ __forceinline__ bool row_norms() const { return flags & PASS_ROW_NORMS; }
+};
+
+// Per-chunk row scalars in shared memory, loaded at each chunk's start:
+//   G the cumulative log2 gates (rows past the chunk repeat the last, so every decay stays finite),
+//   B the update rule's row scalar (0 past the chunk), rq / rk the q / k row factors (inverse L2 norms with the
+//   row_norms option, else 1), and the products the epilogues need: gq = 2^G rq, gk = 2^G rk, lk = 2^(G_last - G) rk.
+struct ChunkRows {
+    float *G, *B, *rq, *rk, *gq, *gk, *lk;
+    static constexpr int ARRAYS = 7;
+
+    __device__ __forceinline__ void carve(SmemCursor& cur, int BT) {
+        float** arrays[ARRAYS] = {&G, &B, &rq, &rk, &gq, &gk, &lk};
+#pragma unroll
+        for (int a = 0; a < ARRAYS; ++a) *arrays[a] = cur.take<float>(BT);
+    }
+    __device__ __forceinline__ void set(int r, float x, float glast, float b, float nq, float nk) {
+        const float e = exp2f(x), l = exp2f(glast - x);
+        G[r] = x;
+        B[r] = b;
+        rq[r] = nq;
+        rk[r] = nk;
+        gq[r] = e * nq;
+        gk[r] = e * nk;
+        lk[r] = l * nk;
+    }
+    __device__ __forceinline__ void load(const float* Gc, const float* Bc, const float* Rq, const float* Rk, i64 bos,
+                                         int L, int BT, int HV, int hv, const PassOptions& opt) {
+        const float glast = Gc[(bos + L - 1) * HV + hv];
+        for (int r = threadIdx.x; r < BT; r += blockDim.x) {
+            const bool in = r < L, l2 = in && opt.row_norms();
+            const i64 th = (bos + (in ? r : L - 1)) * HV + hv;
+            set(r, Gc[th], glast, in ? Bc[th] : 0.f, l2 ? Rq[th] : 1.f, l2 ? Rk[th] : 1.f);
+        }
+    }
+    // load() in two steps, for prefetching: the raw per-token values into shared memory ([4][BT] floats: Gc,
+    // Bc, Rq, Rk; cp.async, zeros past the chunk), then the rows from them once they have landed.
+    static __device__ __forceinline__ void fetch_raw(float* raw, const float* Gc, const float* Bc, const float* Rq,
+                                                     const float* Rk, i64 bos, int L, int BT, int HV, int hv,
+                                                     const PassOptions& opt) {
+        for (int idx = threadIdx.x; idx < 4 * BT; idx += blockDim.x) {
+            const float* src = raw_source(idx, Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, opt);
+            cp_async4(raw + idx, src != nullptr ? src : Gc, src != nullptr ? 4 : 0);
+        }
+    }
+    // Where raw value idx of the chunk of L tokens at token bos comes from: null for a zero (a row past the chunk,
+    // or a row norm without the row_norms option).
+    static __device__ __forceinline__ const float* raw_source(int idx, const float* Gc, const float* Bc,
+                                                              const float* Rq, const float* Rk, i64 bos, int L,
+                                                              int BT, int HV, int hv, const PassOptions& opt) {
+        const int a = idx / BT, r = idx % BT;
+        if (r >= L || (a >= 2 && !opt.row_norms())) return nullptr;
+        return (a == 0 ? Gc : a == 1 ? Bc : a == 2 ? Rq : Rk) + (bos + r) * HV + hv;
+    }
+    __device__ __forceinline__ void derive(const float* raw, int L, int BT, const PassOptions& opt) {
+        const float glast = raw[L - 1];
+        for (int r = threadIdx.x; r < BT; r += blockDim.x) {
+            const bool in = r < L, l2 = in && opt.row_norms();
+            set(r, raw[in ? r : L - 1], glast, raw[BT + r], l2 ? raw[2 * BT + r] : 1.f, l2 ? raw[3 * BT + r] : 1.f);
+        }
+    }
+};
+
+// The per-token row scalars a pass reads (ChunkRows::load, fetch_raw), [BT_, HV] float each.
+struct RowInputs {
+    const float *Gc, *Bc, *Rq, *Rk;
+};
+
+// What every state pass takes, forward or reverse, as its kernel takes it: q, k [BT_, H, K] and v [BT_, HV, V] (the
+// mma.sync forms; the Hopper ones read q and k, and the forward pass v, through their tensor maps), the per-token row
+// scalars, the sequences (cu_seqlens) and each one's first chunk, the sizes, the output scale and the options.
+template <typename T>
+struct PassInputs {
+    const T *q, *k, *v;
+    RowInputs rows;
+    const i64* cu;
+    const int* seq_chunk0;
+    int T_, H, HV, K, V, NVB;
+    float scale;
+    PassOptions opt;
+};
+
+// A forward state pass's arrays besides: h0, ht [N, HV, K, V]; o [BT_, HV, V]; hbuf [NC, HV, K, V] (the state at
+// each chunk's start) and vnew [BT_, HV, V] (the update values), written by the backward's recompute only.
+template <typename T>
+struct ForwardPassIO : PassInputs<T> {
+    const float* h0;
+    T* o;
+    float* ht;
+    T *hbuf, *vnew;
+};
+
+// A reverse state pass's arrays besides: do, dv [BT_, HV, V]; dht, dh0 [N, HV, K, V]; dhbuf [NC, HV, K, V] (the
+// state gradient at each chunk's end).
+template <typename T>
+struct ReversePassIO : PassInputs<T> {
+    const T* dout;
+    const float* dht;
+    T *dhbuf, *dv;
+    float* dh0;
+};
+
+// The scalar gate form of the state passes: one log-gate per (token, head), so a chunk's cumulative gates are a
+// column G[BT] (ChunkRows) and every decay scales whole rows: the state's by 2^G_last across the chunk, the
+// operands' rows by the factors ChunkRows derives. A per-key form (GLA) decays each state row by its own key's
+// gate and folds the per-key factors into the q and k operands (its rows' factors are then 1).
+struct ScalarGate {
+    // Decay of state row `kd` across the whole chunk (G holds the chunk's cumulative log2 gates).
+    static __device__ __forceinline__ float chunk_decay(const float* G, int ldg, int last, int kd) {
+        return exp2f(G[last * ldg]);
+    }
+    // S = 2^G_last S: the state (or its gradient) across a chunk of BT rows.
+    template <int BT, typename AccT>
+    static __device__ __forceinline__ void decay(AccT& S, const ChunkRows& rows) {
+        decay_state<ScalarGate>(S, rows.G, 1, BT - 1);
+    }
+    // Y = scale 2^G_i rq_i (q S)_i: the output's inter-chunk part.
+    template <typename AccT>
+    static __device__ __forceinline__ void scale_output(AccT& Y, const ChunkRows& rows, float scale) {
+        scale_inter_output(Y, rows.gq, scale);
+    }
+    // Factors of row i: q's in the output (2^G_i rq_i), k's against the chunk's starting state (2^G_i rk_i), and the
+    // update values' in the state's update S += k^T (f U) (2^(G_last - G_i) rk_i).
+    static __device__ __forceinline__ float q_factor(const ChunkRows& rows, int i) { return rows.gq[i]; }
+    static __device__ __forceinline__ float k_factor(const ChunkRows& rows, int i) { return rows.gk[i]; }
+    static __device__ __forceinline__ float update_factor(const ChunkRows& rows, int i) { return rows.lk[i]; }
+};
+
+// out[e], out[e + 1] for columns j, j + 1 of a row with `cols` valid columns; one paired store when the
+// row length is even (then e is even and the pair aligned).
+template <typename T>
+__device__ __forceinline__ void put_row_pair(T* out, i64 e, int j, int cols, bool paired, float a, float b) {
+    if (paired && j + 1 < cols) {
+        store_pair(out + e, 0, a, b);
+        return;
+    }
+    if (j < cols) out[e] = from_float<T>(a);
+    if (j + 1 < cols) out[e + 1] = from_float<T>(b);
+}
+
+// A per-token [BT_, HV, BT] chunk matrix in global memory as the tile type TT of its kernel: the hi array
+// for 16-bit inputs, the hi and lo arrays for float inputs (lo is unused otherwise); advance() offsets both.
+template <typename TT, typename E>
+__device__ __forceinline__ TT chunk_matrix(const E* hi, const E* lo) {
+    if constexpr (OperandSplit<TT>::value) return TT{const_cast<E*>(hi), const_cast<E*>(lo)};
+    else return const_cast<E*>(hi);
+}
+template <typename E> __device__ __forceinline__ E* advance(E* p, i64 n) { return p + n; }
+template <typename E> __device__ __forceinline__ Split<E> advance(Split<E> s, i64 n) { return {s.hi + n, s.lo + n}; }
+
+// Rows [bos, bos + L) of a per-token [BT_, HV, BT] chunk matrix into a tile, zero rows past the chunk; a split
+// matrix (hi and lo arrays) into a split tile.
+template <int BT, typename E>
+__device__ __forceinline__ void load_chunk_rows(E* s, int ld, const E* g, i64 bos, int L, int HV, int hv) {
+    load_tile(s, ld, g + (bos * HV + hv) * BT, (i64)HV * BT, L, BT, BT, BT);
+}
+template <int BT, typename E>
+__device__ __forceinline__ void load_chunk_rows(Split<E> s, int ld, Split<E> g, i64 bos, int L, int HV, int hv) {
+    load_chunk_rows<BT>(s.hi, ld, g.hi, bos, L, HV, hv);
+    load_chunk_rows<BT>(s.lo, ld, g.lo, bos, L, HV, hv);
+}
+
+// State tile [K, V] (row stride V) <-> a KP x BV accumulator (Acc, or a warpgroup's WgAcc) at value columns
+// [v0, v0 + vcols) (none when vcols <= 0).
+template <typename TS, typename AccT>
+__device__ __forceinline__ void store_state(AccT& S, TS* dst, int K, int V, int v0, int vcols) {
+    S.apply_pairs([&](int r, int c, float& x0, float& x1) {
+        if (r < K) put_row_pair(dst, (i64)r * V + v0 + c, c, vcols, (V & 1) == 0, x0, x1);
+    });
+}
+template <typename AccT>
+__device__ __forceinline__ void load_state(AccT& S, const float* src, int K, int V, int v0, int vcols) {
+    S.apply([&](int r, int c, float& x) { x = (r < K && c < vcols) ? src[(i64)r * V + v0 + c] : 0.f; });
+}
+
+// A state pass block's work: sequence n, value head hv (key head h), the value columns [v0, v0 + vcols) of its
+// block vb (NVB blocks of BV columns per head), the sequence's tokens [bos, bos + len) in nchunks chunks of BT,
+// and the offset of its [K, V] states.
+struct StatePassBlock {
+    int vb, hv, n, h, v0, vcols, len, nchunks;
+    i64 bos, state_off;
+    bool paired;  // V even: output rows take paired stores
+    __device__ __forceinline__ StatePassBlock(int NVB, int BV, int BT, const i64* cu, int T_, int H, int HV, int K,
+                                              int V, const PassOptions& opt) {
+        vb = blockIdx.x % NVB;
+        const int nh = blockIdx.x / NVB;
+        hv = nh % HV;
+        n = nh / HV;
+        h = hv / (HV / H);
+        v0 = vb * BV;
+        vcols = min(BV, V - v0);
+        paired = (V & 1) == 0;
+        const SeqRange sr = seq_range(cu, n, T_, opt.varlen());
+        bos = sr.bos;
+        len = (int)(sr.eos - sr.bos);
+        nchunks = (len + BT - 1) / BT;
+        state_off = ((i64)n * HV + hv) * K * V;
+    }
+    // Offset of chunk c's [K, V] state in a per-chunk [NC, HV, K, V] array (hbuf, dhbuf).
+    __device__ __forceinline__ i64 chunk_state_off(const int* seq_chunk0, int c, int HV, int K, int V) const {
+        return ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V;
+    }
+};
+
+}  // namespace rawdelta

@@ -1,0 +1,92 @@
+"""Dynamic shared-memory bytes of each kernel of the CUDA chunked gated delta rule.
+
+Each mirrors the ``SmemCursor`` carve-up of its kernel (``rawdelta/cuda/gated_delta_rule/*.cu`` and the passes of
+``rawdelta/cuda/common/``): every buffer is rounded up to 16 bytes; tiles of input precision are 2-byte (split into
+two for float32 inputs), Split tiles are two 2-byte tiles, the rest float32.
+"""
+
+from __future__ import annotations
+
+from .cuda_chunk_kernels import BVB, KS, WG_BT, bv
+
+PAD = 8  # TILE_PAD: elements added to every 16-bit mma.sync tile row
+ROWS = 7  # ChunkRows: per-chunk row arrays of BT floats
+
+
+def _r16(nbytes: int) -> int:
+    return (nbytes + 15) // 16 * 16
+
+
+def _in_tile(ct: str, n: int) -> int:
+    return _r16(2 * n) * (2 if ct == "float" else 1)
+
+
+def _split(n: int) -> int:
+    return 2 * _r16(2 * n)
+
+
+def _f32(n: int) -> int:
+    return _r16(4 * n)
+
+
+def prepare(ct: str, bt: int, kp: int) -> int:
+    """The prepare kernel."""
+    lda, ldx = bt + 8, bt // 2 + 4  # L, the inverse and its scratch share the q / k tiles' space
+    return max(2 * _in_tile(ct, bt * (kp + PAD)), 2 * _f32(bt * lda) + _f32(bt // 2 * ldx)) + 4 * _f32(bt)
+
+
+def fwd(ct: str, bt: int, kp: int, store: bool) -> int:
+    """The mma.sync forward state pass: q (not with ``store``), k, v, the scores (not with ``store``), the rule's
+    inverse, the state, r, 2^(G_last - G) delta and the rows."""
+    b = bv(ct, kp)
+    ldk, ldv, lda, ldp = kp + PAD, b + PAD, bt + PAD, bt + PAD
+    tiles = (1 if store else 2) * _in_tile(ct, bt * ldk) + _in_tile(ct, bt * ldv)
+    tiles += 0 if store else _in_tile(ct, bt * ldp)
+    return tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + ROWS * _f32(bt)
+
+
+def wg_stage(kp: int, cols: int, q_p: bool, do: bool) -> int:
+    """Bytes of one WgStage of `cols` value columns: the k, v and (I + L)^-1 tiles, q and the scores with ``q_p``,
+    do with ``do``, and the raw row scalars."""
+    bt = WG_BT
+    return 2 * ((2 if q_p else 1) * bt * kp + (2 if do else 1) * bt * cols + (2 if q_p else 1) * bt * bt) + 4 * bt * 4
+
+
+def wg_pass(kp: int, cols: int, pipe: bool, q_p: bool, do: bool) -> int:
+    """A Hopper state pass of `cols` value columns per block: its stages, the state tile, value-sized tiles (two
+    forward; one in the reverse pass, ``do``, which scales do in its stage), the rows, four mbarriers and the slack
+    that aligns the stages to 1024 bytes (the TMA tiles' 128-byte swizzle)."""
+    tiles = 1 if do else 2
+    return ((2 if pipe else 1) * wg_stage(kp, cols, q_p, do) + 2 * (kp * cols + tiles * WG_BT * cols)
+            + ROWS * _f32(WG_BT) + 32 + 1024)
+
+
+def _acc_wn(m: int, n: int, nw: int) -> int:
+    wm = min(m // 16, nw)
+    return min(nw // wm, n // 8)
+
+
+def bwd_state(ct: str, bt: int, kp: int) -> int:
+    """The mma.sync reverse state pass: q, k, the scores, do, the rule's inverse, the state gradient, dU, the
+    scaled do, the rows and the rule's row-sum scratch."""
+    b = bv(ct, kp)
+    ldk, ldv, lda, ldp = kp + PAD, b + PAD, bt + PAD, bt + PAD
+    tiles = 2 * _in_tile(ct, bt * ldk) + _in_tile(ct, bt * ldp) + _in_tile(ct, bt * ldv)
+    return (tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + ROWS * _f32(bt)
+            + _f32(_acc_wn(bt, b, 8) * bt) + _f32(bt))
+
+
+def dqk(ct: str, bt: int) -> int:
+    """The mma.sync dq/dk kernel."""
+    ldk, ldv, ldm = KS + PAD, BVB + PAD, bt + PAD
+    tiles = 2 * _in_tile(ct, bt * ldk) + 3 * _in_tile(ct, bt * ldv) + 2 * _in_tile(ct, KS * ldv)
+    return tiles + 2 * _split(bt * ldm) + ROWS * _f32(bt) + _f32(8 * bt) + _f32(4 * bt) + _f32(8)
+
+
+def dqk_wg(ksw: int) -> int:
+    """The Hopper dq/dk kernel: two slots of an item's q, k and raw rows, two of a V step's do, y, delta, h and dh
+    tiles, the float C tile and the row arrays."""
+    ks, bt = 2 * ksw, WG_BT
+    qk = 2 * bt * ks * 2 + 4 * bt * 4
+    vstep = 3 * bt * BVB * 2 + 2 * ks * BVB * 2
+    return 2 * qk + 2 * vstep + _f32(bt * (bt + 4)) + ROWS * _f32(bt) + _f32(12 * bt) + _f32(6 * bt) + _f32(8)
