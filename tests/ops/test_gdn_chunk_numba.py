@@ -1,6 +1,8 @@
 """The ``numba`` backend of the chunked gated delta rule against the float64 recurrent reference.
 
-Every chunked-mode option, forward (o, final state) and every gradient (dh0 and the dht path included).
+Every chunked-mode option, forward (o, final state) and every gradient (dh0 and the dht path included);
+and the shared Numba chunk stages it runs on, in every gate form and update rule, against the float64
+NumPy stages.
 ``numba_sim`` tests use tiny shapes with T crossing chunks of 16 (the CUDA simulator runs each thread in
 Python); ``gpu`` tests run the same kernels on a real GPU with CuPy device arrays and bigger shapes.
 """
@@ -12,14 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rawdelta.ops.gated_delta_rule import naive
-from rawdelta.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
+from rawdelta.ops.common import chunk_stages
+from rawdelta.ops.common.numba_chunk_stages import GATE_FORMS, UPDATE_RULES, NumbaChunkStages
+from rawdelta.ops.common.numba_launch import NumbaLauncher
+from rawdelta.ops.gated_delta_rule import chunk_gated_delta_rule, naive
 from rawdelta.ops.gated_delta_rule.numba_chunk import chunk_tables
-from rawdelta.ops.gated_delta_rule.problem import make_problem
 from rawdelta.testing import assert_close, gated_delta_rule_inputs
 from rawdelta.testing.inputs import split_op_args
 
-from .gdn_cases import CHUNK_OPTIONS, CHUNK_SHAPES, check_backend, make_inputs
+from .gdn_cases import CHUNK_OPTIONS, CHUNK_SHAPES, check_backend, make_inputs, make_problem
 
 
 def test_chunk_tables() -> None:
@@ -54,7 +57,7 @@ def test_chunk_sizes(chunk_size: int) -> None:
 
 
 @pytest.mark.numba_sim
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_input_dtypes(dtype: str) -> None:
     inputs = gated_delta_rule_inputs(1, 20, 1, 4, 5, HV=2, dtype=dtype, seed=4, use_qk_l2norm_in_kernel=True)
     check_backend("numba", inputs, mode="chunk", chunk_size=16)
@@ -76,6 +79,75 @@ def test_forward_only() -> None:
     o, ht = chunk_gated_delta_rule(**kw, backend="numba", chunk_size=16)
     assert ht is None
     assert_close("o", o_ref, o, dtype="float32")
+
+
+def _numpy_stages(x: dict[str, Any], bounds: list[tuple[int, int, int]], group: int, C: int,
+                  scale: float) -> dict[str, np.ndarray]:
+    """:func:`test_shared_stages`' quantities from the float64 stages of chunk_stages.py, sequence by sequence."""
+    x = {n: None if a is None else a.astype(np.float64) for n, a in x.items()}
+    qk_shape = x["u"].shape[:3] + x["q"].shape[3:]  # [B, T, HV, K]: per state head
+    ref = {"o": np.zeros(x["u"].shape), "ddelta": np.zeros(x["u"].shape), "dg": np.zeros(x["g"].shape),
+           "ht": np.zeros(x["h0"].shape), "dh0": np.zeros(x["h0"].shape), "dq": np.zeros(qk_shape),
+           "dk": np.zeros(qk_shape)}
+    if x["w"] is not None:
+        ref["dw"] = np.zeros(qk_shape)
+    for n, (b, bos, eos) in enumerate(bounds):
+        q, k = (np.repeat(x[name][b, bos:eos], group, axis=1) for name in ("q", "k"))
+        u, do, g = x["u"][b, bos:eos], x["do"][b, bos:eos], x["g"][b, bos:eos]
+        w = None if x["w"] is None else x["w"][b, bos:eos]
+        G = chunk_stages.chunk_local_cumsum(g if g.shape[-1] > 1 else g[..., 0], C)
+        h, delta, ref["ht"][n] = chunk_stages.state_pass_fwd(k, u, G, x["h0"][n], C, w)
+        ref["o"][b, bos:eos] = chunk_stages.chunk_output(q, k, G, h, delta, scale, C)
+        dd_local = chunk_stages.chunk_output_dv_local(q, k, G, do, scale, C)
+        dh, ddelta, ref["dh0"][n] = chunk_stages.state_pass_bwd(q, k, G, do, dd_local, x["dht"][n], scale, C, w)
+        dq, dk, dG = chunk_stages.chunk_qk_grads(q, k, G, h, dh, delta, do, scale, C)
+        ref["ddelta"][b, bos:eos], ref["dq"][b, bos:eos], ref["dk"][b, bos:eos] = ddelta, dq, dk
+        ref["dg"][b, bos:eos] = chunk_stages.reverse_chunk_local_cumsum(dG, C).reshape(g.shape)
+        for c, sl in enumerate(chunk_stages.chunk_slices(eos - bos, C)):
+            if w is not None:
+                ref["dw"][b, bos:eos][sl] = -np.einsum("hkv,rhv->rhk", h[c], ddelta[sl])
+    return ref
+
+
+@pytest.mark.numba_sim
+@pytest.mark.parametrize("update_rule", UPDATE_RULES)
+@pytest.mark.parametrize("gate_form", GATE_FORMS)
+def test_shared_stages(gate_form: str, update_rule: str) -> None:
+    """ops/common/numba_chunk_stages.py in every form (GDN runs the scalar gate with the delta rule; GLA will run
+    the per-key gate with the plain rule) against chunk_stages.py: forward, the reverse state pass, dq, dk, dw
+    and the gate gradient (w and the gate taken as free inputs), over sequences crossing chunks and an empty one."""
+    rng = np.random.default_rng(9)
+    B, T, H, HV, K, V, C, scale = 1, 20, 1, 2, 4, 3, 8, 0.5
+    bounds = [(0, 0, 11), (0, 11, 11), (0, 11, 20)]
+    N, lanes = len(bounds), K if gate_form == "per_key" else 1
+
+    def randn(*shape: int, std: float = 1.0) -> np.ndarray:
+        return (std * rng.standard_normal(shape)).astype(np.float32)
+
+    x = {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "u": randn(B, T, HV, V),
+         "w": randn(B, T, HV, K, std=0.3) if update_rule == "delta" else None,
+         "g": -rng.uniform(0.05, 0.5, (B, T, HV, lanes)).astype(np.float32),
+         "h0": randn(N, HV, K, V), "do": randn(B, T, HV, V), "dht": randn(N, HV, K, V)}
+    ref = _numpy_stages(x, bounds, HV // H, C, scale)
+
+    L = NumbaLauncher(np)
+    st = NumbaChunkStages(L, bounds, C, H, HV, K, V, gate_form, update_rule)
+    d = {n: None if a is None else L.put(a) for n, a in x.items()}
+    got = {n: np.full_like(r, np.nan, dtype=np.float32) for n, r in ref.items()}
+    o = {n: L.out(a) for n, a in got.items()}
+    G, h, delta = L.scratch(B, T, HV, lanes), L.scratch(st.n_chunks, HV, K, V), L.scratch(B, T, HV, V)
+    dh, dexp, dexp_end = L.scratch(st.n_chunks, HV, K, V), L.scratch(B, T, HV, C + 1, lanes), L.scratch(B, T, HV, lanes)
+    st.chunk_local_cumsum(d["g"], G)
+    st.state_pass_fwd(d["k"], G, d["u"], d["h0"], h, delta, o["ht"], w=d["w"])
+    st.chunk_output(d["q"], d["k"], G, h, delta, o["o"], scale)
+    st.chunk_output_dv_local(d["q"], d["k"], G, d["do"], o["ddelta"], scale)
+    st.state_pass_bwd(d["q"], d["k"], G, d["do"], d["dht"], o["ddelta"], dh, o["dh0"], scale, w=d["w"])
+    st.chunk_qk_grads(d["q"], d["k"], G, h, dh, delta, o["ddelta"], d["do"], o["dq"], o["dk"], dexp, dexp_end, scale,
+                      dw=o.get("dw"))
+    st.gate_grad(dexp, dexp_end, o["dg"])
+    L.finish()
+    for n in ref:
+        assert_close(n, ref[n], got[n], dtype="float32")
 
 
 _GPU_CASES = [

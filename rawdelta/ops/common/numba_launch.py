@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._arrays import zeros
+from ..._arrays import empty, zeros
 from .backend import numba_cuda
 
 THREADS_PER_BLOCK = 128  # the reference kernels do not tune for occupancy
@@ -50,12 +50,24 @@ class NumbaLauncher:
             return self.cuda.to_device(np.ascontiguousarray(x))
         return self.cuda.as_cuda_array(x, sync=False)
 
+    def put_or_dummy(self, x: Any, ndim: int) -> Any:
+        """:meth:`put` of an optional input `x` of `ndim` dimensions, or :meth:`dummy` when it is None."""
+        return self.dummy(ndim) if x is None else self.put(x)
+
     def out(self, x: Any) -> Any:
         """Device array the kernel writes into; for numpy `x` it is copied back into `x` by :meth:`finish`."""
         d = self.put(x)
         if self.host and x.size:
             self._copy_back.append((d, x))
         return d
+
+    def out_or_dummy(self, x: Any, ndim: int) -> Any:
+        """:meth:`out` of an optional output `x` of `ndim` dimensions, or :meth:`dummy` when it is None."""
+        return self.dummy(ndim) if x is None else self.out(x)
+
+    def scratch(self, *shape: int) -> Any:
+        """A float32 device work array that stays on the device (NaN-filled while allocations are poisoned)."""
+        return self.put(empty(self.xp, shape, np.float32))
 
     def launch(self, kernel: Any, n_threads: int, *args: Any) -> None:
         """Launch `kernel` over `n_threads` threads (1-D, blocks of :data:`THREADS_PER_BLOCK`)."""

@@ -1,27 +1,72 @@
-"""What the recurrent and chunked Numba backends of the gated delta rule share: the key-dimension limit,
-the device scope of a call, and the gradient finishing that runs as array code after their kernels
-(the sum over value heads sharing a key head, the L2-norm backward and the in-kernel gate's backward).
+"""What the recurrent and chunked Numba backends of the gated delta rule share: the per-token device functions
+of GDN's in-kernel transforms, the device scope of a call, and the gradient finishing that runs as array code
+after their kernels (the sum over value heads sharing a key head, the L2-norm backward and the in-kernel gate's
+backward).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import functools
+import math
+import types
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...errors import UnsupportedConfigError
+from ..common.backend import numba_cuda
+from ..common.numba_device import check_key_dim
 from ..common.numba_launch import numba_device_scope
-from .problem import GDNProblem
 
-MAX_K = 256  # size of a thread's state column; a compile-time constant for cuda.local.array
+if TYPE_CHECKING:
+    from .definition import GDNProblem
+
+# numba.cuda, bound by device_functions(); device functions must reach it as a module global (the reason is in
+# ops/common/numba_device.py).
+cuda: Any = None
 
 
 def check_numba_problem(p: GDNProblem) -> None:
     """Raise UnsupportedConfigError for a K the Numba kernels cannot hold (``K > MAX_K``)."""
-    if p.K > MAX_K:
-        raise UnsupportedConfigError(f"backend='numba' supports K <= {MAX_K} (the state column lives in a local "
-                                     f"array), got K={p.K}")
+    check_key_dim(p.K)
+
+
+@functools.cache
+def device_functions() -> Any:
+    """Per-token device functions of GDN's in-kernel transforms (compiled lazily, once); returns a namespace:
+    ``inv_norm(x, b, t, h, K, on)`` (the reciprocal of the in-kernel L2 norm of ``x[b, t, h]``, x
+    ``[B, T, H, K]``) and ``log_decay(g, a_log, dt_bias, b, t, hv, use_gate, has_dt_bias)`` (the scalar log-decay,
+    g ``[B, T, HV]``, through the in-kernel gate activation)."""
+    global cuda
+    cuda = numba_cuda()
+    from numba import float32 as f32
+
+    one = f32(1.0)
+    zero = f32(0.0)
+
+    @cuda.jit(device=True)
+    def inv_norm(x, b, t, h, K, on):
+        """``1 / sqrt(sum x^2 + 1e-6)`` of the K-vector ``x[b, t, h]``, or 1 when the option is off."""
+        if not on:
+            return one
+        s = zero
+        for i in range(K):
+            xi = x[b, t, h, i]
+            s += xi * xi
+        return one / math.sqrt(s + f32(1e-6))
+
+    @cuda.jit(device=True)
+    def log_decay(g, a_log, dt_bias, b, t, hv, use_gate, has_dt_bias):
+        """The scalar log-decay g_t, through ``-exp(A_log) * softplus(g + dt_bias)`` with the gate in kernel."""
+        x = g[b, t, hv]
+        if use_gate:
+            if has_dt_bias:
+                x = x + dt_bias[hv]
+            sp = x if x > f32(20.0) else math.log1p(math.exp(x))
+            x = -math.exp(a_log[hv]) * sp
+        return x
+
+    return types.SimpleNamespace(inv_norm=inv_norm, log_decay=log_decay)
 
 
 def device_scope(p: GDNProblem) -> contextlib.AbstractContextManager[None]:

@@ -24,62 +24,22 @@ from __future__ import annotations
 import functools
 import math
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..._arrays import empty
 from ..common.backend import numba_cuda
+from ..common.numba_device import MAX_K, device_helpers
 from ..common.numba_launch import NumbaLauncher
-from .numba_common import (
-    MAX_K,
-    check_numba_problem,
-    device_scope,
-    gate_input_grads,
-    qk_input_grads,
-)
-from .problem import GDNProblem
+from .numba_common import check_numba_problem, device_functions, device_scope, gate_input_grads, qk_input_grads
 
-# numba.cuda, bound by _kernels(). Kernels must reach it as a module global: the CUDA simulator swaps
-# the module in a kernel's globals for its fake one (closure variables would escape the swap).
+if TYPE_CHECKING:
+    from .definition import GDNProblem
+
+# numba.cuda, bound by _kernels(). Kernels must reach it as a module global (the reason is in
+# ops/common/numba_device.py).
 cuda: Any = None
-
-
-@functools.cache
-def device_functions() -> Any:
-    """Per-token device functions shared by the recurrent and chunked numba backends (compiled lazily, once):
-    ``inv_norm`` (the in-kernel L2 norm's reciprocal) and ``log_decay`` (the scalar gate through the in-kernel
-    activation)."""
-    global cuda
-    cuda = numba_cuda()
-    from numba import float32 as f32
-
-    one = f32(1.0)
-    zero = f32(0.0)
-
-    @cuda.jit(device=True)
-    def inv_norm(x, b, t, h, K, on):
-        """``1 / sqrt(sum x^2 + 1e-6)`` of the K-vector ``x[b, t, h]``, or 1 when the option is off."""
-        if not on:
-            return one
-        s = zero
-        for i in range(K):
-            xi = x[b, t, h, i]
-            s += xi * xi
-        return one / math.sqrt(s + f32(1e-6))
-
-    @cuda.jit(device=True)
-    def log_decay(g, a_log, dt_bias, b, t, hv, use_gate, has_dt_bias):
-        """The scalar log-decay g_t, through ``-exp(A_log) * softplus(g + dt_bias)`` with the gate in kernel."""
-        x = g[b, t, hv]
-        if use_gate:
-            if has_dt_bias:
-                x = x + dt_bias[hv]
-            sp = x if x > f32(20.0) else math.log1p(math.exp(x))
-            x = -math.exp(a_log[hv]) * sp
-        return x
-
-    return types.SimpleNamespace(inv_norm=inv_norm, log_decay=log_decay)
 
 
 @functools.cache
@@ -101,6 +61,8 @@ def _kernels() -> Any:
 
     dev = device_functions()
     inv_norm, log_decay = dev.inv_norm, dev.log_decay
+    helpers = device_helpers()
+    column_thread, load_column, store_column = helpers.column_thread, helpers.load_column, helpers.store_column
 
     @cuda.jit(device=True)
     def column_decay(g, gv, a_log, dt_bias, b, t, hv, j, has_g, has_gv, use_gate, has_dt_bias):
@@ -126,17 +88,12 @@ def _kernels() -> Any:
     def forward(q, k, v, g, gk, gv, beta, h0, a_log, dt_bias, cu, o, ht, states,
                 n_seq, T, HV, K, V, G, scale, has_g, has_gk, has_gv, beta_mode, beta_s, has_h0,
                 use_l2, use_sig, use_gate, has_dt_bias, varlen, store):
-        tid = cuda.grid(1)
-        if tid >= n_seq * HV * V:
+        n, hv, h, j = column_thread(cuda.grid(1), HV, V, G)
+        if n >= n_seq:
             return
-        j = tid % V
-        hv = (tid // V) % HV
-        n = tid // (V * HV)
-        h = hv // G
         b, bos, eos = seq_bounds(cu, n, T, varlen)
         S = cuda.local.array(MAX_K, f32)
-        for i in range(K):
-            S[i] = h0[n, hv, i, j] if has_h0 else zero
+        load_column(S, h0, n, hv, j, K, has_h0)
         for t in range(bos, eos):
             if store:
                 for i in range(K):
@@ -158,26 +115,20 @@ def _kernels() -> Any:
                 S[i] = S[i] + (k[b, t, h, i] * rk) * delta
                 acc += S[i] * (q[b, t, h, i] * rq)
             o[b, t, hv, j] = scale * acc
-        for i in range(K):
-            ht[n, hv, i, j] = S[i]
+        store_column(ht, S, n, hv, j, K)
 
     def backward(q, k, v, g, gk, gv, beta, a_log, dt_bias, cu, states, do, dht,
                  dq_part, dk_part, dgk_part, zcol, dv, dbeta_col, dh0,
                  n_seq, T, HV, K, V, G, scale, has_g, has_gk, has_gv, beta_mode, beta_s, has_h0,
                  use_l2, use_sig, use_gate, has_dt_bias, varlen, has_dht):
-        tid = cuda.grid(1)
-        if tid >= n_seq * HV * V:
+        n, hv, h, j = column_thread(cuda.grid(1), HV, V, G)
+        if n >= n_seq:
             return
-        j = tid % V
-        hv = (tid // V) % HV
-        n = tid // (V * HV)
-        h = hv // G
         b, bos, eos = seq_bounds(cu, n, T, varlen)
         dS = cuda.local.array(MAX_K, f32)  # gradient w.r.t. column j of the state after step t
         St = cuda.local.array(MAX_K, f32)  # decayed state S~ of step t
         dec = cuda.local.array(MAX_K, f32)  # decay D_t[:, j]
-        for i in range(K):
-            dS[i] = dht[n, hv, i, j] if has_dht else zero
+        load_column(dS, dht, n, hv, j, K, has_dht)
         for t in range(eos - 1, bos - 1, -1):
             dcol = column_decay(g, gv, a_log, dt_bias, b, t, hv, j, has_g, has_gv, use_gate, has_dt_bias)
             rk = inv_norm(k, b, t, h, K, use_l2)
@@ -217,30 +168,31 @@ def _kernels() -> Any:
             if has_g or has_gv:
                 zcol[b, t, hv, j] = z
         if has_h0:
-            for i in range(K):
-                dh0[n, hv, i, j] = dS[i]
+            store_column(dh0, dS, n, hv, j, K)
 
     # forward_py / backward_py stay uncompiled so a PTX compile check can type them without a GPU.
     return types.SimpleNamespace(forward=cuda.jit(forward), backward=cuda.jit(backward),
                                  forward_py=forward, backward_py=backward)
 
 
+def _f32(x: Any) -> Any:
+    """`x` as float32 (not copied when it is), or None."""
+    return None if x is None else x.astype(np.float32, copy=False)
+
+
 def _common_args(p: GDNProblem, L: NumbaLauncher) -> tuple[list[Any], list[Any]]:
     """Device arrays ``[q, k, v, g, gk, gv, beta, A_log, dt_bias, cu]`` and the trailing scalar arguments."""
     xp = p.xp
     f32 = np.float32
-    q, k, v = (L.put(x.astype(f32, copy=False)) for x in (p.q, p.k, p.v))
-    g = L.put(p.g.astype(f32, copy=False)) if p.g is not None else L.dummy(3)
-    gk = L.put(p.gk.astype(f32, copy=False)) if p.gk is not None else L.dummy(4)
-    gv = L.put(p.gv.astype(f32, copy=False)) if p.gv is not None else L.dummy(4)
+    q, k, v = (L.put(_f32(x)) for x in (p.q, p.k, p.v))
+    g, gk, gv = L.put_or_dummy(_f32(p.g), 3), L.put_or_dummy(_f32(p.gk), 4), L.put_or_dummy(_f32(p.gv), 4)
     if p.beta is None:
         beta, beta_mode = L.dummy(4), 0
     elif p.beta_per_v:
-        beta, beta_mode = L.put(p.beta.astype(f32, copy=False)), 2
+        beta, beta_mode = L.put(_f32(p.beta)), 2
     else:
-        beta, beta_mode = L.put(p.beta.astype(f32, copy=False)[..., None]), 1
-    a_log = L.put(p.A_log.astype(f32, copy=False)) if p.A_log is not None else L.dummy(1)
-    dt_bias = L.put(p.dt_bias.astype(f32, copy=False)) if p.dt_bias is not None else L.dummy(1)
+        beta, beta_mode = L.put(_f32(p.beta)[..., None]), 1
+    a_log, dt_bias = L.put_or_dummy(_f32(p.A_log), 1), L.put_or_dummy(_f32(p.dt_bias), 1)
     if p.cu_seqlens is not None:
         cu = L.put(xp.asarray(p.cu_seqlens, dtype=np.int64))
     else:
@@ -258,7 +210,7 @@ def _run_forward(p: GDNProblem, L: NumbaLauncher, store_states: bool) -> tuple[A
     xp = p.xp
     arrays, scalars = _common_args(p, L)
     q, k, v, g, gk, gv, beta, a_log, dt_bias, cu = arrays
-    h0 = L.put(p.initial_state.astype(np.float32, copy=False)) if p.initial_state is not None else L.dummy(4)
+    h0 = L.put_or_dummy(_f32(p.initial_state), 4)
     o = empty(xp, (p.B, p.T, p.HV, p.V), np.float32)
     ht = empty(xp, (p.N, p.HV, p.K, p.V), np.float32)
     if store_states:
@@ -316,8 +268,8 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
         L = NumbaLauncher(xp)
         _, _, d_states, arrays, scalars = _run_forward(p, L, store_states=True)
         q, k, v, g, gk, gv, beta, a_log, dt_bias, cu = arrays
-        d_do = L.put(xp.asarray(do).astype(f32, copy=False))
-        d_dht = L.put(xp.asarray(dht).astype(f32, copy=False)) if dht is not None else L.dummy(4)
+        d_do = L.put(_f32(xp.asarray(do)))
+        d_dht = L.put_or_dummy(_f32(None if dht is None else xp.asarray(dht)), 4)
 
         dq_part = empty(xp, (B, T, HV, K, V), f32)
         dk_part = empty(xp, (B, T, HV, K, V), f32)
@@ -327,12 +279,9 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
         dbeta_col = empty(xp, (B, T, HV, V), f32) if p.beta is not None else None
         dh0 = empty(xp, (N, HV, K, V), f32) if p.initial_state is not None else None
 
-        def out_or_dummy(x: Any, ndim: int) -> Any:
-            return L.out(x) if x is not None else L.dummy(ndim)
-
         L.launch(_kernels().backward, N * HV * V, q, k, v, g, gk, gv, beta, a_log, dt_bias, cu, d_states,
-                 d_do, d_dht, L.out(dq_part), L.out(dk_part), out_or_dummy(dgk_part, 5), out_or_dummy(zcol, 4),
-                 L.out(dv), out_or_dummy(dbeta_col, 4), out_or_dummy(dh0, 4), *scalars, dht is not None)
+                 d_do, d_dht, L.out(dq_part), L.out(dk_part), L.out_or_dummy(dgk_part, 5), L.out_or_dummy(zcol, 4),
+                 L.out(dv), L.out_or_dummy(dbeta_col, 4), L.out_or_dummy(dh0, 4), *scalars, dht is not None)
         L.finish()
 
         dq, dk = qk_input_grads(p, dq_part.sum(axis=-1), dk_part.sum(axis=-1))
@@ -348,3 +297,14 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
         if dh0 is not None:
             grads["initial_state"] = dh0
     return grads
+
+
+def forward(p: GDNProblem, workspace: Any = None) -> tuple[tuple[Any, Any], None]:
+    """The numba backend's forward (the backend protocol, ``rawdelta/ops/common/opdef.py``): ``((o, ht), None)``;
+    its backward recomputes what it needs."""
+    return recurrent_forward(p), None
+
+
+def backward(p: GDNProblem, saved: Any, do: Any, dht: Any) -> dict[str, Any]:
+    """The numba backend's backward (the backend protocol): :func:`recurrent_backward`."""
+    return recurrent_backward(p, do, dht)
