@@ -57,14 +57,20 @@ class Validator:
         if len(shape) != len(names):
             self.error(f"{name} must be {len(names)}-D {_fmt_shape(names, dims)}, got shape {tuple(shape)}")
             return False
+        new = []
+        for n, s in zip(names, shape):  # the hot path: a plain loop, no dims changed unless every size fits
+            b = dims.get(n)
+            if b is None:
+                new.append((n, s))
+            elif b != s:
+                break
+        else:
+            dims.update(new)
+            return True
         bad = [n for n, s in zip(names, shape) if dims.get(n, s) != s]
-        if bad:
-            self.error(f"{name} must have shape {_fmt_shape(names, dims)}, got {tuple(shape)} "
-                       f"(mismatch in {', '.join(bad)})")
-            return False
-        for n, s in zip(names, shape):
-            dims.setdefault(n, s)
-        return True
+        self.error(f"{name} must have shape {_fmt_shape(names, dims)}, got {tuple(shape)} "
+                   f"(mismatch in {', '.join(bad)})")
+        return False
 
     def float_dtype(self, name: str, arr: Any) -> None:
         if arr.dtype in _ACCEPTED_DTYPES:  # the hot path: a set lookup, no dtype-name formatting

@@ -1,87 +1,44 @@
 """The ``rawdelta`` command: ``check`` (self-test of every available backend), ``bench`` (timings against the
 peer, :mod:`rawdelta.bench`) and ``info`` (environment).
 
-``rawdelta check`` runs each op in :data:`CHECKS` on a small embedded problem, forward and backward, on
-every backend that can run here, and compares every output and gradient with the float64 NumPy
-reference (:mod:`rawdelta.testing.compare`). Without a GPU the Numba reference kernels run in the
-Numba CUDA simulator; ``NUMBA_ENABLE_CUDASIM`` is set before Numba is first imported for that.
-
-A new op family adds rows to :data:`CHECKS` (and, if its reference is new, one reference function);
-the runner does not change.
+``rawdelta check`` runs every registered op on its declared check cases (``OpDef.check_cases``), forward and
+backward, on every backend that can run here, and compares every output and gradient with the float64 NumPy
+reference (:func:`rawdelta.testing.reference.reference_results`) by :mod:`rawdelta.testing.compare`. Without a GPU
+the Numba reference kernels run in the Numba CUDA simulator; ``NUMBA_ENABLE_CUDASIM`` is set before Numba is first
+imported for that. A new op gets its checks by being registered.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import importlib.util
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import __version__
 from ._arrays import cupy_or_none
+from .ops import registry
+from .ops.common import api
+from .ops.common.backend import gpu_unavailable_reason, numba_status
+from .ops.common.opdef import CheckCase, OpDef
 from .testing.compare import assert_close, error_stats, tolerance
-from .testing.inputs import gated_delta_rule_inputs, split_op_args, to_device
+from .testing.inputs import split_op_args, to_device
+from .testing.reference import grad_label, reference_results
 
 # ----------------------------------------------------------------------------------------------------------------------
-# What `rawdelta check` runs (data)
+# What `rawdelta check` runs: every op's declared check cases (OpDef.check_cases)
 # ----------------------------------------------------------------------------------------------------------------------
 
-Reference = Callable[[dict[str, Any], Any, Any], tuple[dict[str, Any], dict[str, Any]]]
 
+def checks() -> list[tuple[OpDef, CheckCase]]:
+    """Every registered op's check cases, in registration order."""
+    return [(op, case) for op in registry.ops() for case in op.check_cases]
 
-def _gated_delta_rule_reference(kw: dict[str, Any], do: Any, dht: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Float64 outputs and gradients of the recurrent gated delta rule (naive.py) on host inputs."""
-    from .ops.gated_delta_rule import naive
-    from .ops.gated_delta_rule.problem import make_problem
-
-    p = make_problem(**kw, backend="numpy")
-    o, ht = naive.recurrent_forward(p)
-    return {"o": o, "final_state": ht}, naive.recurrent_backward(p, do, dht)
-
-
-@dataclass(frozen=True)
-class CheckCase:
-    """One embedded problem for one op.
-
-    Attributes:
-        op: public name; ``rawdelta.<op>_fwd`` / ``rawdelta.<op>_bwd`` are the functions checked.
-        case: short label for the table.
-        inputs: generator from :mod:`rawdelta.testing.inputs` returning op kwargs plus ``do`` and ``dht``.
-        params: the generator's arguments (fixed shapes and seed), without ``dtype``.
-        reference: float64 ``(outputs, gradients)`` from host inputs, ``do`` and ``dht``; gradients are keyed
-            by the names of the op's gradient NamedTuple.
-        call: extra keyword arguments for the forward.
-    """
-
-    op: str
-    case: str
-    inputs: Callable[..., dict[str, Any]]
-    params: dict[str, Any]
-    reference: Reference
-    call: dict[str, Any] = field(default_factory=dict)
-
-
-CHECKS: tuple[CheckCase, ...] = (
-    CheckCase("fused_recurrent_gated_delta_rule", "dense", gated_delta_rule_inputs,
-              {"B": 2, "T": 13, "H": 2, "HV": 4, "K": 8, "V": 12, "seed": 7},
-              _gated_delta_rule_reference, {"output_final_state": True}),
-    CheckCase("fused_recurrent_gated_delta_rule", "varlen", gated_delta_rule_inputs,
-              {"B": 1, "T": 13, "H": 2, "HV": 4, "K": 8, "V": 12, "seqlens": (5, 0, 8), "seed": 8},
-              _gated_delta_rule_reference, {"output_final_state": True}),
-    # the chunked form equals the recurrence, so the recurrent float64 reference serves both modes
-    CheckCase("chunk_gated_delta_rule", "varlen", gated_delta_rule_inputs,
-              {"B": 1, "T": 21, "H": 2, "HV": 4, "K": 8, "V": 12, "seqlens": (5, 0, 16), "seed": 9},
-              _gated_delta_rule_reference, {"output_final_state": True, "chunk_size": 16}),
-)
-"""The embedded problems of ``rawdelta check``: op, label, input generator and its arguments, reference, call
-options."""
 
 # Input dtypes checked per backend. numpy and numba compute in float64 / float32 whatever the input, so one
 # dtype exercises them; the CUDA kernels have a load/store path per dtype.
@@ -92,28 +49,10 @@ BACKEND_DTYPES: dict[str, tuple[str, ...]] = {
 }
 BACKENDS = tuple(BACKEND_DTYPES)
 
-# Gradient fields shown under a conventional name rather than "d" + field.
-_GRAD_LABELS = {"initial_state": "dh0"}
-_OUTPUT_NAMES = ("o", "final_state")
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Where each backend can run
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _gpu_reason() -> str | None:
-    """None when CuPy sees a GPU, else why not."""
-    if cupy_or_none() is not None:
-        return None
-    if importlib.util.find_spec("cupy") is None:
-        return "CuPy is not installed (pip install 'rawdelta[cuda]')"
-    try:
-        import cupy
-
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:
-        return f"CuPy sees no CUDA GPU ({type(e).__name__}: {str(e).strip() or 'no detail'})"
-    return f"CuPy sees no CUDA GPU (device count {n})"
 
 
 def _use_numba_simulator_without_gpu(gpu: bool) -> None:
@@ -122,25 +61,10 @@ def _use_numba_simulator_without_gpu(gpu: bool) -> None:
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 
-def _numba_status() -> tuple[str | None, str]:
-    """``(reason it cannot run or None, mode)``, mode being ``"GPU"`` or ``"the CUDA simulator"``."""
-    from .errors import BackendUnavailableError
-    from .ops.common.backend import numba_cuda, numba_simulator
-
-    mode = "the CUDA simulator" if numba_simulator() else "GPU"
-    try:
-        cuda = numba_cuda()
-    except BackendUnavailableError as e:
-        return str(e), mode
-    if not numba_simulator() and not cuda.is_available():
-        return "numba-cuda sees no CUDA GPU (and NUMBA_ENABLE_CUDASIM is not 1)", mode
-    return None, mode
-
-
 def backend_status(gpu_reason: str | None) -> dict[str, dict[str, Any]]:
     """Per backend: ``{"available": bool, "where": str}`` or ``{"available": False, "reason": str}``."""
     status: dict[str, dict[str, Any]] = {"numpy": {"available": True, "where": "CPU, float64"}}
-    numba_reason, numba_mode = _numba_status()
+    numba_reason, numba_mode = numba_status()
     status["numba"] = ({"available": False, "reason": numba_reason} if numba_reason
                        else {"available": True, "where": numba_mode})
     status["cuda"] = ({"available": False, "reason": gpu_reason} if gpu_reason
@@ -185,24 +109,23 @@ def compare(name: str, ref: Any, out: Any, dtype: str) -> tuple[float | None, fl
     return rel, max_abs, bound, True, ""
 
 
-def _reference(case: CheckCase, dtype: str, cache: dict[tuple[int, str], Any]) -> tuple[dict[str, Any], Any]:
+def _reference(op: OpDef, case: CheckCase, dtype: str, cache: dict[tuple[int, str], Any]) -> tuple[dict[str, Any], Any]:
     """``(inputs, (outputs, gradients) or the exception)``, computed once per case and dtype for every backend."""
     key = (id(case), dtype)
     if key not in cache:
-        inputs = case.inputs(**case.params, dtype=dtype)
+        inputs = op.family.input_generator()(**case.params, dtype=dtype)
         try:
-            cache[key] = inputs, case.reference(*split_op_args(inputs))
+            kw, do, dht = split_op_args(inputs)
+            cache[key] = inputs, reference_results(op, {**kw, **case.call}, do, dht if op.has_state else None)
         except Exception as e:
             cache[key] = inputs, e
     return cache[key]
 
 
-def _run_case(case: CheckCase, backend: str, dtype: str, on_device: bool,
+def run_case(op: OpDef, case: CheckCase, backend: str, dtype: str, on_device: bool,
               cache: dict[tuple[int, str], Any]) -> list[Row]:
-    import rawdelta
-
-    row = {"backend": backend, "dtype": dtype, "op": case.op, "case": case.case}
-    inputs, ref = _reference(case, dtype, cache)
+    row = {"backend": backend, "dtype": dtype, "op": op.name, "case": case.label}
+    inputs, ref = _reference(op, case, dtype, cache)
     if isinstance(ref, Exception):
         return [Row(**row, quantity="(reference)", rel_rms=None, max_abs=None, bound=None, passed=False,
                     detail=f"{type(ref).__name__}: {ref}")]
@@ -210,26 +133,27 @@ def _run_case(case: CheckCase, backend: str, dtype: str, on_device: bool,
     try:
         args = to_device(inputs) if on_device else inputs
         dkw, ddo, ddht = split_op_args(args)
-        fwd = getattr(rawdelta, f"{case.op}_fwd")
-        bwd = getattr(rawdelta, f"{case.op}_bwd")
-        outs, residuals = fwd(**dkw, **case.call, backend=backend)
-        grads = bwd(residuals, ddo, ddht)._asdict()
+        # what rawdelta.<op>_fwd / _bwd run, on the declaration itself
+        state = {"output_final_state": True} if op.has_state else {}  # the final state is compared too
+        outs, residuals = api.forward(op, {**dkw, **state, **case.call, "backend": backend})
+        grads = api.backward(residuals, ddo, ddht if op.has_state else None)._asdict()
     except Exception as e:
         return [Row(**row, quantity="(run)", rel_rms=None, max_abs=None, bound=None, passed=False,
                     detail=f"{type(e).__name__}: {e}")]
-    got = dict(zip(_OUTPUT_NAMES, outs))
-    pairs = [(n, ref_out[n], got[n]) for n in _OUTPUT_NAMES]
-    pairs += [(_GRAD_LABELS.get(n, "d" + n), r, grads.get(n)) for n, r in ref_grads.items() if r is not None]
+    got = {spec.name: x for spec, x in zip(op.outputs, outs)}
+    pairs = [(n, ref_out[n], got[n]) for n in got]
+    pairs += [(grad_label(n), r, grads.get(n)) for n, r in ref_grads.items() if r is not None]
     rows = []
-    for name, ref, out in pairs:
-        rel, max_abs, bound, passed, detail = compare(name, ref, out, dtype)
+    for name, r, out in pairs:
+        rel, max_abs, bound, passed, detail = compare(name, r, out, dtype)
         rows.append(Row(**row, quantity=name, rel_rms=rel, max_abs=max_abs, bound=bound, passed=passed,
                         detail=detail))
     return rows
 
 
 def run_checks(backends: Sequence[str], status: dict[str, dict[str, Any]]) -> tuple[list[Row], dict[str, float]]:
-    """Every case of :data:`CHECKS` on every available backend in `backends`; returns rows and seconds per backend."""
+    """Every check case of every op (:func:`checks`) on every available backend in `backends`; returns rows and
+    seconds per backend."""
     rows: list[Row] = []
     seconds: dict[str, float] = {}
     cache: dict[tuple[int, str], Any] = {}
@@ -239,8 +163,8 @@ def run_checks(backends: Sequence[str], status: dict[str, dict[str, Any]]) -> tu
         on_device = backend == "cuda" or (backend == "numba" and status["numba"]["where"] == "GPU")
         t0 = time.perf_counter()
         for dtype in BACKEND_DTYPES[backend]:
-            for case in CHECKS:
-                rows.extend(_run_case(case, backend, dtype, on_device, cache))
+            for op, case in checks():
+                rows.extend(run_case(op, case, backend, dtype, on_device, cache))
         seconds[backend] = time.perf_counter() - t0
     return rows, seconds
 
@@ -272,7 +196,7 @@ def _print_table(rows: list[Row]) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    gpu_reason = _gpu_reason()
+    gpu_reason = gpu_unavailable_reason()
     _use_numba_simulator_without_gpu(gpu_reason is None)
     status = backend_status(gpu_reason)
     requested = tuple(dict.fromkeys(args.backend)) if args.backend else BACKENDS
@@ -340,7 +264,7 @@ def _gpus() -> list[dict[str, Any]]:
 
 def collect_info() -> dict[str, Any]:
     """Versions, GPUs, CuPy's kernel cache directory, the Numba mode and the number of CUDA instantiations."""
-    gpu_reason = _gpu_reason()
+    gpu_reason = gpu_unavailable_reason()
     _use_numba_simulator_without_gpu(gpu_reason is None)
     info: dict[str, Any] = {"rawdelta": __version__, "python": sys.version.split()[0]}
     info.update({d: _version(d) for d in _DISTRIBUTIONS})
@@ -352,11 +276,13 @@ def collect_info() -> dict[str, Any]:
     info["gpu_reason"] = gpu_reason
     info["cupy_cache_dir"] = os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")
     info["jit_env"] = {k: os.environ.get(k, "") for k in ("RAWDELTA_JIT_LINEINFO", "RAWDELTA_JIT_DEBUG")}
-    numba_reason, numba_mode = _numba_status()
+    numba_reason, numba_mode = numba_status()
     info["numba_backend"] = f"not available: {numba_reason}" if numba_reason else numba_mode
     try:
         from .cuda import loader
+        from .ops.registry import import_kernel_modules
 
+        import_kernel_modules()  # every op registers its instantiations when its CUDA module is imported
         info["cuda_instantiations"] = sum(len(s.name_expressions) for s in loader.registered())
     except Exception as e:  # report, do not crash: info is what one runs when something is broken
         info["cuda_instantiations"] = f"error: {type(e).__name__}: {e}"

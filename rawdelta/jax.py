@@ -1,5 +1,6 @@
-"""JAX entry points: ``rawdelta.jax.<op>`` (see :mod:`rawdelta.adapters.jax`)."""
+"""JAX entry points: ``rawdelta.jax.<op>`` for every op (see :mod:`rawdelta.adapters.jax`)."""
 
-from rawdelta.adapters.jax import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from rawdelta.adapters import jax as _adapter
 
-__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
+globals().update({name: getattr(_adapter, name) for name in _adapter.__all__})
+__all__ = list(_adapter.__all__)

@@ -1,5 +1,6 @@
-"""PyTorch entry points: ``rawdelta.torch.<op>`` (see :mod:`rawdelta.adapters.torch`)."""
+"""PyTorch entry points: ``rawdelta.torch.<op>`` for every op (see :mod:`rawdelta.adapters.torch`)."""
 
-from rawdelta.adapters.torch import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from rawdelta.adapters import torch as _adapter
 
-__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
+globals().update({name: getattr(_adapter, name) for name in _adapter.__all__})
+__all__ = list(_adapter.__all__)

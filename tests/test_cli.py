@@ -13,6 +13,9 @@ import pytest
 
 from rawdelta import cli
 from rawdelta._arrays import cupy_or_none
+from rawdelta.ops import registry
+from rawdelta.ops.common.opdef import CheckCase, OpDef
+from rawdelta.testing import grad_label
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = cupy_or_none() is not None
@@ -31,14 +34,20 @@ def table_rows(stdout: str, backend: str) -> list[list[str]]:
     return [line.split() for line in stdout.splitlines() if line.startswith(backend + " ")]
 
 
+def expected_quantities(op: OpDef, case: CheckCase) -> set[str]:
+    """Every output of the op and the gradient of every differentiable input its check case gives."""
+    given = op.family.input_generator()(**case.params)
+    grads = {grad_label(n) for n in op.differentiable if given.get(n) is not None}
+    return {o.name for o in op.outputs} | grads
+
+
 def test_check_passes_on_every_available_backend():
     proc = run_cli("check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for backend in ("numpy", "numba"):
         rows = table_rows(out, backend)
-        # every case x (o, final_state, dq, dk, dv, dg, dbeta, dh0)
-        assert len(rows) == 8 * len(cli.CHECKS), out
+        assert len(rows) == sum(len(expected_quantities(op, case)) for op, case in cli.checks()), out
         assert all(r[-1] == "PASS" for r in rows), out
     if HAS_GPU:
         rows = table_rows(out, "cuda")
@@ -47,8 +56,8 @@ def test_check_passes_on_every_available_backend():
     else:
         assert "numba  ran on the CUDA simulator" in out
         assert "cuda   not available: " in out
-    for op in ("fused_recurrent_gated_delta_rule", "chunk_gated_delta_rule"):
-        assert f"\n{op}\n" in out, out
+    for op, _ in cli.checks():
+        assert f"\n{op.name}\n" in out, out
     assert "FAIL" not in out
 
 
@@ -59,9 +68,10 @@ def test_check_json_lists_every_case_and_quantity():
     assert report["ok"] is True
     assert {r["backend"] for r in report["results"]} == {"numpy"}
     got = {(r["op"], r["case"], r["quantity"]) for r in report["results"]}
-    for case in cli.CHECKS:
-        for q in ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"):
-            assert (case.op, case.case, q) in got
+    assert {op.name for op, _ in cli.checks()} == {op.name for op in registry.ops()}, "an op without check cases"
+    for op, case in cli.checks():
+        for q in expected_quantities(op, case):
+            assert (op.name, case.label, q) in got
     assert all(r["passed"] and r["rel_rms"] <= r["bound"] for r in report["results"])
 
 

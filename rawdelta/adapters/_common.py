@@ -1,170 +1,151 @@
 """Framework-free glue shared by the torch and JAX adapters (imports neither framework).
 
-Both adapters reduce a call of either gated-delta-rule op to: a dict of the present floating inputs (raw NumPy
-or CuPy arrays), the ``cu_seqlens`` arrays, and a hashable :class:`GDNFlags` that also names the mode
-(``"recurrent"``: ``fused_recurrent_gated_delta_rule``; ``"chunk"``: ``chunk_gated_delta_rule`` with its
-``chunk_size``); then run that mode's core raw pair on them.
+Both adapters reduce a call of any op to: the op's :class:`~rawdelta.ops.common.opdef.OpDef`, a dict of its
+present array inputs (raw NumPy or CuPy arrays), the ``cu_seqlens`` arrays and a dict of its static options
+(:attr:`OpDef.adapter_options`); then validate and run the core forward or backward on them.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ..ops.gated_delta_rule import cuda_chunk
-from ..ops.gated_delta_rule.calls import backend_stream
-from ..ops.gated_delta_rule.chunk import ChunkGatedDeltaRuleResiduals, chunk_gated_delta_rule_bwd, forward_problem
-from ..ops.gated_delta_rule.problem import GDNProblem, make_problem
-from ..ops.gated_delta_rule.recurrent import (
-    FusedRecurrentGatedDeltaRuleResiduals,
-    fused_recurrent_gated_delta_rule_bwd,
-    fused_recurrent_gated_delta_rule_fwd,
+from .._validate import Validator
+from ..ops.common.api import (
+    arguments_source,
+    backend_stream,
+    compile_function,
+    docstring,
+    run_backward,
+    run_forward,
+    signature_source,
 )
+from ..ops.common.opdef import KEYWORD_ONLY, OpDef
+from ..ops.common.validation import check_static_options, state_dtype, validate
 
-# Every floating input of the recurrent op, in the order the adapters pass and return them.
-DIFF_NAMES = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state", "A_log", "dt_bias")
-# The chunked mode has no per-key / per-value gates.
-RECURRENT_ONLY = ("gk", "gv")
-MODES = ("recurrent", "chunk")
+CU_SEQLENS = ("cu_seqlens", "cu_seqlens_cpu")
 
 
-def diff_names(mode: str) -> tuple[str, ...]:
-    """The floating inputs of `mode`'s op, in :data:`DIFF_NAMES` order."""
-    return DIFF_NAMES if mode == "recurrent" else tuple(n for n in DIFF_NAMES if n not in RECURRENT_ONLY)
+def tensor_names(op: OpDef) -> tuple[str, ...]:
+    """The array arguments of the adapters' calls: the op's arrays, then the offsets, in the op's signature order."""
+    return tuple(n for n in op.params if n in op.array_names or n in CU_SEQLENS)
 
 
-@dataclass(frozen=True)
-class GDNFlags:
-    """The static (non-array) arguments of a gated-delta-rule call; hashable, so JAX can key traces on it.
-
-    ``mode`` picks the op (``"recurrent"`` or ``"chunk"``); ``chunk_size`` is the chunked op's (None for the
-    recurrent one). Neither is validated here: the core validates ``chunk_size`` with everything else.
-    """
-
-    scale: float | None = None
-    output_final_state: bool = False
-    use_qk_l2norm_in_kernel: bool = False
-    use_gate_in_kernel: bool = False
-    use_beta_sigmoid_in_kernel: bool = False
-    allow_neg_eigval: bool = False
-    mode: str = "recurrent"
-    chunk_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-
-    def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments both modes' core functions take."""
-        return {
-            "scale": self.scale,
-            "output_final_state": self.output_final_state,
-            "use_qk_l2norm_in_kernel": self.use_qk_l2norm_in_kernel,
-            "use_gate_in_kernel": self.use_gate_in_kernel,
-            "use_beta_sigmoid_in_kernel": self.use_beta_sigmoid_in_kernel,
-            "allow_neg_eigval": self.allow_neg_eigval,
-        }
-
-    @property
-    def diff_names(self) -> tuple[str, ...]:
-        return diff_names(self.mode)
+def check_statics(op: OpDef, statics: dict[str, Any]) -> None:
+    """The core's validation of the static options alone (raises its ValueError), for the adapters to run before
+    handing the options to a framework that would reject a bad one with its own message."""
+    v = Validator()
+    check_static_options(op, statics, v)
+    v.raise_if_any()
 
 
-def final_state_dtype(v_dtype: Any) -> np.dtype:
-    """The contract dtype of the final state: float32, float64 only for float64 inputs (numpy backend)."""
-    return np.dtype(np.float64) if np.dtype(v_dtype) == np.float64 else np.dtype(np.float32)
-
-
-def _call_kwargs(arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any, flags: GDNFlags) -> dict[str, Any]:
-    names = flags.diff_names
-    extra = [n for n, a in arrays.items() if a is not None and n not in names]
+def _args(op: OpDef, arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any, statics: dict[str, Any],
+          backend: str) -> dict[str, Any]:
+    extra = [n for n, a in arrays.items() if a is not None and n not in op.array_names]
     if extra:
-        raise ValueError(f"{', '.join(extra)}: not an input of the {flags.mode} mode")
-    kw = {n: arrays.get(n) for n in names}
-    kw["cu_seqlens"] = cu_seqlens
-    kw["cu_seqlens_cpu"] = cu_seqlens_cpu
-    kw.update(flags.kwargs())
-    return kw
+        raise ValueError(f"{', '.join(extra)}: not an input of {op.name}")
+    return {**arrays, "cu_seqlens": cu_seqlens, "cu_seqlens_cpu": cu_seqlens_cpu, **statics, "backend": backend}
 
 
-def workspace_nbytes(flags: GDNFlags, q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: Any,
+def forward(op: OpDef, arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any, statics: dict[str, Any],
+            backend: str, *, workspace: Any = None) -> tuple[Any, ...]:
+    """Validate and run the core forward on raw arrays; returns the outputs (the final state None unless asked for).
+
+    Launches go on the current CuPy stream (the adapters make their framework's stream current). ``workspace``:
+    a 1-D uint8 array of :func:`workspace_nbytes` bytes that receives what the backward takes back.
+    """
+    p = validate(op, _args(op, arrays, cu_seqlens, cu_seqlens_cpu, statics, backend))
+    outs, _ = run_forward(p, workspace)
+    return outs
+
+
+def backward(op: OpDef, arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any, statics: dict[str, Any],
+             backend: str, do: Any, dht: Any, workspace: Any = None) -> dict[str, Any]:
+    """Validate and run the core backward on raw arrays; returns ``{name: gradient}`` for every present
+    differentiable input.
+
+    The residuals are rebuilt from the saved inputs (every op's residuals are its validated inputs plus what the
+    backend saved), so the forward does not run again; what the forward saved comes from `workspace` where the
+    backend keeps it there, and is recomputed otherwise.
+    """
+    statics = {**statics, "output_final_state": False} if "output_final_state" in statics else statics
+    statics.pop("inplace_final_state", None)
+    p = validate(op, _args(op, arrays, cu_seqlens, cu_seqlens_cpu, statics, backend))
+    saved = None
+    read = op.backends[p.backend].resolve("saved_from_workspace")
+    if read is not None and workspace is not None:
+        with backend_stream(p):
+            saved = read(p, workspace)
+    grads = run_backward(p, saved, do, dht)
+    return {n: grads[n] for n in op.differentiable if arrays.get(n) is not None}
+
+
+def workspace_nbytes(op: OpDef, shapes: dict[str, tuple[int, ...]], dtype: Any, statics: dict[str, Any],
                      compute_capability: str | None) -> int:
-    """Bytes of the workspace in which the chunked mode's forward keeps its per-chunk factors for the backward
-    (``cuda_chunk.factor_nbytes``); 0 for the recurrent mode, whose residuals are its inputs, and off the GPU
-    (``compute_capability`` None; else like ``"90"``)."""
-    if flags.mode != "chunk":
+    """Bytes of the buffer the forward fills for the backward (0: none), for the adapters to allocate with their
+    framework: the cuda backend's ``workspace_nbytes`` given the arrays' shapes, the compute dtype, the static
+    options and the device's compute capability (``"90"``; None off the GPU)."""
+    backend = op.backends.get("cuda")
+    if backend is None or compute_capability is None:
         return 0
-    return cuda_chunk.factor_nbytes(q_shape, v_shape, dtype, flags.chunk_size, flags.use_qk_l2norm_in_kernel,
-                                    compute_capability)
+    size = backend.resolve("workspace_nbytes")
+    if size is None:
+        return 0
+    return int(size(shapes, np.dtype(dtype), statics, compute_capability))
 
 
-def _chunk_problem(kw: dict[str, Any], flags: GDNFlags, backend: str) -> GDNProblem:
-    # The validation of chunk_gated_delta_rule_fwd.
-    return make_problem(**kw, backend=backend, allow_gk_gv=False, allow_beta_per_v=False,
-                        chunk_size=flags.chunk_size)
+def bind_dims(op: OpDef, shapes: dict[str, tuple[int, ...]], n_offsets: int | None) -> dict[str, int]:
+    """The dimensions bound by the arrays' shapes (no checks: the core validates) and ``N``: the sequences of
+    ``cu_seqlens`` (its length minus one) or B."""
+    dims: dict[str, int] = {}
+    for a in op.arrays:
+        shape = shapes.get(a.name)
+        if shape is None:
+            continue
+        names = a.alt_shape if a.alt_shape is not None and len(shape) == len(a.alt_shape) else a.shape
+        for name, size in zip(names, shape):
+            dims.setdefault(name, size)
+    dims["N"] = dims.get("B", 0) if n_offsets is None else n_offsets - 1
+    return dims
 
 
-def forward(
-    arrays: dict[str, Any],
-    cu_seqlens: Any,
-    cu_seqlens_cpu: Any,
-    flags: GDNFlags,
-    backend: str,
-    *,
-    inplace_final_state: bool = False,
-    workspace: Any = None,
-) -> tuple[Any, Any]:
-    """Run the core forward of ``flags.mode`` on raw arrays; returns ``(o, final_state or None)``.
-
-    Launches go on the current CuPy stream (the adapters make their framework's stream current).
-    ``inplace_final_state`` is the recurrent mode's only. ``workspace`` (chunked mode, cuda backend): a 1-D
-    uint8 array of :func:`workspace_nbytes` bytes that receives the per-chunk factors, to be handed to
-    :func:`backward`.
-    """
-    kw = _call_kwargs(arrays, cu_seqlens, cu_seqlens_cpu, flags)
-    if flags.mode == "chunk":
-        if inplace_final_state:
-            raise ValueError("inplace_final_state is only supported by the recurrent mode")
-        p = _chunk_problem(kw, flags, backend)
-        (o, ht), _ = forward_problem(p, flags.chunk_size, workspace if p.backend == "cuda" else None)
-    else:
-        (o, ht), _ = fused_recurrent_gated_delta_rule_fwd(**kw, inplace_final_state=inplace_final_state,
-                                                          backend=backend)
-    return o, ht
+def output_specs(op: OpDef, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any], n_offsets: int | None
+                 ) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """``(shape, dtype)`` of each output of `op` given its inputs' shapes and dtypes (for fake kernels and
+    ``jax.ShapeDtypeStruct``): the declared shape bound from the inputs, the dtype of its ``like`` array or the
+    state dtype."""
+    dims = bind_dims(op, shapes, n_offsets)
+    compute = next(np.dtype(dtypes[a.name]) for a in op.arrays if not a.float32 and a.name in dtypes)
+    out = []
+    for spec in op.outputs:
+        dt = np.dtype(dtypes[spec.like]) if spec.like else state_dtype(compute)
+        out.append((tuple(dims[s] for s in spec.shape), dt))
+    return out
 
 
-def backward(
-    arrays: dict[str, Any],
-    cu_seqlens: Any,
-    cu_seqlens_cpu: Any,
-    flags: GDNFlags,
-    backend: str,
-    do: Any,
-    dht: Any,
-    workspace: Any = None,
-) -> dict[str, Any]:
-    """Run the core backward of ``flags.mode`` on raw arrays; returns ``{name: gradient}`` for every present input.
+def adapter_function(op: OpDef, array_type: str, where: str, body: str, call: Callable[[Any, dict[str, Any]], Any],
+                     target: Any, namespace: dict[str, Any], module: str) -> Callable[..., Any]:
+    """An adapter's public function for `op`: the core signature without ``backend`` and ``stream``, arrays annotated
+    `array_type` (``"Tensor"``, ``"jax.Array"``, resolvable in `namespace`), its docstring (the op's summary "(on
+    `where`)", then `body`), calling ``call(target, {argument name: value})``."""
+    names = tuple(n for n in op.signature if n == KEYWORD_ONLY or n not in ("backend", "stream"))
+    returns = f"tuple[{array_type}, {array_type} | None]" if op.has_state else array_type
 
-    The residuals of both modes are the validated inputs (and the chunk size), so they are rebuilt here from
-    the saved inputs instead of re-running the forward; the validation matches the mode's ``_fwd``. The
-    chunked mode takes its per-chunk factors from the forward's ``workspace`` where that holds them, and
-    recomputes them otherwise.
-    """
-    kw = _call_kwargs(arrays, cu_seqlens, cu_seqlens_cpu, flags)
-    if flags.mode == "chunk":
-        p = _chunk_problem(kw, flags, backend)
-        factors = None
-        if p.backend == "cuda" and workspace is not None:
-            with backend_stream(p):
-                factors = cuda_chunk.factors_from_workspace(p, flags.chunk_size, workspace)
-        grads = chunk_gated_delta_rule_bwd(ChunkGatedDeltaRuleResiduals(p, flags.chunk_size, factors), do, dht)
-    else:
-        p = make_problem(**kw, backend=backend)
-        grads = fused_recurrent_gated_delta_rule_bwd(FusedRecurrentGatedDeltaRuleResiduals(p), do, dht)
-    return {n: getattr(grads, n) for n in flags.diff_names if arrays.get(n) is not None}
+    def annotation(name: str) -> str:
+        if name in op.array_names:
+            return array_type if op.family.array(name).required else f"{array_type} | None"
+        if name in CU_SEQLENS:
+            return f"{array_type} | None"
+        return op.option(name).annotation
+
+    doc = docstring(op, f"{op.summary.rstrip('.')} (on {where}).", body, names, array_type=array_type)
+    ns = {**namespace, "_target": target, "_call": call, "Any": Any}
+    return compile_function(op.name, signature_source(op, names, annotation),
+                            f"return _call(_target, {arguments_source(names)})", ns,
+                            doc, module, returns)
 
 
 def cupy_external_stream(ptr: int, device_id: int) -> Any:

@@ -1,9 +1,11 @@
-"""JAX adapter: ``jax.custom_vjp`` over the core raw pairs, eagerly through DLPack and under ``jax.jit`` through
-``jax.experimental.buffer_callback``.
+"""JAX adapter: ``jax.custom_vjp`` over the core, eagerly through DLPack and under ``jax.jit`` through
+``jax.experimental.buffer_callback``, for every registered op.
 
-Both ops (``fused_recurrent_gated_delta_rule`` and ``chunk_gated_delta_rule``) are one ``custom_vjp``
-function whose static (``nondiff_argnums``) argument carries the mode and, for the chunked op, the
-``chunk_size``; the glue in :mod:`rawdelta.adapters._common` runs that mode's raw pair.
+Each op ``X`` (:func:`rawdelta.ops.registry.ops`) gets ``rawdelta.jax.X`` from its declaration alone: the core
+signature without ``backend`` and ``stream``, one ``custom_vjp`` function (:func:`_op_vjp`) whose static
+(``nondiff_argnums``) argument carries the op, its static options and the host copy of ``cu_seqlens``, and the
+glue in :mod:`rawdelta.adapters._common` runs the op's core forward or backward. Ops that return ``o`` only
+(no final state) fit the same path.
 
 Two execution paths, chosen per call from the arguments:
 
@@ -39,18 +41,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
-from ..ops.gated_delta_rule.problem import CHUNK_SIZES
+from ..ops import registry
+from ..ops.common.opdef import OpDef
+from ..ops.common.validation import validate_abstract
 from ._common import (
-    DIFF_NAMES,
-    GDNFlags,
+    adapter_function,
     backward,
+    check_statics,
     cupy_external_stream,
-    final_state_dtype,
     forward,
+    output_specs,
     workspace_nbytes,
 )
-
-__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
 
 _DLPACK_CUDA = 2
 
@@ -64,11 +66,23 @@ except AttributeError:  # pragma: no cover - in case a later JAX drops the jax.c
 class _Static:
     """Everything about a call that is not an array: hashable, a ``nondiff_argnums`` argument."""
 
-    flags: GDNFlags
+    op_name: str
+    statics: tuple[tuple[str, Any], ...]  # the op's static options, by name
     cu_seqlens_host: tuple[int, ...] | None
+
+    @property
+    def op(self) -> OpDef:
+        return _OPS[self.op_name]
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.statics)
 
     def cu_host(self) -> np.ndarray | None:
         return None if self.cu_seqlens_host is None else np.asarray(self.cu_seqlens_host, dtype=np.int64)
+
+    @property
+    def output_final_state(self) -> bool:
+        return bool(self.options().get("output_final_state"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -132,60 +146,57 @@ def _buffers_context(ctx: Any, first: Any) -> Iterator[tuple[Callable[[Any], Any
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _final_state_struct(arrays: dict[str, Any], cu: Any) -> jax.ShapeDtypeStruct:
-    q, v = arrays["q"], arrays["v"]
-    N = q.shape[0] if cu is None else cu.shape[0] - 1
-    return jax.ShapeDtypeStruct((N, v.shape[2], q.shape[3], v.shape[3]), final_state_dtype(v.dtype))
+def _specs(static: _Static, arrays: dict[str, Any], cu: Any) -> list[jax.ShapeDtypeStruct]:
+    shapes = {n: tuple(a.shape) for n, a in arrays.items()}
+    dtypes = {n: a.dtype for n, a in arrays.items()}
+    outs = output_specs(static.op, shapes, dtypes, None if cu is None else cu.shape[0])
+    return [jax.ShapeDtypeStruct(s, d) for s, d in outs]
 
 
-def _check_at_trace_time(arrays: dict[str, Any], flags: GDNFlags) -> None:
-    # Full validation happens in the core when the callback runs, where an error surfaces as an XLA runtime
-    # error; the output shapes need these ranks now, and a bad static chunk_size is worth catching now.
-    bad = [f"{n} must be 4-D [B, T, {'H, K' if n != 'v' else 'HV, V'}], got shape {tuple(arrays[n].shape)}"
-           for n in ("q", "k", "v") if arrays[n].ndim != 4]
-    if flags.mode == "chunk" and flags.chunk_size not in CHUNK_SIZES:
-        bad.append(f"chunk_size must be one of {CHUNK_SIZES}, got {flags.chunk_size!r}")
-    if bad:
-        raise ValueError("; ".join(bad))
+def _check_at_trace_time(static: _Static, arrays: dict[str, Any], cu: Any) -> None:
+    """Shapes are static under a trace: the core's checks of them raise here, at trace time, with the core's
+    errors (what needs the values, like the offsets in ``cu_seqlens``, is checked when the callback runs)."""
+    if cu is not None and cu.ndim != 1:
+        raise ValueError(f"cu_seqlens must be a 1-D vector [N + 1], got shape {tuple(cu.shape)}")
+    validate_abstract(static.op, arrays, None if cu is None else cu.shape[0], static.options())
 
 
-def _workspace_nbytes(flags: GDNFlags, arrays: dict[str, Any], device: Any) -> int:
+def _workspace_nbytes(static: _Static, arrays: dict[str, Any], device: Any) -> int:
     """Bytes of the forward's workspace for the backward on `device` (under a trace: the default backend's
     first device, since the buffers' platform is known only when the callback runs)."""
     cc = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
     cc = None if cc is None else str(cc).replace(".", "")
-    q, v = arrays["q"], arrays["v"]
-    return workspace_nbytes(flags, tuple(q.shape), tuple(v.shape), q.dtype, cc)
+    shapes = {n: tuple(a.shape) for n, a in arrays.items()}
+    return workspace_nbytes(static.op, shapes, arrays["q"].dtype, static.options(), cc)
 
 
-def _forward(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[Any, Any, Any]:
-    """``(o, final state or None, workspace or None)``: the workspace carries the chunked mode's per-chunk factors
-    from the forward to the backward on the GPU."""
+def _forward(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[tuple[Any, ...], Any]:
+    """``(outputs, workspace or None)``: the final state None unless asked for; the workspace carries what the cuda
+    backend's forward keeps for its backward."""
+    op, opts = static.op, static.options()
     names = tuple(arrays)
     leaves = list(arrays.values()) + ([] if cu is None else [cu])
-    flags = static.flags
     if not _is_traced(leaves):
         dev = _device(arrays["q"])
         if dev.platform == "cpu":
             raw = {n: np.asarray(x) for n, x in arrays.items()}
-            o, ht = forward(raw, None if cu is None else np.asarray(cu), static.cu_host(), flags, "numpy")
-            return jax.device_put(o, dev), (None if ht is None else jax.device_put(ht, dev)), None
+            outs = forward(op, raw, None if cu is None else np.asarray(cu), static.cu_host(), opts, "numpy")
+            return tuple(None if x is None else jax.device_put(x, dev) for x in outs), None
         import cupy
 
         with cupy.cuda.Device(arrays["q"].__dlpack_device__()[1]):
             raw = {n: _to_cupy(x) for n, x in arrays.items()}
-            nbytes = _workspace_nbytes(flags, arrays, dev)
+            nbytes = _workspace_nbytes(static, arrays, dev)
             ws = cupy.empty((nbytes,), dtype=np.uint8) if nbytes else None
-            o, ht = forward(raw, None if cu is None else _to_cupy(cu), static.cu_host(), flags, "cuda", workspace=ws)
-            return (jax.dlpack.from_dlpack(o), (None if ht is None else jax.dlpack.from_dlpack(ht)),
+            outs = forward(op, raw, None if cu is None else _to_cupy(cu), static.cu_host(), opts, "cuda", workspace=ws)
+            return (tuple(None if x is None else jax.dlpack.from_dlpack(x) for x in outs),
                     None if ws is None else jax.dlpack.from_dlpack(ws))
 
-    _check_at_trace_time(arrays, flags)
-    v = arrays["v"]
-    specs = [jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    if flags.output_final_state:
-        specs.append(_final_state_struct(arrays, cu))
-    nbytes = _workspace_nbytes(flags, arrays, jax.devices()[0])
+    _check_at_trace_time(static, arrays, cu)
+    specs = _specs(static, arrays, cu)
+    keep = [i for i, o in enumerate(op.outputs) if o.name != "final_state" or static.output_final_state]
+    specs = [specs[i] for i in keep]
+    nbytes = _workspace_nbytes(static, arrays, jax.devices()[0])
     if nbytes:
         specs.append(jax.ShapeDtypeStruct((nbytes,), np.uint8))
 
@@ -194,25 +205,30 @@ def _forward(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[Any, Any
             xs = [conv(b) for b in bufs]
             raw = dict(zip(names, xs))
             ws = conv(out[-1]) if nbytes and backend == "cuda" else None
-            o, ht = forward(raw, xs[-1] if cu is not None else None, static.cu_host(), flags, backend, workspace=ws)
-            _copy_into(conv(out[0]), o)
-            if ht is not None:
-                _copy_into(conv(out[1]), ht)
+            outs = forward(op, raw, xs[-1] if cu is not None else None, static.cu_host(), opts, backend, workspace=ws)
+            for j, i in enumerate(keep):
+                _copy_into(conv(out[j]), outs[i])
 
-    outs = buffer_callback(callback, tuple(specs), vmap_method="sequential")(*leaves)
-    return outs[0], (outs[1] if flags.output_final_state else None), (outs[-1] if nbytes else None)
+    res = buffer_callback(callback, tuple(specs), vmap_method="sequential")(*leaves)
+    outs: list[Any] = [None] * len(op.outputs)
+    for j, i in enumerate(keep):
+        outs[i] = res[j]
+    return tuple(outs), (res[-1] if nbytes else None)
 
 
-def _backward(static: _Static, arrays: dict[str, Any], cu: Any, do: Any, dht: Any, ws: Any) -> dict[str, Any]:
+def _backward(static: _Static, arrays: dict[str, Any], cu: Any, cts: tuple[Any, ...], ws: Any) -> dict[str, Any]:
+    op, opts = static.op, static.options()
     names = tuple(arrays)
+    do = cts[0]
+    dht = cts[1] if op.has_state and static.output_final_state else None
     leaves = list(arrays.values()) + ([] if cu is None else [cu])
     tail = [do] + ([] if dht is None else [dht]) + ([] if ws is None else [ws])
-    flags = static.flags
+    diff = [n for n in op.differentiable if n in arrays]
     if not _is_traced(leaves + tail):
         dev = _device(arrays["q"])
         if dev.platform == "cpu":
             raw = {n: np.asarray(x) for n, x in arrays.items()}
-            grads = backward(raw, None if cu is None else np.asarray(cu), static.cu_host(), flags, "numpy",
+            grads = backward(op, raw, None if cu is None else np.asarray(cu), static.cu_host(), opts, "numpy",
                              np.asarray(do), None if dht is None else np.asarray(dht))
             out = {n: jax.device_put(gr, dev) for n, gr in grads.items()}
         else:
@@ -220,18 +236,16 @@ def _backward(static: _Static, arrays: dict[str, Any], cu: Any, do: Any, dht: An
 
             with cupy.cuda.Device(arrays["q"].__dlpack_device__()[1]):
                 raw = {n: _to_cupy(x) for n, x in arrays.items()}
-                grads = backward(raw, None if cu is None else _to_cupy(cu), static.cu_host(), flags, "cuda",
+                grads = backward(op, raw, None if cu is None else _to_cupy(cu), static.cu_host(), opts, "cuda",
                                  _to_cupy(do), None if dht is None else _to_cupy(dht),
                                  None if ws is None else _to_cupy(ws))
                 out = {n: jax.dlpack.from_dlpack(gr) for n, gr in grads.items()}
-        # dh0 comes back float32; a cotangent must have its primal's dtype.
+        # states' gradients come back float32; a cotangent must have its primal's dtype.
         return {n: gr if gr.dtype == arrays[n].dtype else gr.astype(arrays[n].dtype) for n, gr in out.items()}
 
-    specs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays.values())
+    specs = tuple(jax.ShapeDtypeStruct(arrays[n].shape, arrays[n].dtype) for n in diff)
     n_in = len(names)
-    has_cu = cu is not None
-    has_dht = dht is not None
-    has_ws = ws is not None
+    has_cu, has_dht, has_ws = cu is not None, dht is not None, ws is not None
 
     def callback(ctx: Any, out: Any, *bufs: Any) -> None:
         with _buffers_context(ctx, bufs[0]) as (conv, backend):
@@ -242,205 +256,102 @@ def _backward(static: _Static, arrays: dict[str, Any], cu: Any, do: Any, dht: An
             do_ = rest.pop(0)
             dht_ = rest.pop(0) if has_dht else None
             ws_ = rest.pop(0) if has_ws and backend == "cuda" else None
-            grads = backward(raw, cu_, static.cu_host(), flags, backend, do_, dht_, ws_)
-            for buf, n in zip(out, names):
+            grads = backward(op, raw, cu_, static.cu_host(), opts, backend, do_, dht_, ws_)
+            for buf, n in zip(out, diff):
                 _copy_into(conv(buf), grads[n])
 
     outs = buffer_callback(callback, specs, vmap_method="sequential")(*leaves, *tail)
-    return dict(zip(names, outs))
+    return dict(zip(diff, outs))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gdn(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[Any, Any]:
-    o, ht, _ = _forward(static, arrays, cu)
-    return o, ht
+def _op_vjp(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[Any, ...]:
+    outs, _ = _forward(static, arrays, cu)
+    return outs
 
 
-def _gdn_fwd(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[tuple[Any, Any], tuple[Any, Any, Any]]:
-    # The residuals are the inputs (the backward recomputes the states) and the chunked mode's workspace.
-    o, ht, ws = _forward(static, arrays, cu)
-    return (o, ht), (arrays, cu, ws)
+def _op_vjp_fwd(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[tuple[Any, ...], tuple[Any, Any, Any]]:
+    # The residuals are the inputs (the backward recomputes the rest) and the forward's workspace.
+    outs, ws = _forward(static, arrays, cu)
+    return outs, (arrays, cu, ws)
 
 
-def _gdn_bwd(static: _Static, res: tuple[Any, Any, Any], cts: tuple[Any, Any]) -> tuple[dict[str, Any], None]:
+def _op_vjp_bwd(static: _Static, res: tuple[Any, Any, Any], cts: tuple[Any, ...]) -> tuple[dict[str, Any], None]:
     arrays, cu, ws = res
-    do, dht = cts
-    return _backward(static, arrays, cu, do, dht if static.flags.output_final_state else None, ws), None
+    grads = _backward(static, arrays, cu, cts, ws)
+    # inputs without a gradient (none today: every array input is differentiable) get zeros
+    return {n: grads.get(n, jnp.zeros_like(a)) for n, a in arrays.items()}, None
 
 
-_gdn.defvjp(_gdn_fwd, _gdn_bwd)
+_op_vjp.defvjp(_op_vjp_fwd, _op_vjp_bwd)
 
 
-def _static_scale(scale: Any) -> float | None:
-    if scale is None:
-        return None
-    try:
-        return float(scale)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        raise TypeError(f"scale must be a static Python number (not traced), got {type(scale).__name__}") from None
+# ----------------------------------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def _static_chunk_size(chunk_size: Any) -> Any:
-    if isinstance(chunk_size, _Tracer):
-        raise TypeError("chunk_size must be a static Python int (not traced); under jax.jit mark it static, e.g. "
-                        "jax.jit(f, static_argnames='chunk_size')")
-    if isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool):
-        return int(chunk_size)  # numpy integers -> int, so equal sizes share one trace
-    return chunk_size  # anything else is left for the validation to reject with its message
-
-
-def _call(given: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any, flags: GDNFlags) -> tuple[Any, Any]:
-    """Both public ops: the present floating inputs, the offsets and the static flags through ``_gdn``."""
-    arrays = {n: jnp.asarray(given[n]) for n in DIFF_NAMES if given.get(n) is not None}
-    cu = None if cu_seqlens is None else jnp.asarray(cu_seqlens)
-    static = _Static(flags, _host_cu_seqlens(cu_seqlens, cu_seqlens_cpu))
-    o, ht = _gdn(static, arrays, cu)
-    return o, (ht if flags.output_final_state else None)
+def _static_value(op: OpDef, name: str, x: Any) -> Any:
+    if isinstance(x, _Tracer):
+        raise TypeError(f"{name} must be a static Python value (not traced); under jax.jit mark it static, e.g. "
+                        f"jax.jit(f, static_argnames='{name}')")
+    kind = op.option(name).annotation
+    if kind == "bool":
+        return bool(x)
+    if isinstance(x, (np.integer, np.floating)) and not isinstance(x, np.bool_):
+        return x.item()  # numpy scalars -> Python, so equal values share one trace
+    return x
 
 
 def _host_cu_seqlens(cu_seqlens: Any, cu_seqlens_cpu: Any) -> tuple[int, ...] | None:
     src = cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens
     if src is None or isinstance(src, _Tracer):
         return None
-    return tuple(int(c) for c in np.asarray(src).reshape(-1))
+    host = np.asarray(src)
+    if host.dtype.kind not in "iu" or host.ndim != 1:
+        # the core names the problem (dtype or rank) when it validates; keep the values for it to see
+        raise ValueError(f"{'cu_seqlens_cpu' if cu_seqlens_cpu is not None else 'cu_seqlens'} must be a 1-D int32 or "
+                         f"int64 vector [N + 1], got shape {host.shape} of {host.dtype}")
+    return tuple(int(c) for c in host)
 
 
-def fused_recurrent_gated_delta_rule(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    g: jax.Array | None = None,
-    beta: jax.Array | None = None,
-    scale: float | None = None,
-    initial_state: jax.Array | None = None,
-    output_final_state: bool = False,
-    use_qk_l2norm_in_kernel: bool = False,
-    cu_seqlens: jax.Array | None = None,
-    *,
-    gk: jax.Array | None = None,
-    gv: jax.Array | None = None,
-    use_gate_in_kernel: bool = False,
-    A_log: jax.Array | None = None,
-    dt_bias: jax.Array | None = None,
-    use_beta_sigmoid_in_kernel: bool = False,
-    allow_neg_eigval: bool = False,
-    inplace_final_state: bool = False,
-    cu_seqlens_cpu: Any = None,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Gated delta rule, one token at a time, on JAX arrays; differentiable (``jax.grad``, ``jax.vjp``).
-
-    Same arguments, defaults and return value as :func:`rawdelta.fused_recurrent_gated_delta_rule`, without
-    ``backend`` and ``stream``: GPU arrays run the ``cuda`` backend (zero-copy), CPU arrays the ``numpy``
-    backend. Works eagerly and under ``jax.jit``; the flags and ``scale`` must be static Python values.
-
-    Args:
-        q (jax.Array): queries ``[B, T, H, K]``, float32/float16/bfloat16 (float64 on CPU with x64).
-        k (jax.Array): keys ``[B, T, H, K]``, same dtype as q.
-        v (jax.Array): values ``[B, T, HV, V]``, same dtype as q; ``HV % H == 0``.
-        g (jax.Array, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
-        beta (jax.Array, optional): ``[B, T, HV]`` or ``[B, T, HV, V]``. Default: ones.
-        scale (float, optional): query scale. Default: ``K ** -0.5``.
-        initial_state (jax.Array, optional): ``[N, HV, K, V]``. Default: zeros.
-        output_final_state (bool): return the final state ``[N, HV, K, V]`` (float32). Default: ``False``.
-        use_qk_l2norm_in_kernel (bool): L2-normalise q and k per head. Default: ``False``.
-        cu_seqlens (jax.Array, optional): int32/int64 ``[N + 1]`` offsets of packed sequences (B must be 1).
-        gk (jax.Array, optional): per-key log-decay ``[B, T, HV, K]``.
-        gv (jax.Array, optional): per-value log-decay ``[B, T, HV, V]``.
-        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``. Default: ``False``.
-        A_log (jax.Array, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        dt_bias (jax.Array, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        use_beta_sigmoid_in_kernel (bool): beta holds logits. Default: ``False``.
-        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``. Default: ``False``.
-        inplace_final_state (bool): JAX arrays are immutable, so this only implies ``output_final_state``: the
-            new state is returned (donate ``initial_state`` to ``jax.jit`` to let XLA reuse its buffer).
-        cu_seqlens_cpu (array, optional): a host copy of ``cu_seqlens`` (numpy or a sequence of ints); avoids
-            a device-to-host copy when ``cu_seqlens`` is traced.
-
-    Returns:
-        ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state ``[N, HV, K, V]`` float32, or None
-        unless ``output_final_state``.
-
-    Gradients flow to every floating input given (q, k, v, g, gk, gv, beta, initial_state, A_log, dt_bias)
-    from both o and final_state.
-    """
-    given = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "gv": gv, "beta": beta, "initial_state": initial_state,
-             "A_log": A_log, "dt_bias": dt_bias}
-    flags = GDNFlags(
-        scale=_static_scale(scale),
-        output_final_state=bool(output_final_state or inplace_final_state),
-        use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
-        use_gate_in_kernel=bool(use_gate_in_kernel),
-        use_beta_sigmoid_in_kernel=bool(use_beta_sigmoid_in_kernel),
-        allow_neg_eigval=bool(allow_neg_eigval),
-    )
-    return _call(given, cu_seqlens, cu_seqlens_cpu, flags)
+def _call(op: OpDef, a: dict[str, Any]) -> Any:
+    """A public call: the present arrays, the offsets and the static options through ``_op_vjp``."""
+    statics = {o.name: _static_value(op, o.name, a[o.name]) for o in op.adapter_options}
+    check_statics(op, statics)
+    if statics.pop("inplace_final_state", False):
+        statics["output_final_state"] = True
+    arrays = {n: jnp.asarray(a[n]) for n in op.array_names if a.get(n) is not None}
+    cu_seqlens = a.get("cu_seqlens")
+    cu = None if cu_seqlens is None else jnp.asarray(cu_seqlens)
+    static = _Static(op.name, tuple(statics.items()), _host_cu_seqlens(cu_seqlens, a.get("cu_seqlens_cpu")))
+    outs = _op_vjp(static, arrays, cu)
+    if op.has_state:
+        return outs[0], (outs[1] if static.output_final_state else None)
+    return outs[0]
 
 
-def chunk_gated_delta_rule(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    g: jax.Array | None = None,
-    beta: jax.Array | None = None,
-    scale: float | None = None,
-    initial_state: jax.Array | None = None,
-    output_final_state: bool = False,
-    use_qk_l2norm_in_kernel: bool = False,
-    cu_seqlens: jax.Array | None = None,
-    *,
-    chunk_size: int = 64,
-    use_gate_in_kernel: bool = False,
-    A_log: jax.Array | None = None,
-    dt_bias: jax.Array | None = None,
-    use_beta_sigmoid_in_kernel: bool = False,
-    allow_neg_eigval: bool = False,
-    cu_seqlens_cpu: Any = None,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Gated delta rule computed chunk by chunk (training, prefill) on JAX arrays; differentiable (``jax.grad``,
-    ``jax.vjp``).
+def _public_function(op: OpDef) -> Callable[..., Any]:
+    body = (f"Same arguments, defaults and return value as :func:`rawdelta.{op.name}`, without ``backend`` and "
+            "``stream``: GPU arrays run the ``cuda`` backend (zero-copy), CPU arrays the ``numpy`` backend. "
+            "Differentiable (``jax.grad``, ``jax.vjp``); works eagerly and under ``jax.jit``, where the static "
+            "options (flags, ``scale``, ``chunk_size``) must be Python values."
+            + (" ``inplace_final_state``: JAX arrays are immutable, so it only implies ``output_final_state`` "
+               "(donate ``initial_state`` to ``jax.jit`` to let XLA reuse its buffer)." if "inplace_final_state"
+               in op.params else ""))
+    return adapter_function(op, "jax.Array", "JAX arrays", body, _call, op, {"jax": jax}, __name__)
 
-    Same arguments, defaults and return value as :func:`rawdelta.chunk_gated_delta_rule`, without ``backend``
-    and ``stream``: GPU arrays run the ``cuda`` backend (zero-copy), CPU arrays the ``numpy`` backend. Works
-    eagerly and under ``jax.jit``; the flags, ``scale`` and ``chunk_size`` must be static Python values.
 
-    Args:
-        q (jax.Array): queries ``[B, T, H, K]``, float32/float16/bfloat16 (float64 on CPU with x64).
-        k (jax.Array): keys ``[B, T, H, K]``, same dtype as q.
-        v (jax.Array): values ``[B, T, HV, V]``, same dtype as q; ``HV % H == 0``.
-        g (jax.Array, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
-        beta (jax.Array, optional): ``[B, T, HV]``. Default: ones.
-        scale (float, optional): query scale. Default: ``K ** -0.5``.
-        initial_state (jax.Array, optional): ``[N, HV, K, V]``. Default: zeros.
-        output_final_state (bool): return the final state ``[N, HV, K, V]`` (float32). Default: ``False``.
-        use_qk_l2norm_in_kernel (bool): L2-normalise q and k per head. Default: ``False``.
-        cu_seqlens (jax.Array, optional): int32/int64 ``[N + 1]`` offsets of packed sequences (B must be 1).
-        chunk_size (int): tokens per chunk, 16, 32 or 64; static (with ``jax.jit``, pass it through
-            ``static_argnames`` or close over it). Default: 64.
-        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``. Default: ``False``.
-        A_log (jax.Array, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        dt_bias (jax.Array, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        use_beta_sigmoid_in_kernel (bool): beta holds logits. Default: ``False``.
-        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``. Default: ``False``.
-        cu_seqlens_cpu (array, optional): a host copy of ``cu_seqlens`` (numpy or a sequence of ints); avoids
-            a device-to-host copy when ``cu_seqlens`` is traced.
+_OPS: dict[str, OpDef] = {}
 
-    Returns:
-        ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state ``[N, HV, K, V]`` float32, or None
-        unless ``output_final_state``.
 
-    Gradients flow to every floating input given (q, k, v, g, beta, initial_state, A_log, dt_bias) from both
-    o and final_state.
-    """
-    given = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state, "A_log": A_log,
-             "dt_bias": dt_bias}
-    flags = GDNFlags(
-        scale=_static_scale(scale),
-        output_final_state=bool(output_final_state),
-        use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
-        use_gate_in_kernel=bool(use_gate_in_kernel),
-        use_beta_sigmoid_in_kernel=bool(use_beta_sigmoid_in_kernel),
-        allow_neg_eigval=bool(allow_neg_eigval),
-        mode="chunk",
-        chunk_size=_static_chunk_size(chunk_size),
-    )
-    return _call(given, cu_seqlens, cu_seqlens_cpu, flags)
+def entry_point(op: OpDef) -> Callable[..., Any]:
+    """``rawdelta.jax``'s function for `op` (every registered op has one from import; an op declared elsewhere, a
+    test's, gets its own here)."""
+    _OPS[op.name] = op
+    return _public_function(op)
+
+
+_PUBLIC = {op.name: entry_point(op) for op in registry.ops()}
+globals().update(_PUBLIC)
+__all__ = sorted(_PUBLIC)

@@ -1,20 +1,18 @@
-"""PyTorch adapter: ``torch.autograd`` over ``torch.library`` custom ops that call the core raw pairs.
+"""PyTorch adapter: ``torch.autograd`` over ``torch.library`` custom ops that call the core, for every registered op.
 
-Layout (one registration function, :func:`_register`, makes each op's pair of custom ops and its
-``autograd.Function``; the glue underneath takes the mode)::
+Each op ``X`` (:func:`rawdelta.ops.registry.ops`) gets, from its declaration alone (:func:`_register`)::
 
-    fused_recurrent_gated_delta_rule(...)              public, same signature as the core op
+    rawdelta.torch.X(...)                     public: the core signature without backend and stream
       -> autograd.Function
-           forward  -> rawdelta::fused_recurrent_gated_delta_rule_fwd   (custom op + fake)
-           backward -> rawdelta::fused_recurrent_gated_delta_rule_bwd   (custom op + fake)
-      inplace_final_state=True -> rawdelta::fused_recurrent_gated_delta_rule_fwd_inplace (mutates initial_state)
-    chunk_gated_delta_rule(...)                        public, same signature as the core op
-      -> autograd.Function
-           forward  -> rawdelta::chunk_gated_delta_rule_fwd             (custom op + fake; ends in chunk_size)
-           backward -> rawdelta::chunk_gated_delta_rule_bwd             (custom op + fake; ends in chunk_size)
+           forward  -> rawdelta::X_fwd       (custom op + fake kernel)
+           backward -> rawdelta::X_bwd       (custom op + fake kernel)
+      inplace_final_state=True -> rawdelta::X_fwd_inplace (ops that take it: mutates initial_state)
 
-Every ``_fwd`` op also returns a uint8 workspace that its ``_bwd`` op takes back: the chunked op's per-chunk
-factors on CUDA (so the backward does not recompute them), empty otherwise.
+The custom ops take the op's array arguments (its arrays, then ``cu_seqlens`` and ``cu_seqlens_cpu``, in
+signature order) and its static options (schema types from their declared annotations). ``X_fwd`` returns the
+op's outputs (a final state not asked for as an empty ``[0]`` tensor: custom ops cannot return None) and a uint8
+workspace, which ``X_bwd`` takes back after the cotangents: what the cuda backend's forward keeps for its backward
+(the chunked GDN's per-chunk factors), empty otherwise.
 
 The custom ops are opaque to ``torch.compile`` (their fake kernels give shapes and dtypes only), so
 ``torch.compile(fullgraph=True)`` traces through them. On CUDA tensors they run the ``cuda`` backend
@@ -38,14 +36,19 @@ import torch
 from torch import Tensor
 
 from .._arrays import BFLOAT16
-from ._common import GDNFlags, backward, cupy_external_stream, diff_names, forward, workspace_nbytes
-
-__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
-
-_OP_FWD_INPLACE = "rawdelta::fused_recurrent_gated_delta_rule_fwd_inplace"
-# The boolean options every op takes, in custom-op argument order (after scale and output_final_state).
-_FLAG_ARGS = ("use_qk_l2norm_in_kernel", "use_gate_in_kernel", "use_beta_sigmoid_in_kernel", "allow_neg_eigval")
-
+from ..ops import registry
+from ..ops.common.opdef import OpDef
+from ._common import (
+    CU_SEQLENS,
+    adapter_function,
+    backward,
+    check_statics,
+    cupy_external_stream,
+    forward,
+    output_specs,
+    tensor_names,
+    workspace_nbytes,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Array conversion and the CUDA execution context
@@ -139,144 +142,159 @@ def _from_numpy(a: np.ndarray) -> Tensor:
     return torch.from_numpy(a)
 
 
-def _flags(args: dict[str, Any], output_final_state: bool, mode: str = "recurrent") -> GDNFlags:
-    """GDNFlags from a custom op's arguments by name (``scale``, the flags and, for the chunked op, ``chunk_size``)."""
-    scale = args["scale"]
-    return GDNFlags(
-        scale=None if scale is None else float(scale),
-        output_final_state=bool(output_final_state),
-        **{f: bool(args[f]) for f in _FLAG_ARGS},
-        mode=mode,
-        chunk_size=int(args["chunk_size"]) if mode == "chunk" else None,
-    )
-
-
 def _check_device(q: Tensor) -> None:
     if q.device.type not in ("cuda", "cpu"):
         raise TypeError(f"rawdelta.torch supports CUDA and CPU tensors, got q on {q.device}")
 
 
-def _workspace(flags: GDNFlags, q: Tensor, v: Tensor) -> Tensor:
+def _workspace(op: OpDef, tensors: dict[str, Tensor | None], statics: dict[str, Any]) -> Tensor:
     """The forward's uint8 workspace for the backward (:func:`~rawdelta.adapters._common.workspace_nbytes`)."""
+    q = tensors["q"]
+    assert q is not None
     cc = None
     if q.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(q.device)
         cc = f"{major}{minor}"
     dt = _NUMPY_OF.get(q.dtype)  # other dtypes are refused by the validation
-    nbytes = 0 if dt is None else workspace_nbytes(flags, tuple(q.shape), tuple(v.shape), dt, cc)
+    shapes = {n: tuple(t.shape) for n, t in tensors.items() if t is not None and n not in CU_SEQLENS}
+    nbytes = 0 if dt is None else workspace_nbytes(op, shapes, dt, statics, cc)
     return torch.empty((nbytes,), dtype=torch.uint8, device=q.device)
 
 
-def _run_forward(
-    tensors: dict[str, Tensor | None],
-    cu_seqlens: Tensor | None,
-    cu_seqlens_cpu: Tensor | None,
-    flags: GDNFlags,
-    inplace_final_state: bool = False,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Returns ``(o, final state or None, workspace)``."""
-    q, v = tensors["q"], tensors["v"]
-    assert q is not None and v is not None
-    _check_device(q)
-    cu_host = _to_numpy(cu_seqlens_cpu)
-    ws = _workspace(flags, q, v)
-    if q.device.type == "cuda":
-        with _on_torch_stream(q.device):
-            arrays = {n: _to_cupy(t) for n, t in tensors.items() if t is not None}
-            o, ht = forward(arrays, _to_cupy(cu_seqlens), cu_host, flags, "cuda",
-                            inplace_final_state=inplace_final_state, workspace=_to_cupy(ws) if ws.numel() else None)
-            o_t = _to_torch(o)
-            ht_t = None if ht is None or inplace_final_state else _to_torch(ht)
-        return o_t, ht_t, ws
-    arrays = {n: _to_numpy(t) for n, t in tensors.items() if t is not None}
-    o, ht = forward(arrays, _to_numpy(cu_seqlens), cu_host, flags, "numpy", inplace_final_state=inplace_final_state)
-    return _from_numpy(o), (None if ht is None or inplace_final_state else _from_numpy(ht)), ws
+def _split(op: OpDef, tensors: dict[str, Tensor | None]) -> tuple[dict[str, Tensor], Any, Any]:
+    arrays = {n: t for n, t in tensors.items() if t is not None and n not in CU_SEQLENS}
+    return arrays, tensors.get("cu_seqlens"), tensors.get("cu_seqlens_cpu")
 
 
-def _run_backward(
-    tensors: dict[str, Tensor | None],
-    cu_seqlens: Tensor | None,
-    cu_seqlens_cpu: Tensor | None,
-    flags: GDNFlags,
-    do: Tensor,
-    dht: Tensor | None,
-    workspace: Tensor | None = None,
-) -> list[Tensor]:
-    q = tensors["q"]
-    assert q is not None
+def _run_forward(op: OpDef, tensors: dict[str, Tensor | None], statics: dict[str, Any]) -> tuple[Any, ...]:
+    """Returns the outputs (None for a final state not asked for or written in place) and the workspace."""
+    arrays, cu, cu_cpu = _split(op, tensors)
+    q = arrays["q"]
     _check_device(q)
-    cu_host = _to_numpy(cu_seqlens_cpu)
-    present = [n for n in flags.diff_names if tensors.get(n) is not None]
+    cu_host = _to_numpy(cu_cpu)
+    ws = _workspace(op, tensors, statics)
+    inplace = bool(statics.get("inplace_final_state"))
     if q.device.type == "cuda":
         with _on_torch_stream(q.device):
-            arrays = {n: _to_cupy(tensors[n]) for n in present}
+            outs = forward(op, {n: _to_cupy(t) for n, t in arrays.items()}, _to_cupy(cu), cu_host, statics, "cuda",
+                           workspace=_to_cupy(ws) if ws.numel() else None)
+            outs = tuple(_to_torch(x) if x is not None else None for x in outs)
+    else:
+        outs = forward(op, {n: _to_numpy(t) for n, t in arrays.items()}, _to_numpy(cu), cu_host, statics, "numpy")
+        outs = tuple(_from_numpy(x) if x is not None else None for x in outs)
+    if inplace:
+        outs = (outs[0], None)
+    return (*outs, ws)
+
+
+def _run_backward(op: OpDef, tensors: dict[str, Tensor | None], statics: dict[str, Any], do: Tensor | None,
+                  dht: Tensor | None, workspace: Tensor | None = None) -> list[Tensor]:
+    """The gradients of the present differentiable inputs; ``do`` None (o unused) counts as zeros."""
+    arrays, cu, cu_cpu = _split(op, tensors)
+    q = arrays["q"]
+    _check_device(q)
+    if do is None:
+        do = _fake_outputs(op, tensors, False)[0].zero_()
+    cu_host = _to_numpy(cu_cpu)
+    present = [n for n in op.differentiable if n in arrays]
+    if q.device.type == "cuda":
+        with _on_torch_stream(q.device):
             ws = _to_cupy(workspace) if workspace is not None and workspace.numel() else None
-            grads = backward(arrays, _to_cupy(cu_seqlens), cu_host, flags, "cuda", _to_cupy(do), _to_cupy(dht), ws)
+            grads = backward(op, {n: _to_cupy(t) for n, t in arrays.items()}, _to_cupy(cu), cu_host, statics,
+                             "cuda", _to_cupy(do), _to_cupy(dht), ws)
             out = [_to_torch(grads[n]) for n in present]
     else:
-        arrays = {n: _to_numpy(tensors[n]) for n in present}
-        grads = backward(arrays, _to_numpy(cu_seqlens), cu_host, flags, "numpy", _to_numpy(do), _to_numpy(dht))
+        grads = backward(op, {n: _to_numpy(t) for n, t in arrays.items()}, _to_numpy(cu), cu_host, statics, "numpy",
+                         _to_numpy(do), _to_numpy(dht))
         out = [_from_numpy(grads[n]) for n in present]
-    # dh0 comes back float32; autograd wants each gradient in its input's dtype.
-    return [gr if gr.dtype == tensors[n].dtype else gr.to(tensors[n].dtype) for n, gr in zip(present, out)]
+    # states' gradients come back float32; autograd wants each gradient in its input's dtype.
+    return [gr if gr.dtype == arrays[n].dtype else gr.to(arrays[n].dtype) for n, gr in zip(present, out)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Custom ops (opaque to torch.compile; the fake kernels give shapes and dtypes)
 # ----------------------------------------------------------------------------------------------------------------------
 
-
-def _state_dtype(v: Tensor) -> torch.dtype:
-    # Mirrors final_state_dtype: float64 only for float64 inputs (numpy backend).
-    return torch.float64 if v.dtype == torch.float64 else torch.float32
-
-
-def _final_state_shape(q: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> tuple[Any, ...]:
-    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return (N, v.shape[2], q.shape[3], v.shape[3])
+# Schema types of the static options by their declared annotation.
+_SCHEMA_TYPES: dict[str, Any] = {"bool": bool, "int": int, "float | None": float | None, "int | None": int | None,
+                                 "float": float}
 
 
 @dataclass(frozen=True)
 class _OpSpec:
-    """What differs between the ops: the name, the glue's mode, the tensor arguments, the trailing statics."""
+    """An op's custom-op argument lists: its tensors and its static options (schema order)."""
 
-    name: str  # the core op's; the custom ops are rawdelta::{name}_fwd and rawdelta::{name}_bwd
-    mode: str  # "recurrent" or "chunk" (see _common.GDNFlags)
-    tensors: tuple[str, ...]  # tensor arguments of both custom ops, in schema order
-    extra: tuple[str, ...] = ()  # static arguments after the flags (the chunked op's chunk_size)
+    op: OpDef
+    tensors: tuple[str, ...]
+    statics: tuple[str, ...]  # adapter options taken by the forward op (inplace_final_state has its own op)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.op.outputs)
+
+    @property
+    def cotangents(self) -> tuple[str, ...]:
+        return ("do", "dht") if self.op.has_state else ("do",)
 
     @property
     def fwd_args(self) -> tuple[str, ...]:
-        return (*self.tensors, "scale", "output_final_state", *_FLAG_ARGS, *self.extra)
+        return (*self.tensors, *self.statics)
+
+    @property
+    def bwd_statics(self) -> tuple[str, ...]:
+        return tuple(n for n in self.statics if n != "output_final_state")
 
     @property
     def bwd_args(self) -> tuple[str, ...]:
-        return ("do", "dht", "workspace", *self.tensors, "scale", *_FLAG_ARGS, *self.extra)
+        return (*self.cotangents, "workspace", *self.tensors, *self.bwd_statics)
+
+    @property
+    def inplace_args(self) -> tuple[str, ...]:
+        return (*self.tensors, *self.bwd_statics)
+
+    def annotation(self, name: str) -> Any:
+        if name == "workspace" or name in self.op.array_names and self.op.family.array(name).required:
+            return Tensor
+        if name in self.statics:
+            return _SCHEMA_TYPES[self.op.option(name).annotation]
+        return Tensor | None
 
 
-_RECURRENT = _OpSpec("fused_recurrent_gated_delta_rule", "recurrent",
-                     ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "cu_seqlens_cpu", "gk", "gv",
-                      "A_log", "dt_bias"))
-_CHUNK = _OpSpec("chunk_gated_delta_rule", "chunk",
-                 ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "cu_seqlens_cpu", "A_log", "dt_bias"),
-                 ("chunk_size",))
-
-# Schema types by argument name; every other argument is an optional tensor.
-_ANNOTATIONS: dict[str, Any] = {"q": Tensor, "k": Tensor, "v": Tensor, "do": Tensor, "workspace": Tensor,
-                                "scale": float | None,
-                                "output_final_state": bool, "chunk_size": int, **dict.fromkeys(_FLAG_ARGS, bool)}
+def _spec(op: OpDef) -> _OpSpec:
+    statics = tuple(o.name for o in op.adapter_options if o.name != "inplace_final_state")
+    unknown = [n for n in statics if op.option(n).annotation not in _SCHEMA_TYPES]
+    if unknown:
+        raise TypeError(f"{op.name}: static options {unknown} have no torch schema type")
+    return _OpSpec(op, tensor_names(op), statics)
 
 
-def _signature(names: tuple[str, ...], returns: Any) -> inspect.Signature:
+def _signature(spec: _OpSpec, names: tuple[str, ...], returns: Any) -> inspect.Signature:
     """The annotated signature ``torch.library`` infers a custom op's schema from."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    params = [inspect.Parameter(n, kind, annotation=_ANNOTATIONS.get(n, Tensor | None)) for n in names]
+    params = [inspect.Parameter(n, kind, annotation=spec.annotation(n)) for n in names]
     return inspect.Signature(params, return_annotation=returns)
 
 
 def _named(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     # The dispatcher passes schema arguments positionally; accept keywords too (a direct call of the op).
     return {**dict(zip(names, args)), **kwargs}
+
+
+def _fake_outputs(op: OpDef, a: dict[str, Any], output_final_state: bool) -> list[Tensor]:
+    """Empty tensors of the op's output shapes and dtypes (a final state not asked for as ``[0]``)."""
+    present = {n: a[n] for n in op.array_names if a.get(n) is not None}
+    cu = a.get("cu_seqlens")
+    specs = output_specs(op, {n: tuple(t.shape) for n, t in present.items()},
+                         {n: _NUMPY_OF.get(t.dtype, np.dtype(np.float32)) for n, t in present.items()},
+                         None if cu is None else cu.shape[0])
+    q = present["q"]
+    outs = []
+    for out, (shape, dt) in zip(op.outputs, specs):
+        if out.name == "final_state" and not output_final_state:
+            outs.append(q.new_empty((0,), dtype=torch.float32))
+        else:
+            outs.append(q.new_empty(shape, dtype=_TORCH_OF[dt]))
+    return outs
 
 
 @dataclass(frozen=True)
@@ -286,138 +304,116 @@ class _Op:
     spec: _OpSpec
     fwd: Any  # torch.library CustomOpDef
     bwd: Any
+    inplace: Any  # the in-place decode op (None for ops without inplace_final_state)
     function: Any  # torch.autograd.Function subclass
 
-    def apply(self, given: dict[str, Any], scale: Any, output_final_state: bool, flags: tuple[bool, ...],
-              extra: tuple[Any, ...] = ()) -> tuple[Tensor, Tensor | None]:
-        """The public call: the op's tensors (by name, absent = None), scale, output_final_state, flags, extras."""
-        o, ht, _ = self.function.apply(*(given.get(n) for n in self.spec.tensors), scale, bool(output_final_state),
-                                       *(bool(f) for f in flags), *extra)
-        return o, (ht if output_final_state else None)
 
+def _register(op: OpDef) -> _Op:
+    """Register ``rawdelta::{name}_fwd`` / ``_bwd`` (and ``_fwd_inplace`` where the op takes
+    ``inplace_final_state``) with fake kernels, and build the autograd.Function over them.
 
-def _register(spec: _OpSpec) -> _Op:
-    """Register ``rawdelta::{name}_fwd`` / ``_bwd`` (with fake kernels) for `spec` and build its autograd.Function.
-
-    ``_fwd`` returns ``(o [B, T, HV, V], final_state [N, HV, K, V], workspace [nbytes] uint8)``, final_state an
-    empty ``[0]`` tensor when not requested (custom ops cannot return None); ``_bwd`` takes the workspace back
-    after ``do`` and ``dht``. ``_bwd`` returns the gradients of the present floating
-    inputs in :data:`~rawdelta.adapters._common.DIFF_NAMES` order (absent inputs skipped), each with its
-    input's shape and dtype.
+    ``_bwd`` returns the gradients of the present differentiable inputs in the op's order (absent inputs skipped),
+    each with its input's shape and dtype.
     """
+    spec = _spec(op)
     # The autograd.Function below closes over plain strings, tuples and ints only: Dynamo cannot wrap a
     # closed-over CustomOpDef or _OpSpec, so it calls the ops through torch.ops by name.
-    fwd_args, bwd_args = spec.fwd_args, spec.bwd_args
-    floats = diff_names(spec.mode)
-    tensor_names = spec.tensors
-    n_tensors = len(tensor_names)
-    fwd_name, bwd_name = f"{spec.name}_fwd", f"{spec.name}_bwd"
+    fwd_args, bwd_args, inplace_args = spec.fwd_args, spec.bwd_args, spec.inplace_args
+    tensor_names_, statics_names = spec.tensors, spec.statics
+    n_tensors, n_out = len(spec.tensors), spec.n_outputs
+    has_state = op.has_state
+    floats = op.differentiable
+    fwd_name, bwd_name = f"{op.name}_fwd", f"{op.name}_bwd"
 
-    def fwd_impl(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+    def fwd_impl(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
         a = _named(fwd_args, args, kwargs)
-        flags = _flags(a, a["output_final_state"], spec.mode)
-        o, ht, ws = _run_forward({n: a[n] for n in floats}, a["cu_seqlens"], a["cu_seqlens_cpu"], flags)
-        if ht is None:
-            ht = torch.empty((0,), dtype=torch.float32, device=o.device)
-        return o, ht, ws
+        *outs, ws = _run_forward(op, {n: a[n] for n in tensor_names_}, {n: a[n] for n in statics_names})
+        if has_state and outs[1] is None:
+            outs[1] = torch.empty((0,), dtype=torch.float32, device=outs[0].device)
+        return (*outs, ws)
 
-    def fwd_fake(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+    def fwd_fake(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
         a = _named(fwd_args, args, kwargs)
-        q, v = a["q"], a["v"]
-        if a["output_final_state"]:
-            ht = v.new_empty(_final_state_shape(q, v, a["cu_seqlens"]), dtype=_state_dtype(v))
-        else:
-            ht = v.new_empty((0,), dtype=torch.float32)
-        return v.new_empty(v.shape), ht, _workspace(_flags(a, a["output_final_state"], spec.mode), q, v)
+        statics = {n: a[n] for n in statics_names}
+        outs = _fake_outputs(op, a, bool(statics.get("output_final_state")))
+        return (*outs, _workspace(op, {n: a[n] for n in tensor_names_}, statics))
 
     def bwd_impl(*args: Any, **kwargs: Any) -> list[Tensor]:
         a = _named(bwd_args, args, kwargs)
-        flags = _flags(a, False, spec.mode)
-        return _run_backward({n: a[n] for n in floats}, a["cu_seqlens"], a["cu_seqlens_cpu"], flags, a["do"],
-                             a["dht"], a["workspace"])
+        return _run_backward(op, {n: a[n] for n in tensor_names_}, {n: a[n] for n in spec.bwd_statics}, a["do"],
+                             a.get("dht"), a["workspace"])
 
     def bwd_fake(*args: Any, **kwargs: Any) -> list[Tensor]:
         a = _named(bwd_args, args, kwargs)
         return [t.new_empty(t.shape) for n in floats if (t := a[n]) is not None]
 
-    fwd_impl.__signature__ = _signature(fwd_args, tuple[Tensor, Tensor, Tensor])  # type: ignore[attr-defined]
-    bwd_impl.__signature__ = _signature(bwd_args, list[Tensor])  # type: ignore[attr-defined]
+    fwd_impl.__signature__ = _signature(spec, fwd_args, tuple[(Tensor,) * (n_out + 1)])  # type: ignore[attr-defined]
+    bwd_impl.__signature__ = _signature(spec, bwd_args, list[Tensor])  # type: ignore[attr-defined]
     fwd_op = torch.library.custom_op(f"rawdelta::{fwd_name}", mutates_args=())(fwd_impl)
     bwd_op = torch.library.custom_op(f"rawdelta::{bwd_name}", mutates_args=())(bwd_impl)
     fwd_op.register_fake(fwd_fake)
     bwd_op.register_fake(bwd_fake)
+    inplace_op = _register_inplace(spec) if "inplace_final_state" in op.params else None
+    i_final = statics_names.index("output_final_state") if has_state else -1
 
     class Function(torch.autograd.Function):
-        """Arguments: ``spec.tensors`` (or None), then scale, output_final_state, the 4 flags and ``spec.extra``."""
+        """Arguments: the op's tensors (or None), then its static options, in custom-op schema order."""
 
         @staticmethod
-        def forward(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+        def forward(*args: Any) -> tuple[Tensor, ...]:
             return getattr(torch.ops.rawdelta, fwd_name)(*args)
 
         @staticmethod
-        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-            ctx.save_for_backward(output[2], *inputs[:n_tensors])
-            # statics: the flags and extras, which the backward op takes after scale.
-            ctx.scale, ctx.output_final_state, *ctx.statics = inputs[n_tensors:]
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+            ctx.save_for_backward(output[-1], *inputs[:n_tensors])
+            statics = inputs[n_tensors:]
+            ctx.output_final_state = bool(statics[i_final]) if has_state else False
+            ctx.bwd_statics = tuple(s for i, s in enumerate(statics) if i != i_final)
             # None (not zeros) for an unused o or final state, so an unused final state costs no dht.
             ctx.set_materialize_grads(False)
             # The workspace, and a final state not asked for, take no cotangent (in one call: a second replaces it).
-            ctx.mark_non_differentiable(*output[2 if ctx.output_final_state else 1:])
+            ctx.mark_non_differentiable(*output[(2 if ctx.output_final_state else 1):])
 
         @staticmethod
-        def backward(ctx: Any, do: Tensor | None, dht: Tensor | None, _dws: Any = None) -> tuple[Tensor | None, ...]:
+        def backward(ctx: Any, *cts: Any) -> tuple[Tensor | None, ...]:
             ws, *inputs = ctx.saved_tensors
-            saved = dict(zip(tensor_names, inputs))
-            n_args = n_tensors + 2 + len(ctx.statics)
+            saved = dict(zip(tensor_names_, inputs))
+            n_args = n_tensors + len(statics_names)
+            do = cts[0]
+            dht = cts[1] if has_state and ctx.output_final_state else None
             if (do is None and dht is None) or not any(ctx.needs_input_grad):
                 return (None,) * n_args
-            v = saved["v"]
-            do = torch.zeros(v.shape, dtype=v.dtype, device=v.device) if do is None else do.contiguous()
-            dht = dht.contiguous() if dht is not None and ctx.output_final_state else None
-            grads = getattr(torch.ops.rawdelta, bwd_name)(do, dht, ws, *inputs, ctx.scale, *ctx.statics)
-            by_name = dict(zip([n for n in floats if saved[n] is not None], grads))
-            return tuple(by_name.get(n) for n in tensor_names) + (None,) * (n_args - n_tensors)
+            do = None if do is None else do.contiguous()  # None: zeros, made by the backward op
+            cot = (do, dht.contiguous() if dht is not None else None) if has_state else (do,)
+            grads = getattr(torch.ops.rawdelta, bwd_name)(*cot, ws, *inputs, *ctx.bwd_statics)
+            by_name = dict(zip([n for n in floats if saved.get(n) is not None], grads))
+            return tuple(by_name.get(n) for n in tensor_names_) + (None,) * (n_args - n_tensors)
 
-    Function.__name__ = Function.__qualname__ = "".join(w.title() for w in spec.name.split("_")) + "Function"
-    return _Op(spec, fwd_op, bwd_op, Function)
-
-
-_RECURRENT_OP = _register(_RECURRENT)
-_CHUNK_OP = _register(_CHUNK)
+    Function.__name__ = Function.__qualname__ = "".join(w.title() for w in op.name.split("_")) + "Function"
+    del inplace_args
+    return _Op(spec, fwd_op, bwd_op, inplace_op, Function)
 
 
-@torch.library.custom_op(_OP_FWD_INPLACE, mutates_args=("initial_state",))
-def _fwd_inplace_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None,
-    beta: Tensor | None,
-    initial_state: Tensor,
-    cu_seqlens: Tensor | None,
-    cu_seqlens_cpu: Tensor | None,
-    gk: Tensor | None,
-    gv: Tensor | None,
-    A_log: Tensor | None,
-    dt_bias: Tensor | None,
-    scale: float | None,
-    use_qk_l2norm_in_kernel: bool,
-    use_gate_in_kernel: bool,
-    use_beta_sigmoid_in_kernel: bool,
-    allow_neg_eigval: bool,
-) -> Tensor:
-    """Decoding forward (recurrent op only): returns o and writes the final state into ``initial_state``
-    (float32, contiguous)."""
-    a = locals()
-    o, _, _ = _run_forward({n: a[n] for n in diff_names("recurrent")}, cu_seqlens, cu_seqlens_cpu,
-                           _flags(a, True), inplace_final_state=True)
-    return o
+def _register_inplace(spec: _OpSpec) -> Any:
+    """``rawdelta::{name}_fwd_inplace``: the decoding forward, returning o and writing the final state into
+    ``initial_state`` (float32, contiguous)."""
+    op = spec.op
+    names = spec.inplace_args
 
+    def impl(*args: Any, **kwargs: Any) -> Tensor:
+        a = _named(names, args, kwargs)
+        statics = {n: a[n] for n in spec.bwd_statics}
+        o, *_ = _run_forward(op, {n: a[n] for n in spec.tensors},
+                             {**statics, "output_final_state": True, "inplace_final_state": True})
+        return o
 
-@_fwd_inplace_op.register_fake
-def _fwd_inplace_fake(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias, scale,
-                      use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval):
-    return v.new_empty(v.shape)
+    def fake(*args: Any, **kwargs: Any) -> Tensor:
+        return _fake_outputs(op, _named(names, args, kwargs), False)[0]
+
+    impl.__signature__ = _signature(spec, names, Tensor)  # type: ignore[attr-defined]
+    inplace = torch.library.custom_op(f"rawdelta::{op.name}_fwd_inplace", mutates_args=("initial_state",))(impl)
+    inplace.register_fake(fake)
+    return inplace
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -431,141 +427,78 @@ def _host_cu_seqlens(cu_seqlens_cpu: Any) -> Tensor | None:
     return cu_seqlens_cpu
 
 
-def fused_recurrent_gated_delta_rule(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None = None,
-    beta: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    use_qk_l2norm_in_kernel: bool = False,
-    cu_seqlens: Tensor | None = None,
-    *,
-    gk: Tensor | None = None,
-    gv: Tensor | None = None,
-    use_gate_in_kernel: bool = False,
-    A_log: Tensor | None = None,
-    dt_bias: Tensor | None = None,
-    use_beta_sigmoid_in_kernel: bool = False,
-    allow_neg_eigval: bool = False,
-    inplace_final_state: bool = False,
-    cu_seqlens_cpu: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Gated delta rule, one token at a time, on torch tensors; differentiable through ``torch.autograd``.
+def _check_tensors(op: OpDef, a: dict[str, Any]) -> None:
+    """Every array argument a torch.Tensor (or None) and the op's arrays on one device: TypeError naming them."""
+    bad = [f"{n} must be a torch.Tensor, got {type(a[n]).__name__}" for n in op.array_names + ("cu_seqlens",)
+           if a.get(n) is not None and not isinstance(a[n], Tensor)]
+    if bad:
+        raise TypeError("; ".join(bad))
+    devices = {n: str(a[n].device) for n in op.array_names if a.get(n) is not None}
+    if len(set(devices.values())) > 1:
+        raise TypeError(f"all tensors must be on one device, got {devices}")
 
-    Same arguments, defaults and return value as :func:`rawdelta.fused_recurrent_gated_delta_rule`, without
-    ``backend`` and ``stream``: CUDA tensors run the ``cuda`` backend on ``torch.cuda.current_stream()``
-    with every allocation made by torch's caching allocator; CPU tensors run the ``numpy`` backend.
-    Works under ``torch.compile(fullgraph=True)`` and CUDA graph capture; capture needs ``cu_seqlens=None``,
-    because the varlen bookkeeping copies the offsets between host and device (``cu_seqlens_cpu`` saves the
-    device-to-host copy, not the upload).
 
-    Args:
-        q (Tensor): queries ``[B, T, H, K]``, float32/float16/bfloat16 (float64 on CPU).
-        k (Tensor): keys ``[B, T, H, K]``, same dtype as q.
-        v (Tensor): values ``[B, T, HV, V]``, same dtype as q; ``HV % H == 0``.
-        g (Tensor, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
-        beta (Tensor, optional): ``[B, T, HV]`` or ``[B, T, HV, V]``. Default: ones.
-        scale (float, optional): query scale. Default: ``K ** -0.5``.
-        initial_state (Tensor, optional): ``[N, HV, K, V]``. Default: zeros.
-        output_final_state (bool): return the final state ``[N, HV, K, V]`` (float32). Default: ``False``.
-        use_qk_l2norm_in_kernel (bool): L2-normalise q and k per head. Default: ``False``.
-        cu_seqlens (Tensor, optional): int32/int64 ``[N + 1]`` offsets of packed sequences (B must be 1).
-        gk (Tensor, optional): per-key log-decay ``[B, T, HV, K]``.
-        gv (Tensor, optional): per-value log-decay ``[B, T, HV, V]``.
-        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``. Default: ``False``.
-        A_log (Tensor, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        dt_bias (Tensor, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        use_beta_sigmoid_in_kernel (bool): beta holds logits. Default: ``False``.
-        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``. Default: ``False``.
-        inplace_final_state (bool): write the final state into ``initial_state`` (float32, contiguous) and
-            return it as the second output (decoding). Not differentiable. Default: ``False``.
-        cu_seqlens_cpu (Tensor, optional): a CPU copy of ``cu_seqlens``, which saves a device-to-host copy.
+def _statics(spec: _OpSpec, a: dict[str, Any]) -> tuple[Any, ...]:
+    """The static options in schema order, as the schema types (after the core's checks)."""
+    out = []
+    for n in spec.statics:
+        x = a[n]
+        kind = spec.op.option(n).annotation
+        if x is not None:
+            x = bool(x) if kind == "bool" else (float(x) if kind.startswith("float") else int(x))
+        out.append(x)
+    return tuple(out)
 
-    Returns:
-        ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state ``[N, HV, K, V]`` float32, or None
-        unless ``output_final_state`` (or ``inplace_final_state``, which returns ``initial_state`` itself).
 
-    Gradients flow to every floating input given (q, k, v, g, gk, gv, beta, initial_state, A_log, dt_bias)
-    from both o and final_state.
-    """
-    cu_seqlens_cpu = _host_cu_seqlens(cu_seqlens_cpu)
-    if inplace_final_state:
-        if initial_state is None:
-            raise ValueError("inplace_final_state=True needs initial_state [N, HV, K, V] to write into")
-        floats = (q, k, v, g, gk, gv, beta, initial_state, A_log, dt_bias)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in floats):
+def _call(entry: _Op, a: dict[str, Any]) -> Any:
+    """A public call: validate what the custom ops cannot express, then the autograd.Function (or the in-place
+    op)."""
+    spec = entry.spec
+    op = spec.op
+    _check_tensors(op, a)
+    check_statics(op, {n: a[n] for n in spec.statics})
+    if "cu_seqlens_cpu" in a:
+        a["cu_seqlens_cpu"] = _host_cu_seqlens(a["cu_seqlens_cpu"])
+    tensors = tuple(a.get(n) for n in spec.tensors)
+    statics = _statics(spec, a)
+    if a.get("inplace_final_state"):
+        if a.get("initial_state") is None:
+            raise ValueError("inplace_final_state=True needs initial_state to write into")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             raise ValueError("inplace_final_state=True overwrites initial_state and has no backward; call it under "
                              "torch.no_grad() or with inputs that do not require grad")
-        o = _fwd_inplace_op(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, gk, gv, A_log, dt_bias,
-                            scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
-                            allow_neg_eigval)
-        return o, initial_state
-    given = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state, "cu_seqlens": cu_seqlens,
-             "cu_seqlens_cpu": cu_seqlens_cpu, "gk": gk, "gv": gv, "A_log": A_log, "dt_bias": dt_bias}
-    return _RECURRENT_OP.apply(given, scale, output_final_state, (use_qk_l2norm_in_kernel, use_gate_in_kernel,
-                                                                  use_beta_sigmoid_in_kernel, allow_neg_eigval))
+        i_final = spec.statics.index("output_final_state")
+        o = entry.inplace(*tensors, *(s for i, s in enumerate(statics) if i != i_final))
+        return o, a["initial_state"]
+    *outs, _ = entry.function.apply(*tensors, *statics)
+    if op.has_state:
+        return outs[0], (outs[1] if a["output_final_state"] else None)
+    return outs[0]
 
 
-def chunk_gated_delta_rule(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None = None,
-    beta: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    use_qk_l2norm_in_kernel: bool = False,
-    cu_seqlens: Tensor | None = None,
-    *,
-    chunk_size: int = 64,
-    use_gate_in_kernel: bool = False,
-    A_log: Tensor | None = None,
-    dt_bias: Tensor | None = None,
-    use_beta_sigmoid_in_kernel: bool = False,
-    allow_neg_eigval: bool = False,
-    cu_seqlens_cpu: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Gated delta rule computed chunk by chunk (training, prefill) on torch tensors; differentiable through
-    ``torch.autograd``.
+def _public_function(entry: _Op) -> Any:
+    op = entry.spec.op
+    body = (f"Same arguments, defaults and return value as :func:`rawdelta.{op.name}`, without ``backend`` and "
+            "``stream``: CUDA tensors run the ``cuda`` backend on ``torch.cuda.current_stream()`` with every "
+            "allocation made by torch's caching allocator; CPU tensors run the ``numpy`` backend. Differentiable "
+            "through ``torch.autograd`` (gradients reach every floating input given"
+            + (", from both outputs" if op.has_state else "") + "); works under ``torch.compile(fullgraph=True)`` "
+            "and CUDA graph capture (capture needs ``cu_seqlens=None``: the varlen bookkeeping copies the offsets "
+            "between host and device).")
+    return adapter_function(op, "Tensor", "torch tensors", body, _call, entry, {"Tensor": Tensor}, __name__)
 
-    Same arguments, defaults and return value as :func:`rawdelta.chunk_gated_delta_rule`, without ``backend``
-    and ``stream``: CUDA tensors run the ``cuda`` backend on ``torch.cuda.current_stream()`` with every
-    allocation made by torch's caching allocator; CPU tensors run the ``numpy`` backend. Works under
-    ``torch.compile(fullgraph=True)`` and CUDA graph capture (capture needs ``cu_seqlens=None``, as for
-    :func:`fused_recurrent_gated_delta_rule`).
 
-    Args:
-        q (Tensor): queries ``[B, T, H, K]``, float32/float16/bfloat16 (float64 on CPU).
-        k (Tensor): keys ``[B, T, H, K]``, same dtype as q.
-        v (Tensor): values ``[B, T, HV, V]``, same dtype as q; ``HV % H == 0``.
-        g (Tensor, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
-        beta (Tensor, optional): ``[B, T, HV]``. Default: ones.
-        scale (float, optional): query scale. Default: ``K ** -0.5``.
-        initial_state (Tensor, optional): ``[N, HV, K, V]``. Default: zeros.
-        output_final_state (bool): return the final state ``[N, HV, K, V]`` (float32). Default: ``False``.
-        use_qk_l2norm_in_kernel (bool): L2-normalise q and k per head. Default: ``False``.
-        cu_seqlens (Tensor, optional): int32/int64 ``[N + 1]`` offsets of packed sequences (B must be 1).
-        chunk_size (int): tokens per chunk, 16, 32 or 64 (a Python int). Default: 64.
-        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``. Default: ``False``.
-        A_log (Tensor, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        dt_bias (Tensor, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        use_beta_sigmoid_in_kernel (bool): beta holds logits. Default: ``False``.
-        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``. Default: ``False``.
-        cu_seqlens_cpu (Tensor, optional): a CPU copy of ``cu_seqlens``, which saves a device-to-host copy.
+_OPS: dict[str, _Op] = {}
 
-    Returns:
-        ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state ``[N, HV, K, V]`` float32, or None
-        unless ``output_final_state``.
 
-    Gradients flow to every floating input given (q, k, v, g, beta, initial_state, A_log, dt_bias) from both
-    o and final_state.
-    """
-    given = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state, "cu_seqlens": cu_seqlens,
-             "cu_seqlens_cpu": _host_cu_seqlens(cu_seqlens_cpu), "A_log": A_log, "dt_bias": dt_bias}
-    return _CHUNK_OP.apply(given, scale, output_final_state, (use_qk_l2norm_in_kernel, use_gate_in_kernel,
-                                                              use_beta_sigmoid_in_kernel, allow_neg_eigval),
-                           (chunk_size,))
+def entry_point(op: OpDef) -> Any:
+    """``rawdelta.torch``'s function for `op`, its custom ops registered on first use (every registered op has one
+    from import; an op declared elsewhere, a test's, gets its own here)."""
+    if op.name not in _OPS:
+        _OPS[op.name] = _register(op)
+    return _public_function(_OPS[op.name])
+
+
+_PUBLIC = {op.name: entry_point(op) for op in registry.ops()}
+globals().update(_PUBLIC)
+__all__ = sorted(_PUBLIC)

@@ -1,8 +1,14 @@
-"""Shipped test helpers: one ``assert_close``, one tolerance table, shared input generators, NaN poisoning."""
+"""Shipped test helpers: one ``assert_close``, one tolerance table, the float64 reference, every family's input
+generator (``gated_delta_rule_inputs`` ...), NaN poisoning."""
 
 from .._arrays import poison_allocations
+from ..ops import registry
 from .compare import TOLERANCES, assert_close, error_stats, tolerance
-from .inputs import gated_delta_rule_inputs, to_device, to_host
+from .inputs import split_op_args, to_device, to_host
+from .reference import grad_label, reference_results
 
-__all__ = ["TOLERANCES", "assert_close", "error_stats", "gated_delta_rule_inputs", "poison_allocations",
-           "to_device", "to_host", "tolerance"]
+_GENERATORS = registry.input_generators()
+globals().update(_GENERATORS)
+
+__all__ = ["TOLERANCES", "assert_close", "error_stats", "grad_label", "poison_allocations", "reference_results",
+           "split_op_args", "to_device", "to_host", "tolerance", *sorted(_GENERATORS)]

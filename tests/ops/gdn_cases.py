@@ -1,94 +1,50 @@
-"""Cases and the one comparison routine shared by the backend tests of the gated delta rule (both modes).
+"""Cases and helpers of the gated delta rule's own tests (both modes): its option matrix, its shapes, the problem
+of a call, and finite differences of its float64 references.
 
-`check_backend` runs a backend of the recurrent or the chunked mode on generator inputs (host or CuPy)
-and compares o, the final state and every gradient (dh0 and the dht path included) with the float64
-recurrent reference in naive.py (the definition of the op; the chunked form must equal it).
+`check_backend` runs a backend of the recurrent or the chunked op on generator inputs (host or CuPy) and compares o,
+the final state and every gradient (dh0 and the dht path included) with the float64 recurrent reference (the
+definition of the op; the chunked form must equal it), through the contract tests' comparison.
 `check_against_fd` checks a float64 reference's hand-written backward against central finite differences.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from rawdelta.ops.gated_delta_rule import naive
-from rawdelta.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd, chunk_gated_delta_rule_fwd
-from rawdelta.ops.gated_delta_rule.problem import GDNProblem, make_problem
-from rawdelta.ops.gated_delta_rule.recurrent import (
-    GatedDeltaRuleGrads,
-    fused_recurrent_gated_delta_rule_bwd,
-    fused_recurrent_gated_delta_rule_fwd,
-)
-from rawdelta.testing import assert_close, gated_delta_rule_inputs, to_device, to_host
+from rawdelta.ops.common.validation import validate
+from rawdelta.ops.gated_delta_rule.definition import CHUNK, RECURRENT, GDNProblem
+from rawdelta.testing import gated_delta_rule_inputs, grad_label
 from rawdelta.testing.inputs import split_op_args
 
+from ..contract import _ops
 
-def _grad_label(name: str) -> str:
-    return "dh0" if name == "initial_state" else "d" + name
+GRAD_NAMES = RECURRENT.differentiable
 
 
-def _tol_dtype(dtype: Any) -> str:
-    # The numba backend computes in float32 whatever the input dtype, so float64 inputs get float32 bounds.
-    name = np.dtype(dtype).name
-    return "float32" if name == "float64" else name
+def make_problem(mode: str | None = None, **kw: Any) -> GDNProblem:
+    """The validated problem of a call: of the chunked op when `mode` is ``"chunk"`` or ``chunk_size`` is given, else
+    of the recurrent op (``backend`` defaults to ``"numpy"``)."""
+    op = CHUNK if mode == "chunk" or (mode is None and "chunk_size" in kw) else RECURRENT
+    return validate(op, {"backend": "numpy", **kw})
 
 
 def check_backend(backend: str, inputs: dict[str, Any], *, use_dht: bool = True, device: bool = False,
                   drop: tuple[str, ...] = (), mode: str = "recurrent", chunk_size: int = 16,
                   dtype: str | None = None, **extra: Any) -> None:
-    """Run `backend` on `inputs` (host or CuPy) and compare o, ht and every gradient with naive.py.
-
-    ``mode="chunk"`` runs ``chunk_gated_delta_rule`` with `chunk_size`; `dtype` overrides the tolerance
-    row (default: the inputs' dtype, float32 for float64 inputs on non-numpy backends).
-    """
+    """Run `backend` on generator `inputs` (host; ``device`` copies them to the GPU) and compare o, ht and every
+    gradient with the float64 recurrent reference; ``mode="chunk"`` runs ``chunk_gated_delta_rule`` with
+    `chunk_size`. `dtype` overrides the tolerance row."""
     kw, do, dht = split_op_args(inputs)
     for name in drop:
         kw.pop(name)
     kw.update(extra)
-    if not use_dht:
-        dht = None
-    if dtype is None:
-        dtype = "float64" if backend == "numpy" and kw["q"].dtype == np.float64 else _tol_dtype(kw["q"].dtype)
-
-    p = make_problem(**kw, output_final_state=True, backend="numpy")
-    o_ref, ht_ref = naive.recurrent_forward(p)
-    grads_ref = naive.recurrent_backward(p, do, dht)
-
-    host_copies = {n: x.copy() for n, x in kw.items() if isinstance(x, np.ndarray)}
-    if device:
-        import cupy
-
-        kw = to_device(kw)
-        do = cupy.asarray(do)
-        dht = None if dht is None else cupy.asarray(dht)
+    op = CHUNK if mode == "chunk" else RECURRENT
     if mode == "chunk":
-        (o, ht), res = chunk_gated_delta_rule_fwd(**kw, output_final_state=True, backend=backend,
-                                                  chunk_size=chunk_size)
-        grads = chunk_gated_delta_rule_bwd(res, do, dht)
-    else:
-        (o, ht), res = fused_recurrent_gated_delta_rule_fwd(**kw, output_final_state=True, backend=backend)
-        grads = fused_recurrent_gated_delta_rule_bwd(res, do, dht)
-
-    assert type(o) is type(kw["q"]) and type(ht) is type(kw["q"])
-    assert o.shape == (p.B, p.T, p.HV, p.V) and o.dtype == kw["v"].dtype
-    assert ht.shape == (p.N, p.HV, p.K, p.V)
-    assert_close("o", o_ref, o, dtype=dtype)
-    assert_close("ht", ht_ref, ht, dtype=dtype)
-    for name in GatedDeltaRuleGrads._fields:
-        got = getattr(grads, name)
-        if kw.get(name) is None:
-            assert got is None, f"gradient of absent input {name}"
-            continue
-        if mode == "chunk" and name in ("gk", "gv"):
-            continue
-        assert got is not None, f"missing gradient of {name}"
-        assert type(got) is type(kw["q"]) and got.shape == kw[name].shape, name
-        assert_close(_grad_label(name), grads_ref[name], got, dtype=dtype)
-    for n, x in host_copies.items():  # inputs are never modified
-        np.testing.assert_array_equal(to_host(kw[n]), x, err_msg=n)
+        kw["chunk_size"] = chunk_size
+    _ops.check_backend(op, backend, kw, do, dht if use_dht else None, device=device, dtype=dtype)
 
 
 # (name, generator options, op keyword arguments added, inputs dropped)
@@ -168,8 +124,8 @@ def finite_difference(forward: Forward, p: GDNProblem, name: str, do: np.ndarray
         xp, xm = x.copy(), x.copy()
         xp[i] += FD_STEP
         xm[i] -= FD_STEP
-        fd[i] = (_fd_loss(forward, dataclasses.replace(p, **{name: xp}), do, dht)
-                 - _fd_loss(forward, dataclasses.replace(p, **{name: xm}), do, dht)) / (2 * FD_STEP)
+        fd[i] = (_fd_loss(forward, p.replace(**{name: xp}), do, dht)
+                 - _fd_loss(forward, p.replace(**{name: xm}), do, dht)) / (2 * FD_STEP)
     return fd
 
 
@@ -177,15 +133,14 @@ def check_against_fd(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None, forw
                      backward: Backward) -> None:
     """Every element of every gradient of `backward` against finite differences of `forward` (float64 inputs)."""
     grads = backward(p, do, dht)
-    names = GatedDeltaRuleGrads._fields
-    assert set(grads) <= set(names)
-    for name in names:
+    assert set(grads) <= set(GRAD_NAMES)
+    for name in GRAD_NAMES:
         x = getattr(p, name)
         gr = grads.get(name)
         if x is None or (name == "dt_bias" and not p.use_gate_in_kernel):
-            assert gr is None, f"d{name} should be absent"
+            assert gr is None, f"{grad_label(name)} should be absent"
             continue
-        assert gr is not None, f"d{name} missing"
+        assert gr is not None, f"{grad_label(name)} missing"
         assert gr.shape == x.shape and gr.dtype == np.float64, (name, gr.shape, gr.dtype)
         fd = finite_difference(forward, p, name, do, dht)
         scale = max(float(np.linalg.norm(fd)), 1e-12)
@@ -195,17 +150,18 @@ def check_against_fd(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None, forw
 
 
 def record_launches(monkeypatch: Any, prefix: str = "") -> list[str]:
-    """From now on, the name of every kernel the CUDA chunked op launches (those starting with `prefix`), in the
-    order their launches are built (``cuda_chunk._prepared_launch``, through which every launch goes)."""
-    from rawdelta.ops.gated_delta_rule import cuda_chunk
+    """From now on, the name of every kernel launched through ``rawdelta.cuda.launch`` (those starting with `prefix`),
+    in the order their launches are built (``launch.prepared_launch``, through which every launch there goes: all of
+    the CUDA chunked op's)."""
+    from rawdelta.cuda import launch
 
     names: list[str] = []
-    prepared_launch = cuda_chunk._prepared_launch
+    prepared_launch = launch.prepared_launch
 
-    def spy(name: str, *args: Any, **kwargs: Any) -> Any:
+    def spy(source: str, name: str, *args: Any, **kwargs: Any) -> Any:
         if name.startswith(prefix):
             names.append(name)
-        return prepared_launch(name, *args, **kwargs)
+        return prepared_launch(source, name, *args, **kwargs)
 
-    monkeypatch.setattr(cuda_chunk, "_prepared_launch", spy)
+    monkeypatch.setattr(launch, "prepared_launch", spy)
     return names

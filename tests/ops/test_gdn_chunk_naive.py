@@ -22,11 +22,20 @@ import pytest
 import rawdelta
 from rawdelta.ops.common import chunk_stages as cs
 from rawdelta.ops.gated_delta_rule import naive, naive_chunk
-from rawdelta.ops.gated_delta_rule.problem import GDNProblem, make_problem
+from rawdelta.ops.gated_delta_rule.definition import GDNProblem
 from rawdelta.testing import gated_delta_rule_inputs
 from rawdelta.testing.inputs import split_op_args
 
-from .gdn_cases import CHUNK_OPTIONS, CHUNK_SHAPES, FD_RTOL, FD_STEP, check_against_fd, check_backend, make_inputs
+from .gdn_cases import (
+    CHUNK_OPTIONS,
+    CHUNK_SHAPES,
+    FD_RTOL,
+    FD_STEP,
+    check_against_fd,
+    check_backend,
+    make_inputs,
+    make_problem,
+)
 
 OUT_RTOL = 1e-12  # max-abs error relative to max|ref|, chunked vs recurrent reference
 GRAD_RTOL = 1e-10
@@ -58,8 +67,7 @@ def check_chunk_equals_recurrent(inputs: dict[str, Any], chunk_size: int, *, use
                                  drop: tuple[str, ...] = (), extra: dict[str, Any] | None = None) -> None:
     """naive_chunk against naive (recurrent), tight bounds, then the op through check_backend (float64 row)."""
     kw, do, dht = _op_args(inputs, drop, extra or {}, use_dht)
-    p = make_problem(**kw, output_final_state=True, backend="numpy", allow_gk_gv=False, allow_beta_per_v=False,
-                     chunk_size=chunk_size)
+    p = make_problem("chunk", **kw, output_final_state=True, chunk_size=chunk_size)
     o_ref, ht_ref = naive.recurrent_forward(p)
     o, ht = naive_chunk.chunk_forward(p, chunk_size)
     _assert_max_rel("o", o_ref, o, OUT_RTOL)
@@ -145,7 +153,7 @@ def _chunk_backward(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None) -> di
 def _fd_problem(shape: dict[str, Any], extra: dict[str, Any], drop: tuple[str, ...], use_dht: bool
                 ) -> tuple[GDNProblem, np.ndarray, np.ndarray | None]:
     kw, do, dht = _op_args(_float64(make_inputs(shape, seed=21)), drop, extra, use_dht)
-    return make_problem(**kw, backend="numpy", allow_gk_gv=False, allow_beta_per_v=False, chunk_size=FD_CHUNK), do, dht
+    return make_problem("chunk", **kw, chunk_size=FD_CHUNK), do, dht
 
 
 @pytest.mark.parametrize(("shape", "extra", "drop"), [c[1:] for c in FD_CASES], ids=[c[0] for c in FD_CASES])
@@ -294,7 +302,7 @@ def test_public_reference_equals_chunk_forward_and_backward(chunk_size: int | No
     kw, do, dht = _public_case()
     size = {} if chunk_size is None else {"chunk_size": chunk_size}
     C = chunk_size or 64
-    p = make_problem(**kw, backend="numpy")
+    p = make_problem("chunk", **kw)
     o_ref, ht_ref = naive_chunk.chunk_forward(p, C)
     o, ht = rawdelta.naive_chunk_gated_delta_rule(kw["q"], kw["k"], kw["v"], kw["g"], kw["beta"], **size,
                                                   output_final_state=True, **_rest(kw))
@@ -325,7 +333,7 @@ def test_public_reference_validation() -> None:
         with pytest.raises(ValueError, match="chunk_size must be one of"):
             rawdelta.naive_chunk_gated_delta_rule_bwd(q, k, v, g, beta, bad, do=do, **rest)
     gk = np.zeros(q.shape[:2] + (v.shape[2], q.shape[3]))
-    with pytest.raises(NotImplementedError, match="gk is only supported by the recurrent mode"):
+    with pytest.raises(TypeError, match="gk"):
         rawdelta.naive_chunk_gated_delta_rule(q, k, v, g, beta, gk=gk, **rest)
     with pytest.raises(NotImplementedError, match="per value dimension"):
         rawdelta.naive_chunk_gated_delta_rule(q, k, v, g, np.zeros(v.shape), **rest)

@@ -1,9 +1,10 @@
 """The float64 NumPy reference of the recurrent gated delta rule (naive.py, the ``numpy`` backend).
 
 - Its hand-written backward against float64 central finite differences of
-  ``L = sum(o * do) + sum(ht * dht)``, every element of every gradient, for every option.
+  ``L = sum(o * do) + sum(ht * dht)``, every element of every gradient, for every option of the family.
 - Its forward against an independent plain-Python per-column loop written here from README.md.
-- The public op ``fused_recurrent_gated_delta_rule(..., backend="numpy")`` end to end: dtypes and values.
+- The public reference ``naive_recurrent_gated_delta_rule`` keeps the peer's argument order (beta before g).
+The contract tests (tests/contract) hold what every op shares: dtypes, validation, the adapters.
 """
 
 from __future__ import annotations
@@ -12,18 +13,15 @@ import dataclasses
 import math
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import pytest
 
 import rawdelta
 from rawdelta.ops.gated_delta_rule import naive
-from rawdelta.ops.gated_delta_rule.problem import GDNProblem, make_problem
+from rawdelta.ops.gated_delta_rule.definition import GDNProblem
 from rawdelta.testing import assert_close, gated_delta_rule_inputs
 
-from .gdn_cases import check_against_fd
-
-GRAD_NAMES = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state", "A_log", "dt_bias")
+from .gdn_cases import GRAD_NAMES, check_against_fd, make_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +163,7 @@ def test_softplus_threshold_in_gate() -> None:
     p, _, _ = problem(Case(gate_in_kernel=True, dt_bias=False, T=2, HV=2, H=1))
     g_raw = np.array([[[25.0, -3.0], [20.5, 0.0]]])
     A_log = np.array([0.3, -0.2])
-    x = naive._prepare(dataclasses.replace(p, g=g_raw, A_log=A_log))
+    x = naive.prepare_inputs(p.replace(g=g_raw, A_log=A_log))
     a = np.exp(A_log)
     expected = -a * np.array([[[25.0, math.log1p(math.exp(-3.0))], [20.5, math.log(2.0)]]])
     np.testing.assert_allclose(x.g, expected, rtol=1e-15)
@@ -273,90 +271,3 @@ def test_naive_public_argument_order_beta_before_g() -> None:
     ref = naive.recurrent_backward(p, do, dht)
     for name in GRAD_NAMES:
         np.testing.assert_array_equal(getattr(grads, name), ref[name])
-
-
-def test_naive_public_bwd_checks_cotangents() -> None:
-    kw, do, _ = build(Case())
-    rest = _naive_kwargs(kw)
-    with pytest.raises(ValueError, match=r"do must have shape \[B, T, HV, V\] = \[1, 5, 1, 4\]"):
-        rawdelta.naive_recurrent_gated_delta_rule_bwd(kw["q"], kw["k"], kw["v"], kw["beta"], kw["g"],
-                                                      do=do[:, :4], **rest)
-    with pytest.raises(ValueError, match=r"dht must be 4-D \[N, HV, K, V\] = \[1, 1, 3, 4\]"):
-        rawdelta.naive_recurrent_gated_delta_rule_bwd(kw["q"], kw["k"], kw["v"], kw["beta"], kw["g"],
-                                                      do=do, dht=np.zeros((1, 3, 4)), **rest)
-    with pytest.raises(TypeError, match="do must be an array"):
-        rawdelta.naive_recurrent_gated_delta_rule_bwd(kw["q"], kw["k"], kw["v"], kw["beta"], kw["g"],
-                                                      do=do.tolist(), **rest)
-
-
-E2E_CASES = [
-    Case(H=1, HV=2, K=3, V=4, gk=True, gv=True, beta="perv"),
-    Case(seqlens=(3, 0, 2), H=2, HV=2, l2norm=True, sigmoid=True, neg_eigval=True, gate_in_kernel=True),
-    Case(B=2, T=4, g=False, beta=None, h0=False),
-]
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
-@pytest.mark.parametrize("c", case_params(E2E_CASES))
-def test_public_op_numpy_backend(c: Case, dtype: str) -> None:
-    kw, do, dht = build(c, dtype=dtype)
-    in_dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    assert kw["q"].dtype == in_dt
-    state_dt = np.float64 if dtype == "float64" else np.float32
-    inputs_before = {n: a.copy() for n, a in kw.items() if isinstance(a, np.ndarray)}
-
-    # Reference: the float64 reference on the same (already rounded) inputs.
-    p64 = make_problem(**kw, backend="numpy")
-    o_ref, ht_ref = naive.recurrent_forward(p64)
-    grads_ref = naive.recurrent_backward(p64, do, dht)
-    tol_dt = in_dt if dtype != "float64" else None
-
-    def close(name: str, ref: np.ndarray, out: np.ndarray) -> None:
-        if tol_dt is None:
-            assert_close(name, ref, out, ratio=1e-14)
-        else:
-            assert_close(name, ref, out, dtype=tol_dt)
-
-    o, ht = rawdelta.fused_recurrent_gated_delta_rule(**kw, output_final_state=True, backend="numpy")
-    assert o.dtype == in_dt and o.shape == kw["v"].shape
-    assert ht.dtype == state_dt
-    close("o", o_ref, o)
-    close("ht", ht_ref, ht)
-    o_only, none = rawdelta.fused_recurrent_gated_delta_rule(**kw, backend="numpy")
-    assert none is None
-    np.testing.assert_array_equal(o_only, o)
-
-    (o2, ht2), res = rawdelta.fused_recurrent_gated_delta_rule_fwd(**kw, output_final_state=True, backend="numpy")
-    np.testing.assert_array_equal(o2, o)
-    np.testing.assert_array_equal(ht2, ht)
-    grads = rawdelta.fused_recurrent_gated_delta_rule_bwd(res, do, dht)
-    for name in GRAD_NAMES:
-        gr = getattr(grads, name)
-        if kw.get(name) is None:
-            assert gr is None, name
-            continue
-        if name == "initial_state":
-            expected_dt = state_dt
-        else:
-            expected_dt = kw[name].dtype
-        assert gr.dtype == expected_dt and gr.shape == kw[name].shape, (name, gr.dtype, gr.shape)
-        close(f"d{name}", grads_ref[name], gr)
-
-    grads_no_dht = rawdelta.fused_recurrent_gated_delta_rule_bwd(res, do)
-    ref_no_dht = naive.recurrent_backward(p64, do, None)
-    close("dq", ref_no_dht["q"], grads_no_dht.q)
-
-    for n, a in inputs_before.items():
-        np.testing.assert_array_equal(kw[n], a, err_msg=f"{n} was modified")
-
-
-def test_float32_numpy_backend_close_to_float64_truth() -> None:
-    """float32 inputs through the public op agree with the float64 reference on float64 inputs to float32 tolerance."""
-    c = E2E_CASES[0]
-    kw64, do, dht = build(c)
-    kw32 = {n: (a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a)
-            for n, a in kw64.items()}
-    o_ref, ht_ref = rawdelta.fused_recurrent_gated_delta_rule(**kw64, output_final_state=True, backend="numpy")
-    o, ht = rawdelta.fused_recurrent_gated_delta_rule(**kw32, output_final_state=True, backend="numpy")
-    assert_close("o", o_ref, o, dtype=np.float32)
-    assert_close("ht", ht_ref, ht, dtype=np.float32)

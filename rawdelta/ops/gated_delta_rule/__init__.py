@@ -1,33 +1,13 @@
-"""Gated delta rule (GatedDeltaNet, Qwen3-Next): recurrent and chunked modes, references. See README.md for the math."""
+"""Gated delta rule (GatedDeltaNet, Qwen3-Next): recurrent and chunked modes and their float64 references.
 
-from .chunk import (
-    ChunkGatedDeltaRuleResiduals,
-    chunk_gated_delta_rule,
-    chunk_gated_delta_rule_bwd,
-    chunk_gated_delta_rule_fwd,
-)
-from .naive import naive_recurrent_gated_delta_rule, naive_recurrent_gated_delta_rule_bwd
-from .naive_chunk import naive_chunk_gated_delta_rule, naive_chunk_gated_delta_rule_bwd
-from .recurrent import (
-    FusedRecurrentGatedDeltaRuleResiduals,
-    GatedDeltaRuleGrads,
-    fused_recurrent_gated_delta_rule,
-    fused_recurrent_gated_delta_rule_bwd,
-    fused_recurrent_gated_delta_rule_fwd,
-)
+README.md beside this file has the math; definition.py declares the ops, from which their public functions are
+generated (``rawdelta/ops/common/api.py``).
+"""
 
-__all__ = [
-    "ChunkGatedDeltaRuleResiduals",
-    "chunk_gated_delta_rule",
-    "chunk_gated_delta_rule_bwd",
-    "chunk_gated_delta_rule_fwd",
-    "FusedRecurrentGatedDeltaRuleResiduals",
-    "GatedDeltaRuleGrads",
-    "fused_recurrent_gated_delta_rule",
-    "fused_recurrent_gated_delta_rule_bwd",
-    "fused_recurrent_gated_delta_rule_fwd",
-    "naive_chunk_gated_delta_rule",
-    "naive_chunk_gated_delta_rule_bwd",
-    "naive_recurrent_gated_delta_rule",
-    "naive_recurrent_gated_delta_rule_bwd",
-]
+from ..common.api import family_exports
+from .definition import CHUNK, FAMILY, RECURRENT
+
+OPS = (RECURRENT, CHUNK)
+_EXPORTS = family_exports(FAMILY, OPS)
+globals().update(_EXPORTS)
+__all__ = sorted(_EXPORTS)

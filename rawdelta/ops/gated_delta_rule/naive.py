@@ -5,12 +5,9 @@ heads and the ``K x V`` state. The backward is written by hand (reverse mode, no
 and keeps every per-step state: this is the reference, memory is not a concern. The math, with every
 option, is in README.md beside this file.
 
-Entry points:
-
-- :func:`recurrent_forward` / :func:`recurrent_backward`: what ``recurrent.py`` dispatches to for
-  ``backend="numpy"``, on a validated :class:`~.problem.GDNProblem`.
-- :func:`naive_recurrent_gated_delta_rule` / :func:`naive_recurrent_gated_delta_rule_bwd`: public
-  references on raw arrays, returning float64.
+Entry points: :func:`recurrent_forward` / :func:`recurrent_backward` on a validated problem, and the backend
+protocol's :func:`forward` / :func:`backward` (``rawdelta/ops/common/opdef.py``, ``Backend``) over them; the public
+``naive_recurrent_gated_delta_rule`` pair is generated from the op's declaration (definition.py).
 """
 
 from __future__ import annotations
@@ -21,18 +18,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..._arrays import empty
-from .calls import check_cotangents
-from .problem import GDNProblem, make_problem
 
 if TYPE_CHECKING:
-    from .recurrent import GatedDeltaRuleGrads
+    from .definition import GDNProblem
 
 L2NORM_EPS = 1e-6
 SOFTPLUS_THRESHOLD = 20.0
 _GRAD_NAMES = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state", "A_log", "dt_bias")
 
 
-def _f64(x: Any) -> np.ndarray | None:
+def as_f64(x: Any) -> np.ndarray | None:
     return None if x is None else np.asarray(x, dtype=np.float64)
 
 
@@ -56,7 +51,7 @@ def _matvec(S: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _Inputs:
+class Inputs:
     """The problem's inputs in float64 after every in-kernel transform, q and k expanded to value heads."""
 
     q_n: np.ndarray  # [B, T, H, K] after the optional L2 norm
@@ -81,8 +76,8 @@ def _l2norm(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x * r, r
 
 
-def _prepare(p: GDNProblem) -> _Inputs:
-    q, k, v = _f64(p.q), _f64(p.k), _f64(p.v)
+def prepare_inputs(p: GDNProblem) -> Inputs:
+    q, k, v = as_f64(p.q), as_f64(p.k), as_f64(p.v)
     r_q = r_k = None
     if p.use_qk_l2norm_in_kernel:
         q, r_q = _l2norm(q)
@@ -96,30 +91,30 @@ def _prepare(p: GDNProblem) -> _Inputs:
     if p.beta is None:
         beta = np.ones((p.B, p.T, p.HV, 1))
     else:
-        beta = _f64(p.beta)
+        beta = as_f64(p.beta)
         if p.use_beta_sigmoid_in_kernel:
             sig_beta = _sigmoid(beta)
             beta = (2.0 if p.allow_neg_eigval else 1.0) * sig_beta
         if beta.ndim == 3:
             beta = beta[..., None]
 
-    g = _f64(p.g)
+    g = as_f64(p.g)
     gate_arg = None
     if p.use_gate_in_kernel:
-        dt_bias = np.zeros(p.HV) if p.dt_bias is None else _f64(p.dt_bias)
+        dt_bias = np.zeros(p.HV) if p.dt_bias is None else as_f64(p.dt_bias)
         gate_arg = g + dt_bias
-        g = -np.exp(_f64(p.A_log)) * _softplus(gate_arg)
-    gk, gv = _f64(p.gk), _f64(p.gv)
-    return _Inputs(
+        g = -np.exp(as_f64(p.A_log)) * _softplus(gate_arg)
+    gk, gv = as_f64(p.gk), as_f64(p.gv)
+    return Inputs(
         q_n=q, k_n=k, r_q=r_q, r_k=r_k, q=q_hv, k=k_hv, v=v, beta=beta, sig_beta=sig_beta, g=g, gate_arg=gate_arg,
         exp_g=None if g is None else np.exp(g)[..., None, None],
         exp_gk=None if gk is None else np.exp(gk)[..., None],
         exp_gv=None if gv is None else np.exp(gv)[..., None, :],
-        h0=_f64(p.initial_state),
+        h0=as_f64(p.initial_state),
     )
 
 
-def _decay(x: _Inputs, b: int, t: int) -> np.ndarray | float:
+def _decay(x: Inputs, b: int, t: int) -> np.ndarray | float:
     """``D_t`` broadcastable to ``[HV, K, V]`` (1.0 when there is no gate)."""
     d: np.ndarray | float = 1.0
     for e in (x.exp_g, x.exp_gk, x.exp_gv):
@@ -129,7 +124,7 @@ def _decay(x: _Inputs, b: int, t: int) -> np.ndarray | float:
 
 
 def _run_sequence(
-    p: GDNProblem, x: _Inputs, b: int, s: int, e: int, S: np.ndarray, o: np.ndarray | None
+    p: GDNProblem, x: Inputs, b: int, s: int, e: int, S: np.ndarray, o: np.ndarray | None
 ) -> list[np.ndarray]:
     """Run tokens ``[s, e)`` of batch row b from state S, writing o if given; returns the states ``S_s .. S_e``."""
     states = [S]
@@ -144,14 +139,14 @@ def _run_sequence(
     return states
 
 
-def _initial_state(p: GDNProblem, x: _Inputs, n: int) -> np.ndarray:
+def sequence_initial_state(p: GDNProblem, x: Inputs, n: int) -> np.ndarray:
     """Sequence n's initial state ``[HV, K, V]`` (zeros without one)."""
     return x.h0[n] if x.h0 is not None else np.zeros((p.HV, p.K, p.V))
 
 
-def _finish_grads(
+def finish_grads(
     p: GDNProblem,
-    x: _Inputs,
+    x: Inputs,
     dq: np.ndarray,
     dk: np.ndarray,
     dv: np.ndarray,
@@ -188,7 +183,7 @@ def _finish_grads(
             grads["A_log"] = np.sum(dg * x.g, axis=(0, 1))
             # sigma(x) as the softplus derivative also above the threshold, like the peer and the kernels
             # (it differs from the exact derivative 1 there by < 3e-9).
-            dg = -np.exp(_f64(p.A_log)) * _sigmoid(x.gate_arg) * dg
+            dg = -np.exp(as_f64(p.A_log)) * _sigmoid(x.gate_arg) * dg
             if p.dt_bias is not None:
                 grads["dt_bias"] = dg.sum(axis=(0, 1))
         grads["g"] = dg
@@ -207,11 +202,11 @@ def recurrent_forward(p: GDNProblem) -> tuple[np.ndarray, np.ndarray]:
         ``(o, ht)``: o ``[B, T, HV, V]`` and the final state ``[N, HV, K, V]`` (always computed), float64.
         An empty sequence's final state is its initial state (or zeros).
     """
-    x = _prepare(p)
+    x = prepare_inputs(p)
     o = empty(np, (p.B, p.T, p.HV, p.V), np.float64)
     ht = empty(np, (p.N, p.HV, p.K, p.V), np.float64)
     for n, (b, s, e) in enumerate(p.seq_bounds):
-        ht[n] = _run_sequence(p, x, b, s, e, _initial_state(p, x, n), o)[-1]
+        ht[n] = _run_sequence(p, x, b, s, e, sequence_initial_state(p, x, n), o)[-1]
     return o, ht
 
 
@@ -229,9 +224,9 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any = None) -> dict[str, np.
         in-kernel gate when those options are on (``g`` is then the raw gate). ``dq``, ``dk`` are summed
         over each group of value heads sharing a key head.
     """
-    x = _prepare(p)
-    do = _f64(do)
-    dht = _f64(dht)
+    x = prepare_inputs(p)
+    do = as_f64(do)
+    dht = as_f64(dht)
     B, T, HV, K, V = p.B, p.T, p.HV, p.K, p.V
     dq = empty(np, (B, T, HV, K), np.float64)
     dk = empty(np, (B, T, HV, K), np.float64)
@@ -244,7 +239,7 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any = None) -> dict[str, np.
     dh0 = empty(np, (p.N, HV, K, V), np.float64)
 
     for n, (b, s, e) in enumerate(p.seq_bounds):
-        states = _run_sequence(p, x, b, s, e, _initial_state(p, x, n), None)
+        states = _run_sequence(p, x, b, s, e, sequence_initial_state(p, x, n), None)
         dS = dht[n] if dht is not None else np.zeros((HV, K, V))
         for i in range(e - s - 1, -1, -1):
             t = s + i
@@ -273,121 +268,14 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any = None) -> dict[str, np.
             dS = D * dSt
         dh0[n] = dS
 
-    return _finish_grads(p, x, dq, dk, dv, dbeta, dg, dgk, dgv, dh0)
+    return finish_grads(p, x, dq, dk, dv, dbeta, dg, dgk, dgv, dh0)
 
 
-def naive_recurrent_gated_delta_rule(
-    q: Any,
-    k: Any,
-    v: Any,
-    beta: Any = None,
-    g: Any = None,
-    scale: float | None = None,
-    initial_state: Any = None,
-    output_final_state: bool = False,
-    *,
-    gk: Any = None,
-    gv: Any = None,
-    use_qk_l2norm_in_kernel: bool = False,
-    use_gate_in_kernel: bool = False,
-    A_log: Any = None,
-    dt_bias: Any = None,
-    use_beta_sigmoid_in_kernel: bool = False,
-    allow_neg_eigval: bool = False,
-    cu_seqlens: Any = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Float64 reference of :func:`~rawdelta.fused_recurrent_gated_delta_rule` on host arrays.
-
-    Note the argument order, kept from the peer's ``naive_recurrent_gated_delta_rule``: **beta comes
-    before g** (the fused op takes ``g`` first).
-
-    Args:
-        q (array): queries ``[B, T, H, K]``, any float dtype (cast to float64).
-        k (array): keys ``[B, T, H, K]``, same dtype as q.
-        v (array): values ``[B, T, HV, V]``, same dtype as q; ``HV % H == 0``.
-        beta (array, optional): ``[B, T, HV]`` or per value dimension ``[B, T, HV, V]``. Default: ones.
-        g (array, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
-        scale (float, optional): query scale. Default: ``K ** -0.5``.
-        initial_state (array, optional): ``[N, HV, K, V]``. Default: zeros.
-        output_final_state (bool): return the final state. Default: ``False``.
-        gk (array, optional): per-key log-decay ``[B, T, HV, K]``.
-        gv (array, optional): per-value log-decay ``[B, T, HV, V]``.
-        use_qk_l2norm_in_kernel (bool): L2-normalise q and k (eps 1e-6 inside the sqrt).
-        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``.
-        A_log (array, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        dt_bias (array, optional): ``[HV]``, with ``use_gate_in_kernel``. Default: zeros.
-        use_beta_sigmoid_in_kernel (bool): beta holds logits; ``beta = sigmoid(beta)``.
-        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``.
-        cu_seqlens (array, optional): int ``[N + 1]`` offsets of packed sequences (B must be 1).
-
-    Returns:
-        ``(o, final_state)``: o ``[B, T, HV, V]`` float64; final_state ``[N, HV, K, V]`` float64, or None
-        unless ``output_final_state``.
-    """
-    p = make_problem(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
-                     gk=gk, gv=gv, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
-                     use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-                     backend="numpy")
-    o, ht = recurrent_forward(p)
-    return o, (ht if output_final_state else None)
+def forward(p: GDNProblem, workspace: Any = None) -> tuple[tuple[np.ndarray, np.ndarray], None]:
+    """The numpy backend's forward (the backend protocol): ``((o, ht), None)``, float64."""
+    return recurrent_forward(p), None
 
 
-def naive_recurrent_gated_delta_rule_bwd(
-    q: Any,
-    k: Any,
-    v: Any,
-    beta: Any = None,
-    g: Any = None,
-    scale: float | None = None,
-    initial_state: Any = None,
-    *,
-    do: Any,
-    dht: Any = None,
-    gk: Any = None,
-    gv: Any = None,
-    use_qk_l2norm_in_kernel: bool = False,
-    use_gate_in_kernel: bool = False,
-    A_log: Any = None,
-    dt_bias: Any = None,
-    use_beta_sigmoid_in_kernel: bool = False,
-    allow_neg_eigval: bool = False,
-    cu_seqlens: Any = None,
-) -> GatedDeltaRuleGrads:
-    """Float64 gradients of :func:`naive_recurrent_gated_delta_rule` (beta before g, as there).
-
-    The arguments other than ``do`` and ``dht`` are those of the forward call, as in
-    :func:`naive_recurrent_gated_delta_rule`.
-
-    Args:
-        q (array): queries ``[B, T, H, K]``.
-        k (array): keys ``[B, T, H, K]``.
-        v (array): values ``[B, T, HV, V]``.
-        beta (array, optional): ``[B, T, HV]`` or ``[B, T, HV, V]``. Default: ones.
-        g (array, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
-        scale (float, optional): query scale. Default: ``K ** -0.5``.
-        initial_state (array, optional): ``[N, HV, K, V]``. Default: zeros.
-        do (array): cotangent of o ``[B, T, HV, V]``.
-        dht (array, optional): cotangent of the final state ``[N, HV, K, V]``. Default: zeros.
-        gk (array, optional): per-key log-decay ``[B, T, HV, K]``.
-        gv (array, optional): per-value log-decay ``[B, T, HV, V]``.
-        use_qk_l2norm_in_kernel (bool): L2-normalise q and k.
-        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``.
-        A_log (array, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        dt_bias (array, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        use_beta_sigmoid_in_kernel (bool): beta holds logits.
-        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``.
-        cu_seqlens (array, optional): int ``[N + 1]`` offsets of packed sequences (B must be 1).
-
-    Returns:
-        :class:`~rawdelta.GatedDeltaRuleGrads` of float64 arrays, shaped like their inputs, w.r.t. the raw
-        inputs (logits for beta with the sigmoid, the raw gate with ``use_gate_in_kernel``); None for inputs
-        that were None.
-    """
-    from .recurrent import GatedDeltaRuleGrads
-
-    p = make_problem(q, k, v, g, beta, scale, initial_state, False, use_qk_l2norm_in_kernel, cu_seqlens,
-                     gk=gk, gv=gv, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
-                     use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-                     backend="numpy")
-    do, dht = check_cotangents(p, do, dht)
-    return GatedDeltaRuleGrads(**recurrent_backward(p, do, dht))
+def backward(p: GDNProblem, saved: Any, do: Any, dht: Any) -> dict[str, np.ndarray | None]:
+    """The numpy backend's backward (the backend protocol): :func:`recurrent_backward`."""
+    return recurrent_backward(p, do, dht)

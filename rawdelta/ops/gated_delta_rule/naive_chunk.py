@@ -8,17 +8,15 @@ by hand in the same stages (nothing is saved: the per-chunk factors and states a
 stages shared with other families live in ``rawdelta/ops/common/chunk_stages.py``; the WY stage is this
 family's own. Input transforms and their backward are naive.py's.
 
-Entry points:
-
-- :func:`chunk_forward` / :func:`chunk_backward`: what ``chunk.py`` dispatches to for ``backend="numpy"``.
-- :func:`naive_chunk_gated_delta_rule` / :func:`naive_chunk_gated_delta_rule_bwd`: public references on
-  raw arrays, returning float64.
+Entry points: :func:`chunk_forward` / :func:`chunk_backward` on a validated problem, and the backend protocol's
+:func:`forward` / :func:`backward` over them; the public ``naive_chunk_gated_delta_rule`` pair is generated from the
+op's declaration (definition.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,9 +31,10 @@ from ..common.chunk_stages import (
     state_pass_bwd,
     state_pass_fwd,
 )
-from .calls import GatedDeltaRuleGrads, check_cotangents
-from .naive import _f64, _finish_grads, _initial_state, _Inputs, _prepare
-from .problem import GDNProblem, make_problem
+from .naive import Inputs, as_f64, finish_grads, prepare_inputs, sequence_initial_state
+
+if TYPE_CHECKING:
+    from .definition import GDNProblem
 
 
 @dataclass
@@ -50,11 +49,11 @@ class _Sequence:
     h0: np.ndarray  # [HV, K, V]
 
 
-def _sequence(p: GDNProblem, x: _Inputs, n: int, chunk_size: int) -> _Sequence:
+def _sequence(p: GDNProblem, x: Inputs, n: int, chunk_size: int) -> _Sequence:
     b, s, e = p.seq_bounds[n]
     g = x.g[b, s:e] if x.g is not None else np.zeros((e - s, p.HV))
     return _Sequence(q=x.q[b, s:e], k=x.k[b, s:e], v=x.v[b, s:e], beta=x.beta[b, s:e, :, 0],
-                     G=chunk_local_cumsum(g, chunk_size), h0=_initial_state(p, x, n))
+                     G=chunk_local_cumsum(g, chunk_size), h0=sequence_initial_state(p, x, n))
 
 
 def _strictly_lower_decay(G: np.ndarray) -> np.ndarray:
@@ -154,7 +153,7 @@ def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[np.ndarray, np.ndarra
         ``(o, ht)``: o ``[B, T, HV, V]`` and the final state ``[N, HV, K, V]`` (always computed), float64.
         An empty sequence's final state is its initial state (or zeros).
     """
-    x = _prepare(p)
+    x = prepare_inputs(p)
     o = empty(np, (p.B, p.T, p.HV, p.V), np.float64)
     ht = empty(np, (p.N, p.HV, p.K, p.V), np.float64)
     for n, (b, s, e) in enumerate(p.seq_bounds):
@@ -178,8 +177,8 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any = None) -> 
         Float64 gradients keyed ``q, k, v, g, gk, gv, beta, initial_state, A_log, dt_bias`` (gk, gv always None;
         None for absent inputs), w.r.t. the raw inputs like :func:`~.naive.recurrent_backward`.
     """
-    x = _prepare(p)
-    do, dht = _f64(do), _f64(dht)
+    x = prepare_inputs(p)
+    do, dht = as_f64(do), as_f64(dht)
     B, T, HV, K, V = p.B, p.T, p.HV, p.K, p.V
     dq = empty(np, (B, T, HV, K), np.float64)
     dk = empty(np, (B, T, HV, K), np.float64)
@@ -212,124 +211,14 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any = None) -> 
         # 6. Per-token natural-log gate gradient.
         dg[b, s:e] = reverse_chunk_local_cumsum(dG_n, chunk_size)
 
-    return _finish_grads(p, x, dq, dk, dv, dbeta, dg if x.g is not None else None, None, None, dh0)
+    return finish_grads(p, x, dq, dk, dv, dbeta, dg if x.g is not None else None, None, None, dh0)
 
 
-def naive_chunk_gated_delta_rule(
-    q: Any,
-    k: Any,
-    v: Any,
-    g: Any = None,
-    beta: Any = None,
-    chunk_size: int = 64,
-    scale: float | None = None,
-    initial_state: Any = None,
-    output_final_state: bool = False,
-    *,
-    use_qk_l2norm_in_kernel: bool = False,
-    use_gate_in_kernel: bool = False,
-    A_log: Any = None,
-    dt_bias: Any = None,
-    use_beta_sigmoid_in_kernel: bool = False,
-    allow_neg_eigval: bool = False,
-    cu_seqlens: Any = None,
-    gk: Any = None,
-    gv: Any = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Float64 chunked reference of :func:`~rawdelta.chunk_gated_delta_rule` on host arrays.
-
-    The argument order is the peer's ``naive_chunk_gated_delta_rule``: **g before beta** (unlike
-    :func:`~rawdelta.naive_recurrent_gated_delta_rule`, which puts beta first), then ``chunk_size``.
-
-    Args:
-        q (array): queries ``[B, T, H, K]``, any float dtype (cast to float64).
-        k (array): keys ``[B, T, H, K]``, same dtype as q.
-        v (array): values ``[B, T, HV, V]``, same dtype as q; ``HV % H == 0``.
-        g (array, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``). Default: none.
-        beta (array, optional): ``[B, T, HV]``. Default: ones.
-        chunk_size (int): tokens per chunk, 16, 32 or 64. Default: 64.
-        scale (float, optional): query scale. Default: ``K ** -0.5``.
-        initial_state (array, optional): ``[N, HV, K, V]``. Default: zeros.
-        output_final_state (bool): return the final state. Default: ``False``.
-        use_qk_l2norm_in_kernel (bool): L2-normalise q and k (eps 1e-6 inside the sqrt).
-        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``.
-        A_log (array, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        dt_bias (array, optional): ``[HV]``, with ``use_gate_in_kernel``. Default: zeros.
-        use_beta_sigmoid_in_kernel (bool): beta holds logits; ``beta = sigmoid(beta)``.
-        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``.
-        cu_seqlens (array, optional): int ``[N + 1]`` offsets of packed sequences (B must be 1).
-        gk (array, optional): recurrent-mode per-key gate; the chunked mode has none, so passing one raises
-            ``NotImplementedError``.
-        gv (array, optional): recurrent-mode per-value gate; passing one raises ``NotImplementedError``.
-
-    Returns:
-        ``(o, final_state)``: o ``[B, T, HV, V]`` float64; final_state ``[N, HV, K, V]`` float64, or None
-        unless ``output_final_state``.
-    """
-    p = make_problem(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
-                     gk=gk, gv=gv, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
-                     use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-                     backend="numpy", allow_gk_gv=False, allow_beta_per_v=False, chunk_size=chunk_size)
-    o, ht = chunk_forward(p, chunk_size)
-    return o, (ht if output_final_state else None)
+def forward(p: GDNProblem, workspace: Any = None) -> tuple[tuple[np.ndarray, np.ndarray], None]:
+    """The numpy backend's forward (the backend protocol): ``((o, ht), None)``, float64."""
+    return chunk_forward(p, p.chunk_size), None
 
 
-def naive_chunk_gated_delta_rule_bwd(
-    q: Any,
-    k: Any,
-    v: Any,
-    g: Any = None,
-    beta: Any = None,
-    chunk_size: int = 64,
-    scale: float | None = None,
-    initial_state: Any = None,
-    *,
-    do: Any,
-    dht: Any = None,
-    use_qk_l2norm_in_kernel: bool = False,
-    use_gate_in_kernel: bool = False,
-    A_log: Any = None,
-    dt_bias: Any = None,
-    use_beta_sigmoid_in_kernel: bool = False,
-    allow_neg_eigval: bool = False,
-    cu_seqlens: Any = None,
-    gk: Any = None,
-    gv: Any = None,
-) -> GatedDeltaRuleGrads:
-    """Float64 gradients of :func:`naive_chunk_gated_delta_rule` (g before beta, as there), by the chunked backward.
-
-    The arguments other than ``do`` and ``dht`` are those of the forward call, as in
-    :func:`naive_chunk_gated_delta_rule`.
-
-    Args:
-        q (array): queries ``[B, T, H, K]``.
-        k (array): keys ``[B, T, H, K]``.
-        v (array): values ``[B, T, HV, V]``.
-        g (array, optional): log-decay ``[B, T, HV]`` (the raw gate with ``use_gate_in_kernel``).
-        beta (array, optional): ``[B, T, HV]``. Default: ones.
-        chunk_size (int): tokens per chunk, 16, 32 or 64. Default: 64.
-        scale (float, optional): query scale. Default: ``K ** -0.5``.
-        initial_state (array, optional): ``[N, HV, K, V]``. Default: zeros.
-        do (array): cotangent of o ``[B, T, HV, V]``.
-        dht (array, optional): cotangent of the final state ``[N, HV, K, V]``. Default: zeros.
-        use_qk_l2norm_in_kernel (bool): L2-normalise q and k.
-        use_gate_in_kernel (bool): ``g = -exp(A_log) * softplus(g + dt_bias)``.
-        A_log (array, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        dt_bias (array, optional): ``[HV]``, with ``use_gate_in_kernel``.
-        use_beta_sigmoid_in_kernel (bool): beta holds logits.
-        allow_neg_eigval (bool): with the sigmoid, ``beta = 2 * sigmoid(beta)``.
-        cu_seqlens (array, optional): int ``[N + 1]`` offsets of packed sequences (B must be 1).
-        gk (array, optional): recurrent-mode gate; passing one raises ``NotImplementedError``.
-        gv (array, optional): recurrent-mode gate; passing one raises ``NotImplementedError``.
-
-    Returns:
-        :class:`~rawdelta.GatedDeltaRuleGrads` of float64 arrays, shaped like their inputs, w.r.t. the raw
-        inputs (logits for beta with the sigmoid, the raw gate with ``use_gate_in_kernel``); None for inputs
-        that were None, and always for gk, gv.
-    """
-    p = make_problem(q, k, v, g, beta, scale, initial_state, False, use_qk_l2norm_in_kernel, cu_seqlens,
-                     gk=gk, gv=gv, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
-                     use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-                     backend="numpy", allow_gk_gv=False, allow_beta_per_v=False, chunk_size=chunk_size)
-    do, dht = check_cotangents(p, do, dht)
-    return GatedDeltaRuleGrads(**chunk_backward(p, chunk_size, do, dht))
+def backward(p: GDNProblem, saved: Any, do: Any, dht: Any) -> dict[str, np.ndarray | None]:
+    """The numpy backend's backward (the backend protocol): :func:`chunk_backward`."""
+    return chunk_backward(p, p.chunk_size, do, dht)
