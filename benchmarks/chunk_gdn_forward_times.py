@@ -1,7 +1,7 @@
 """Forward times of the chunked gated delta rule for the rawdelta first on ``PYTHONPATH``: CUDA events, GPU kernel
-time (torch profiler) and CUDA-graph replay at the two benchmark shapes, as one JSON line. For comparing trees one
-after the other in one device session (``docs/benchmarks.md``, "Session 17"); the side-by-side with the peer is
-``chunk_gdn.py``.
+time (torch profiler) and CUDA-graph replay at the two benchmark shapes, as one JSON line. For comparing two trees
+run one after the other on the same machine (``docs/benchmarks.md``, "Commands"); the side-by-side with the peer
+is ``chunk_gdn.py``.
 
 Usage: PYTHONPATH=<tree>:benchmarks python3 benchmarks/chunk_gdn_forward_times.py
 """
