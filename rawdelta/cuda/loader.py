@@ -238,10 +238,11 @@ def compile_all_to_cubin(archs: tuple[str, ...] = ALL_TARGETS, workers: int | No
     per CPU).
 
     Uses NVRTC through ``cuda.core``; each job compiles up to `names_per_job` instantiations of one source for one
-    arch (the workers are processes of the platform's default start method: a script that calls this runs it
-    under ``if __name__ == "__main__":``). Returns ``{(source, arch): cubin bytes}`` summed over a source's jobs;
+    arch (the workers are spawned processes: a script that calls this runs it under ``if __name__ ==
+    "__main__":``). Returns ``{(source, arch): cubin bytes}`` summed over a source's jobs;
     raises :class:`KernelCompileError` with the log of the first job (in registration order) that failed.
     """
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = []
@@ -255,7 +256,9 @@ def compile_all_to_cubin(archs: tuple[str, ...] = ALL_TARGETS, workers: int | No
                     jobs.append((spec.source, arch, text, spec.name_expressions[i:i + names_per_job]))
     # the largest jobs first, so that no long one starts last
     order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][3]))
-    with ProcessPoolExecutor(max_workers=max(1, min(workers or os.cpu_count() or 1, len(jobs)))) as ex:
+    # spawned, not forked: a fork of a process with threads (JAX's, CuPy's) can deadlock in the child
+    with ProcessPoolExecutor(max_workers=max(1, min(workers or os.cpu_count() or 1, len(jobs))),
+                             mp_context=multiprocessing.get_context("spawn")) as ex:
         futures = {j: ex.submit(_compile_cubin, jobs[j][2], jobs[j][3], jobs[j][1]) for j in order}
         done = {j: f.result() for j, f in futures.items()}
     results: dict[tuple[str, str], int] = {}
