@@ -41,6 +41,8 @@ class Array:
             dtype); otherwise it is an input of the compute dtype (q, k, v) and keeps its dtype.
         alt_shape: a second accepted shape (the recurrent GDN's per-value beta ``[B, T, HV, V]``), chosen by rank.
         state: a recurrent state (``initial_state``): float32 whatever the inputs, its gradient dh0 float32.
+        gate: a natural-log decay of the state (``g``, ``gk``, ``gv``): ``-inf`` at a token is a hard reset of
+            what it decays (the contract tests check that every backend gives the exact reset).
         absent: what None means, for the docs (``"ones"``, ``"zeros"``, ``"no decay"``).
     """
 
@@ -52,6 +54,7 @@ class Array:
     float32: bool = False
     alt_shape: tuple[str, ...] | None = None
     state: bool = False
+    gate: bool = False
     absent: str = ""
 
     def shape_text(self) -> str:

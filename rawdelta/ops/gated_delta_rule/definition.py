@@ -73,9 +73,9 @@ FAMILY = Family(
         Array("v", ("B", "T", "HV", "V"), "values, same dtype as q; ``HV % H == 0`` (value head hv uses key head "
               "``hv // (HV // H)``)", required=True),
         Array("g", ("B", "T", "HV"), "scalar log-decay (natural log, <= 0), or the raw gate with "
-              "``use_gate_in_kernel``", float32=True, absent="no decay"),
-        Array("gk", ("B", "T", "HV", "K"), "per-key log-decay", float32=True, absent="no decay"),
-        Array("gv", ("B", "T", "HV", "V"), "per-value log-decay", float32=True, absent="no decay"),
+              "``use_gate_in_kernel``", float32=True, gate=True, absent="no decay"),
+        Array("gk", ("B", "T", "HV", "K"), "per-key log-decay", float32=True, gate=True, absent="no decay"),
+        Array("gv", ("B", "T", "HV", "V"), "per-value log-decay", float32=True, gate=True, absent="no decay"),
         Array("beta", ("B", "T", "HV"), "the delta rule's step size (logits with ``use_beta_sigmoid_in_kernel``); "
               "per value dimension in the recurrent mode only", float32=True, alt_shape=("B", "T", "HV", "V"),
               absent="ones"),
