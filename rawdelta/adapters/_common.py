@@ -24,7 +24,7 @@ from ..ops.common.api import (
     signature_source,
 )
 from ..ops.common.opdef import KEYWORD_ONLY, OpDef
-from ..ops.common.validation import check_static_options, state_dtype, validate
+from ..ops.common.validation import check_static_options, compute_dtype, state_dtype, state_layout, validate
 
 CU_SEQLENS = ("cu_seqlens", "cu_seqlens_cpu")
 
@@ -34,12 +34,14 @@ def tensor_names(op: OpDef) -> tuple[str, ...]:
     return tuple(n for n in op.params if n in op.array_names or n in CU_SEQLENS)
 
 
-def check_statics(op: OpDef, statics: dict[str, Any]) -> None:
+def check_statics(op: OpDef, statics: dict[str, Any]) -> dict[str, Any]:
     """The core's validation of the static options alone (raises its ValueError), for the adapters to run before
-    handing the options to a framework that would reject a bad one with its own message."""
+    handing the options to a framework that would reject a bad one with its own message; returns them resolved
+    (an older option name folded into the option)."""
     v = Validator()
-    check_static_options(op, statics, v)
+    opts = check_static_options(op, statics, v)
     v.raise_if_any()
+    return {**{n: x for n, x in statics.items() if n not in opts and op.option(n).alias_of is None}, **opts}
 
 
 def _args(op: OpDef, arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any, statics: dict[str, Any],
@@ -97,32 +99,36 @@ def workspace_nbytes(op: OpDef, shapes: dict[str, tuple[int, ...]], dtype: Any, 
     return int(size(shapes, np.dtype(dtype), statics, compute_capability))
 
 
-def bind_dims(op: OpDef, shapes: dict[str, tuple[int, ...]], n_offsets: int | None) -> dict[str, int]:
-    """The dimensions bound by the arrays' shapes (no checks: the core validates) and ``N``: the sequences of
-    ``cu_seqlens`` (its length minus one) or B."""
+def bind_dims(op: OpDef, shapes: dict[str, tuple[int, ...]], n_offsets: int | None, v_first: bool = False
+              ) -> dict[str, int]:
+    """The dimensions bound by the arrays' shapes (no checks: the core validates; states in the caller's layout) and
+    ``N``: the sequences of ``cu_seqlens`` (its length minus one) or B."""
     dims: dict[str, int] = {}
     for a in op.arrays:
         shape = shapes.get(a.name)
         if shape is None:
             continue
         names = a.alt_shape if a.alt_shape is not None and len(shape) == len(a.alt_shape) else a.shape
+        names = state_layout(names, v_first and a.state)
         for name, size in zip(names, shape):
             dims.setdefault(name, size)
     dims["N"] = dims.get("B", 0) if n_offsets is None else n_offsets - 1
     return dims
 
 
-def output_specs(op: OpDef, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any], n_offsets: int | None
-                 ) -> list[tuple[tuple[int, ...], np.dtype]]:
-    """``(shape, dtype)`` of each output of `op` given its inputs' shapes and dtypes (for fake kernels and
-    ``jax.ShapeDtypeStruct``): the declared shape bound from the inputs, the dtype of its ``like`` array or the
-    state dtype."""
-    dims = bind_dims(op, shapes, n_offsets)
-    compute = next(np.dtype(dtypes[a.name]) for a in op.arrays if not a.float32 and a.name in dtypes)
+def output_specs(op: OpDef, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any], n_offsets: int | None,
+                 statics: dict[str, Any] | None = None) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """``(shape, dtype)`` of each output of `op` given its inputs' shapes and dtypes and its static options (for fake
+    kernels and ``jax.ShapeDtypeStruct``): the declared shape bound from the inputs (a state's in the caller's
+    layout), the dtype of its ``like`` array or the state dtype."""
+    v_first = bool((statics or {}).get("state_v_first"))
+    dims = bind_dims(op, shapes, n_offsets, v_first)
+    compute = compute_dtype(op, dtypes)
     out = []
     for spec in op.outputs:
         dt = np.dtype(dtypes[spec.like]) if spec.like else state_dtype(compute)
-        out.append((tuple(dims[s] for s in spec.shape), dt))
+        shape = state_layout(spec.shape, v_first) if spec.like is None else spec.shape
+        out.append((tuple(dims[s] for s in shape), dt))
     return out
 
 

@@ -149,7 +149,7 @@ def _buffers_context(ctx: Any, first: Any) -> Iterator[tuple[Callable[[Any], Any
 def _specs(static: _Static, arrays: dict[str, Any], cu: Any) -> list[jax.ShapeDtypeStruct]:
     shapes = {n: tuple(a.shape) for n, a in arrays.items()}
     dtypes = {n: a.dtype for n, a in arrays.items()}
-    outs = output_specs(static.op, shapes, dtypes, None if cu is None else cu.shape[0])
+    outs = output_specs(static.op, shapes, dtypes, None if cu is None else cu.shape[0], static.options())
     return [jax.ShapeDtypeStruct(s, d) for s, d in outs]
 
 
@@ -317,8 +317,7 @@ def _host_cu_seqlens(cu_seqlens: Any, cu_seqlens_cpu: Any) -> tuple[int, ...] | 
 
 def _call(op: OpDef, a: dict[str, Any]) -> Any:
     """A public call: the present arrays, the offsets and the static options through ``_op_vjp``."""
-    statics = {o.name: _static_value(op, o.name, a[o.name]) for o in op.adapter_options}
-    check_statics(op, statics)
+    statics = check_statics(op, {o.name: _static_value(op, o.name, a[o.name]) for o in op.adapter_options})
     if statics.pop("inplace_final_state", False):
         statics["output_final_state"] = True
     arrays = {n: jnp.asarray(a[n]) for n in op.array_names if a.get(n) is not None}

@@ -194,7 +194,7 @@ def _run_backward(op: OpDef, tensors: dict[str, Tensor | None], statics: dict[st
     q = arrays["q"]
     _check_device(q)
     if do is None:
-        do = _fake_outputs(op, tensors, False)[0].zero_()
+        do = _fake_outputs(op, tensors, statics)[0].zero_()
     cu_host = _to_numpy(cu_cpu)
     present = [n for n in op.differentiable if n in arrays]
     if q.device.type == "cuda":
@@ -261,7 +261,8 @@ class _OpSpec:
 
 
 def _spec(op: OpDef) -> _OpSpec:
-    statics = tuple(o.name for o in op.adapter_options if o.name != "inplace_final_state")
+    # an older option name is folded into its option before the custom ops (_call), which take the option only
+    statics = tuple(o.name for o in op.adapter_options if o.name != "inplace_final_state" and o.alias_of is None)
     unknown = [n for n in statics if op.option(n).annotation not in _SCHEMA_TYPES]
     if unknown:
         raise TypeError(f"{op.name}: static options {unknown} have no torch schema type")
@@ -280,17 +281,18 @@ def _named(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
     return {**dict(zip(names, args)), **kwargs}
 
 
-def _fake_outputs(op: OpDef, a: dict[str, Any], output_final_state: bool) -> list[Tensor]:
-    """Empty tensors of the op's output shapes and dtypes (a final state not asked for as ``[0]``)."""
+def _fake_outputs(op: OpDef, a: dict[str, Any], statics: dict[str, Any]) -> list[Tensor]:
+    """Empty tensors of the op's output shapes and dtypes for the static options `statics` (a final state not asked
+    for as ``[0]``)."""
     present = {n: a[n] for n in op.array_names if a.get(n) is not None}
     cu = a.get("cu_seqlens")
     specs = output_specs(op, {n: tuple(t.shape) for n, t in present.items()},
                          {n: _NUMPY_OF.get(t.dtype, np.dtype(np.float32)) for n, t in present.items()},
-                         None if cu is None else cu.shape[0])
+                         None if cu is None else cu.shape[0], statics)
     q = present["q"]
     outs = []
     for out, (shape, dt) in zip(op.outputs, specs):
-        if out.name == "final_state" and not output_final_state:
+        if out.name == "final_state" and not statics.get("output_final_state"):
             outs.append(q.new_empty((0,), dtype=torch.float32))
         else:
             outs.append(q.new_empty(shape, dtype=_TORCH_OF[dt]))
@@ -335,7 +337,7 @@ def _register(op: OpDef) -> _Op:
     def fwd_fake(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
         a = _named(fwd_args, args, kwargs)
         statics = {n: a[n] for n in statics_names}
-        outs = _fake_outputs(op, a, bool(statics.get("output_final_state")))
+        outs = _fake_outputs(op, a, statics)
         return (*outs, _workspace(op, {n: a[n] for n in tensor_names_}, statics))
 
     def bwd_impl(*args: Any, **kwargs: Any) -> list[Tensor]:
@@ -408,7 +410,8 @@ def _register_inplace(spec: _OpSpec) -> Any:
         return o
 
     def fake(*args: Any, **kwargs: Any) -> Tensor:
-        return _fake_outputs(op, _named(names, args, kwargs), False)[0]
+        a = _named(names, args, kwargs)
+        return _fake_outputs(op, a, {n: a[n] for n in spec.bwd_statics})[0]
 
     impl.__signature__ = _signature(spec, names, Tensor)  # type: ignore[attr-defined]
     inplace = torch.library.custom_op(f"rawdelta::{op.name}_fwd_inplace", mutates_args=("initial_state",))(impl)
@@ -439,7 +442,7 @@ def _check_tensors(op: OpDef, a: dict[str, Any]) -> None:
 
 
 def _statics(spec: _OpSpec, a: dict[str, Any]) -> tuple[Any, ...]:
-    """The static options in schema order, as the schema types (after the core's checks)."""
+    """The static options in schema order, as the schema types (after the core's checks resolved them)."""
     out = []
     for n in spec.statics:
         x = a[n]
@@ -456,11 +459,11 @@ def _call(entry: _Op, a: dict[str, Any]) -> Any:
     spec = entry.spec
     op = spec.op
     _check_tensors(op, a)
-    check_statics(op, {n: a[n] for n in spec.statics})
+    resolved = check_statics(op, {o.name: a[o.name] for o in op.adapter_options})
     if "cu_seqlens_cpu" in a:
         a["cu_seqlens_cpu"] = _host_cu_seqlens(a["cu_seqlens_cpu"])
     tensors = tuple(a.get(n) for n in spec.tensors)
-    statics = _statics(spec, a)
+    statics = _statics(spec, resolved)
     if a.get("inplace_final_state"):
         if a.get("initial_state") is None:
             raise ValueError("inplace_final_state=True needs initial_state to write into")

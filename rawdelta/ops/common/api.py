@@ -41,9 +41,9 @@ def run_forward(p: Problem, workspace: Any = None) -> tuple[tuple[Any, ...], Nam
         outs = cast_outputs(p, outs)
     if op.has_state:
         o, ht = outs
-        if p.inplace_final_state and ht is not p.initial_state:
-            p.initial_state[...] = ht
-            ht = p.initial_state
+        if p.inplace_final_state and ht is not p.inplace_target:
+            p.inplace_target[...] = ht
+            ht = p.inplace_target
         outs = (o, ht if p.output_final_state else None)
     return outs, residuals_type(op)(p, saved)
 

@@ -76,6 +76,8 @@ class Option:
             arguments of the framework adapters (torch custom-op schema, JAX trace key).
         doc: the Args text after the type.
         adapters: whether the torch and JAX entry points take it (``backend`` and ``stream`` are the core's).
+        alias_of: the option this one is an older name of (accepted with a DeprecationWarning; giving both is an
+            error); the adapters resolve it before their custom ops, which take the option itself.
     """
 
     name: str
@@ -83,6 +85,7 @@ class Option:
     annotation: str
     doc: str
     adapters: bool = True
+    alias_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -384,6 +387,13 @@ COMMON: dict[str, Option] = {
     "cu_seqlens_cpu": Option("cu_seqlens_cpu", None, "Any",
                              "host copy of ``cu_seqlens``, which saves a device-to-host copy. Default: ``None``."),
     "chunk_size": Option("chunk_size", 64, "int", "tokens per chunk."),
+    "state_v_first": _bool("state_v_first",
+                           "states (``initial_state``, the final state, their gradients) are held transposed, "
+                           "``[N, HV, V, K]`` instead of ``[N, HV, K, V]``: the layout serving engines keep. "
+                           "Default: ``False``."),
+    "transpose_state_layout": Option("transpose_state_layout", None, "bool | None",
+                                     "the peer's older name of ``state_v_first`` (a DeprecationWarning). Default: "
+                                     "``None``.", alias_of="state_v_first"),
     "inplace_final_state": _bool("inplace_final_state",
                                  "write the final state into ``initial_state`` (float32, C-contiguous) and return it; "
                                  "for decoding. The call then has no backward. Default: ``False``."),

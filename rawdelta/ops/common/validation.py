@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,11 +99,16 @@ def _check_places(arrs: dict[str, Any], v: Validator) -> bool:
     return bool(present) and next(iter(libs.values())) == "cupy"
 
 
-def _check_shape(a: Array, x: Any, dims: dict[str, int], v: Validator) -> None:
+def state_layout(shape: tuple[str, ...], v_first: bool) -> tuple[str, ...]:
+    """A state's shape in the caller's layout: ``[N, HV, K, V]``, or ``[N, HV, V, K]`` with ``state_v_first``."""
+    return (*shape[:-2], shape[-1], shape[-2]) if v_first else shape
+
+
+def _check_shape(a: Array, x: Any, dims: dict[str, int], v: Validator, v_first: bool = False) -> None:
     if a.alt_shape is not None and x.ndim == len(a.alt_shape):
         v.shape(a.name, x, a.alt_shape, dims)
     else:
-        v.shape(a.name, x, a.shape, dims)
+        v.shape(a.name, x, state_layout(a.shape, v_first and a.state), dims)
 
 
 def _check_dtypes(op: OpDef, arrs: dict[str, Any], v: Validator) -> None:
@@ -117,8 +123,8 @@ _WIDTH = {np.dtype(np.float16): 2, BFLOAT16: 2, _F32: 4, _F64: 8}
 def compute_dtype(op: OpDef, arrs: dict[str, Any]) -> np.dtype:
     """The dtype the op computes in: that of its compute arrays (q, k, v) when they share one, else the widest of
     them (float16 with bfloat16: float32). The others are cast to it (copied); outputs and gradients still come
-    back in each array's own dtype."""
-    dts = {np.dtype(arrs[a.name].dtype) for a in op.arrays if not a.float32 and arrs[a.name] is not None}
+    back in each array's own dtype. `arrs` maps names to arrays or to dtypes."""
+    dts = {np.dtype(getattr(x, "dtype", x)) for a in op.arrays if not a.float32 and (x := arrs.get(a.name)) is not None}
     if len(dts) == 1:
         return next(iter(dts))
     widest = max(dts, key=lambda dt: _WIDTH.get(dt, 8))
@@ -185,12 +191,21 @@ def check_static_options(op: OpDef, args: dict[str, Any], v: Validator) -> dict[
     of the op given in `args` (the others at their defaults), flags as bool."""
     opts: dict[str, Any] = {}
     for o in op.static_options:
-        if o.name in ("backend", "stream"):
+        if o.name in ("backend", "stream") or o.alias_of is not None:
             continue
         x = args.get(o.name, o.default)
         if o.annotation == "bool":
             x = bool(x)
         opts[o.name] = x
+    for o in op.static_options:
+        old = args.get(o.name)
+        if o.alias_of is None or old is None:
+            continue
+        if opts[o.alias_of]:
+            v.error(f"{o.name} is the older name of {o.alias_of}: give one of them, got both")
+        else:
+            warnings.warn(f"{o.name} is deprecated: use {o.alias_of}", DeprecationWarning, stacklevel=4)
+            opts[o.alias_of] = bool(old)
     if "scale" in opts:
         scale = opts["scale"]
         if scale is not None:
@@ -247,6 +262,8 @@ def validate(op: OpDef, args: dict[str, Any]) -> Problem:
     on_device = _check_places(arrs, v)
     v.raise_if_any()
 
+    opts = check_static_options(op, args, v)
+    v_first = bool(opts.get("state_v_first"))
     dims: dict[str, int] = {}
     later = []
     per_sequence = op.arrays_by_sequence
@@ -260,8 +277,7 @@ def validate(op: OpDef, args: dict[str, Any]) -> Problem:
     _check_dtypes(op, arrs, v)
     cu, cu_host = _cu_seqlens(args, dims, on_device, v)
     for a in later:
-        _check_shape(a, arrs[a.name], dims, v)
-    opts = check_static_options(op, args, v)
+        _check_shape(a, arrs[a.name], dims, v, v_first)
     if opts.get("inplace_final_state"):
         st = arrs.get("initial_state")
         if st is None:
@@ -290,6 +306,7 @@ def validate_abstract(op: OpDef, arrays: dict[str, Any], n_offsets: int | None, 
         if a.required and arrs[a.name] is None:
             v.type_error(f"{a.name} must be an array, got None")
     v.raise_if_any()
+    opts = check_static_options(op, statics, v)
     dims: dict[str, int] = {}
     for a in op.arrays:
         if arrs[a.name] is not None and a.name not in op.arrays_by_sequence:
@@ -302,8 +319,7 @@ def validate_abstract(op: OpDef, arrays: dict[str, Any], n_offsets: int | None, 
         dims["N"] = n_offsets - 1
     for a in op.arrays:
         if arrs[a.name] is not None and a.name in op.arrays_by_sequence:
-            _check_shape(a, arrs[a.name], dims, v)
-    opts = check_static_options(op, statics, v)
+            _check_shape(a, arrs[a.name], dims, v, bool(opts.get("state_v_first")))
     if op.family.check is not None:
         op.family.check(Check(op, arrs, dims, opts, "auto", v))
     v.raise_if_any()
@@ -319,7 +335,11 @@ def _problem(op: OpDef, arrs: dict[str, Any], dims: dict[str, int], opts: dict[s
         input_dtypes[a.name] = None if x is None else x.dtype
         if x is None:
             continue
-        if a.float32 and x.dtype != _F32 and not (backend == "numpy" and x.dtype == _F64):
+        if a.state and opts.get("state_v_first"):
+            # the backends hold states as [N, HV, K, V]: a transposed copy in, the results transposed back out
+            x = x.swapaxes(-1, -2).astype(np.float32 if x.dtype != _F64 or backend != "numpy" else x.dtype,
+                                          order="C")
+        elif a.float32 and x.dtype != _F32 and not (backend == "numpy" and x.dtype == _F64):
             x = contiguous(x).astype(np.float32)
         elif not a.float32 and x.dtype != compute:
             x = contiguous(x).astype(compute)
@@ -335,6 +355,9 @@ def _problem(op: OpDef, arrs: dict[str, Any], dims: dict[str, int], opts: dict[s
     if "output_final_state" in opts:
         attrs["output_final_state"] = bool(opts["output_final_state"] or opts.get("inplace_final_state"))
     attrs.setdefault("inplace_final_state", False)
+    attrs.setdefault("state_v_first", False)
+    # where an in-place call writes the final state: the caller's initial_state (in the caller's layout)
+    attrs["inplace_target"] = arrs.get("initial_state") if opts.get("inplace_final_state") else None
     attrs.update(op=op, dims=dict(dims), backend=backend, stream=stream, cu_seqlens=cu, cu_seqlens_host=cu_host,
                  input_dtypes=input_dtypes)
     return op.family.problem(**attrs)
@@ -362,10 +385,12 @@ def check_cotangents(p: Problem, do: Any, dht: Any) -> tuple[Any, Any]:
         if len(outs) < 2:
             val.error(f"dht: {p.op.name} has no final state, so its backward takes no dht")
         else:
-            val.shape("dht", dht, outs[1].shape, dims)
+            val.shape("dht", dht, state_layout(outs[1].shape, p.state_v_first), dims)
     if type(do) is not type(p.q) or (dht is not None and type(dht) is not type(p.q)):
         val.type_error("do and dht must live where the forward inputs live (all host or all device)")
     val.raise_if_any()
+    if dht is not None and p.state_v_first:
+        dht = p.xp.ascontiguousarray(dht.swapaxes(-1, -2))
     return do, dht
 
 
@@ -382,6 +407,8 @@ def cast_outputs(p: Problem, outputs: tuple[Any, ...]) -> tuple[Any, ...]:
         if x is not None:
             dt = np.dtype(p.input_dtypes[spec.like]) if spec.like else state_dtype(p.q.dtype)
             x = x if x.dtype == dt else x.astype(dt)
+            if spec.name == "final_state" and p.state_v_first:
+                x = p.xp.ascontiguousarray(x.swapaxes(-1, -2))
         out.append(x)
     return tuple(out)
 
@@ -399,5 +426,8 @@ def cast_grads(p: Problem, grads: dict[str, Any]) -> dict[str, Any]:
             continue
         in_dt = p.input_dtypes[a.name]
         dt = _F64 if in_dt == _F64 else (_F32 if a.state else np.dtype(in_dt))
-        out[a.name] = gr if gr.dtype == dt else gr.astype(dt)
+        gr = gr if gr.dtype == dt else gr.astype(dt)
+        if a.state and p.state_v_first:
+            gr = p.xp.ascontiguousarray(gr.swapaxes(-1, -2))
+        out[a.name] = gr
     return out
