@@ -210,11 +210,12 @@ def test_chunk_local_cumsum_and_reverse_match_loops(form: str, T: int) -> None:
     g = _stage_inputs(form, T)["g"]
     G = cs.chunk_local_cumsum(g, SC)
     dG = np.random.default_rng(32).standard_normal(g.shape)
-    dg = cs.reverse_chunk_local_cumsum(dG, SC)
+    dg = cs.reverse_chunk_local_cumsum(dG, G, SC)
     assert G.shape == dg.shape == g.shape
+    assert not G.R.any()
     for t in range(T):
         start, end = (t // SC) * SC, min((t // SC + 1) * SC, T)
-        np.testing.assert_allclose(G[t], g[start:t + 1].sum(axis=0) / math.log(2.0), rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(G.G[t], g[start:t + 1].sum(axis=0) / math.log(2.0), rtol=1e-14, atol=1e-15)
         np.testing.assert_allclose(dg[t], dG[t:end].sum(axis=0), rtol=1e-14, atol=1e-15)
 
 
@@ -249,18 +250,16 @@ def _gla_loss(x: dict[str, np.ndarray], scale: float) -> float:
     return float(np.sum(o * x["do"]) + np.sum(states[-1] * x["dht"]))
 
 
-@pytest.mark.parametrize("form", GATE_FORMS)
-def test_stage_backward_composition_matches_finite_differences(form: str) -> None:
-    """GLA's chunked backward from the shared stages (dv_local, reverse state pass, dq/dk/dG, reverse cumsum)."""
-    scale = 0.5
-    x = _stage_inputs(form, T=20)
+def _check_stage_backward_against_fd(x: dict[str, np.ndarray], scale: float) -> None:
+    """GLA's chunked backward from the shared stages (dv_local, reverse state pass, dq/dk/dG, reverse cumsum) against
+    central differences of the token loop, every element (a gate of -inf stays -inf: its difference is 0)."""
     G = cs.chunk_local_cumsum(x["g"], SC)
     h, delta, _ = cs.state_pass_fwd(x["k"], x["v"], G, x["h0"], SC)
     dd_local = cs.chunk_output_dv_local(x["q"], x["k"], G, x["do"], scale, SC)
     dh, dv, dh0 = cs.state_pass_bwd(x["q"], x["k"], G, x["do"], dd_local, x["dht"], scale, SC)
     dq, dk, dG = cs.chunk_qk_grads(x["q"], x["k"], G, h, dh, delta, x["do"], scale, SC)
     assert dG.shape == G.shape
-    grads = {"q": dq, "k": dk, "v": dv, "g": cs.reverse_chunk_local_cumsum(dG, SC), "h0": dh0}
+    grads = {"q": dq, "k": dk, "v": dv, "g": cs.reverse_chunk_local_cumsum(dG, G, SC), "h0": dh0}
     for name, gr in grads.items():
         fd = np.empty_like(x[name])
         for i in np.ndindex(fd.shape):
@@ -269,8 +268,126 @@ def test_stage_backward_composition_matches_finite_differences(form: str) -> Non
             xp[name][i] += FD_STEP
             xm[name][i] -= FD_STEP
             fd[i] = (_gla_loss(xp, scale) - _gla_loss(xm, scale)) / (2 * FD_STEP)
-        rel = float(np.linalg.norm(gr - fd)) / float(np.linalg.norm(fd))
+        rel = float(np.linalg.norm(gr - fd)) / max(float(np.linalg.norm(fd)), 1e-12)  # dh0 is 0 behind a reset at 0
         assert rel < FD_RTOL, f"d{name}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("form", GATE_FORMS)
+def test_stage_backward_composition_matches_finite_differences(form: str) -> None:
+    _check_stage_backward_against_fd(_stage_inputs(form, T=20), 0.5)
+
+
+# 3b. Resets (a gate whose decay is 0) and non-finite values in the stages and the chunked op.
+
+# Rows of a reset: a chunk's first row, inside, its last row, and several in one chunk (one at t = 0).
+RESET_ROWS = {"first_row": (16,), "inside": (20,), "last_row": (31,), "several": (0, 5, 6, 17, 31, 33)}
+RESET_VALUES = {"-inf": -np.inf, "-1e30": -1e30, "-1e4": -1e4}
+
+
+def _with_resets(g: np.ndarray, rows: tuple[int, ...], value: float) -> np.ndarray:
+    """g ``[T, H]`` or ``[T, H, K]`` with every head reset at `rows`, per key only key 0 (a partial reset)."""
+    g = g.copy()
+    for t in rows:
+        if g.ndim == 2:
+            g[t] = value
+        else:
+            g[t, :, 0] = value
+    return g
+
+
+def test_chunk_local_cumsum_takes_resets_out() -> None:
+    """G sums the gates that are not resets (decay 0 in float64: -inf, -1e30, -800; -700 is not one), R counts the
+    resets; dg is 0 at a reset and sums dG up to the next one."""
+    rng = np.random.default_rng(33)
+    g = -rng.uniform(0.1, 1.0, (ST, SH))
+    g[[3, 16, 20, 31], 0] = [-np.inf, -1e30, -800.0, -np.inf]
+    g[[5, 6], 1] = [-700.0, -np.inf]
+    G = cs.chunk_local_cumsum(g, SC)
+    dG = rng.standard_normal(g.shape)
+    dg = cs.reverse_chunk_local_cumsum(dG, G, SC)
+    reset = np.exp(g) == 0
+    np.testing.assert_array_equal(cs.is_reset(g), reset)
+    for t in range(ST):
+        start, end = (t // SC) * SC, min((t // SC + 1) * SC, ST)
+        for h in range(SH):
+            kept = [s for s in range(start, t + 1) if not reset[s, h]]
+            assert G.R[t, h] == t + 1 - start - len(kept)
+            np.testing.assert_allclose(G.G[t, h], g[kept, h].sum() / math.log(2.0), rtol=1e-14, atol=1e-15)
+            nxt = next((r for r in range(t + 1, end) if reset[r, h]), end)
+            want = 0.0 if reset[t, h] else dG[t:nxt, h].sum()
+            np.testing.assert_allclose(dg[t, h], want, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("rows", RESET_ROWS.values(), ids=RESET_ROWS)
+@pytest.mark.parametrize("form", GATE_FORMS)
+def test_stages_with_resets_match_token_loop(form: str, rows: tuple[int, ...]) -> None:
+    """The stages' chunk-start states, final state and o with resets (per key: key 0 only) equal the token loop, and
+    -1e30 and -1e4 give the -inf result exactly."""
+    x = _stage_inputs(form)
+    results = {}
+    for label, value in RESET_VALUES.items():
+        xr = {**x, "g": _with_resets(x["g"], rows, value)}
+        G = cs.chunk_local_cumsum(xr["g"], SC)
+        h, delta, ht = cs.state_pass_fwd(xr["k"], xr["v"], G, xr["h0"], SC)
+        results[label] = (h, ht, cs.chunk_output(xr["q"], xr["k"], G, h, delta, 0.5, SC))
+    o_ref, states = _gla_token_loop({**x, "g": _with_resets(x["g"], rows, -np.inf)}, 0.5)
+    h, ht, o = results["-inf"]
+    for c in range(3):
+        np.testing.assert_allclose(h[c], states[c * SC], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(ht, states[-1], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-12, atol=1e-13)
+    for label in ("-1e30", "-1e4"):
+        for a, b in zip(results[label], results["-inf"]):
+            np.testing.assert_array_equal(a, b, err_msg=label)
+
+
+@pytest.mark.parametrize("rows", [(0, 3, 4), (7, 8, 19)], ids=["first_rows", "chunk_edges"])
+@pytest.mark.parametrize("form", GATE_FORMS)
+def test_stage_backward_with_resets_matches_finite_differences(form: str, rows: tuple[int, ...]) -> None:
+    """A reset's gate gradient is 0 (its difference too: -inf stays -inf); the others go to their segment."""
+    x = _stage_inputs(form, T=20)
+    _check_stage_backward_against_fd({**x, "g": _with_resets(x["g"], rows, -np.inf)}, 0.5)
+
+
+@pytest.mark.parametrize("value", RESET_VALUES.values(), ids=RESET_VALUES)
+@pytest.mark.parametrize("rows", RESET_ROWS.values(), ids=RESET_ROWS)
+def test_chunk_with_resets_equals_recurrent(rows: tuple[int, ...], value: float) -> None:
+    """The chunked op with resets (every head at `rows`, head 1 alone at token 25) equals the recurrence, where the
+    decay exp(g) is 0: forward to 1e-12 and every gradient to 1e-10, the reset gates' gradient 0."""
+    inputs = _float64(gated_delta_rule_inputs(1, 40, 1, 4, 3, HV=2, seed=14))
+    inputs["g"][0, list(rows)] = value
+    inputs["g"][0, 25, 1] = value
+    check_chunk_equals_recurrent(inputs, 16)
+    kw, do, dht = _op_args(inputs, (), {})
+    grads = naive_chunk.chunk_backward(make_problem("chunk", **kw, chunk_size=16), 16, do, dht)
+    assert np.all(grads["g"][np.exp(inputs["g"]) == 0] == 0)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("name", ["g", "beta"])
+@pytest.mark.parametrize("t", [16, 20, 31], ids=["first_row", "inside", "last_row"])
+def test_stages_keep_non_finite_values_causal(t: int, name: str, value: float) -> None:
+    """A NaN or an infinity at token t: every stage's rows before t, and with do zero from t on the gradients of the
+    tokens before t and of h0, equal those of the sequence cut at t (the masked products select, and a zero
+    cotangent times a NaN is 0)."""
+    inputs = _float64(gated_delta_rule_inputs(1, 40, 1, 4, 3, HV=2, seed=15))
+    kw, do, _ = _op_args(inputs, (), {})
+    cut = {n: (a[:, :t] if isinstance(a, np.ndarray) and a.ndim >= 3 and n != "initial_state" else a)
+           for n, a in kw.items()}
+    kw[name] = kw[name].copy()
+    kw[name][0, t] = value
+    do[:, t:] = 0.0
+    with np.errstate(all="ignore"):
+        p = make_problem("chunk", **kw, chunk_size=16)
+        o, _ = naive_chunk.chunk_forward(p, 16)
+        grads = naive_chunk.chunk_backward(p, 16, do, None)
+    p_cut = make_problem("chunk", **cut, chunk_size=16)
+    o_cut, _ = naive_chunk.chunk_forward(p_cut, 16)
+    ref = naive_chunk.chunk_backward(p_cut, 16, do[:, :t], None)
+    _assert_max_rel("o", o_cut, o[:, :t], OUT_RTOL)
+    for n, r in ref.items():
+        if r is not None:
+            _assert_max_rel(f"d{n}", r, grads[n] if n == "initial_state" else grads[n][:, :t], GRAD_RTOL)
 
 
 # 4. Public references.

@@ -102,7 +102,7 @@ def _numpy_stages(x: dict[str, Any], bounds: list[tuple[int, int, int]], group: 
         dh, ddelta, ref["dh0"][n] = chunk_stages.state_pass_bwd(q, k, G, do, dd_local, x["dht"][n], scale, C, w)
         dq, dk, dG = chunk_stages.chunk_qk_grads(q, k, G, h, dh, delta, do, scale, C)
         ref["ddelta"][b, bos:eos], ref["dq"][b, bos:eos], ref["dk"][b, bos:eos] = ddelta, dq, dk
-        ref["dg"][b, bos:eos] = chunk_stages.reverse_chunk_local_cumsum(dG, C).reshape(g.shape)
+        ref["dg"][b, bos:eos] = chunk_stages.reverse_chunk_local_cumsum(dG, G, C).reshape(g.shape)
         for c, sl in enumerate(chunk_stages.chunk_slices(eos - bos, C)):
             if w is not None:
                 ref["dw"][b, bos:eos][sl] = -np.einsum("hkv,rhv->rhk", h[c], ddelta[sl])
@@ -110,12 +110,15 @@ def _numpy_stages(x: dict[str, Any], bounds: list[tuple[int, int, int]], group: 
 
 
 @pytest.mark.numba_sim
+@pytest.mark.parametrize("resets", [False, True], ids=["", "resets"])
 @pytest.mark.parametrize("update_rule", UPDATE_RULES)
 @pytest.mark.parametrize("gate_form", GATE_FORMS)
-def test_shared_stages(gate_form: str, update_rule: str) -> None:
+def test_shared_stages(gate_form: str, update_rule: str, resets: bool) -> None:
     """ops/common/numba_chunk_stages.py in every form (GDN runs the scalar gate with the delta rule; GLA will run
     the per-key gate with the plain rule) against chunk_stages.py: forward, the reverse state pass, dq, dk, dw
-    and the gate gradient (w and the gate taken as free inputs), over sequences crossing chunks and an empty one."""
+    and the gate gradient (w and the gate taken as free inputs), over sequences crossing chunks and an empty one;
+    with `resets`, gates of -inf and -1e30 at a chunk's first row, inside and at its last row, two in one chunk, in
+    one head or (per key) one lane only."""
     rng = np.random.default_rng(9)
     B, T, H, HV, K, V, C, scale = 1, 20, 1, 2, 4, 3, 8, 0.5
     bounds = [(0, 0, 11), (0, 11, 11), (0, 11, 20)]
@@ -128,6 +131,9 @@ def test_shared_stages(gate_form: str, update_rule: str) -> None:
          "w": randn(B, T, HV, K, std=0.3) if update_rule == "delta" else None,
          "g": -rng.uniform(0.05, 0.5, (B, T, HV, lanes)).astype(np.float32),
          "h0": randn(N, HV, K, V), "do": randn(B, T, HV, V), "dht": randn(N, HV, K, V)}
+    if resets:  # chunks of 8: [0, 8), [8, 11) and [11, 19), [19, 20)
+        x["g"][0, [3, 8, 11, 18], :, :1] = -np.inf
+        x["g"][0, [5, 7, 15], 1, :] = -1e30
     ref = _numpy_stages(x, bounds, HV // H, C, scale)
 
     L = NumbaLauncher(np)
@@ -135,19 +141,31 @@ def test_shared_stages(gate_form: str, update_rule: str) -> None:
     d = {n: None if a is None else L.put(a) for n, a in x.items()}
     got = {n: np.full_like(r, np.nan, dtype=np.float32) for n, r in ref.items()}
     o = {n: L.out(a) for n, a in got.items()}
-    G, h, delta = L.scratch(B, T, HV, lanes), L.scratch(st.n_chunks, HV, K, V), L.scratch(B, T, HV, V)
+    G, R = L.scratch(B, T, HV, lanes), L.scratch(B, T, HV, lanes)
+    h, delta = L.scratch(st.n_chunks, HV, K, V), L.scratch(B, T, HV, V)
     dh, dexp, dexp_end = L.scratch(st.n_chunks, HV, K, V), L.scratch(B, T, HV, C + 1, lanes), L.scratch(B, T, HV, lanes)
-    st.chunk_local_cumsum(d["g"], G)
-    st.state_pass_fwd(d["k"], G, d["u"], d["h0"], h, delta, o["ht"], w=d["w"])
-    st.chunk_output(d["q"], d["k"], G, h, delta, o["o"], scale)
-    st.chunk_output_dv_local(d["q"], d["k"], G, d["do"], o["ddelta"], scale)
-    st.state_pass_bwd(d["q"], d["k"], G, d["do"], d["dht"], o["ddelta"], dh, o["dh0"], scale, w=d["w"])
-    st.chunk_qk_grads(d["q"], d["k"], G, h, dh, delta, o["ddelta"], d["do"], o["dq"], o["dk"], dexp, dexp_end, scale,
-                      dw=o.get("dw"))
+    st.chunk_local_cumsum(d["g"], G, R)
+    st.state_pass_fwd(d["k"], G, R, d["u"], d["h0"], h, delta, o["ht"], w=d["w"])
+    st.chunk_output(d["q"], d["k"], G, R, h, delta, o["o"], scale)
+    st.chunk_output_dv_local(d["q"], d["k"], G, R, d["do"], o["ddelta"], scale)
+    st.state_pass_bwd(d["q"], d["k"], G, R, d["do"], d["dht"], o["ddelta"], dh, o["dh0"], scale, w=d["w"])
+    st.chunk_qk_grads(d["q"], d["k"], G, R, h, dh, delta, o["ddelta"], d["do"], o["dq"], o["dk"], dexp, dexp_end,
+                      scale, dw=o.get("dw"))
     st.gate_grad(dexp, dexp_end, o["dg"])
     L.finish()
     for n in ref:
         assert_close(n, ref[n], got[n], dtype="float32")
+
+
+@pytest.mark.numba_sim
+@pytest.mark.parametrize("value", [-np.inf, -1e30, -1e4], ids=["-inf", "-1e30", "-1e4"])
+def test_resets(value: float) -> None:
+    """Gates whose decay is 0 at a chunk's first row, inside (two in a row), at its last row and in one head only:
+    the exact reset of the recurrence."""
+    inputs = gated_delta_rule_inputs(1, 40, 1, 4, 3, HV=2, seed=10, use_qk_l2norm_in_kernel=True)
+    inputs["g"][0, [16, 20, 21, 31]] = value
+    inputs["g"][0, 5, 1] = value
+    check_backend("numba", inputs, mode="chunk", chunk_size=16)
 
 
 _GPU_CASES = [

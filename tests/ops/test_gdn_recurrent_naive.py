@@ -271,3 +271,58 @@ def test_naive_public_argument_order_beta_before_g() -> None:
     ref = naive.recurrent_backward(p, do, dht)
     for name in GRAD_NAMES:
         np.testing.assert_array_equal(getattr(grads, name), ref[name])
+
+
+# Resets: a gate of -inf in some keys (gk) or values (gv) zeroes those rows or columns of the decayed state, exactly
+# as the recurrence defines it; very negative finite gates are the same reset.
+
+
+def _with_partial_resets(kw: dict[str, Any], value: float) -> dict[str, Any]:
+    """gk at a few (token, head, key) entries and gv at a few (token, head, value) entries set to `value`."""
+    kw = dict(kw)
+    if kw.get("gk") is not None:
+        kw["gk"] = kw["gk"].copy()
+        kw["gk"][0, 1, 0, 0] = kw["gk"][0, 3, -1, 1:] = kw["gk"][-1, -1, 0, -1] = value
+    if kw.get("gv") is not None:
+        kw["gv"] = kw["gv"].copy()
+        kw["gv"][0, 2, 0, 1] = kw["gv"][0, 3, -1, :-1] = value
+    return kw
+
+
+PARTIAL_RESET_CASES = [Case(T=5, H=1, HV=2, K=3, V=4, gk=True, gv=True), Case(B=2, T=4, g=False, gk=True, seed=2),
+                       Case(T=5, H=1, HV=2, K=3, V=2, gv=True, beta="perv", seed=4)]
+
+
+@pytest.mark.parametrize("value", [-np.inf, -1e30, -1e4], ids=["-inf", "-1e30", "-1e4"])
+@pytest.mark.parametrize("c", case_params(PARTIAL_RESET_CASES))
+def test_partial_resets_match_column_loop_and_finite_differences(c: Case, value: float) -> None:
+    kw, do, dht = build(c)
+    kw = _with_partial_resets(kw, value)
+    o_ref, ht_ref = _column_loop_reference(kw)
+    p = make_problem(**kw, backend="numpy")
+    o, ht = naive.recurrent_forward(p)
+    assert_close("o", o_ref, o, ratio=1e-13)
+    assert_close("ht", ht_ref, ht, ratio=1e-13)
+    check_against_fd(p, do, dht, naive.recurrent_forward, naive.recurrent_backward)
+    grads = naive.recurrent_backward(p, do, dht)
+    for name in ("gk", "gv"):
+        if kw.get(name) is not None:
+            reset = np.exp(kw[name]) == 0
+            assert reset.any() and np.all(grads[name][reset] == 0), f"d{name} at a reset"
+
+
+def test_very_negative_gates_equal_minus_inf_exactly() -> None:
+    kw, do, dht = build(Case(T=6, H=1, HV=2, K=3, V=4, gk=True, gv=True))
+    results = []
+    for value in (-np.inf, -1e30, -1e4):
+        x = _with_partial_resets(kw, value)
+        x["g"] = x["g"].copy()
+        x["g"][0, 2, :] = value
+        p = make_problem(**x, backend="numpy")
+        results.append((*naive.recurrent_forward(p), naive.recurrent_backward(p, do, dht)))
+    for o, ht, grads in results[1:]:
+        np.testing.assert_array_equal(o, results[0][0])
+        np.testing.assert_array_equal(ht, results[0][1])
+        for name, gr in grads.items():
+            if gr is not None:
+                np.testing.assert_array_equal(gr, results[0][2][name], err_msg=name)

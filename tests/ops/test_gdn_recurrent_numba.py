@@ -67,6 +67,18 @@ def test_forward_only_and_inplace_final_state() -> None:
     assert_close("ht", ht_ref, h0, dtype="float32")
 
 
+@pytest.mark.numba_sim
+@pytest.mark.parametrize("value", [-np.inf, -1e30], ids=["-inf", "-1e30"])
+def test_resets(value: float) -> None:
+    """Gates whose decay is 0: g in one head, gk in some keys, gv in some values (rows and columns of the state
+    reset), against the float64 reference, which zeroes exactly those."""
+    inputs = gated_delta_rule_inputs(1, 6, 1, 4, 3, HV=2, seed=8, gk=True, gv=True)
+    inputs["g"][0, 1, 0] = value
+    inputs["gk"][0, 2, 1, :2] = value
+    inputs["gv"][0, 4, 0, 1:] = value
+    check_backend("numba", inputs)
+
+
 _GPU_CASES = [
     ("dense", {"B": 2, "T": 33, "H": 2, "HV": 4, "K": 32, "V": 48}, {}),
     (

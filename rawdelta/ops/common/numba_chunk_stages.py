@@ -11,6 +11,13 @@ state ``S0`` ``[K, V]``, rows ``r = 0 .. n-1`` and ``G_r`` the chunk-local inclu
 Gates stay in base e (the cumsum is of the natural-log decay, every factor is ``exp``), so gate gradients need
 no ln 2 conversion; every kept factor has a non-positive exponent for ``g <= 0``.
 
+Extreme values (chunk_stages.py has the same rules in float64): a gate whose float32 decay is 0 (``-inf``, or
+``g <= RESET_GATE``) is a hard reset, left out of the cumsum G and counted in R (``[B, T, HV, lanes]``, like G), so
+the decay from row j to row a is 0 when ``R_a > R_j`` and ``e^(G_a − G_j)`` otherwise (from the chunk's start: 0
+when ``R_a > 0``); a dropped factor is skipped by a branch, never multiplied by 0. The products run over the causal
+rows only, and every backward term whose cotangent is 0 is skipped, so a NaN or an infinity at token t never reaches a
+row before t, nor, when the cotangents from t on are zero, a gradient before t.
+
 The family's choices are the two arguments of :func:`chunk_stage_kernels` (compile-time, like template
 parameters):
 
@@ -37,7 +44,8 @@ pairs to dexp. This equals the reverse cumsum of ``dG_t = q_t ⊙ dq_t − k_t �
 but never forms it: there O(1) terms cancel down to a dg that is tiny under strong decay, which float32
 cannot resolve.
 
-Shapes: q, k ``[B, T, H, K]``; token-indexed buffers ``[B, T, HV, ...]``; per-chunk matrices (L, A and their
+Shapes: q, k ``[B, T, H, K]``; token-indexed buffers ``[B, T, HV, ...]`` (the gate cumsum G and its reset
+counts R ``[B, T, HV, lanes]``); per-chunk matrices (L, A and their
 gradients) ``[B, T, HV, C]`` with row r at its token; per-chunk states h, dh ``[NC, HV, K, V]``; the tables
 ``chunks`` ``[NC, 3]`` and ``seqs`` ``[N, 2]`` (int64). All float32. :class:`NumbaChunkStages` launches the
 stages of one call.
@@ -59,6 +67,8 @@ from .numba_launch import NumbaLauncher
 GATE_FORMS = ("scalar", "per_key")
 UPDATE_RULES = ("plain", "delta")
 MAX_CHUNK = 64  # rows per chunk; a row of a chunk's dA is a local array of this size in the triangular inverse backward
+RESET_GATE = math.log(2.0 ** -150)
+"""A natural-log gate at or below this (about -103.97) is a hard reset: its float32 decay ``exp(g)`` rounds to 0."""
 
 # numba.cuda, bound by the factories below; kernels must reach it as a module global (numba_device.py says why).
 cuda: Any = None
@@ -92,14 +102,18 @@ def gate_functions(gate_form: str) -> Any:
     ``i if per_key else 0`` (written inline in the kernels: a device call costs the CUDA simulator more than the
     work).
 
-    * ``decayed_dot(coef, x, b, tx, hx, y, ty, hy, G, ta, tz, hv, K)``:
+    * ``decayed_dot(coef, x, b, tx, hx, y, ty, hy, G, R, ta, tz, hv, K)``:
       ``coef Σ_i x[b, tx, hx, i] y[b, ty, hy, i] e^(G[b, ta, hv, lane(i)] − G[b, tz, hv, lane(i)])``, the decay
       taken once per lane (so once for a scalar gate);
-    * ``add_decayed(y, b, ty, x, tx, hx, G, ta, tz, hv, K, coef, weight)``:
+    * ``add_decayed(y, b, ty, x, tx, hx, G, R, ta, tz, hv, K, coef, weight)``:
       ``y[b, ty, hv, i] += coef e^(G[b, ta, hv, lane(i)] − G[b, tz, hv, lane(i)]) weight x[b, tx, hx, i]`` for
-      every key i;
-    * ``read_state(coef, x, b, t, hx, h, c, hv, j, G, K)``: ``coef Σ_i e^(G[b, t, hv, lane(i)]) x[b, t, hx, i]
+      every key i; nothing when the weight (a cotangent) is 0;
+    * ``read_state(coef, x, b, t, hx, h, c, hv, j, G, R, K)``: ``coef Σ_i e^(G[b, t, hv, lane(i)]) x[b, t, hx, i]
       h[c, hv, i, j]``, column j of the state ``h`` ``[NC, HV, K, V]`` read by the decayed row x.
+
+    A lane's decay between rows ta >= tz is 0 when ``R[b, ta, hv, lane] != R[b, tz, hv, lane]`` (a reset between
+    them), and its decay from the chunk's start to row t is 0 when ``R[b, t, hv, lane] > 0``: those lanes are
+    skipped.
     """
     if gate_form not in GATE_FORMS:
         raise ValueError(f"gate_form must be one of {GATE_FORMS}, got {gate_form!r}")
@@ -112,30 +126,36 @@ def gate_functions(gate_form: str) -> Any:
     dot = device_helpers().dot
 
     @cuda.jit(device=True)
-    def decayed_dot(coef, x, b, tx, hx, y, ty, hy, G, ta, tz, hv, K):
+    def decayed_dot(coef, x, b, tx, hx, y, ty, hy, G, R, ta, tz, hv, K):
         acc = zero
         for lane in range(K if per_key else 1):
-            first, end = (lane, lane + 1) if per_key else (0, K)
-            acc += coef * dot(x, b, tx, hx, y, ty, hy, first, end) * math.exp(G[b, ta, hv, lane] - G[b, tz, hv, lane])
+            if R[b, ta, hv, lane] == R[b, tz, hv, lane]:
+                first, end = (lane, lane + 1) if per_key else (0, K)
+                acc += coef * dot(x, b, tx, hx, y, ty, hy, first, end) * math.exp(
+                    G[b, ta, hv, lane] - G[b, tz, hv, lane])
         return acc
 
     @cuda.jit(device=True)
-    def add_decayed(y, b, ty, x, tx, hx, G, ta, tz, hv, K, coef, weight):
+    def add_decayed(y, b, ty, x, tx, hx, G, R, ta, tz, hv, K, coef, weight):
+        if weight == zero:
+            return
         for lane in range(K if per_key else 1):
-            first, end = (lane, lane + 1) if per_key else (0, K)
-            e = coef * math.exp(G[b, ta, hv, lane] - G[b, tz, hv, lane]) * weight
-            for i in range(first, end):
-                y[b, ty, hv, i] += e * x[b, tx, hx, i]
+            if R[b, ta, hv, lane] == R[b, tz, hv, lane]:
+                first, end = (lane, lane + 1) if per_key else (0, K)
+                e = coef * math.exp(G[b, ta, hv, lane] - G[b, tz, hv, lane]) * weight
+                for i in range(first, end):
+                    y[b, ty, hv, i] += e * x[b, tx, hx, i]
 
     @cuda.jit(device=True)
-    def read_state(coef, x, b, t, hx, h, c, hv, j, G, K):
+    def read_state(coef, x, b, t, hx, h, c, hv, j, G, R, K):
         acc = zero
         for lane in range(K if per_key else 1):
-            first, end = (lane, lane + 1) if per_key else (0, K)
-            xh = zero
-            for i in range(first, end):
-                xh += x[b, t, hx, i] * h[c, hv, i, j]
-            acc += coef * math.exp(G[b, t, hv, lane]) * xh
+            if R[b, t, hv, lane] == zero:
+                first, end = (lane, lane + 1) if per_key else (0, K)
+                xh = zero
+                for i in range(first, end):
+                    xh += x[b, t, hx, i] * h[c, hv, i, j]
+                acc += coef * math.exp(G[b, t, hv, lane]) * xh
         return acc
 
     return types.SimpleNamespace(decayed_dot=decayed_dot, add_decayed=add_decayed, read_state=read_state)
@@ -161,14 +181,16 @@ def chunk_stage_kernels(gate_form: str, update_rule: str) -> Any:
     per_key = gate_form == "per_key"
     delta_rule = update_rule == "delta"
     dev = device_helpers()
-    column_thread, load_column, store_column, chunk_row, dot = (
-        dev.column_thread, dev.load_column, dev.store_column, dev.chunk_row, dev.dot)
+    column_thread, load_column, store_column, chunk_row, dot, dot0 = (
+        dev.column_thread, dev.load_column, dev.store_column, dev.chunk_row, dev.dot, dev.dot0)
+    reset_gate = f32(RESET_GATE)
     decayed_dot, add_decayed, read_state = gate.decayed_dot, gate.add_decayed, gate.read_state
 
     # ---- forward -------------------------------------------------------------------------------------
 
-    def chunk_local_cumsum(g, chunks, G, n_chunks, HV, K):
-        """Per (chunk, state head, lane): G = the chunk-local inclusive cumsum of the log-decay g (G may be g)."""
+    def chunk_local_cumsum(g, chunks, G, R, n_chunks, HV, K):
+        """Per (chunk, state head, lane): G = the chunk-local inclusive cumsum of the log-decay g with its resets
+        (``g <= RESET_GATE``, -inf included) left out, and R = the resets so far in the chunk (G may be g)."""
         tid = cuda.grid(1)
         n_lanes = K if per_key else 1
         if tid >= n_chunks * HV * n_lanes:
@@ -178,9 +200,15 @@ def chunk_stage_kernels(gate_form: str, update_rule: str) -> Any:
         c = tid // (n_lanes * HV)
         b, t0, n_rows = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         acc = zero
+        resets = zero
         for r in range(n_rows):
-            acc += g[b, t0 + r, hv, lane]
+            x = g[b, t0 + r, hv, lane]
+            if x <= reset_gate:
+                resets += one
+            else:
+                acc += x
             G[b, t0 + r, hv, lane] = acc
+            R[b, t0 + r, hv, lane] = resets
 
     def invert_unit_lower(Lmat, chunks, Amat, n_chunks, C, HV, group, K, V):
         """Column ``col`` of ``A = (I + L)^-1`` (L strictly lower) by forward substitution of ``(I + L) a = e_col``."""
@@ -193,7 +221,7 @@ def chunk_stage_kernels(gate_form: str, update_rule: str) -> Any:
                 a -= Lmat[b, t0 + i, hv, j] * Amat[b, t0 + j, hv, col]
             Amat[b, t0 + i, hv, col] = a
 
-    def state_pass_fwd(k, G, w, u, h0, chunks, seqs, h, delta, ht, n_seq, HV, group, K, V, has_h0):
+    def state_pass_fwd(k, G, R, w, u, h0, chunks, seqs, h, delta, ht, n_seq, HV, group, K, V, has_h0):
         """Per (sequence, state head, state column j), over the sequence's chunks in order: the start state
         ``h[c]``, the values written δ ``[B, T, HV, V]``, and the final state ``ht`` ``[N, HV, K, V]``."""
         n, hv, hk, j = column_thread(cuda.grid(1), HV, V, group)
@@ -216,31 +244,32 @@ def chunk_stage_kernels(gate_form: str, update_rule: str) -> Any:
             t_last = t0 + n_rows - 1
             for i in range(K):
                 lane = i if per_key else 0
-                g_last = G[b, t_last, hv, lane]
-                acc = math.exp(g_last) * S[i]
+                g_last, r_last = G[b, t_last, hv, lane], R[b, t_last, hv, lane]
+                acc = math.exp(g_last) * S[i] if r_last == zero else zero
                 for r in range(n_rows):
                     t = t0 + r
-                    acc += math.exp(g_last - G[b, t, hv, lane]) * k[b, t, hk, i] * delta[b, t, hv, j]
+                    if R[b, t, hv, lane] == r_last:
+                        acc += math.exp(g_last - G[b, t, hv, lane]) * k[b, t, hk, i] * delta[b, t, hv, j]
                 S[i] = acc
         store_column(ht, S, n, hv, j, K)
 
-    def chunk_output(q, k, G, h, delta, chunks, o, n_chunks, C, HV, group, K, V, scale):
+    def chunk_output(q, k, G, R, h, delta, chunks, o, n_chunks, C, HV, group, K, V, scale):
         """Row r of ``o = scale ((e^G_r ⊙ q_r)ᵀ h[c] + Σ_{s <= r} (q_r · (e^(G_r − G_s) ⊙ k_s)) δ_s)``
         ``[B, T, HV, V]``."""
         c, hv, hk, b, t0, n_rows, r, tr = chunk_row(cuda.grid(1), chunks, n_chunks, C, HV, group)
         if r >= n_rows:
             return
         for j in range(V):
-            o[b, tr, hv, j] = read_state(scale, q, b, tr, hk, h, c, hv, j, G, K)
+            o[b, tr, hv, j] = read_state(scale, q, b, tr, hk, h, c, hv, j, G, R, K)
         for s in range(r + 1):
             ts = t0 + s
-            a = decayed_dot(scale, q, b, tr, hk, k, ts, hk, G, tr, ts, hv, K)
+            a = decayed_dot(scale, q, b, tr, hk, k, ts, hk, G, R, tr, ts, hv, K)
             for j in range(V):
                 o[b, tr, hv, j] += a * delta[b, ts, hv, j]
 
     # ---- backward ------------------------------------------------------------------------------------
 
-    def chunk_output_dv_local(q, k, G, do, chunks, ddelta, n_chunks, C, HV, group, K, V, scale):
+    def chunk_output_dv_local(q, k, G, R, do, chunks, ddelta, n_chunks, C, HV, group, K, V, scale):
         """Row s of the intra-chunk output's gradient w.r.t. δ:
         ``dδ_s = scale Σ_{r >= s} (k_s · (e^(G_r − G_s) ⊙ q_r)) do_r`` ``[B, T, HV, V]``."""
         c, hv, hk, b, t0, n_rows, s, ts = chunk_row(cuda.grid(1), chunks, n_chunks, C, HV, group)
@@ -250,11 +279,13 @@ def chunk_stage_kernels(gate_form: str, update_rule: str) -> Any:
             ddelta[b, ts, hv, j] = zero
         for r in range(s, n_rows):
             tr = t0 + r
-            a = decayed_dot(scale, k, b, ts, hk, q, tr, hk, G, tr, ts, hv, K)
+            a = decayed_dot(scale, k, b, ts, hk, q, tr, hk, G, R, tr, ts, hv, K)
             for j in range(V):
-                ddelta[b, ts, hv, j] += a * do[b, tr, hv, j]
+                dout = do[b, tr, hv, j]
+                if dout != zero:
+                    ddelta[b, ts, hv, j] += a * dout
 
-    def state_pass_bwd(q, k, G, w, do, dht, chunks, seqs, ddelta, dh, dh0, n_seq, HV, group, K, V, scale,
+    def state_pass_bwd(q, k, G, R, w, do, dht, chunks, seqs, ddelta, dh, dh0, n_seq, HV, group, K, V, scale,
                        has_dht, has_h0):
         """Per (sequence, state head, column j), chunks in reverse: ``dh[c]`` (gradient w.r.t. the state at the
         chunk's end), ``dδ_s += (e^(G_last − G_s) ⊙ k_s)ᵀ dS``, then the gradient w.r.t. the chunk's start state
@@ -276,22 +307,29 @@ def chunk_stage_kernels(gate_form: str, update_rule: str) -> Any:
                     kd = zero
                     for i in range(first, end):
                         kd += k[b, ts, hk, i] * dS[i]
-                    acc += math.exp(G[b, t_last, hv, lane] - G[b, ts, hv, lane]) * kd
+                    if kd != zero and R[b, ts, hv, lane] == R[b, t_last, hv, lane]:
+                        acc += math.exp(G[b, t_last, hv, lane] - G[b, ts, hv, lane]) * kd
                 ddelta[b, ts, hv, j] += acc
             for i in range(K):
                 lane = i if per_key else 0
-                acc = math.exp(G[b, t_last, hv, lane]) * dS[i]
+                across = dS[i] != zero and R[b, t_last, hv, lane] == zero
+                acc = math.exp(G[b, t_last, hv, lane]) * dS[i] if across else zero
                 for r in range(n_rows):
                     tr = t0 + r
-                    x = scale * math.exp(G[b, tr, hv, lane]) * q[b, tr, hk, i] * do[b, tr, hv, j]
+                    dout = do[b, tr, hv, j]
+                    x = zero
+                    if dout != zero and R[b, tr, hv, lane] == zero:
+                        x = scale * math.exp(G[b, tr, hv, lane]) * q[b, tr, hk, i] * dout
                     if delta_rule:
-                        x = x - w[b, tr, hv, i] * ddelta[b, tr, hv, j]
+                        dd = ddelta[b, tr, hv, j]
+                        if dd != zero:
+                            x = x - w[b, tr, hv, i] * dd
                     acc += x
                 dS[i] = acc
         if has_h0:
             store_column(dh0, dS, n, hv, j, K)
 
-    def chunk_qk_grads(q, k, G, h, dh, delta, ddelta, do, chunks, dq, dk, dw, dexp, dexp_end,
+    def chunk_qk_grads(q, k, G, R, h, dh, delta, ddelta, do, chunks, dq, dk, dw, dexp, dexp_end,
                        n_chunks, C, HV, group, K, V, scale):
         """Row a of the gradients through the output and the state update (δ held fixed), per state head
         ``[B, T, HV, K]``: ``dq_a = scale (e^G_a ⊙ h do_a + Σ_{j <= a} (do_a · δ_j) e^(G_a − G_j) ⊙ k_j)``,
@@ -306,17 +344,24 @@ def chunk_stage_kernels(gate_form: str, update_rule: str) -> Any:
         n_lanes = K if per_key else 1
         for i in range(K):
             lane = i if per_key else 0
-            g_a = G[b, ta, hv, lane]
+            g_a, r_a = G[b, ta, hv, lane], R[b, ta, hv, lane]
             h_do = zero
             dh_delta = zero
             h_ddelta = zero
             for j in range(V):
-                h_do += h[c, hv, i, j] * do[b, ta, hv, j]
-                dh_delta += dh[c, hv, i, j] * delta[b, ta, hv, j]
+                dout = do[b, ta, hv, j]
+                if dout != zero:
+                    h_do += h[c, hv, i, j] * dout
+                dhj = dh[c, hv, i, j]
+                if dhj != zero:
+                    dh_delta += dhj * delta[b, ta, hv, j]
                 if delta_rule:
-                    h_ddelta += h[c, hv, i, j] * ddelta[b, ta, hv, j]
-            dq[b, ta, hv, i] = scale * math.exp(g_a) * h_do
-            dk[b, ta, hv, i] = math.exp(G[b, t_last, hv, lane] - g_a) * dh_delta
+                    ddj = ddelta[b, ta, hv, j]
+                    if ddj != zero:
+                        h_ddelta += h[c, hv, i, j] * ddj
+            dq[b, ta, hv, i] = scale * math.exp(g_a) * h_do if h_do != zero and r_a == zero else zero
+            to_end = dh_delta != zero and r_a == R[b, t_last, hv, lane]
+            dk[b, ta, hv, i] = math.exp(G[b, t_last, hv, lane] - g_a) * dh_delta if to_end else zero
             if delta_rule:
                 dw[b, ta, hv, i] = -h_ddelta
         for lane in range(n_lanes):
@@ -329,19 +374,24 @@ def chunk_stage_kernels(gate_form: str, update_rule: str) -> Any:
                 h_dh = zero
                 for i in range(first, end):
                     for j in range(V):
-                        h_dh += h[c, hv, i, j] * dh[c, hv, i, j]
-                dexp[b, ta, hv, 0, lane] += math.exp(G[b, t_last, hv, lane]) * h_dh
+                        dhj = dh[c, hv, i, j]
+                        if dhj != zero:
+                            h_dh += h[c, hv, i, j] * dhj
+                if h_dh != zero and R[b, t_last, hv, lane] == zero:
+                    dexp[b, ta, hv, 0, lane] += math.exp(G[b, t_last, hv, lane]) * h_dh
         for s in range(a + 1):
             ts = t0 + s
-            do_delta = dot(do, b, ta, hv, delta, ts, hv, 0, V)
-            add_decayed(dq, b, ta, k, ts, hk, G, ta, ts, hv, K, scale, do_delta)
+            do_delta = dot0(do, b, ta, hv, delta, ts, hv, 0, V)
+            add_decayed(dq, b, ta, k, ts, hk, G, R, ta, ts, hv, K, scale, do_delta)
             for lane in range(n_lanes):
                 first, end = (lane, lane + 1) if per_key else (0, K)
-                e = scale * math.exp(G[b, ta, hv, lane] - G[b, ts, hv, lane]) * do_delta
+                e = zero
+                if do_delta != zero and R[b, ta, hv, lane] == R[b, ts, hv, lane]:
+                    e = scale * math.exp(G[b, ta, hv, lane] - G[b, ts, hv, lane]) * do_delta
                 dexp[b, ta, hv, s + 1, lane] = e * dot(q, b, ta, hk, k, ts, hk, first, end)
         for r in range(a, n_rows):
             tr = t0 + r
-            add_decayed(dk, b, ta, q, tr, hk, G, tr, ta, hv, K, scale, dot(do, b, tr, hv, delta, ta, hv, 0, V))
+            add_decayed(dk, b, ta, q, tr, hk, G, R, tr, ta, hv, K, scale, dot0(do, b, tr, hv, delta, ta, hv, 0, V))
 
     def invert_unit_lower_bwd_dA_At(dA, Amat, chunks, P, n_chunks, C, HV, group, K, V):
         """Row i of ``P = dA Aᵀ`` ``[B, T, HV, C]``, dA the gradient w.r.t. ``A = (I + L)^-1``, strictly lower
@@ -355,7 +405,8 @@ def chunk_stage_kernels(gate_form: str, update_rule: str) -> Any:
         for j in range(n_rows):
             acc = zero
             for m in range(min(i, j + 1)):
-                acc += dA_row[m] * Amat[b, t0 + j, hv, m]
+                if dA_row[m] != zero:
+                    acc += dA_row[m] * Amat[b, t0 + j, hv, m]
             P[b, ti, hv, j] = acc
 
     def invert_unit_lower_bwd_dL(Amat, P, chunks, dL, n_chunks, C, HV, group, K, V):
@@ -366,7 +417,9 @@ def chunk_stage_kernels(gate_form: str, update_rule: str) -> Any:
         for j in range(i):
             acc = zero
             for m in range(i, n_rows):
-                acc += Amat[b, t0 + m, hv, i] * P[b, t0 + m, hv, j]
+                pm = P[b, t0 + m, hv, j]
+                if pm != zero:
+                    acc += Amat[b, t0 + m, hv, i] * pm
             dL[b, t0 + i, hv, j] = -acc
 
     def gate_grad(dexp, dexp_end, chunks, dg, n_chunks, C, HV, group, K, V):
@@ -443,46 +496,48 @@ class NumbaChunkStages:
         assert (x is not None) == self.delta_rule, "w and dw go with the delta rule, and only with it"
         return self._or_dummy(x)
 
-    def chunk_local_cumsum(self, g: Any, G: Any) -> None:
-        """G ``[B, T, HV, lanes]``: chunk-local inclusive cumsum of the per-step log-decay g (same shape; may be G)."""
+    def chunk_local_cumsum(self, g: Any, G: Any, R: Any) -> None:
+        """G ``[B, T, HV, lanes]``: chunk-local inclusive cumsum of the per-step log-decay g (same shape; may be G)
+        with its resets left out, and R ``[B, T, HV, lanes]``: the resets so far in each chunk."""
         NC, _, HV, _, K, _ = self.rows
-        self.L.launch(self.kernels.chunk_local_cumsum, NC * HV * self.lanes, g, self.chunks, G, NC, HV, K)
+        self.L.launch(self.kernels.chunk_local_cumsum, NC * HV * self.lanes, g, self.chunks, G, R, NC, HV, K)
 
     def invert_unit_lower(self, Lmat: Any, A: Any) -> None:
         """``A = (I + L)^-1`` per chunk, ``[B, T, HV, C]``, from the strictly lower L."""
         self.L.launch(self.kernels.invert_unit_lower, self.row_threads, Lmat, self.chunks, A, *self.rows)
 
-    def state_pass_fwd(self, k: Any, G: Any, u: Any, h0: Any, h: Any, delta: Any, ht: Any, w: Any = None) -> None:
+    def state_pass_fwd(self, k: Any, G: Any, R: Any, u: Any, h0: Any, h: Any, delta: Any, ht: Any,
+                       w: Any = None) -> None:
         """The chunk-start states h ``[NC, HV, K, V]``, the values written δ ``[B, T, HV, V]`` and the final state
-        ht ``[N, HV, K, V]``, from k ``[B, T, H, K]``, u ``[B, T, HV, V]``, h0 ``[N, HV, K, V]`` (None: zeros) and
-        the delta rule's w ``[B, T, HV, K]``."""
-        self.L.launch(self.kernels.state_pass_fwd, self.column_threads, k, G, self._rule_array(w), u,
+        ht ``[N, HV, K, V]``, from k ``[B, T, H, K]``, the gate cumsum G and its resets R, u ``[B, T, HV, V]``, h0
+        ``[N, HV, K, V]`` (None: zeros) and the delta rule's w ``[B, T, HV, K]``."""
+        self.L.launch(self.kernels.state_pass_fwd, self.column_threads, k, G, R, self._rule_array(w), u,
                       self._or_dummy(h0), self.chunks, self.seqs, h, delta, ht, *self._columns, h0 is not None)
 
-    def chunk_output(self, q: Any, k: Any, G: Any, h: Any, delta: Any, o: Any, scale: float) -> None:
+    def chunk_output(self, q: Any, k: Any, G: Any, R: Any, h: Any, delta: Any, o: Any, scale: float) -> None:
         """o ``[B, T, HV, V]`` from q, k ``[B, T, H, K]``, the chunk-start states h and the values written δ."""
-        self.L.launch(self.kernels.chunk_output, self.row_threads, q, k, G, h, delta, self.chunks, o, *self.rows,
+        self.L.launch(self.kernels.chunk_output, self.row_threads, q, k, G, R, h, delta, self.chunks, o, *self.rows,
                       np.float32(scale))
 
-    def chunk_output_dv_local(self, q: Any, k: Any, G: Any, do: Any, ddelta: Any, scale: float) -> None:
+    def chunk_output_dv_local(self, q: Any, k: Any, G: Any, R: Any, do: Any, ddelta: Any, scale: float) -> None:
         """ddelta ``[B, T, HV, V]`` = the intra-chunk output's gradient w.r.t. δ, from do ``[B, T, HV, V]``."""
-        self.L.launch(self.kernels.chunk_output_dv_local, self.row_threads, q, k, G, do, self.chunks, ddelta,
+        self.L.launch(self.kernels.chunk_output_dv_local, self.row_threads, q, k, G, R, do, self.chunks, ddelta,
                       *self.rows, np.float32(scale))
 
-    def state_pass_bwd(self, q: Any, k: Any, G: Any, do: Any, dht: Any, ddelta: Any, dh: Any, dh0: Any,
+    def state_pass_bwd(self, q: Any, k: Any, G: Any, R: Any, do: Any, dht: Any, ddelta: Any, dh: Any, dh0: Any,
                        scale: float, w: Any = None) -> None:
         """Reverse state pass: dh ``[NC, HV, K, V]`` (w.r.t. each chunk's end state), ddelta completed to the total
         gradient of δ, and dh0 ``[N, HV, K, V]`` (None: not wanted), from dht ``[N, HV, K, V]`` (None: zeros)."""
-        self.L.launch(self.kernels.state_pass_bwd, self.column_threads, q, k, G, self._rule_array(w), do,
+        self.L.launch(self.kernels.state_pass_bwd, self.column_threads, q, k, G, R, self._rule_array(w), do,
                       self._or_dummy(dht), self.chunks, self.seqs, ddelta, dh, self._or_dummy(dh0), *self._columns,
                       np.float32(scale), dht is not None, dh0 is not None)
 
-    def chunk_qk_grads(self, q: Any, k: Any, G: Any, h: Any, dh: Any, delta: Any, ddelta: Any, do: Any, dq: Any,
-                       dk: Any, dexp: Any, dexp_end: Any, scale: float, dw: Any = None) -> None:
+    def chunk_qk_grads(self, q: Any, k: Any, G: Any, R: Any, h: Any, dh: Any, delta: Any, ddelta: Any, do: Any,
+                       dq: Any, dk: Any, dexp: Any, dexp_end: Any, scale: float, dw: Any = None) -> None:
         """dq, dk ``[B, T, HV, K]`` (per state head), the delta rule's dw ``[B, T, HV, K]``, and the exponent
         gradients dexp ``[B, T, HV, C + 1, lanes]``, dexp_end ``[B, T, HV, lanes]``. dq, dk and dexp are written,
         not added to: the family's kernels that add to them run after."""
-        self.L.launch(self.kernels.chunk_qk_grads, self.row_threads, q, k, G, h, dh, delta, ddelta, do, self.chunks,
+        self.L.launch(self.kernels.chunk_qk_grads, self.row_threads, q, k, G, R, h, dh, delta, ddelta, do, self.chunks,
                       dq, dk, self._rule_array(dw), dexp, dexp_end, *self.rows, np.float32(scale))
 
     def invert_unit_lower_bwd(self, A: Any, dA: Any, P: Any, dL: Any) -> None:

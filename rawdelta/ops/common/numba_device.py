@@ -44,6 +44,8 @@ def device_helpers() -> Any:
       when ``r >= n_rows`` (``n_rows`` is 0 past the last chunk).
     * ``dot(x, b, tx, hx, y, ty, hy, first, end)``: ``x[b, tx, hx, first:end] . y[b, ty, hy, first:end]`` of two
       ``[B, T, H, K]``-style arrays, float32.
+    * ``dot0(...)``: ``dot`` with x a cotangent: a term whose x is 0 is 0, even against a NaN or an infinity in y
+      (what a token past a NaN holds), so a zero cotangent carries nothing back.
     """
     global cuda
     cuda = numba_cuda()
@@ -80,5 +82,14 @@ def device_helpers() -> Any:
             acc += x[b, tx, hx, i] * y[b, ty, hy, i]
         return acc
 
+    @cuda.jit(device=True)
+    def dot0(x, b, tx, hx, y, ty, hy, first, end):
+        acc = zero
+        for i in range(first, end):
+            xi = x[b, tx, hx, i]
+            if xi != zero:
+                acc += xi * y[b, ty, hy, i]
+        return acc
+
     return types.SimpleNamespace(column_thread=column_thread, load_column=load_column, store_column=store_column,
-                                 chunk_row=chunk_row, dot=dot)
+                                 chunk_row=chunk_row, dot=dot, dot0=dot0)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..._arrays import empty
+from ..common.chunk_stages import mul0
 
 if TYPE_CHECKING:
     from .definition import GDNProblem
@@ -129,7 +130,7 @@ def _run_sequence(
     """Run tokens ``[s, e)`` of batch row b from state S, writing o if given; returns the states ``S_s .. S_e``."""
     states = [S]
     for t in range(s, e):
-        St = _decay(x, b, t) * S
+        St = mul0(_decay(x, b, t), S)  # a reset (decay 0) discards the state, as the chunked form's selection does
         u = x.v[b, t] - _vecmat(x.k[b, t], St)
         delta = x.beta[b, t] * u
         S = St + x.k[b, t][:, :, None] * delta[:, None, :]
@@ -180,10 +181,10 @@ def finish_grads(
     grads.update(gk=dgk, gv=dgv)
     if dg is not None:
         if p.use_gate_in_kernel:
-            grads["A_log"] = np.sum(dg * x.g, axis=(0, 1))
+            grads["A_log"] = np.sum(mul0(dg, x.g), axis=(0, 1))
             # sigma(x) as the softplus derivative also above the threshold, like the peer and the kernels
             # (it differs from the exact derivative 1 there by < 3e-9).
-            dg = -np.exp(as_f64(p.A_log)) * _sigmoid(x.gate_arg) * dg
+            dg = mul0(dg, -np.exp(as_f64(p.A_log)) * _sigmoid(x.gate_arg))
             if p.dt_bias is not None:
                 grads["dt_bias"] = dg.sum(axis=(0, 1))
         grads["g"] = dg
@@ -245,27 +246,29 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any = None) -> dict[str, np.
             t = s + i
             q_t, k_t, beta_t, do_t = x.q[b, t], x.k[b, t], x.beta[b, t], do[b, t]
             D = _decay(x, b, t)
-            St = D * states[i]
+            St = mul0(D, states[i])
             u = x.v[b, t] - _vecmat(k_t, St)
             delta = beta_t * u
 
             dS = dS + p.scale * q_t[:, :, None] * do_t[:, None, :]
             dq[b, t] = p.scale * _matvec(states[i + 1], do_t)
             ddelta = _vecmat(k_t, dS)
-            du = beta_t * ddelta
+            # A zero cotangent meets beta or the decay here at a token past a NaN or an infinity (or at a reset):
+            # mul0 keeps it zero, so nothing from that token reaches the earlier ones.
+            du = mul0(beta_t, ddelta)
             dv[b, t] = du
             dbeta_t = ddelta * u
             dbeta[b, t] = dbeta_t if dbeta.shape[-1] == V else dbeta_t.sum(-1, keepdims=True)
             dSt = dS - k_t[:, :, None] * du[:, None, :]
             dk[b, t] = _matvec(dS, delta) - _matvec(St, du)
-            Z = dSt * St
+            Z = mul0(dSt, St)
             if dg is not None:
                 dg[b, t] = Z.sum(axis=(1, 2))
             if dgk is not None:
                 dgk[b, t] = Z.sum(axis=2)
             if dgv is not None:
                 dgv[b, t] = Z.sum(axis=1)
-            dS = D * dSt
+            dS = mul0(D, dSt)
         dh0[n] = dS
 
     return finish_grads(p, x, dq, dk, dv, dbeta, dg, dgk, dgv, dh0)

@@ -22,11 +22,16 @@ import numpy as np
 
 from ..._arrays import empty
 from ..common.chunk_stages import (
+    ChunkGates,
+    causal_decay,
     chunk_local_cumsum,
     chunk_output,
     chunk_output_dv_local,
     chunk_qk_grads,
     chunk_slices,
+    decay_from_start,
+    einsum0,
+    mul0,
     reverse_chunk_local_cumsum,
     state_pass_bwd,
     state_pass_fwd,
@@ -45,7 +50,7 @@ class _Sequence:
     k: np.ndarray  # [T, HV, K]
     v: np.ndarray  # [T, HV, V]
     beta: np.ndarray  # [T, HV] (ones when absent)
-    G: np.ndarray  # [T, HV] base-2 chunk-local cumsum of the log decay (zeros without a gate)
+    G: ChunkGates  # [T, HV] base-2 chunk-local cumsum of the log decay, resets taken out (zeros without a gate)
     h0: np.ndarray  # [HV, K, V]
 
 
@@ -54,14 +59,6 @@ def _sequence(p: GDNProblem, x: Inputs, n: int, chunk_size: int) -> _Sequence:
     g = x.g[b, s:e] if x.g is not None else np.zeros((e - s, p.HV))
     return _Sequence(q=x.q[b, s:e], k=x.k[b, s:e], v=x.v[b, s:e], beta=x.beta[b, s:e, :, 0],
                      G=chunk_local_cumsum(g, chunk_size), h0=sequence_initial_state(p, x, n))
-
-
-def _strictly_lower_decay(G: np.ndarray) -> np.ndarray:
-    """``2^{G_i - G_j}`` for ``i > j``, 0 elsewhere: ``[HV, L, L]`` from G ``[L, HV]`` (one chunk)."""
-    L = G.shape[0]
-    strict = np.tril(np.ones((L, L), dtype=bool), -1)[:, :, None]
-    # Mask the exponent, not the result: 2^{G_i - G_j} with j > i can overflow.
-    return np.exp2(np.where(strict, G[:, None] - G[None, :], -np.inf)).transpose(2, 0, 1)
 
 
 def _unit_lower_inverse(L: np.ndarray) -> np.ndarray:
@@ -73,7 +70,7 @@ def _unit_lower_inverse(L: np.ndarray) -> np.ndarray:
     A = np.zeros_like(L)
     for i in range(n):
         A[:, i, i] = 1.0
-        A[:, i, :i] = -np.einsum("hj,hjm->hm", L[:, i, :i], A[:, :i, :i])
+        A[:, i, :i] = -einsum0("hj,hjm->hm", L[:, i, :i], A[:, :i, :i])
     return A
 
 
@@ -82,21 +79,21 @@ class _WYChunk:
     """One chunk's WY factors (matrices head-major ``[HV, L, L]``, indexed ``[h, row, col]``)."""
 
     kk: np.ndarray  # k_i . k_j
-    E: np.ndarray  # 2^{G_i - G_j} strictly below the diagonal, 0 elsewhere
+    E: np.ndarray  # 2^{G_i - G_j} strictly below the diagonal with no reset in (j, i], 0 elsewhere
     L: np.ndarray  # beta_i kk_ij E_ij
     A: np.ndarray  # (I + L)^{-1}
-    gamma: np.ndarray  # 2^G  [L, HV]
+    gamma: np.ndarray  # 2^G from the chunk's start (0 after a reset)  [L, HV]
     kb: np.ndarray  # beta 2^G k  [L, HV, K]
     vb: np.ndarray  # beta v  [L, HV, V]
 
 
-def _wy_chunk(k: np.ndarray, v: np.ndarray, beta: np.ndarray, G: np.ndarray) -> _WYChunk:
-    """The WY factors of one chunk from k ``[L, HV, K]``, v ``[L, HV, V]``, beta ``[L, HV]``, G ``[L, HV]``."""
+def _wy_chunk(k: np.ndarray, v: np.ndarray, beta: np.ndarray, gates: ChunkGates) -> _WYChunk:
+    """The WY factors of one chunk from k ``[L, HV, K]``, v ``[L, HV, V]``, beta ``[L, HV]``, gates ``[L, HV]``."""
     kk = np.einsum("ihk,jhk->hij", k, k)
-    E = _strictly_lower_decay(G)
-    L = beta.T[:, :, None] * kk * E
-    gamma = np.exp2(G)
-    return _WYChunk(kk=kk, E=E, L=L, A=_unit_lower_inverse(L), gamma=gamma, kb=(beta * gamma)[..., None] * k,
+    E = causal_decay(gates, strict=True).transpose(2, 0, 1)
+    L = mul0(beta.T[:, :, None], kk * E)
+    gamma = decay_from_start(gates)
+    return _WYChunk(kk=kk, E=E, L=L, A=_unit_lower_inverse(L), gamma=gamma, kb=mul0(beta, gamma)[..., None] * k,
                     vb=beta[..., None] * v)
 
 
@@ -105,8 +102,8 @@ def _wy_representation(x: _Sequence, chunk_size: int) -> tuple[list[_WYChunk], n
     chunks, w, u = [], empty(np, x.k.shape, np.float64), empty(np, x.v.shape, np.float64)
     for sl in chunk_slices(x.k.shape[0], chunk_size):
         f = _wy_chunk(x.k[sl], x.v[sl], x.beta[sl], x.G[sl])
-        w[sl] = np.einsum("hrj,jhk->rhk", f.A, f.kb)
-        u[sl] = np.einsum("hrj,jhv->rhv", f.A, f.vb)
+        w[sl] = einsum0("hrj,jhk->rhk", f.A, f.kb)
+        u[sl] = einsum0("hrj,jhv->rhv", f.A, f.vb)
         chunks.append(f)
     return chunks, w, u
 
@@ -125,20 +122,22 @@ def _wy_backward(
         dG is w.r.t. the natural-log cumsum (each factor's gate derivative is the factor itself).
     """
     n = f.A.shape[-1]
-    AT = f.A.transpose(0, 2, 1)
-    dkb = np.einsum("hrj,rhk->jhk", f.A, dw)  # Aᵀ dw
-    dvb = np.einsum("hrj,rhv->jhv", f.A, du)  # Aᵀ du
-    dA = np.einsum("rhk,jhk->hrj", dw, f.kb) + np.einsum("rhv,jhv->hrj", du, f.vb)
+    dkb = einsum0("hrj,rhk->jhk", f.A, dw)  # Aᵀ dw
+    dvb = einsum0("hrj,rhv->jhv", f.A, du)  # Aᵀ du
+    strict = np.tril(np.ones((n, n), dtype=bool), -1)
+    # Only the strictly lower part of dA reaches L (A is unit lower triangular); the rest may hold 0 · NaN.
+    dA = np.where(strict, einsum0("rhk,jhk->hrj", dw, f.kb) + einsum0("rhv,jhv->hrj", du, f.vb), 0.0)
     # A = M^{-1} with M = I + L: δA = −A δM A, so dL = −Aᵀ dA Aᵀ, of which only the strictly lower part is free.
-    dL = -(AT @ dA @ AT) * np.tril(np.ones((n, n)), -1)
-    dLbE = dL * beta.T[:, :, None] * f.E  # ∂L_ij/∂(k_i.k_j) = beta_i E_ij
-    dLL = dL * f.L  # ∂L_ij/∂Γ_i = −∂L_ij/∂Γ_j = L_ij
+    dL = -np.where(strict, einsum0("hmj,hjn->hmn", einsum0("hmi,hmj->hij", f.A, dA), f.A.transpose(0, 2, 1)), 0.0)
+    dLbE = mul0(dL, mul0(beta.T[:, :, None], f.E))  # ∂L_ij/∂(k_i.k_j) = beta_i E_ij
+    dLL = mul0(dL, f.L)  # ∂L_ij/∂Γ_i = −∂L_ij/∂Γ_j = L_ij
 
-    dk = (beta * f.gamma)[..., None] * dkb + np.einsum("hij,jhk->ihk", dLbE, k) + np.einsum("hij,ihk->jhk", dLbE, k)
-    dv = beta[..., None] * dvb
-    dbeta = (f.gamma * np.sum(dkb * k, axis=-1) + np.sum(dvb * v, axis=-1)
-             + np.sum(dL * f.kk * f.E, axis=-1).T)
-    dG = np.sum(dkb * f.kb, axis=-1) + (np.sum(dLL, axis=-1) - np.sum(dLL, axis=-2)).T
+    dk = (mul0(mul0(beta, f.gamma)[..., None], dkb) + np.einsum("hij,jhk->ihk", dLbE, k)
+          + np.einsum("hij,ihk->jhk", dLbE, k))
+    dv = mul0(beta[..., None], dvb)
+    dbeta = (mul0(f.gamma, np.sum(dkb * k, axis=-1)) + np.sum(dvb * v, axis=-1)
+             + np.sum(mul0(dL, f.kk * f.E), axis=-1).T)
+    dG = np.sum(mul0(dkb, f.kb), axis=-1) + (np.sum(dLL, axis=-1) - np.sum(dLL, axis=-2)).T
     return dk, dv, dbeta, dG
 
 
@@ -201,7 +200,7 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any = None) -> 
         dq_n, dk_n, dG_n = chunk_qk_grads(sq.q, sq.k, sq.G, h, dh, delta, do_n, p.scale, chunk_size)
         # 5. WY backward: δ = u − w h[c], so du = dδ and dw = −dδ h[c]ᵀ.
         for c, sl in enumerate(chunk_slices(e - s, chunk_size)):
-            dw = -np.einsum("rhv,hkv->rhk", ddelta[sl], h[c])
+            dw = -einsum0("rhv,hkv->rhk", ddelta[sl], h[c])
             dk_wy, dv[b, s + sl.start:s + sl.stop], db_wy, dG_wy = _wy_backward(
                 wy[c], sq.k[sl], sq.v[sl], sq.beta[sl], dw, ddelta[sl])
             dk_n[sl] += dk_wy
@@ -209,7 +208,7 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any = None) -> 
             dbeta[b, s + sl.start:s + sl.stop, :, 0] = db_wy
         dq[b, s:e], dk[b, s:e] = dq_n, dk_n
         # 6. Per-token natural-log gate gradient.
-        dg[b, s:e] = reverse_chunk_local_cumsum(dG_n, chunk_size)
+        dg[b, s:e] = reverse_chunk_local_cumsum(dG_n, sq.G, chunk_size)
 
     return finish_grads(p, x, dq, dk, dv, dbeta, dg if x.g is not None else None, None, None, dh0)
 

@@ -12,6 +12,9 @@ rule; this module holds what is GDN's own. In a chunk with start state ``S0`` ``
 * ``delta = u - w S0``, ``S_end = e^G_last S0 + sum_r e^(G_last - G_r) k_r delta_r^T``;
 * ``o_r = scale (e^G_r q_r^T S0 + sum_{j <= r} e^(G_r - G_j) (q_r . k_j) delta_j)``.
 
+Every decay across a reset (a gate whose float32 decay is 0) is 0, taken from the reset counts R beside G, and
+backward terms with a zero cotangent are skipped: the shared stages' rules (numba_chunk_stages.py).
+
 Forward stages (kernels; * marks the shared ones): ``token_inputs`` (per token and key head: q^, k^ through
 the L2 norm, and per value head the log-decay step through the in-kernel gate and the effective beta),
 ``chunk_local_cumsum``*, ``scaled_kkt`` (L), ``invert_unit_lower``* (A), ``wy_representation`` (w, u),
@@ -72,7 +75,7 @@ def _kernels() -> Any:
     one = f32(1.0)
     zero = f32(0.0)
     helpers = device_helpers()
-    chunk_row, dot = helpers.chunk_row, helpers.dot
+    chunk_row, dot, dot0 = helpers.chunk_row, helpers.dot, helpers.dot0
     dev = device_functions()
     inv_norm, log_decay = dev.inv_norm, dev.log_decay
 
@@ -109,18 +112,22 @@ def _kernels() -> Any:
             gstep[b, t, hv, 0] = log_decay(g, a_log, dt_bias, b, t, hv, use_gate, has_dt_bias) if has_g else zero
             beta_eff[b, t, hv] = effective_beta(beta, b, t, hv, has_beta, use_sig, beta_s)
 
-    def scaled_kkt(kn, G, beta_eff, chunks, Lmat, n_chunks, C, HV, group, K, V):
-        """Row i of ``L_ij = beta_i (k_i . k_j) e^(G_i - G_j)`` for j < i (the rest is never read)."""
+    def scaled_kkt(kn, G, R, beta_eff, chunks, Lmat, n_chunks, C, HV, group, K, V):
+        """Row i of ``L_ij = beta_i (k_i . k_j) e^(G_i - G_j)`` for j < i, 0 across a reset (the rest is never
+        read)."""
         c, hv, h, b, t0, n_rows, i, ti = chunk_row(cuda.grid(1), chunks, n_chunks, C, HV, group)
         if i >= n_rows:
             return
         for j in range(i):
             tj = t0 + j
-            Lmat[b, ti, hv, j] = beta_eff[b, ti, hv] * dot(kn, b, ti, h, kn, tj, h, 0, K) * math.exp(
-                G[b, ti, hv, 0] - G[b, tj, hv, 0])
+            Lmat[b, ti, hv, j] = zero
+            if R[b, ti, hv, 0] == R[b, tj, hv, 0]:
+                Lmat[b, ti, hv, j] = beta_eff[b, ti, hv] * dot(kn, b, ti, h, kn, tj, h, 0, K) * math.exp(
+                    G[b, ti, hv, 0] - G[b, tj, hv, 0])
 
-    def wy_representation(kn, v, G, beta_eff, Amat, chunks, w, u, n_chunks, C, HV, group, K, V):
-        """Row r of ``w = A (beta e^G k)`` ``[B, T, HV, K]`` and ``u = A (beta v)`` ``[B, T, HV, V]``."""
+    def wy_representation(kn, v, G, R, beta_eff, Amat, chunks, w, u, n_chunks, C, HV, group, K, V):
+        """Row r of ``w = A (beta e^G k)`` ``[B, T, HV, K]`` (``e^G`` 0 after a reset) and ``u = A (beta v)``
+        ``[B, T, HV, V]``."""
         c, hv, h, b, t0, n_rows, r, tr = chunk_row(cuda.grid(1), chunks, n_chunks, C, HV, group)
         if r >= n_rows:
             return
@@ -128,7 +135,8 @@ def _kernels() -> Any:
             acc = zero
             for j in range(r + 1):
                 tj = t0 + j
-                acc += Amat[b, tr, hv, j] * beta_eff[b, tj, hv] * math.exp(G[b, tj, hv, 0]) * kn[b, tj, h, i]
+                if R[b, tj, hv, 0] == zero:
+                    acc += Amat[b, tr, hv, j] * beta_eff[b, tj, hv] * math.exp(G[b, tj, hv, 0]) * kn[b, tj, h, i]
             w[b, tr, hv, i] = acc
         for i in range(V):
             acc = zero
@@ -139,56 +147,73 @@ def _kernels() -> Any:
 
     # ---- backward ------------------------------------------------------------------------------------
 
-    def wy_bwd_inputs(kn, v, G, beta_eff, Amat, dw, ddelta, chunks, dk, dv, dbeta, dexp, dA,
+    def wy_bwd_inputs(kn, v, G, R, beta_eff, Amat, dw, ddelta, chunks, dk, dv, dbeta, dexp, dA,
                       n_chunks, C, HV, group, K, V):
         """Row r of the backward through the WY operands ``X = beta e^G k``, ``Y = beta v`` (``w = A X``,
         ``u = A Y``, ``du = d delta``): with ``dX = A^T dw``, ``dY = A^T du``, ``dk += beta e^G dX``,
         ``dv = beta dY``, ``dbeta = e^G (k . dX) + v . dY``, and ``beta e^G (k . dX)`` for the exponent of
-        ``e^G_r``; and row r of the gradient w.r.t. A, ``dA = strictly-lower(dw X^T + du Y^T)``."""
+        ``e^G_r``; and row r of the gradient w.r.t. A, ``dA = strictly-lower(dw X^T + du Y^T)``. Terms whose
+        cotangent (dw, d delta and what comes of them) is 0 are skipped."""
         c, hv, hk, b, t0, n_rows, r, tr = chunk_row(cuda.grid(1), chunks, n_chunks, C, HV, group)
         if r >= n_rows:
             return
-        decay = math.exp(G[b, tr, hv, 0])
+        decay = math.exp(G[b, tr, hv, 0]) if R[b, tr, hv, 0] == zero else zero
+        beta_r = beta_eff[b, tr, hv]
         k_dx = zero
         for i in range(K):
             dx = zero
             for m in range(r, n_rows):
-                dx += Amat[b, t0 + m, hv, r] * dw[b, t0 + m, hv, i]
-            dk[b, tr, hv, i] += beta_eff[b, tr, hv] * decay * dx
-            k_dx += kn[b, tr, hk, i] * dx
+                dwm = dw[b, t0 + m, hv, i]
+                if dwm != zero:
+                    dx += Amat[b, t0 + m, hv, r] * dwm
+            if dx != zero:
+                dk[b, tr, hv, i] += beta_r * decay * dx
+                k_dx += kn[b, tr, hk, i] * dx
         v_dy = zero
         for j in range(V):
             dy = zero
             for m in range(r, n_rows):
-                dy += Amat[b, t0 + m, hv, r] * ddelta[b, t0 + m, hv, j]
-            dv[b, tr, hv, j] = beta_eff[b, tr, hv] * dy
+                ddm = ddelta[b, t0 + m, hv, j]
+                if ddm != zero:
+                    dy += Amat[b, t0 + m, hv, r] * ddm
+            dv[b, tr, hv, j] = beta_r * dy if dy != zero else zero
             v_dy += v[b, tr, hv, j] * dy
-        dbeta[b, tr, hv] = decay * k_dx + v_dy
-        dexp[b, tr, hv, 0, 0] += beta_eff[b, tr, hv] * decay * k_dx
+        kb_dx = decay * k_dx if k_dx != zero else zero
+        dbeta[b, tr, hv] = kb_dx + v_dy
+        if kb_dx != zero:
+            dexp[b, tr, hv, 0, 0] += beta_r * kb_dx
         for m in range(r):
             tm = t0 + m
-            dA[b, tr, hv, m] = beta_eff[b, tm, hv] * (math.exp(G[b, tm, hv, 0]) * dot(dw, b, tr, hv, kn, tm, hk, 0, K)
-                                                      + dot(ddelta, b, tr, hv, v, tm, hv, 0, V))
+            x = dot0(ddelta, b, tr, hv, v, tm, hv, 0, V)
+            dw_k = dot0(dw, b, tr, hv, kn, tm, hk, 0, K)
+            if dw_k != zero and R[b, tm, hv, 0] == zero:
+                x = math.exp(G[b, tm, hv, 0]) * dw_k + x
+            dA[b, tr, hv, m] = beta_eff[b, tm, hv] * x if x != zero else zero
 
-    def kkt_bwd(kn, G, beta_eff, Lmat, dL, chunks, dk, dbeta, dexp, n_chunks, C, HV, group, K, V):
+    def kkt_bwd(kn, G, R, beta_eff, Lmat, dL, chunks, dk, dbeta, dexp, n_chunks, C, HV, group, K, V):
         """Row i of the backward through ``L_ij = beta_i (k_i . k_j) e^(G_i - G_j)``: row i of L (j < i) feeds
-        dk_i, dbeta_i and the exponents of ``e^(G_i - G_j)``; column i (rows j > i) feeds dk_i."""
+        dk_i, dbeta_i and the exponents of ``e^(G_i - G_j)``; column i (rows j > i) feeds dk_i. Entries of dL that
+        are 0, and those of L across a reset, are skipped."""
         c, hv, hk, b, t0, n_rows, i, ti = chunk_row(cuda.grid(1), chunks, n_chunks, C, HV, group)
         if i >= n_rows:
             return
         db = zero
         for j in range(i):
             tj = t0 + j
-            e = dL[b, ti, hv, j] * math.exp(G[b, ti, hv, 0] - G[b, tj, hv, 0])
-            db += e * dot(kn, b, ti, hk, kn, tj, hk, 0, K)
-            for x in range(K):
-                dk[b, ti, hv, x] += beta_eff[b, ti, hv] * e * kn[b, tj, hk, x]
-            dexp[b, ti, hv, j + 1, 0] += dL[b, ti, hv, j] * Lmat[b, ti, hv, j]
+            dl = dL[b, ti, hv, j]
+            if dl != zero and R[b, ti, hv, 0] == R[b, tj, hv, 0]:
+                e = dl * math.exp(G[b, ti, hv, 0] - G[b, tj, hv, 0])
+                db += e * dot(kn, b, ti, hk, kn, tj, hk, 0, K)
+                for x in range(K):
+                    dk[b, ti, hv, x] += beta_eff[b, ti, hv] * e * kn[b, tj, hk, x]
+                dexp[b, ti, hv, j + 1, 0] += dl * Lmat[b, ti, hv, j]
         for j in range(i + 1, n_rows):
             tj = t0 + j
-            e = dL[b, tj, hv, i] * beta_eff[b, tj, hv] * math.exp(G[b, tj, hv, 0] - G[b, ti, hv, 0])
-            for x in range(K):
-                dk[b, ti, hv, x] += e * kn[b, tj, hk, x]
+            dl = dL[b, tj, hv, i]
+            if dl != zero and R[b, tj, hv, 0] == R[b, ti, hv, 0]:
+                e = dl * beta_eff[b, tj, hv] * math.exp(G[b, tj, hv, 0] - G[b, ti, hv, 0])
+                for x in range(K):
+                    dk[b, ti, hv, x] += e * kn[b, tj, hk, x]
         dbeta[b, ti, hv] += db
 
     kernels = {f.__name__: cuda.jit(f) for f in (token_inputs, scaled_kkt, wy_representation, wy_bwd_inputs, kkt_bwd)}
@@ -198,7 +223,8 @@ def _kernels() -> Any:
 class _ForwardStages(types.SimpleNamespace):
     """Device arrays left by :func:`_run_forward_stages` (float32).
 
-    qn, kn ``[B, T, H, K]``, v ``[B, T, HV, V]``, G ``[B, T, HV, 1]``, beta ``[B, T, HV]``, Lmat and A
+    qn, kn ``[B, T, H, K]``, v ``[B, T, HV, V]``, G and its reset counts R ``[B, T, HV, 1]``, beta ``[B, T, HV]``,
+    Lmat and A
     ``[B, T, HV, C]``, w ``[B, T, HV, K]``, h ``[NC, HV, K, V]`` (state at each chunk's start), delta
     ``[B, T, HV, V]``.
     """
@@ -214,22 +240,23 @@ def _run_forward_stages(p: GDNProblem, st: NumbaChunkStages, ht: Any) -> _Forwar
     q, k = (L.put(x.astype(f32, copy=False)) for x in (p.q, p.k))
     s.v = L.put(p.v.astype(f32, copy=False))
     s.qn, s.kn = L.scratch(B, T, H, K), L.scratch(B, T, H, K)
-    s.G, s.beta = L.scratch(B, T, HV, 1), L.scratch(B, T, HV)
+    s.G, s.R, s.beta = L.scratch(B, T, HV, 1), L.scratch(B, T, HV, 1), L.scratch(B, T, HV)
     L.launch(kern.token_inputs, B * T * H, q, k, L.put_or_dummy(p.g, 3), L.put_or_dummy(p.beta, 3),
              L.put_or_dummy(p.A_log, 1), L.put_or_dummy(p.dt_bias, 1), s.qn, s.kn, s.G, s.beta, B, T, H, HV, K,
              p.use_qk_l2norm_in_kernel, p.g is not None, p.beta is not None, p.use_gate_in_kernel,
              p.dt_bias is not None, p.use_beta_sigmoid_in_kernel, f32(2.0 if p.allow_neg_eigval else 1.0))
-    st.chunk_local_cumsum(s.G, s.G)
+    st.chunk_local_cumsum(s.G, s.G, s.R)
 
     s.Lmat, s.A = L.scratch(B, T, HV, C), L.scratch(B, T, HV, C)
-    L.launch(kern.scaled_kkt, st.row_threads, s.kn, s.G, s.beta, st.chunks, s.Lmat, *st.rows)
+    L.launch(kern.scaled_kkt, st.row_threads, s.kn, s.G, s.R, s.beta, st.chunks, s.Lmat, *st.rows)
     st.invert_unit_lower(s.Lmat, s.A)
     s.w, u = L.scratch(B, T, HV, K), L.scratch(B, T, HV, V)
-    L.launch(kern.wy_representation, st.row_threads, s.kn, s.v, s.G, s.beta, s.A, st.chunks, s.w, u, *st.rows)
+    L.launch(kern.wy_representation, st.row_threads, s.kn, s.v, s.G, s.R, s.beta, s.A, st.chunks, s.w, u,
+             *st.rows)
 
     s.h, s.delta = L.scratch(st.n_chunks, HV, K, V), L.scratch(B, T, HV, V)
     h0 = None if p.initial_state is None else L.put(p.initial_state)
-    st.state_pass_fwd(s.kn, s.G, u, h0, s.h, s.delta, ht, w=s.w)
+    st.state_pass_fwd(s.kn, s.G, s.R, u, h0, s.h, s.delta, ht, w=s.w)
     return s
 
 
@@ -258,7 +285,7 @@ def chunk_forward(p: GDNProblem, chunk_size: int) -> tuple[Any, Any]:
         ht = empty(xp, (p.N, p.HV, p.K, p.V), np.float32)
         st = _stages(p, chunk_size, L)
         s = _run_forward_stages(p, st, L.out(ht))
-        st.chunk_output(s.qn, s.kn, s.G, s.h, s.delta, L.out(o), p.scale)
+        st.chunk_output(s.qn, s.kn, s.G, s.R, s.h, s.delta, L.out(o), p.scale)
         L.finish()
     return o, ht
 
@@ -318,15 +345,15 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any) -> dict[st
         dA, P, dL = L.scratch(B, T, HV, C), L.scratch(B, T, HV, C), L.scratch(B, T, HV, C)
         dexp, dexp_end = L.scratch(B, T, HV, C + 1, 1), L.scratch(B, T, HV, 1)
 
-        st.chunk_output_dv_local(s.qn, s.kn, s.G, d_do, ddelta, p.scale)
-        st.state_pass_bwd(s.qn, s.kn, s.G, d_do, d_dht, ddelta, dh, None if dh0 is None else L.out(dh0), p.scale,
-                          w=s.w)
-        st.chunk_qk_grads(s.qn, s.kn, s.G, s.h, dh, s.delta, ddelta, d_do, d_dq, d_dk, dexp, dexp_end, p.scale,
-                          dw=dw)
-        L.launch(kern.wy_bwd_inputs, st.row_threads, s.kn, s.v, s.G, s.beta, s.A, dw, ddelta, st.chunks, d_dk, d_dv,
-                 d_dbeta, dexp, dA, *st.rows)
+        st.chunk_output_dv_local(s.qn, s.kn, s.G, s.R, d_do, ddelta, p.scale)
+        st.state_pass_bwd(s.qn, s.kn, s.G, s.R, d_do, d_dht, ddelta, dh, None if dh0 is None else L.out(dh0),
+                          p.scale, w=s.w)
+        st.chunk_qk_grads(s.qn, s.kn, s.G, s.R, s.h, dh, s.delta, ddelta, d_do, d_dq, d_dk, dexp, dexp_end,
+                          p.scale, dw=dw)
+        L.launch(kern.wy_bwd_inputs, st.row_threads, s.kn, s.v, s.G, s.R, s.beta, s.A, dw, ddelta, st.chunks, d_dk,
+                 d_dv, d_dbeta, dexp, dA, *st.rows)
         st.invert_unit_lower_bwd(s.A, dA, P, dL)
-        L.launch(kern.kkt_bwd, st.row_threads, s.kn, s.G, s.beta, s.Lmat, dL, st.chunks, d_dk, d_dbeta, dexp,
+        L.launch(kern.kkt_bwd, st.row_threads, s.kn, s.G, s.R, s.beta, s.Lmat, dL, st.chunks, d_dk, d_dbeta, dexp,
                  *st.rows)
         if dg is not None:
             st.gate_grad(dexp, dexp_end, L.out(dg.reshape(B, T, HV, 1)))

@@ -103,7 +103,8 @@ def qk_input_grads(p: GDNProblem, dq: Any, dk: Any) -> tuple[Any, Any]:
 
 def gate_input_grads(p: GDNProblem, dg: Any) -> dict[str, Any]:
     """``g`` (and with the gate in kernel ``A_log``, ``dt_bias``) gradients from ``dg`` ``[B, T, HV]``, the
-    gradient w.r.t. the log-decay; the in-kernel gate is ``-exp(A_log) * softplus(g_raw + dt_bias)``."""
+    gradient w.r.t. the log-decay; the in-kernel gate is ``-exp(A_log) * softplus(g_raw + dt_bias)``. Where dg is 0
+    so are the terms, even at a token whose gate is non-finite (past a NaN, or a reset)."""
     if not p.use_gate_in_kernel:
         return {"g": dg}
     xp = p.xp
@@ -113,8 +114,8 @@ def gate_input_grads(p: GDNProblem, dg: Any) -> dict[str, Any]:
     a = xp.exp(p.A_log.astype(f32, copy=False))
     softplus = xp.where(x > 20, x, xp.log1p(xp.exp(xp.minimum(x, f32(20.0)))))
     sigmoid = f32(0.5) * (f32(1.0) + xp.tanh(f32(0.5) * x))
-    dg_raw = -a * sigmoid * dg
-    grads = {"g": dg_raw, "A_log": (dg * (-a * softplus)).sum(axis=(0, 1))}
+    dg_raw = xp.where(dg == 0, f32(0.0), -a * sigmoid * dg)
+    grads = {"g": dg_raw, "A_log": xp.where(dg == 0, f32(0.0), dg * (-a * softplus)).sum(axis=(0, 1))}
     if p.dt_bias is not None:
         grads["dt_bias"] = dg_raw.sum(axis=(0, 1))
     return grads

@@ -106,7 +106,7 @@ def _kernels() -> Any:
                 d = dcol
                 if has_gk:
                     d = d * math.exp(gk[b, t, hv, i])
-                S[i] = S[i] * d
+                S[i] = S[i] * d if d != zero else zero
                 kS += S[i] * (k[b, t, h, i] * rk)
             bt, _ = beta_and_slope(beta, b, t, hv, j, beta_mode, use_sig, beta_s)
             delta = bt * (v[b, t, hv, j] - kS)
@@ -139,7 +139,7 @@ def _kernels() -> Any:
                 if has_gk:
                     d = d * math.exp(gk[b, t, hv, i])
                 dec[i] = d
-                St[i] = d * states[b, t, hv, i, j]
+                St[i] = d * states[b, t, hv, i, j] if d != zero else zero
                 kS += St[i] * (k[b, t, h, i] * rk)
             bt, slope = beta_and_slope(beta, b, t, hv, j, beta_mode, use_sig, beta_s)
             u = v[b, t, hv, j] - kS
@@ -151,20 +151,22 @@ def _kernels() -> Any:
                 dS[i] += scale * (q[b, t, h, i] * rq) * dout
                 dq_part[b, t, hv, i, j] = scale * (St[i] + kh * delta) * dout
                 ddelta += dS[i] * kh
-            dv[b, t, hv, j] = bt * ddelta
+            # A zero cotangent meets beta and the decay below at a token past a NaN or an infinity (or at a reset):
+            # the products are skipped, so nothing from that token reaches the earlier ones.
+            e = bt * ddelta if ddelta != zero else zero
+            dv[b, t, hv, j] = e
             if beta_mode != 0:  # the sigmoid's slope is applied here, so this is already d beta_raw
                 dbeta_col[b, t, hv, j] = ddelta * u * slope
-            e = bt * ddelta
             z = zero
             for i in range(K):
                 kh = k[b, t, h, i] * rk
                 dk_part[b, t, hv, i, j] = dS[i] * delta - St[i] * e
                 dSt = dS[i] - kh * e
-                zi = dSt * St[i]
+                zi = dSt * St[i] if dSt != zero else zero
                 if has_gk:
                     dgk_part[b, t, hv, i, j] = zi
                 z += zi
-                dS[i] = dec[i] * dSt
+                dS[i] = dec[i] * dSt if dSt != zero else zero
             if has_g or has_gv:
                 zcol[b, t, hv, j] = z
         if has_h0:
