@@ -217,6 +217,23 @@ def test_validation_errors(op: OpDef) -> None:
                 fn(**a, chunk_size=bad)  # eager path
 
 
+@pytest.mark.parametrize("op", op_params())
+def test_shapes_and_offsets_are_checked_at_trace_time(op: OpDef) -> None:
+    """Under jax.jit shapes are static: a bad one raises the core's ValueError when the function is traced, not an
+    XLA runtime error from inside the callback; a 2-D or non-integer cu_seqlens is refused, not truncated."""
+    c = Call(op, first_case(op, lambda c: "seqlens" in c.params), seed=29)
+    a = arrays(c, "float32")
+    fn = getattr(rj, op.name)
+    traced = jax.jit(lambda a, cu: fn(**a, cu_seqlens=cu, **c.options))
+    with pytest.raises(ValueError, match=r"k must have shape"):
+        traced.lower({**a, "k": a["k"][:, :1]}, jnp.asarray(c.cu))
+    with pytest.raises(ValueError, match=r"cu_seqlens must be a 1-D vector"):
+        traced.lower(a, jnp.asarray(c.cu)[None])
+    for bad in (c.cu[None], c.cu.astype(np.float64) + 0.5):
+        with pytest.raises(ValueError, match=r"cu_seqlens"):
+            fn(**a, cu_seqlens=bad, **c.options)
+
+
 def test_every_registered_op_has_an_entry_point() -> None:
     assert sorted(rj.__all__) == sorted(op.name for op in OPS)
 
