@@ -41,7 +41,7 @@ def check_statics(op: OpDef, statics: dict[str, Any]) -> dict[str, Any]:
     v = Validator()
     opts = check_static_options(op, statics, v)
     v.raise_if_any()
-    return {**{n: x for n, x in statics.items() if n not in opts and op.option(n).alias_of is None}, **opts}
+    return opts
 
 
 def _args(op: OpDef, arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any, statics: dict[str, Any],
@@ -73,8 +73,10 @@ def backward(op: OpDef, arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu:
     backend saved), so the forward does not run again; what the forward saved comes from `workspace` where the
     backend keeps it there, and is recomputed otherwise.
     """
-    statics = {**statics, "output_final_state": False} if "output_final_state" in statics else statics
-    statics.pop("inplace_final_state", None)
+    # the backward of the call, not an in-place decode; a copy, so the caller's dict is left as it was
+    statics = {n: x for n, x in statics.items() if n != "inplace_final_state"}
+    if "output_final_state" in statics:
+        statics["output_final_state"] = False
     p = validate(op, _args(op, arrays, cu_seqlens, cu_seqlens_cpu, statics, backend))
     saved = None
     read = op.backends[p.backend].resolve("saved_from_workspace")

@@ -320,7 +320,7 @@ def _register(op: OpDef) -> _Op:
     spec = _spec(op)
     # The autograd.Function below closes over plain strings, tuples and ints only: Dynamo cannot wrap a
     # closed-over CustomOpDef or _OpSpec, so it calls the ops through torch.ops by name.
-    fwd_args, bwd_args, inplace_args = spec.fwd_args, spec.bwd_args, spec.inplace_args
+    fwd_args, bwd_args = spec.fwd_args, spec.bwd_args
     tensor_names_, statics_names = spec.tensors, spec.statics
     n_tensors, n_out = len(spec.tensors), spec.n_outputs
     has_state = op.has_state
@@ -392,7 +392,6 @@ def _register(op: OpDef) -> _Op:
             return tuple(by_name.get(n) for n in tensor_names_) + (None,) * (n_args - n_tensors)
 
     Function.__name__ = Function.__qualname__ = "".join(w.title() for w in op.name.split("_")) + "Function"
-    del inplace_args
     return _Op(spec, fwd_op, bwd_op, inplace_op, Function)
 
 

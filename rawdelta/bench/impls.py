@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..ops.common.backend import numba_status
+from ..testing.reference import grad_label
 from .modes import DECODE, FORWARD, FORWARD_BACKWARD
 
 if TYPE_CHECKING:
@@ -31,10 +32,6 @@ def _op_kwargs(x: dict[str, Any]) -> dict[str, Any]:
 def _arrays(x: dict[str, Any]) -> dict[str, Any]:
     """The floating input arrays of a workload's call (every array but the cotangent and the offsets)."""
     return {n: a for n, a in x.items() if n not in ("do", "cu_seqlens") and hasattr(a, "shape")}
-
-
-def _grad_label(name: str) -> str:
-    return "dh0" if name == "initial_state" else "d" + name
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -70,7 +67,7 @@ def rawdelta(backend: str) -> Callable[[OpSpec, str, Workload], Call]:
                 outs, res = fwd(**kw)
                 grads = bwd(res, do)
                 return {"o": outs[0] if isinstance(outs, tuple) else outs,
-                        **{_grad_label(n): getattr(grads, n) for n in diff}}
+                        **{grad_label(n): getattr(grads, n) for n in diff}}
         else:
             raise ValueError(f"unknown mode {mode!r}")
         return run
@@ -120,7 +117,7 @@ def peer(op: OpSpec, mode: str, w: Workload) -> Call:
         def run() -> dict[str, Any]:
             o = out0(f(*(leaves[n] for n in first), **{n: leaves[n] for n in rest}, **flags))
             grads = torch.autograd.grad(o, list(leaves.values()), do)
-            return {"o": o.detach(), **{_grad_label(n): gr for n, gr in zip(leaves, grads)}}
+            return {"o": o.detach(), **{grad_label(n): gr for n, gr in zip(leaves, grads)}}
     else:
         raise ValueError(f"unknown mode {mode!r}")
     return run

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..ops import registry
+from ..ops.common.api import reference_backward, reference_forward
 from ..ops.common.opdef import OpDef
-from ..ops.common.validation import validate
 
 
 def reference_results(op: OpDef | str, kw: dict[str, Any], do: Any = None, dht: Any = None,
@@ -28,18 +28,15 @@ def reference_results(op: OpDef | str, kw: dict[str, Any], do: Any = None, dht: 
     """
     op = registry.op(op) if isinstance(op, str) else op
     ref = op if mode_op or op.reference is None else registry.op(op.reference)
-    args = {n: x for n, x in kw.items() if n in ref.takes and n not in ("backend", "stream")}
+    args = {n: x for n, x in kw.items() if n in ref.takes and n not in ("backend", "stream", "inplace_final_state")}
     if ref.has_state:
         args["output_final_state"] = True
-    args.pop("inplace_final_state", None)
-    p = validate(ref, {**args, "backend": "numpy"})
-    backend = ref.backends["numpy"]
-    outs, saved = backend.function("forward")(p, None)
+    outs = reference_forward(ref, args)
     outputs = {spec.name: np.asarray(x, dtype=np.float64) for spec, x in zip(ref.outputs, outs)}
     grads: dict[str, np.ndarray | None] = {}
     if do is not None:
-        got = backend.function("backward")(p, saved, np.asarray(do), None if dht is None else np.asarray(dht))
-        grads = {n: (None if got.get(n) is None else np.asarray(got[n], dtype=np.float64))
+        got = reference_backward(ref, args, np.asarray(do), None if dht is None else np.asarray(dht))
+        grads = {n: (None if getattr(got, n) is None else np.asarray(getattr(got, n), dtype=np.float64))
                  for n in ref.differentiable if kw.get(n) is not None}
     return outputs, grads
 

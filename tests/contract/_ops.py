@@ -61,6 +61,22 @@ def inputs(op: OpDef, case: OpCase | dict[str, Any], dtype: str = "float32", see
     return {**kw, **call}, do, (dht if op.has_state else None)
 
 
+FD_STEP = 1e-6
+
+
+def finite_difference(loss: Any, p: Any, name: str, step: float = FD_STEP) -> np.ndarray:
+    """Central differences of ``loss(problem)`` w.r.t. every element of the problem's float64 array `name`."""
+    x = getattr(p, name)
+    assert x.dtype == np.float64, name
+    fd = np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += step
+        xm[i] -= step
+        fd[i] = (loss(p.replace(**{name: xp})) - loss(p.replace(**{name: xm}))) / (2 * step)
+    return fd
+
+
 def float64(kw: dict[str, Any]) -> dict[str, Any]:
     """Every floating array in float64 (the generators keep gates, beta and states in float32)."""
     return {n: (x.astype(np.float64) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x)

@@ -12,7 +12,7 @@ import pytest
 from rawdelta.ops.common.opdef import OpCase, OpDef
 from rawdelta.ops.common.validation import validate
 
-from ._ops import check_backend, float64, inputs, op_params
+from ._ops import check_backend, finite_difference, float64, inputs, op_params
 
 ALL_CASES = op_params(cases=True)
 SIMULATOR_CASES = op_params(lambda c: c.simulator, cases=True)
@@ -91,7 +91,6 @@ def test_mixed_input_dtypes_cuda(op: OpDef, case: OpCase, q_dtype: str, v_dtype:
 # The reference's backward against float64 finite differences of its forward
 # ---------------------------------------------------------------------------------------------------------------------
 
-FD_STEP = 1e-6
 FD_RTOL = 1e-6
 
 
@@ -123,13 +122,7 @@ def test_reference_backward_matches_finite_differences(op: OpDef, case: OpCase, 
             continue
         gr = grads.get(name)
         assert gr is not None and gr.shape == x.shape and gr.dtype == np.float64, name
-        fd = np.empty_like(x)
-        for i in np.ndindex(x.shape):
-            xp, xm = x.copy(), x.copy()
-            xp[i] += FD_STEP
-            xm[i] -= FD_STEP
-            fd[i] = (_loss(op, p.replace(**{name: xp}), do, dht) - _loss(op, p.replace(**{name: xm}), do, dht)) / (
-                2 * FD_STEP)
+        fd = finite_difference(lambda q: _loss(op, q, do, dht), p, name)
         err, worst = float(np.linalg.norm(gr - fd)), float(np.max(np.abs(gr - fd), initial=0.0))
         bound = FD_RTOL * float(np.linalg.norm(fd)) + floor * np.sqrt(fd.size)
         worst_bound = 10 * FD_RTOL * float(np.max(np.abs(fd), initial=0.0)) + floor

@@ -20,6 +20,7 @@ from rawdelta.testing import gated_delta_rule_inputs, grad_label
 from rawdelta.testing.inputs import split_op_args
 
 from ..contract import _ops
+from ..contract._ops import finite_difference
 
 GRAD_NAMES = RECURRENT.differentiable
 
@@ -99,7 +100,6 @@ def make_inputs(shape: dict[str, Any], **kw: Any) -> dict[str, Any]:
     return gated_delta_rule_inputs(s.pop("B"), s.pop("T"), s.pop("H"), s.pop("K"), s.pop("V"), **s, **kw)
 
 
-FD_STEP = 1e-6
 FD_RTOL = 1e-6
 
 Forward = Callable[[GDNProblem], tuple[np.ndarray, np.ndarray]]
@@ -112,21 +112,6 @@ def _fd_loss(forward: Forward, p: GDNProblem, do: np.ndarray, dht: np.ndarray | 
     if dht is not None:
         val += float(np.sum(ht * dht))
     return val
-
-
-def finite_difference(forward: Forward, p: GDNProblem, name: str, do: np.ndarray, dht: np.ndarray | None
-                      ) -> np.ndarray:
-    """Central differences of ``L = sum(o * do) + sum(ht * dht)`` w.r.t. every element of input `name` (float64)."""
-    x = getattr(p, name)
-    assert x.dtype == np.float64
-    fd = np.empty_like(x)
-    for i in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += FD_STEP
-        xm[i] -= FD_STEP
-        fd[i] = (_fd_loss(forward, p.replace(**{name: xp}), do, dht)
-                 - _fd_loss(forward, p.replace(**{name: xm}), do, dht)) / (2 * FD_STEP)
-    return fd
 
 
 def check_against_fd(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None, forward: Forward,
@@ -142,7 +127,7 @@ def check_against_fd(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None, forw
             continue
         assert gr is not None, f"{grad_label(name)} missing"
         assert gr.shape == x.shape and gr.dtype == np.float64, (name, gr.shape, gr.dtype)
-        fd = finite_difference(forward, p, name, do, dht)
+        fd = finite_difference(lambda q: _fd_loss(forward, q, do, dht), p, name)
         scale = max(float(np.linalg.norm(fd)), 1e-12)
         rel = float(np.linalg.norm(gr - fd)) / scale
         worst = float(np.max(np.abs(gr - fd))) / max(float(np.max(np.abs(fd))), 1e-12)

@@ -26,11 +26,11 @@ from rawdelta.ops.gated_delta_rule.definition import GDNProblem
 from rawdelta.testing import gated_delta_rule_inputs
 from rawdelta.testing.inputs import split_op_args
 
+from ..contract._ops import FD_STEP
 from .gdn_cases import (
     CHUNK_OPTIONS,
     CHUNK_SHAPES,
     FD_RTOL,
-    FD_STEP,
     check_against_fd,
     check_backend,
     make_inputs,

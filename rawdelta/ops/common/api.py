@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ..._arrays import on_stream
-from .opdef import COMMON, KEYWORD_ONLY, Family, OpDef, Reference
+from .opdef import KEYWORD_ONLY, Family, OpDef, Reference
 from .problem import Problem
-from .validation import cast_grads, cast_outputs, check_cotangents, validate
+from .validation import cast_grads, cast_outputs, check_cotangents, swap_state_layout, validate
 
 # ------------------------------------------------------------------------------------------------------------------
 # Running a validated problem
@@ -76,8 +76,8 @@ def reference_forward(op: OpDef, args: dict[str, Any]) -> tuple[Any, ...]:
     state None unless asked for."""
     p = validate(op, {**args, "backend": "numpy"})
     outs, _ = op.backends["numpy"].function("forward")(p, None)
-    if op.has_state and not p.output_final_state:
-        outs = (outs[0], None)
+    if op.has_state:
+        outs = (outs[0], swap_state_layout(p, outs[1]) if p.output_final_state else None)
     return tuple(outs)
 
 
@@ -86,8 +86,11 @@ def reference_backward(op: OpDef, args: dict[str, Any], do: Any, dht: Any = None
     p = validate(op, {**args, "backend": "numpy", "output_final_state": False})
     do, dht = check_cotangents(p, do, dht)
     grads = op.backends["numpy"].function("backward")(p, None, do, dht)
-    fields = grads_type(op.family)._fields
-    return grads_type(op.family)(**{f: (grads.get(f) if getattr(p, f) is not None else None) for f in fields})
+    out = {}
+    for f in grads_type(op.family)._fields:
+        gr = grads.get(f) if getattr(p, f) is not None else None
+        out[f] = swap_state_layout(p, gr) if op.family.array(f).state else gr
+    return grads_type(op.family)(**out)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -304,5 +307,5 @@ def family_exports(family: Family, ops: tuple[OpDef, ...]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["COMMON", "backend_stream", "backward", "family_exports", "forward", "grads_type", "public_functions",
+__all__ = ["backend_stream", "backward", "family_exports", "forward", "grads_type", "public_functions",
            "reference_backward", "reference_forward", "residuals_type", "run_backward", "run_forward"]

@@ -363,12 +363,7 @@ class OpDef:
     def takes(self) -> frozenset[str]:
         return frozenset(self.params)
 
-    def backend(self, name: str) -> Backend:
-        return self.backends[name]
 
-    @functools.cached_property
-    def reference_op(self) -> str:
-        return self.reference or self.name
 
 
 def _bool(name: str, doc: str) -> Option:

@@ -111,6 +111,25 @@ def _check_shape(a: Array, x: Any, dims: dict[str, int], v: Validator, v_first: 
         v.shape(a.name, x, state_layout(a.shape, v_first and a.state), dims)
 
 
+def _check_shapes(op: OpDef, arrs: dict[str, Any], dims: dict[str, int], v: Validator, per_sequence: bool,
+                  v_first: bool = False) -> None:
+    """The shapes of the present arrays with a row per token or head (``per_sequence`` False), or of those with a row
+    per sequence, checked once ``N`` is bound (``per_sequence`` True)."""
+    for a in op.arrays:
+        if arrs[a.name] is not None and (a.name in op.arrays_by_sequence) == per_sequence:
+            _check_shape(a, arrs[a.name], dims, v, v_first)
+
+
+def _bind_sequences(dims: dict[str, int], n_offsets: int | None, v: Validator) -> None:
+    """Bind ``N``: B, or with ``cu_seqlens`` of length ``n_offsets`` its sequences (which needs B == 1)."""
+    B = dims.get("B", 0)
+    dims["N"] = B
+    if n_offsets is not None:
+        if B != 1:
+            v.error(f"cu_seqlens requires B == 1 (sequences packed along T), got B={B}")
+        dims["N"] = n_offsets - 1
+
+
 def _check_dtypes(op: OpDef, arrs: dict[str, Any], v: Validator) -> None:
     for a in op.arrays:
         if arrs[a.name] is not None:
@@ -134,8 +153,8 @@ def compute_dtype(op: OpDef, arrs: dict[str, Any]) -> np.dtype:
 def _cu_seqlens(args: dict[str, Any], dims: dict[str, int], on_device: bool, v: Validator
                 ) -> tuple[Any, np.ndarray | None]:
     """The validated offsets (device copy where the arrays live on the device) and their host copy; binds ``N``."""
-    B, T = dims.get("B", 0), dims.get("T", 0)
-    dims["N"] = B
+    T = dims.get("T", 0)
+    dims["N"] = dims.get("B", 0)
     cu_seqlens, cu_seqlens_cpu = args.get("cu_seqlens"), args.get("cu_seqlens_cpu")
     if cu_seqlens is None:
         if cu_seqlens_cpu is not None:
@@ -170,9 +189,7 @@ def _cu_seqlens(args: dict[str, Any], dims: dict[str, int], on_device: bool, v: 
         v.error("cu_seqlens must be non-decreasing")
     if int(cu_host[-1]) != T:
         v.error(f"cu_seqlens must end at T={T}, got {int(cu_host[-1])}")
-    if B != 1:
-        v.error(f"cu_seqlens requires B == 1 (sequences packed along T), got B={B}")
-    dims["N"] = int(cu_host.shape[0]) - 1
+    _bind_sequences(dims, int(cu_host.shape[0]), v)
     cu_host = cu_host.astype(np.int64)
     if on_device and is_device_array(cu_arr):
         # the caller's device offsets are used as they are (no upload; capturable in CUDA graphs)
@@ -263,21 +280,11 @@ def validate(op: OpDef, args: dict[str, Any]) -> Problem:
     v.raise_if_any()
 
     opts = check_static_options(op, args, v)
-    v_first = bool(opts.get("state_v_first"))
     dims: dict[str, int] = {}
-    later = []
-    per_sequence = op.arrays_by_sequence
-    for a in op.arrays:
-        if arrs[a.name] is None:
-            continue
-        if a.name in per_sequence:
-            later.append(a)  # N is bound by cu_seqlens (or B) below
-        else:
-            _check_shape(a, arrs[a.name], dims, v)
+    _check_shapes(op, arrs, dims, v, per_sequence=False)
     _check_dtypes(op, arrs, v)
     cu, cu_host = _cu_seqlens(args, dims, on_device, v)
-    for a in later:
-        _check_shape(a, arrs[a.name], dims, v, v_first)
+    _check_shapes(op, arrs, dims, v, per_sequence=True, v_first=bool(opts.get("state_v_first")))
     if opts.get("inplace_final_state"):
         st = arrs.get("initial_state")
         if st is None:
@@ -308,18 +315,10 @@ def validate_abstract(op: OpDef, arrays: dict[str, Any], n_offsets: int | None, 
     v.raise_if_any()
     opts = check_static_options(op, statics, v)
     dims: dict[str, int] = {}
-    for a in op.arrays:
-        if arrs[a.name] is not None and a.name not in op.arrays_by_sequence:
-            _check_shape(a, arrs[a.name], dims, v)
+    _check_shapes(op, arrs, dims, v, per_sequence=False)
     _check_dtypes(op, arrs, v)
-    dims["N"] = dims.get("B", 0)
-    if n_offsets is not None:
-        if dims.get("B", 1) != 1:
-            v.error(f"cu_seqlens requires B == 1 (sequences packed along T), got B={dims['B']}")
-        dims["N"] = n_offsets - 1
-    for a in op.arrays:
-        if arrs[a.name] is not None and a.name in op.arrays_by_sequence:
-            _check_shape(a, arrs[a.name], dims, v, bool(opts.get("state_v_first")))
+    _bind_sequences(dims, n_offsets, v)
+    _check_shapes(op, arrs, dims, v, per_sequence=True, v_first=bool(opts.get("state_v_first")))
     if op.family.check is not None:
         op.family.check(Check(op, arrs, dims, opts, "auto", v))
     v.raise_if_any()
@@ -389,9 +388,13 @@ def check_cotangents(p: Problem, do: Any, dht: Any) -> tuple[Any, Any]:
     if type(do) is not type(p.q) or (dht is not None and type(dht) is not type(p.q)):
         val.type_error("do and dht must live where the forward inputs live (all host or all device)")
     val.raise_if_any()
-    if dht is not None and p.state_v_first:
-        dht = p.xp.ascontiguousarray(dht.swapaxes(-1, -2))
-    return do, dht
+    return do, swap_state_layout(p, dht)
+
+
+def swap_state_layout(p: Problem, x: Any) -> Any:
+    """A state (or its cotangent, or its gradient) between the backends' ``[N, HV, K, V]`` and the caller's layout:
+    transposed, C-contiguous, with ``state_v_first``; itself otherwise (the transpose is its own inverse)."""
+    return p.xp.ascontiguousarray(x.swapaxes(-1, -2)) if p.state_v_first and x is not None else x
 
 
 def state_dtype(compute_dtype: Any) -> np.dtype:
@@ -407,8 +410,8 @@ def cast_outputs(p: Problem, outputs: tuple[Any, ...]) -> tuple[Any, ...]:
         if x is not None:
             dt = np.dtype(p.input_dtypes[spec.like]) if spec.like else state_dtype(p.q.dtype)
             x = x if x.dtype == dt else x.astype(dt)
-            if spec.name == "final_state" and p.state_v_first:
-                x = p.xp.ascontiguousarray(x.swapaxes(-1, -2))
+            if spec.like is None:
+                x = swap_state_layout(p, x)
         out.append(x)
     return tuple(out)
 
@@ -427,7 +430,5 @@ def cast_grads(p: Problem, grads: dict[str, Any]) -> dict[str, Any]:
         in_dt = p.input_dtypes[a.name]
         dt = _F64 if in_dt == _F64 else (_F32 if a.state else np.dtype(in_dt))
         gr = gr if gr.dtype == dt else gr.astype(dt)
-        if a.state and p.state_v_first:
-            gr = p.xp.ascontiguousarray(gr.swapaxes(-1, -2))
-        out[a.name] = gr
+        out[a.name] = swap_state_layout(p, gr) if a.state else gr
     return out
