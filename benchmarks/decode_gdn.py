@@ -9,7 +9,10 @@ copy bandwidth measured in the same run.
 The standard decode sweep (64 and 256 sequences, with the gate, floor and plots) is
 ``rawdelta bench --mode decode``; this script keeps the in-place-state, kernel-only and CUDA-graph variants.
 
-Usage: PYTHONPATH=. python3 benchmarks/decode_gdn.py [--json out.json]
+``--state-v-first`` also times the same calls with the state held as ``[N, H, V, K]`` (``state_v_first=True``,
+which the kernel reads and writes natively) beside the default ``[N, H, K, V]``, and prints each variant's ratio.
+
+Usage: PYTHONPATH=. python3 benchmarks/decode_gdn.py [--state-v-first] [--json out.json]
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ def copy_bandwidth_gbs() -> float:
     return 2 * a.numel() / (ms * 1e-3) / 1e9
 
 
-def _raw_launch(q, k, v, g, beta, state, stream, geom, one_step, min_blocks):
-    """The forward kernel launched directly (no validation), to separate kernel time from host overhead."""
+def _raw_launch(q, k, v, g, beta, state, stream, geom, one_step, min_blocks, v_first=False):
+    """The forward kernel launched directly (no validation), to separate kernel time from host overhead; `state` is
+    ``[N, H, V, K]`` with `v_first` (its kernel: ``geom[1]`` warps per block)."""
     from rawdelta.cuda.launch import CTYPES, NULL
     from rawdelta.cuda.loader import get_kernel, register
     from rawdelta.ops.common.validation import validate
@@ -77,12 +81,18 @@ def _raw_launch(q, k, v, g, beta, state, stream, geom, one_step, min_blocks):
     from rawdelta.ops.gated_delta_rule.definition import RECURRENT
 
     p = validate(RECURRENT, {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": state,
-                             "use_qk_l2norm_in_kernel": True, "inplace_final_state": True, "backend": "cuda"})
+                             "use_qk_l2norm_in_kernel": True, "inplace_final_state": True, "backend": "cuda",
+                             "state_v_first": v_first})
     o = cupy.empty_like(v)
-    name = cr.fwd_name(CTYPES[p.q.dtype], cr.fwd_kpt(p.K, geom), one_step, geom, min_blocks)
+    if v_first:  # only geom[1], the warps per block, applies to this kernel
+        rl = cr.fwd_vk_rows(p.K)
+        name = cr.fwd_vk_name(CTYPES[p.q.dtype], rl, one_step, geom[1], min_blocks)
+        nvb = -(-p.V // ((32 // rl) * geom[1]))
+    else:
+        name = cr.fwd_name(CTYPES[p.q.dtype], cr.fwd_kpt(p.K, geom), one_step, geom, min_blocks)
+        nvb = -(-p.V // (4 * geom[0]))
     register(cr.SOURCE, [name])  # benchmark-only variants join the registry like any other
     kern = get_kernel(cr.SOURCE, name)
-    nvb = -(-p.V // (4 * geom[0]))
     args = (q, k, v, g, NULL, NULL, beta, state, NULL, NULL, NULL, o, state, np.int32(p.T), np.int32(p.H),
             np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nvb), np.float32(p.scale),
             np.int32(problem_flags(p) | F_HT))
@@ -99,6 +109,8 @@ def main() -> int:
     ap.add_argument("--seqs", type=int, default=64)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--state-v-first", action="store_true",
+                    help="also time state_v_first=True ([N, H, V, K] states) beside the default layout")
     args = ap.parse_args()
     N, H, D = args.seqs, args.heads, args.dim
     torch.manual_seed(0)
@@ -158,6 +170,10 @@ def main() -> int:
                                              use_qk_l2norm_in_kernel=True)
 
     results.append(("rawdelta (torch adapter, in-place) CUDA-graph replay", time_graph_ms(rd_torch_inplace)))
+    v_first_rows = []
+    if args.state_v_first:
+        v_first_rows = _state_v_first_rows(results, q, k, v, g, beta, h0, o_ref, ht_ref, stream, kw)
+        results += [(name, ms) for name, ms, _ in v_first_rows]
 
     peer_note = ""
     try:
@@ -193,11 +209,56 @@ def main() -> int:
             ratio = "1.00x"
         print(f"| {name} | {us:.1f} | {us / floor_us:.2f} | {ratio} |")
         rows.append({"impl": name, "us": us, "x_floor": us / floor_us})
+    ratios = {name: ms / base_ms for name, ms, base_ms in v_first_rows}
+    for name, ratio in ratios.items():
+        print(f"state_v_first / default: {ratio:.3f}  ({name})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw, "floor_us": floor_us,
-                       "shape": [N, 1, H, D], "rows": rows, "peer_note": peer_note}, f, indent=1)
+                       "shape": [N, 1, H, D], "rows": rows, "peer_note": peer_note,
+                       "state_v_first_ratios": ratios}, f, indent=1)
     return 0
+
+
+def _state_v_first_rows(results, q, k, v, g, beta, h0, o_ref, ht_ref, stream, kw):
+    """``(name, ms, ms of the same call in the default layout)`` for the decode calls with ``state_v_first=True``
+    (states ``[N, H, V, K]``, read and written natively by the kernel), after checking them against the reference."""
+    cq, ck, cv, cg, cb = (cupy.from_dlpack(x) for x in (q, k, v, g, beta))
+    h0_t = h0.transpose(-1, -2).contiguous()
+    ch0_t = cupy.from_dlpack(h0_t)
+    o_t, ht_t = rawdelta.fused_recurrent_gated_delta_rule(cq, ck, cv, cg, cb, initial_state=ch0_t,
+                                                          output_final_state=True, state_v_first=True, **kw)
+    assert_close("o", o_ref, o_t, dtype="bfloat16")
+    assert_close("ht", ht_ref.swapaxes(-1, -2), ht_t, dtype="bfloat16")
+    h_inplace_t = ch0_t.copy()
+    h_graph_t = h0_t.clone()
+    import rawdelta.torch as rdt
+
+    def new_state():
+        rawdelta.fused_recurrent_gated_delta_rule(cq, ck, cv, cg, cb, initial_state=ch0_t, output_final_state=True,
+                                                  state_v_first=True, **kw)
+
+    def inplace():
+        rawdelta.fused_recurrent_gated_delta_rule(cq, ck, cv, cg, cb, initial_state=h_inplace_t,
+                                                  inplace_final_state=True, state_v_first=True, **kw)
+
+    def torch_inplace():
+        rdt.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h_graph_t, inplace_final_state=True,
+                                             use_qk_l2norm_in_kernel=True, state_v_first=True)
+
+    base = dict(results)
+    kernel = "rawdelta kernel only, CG=8 W=4 one_step=True min_blocks=6 (in-place, raw launches)"
+    return [
+        ("rawdelta cuda (new final state), state_v_first", time_ms(new_state),
+         base["rawdelta cuda (new final state)"]),
+        ("rawdelta cuda (in-place state), state_v_first", time_ms(inplace), base["rawdelta cuda (in-place state)"]),
+        *((f"rawdelta kernel only, [N, H, V, K] kernel W={w} one_step=True min_blocks={minb} (in-place, raw "
+           "launches), state_v_first",
+           time_ms(_raw_launch(cq, ck, cv, cg, cb, h_inplace_t, stream, (0, w), True, minb, v_first=True)),
+           base[kernel]) for w, minb in ((4, 6), (4, 8), (8, 3), (2, 12))),
+        ("rawdelta (torch adapter, in-place) CUDA-graph replay, state_v_first", time_graph_ms(torch_inplace),
+         base["rawdelta (torch adapter, in-place) CUDA-graph replay"]),
+    ]
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
 
 namespace rawdelta {
 
-// Option bits; mirrored in rawdelta/ops/gated_delta_rule/cuda_flags.py (F_* constants).
+// Option bits; mirrored in rawdelta/ops/gated_delta_rule/cuda_common.py (F_* constants). F_V_FIRST: the states
+// (h0, ht, dht, dh0) are [N, HV, V, K] (state_v_first); only the recurrent kernels read it.
 enum : int {
     F_G = 1, F_GK = 2, F_GV = 4, F_BETA = 8, F_BETA_V = 16, F_L2 = 32, F_GATE = 64, F_DTB = 128,
-    F_BSIG = 256, F_NEG = 512, F_H0 = 1024, F_HT = 2048, F_VARLEN = 4096, F_DHT = 8192
+    F_BSIG = 256, F_NEG = 512, F_H0 = 1024, F_HT = 2048, F_VARLEN = 4096, F_DHT = 8192, F_V_FIRST = 16384
 };
 
 // Log-decay of the scalar gate at (token, head), after the optional in-kernel activation.

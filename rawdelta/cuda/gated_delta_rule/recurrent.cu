@@ -1,12 +1,26 @@
 // Gated delta rule, recurrent mode: forward (also the in-place decode step) and backward.
 // Math: rawdelta/ops/gated_delta_rule/README.md. Layouts (all C-contiguous):
 //   q, k [BT, H, K] (T dtype)   v, o [BT, HV, V] (T dtype)   g, beta [BT, HV]   gk [BT, HV, K]
-//   gv, beta_v [BT, HV, V]      state h0 / ht / dht / dh0 [N, HV, K, V] (float32)
+//   gv, beta_v [BT, HV, V]      state h0 / ht / dht / dh0 [N, HV, K, V], or [N, HV, V, K] with F_V_FIRST (float32)
 // BT = B * T flattened tokens; with cu_seqlens (B == 1) sequence n covers tokens [cu[n], cu[n+1]).
 // Each column j of the K x V state evolves independently, so threads own (column, rows) slices.
+// A decay of 0 (a reset) and a zero cotangent are selected, never multiplied: a NaN or an infinity at a token
+// reaches neither the earlier tokens' outputs nor, through a zero cotangent, their gradients.
 #include "gated_delta_rule/gdn_common.cuh"
 
 using namespace rawdelta;
+
+// Offset of state element (row r, column j) of (n, hv) = nh: [K, V] rows, or [V, K] columns with v_first.
+__device__ __forceinline__ i64 state_at(i64 nh, int r, int j, int K, int V, bool v_first) {
+    return v_first ? (nh * V + j) * K + r : (nh * K + r) * V + j;
+}
+
+// An unsigned type of BYTES bytes: one vector load of that many bytes.
+template <int BYTES> struct VecOf;
+template <> struct VecOf<2> { typedef unsigned short type; };
+template <> struct VecOf<4> { typedef unsigned int type; };
+template <> struct VecOf<8> { typedef uint2 type; };
+template <> struct VecOf<16> { typedef uint4 type; };
 
 // KPT consecutive elements [r0, r0 + KPT) of a row of length K; 16-byte loads when aligned and in range.
 template <typename T, int KPT>
@@ -140,7 +154,8 @@ gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
             kn += kk[i] * kk[i];
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-                S[i][c] *= rd * cdecay[c];
+                const float d = rd * cdecay[c];
+                S[i][c] = d != 0.f ? S[i][c] * d : 0.f;  // a reset discards the state, even a non-finite one
                 ks[c] += S[i][c] * kk[i];
             }
         }
@@ -173,6 +188,157 @@ gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 #pragma unroll
         for (int i = 0; i < RPT; ++i)
             if (r0 + i < K) store_state4(htn + (i64)(r0 + i) * V, j0, V, vec, S[i]);
+    }
+}
+
+// G elements [r, r + G) of a column of K floats (0 past K, all 0 unless ok); float4s when vec (K % 4 == 0).
+template <int G>
+__device__ __forceinline__ void load_col(const float* col, int r, int K, bool ok, bool vec, float (&x)[G]) {
+    if constexpr (G % 4 == 0) {
+        if (vec) {
+#pragma unroll
+            for (int e = 0; e < G; e += 4) {
+                const bool in = ok && r + e < K;
+                const float4 t = in ? __ldcs(reinterpret_cast<const float4*>(col + r + e)) : make_float4(0, 0, 0, 0);
+                x[e] = t.x; x[e + 1] = t.y; x[e + 2] = t.z; x[e + 3] = t.w;
+            }
+            return;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < G; ++e) x[e] = (ok && r + e < K) ? col[r + e] : 0.f;
+}
+
+template <int G>
+__device__ __forceinline__ void store_col(float* col, int r, int K, bool ok, bool vec, const float (&x)[G]) {
+    if (!ok) return;
+    if constexpr (G % 4 == 0) {
+        if (vec) {
+#pragma unroll
+            for (int e = 0; e < G; e += 4)
+                if (r + e < K)
+                    __stcs(reinterpret_cast<float4*>(col + r + e), make_float4(x[e], x[e + 1], x[e + 2], x[e + 3]));
+            return;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < G; ++e)
+        if (r + e < K) col[r + e] = x[e];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward with [N, HV, V, K] states (F_V_FIRST): the same step, mirrored so that the state moves in whole lines.
+// A warp owns JC value columns and all K rows: lane l holds rows m * 128 + 4 * l + x (x < 4, m < RL / 4), so each
+// access of a column is one 16-byte float4 per lane and 512 contiguous bytes per warp. Column dot products are warp
+// sums: no shared memory and no block barrier, warps are independent. K <= 32 * RL.
+// Grid: N * HV * NVB blocks of W warps, NVB = ceil(V / (W * JC)). ht may alias h0, as above.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ int lane_row(int i, int lane) { return i / 4 * 128 + 4 * lane + i % 4; }
+
+// Rows lane_row(i, lane) of a row of length K: one vector load per 4 when aligned and in range; 0 past K.
+template <typename T, int RL>
+__device__ __forceinline__ void load_lane_rows(const T* __restrict__ row, int lane, int K, float (&out)[RL]) {
+    typedef typename VecOf<4 * sizeof(T)>::type Vec;
+#pragma unroll
+    for (int m = 0; m < RL / 4; ++m) {
+        const int r = lane_row(4 * m, lane);
+        if (r + 4 <= K && (reinterpret_cast<size_t>(row + r) % sizeof(Vec)) == 0) {
+            const Vec raw = *reinterpret_cast<const Vec*>(row + r);
+            const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int x = 0; x < 4; ++x) out[4 * m + x] = to_float(e[x]);
+        } else {
+#pragma unroll
+            for (int x = 0; x < 4; ++x) out[4 * m + x] = (r + x < K) ? to_float(row[r + x]) : 0.f;
+        }
+    }
+}
+
+template <typename T, int RL, int JC, int W, bool ONE_STEP, int MINB>
+__global__ void __launch_bounds__(W * 32, MINB)
+gdn_recurrent_fwd_vk_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                            const float* __restrict__ g, const float* __restrict__ gk, const float* __restrict__ gv,
+                            const float* __restrict__ beta, const float* h0, const float* __restrict__ A_log,
+                            const float* __restrict__ dt_bias, const i64* __restrict__ cu_seqlens,
+                            T* __restrict__ o, float* ht, int T_, int H, int HV, int K, int V, int NVB, float scale,
+                            int flags) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const i64 blk = blockIdx.x;
+    const int vb = (int)(blk % NVB);
+    const i64 nh = blk / NVB;
+    const int hv = (int)(nh % HV), n = (int)(nh / HV);
+    const int h = hv / (HV / H);
+    const int jb = (vb * W + warp) * JC;
+    const bool vec = K % 4 == 0;
+
+    float S[RL][JC];
+#pragma unroll
+    for (int jj = 0; jj < JC; ++jj) {
+        const bool ok = (flags & F_H0) && jb + jj < V;
+#pragma unroll
+        for (int m = 0; m < RL / 4; ++m) {
+            float x[4];
+            load_col<4>(h0 + (nh * V + jb + jj) * K, lane_row(4 * m, lane), K, ok, vec, x);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) S[4 * m + e][jj] = x[e];
+        }
+    }
+
+    const SeqRange sr = seq_range(cu_seqlens, n, T_, (flags & F_VARLEN) != 0);
+    const i64 t_end = ONE_STEP ? min(sr.eos, sr.bos + 1) : sr.eos;
+#pragma unroll 1
+    for (i64 t = sr.bos; t < t_end; ++t) {
+        const i64 th = t * HV + hv;
+        float kk[RL], qq[RL], rd[RL];
+        load_lane_rows<T, RL>(k + (t * H + h) * K, lane, K, kk);
+        load_lane_rows<T, RL>(q + (t * H + h) * K, lane, K, qq);
+        float kn = 0.f, qn = 0.f;
+#pragma unroll
+        for (int i = 0; i < RL; ++i) {
+            const int r = lane_row(i, lane);
+            rd[i] = ((flags & F_GK) && r < K) ? __expf(gk[th * K + r]) : 1.f;
+            kn += kk[i] * kk[i];
+            qn += qq[i] * qq[i];
+        }
+        const float sdecay = __expf(scalar_log_gate(g, A_log, dt_bias, th, hv, flags));
+        const float rk = (flags & F_L2) ? rsqrtf(warp_sum(kn) + 1e-6f) : 1.f;
+        const float oscale = scale * ((flags & F_L2) ? rsqrtf(warp_sum(qn) + 1e-6f) : 1.f);
+#pragma unroll
+        for (int jj = 0; jj < JC; ++jj) {
+            const int j = jb + jj;
+            const bool ok = j < V;
+            const float cd = ((flags & F_GV) && ok) ? sdecay * __expf(gv[th * V + j]) : sdecay;
+            float ks = 0.f;
+#pragma unroll
+            for (int i = 0; i < RL; ++i) {
+                const float d = rd[i] * cd;
+                S[i][jj] = d != 0.f ? S[i][jj] * d : 0.f;  // a reset discards the state, even a non-finite one
+                ks += S[i][jj] * kk[i];
+            }
+            ks = warp_sum(ks);
+            const float b = beta_value(beta, (flags & F_BETA_V) ? th * V + (ok ? j : 0) : th, flags);
+            const float delta = b * ((ok ? to_float(v[th * V + j]) : 0.f) - rk * ks);
+            float os = 0.f;
+#pragma unroll
+            for (int i = 0; i < RL; ++i) {
+                S[i][jj] += rk * kk[i] * delta;
+                os += S[i][jj] * qq[i];
+            }
+            os = warp_sum(os);
+            if (lane == jj % 32 && ok) o[th * V + j] = from_float<T>(oscale * os);
+        }
+    }
+    if (flags & F_HT) {
+#pragma unroll
+        for (int jj = 0; jj < JC; ++jj) {
+#pragma unroll
+            for (int m = 0; m < RL / 4; ++m) {
+                float x[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) x[e] = S[4 * m + e][jj];
+                store_col<4>(ht + (nh * V + jb + jj) * K, lane_row(4 * m, lane), K, jb + jj < V, vec, x);
+            }
+        }
     }
 }
 
@@ -228,7 +394,8 @@ __device__ __forceinline__ void bwd_forward_step(float (&S)[KPT], const BwdStep<
     float ks = 0.f;
 #pragma unroll
     for (int i = 0; i < KPT; ++i) {
-        S[i] *= cd * st.gkd[i];
+        const float d = cd * st.gkd[i];
+        S[i] = d != 0.f ? S[i] * d : 0.f;  // as the forward: a reset discards the state
         if (St) St[i * 32] = S[i];
         ks += S[i] * st.k[i];
     }
@@ -269,6 +436,7 @@ gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     const int npass = (V + NVB * BWD_WARPS - 1) / (NVB * BWD_WARPS);
     const bool has_rows_gk = flags & F_GK;
     const int nq = has_rows_gk ? 3 : 2;
+    const bool v_first = (flags & F_V_FIRST) != 0;
 
     for (int pass = 0; pass < npass; ++pass) {
         const int j = (pass * NVB + vb) * BWD_WARPS + warp;
@@ -286,7 +454,7 @@ gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 #pragma unroll
         for (int i = 0; i < KPT; ++i) {
             const int r = lane + 32 * i;
-            S[i] = ((flags & F_H0) && jok && r < K) ? h0[(nh * K + r) * V + j] : 0.f;
+            S[i] = ((flags & F_H0) && jok && r < K) ? h0[state_at(nh, r, j, K, V, v_first)] : 0.f;
         }
         for (int tl = 0; tl < L; ++tl) {
             if (tl % C == 0) {
@@ -306,7 +474,7 @@ gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 #pragma unroll
         for (int i = 0; i < KPT; ++i) {
             const int r = lane + 32 * i;
-            dS[i] = ((flags & F_DHT) && jok && r < K) ? dht[(nh * K + r) * V + j] : 0.f;
+            dS[i] = ((flags & F_DHT) && jok && r < K) ? dht[state_at(nh, r, j, K, V, v_first)] : 0.f;
         }
         for (int seg = nseg - 1; seg >= 0; --seg) {
             const int t0 = seg * C;
@@ -345,17 +513,19 @@ gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                     dd += dS[i] * st.k[i];
                 }
                 dd = warp_sum(dd);
-                const float e = b * dd;
+                // Past a NaN or an infinity at token t the cotangents from t on are zero (the contract's case) while
+                // beta, the decay and the recomputed states there are not finite: select, so 0 stays 0.
+                const float e = dd != 0.f ? b * dd : 0.f;
                 float z = 0.f;
 #pragma unroll
                 for (int i = 0; i < KPT; ++i) {
                     const float sti = St[i * 32];
                     red_rows[1][warp][lane + 32 * i] = dS[i] * dl - sti * e;  // dk
                     dS[i] -= st.k[i] * e;                                     // dS~
-                    const float zi = dS[i] * sti;
+                    const float zi = dS[i] != 0.f ? dS[i] * sti : 0.f;
                     if (has_rows_gk) red_rows[2][warp][lane + 32 * i] = zi;    // dgk
                     z += zi;
-                    dS[i] *= cd * st.gkd[i];
+                    dS[i] = dS[i] != 0.f ? dS[i] * (cd * st.gkd[i]) : 0.f;   // dS of the step before
                 }
                 z = warp_sum(z);
                 if (lane == 0) {
@@ -397,7 +567,7 @@ gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 #pragma unroll
             for (int i = 0; i < KPT; ++i) {
                 const int r = lane + 32 * i;
-                if (r < K) dh0[(nh * K + r) * V + j] = dS[i];
+                if (r < K) dh0[state_at(nh, r, j, K, V, v_first)] = dS[i];
             }
         }
     }

@@ -114,9 +114,20 @@ class Backend:
     options, compute_capability) -> int``: the bytes of a buffer the framework adapters allocate before the
     forward, which the forward fills with ``saved``, and ``saved_from_workspace(p, workspace)``, which reads it
     back (None where it holds nothing).
+
+    States are ``[N, HV, K, V]`` in every backend unless the module sets ``NATIVE_STATE_V_FIRST = True``: then, for
+    a call with ``state_v_first``, its forward takes ``p.initial_state`` and returns the final state, and its backward
+    takes ``dht`` and returns dh0, in the caller's ``[N, HV, V, K]`` (``p.state_layout_native`` says so), and no
+    transposed copy is made. Without it, validation hands the backend a transposed copy and transposes the results
+    back.
     """
 
     module: str
+
+    @property
+    def native_state_v_first(self) -> bool:
+        """The module reads and writes states in the caller's layout (its ``NATIVE_STATE_V_FIRST``)."""
+        return bool(getattr(_module(self.module), "NATIVE_STATE_V_FIRST", False))
 
     def resolve(self, attr: str) -> Callable[..., Any] | None:
         """The module's function `attr` (None for an optional one it does not define)."""

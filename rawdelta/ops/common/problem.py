@@ -21,7 +21,12 @@ class Problem:
     * the bound dimensions (``p.B``, ``p.T``, ``p.H``, ``p.K``, ``p.V``, ``p.HV`` ... and ``p.N``, the number of
       sequences), also as the dict ``p.dims``;
     * every static option of the op (``p.scale`` resolved to a float, the flags, ``p.chunk_size``,
-      ``p.output_final_state`` (True also with ``inplace_final_state``), ``p.inplace_final_state``);
+      ``p.output_final_state`` (True also with ``inplace_final_state``), ``p.inplace_final_state``,
+      ``p.state_v_first``);
+    * ``p.state_layout_native``: with ``state_v_first``, the states (``p.initial_state``, and the final state,
+      ``dht`` and dh0 the backend returns and takes) are in the caller's ``[N, HV, V, K]``, because the backend reads
+      and writes that layout itself (``NATIVE_STATE_V_FIRST``, :class:`~.opdef.Backend`); False otherwise, where
+      states are ``[N, HV, K, V]`` (a transposed copy of the caller's);
     * ``p.cu_seqlens`` (int64, the arrays' library; None without varlen) and its host copy ``p.cu_seqlens_host``;
     * ``p.backend`` (resolved: ``"numpy"``, ``"numba"`` or ``"cuda"``), ``p.stream``, ``p.op`` (the
       :class:`~.opdef.OpDef`) and ``p.input_dtypes`` (the caller's dtype per array, for casting gradients back).
@@ -37,6 +42,8 @@ class Problem:
     B: int
     T: int
     N: int
+    state_v_first: bool
+    state_layout_native: bool
 
     def __init__(self, **attrs: Any) -> None:
         self.__dict__.update(attrs)

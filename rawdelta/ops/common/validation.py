@@ -329,13 +329,14 @@ def _problem(op: OpDef, arrs: dict[str, Any], dims: dict[str, int], opts: dict[s
     attrs: dict[str, Any] = dict.fromkeys(a.name for a in op.family.arrays)
     input_dtypes = {}
     compute = compute_dtype(op, arrs)
+    native = bool(opts.get("state_v_first")) and op.backends[backend].native_state_v_first
     for a in op.arrays:
         x = arrs[a.name]
         input_dtypes[a.name] = None if x is None else x.dtype
         if x is None:
             continue
-        if a.state and opts.get("state_v_first"):
-            # the backends hold states as [N, HV, K, V]: a transposed copy in, the results transposed back out
+        if a.state and opts.get("state_v_first") and not native:
+            # this backend holds states as [N, HV, K, V]: a transposed copy in, the results transposed back out
             x = x.swapaxes(-1, -2).astype(np.float32 if x.dtype != _F64 or backend != "numpy" else x.dtype,
                                           order="C")
         elif a.float32 and x.dtype != _F32 and not (backend == "numpy" and x.dtype == _F64):
@@ -355,6 +356,7 @@ def _problem(op: OpDef, arrs: dict[str, Any], dims: dict[str, int], opts: dict[s
         attrs["output_final_state"] = bool(opts["output_final_state"] or opts.get("inplace_final_state"))
     attrs.setdefault("inplace_final_state", False)
     attrs.setdefault("state_v_first", False)
+    attrs["state_layout_native"] = native
     # where an in-place call writes the final state: the caller's initial_state (in the caller's layout)
     attrs["inplace_target"] = arrs.get("initial_state") if opts.get("inplace_final_state") else None
     attrs.update(op=op, dims=dict(dims), backend=backend, stream=stream, cu_seqlens=cu, cu_seqlens_host=cu_host,
@@ -392,9 +394,12 @@ def check_cotangents(p: Problem, do: Any, dht: Any) -> tuple[Any, Any]:
 
 
 def swap_state_layout(p: Problem, x: Any) -> Any:
-    """A state (or its cotangent, or its gradient) between the backends' ``[N, HV, K, V]`` and the caller's layout:
-    transposed, C-contiguous, with ``state_v_first``; itself otherwise (the transpose is its own inverse)."""
-    return p.xp.ascontiguousarray(x.swapaxes(-1, -2)) if p.state_v_first and x is not None else x
+    """A state (or its cotangent, or its gradient) between the backend's layout and the caller's: transposed,
+    C-contiguous, with ``state_v_first`` on a backend that holds states as ``[N, HV, K, V]``; itself otherwise (the
+    transpose is its own inverse; a backend with ``p.state_layout_native`` takes and returns the caller's layout)."""
+    if not p.state_v_first or p.state_layout_native or x is None:
+        return x
+    return p.xp.ascontiguousarray(x.swapaxes(-1, -2))
 
 
 def state_dtype(compute_dtype: Any) -> np.dtype:

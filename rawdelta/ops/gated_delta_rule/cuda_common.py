@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 FINISH_SOURCE = "gated_delta_rule/bwd_finish.cu"
 
 # Flag bits, mirrored from gdn_common.cuh. F_L2, F_H0, F_HT, F_VARLEN and F_DHT sit where every family's chunk
-# passes read them (rawdelta/cuda/common/chunk_pass.cuh: PassOptions).
+# passes read them (rawdelta/cuda/common/chunk_pass.cuh: PassOptions). F_V_FIRST: the states are [N, HV, V, K].
 F_G, F_GK, F_GV, F_BETA, F_BETA_V, F_L2, F_GATE, F_DTB = 1, 2, 4, 8, 16, 32, 64, 128
-F_BSIG, F_NEG, F_H0, F_HT, F_VARLEN, F_DHT = 256, 512, 1024, 2048, 4096, 8192
+F_BSIG, F_NEG, F_H0, F_HT, F_VARLEN, F_DHT, F_V_FIRST = 256, 512, 1024, 2048, 4096, 8192, 16384
 
 
 def problem_flags(p: GDNProblem) -> int:
@@ -41,6 +41,7 @@ def problem_flags(p: GDNProblem) -> int:
     f |= F_NEG if p.allow_neg_eigval else 0
     f |= F_H0 if p.initial_state is not None else 0
     f |= F_VARLEN if p.cu_seqlens is not None else 0
+    f |= F_V_FIRST if p.state_layout_native else 0
     return f
 
 

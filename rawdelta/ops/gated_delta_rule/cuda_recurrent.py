@@ -2,8 +2,13 @@
 
 Kernels: ``rawdelta/cuda/gated_delta_rule/recurrent.cu``, and the gradients' finishing shared with the chunked
 mode (:mod:`.cuda_common`). The forward owns (4 columns, rows) slices of the state (16-byte state accesses, 16 row
-parts of KPT rows, 32 columns per block); the backward owns one column per warp (KPT rows per lane), checkpoints the
-state every C steps and recomputes each segment from its checkpoint with the per-step states in shared memory.
+parts of KPT rows in granules of 4, 32 columns per block); the backward owns one column per warp (KPT rows per
+lane), checkpoints the state every C steps and recomputes each segment from its checkpoint with the per-step states
+in shared memory.
+
+Both read and write the states in the caller's layout (:data:`NATIVE_STATE_V_FIRST`): ``[N, HV, K, V]``, or
+``[N, HV, V, K]`` with ``state_v_first`` (the F_V_FIRST flag). The forward has a kernel per layout, each moving the
+state in whole 128-byte lines: in the second a warp owns a few value columns and all K rows (4 rows per lane).
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from ...cuda.launch import CTYPES, ptr
 from ...cuda.loader import get_kernel, register
 from .cuda_common import F_DHT, F_HT, finish_gradients, problem_flags
 
+# The backend protocol's capability (rawdelta/ops/common/opdef.py, Backend): initial_state, the final state, dht and
+# dh0 are taken and returned in the caller's layout, so state_v_first costs no transposed copy.
+NATIVE_STATE_V_FIRST = True
+
 if TYPE_CHECKING:
     from .definition import GDNProblem
 
@@ -29,6 +38,9 @@ SOURCE = "gated_delta_rule/recurrent.cu"
 FWD_GEOM = (8, 4)
 FWD_MIN_BLOCKS = 6
 FWD_KPT = (1, 2, 4, 8, 16)  # rows per thread; K <= 16 * KPT
+# The [N, HV, V, K] forward: W warps per block, RL rows per lane (K <= 32 * RL) and 32 // RL value columns per warp.
+FWD_VK_W = 4
+FWD_VK_RL = (4, 8)
 BWD_WARPS = 8
 BWD_KPT_C = ((1, 32), (2, 32), (4, 16), (8, 8))  # (rows per lane, segment length C); K <= 32 * KPT
 _SMEM_STATIC_LIMIT = 48 * 1024
@@ -42,6 +54,19 @@ def fwd_name(ct: str, kpt: int, one_step: bool = False, geom: tuple[int, int] = 
             f"{min_blocks}>")
 
 
+def fwd_vk_name(ct: str, rl: int, one_step: bool = False, w: int = FWD_VK_W, min_blocks: int = FWD_MIN_BLOCKS
+                ) -> str:
+    """The [N, HV, V, K] forward kernel's instantiation: input C type, rows per lane, the decode-step form, warps
+    per block and the blocks per SM its registers must allow."""
+    return (f"gdn_recurrent_fwd_vk_kernel<{ct}, {rl}, {32 // rl}, {w}, {launch.cpp_bool(one_step)}, "
+            f"{min_blocks}>")
+
+
+def fwd_vk_rows(K: int) -> int:
+    """Rows per lane of the [N, HV, V, K] forward kernel for K keys."""
+    return next(rl for rl in FWD_VK_RL if 32 * rl >= K)
+
+
 def _fwd_row_parts(geom: tuple[int, int] = FWD_GEOM) -> int:
     return (32 // geom[0]) * geom[1]
 
@@ -53,6 +78,7 @@ def _bwd_name(ct: str, kpt: int) -> str:
 register(
     SOURCE,
     [fwd_name(ct, kpt, one) for ct in CTYPES.values() for kpt in FWD_KPT for one in (False, True)]
+    + [fwd_vk_name(ct, rl, one) for ct in CTYPES.values() for rl in FWD_VK_RL for one in (False, True)]
     + [_bwd_name(ct, kpt) for ct in CTYPES.values() for kpt, _ in BWD_KPT_C],
 )
 
@@ -66,8 +92,13 @@ def _bwd_kpt_c(K: int) -> tuple[int, int]:
     return next((kpt, c) for kpt, c in BWD_KPT_C if 32 * kpt >= K)
 
 
+def state_shape(p: GDNProblem) -> tuple[int, int, int, int]:
+    """The states' shape in the caller's layout: ``[N, HV, K, V]``, or ``[N, HV, V, K]`` with ``state_v_first``."""
+    return (p.N, p.HV, p.V, p.K) if p.state_layout_native else (p.N, p.HV, p.K, p.V)
+
+
 def recurrent_forward(p: GDNProblem) -> tuple[Any, Any]:
-    """Launch the forward: o ``[B, T, HV, V]`` (v's dtype) and the final state ``[N, HV, K, V]`` float32.
+    """Launch the forward: o ``[B, T, HV, V]`` (v's dtype) and the final state (float32, :func:`state_shape`).
 
     With ``p.inplace_final_state`` the final state is written into ``p.initial_state``.
     """
@@ -77,14 +108,19 @@ def recurrent_forward(p: GDNProblem) -> tuple[Any, Any]:
     flags = problem_flags(p)
     ht = None
     if p.output_final_state:
-        ht = p.initial_state if p.inplace_final_state else empty(cupy, (p.N, p.HV, p.K, p.V), np.float32)
+        ht = p.initial_state if p.inplace_final_state else empty(cupy, state_shape(p), np.float32)
         flags |= F_HT
-    nvb = math.ceil(p.V / (4 * FWD_GEOM[0]))
+    one_step = p.T <= 1 and p.cu_seqlens is None
+    if p.state_layout_native:
+        rl = fwd_vk_rows(p.K)
+        nvb = math.ceil(p.V / (FWD_VK_W * (32 // rl)))
+        name, warps = fwd_vk_name(CTYPES[p.q.dtype], rl, one_step), FWD_VK_W
+    else:
+        nvb = math.ceil(p.V / (4 * FWD_GEOM[0]))
+        name, warps = fwd_name(CTYPES[p.q.dtype], fwd_kpt(p.K), one_step), FWD_GEOM[1]
     grid = p.N * p.HV * nvb
     if grid > 0:
-        one_step = p.T <= 1 and p.cu_seqlens is None
-        kern = get_kernel(SOURCE, fwd_name(CTYPES[p.q.dtype], fwd_kpt(p.K), one_step))
-        kern((grid,), (32 * FWD_GEOM[1],), (
+        get_kernel(SOURCE, name)((grid,), (32 * warps,), (
             p.q, p.k, p.v, ptr(p.g), ptr(p.gk), ptr(p.gv), ptr(p.beta), ptr(p.initial_state), ptr(p.A_log),
             ptr(p.dt_bias), ptr(p.cu_seqlens), o, ptr(ht), np.int32(p.T), np.int32(p.H), np.int32(p.HV),
             np.int32(p.K), np.int32(p.V), np.int32(nvb), np.float32(p.scale), np.int32(flags)))
@@ -92,7 +128,9 @@ def recurrent_forward(p: GDNProblem) -> tuple[Any, Any]:
 
 
 def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
-    """Launch the backward; returns float32 gradients (dq, dk, dv in the input dtype) keyed by input name."""
+    """Launch the backward; returns float32 gradients (dq, dk, dv in the input dtype) keyed by input name.
+
+    ``do`` ``[B, T, HV, V]``; ``dht`` and the returned dh0 in the states' layout (:func:`state_shape`)."""
     import cupy
 
     do = do if do.dtype == np.float32 else do.astype(np.float32)
