@@ -13,8 +13,7 @@
 
 The numpy backend runs in float64 on one case per set of options; numba runs in the simulator on a few, and on the
 GPU every case runs on numba and cuda, chunked ops at every chunk size and in bfloat16 at K = 64 (the Hopper
-kernels' path). The cuda parametrisations its kernels still get wrong are expected failures (strict: they fail
-loudly once the kernels are fixed, and the marks go).
+kernels' path).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from ._ops import OPS, as_tuple, float64, inputs, tolerance_dtype
 RESETS = {"-inf": -np.inf, "-1e30": -1e30, "-1e4": -1e4}
 NON_FINITE = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf}
 RECURRENT_BLOCK = 4  # an op without chunks runs T = 2 * 4 + 8 tokens, its checks at tokens 4, 8 and 7
-CUDA_XFAIL = pytest.mark.xfail(reason="CUDA kernels: issue 24, not yet fixed", strict=True)
 # NaN and infinities are the inputs here: the arithmetic on the tokens after them warns, by design.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -178,36 +176,6 @@ def check_causality(s: Setup, name: str, value: float, t: int, backend: str, dev
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _cuda_breaks(s: Setup, kind: str, name: str, label: str, position: str) -> bool:
-    """Whether the cuda backend gets the check wrong before its kernels have issue 24's fixes, from their formulas.
-
-    Recurrent kernels: a reset is exact (the decay underflows to 0), but the backward multiplies a zero cotangent by
-    beta and by the decay (NaN or inf past a non-finite value). Chunked kernels: the gate cumsum runs through -inf
-    (-inf - -inf in every decay after it) and absorbs the other gates behind -1e30 or rounds them behind -1e4 (about
-    5e-4 relative in the decays: within 16-bit inputs' tolerances, not float32's; all exact when the reset is the
-    chunk's last row), and the masked products multiply zeros by the NaN or inf of later rows. A value goes through
-    the in-kernel activations first: a raw gate of +inf is a gate of -inf, of -inf a gate of 0; a beta logit of
-    +-inf is a finite beta.
-    """
-    chunked = "chunk_size" in s.op.takes
-    if kind == "zero":
-        return False
-    if kind == "reset":
-        if label == "-1e4" and s.dtype != "float32":
-            return False
-        return chunked and (label == "-inf" or position != "last_row")
-    raw_gate = name == "g" and bool(s.case.params.get("use_gate_in_kernel"))
-    logit = name == "beta" and bool(s.case.params.get("use_beta_sigmoid_in_kernel"))
-    if label == "nan":
-        return True
-    if raw_gate:
-        return chunked and label == "+inf"
-    if logit:
-        return False
-    gate = s.op.family.array(name).gate
-    return chunked or not (gate and label == "-inf")
-
-
 def _params(setups: list[Setup], backend: str, select: Any = None) -> list[Any]:
     """``pytest.param(setup, kind, array name, value, token)`` for every check of every setup on `backend` (for which
     ``select(kind, name, label, position)`` holds)."""
@@ -222,11 +190,10 @@ def _params(setups: list[Setup], backend: str, select: Any = None) -> list[Any]:
             for position, t in s.positions.items():
                 if (kind == "zero" and position != "inside") or (select and not select(kind, name, label, position)):
                     continue
-                marks = [CUDA_XFAIL] if backend == "cuda" and _cuda_breaks(s, kind, name, label, position) else []
                 shape = f"C{s.chunk}" if "chunk_size" in s.op.takes else f"T{s.T}"
                 dtype = "" if s.dtype == "float32" else f"-{s.dtype}"
                 pid = f"{s.op.name}-{s.case.label}-{shape}{dtype}-{kind}-{name}={label}-{position}"
-                out.append(pytest.param(s, kind, name, value, t, id=pid, marks=marks))
+                out.append(pytest.param(s, kind, name, value, t, id=pid))
     return out
 
 

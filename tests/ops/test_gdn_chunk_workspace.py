@@ -41,12 +41,12 @@ def test_factor_arrays_tile_a_workspace_of_factor_nbytes(dtype: str, l2: bool, c
     ws = np.zeros(nbytes, np.uint8)
     arrays = factor_arrays(p, 64, ct, wg, ws)
     assert arrays is not None
-    expected = {"Gc", "Bc", "Ahi", "Phi"} | ({"Rq", "Rk"} if l2 else set()) | (set() if wg else {"Alo"}) | (
+    expected = {"Gc", "Bc", "Rc", "Ahi", "Phi"} | ({"Rq", "Rk"} if l2 else set()) | (set() if wg else {"Alo"}) | (
         {"Plo"} if dtype == "float32" else set())
     assert set(arrays) == expected
     spans = []
     for name, a in arrays.items():
-        per_token = name in ("Gc", "Bc", "Rq", "Rk")
+        per_token = name in ("Gc", "Bc", "Rc", "Rq", "Rk")
         assert a.shape == ((B * T, HV) if per_token else (B * T, HV, 64)) and np.shares_memory(a, ws), name
         start = a.__array_interface__["data"][0] - ws.__array_interface__["data"][0]
         assert start % (4 if per_token else 16) == 0, name  # the kernels' 16-byte accesses to the matrices

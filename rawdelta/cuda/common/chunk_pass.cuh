@@ -5,6 +5,7 @@
 // Layouts (C-contiguous; BT_ = B * T flattened tokens, chunks never cross sequences):
 //   Gc, Bc, Rq, Rk [BT_, HV] float: per token, the chunk-local cumulative log2 gate, the update rule's row scalar
 //                    (the gated delta rule's effective beta) and the inverse L2 norms of the q and k rows
+//   Rc [BT_, HV] int: per token, its row code (common/chunk_stages.cuh: resets so far, the chunk's first dead row)
 //   chunk matrices [BT_, HV, BT]: row r of a chunk's BT x BT matrix at token r
 //   states [N or NC, HV, K, V]
 #pragma once
@@ -33,70 +34,105 @@ struct PassOptions {
     __device__ __forceinline__ bool row_norms() const { return flags & PASS_ROW_NORMS; }
 };
 
+// The per-token row scalars a pass reads (ChunkRows::load, fetch_raw), [BT_, HV] each: float gates, row scalars and
+// q / k row factors, int row codes (common/chunk_stages.cuh: row_code).
+struct RowInputs {
+    const float *Gc, *Bc;
+    const int* Rc;
+    const float *Rq, *Rk;
+};
+
 // Per-chunk row scalars in shared memory, loaded at each chunk's start:
-//   G the cumulative log2 gates (rows past the chunk repeat the last, so every decay stays finite),
-//   B the update rule's row scalar (0 past the chunk), rq / rk the q / k row factors (inverse L2 norms with the
-//   row_norms option, else 1), and the products the epilogues need: gq = 2^G rq, gk = 2^G rk, lk = 2^(G_last - G) rk.
+//   G the cumulative log2 gates and R the reset counts (common/chunk_stages.cuh; rows past the chunk repeat the
+//   last, so every decay stays finite), B the update rule's row scalar (0 past the chunk and on dead rows), rq / rk
+//   the q / k row factors (inverse L2 norms with the row_norms option, else 1), the chunk's live rows (its first
+//   dead row, or its length), and the decays the epilogues need, chosen by the reset counts: gq = 2^G rq and
+//   gk = 2^G rk (0 after a reset), lk = 2^(G_last - G) rk (0 before a reset).
 struct ChunkRows {
     float *G, *B, *rq, *rk, *gq, *gk, *lk;
+    int *R, *live;
     static constexpr int ARRAYS = 7;
 
     __device__ __forceinline__ void carve(SmemCursor& cur, int BT) {
         float** arrays[ARRAYS] = {&G, &B, &rq, &rk, &gq, &gk, &lk};
 #pragma unroll
         for (int a = 0; a < ARRAYS; ++a) *arrays[a] = cur.take<float>(BT);
+        R = cur.take<int>(BT + 4);
+        live = R + BT;
     }
-    __device__ __forceinline__ void set(int r, float x, float glast, float b, float nq, float nk) {
-        const float e = exp2f(x), l = exp2f(glast - x);
+    // Row r from its cumulative gate x and row code, the last row's gate and code, its row scalar and q / k factors.
+    __device__ __forceinline__ void set(int r, float x, int code, float glast, int code_last, float b, float nq,
+                                        float nk) {
+        const int n = code_resets(code);
+        const float e = n > 0 ? 0.f : exp2f(x), l = code_resets(code_last) > n ? 0.f : exp2f(glast - x);
         G[r] = x;
+        R[r] = n;
         B[r] = b;
         rq[r] = nq;
         rk[r] = nk;
         gq[r] = e * nq;
         gk[r] = e * nk;
         lk[r] = l * nk;
+        if (r == 0) *live = code_live_rows(code);
     }
-    __device__ __forceinline__ void load(const float* Gc, const float* Bc, const float* Rq, const float* Rk, i64 bos,
-                                         int L, int BT, int HV, int hv, const PassOptions& opt) {
-        const float glast = Gc[(bos + L - 1) * HV + hv];
+    // The chunk's rows before its first dead one (its length when none).
+    __device__ __forceinline__ int live_rows() const { return *live; }
+    // Decays from the chunk's start to row i, from row i to the chunk's last row `last`, and from row j to row i.
+    __device__ __forceinline__ float start(int i) const { return R[i] > 0 ? 0.f : exp2f(G[i]); }
+    __device__ __forceinline__ float to_end(int i, int last) const {
+        return R[last] > R[i] ? 0.f : exp2f(G[last] - G[i]);
+    }
+    __device__ __forceinline__ float pair(int i, int j) const { return pair_decay(G, R, i, j); }
+    // Whether row i's own gate is a reset.
+    __device__ __forceinline__ bool reset_at(int i) const { return R[i] > (i > 0 ? R[i - 1] : 0); }
+
+    __device__ __forceinline__ void load(const RowInputs& in, i64 bos, int L, int BT, int HV, int hv,
+                                         const PassOptions& opt) {
+        const i64 tl = (bos + L - 1) * HV + hv;
+        const float glast = in.Gc[tl];
+        const int clast = in.Rc[tl];
         for (int r = threadIdx.x; r < BT; r += blockDim.x) {
-            const bool in = r < L, l2 = in && opt.row_norms();
-            const i64 th = (bos + (in ? r : L - 1)) * HV + hv;
-            set(r, Gc[th], glast, in ? Bc[th] : 0.f, l2 ? Rq[th] : 1.f, l2 ? Rk[th] : 1.f);
+            const bool inside = r < L, l2 = inside && opt.row_norms();
+            const i64 th = (bos + (inside ? r : L - 1)) * HV + hv;
+            set(r, in.Gc[th], in.Rc[th], glast, clast, inside ? in.Bc[th] : 0.f, l2 ? in.Rq[th] : 1.f,
+                l2 ? in.Rk[th] : 1.f);
         }
     }
-    // load() in two steps, for prefetching: the raw per-token values into shared memory ([4][BT] floats: Gc,
-    // Bc, Rq, Rk; cp.async, zeros past the chunk), then the rows from them once they have landed.
-    static __device__ __forceinline__ void fetch_raw(float* raw, const float* Gc, const float* Bc, const float* Rq,
-                                                     const float* Rk, i64 bos, int L, int BT, int HV, int hv,
-                                                     const PassOptions& opt) {
-        for (int idx = threadIdx.x; idx < 4 * BT; idx += blockDim.x) {
-            const float* src = raw_source(idx, Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, opt);
-            cp_async4(raw + idx, src != nullptr ? src : Gc, src != nullptr ? 4 : 0);
+    // load() in two steps, for prefetching: the raw per-token values into shared memory ([RAW][BT] 4-byte words:
+    // Gc, Bc, Rq, Rk, Rc; cp.async, zeros past the chunk), then the rows from them once they have landed.
+    static constexpr int RAW = 5;
+    static __device__ __forceinline__ void fetch_raw(float* raw, const RowInputs& in, i64 bos, int L, int BT, int HV,
+                                                     int hv, const PassOptions& opt) {
+        for (int idx = threadIdx.x; idx < RAW * BT; idx += blockDim.x) {
+            const float* src = raw_source(idx, in, bos, L, BT, HV, hv, opt);
+            cp_async4(raw + idx, src != nullptr ? src : in.Gc, src != nullptr ? 4 : 0);
         }
     }
     // Where raw value idx of the chunk of L tokens at token bos comes from: null for a zero (a row past the chunk,
     // or a row norm without the row_norms option).
-    static __device__ __forceinline__ const float* raw_source(int idx, const float* Gc, const float* Bc,
-                                                              const float* Rq, const float* Rk, i64 bos, int L,
-                                                              int BT, int HV, int hv, const PassOptions& opt) {
+    static __device__ __forceinline__ const float* raw_source(int idx, const RowInputs& in, i64 bos, int L, int BT,
+                                                              int HV, int hv, const PassOptions& opt) {
         const int a = idx / BT, r = idx % BT;
-        if (r >= L || (a >= 2 && !opt.row_norms())) return nullptr;
-        return (a == 0 ? Gc : a == 1 ? Bc : a == 2 ? Rq : Rk) + (bos + r) * HV + hv;
+        if (r >= L || ((a == 2 || a == 3) && !opt.row_norms())) return nullptr;
+        const i64 th = (bos + r) * HV + hv;
+        if (a == 4) return reinterpret_cast<const float*>(in.Rc + th);
+        return (a == 0 ? in.Gc : a == 1 ? in.Bc : a == 2 ? in.Rq : in.Rk) + th;
     }
     __device__ __forceinline__ void derive(const float* raw, int L, int BT, const PassOptions& opt) {
+        const int* code = reinterpret_cast<const int*>(raw + 4 * BT);
         const float glast = raw[L - 1];
+        const int clast = code[L - 1];
         for (int r = threadIdx.x; r < BT; r += blockDim.x) {
-            const bool in = r < L, l2 = in && opt.row_norms();
-            set(r, raw[in ? r : L - 1], glast, raw[BT + r], l2 ? raw[2 * BT + r] : 1.f, l2 ? raw[3 * BT + r] : 1.f);
+            const bool inside = r < L, l2 = inside && opt.row_norms();
+            const int rr = inside ? r : L - 1;
+            set(r, raw[rr], code[rr], glast, clast, raw[BT + r], l2 ? raw[2 * BT + r] : 1.f,
+                l2 ? raw[3 * BT + r] : 1.f);
         }
     }
 };
 
-// The per-token row scalars a pass reads (ChunkRows::load, fetch_raw), [BT_, HV] float each.
-struct RowInputs {
-    const float *Gc, *Bc, *Rq, *Rk;
-};
+// A NaN: what a forward pass writes from a chunk's first dead row on (its outputs, and the state it carries on).
+__device__ __forceinline__ float dead_value() { return __int_as_float(0x7fc00000); }
 
 // What every state pass takes, forward or reverse, as its kernel takes it: q, k [BT_, H, K] and v [BT_, HV, V] (the
 // mma.sync forms; the Hopper ones read q and k, and the forward pass v, through their tensor maps), the per-token row
@@ -144,7 +180,7 @@ struct ScalarGate {
     // S = 2^G_last S: the state (or its gradient) across a chunk of BT rows.
     template <int BT, typename AccT>
     static __device__ __forceinline__ void decay(AccT& S, const ChunkRows& rows) {
-        decay_state<ScalarGate>(S, rows.G, 1, BT - 1);
+        decay_state<ScalarGate>(S, rows.G, rows.R, 1, BT - 1);
     }
     // Y = scale 2^G_i rq_i (q S)_i: the output's inter-chunk part.
     template <typename AccT>
@@ -233,5 +269,21 @@ struct StatePassBlock {
         return ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V;
     }
 };
+
+// Whether any cotangent of this block reaches the dead rows [nb, L) of its chunk (nb < L): its columns of the state
+// gradient at the chunk's end (dS, an Acc or a warpgroup's WgAcc; zero past the block's columns) or do's rows there
+// ([BT_, HV, V], the block's value columns). Then the gradients before the dead rows are NaN; otherwise the chunk
+// ends at nb for the reverse pass. A barrier over the whole block: every thread gets the answer.
+template <typename T, typename AccT>
+__device__ __forceinline__ bool cotangent_reaches_dead_rows(AccT& dS, const T* dout, i64 bos, int nb, int L, int HV,
+                                                            int V, const StatePassBlock& pb) {
+    bool any = false;
+    dS.apply([&](int, int, float& x) { any |= x != 0.f; });
+    for (int idx = threadIdx.x; idx < (L - nb) * pb.vcols; idx += blockDim.x) {
+        const int r = nb + idx / pb.vcols, j = idx % pb.vcols;
+        any |= to_float(dout[((bos + r) * HV + pb.hv) * V + pb.v0 + j]) != 0.f;
+    }
+    return __syncthreads_or(any);
+}
 
 }  // namespace rawdelta

@@ -150,36 +150,74 @@ __device__ __forceinline__ void row_inv_norms(TL s, int ld, int rows, int rows_p
     }
 }
 
-// In-place inclusive cumsum over rows [0, rows) of each of `width` columns of G (natural-log gates in,
-// log2 units out). Rows [rows, rows_pad) repeat the last sum, so masked-out decays stay finite.
-// width = 1 for a scalar gate, K for a per-key one.
-__device__ __forceinline__ void chunk_local_cumsum_log2(float* G, int ld, int width, int rows, int rows_pad) {
+// Extreme gates. A natural-log gate at or below RESET_LOG_GATE (ln 2^-150: its float32 decay rounds to 0; -inf
+// included) is a hard reset: it is left out of the cumsum G and counted in R, the resets so far in the chunk, so that
+// every decay is chosen by comparing counts, never computed from an infinity: from row j to row i >= j it is 0 when
+// R_i > R_j and 2^(G_i - G_j) otherwise (pair_decay), from the chunk's start to row i 0 when R_i > 0. A gate that is
+// NaN or +inf, or a non-finite row scalar (beta), makes its row and every later row of the chunk dead: the first
+// dead row nb ends the chunk for every product (rows past it are treated like rows past the chunk, so nothing at
+// or after it reaches an earlier row), and the passes then poison what comes after it.
+constexpr float RESET_LOG_GATE = -103.972077f;
+
+__device__ __forceinline__ bool is_reset_gate(float g) { return g <= RESET_LOG_GATE; }
+// A gate or row scalar from which the chunk's rows are dead: NaN or an infinity, a gate of -inf aside (a reset).
+__device__ __forceinline__ bool kills_row(float g, float b) { return !(isfinite(g) || g < 0.f) || !isfinite(b); }
+
+// Per-token row code of the chunked passes (int32 [BT_, HV], written by prepare): the row's reset count R (low 8
+// bits) and its chunk's first dead row nb (L when none; bits 8-15).
+__device__ __forceinline__ int row_code(int resets, int nb) { return resets | (nb << 8); }
+__device__ __forceinline__ int code_resets(int code) { return code & 255; }
+__device__ __forceinline__ int code_live_rows(int code) { return code >> 8; }
+
+// Decay 2^(G_i - G_j) of a chunk from row j to row i >= j: 0 across a reset (R counts differ).
+__device__ __forceinline__ float pair_decay(const float* G, const int* R, int i, int j) {
+    return R[i] == R[j] ? exp2f(G[i] - G[j]) : 0.f;
+}
+
+// The first dead row (kills_row) among rows [0, L) of a scalar-gate chunk: gates G and row scalars B; L when none.
+__device__ __forceinline__ int first_dead_row(const float* G, const float* B, int L) {
+    for (int r = 0; r < L; ++r)
+        if (kills_row(G[r], B[r])) return r;
+    return L;
+}
+
+// In-place inclusive cumsum over rows [0, live) of each of `width` columns of G (natural-log gates in, log2 units
+// out), resets left out and counted in R (same layout). Rows [live, rows_pad) repeat the last sum and count, so
+// masked-out decays stay finite. width = 1 for a scalar gate, K for a per-key one.
+__device__ __forceinline__ void chunk_local_cumsum_log2(float* G, int* R, int ld, int width, int live, int rows_pad) {
     for (int c = threadIdx.x; c < width; c += blockDim.x) {
         float acc = 0.f;
+        int n = 0;
         for (int r = 0; r < rows_pad; ++r) {
-            if (r < rows) acc += G[r * ld + c];
+            if (r < live) {
+                const float x = G[r * ld + c];
+                if (is_reset_gate(x)) ++n;
+                else acc += x;
+            }
             G[r * ld + c] = acc * LOG2E;
+            R[r * ld + c] = n;
         }
     }
 }
 
-// State across one chunk: S = decay(G_last) * S, then the caller adds its rank-BT update. S is a
-// KP x BV accumulator (Acc, or a warpgroup's WgAcc) whose rows are keys.
+// State across one chunk: S = decay(G_last) * S (0 after a reset in the chunk), then the caller adds its rank-BT
+// update. S is a KP x BV accumulator (Acc, or a warpgroup's WgAcc) whose rows are keys.
 template <typename Form, typename AccT>
-__device__ __forceinline__ void decay_state(AccT& S, const float* G, int ldg, int last) {
-    S.apply([&](int kd, int, float& x) { x *= Form::chunk_decay(G, ldg, last, kd); });
+__device__ __forceinline__ void decay_state(AccT& S, const float* G, const int* R, int ldg, int last) {
+    // a reset row's state is zero by selection: the state before it may hold a NaN that the reset discards
+    S.apply([&](int kd, int, float& x) { x = R[last * ldg] > 0 ? 0.f : x * Form::chunk_decay(G, ldg, last, kd); });
 }
 
-// Intra-chunk scores with the causal mask and decay: P[i][j] = x * 2^(G_i - G_j) * scale * ri_i * rj_j
-// for j <= i < rows (j < i when STRICT), else 0; ri / rj are row factors of the two operands (their
-// inverse L2 norms, or 1). Scalar gates only (per-key decays are folded into the operands before the
-// product).
+// Intra-chunk scores with the causal mask and decay: P[i][j] = x * pair_decay(i, j) * scale * ri_i * rj_j
+// for j <= i < rows (j < i when STRICT), else 0 (selected: x past `rows` may be anything); ri / rj are row factors
+// of the two operands (their inverse L2 norms, or 1). Scalar gates only (per-key decays are folded into the
+// operands before the product).
 template <bool STRICT, int BT, int NW>
-__device__ __forceinline__ void mask_decay_scores(Acc<BT, BT, NW>& P, const float* G, int rows, float scale,
-                                                  const float* ri, const float* rj) {
+__device__ __forceinline__ void mask_decay_scores(Acc<BT, BT, NW>& P, const float* G, const int* R, int rows,
+                                                  float scale, const float* ri, const float* rj) {
     P.apply([&](int i, int j, float& x) {
         const bool keep = STRICT ? (j < i) : (j <= i);
-        x = (keep && i < rows) ? x * exp2f(G[i] - G[j]) * (scale * ri[i] * rj[j]) : 0.f;
+        x = (keep && i < rows) ? x * pair_decay(G, R, i, j) * (scale * ri[i] * rj[j]) : 0.f;
     });
 }
 

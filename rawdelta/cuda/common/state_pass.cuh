@@ -29,6 +29,7 @@ constexpr int STATE_PASS_WARPS = 8;
 //   o = scale (2^G (q S) + P U),   S = 2^G_last S + k^T (2^(G_last - G) U)
 // P: the chunk's masked, decayed, scaled scores q k^T (a per-token chunk matrix, split for float inputs).
 // STORE (the backward's recompute): skip the output, store S per chunk (hbuf) and U (vnew) instead.
+// From a chunk's first dead row on (common/chunk_stages.cuh), the outputs and the state carried on are NaN.
 template <typename T, typename E, int BT, int KP, int BV, bool STORE, class Gate, class Rule>
 __device__ __forceinline__ void forward_state_pass(unsigned char* smem, const ForwardPassIO<T>& a, const E* Phi,
                                                    const E* Plo, Rule& rule) {
@@ -63,7 +64,7 @@ __device__ __forceinline__ void forward_state_pass(unsigned char* smem, const Fo
         load_tile(sVD, LDV, a.v + (bos * HV + pb.hv) * V + pb.v0, (i64)HV * V, L, pb.vcols, BT, BV);
         rule.load(bos, L, HV, pb.hv);
         if (!STORE) load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, pb.hv);
-        rows.load(a.rows.Gc, a.rows.Bc, a.rows.Rq, a.rows.Rk, bos, L, BT, HV, pb.hv, a.opt);
+        rows.load(a.rows, bos, L, BT, HV, pb.hv, a.opt);
         S.store(sS, LDV);
         if (STORE) store_state(S, a.hbuf + pb.chunk_state_off(a.seq_chunk0, c, HV, K, V), K, V, pb.v0, pb.vcols);
         cp_async_wait_all();
@@ -88,13 +89,16 @@ __device__ __forceinline__ void forward_state_pass(unsigned char* smem, const Fo
         if (!STORE) {
             Gate::scale_output(Y, rows, a.scale);
             gemm<E, MK, KN, BT, BV, BT, NW>(Y, sP, LDP, sVD, LDV);
+            const int live = rows.live_rows();
             Y.apply_pairs([&](int i, int j, float& x0, float& x1) {
                 if (i < L)
-                    put_row_pair(a.o, ((bos + i) * HV + pb.hv) * V + pb.v0 + j, j, pb.vcols, pb.paired, x0, x1);
+                    put_row_pair(a.o, ((bos + i) * HV + pb.hv) * V + pb.v0 + j, j, pb.vcols, pb.paired,
+                                 i < live ? x0 : dead_value(), i < live ? x1 : dead_value());
             });
         }
         Gate::template decay<BT>(S, rows);
         gemm<E, KM, KN, KP, BV, BT, NW>(S, sK, LDK, sDt, LDV);
+        if (rows.live_rows() < L) S.fill(dead_value());
         __syncthreads();
     }
     if (!STORE && a.opt.ht()) store_state(S, a.ht + pb.state_off, K, V, pb.v0, pb.vcols);
@@ -104,7 +108,8 @@ __device__ __forceinline__ void forward_state_pass(unsigned char* smem, const Fo
 // or 0, at the sequence end). Per chunk:
 //   dU = P^T do + 2^(G_last - G) (k dS)      (the rule: the values' input gradient and its state term from dU)
 //   dS = 2^G_last dS + q^T (scale 2^G do) + the rule's term
-// Stores dS per chunk (dhbuf) and dh0.
+// Stores dS per chunk (dhbuf) and dh0. A chunk with dead rows ends at the first for the pass, unless a cotangent
+// reaches them (cotangent_reaches_dead_rows): then dS is NaN from there on.
 template <typename T, typename E, int BT, int KP, int BV, class Gate, class Rule>
 __device__ __forceinline__ void reverse_state_pass(unsigned char* smem, const ReversePassIO<T>& a, const E* Phi,
                                                    const E* Plo, Rule& rule) {
@@ -141,7 +146,9 @@ __device__ __forceinline__ void reverse_state_pass(unsigned char* smem, const Re
         load_tile(sDo, LDV, a.dout + (bos * HV + pb.hv) * V + pb.v0, (i64)HV * V, L, pb.vcols, BT, BV);
         rule.load(bos, L, HV, pb.hv);
         load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, pb.hv);
-        rows.load(a.rows.Gc, a.rows.Bc, a.rows.Rq, a.rows.Rk, bos, L, BT, HV, pb.hv, a.opt);
+        rows.load(a.rows, bos, L, BT, HV, pb.hv, a.opt);
+        const int live = code_live_rows(a.rows.Rc[bos * HV + pb.hv]);
+        if (live < L && cotangent_reaches_dead_rows(dS, a.dout, bos, live, L, HV, V, pb)) dS.fill(dead_value());
         dS.store(sS, LDV);
         store_state(dS, a.dhbuf + pb.chunk_state_off(a.seq_chunk0, c, HV, K, V), K, V, pb.v0, pb.vcols);
         cp_async_wait_all();

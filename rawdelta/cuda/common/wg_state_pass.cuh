@@ -54,7 +54,8 @@ template <int KP, int BV, bool HAS_Q_P, bool HAS_DO, bool HAS_A>
 struct WgStage {
     static constexpr int BT = 64, Q = 0, K = Q + (HAS_Q_P ? BT * KP * 2 : 0), V = K + BT * KP * 2,
                          DO = V + BT * BV * 2, A = DO + (HAS_DO ? BT * BV * 2 : 0), P = A + (HAS_A ? BT * BT * 2 : 0),
-                         RAW = P + (HAS_Q_P ? BT * BT * 2 : 0), BYTES = RAW + 4 * BT * 4;
+                         RAW = P + (HAS_Q_P ? BT * BT * 2 : 0),
+                         BYTES = (RAW + ChunkRows::RAW * BT * 4 + 1023) / 1024 * 1024;  // the next stage aligned too
 
     // Chunk c of block pb's sequence into stage st: the q, k, rule-matrix and score tiles as TMA boxes in the
     // 128-byte swizzle (tma.cuh; KP / 64 boxes for q and k), and without do (the forward) the v tile at the
@@ -76,14 +77,13 @@ struct WgStage {
             load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + V), v + vo, (i64)HV * Vd, L, pb.vcols);
             load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + DO), dout + vo, (i64)HV * Vd, L, pb.vcols);
         }
-        ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), in.Gc, in.Bc, in.Rq, in.Rk, bos, L, BT, HV, pb.hv,
-                             opt);
+        ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), in, bos, L, BT, HV, pb.hv, opt);
         cp_async_commit();
     }
     // The row scalars of a producer warp's lane for chunk c, in registers (through L2: in a pass whose factors are
     // written beside it, they are written during the pass), ChunkRows::fetch_raw's values at [lane + 32 i].
     struct LaneRows {
-        float x[4 * BT / 32];
+        float x[ChunkRows::RAW * BT / 32];
     };
     static __device__ __forceinline__ LaneRows lane_rows(const StatePassBlock& pb, int c, const RowInputs& in, int HV,
                                                          const PassOptions& opt, int lane) {
@@ -91,9 +91,8 @@ struct WgStage {
         const int L = min(BT, pb.len - c * BT);
         LaneRows v;
 #pragma unroll
-        for (int i = 0; i < 4 * BT / 32; ++i) {
-            const float* src = ChunkRows::raw_source(lane + 32 * i, in.Gc, in.Bc, in.Rq, in.Rk, bos, L, BT, HV, pb.hv,
-                                                     opt);
+        for (int i = 0; i < ChunkRows::RAW * BT / 32; ++i) {
+            const float* src = ChunkRows::raw_source(lane + 32 * i, in, bos, L, BT, HV, pb.hv, opt);
             v.x[i] = src != nullptr ? __ldcg(src) : 0.f;
         }
         return v;
@@ -106,7 +105,7 @@ struct WgStage {
         static_assert(!HAS_DO, "the reverse pass does not run beside the factors' kernel");
         float* raw = reinterpret_cast<float*>(st + RAW);
 #pragma unroll
-        for (int i = 0; i < 4 * BT / 32; ++i) raw[lane + 32 * i] = rows.x[i];
+        for (int i = 0; i < ChunkRows::RAW * BT / 32; ++i) raw[lane + 32 * i] = rows.x[i];
         const i64 bos = pb.bos + (i64)c * BT;
         if (lane == 0) {
             fence_proxy_async_global();  // the factors' global writes, acquired, before the TMA units read them
@@ -269,6 +268,7 @@ struct WgChunk {
 // chunks. Per chunk, with S the state at its start and U the update values of the rule:
 //   o = scale (2^G (q S) + P U),   S = 2^G_last S + k^T (2^(G_last - G) U)
 // STORE (the backward's recompute): skip the output, store S per chunk (hbuf) and U (vnew) instead.
+// From a chunk's first dead row on (common/chunk_stages.cuh), the outputs and the state carried on are NaN.
 template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE, bool AHEAD, class Gate, class Rule>
 __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const ForwardPassIO<T>& a,
                                                       const int* ready, const PassMaps& maps) {
@@ -339,9 +339,12 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
         wg_commit();
         if (STORE) sm.template copy_cols_out<BVW>(rows_out, HV, V, sm.tile0, L, c0, pb.vcols);  // U
         wg_wait<0>();
+        const int live = sm.rows.live_rows();
+        if (live < L) S.fill(dead_value());
         if (!STORE) {  // o through this warpgroup's columns of tile1 (their last reader, S's product, is done)
-            Y.apply_pairs(
-                [&](int i, int j, float& x0, float& x1) { store_pair(sm.tile1, blk(i, c0 + j, BV), x0, x1); });
+            Y.apply_pairs([&](int i, int j, float& x0, float& x1) {
+                store_pair(sm.tile1, blk(i, c0 + j, BV), i < live ? x0 : dead_value(), i < live ? x1 : dead_value());
+            });
             wg_barrier(wg);
             sm.template copy_cols_out<BVW>(rows_out, HV, V, sm.tile1, L, c0, pb.vcols);
         }
@@ -355,7 +358,9 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
 // all KP rows, in float32 registers. Per chunk:
 //   dU = P^T do + 2^(G_last - G) (k dS)      (the rule: the values' input gradient and its state term from dU)
 //   dS = 2^G_last dS + q^T (scale 2^G do) + the rule's term
-// Stores dS per chunk (dhbuf), the values' input gradient (dv) and dh0. PIPE: the previous chunk's inputs load
+// Stores dS per chunk (dhbuf), the values' input gradient (dv) and dh0. A chunk with dead rows ends at the first,
+// unless a cotangent reaches them (cotangent_reaches_dead_rows): then dS is NaN from there on. PIPE: the previous
+// chunk's inputs load
 // while this one computes. The stage's do tile turns into scale 2^G do in place, so that two stages of 128 value
 // columns fit; tile0 holds dU, then the rule's work.
 template <typename T, int KP, int NWG, int BVW, bool PIPE, class Gate, class Rule>
@@ -390,6 +395,8 @@ __device__ __forceinline__ void wg_reverse_state_pass(unsigned char* smem, const
         const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
                        aP = smem_addr(st + St::P), aDo = smem_addr(st + St::DO);
         const WgChunk<T> ch{sV, aA, sm.tile0, sm.a0, sm.rows, wg, c0, bos, L};
+        const int live = code_live_rows(a.rows.Rc[bos * HV + pb.hv]);
+        if (live < L && cotangent_reaches_dead_rows(dS, a.dout, bos, live, L, HV, V, pb)) dS.fill(dead_value());
         sm.put_state(dS, c0);
         fence_proxy_async();
         __syncthreads();

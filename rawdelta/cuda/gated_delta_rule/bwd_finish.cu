@@ -92,9 +92,11 @@ __global__ void gdn_bwd_finish_gates_kernel(const float* __restrict__ g, const f
         if (flags & F_GATE) {
             const float a = __expf(A_log[hv]);
             const float x = g[idx] + ((flags & F_DTB) ? dt_bias[hv] : 0.f);
-            const float draw = -a * sigmoidf_(x) * d;
-            gate_terms[idx] = d * (-a * softplusf_(x));  // dg * g  -> dA_log
-            gate_terms[BT * HV + idx] = draw;            // dg_raw -> ddt_bias
+            // selected, not multiplied: a zero gradient (a reset, or a token no cotangent reaches) against a raw
+            // gate of +-inf or NaN adds nothing to the sums over tokens
+            const float draw = d != 0.f ? -a * sigmoidf_(x) * d : 0.f;
+            gate_terms[idx] = d != 0.f ? d * (-a * softplusf_(x)) : 0.f;  // dg * g  -> dA_log
+            gate_terms[BT * HV + idx] = draw;                             // dg_raw -> ddt_bias
             d = draw;
         }
         dg[idx] = d;

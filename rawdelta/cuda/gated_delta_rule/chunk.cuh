@@ -7,6 +7,8 @@
 // Layouts (C-contiguous; BT_ = B * T flattened tokens, NC chunks in all, chunks never cross sequences):
 //   q, k [BT_, H, K] (T)   v, o, do [BT_, HV, V] (T)   g, beta [BT_, HV] (float)
 //   Gc, Bc [BT_, HV] float: chunk-local cumulative log2 gates, effective beta (prepare kernel)
+//   Rc [BT_, HV] int: row codes, the resets so far in the chunk and its first dead row (prepare kernel;
+//                    common/chunk_stages.cuh)
 //   Rq, Rk [BT_, HV] float: inverse L2 norms of the q and k rows (prepare kernel; only with F_L2). The
 //                    kernels fold them into their epilogues as row factors instead of normalising tiles
 //   hbuf, dhbuf [NC, HV, K, V] (T): state at each chunk's start / its gradient at the chunk's end

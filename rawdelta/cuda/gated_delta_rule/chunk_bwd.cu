@@ -13,7 +13,8 @@ using namespace rawdelta;
 template <typename T, typename E, int BT, int KP, int BV>
 __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
-    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
+    const float* __restrict__ Bc, const int* __restrict__ Rc, const float* __restrict__ Rq,
+    const float* __restrict__ Rk,
     const E* __restrict__ Ahi, const E* __restrict__ Alo, const E* __restrict__ Phi, const E* __restrict__ Plo,
     const T* __restrict__ dout, const float* __restrict__ dht,
     const i64* __restrict__ cu, const int* __restrict__ seq_chunk0, T* __restrict__ dhbuf, T* __restrict__ ybuf,
@@ -23,7 +24,8 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
     GdnRule<T, E, BT, KP, BV> rule{Ahi, Alo, ybuf, part_yv, BT_};
     reverse_state_pass<T, E, BT, KP, BV, ScalarGate>(
         smem,
-        ReversePassIO<T>{{q, k, v, {Gc, Bc, Rq, Rk}, cu, seq_chunk0, T_, H, HV, K, V, NVB, scale, PassOptions{flags}},
+        ReversePassIO<T>{{q, k, v, {Gc, Bc, Rc, Rq, Rk}, cu, seq_chunk0, T_, H, HV, K, V, NVB, scale,
+                          PassOptions{flags}},
                          dout, dht, dhbuf, dv, dh0},
         Phi, Plo, rule);
 }
@@ -37,7 +39,7 @@ __global__ void __launch_bounds__(256) gdn_chunk_bwd_state_kernel(
 template <typename T, int KP, int NWG, int BVW, bool PIPE>
 __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE))
     gdn_chunk_bwd_wg_kernel(
-    const T* __restrict__ v, const float* __restrict__ Gc, const float* __restrict__ Bc,
+    const T* __restrict__ v, const float* __restrict__ Gc, const float* __restrict__ Bc, const int* __restrict__ Rc,
     const float* __restrict__ Rq, const float* __restrict__ Rk, const T* __restrict__ dout,
     const float* __restrict__ dht, const i64* __restrict__ cu, const int* __restrict__ seq_chunk0,
     T* __restrict__ dhbuf, T* __restrict__ ybuf, T* __restrict__ dv, float* __restrict__ part_yv,
@@ -47,7 +49,7 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
     const GdnWgRule<T> rule{ybuf, part_yv, BT_, HV};
     wg_reverse_state_pass<T, KP, NWG, BVW, PIPE, ScalarGate>(
         smem,
-        ReversePassIO<T>{{nullptr, nullptr, v, {Gc, Bc, Rq, Rk}, cu, seq_chunk0, T_, H, HV, K, V, NVB, scale,
+        ReversePassIO<T>{{nullptr, nullptr, v, {Gc, Bc, Rc, Rq, Rk}, cu, seq_chunk0, T_, H, HV, K, V, NVB, scale,
                           PassOptions{flags}},
                          dout, dht, dhbuf, dv, dh0},
         maps, rule);

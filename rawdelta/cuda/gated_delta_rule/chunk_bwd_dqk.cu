@@ -14,8 +14,8 @@ using namespace rawdelta;
 // threads, sRed NT / 32 floats. Writes part_dG and part_db at e0 + r HV for the chunk's rows r < L.
 template <int BT, int NT>
 __device__ __forceinline__ void chunk_gate_grads(float* sC, int ldc, const float* rowB, float* rowQ,
-                                                 const float* rowK, const float* rowY, const float* sG,
-                                                 const float* sB, float hdh, float* sRed, int L,
+                                                 const float* rowK, const float* rowY, const ChunkRows& rows,
+                                                 float hdh, float* sRed, int L,
                                                  float* __restrict__ part_dG, float* __restrict__ part_db, i64 e0,
                                                  int HV) {
     hdh = warp_sum(hdh);
@@ -24,9 +24,9 @@ __device__ __forceinline__ void chunk_gate_grads(float* sC, int ldc, const float
     float carried = 0.f;  // decay 2^G_last of the carried state spans every step
 #pragma unroll
     for (int w = 0; w < NT / 32; ++w) carried += sRed[w];
-    carried *= exp2f(sG[BT - 1]);
+    carried = rows.R[BT - 1] > 0 ? 0.f : carried * exp2f(rows.G[BT - 1]);
     // rowQ becomes the whole per-row term of the spans s <= i, once per row instead of once per thread
-    if ((int)threadIdx.x < BT) rowQ[threadIdx.x] -= sB[threadIdx.x] * exp2f(sG[threadIdx.x]) * rowY[threadIdx.x];
+    if ((int)threadIdx.x < BT) rowQ[threadIdx.x] -= rows.B[threadIdx.x] * rows.start(threadIdx.x) * rowY[threadIdx.x];
     // Gradient of each step's log-gate: the sum of the decay-exponent gradients of every factor spanning it
     // (summing spans directly, instead of a reverse cumsum of per-row terms, avoids cancelling large terms).
     // The pair factors' spans are rectangles of C: row-wise exclusive prefixes first, then column sums.
@@ -61,8 +61,9 @@ __device__ __forceinline__ void chunk_gate_grads(float* sC, int ldc, const float
     }
     acc = lane_group_sum<1, Q>(acc);
     if (part == 0 && rs < L) {
-        part_dG[e0 + (i64)rs * HV] = carried + acc;
-        part_db[e0 + (i64)rs * HV] = -exp2f(sG[rs]) * rowY[rs] + rowB[rs];
+        // a reset's own gate decays nothing that is kept: its gradient is 0, whatever the spans over it hold
+        part_dG[e0 + (i64)rs * HV] = rows.reset_at(rs) ? 0.f : carried + acc;
+        part_db[e0 + (i64)rs * HV] = -rows.start(rs) * rowY[rs] + rowB[rs];
     }
 }
 
@@ -80,8 +81,8 @@ __device__ __forceinline__ void chunk_gate_grads(float* sC, int ldc, const float
 template <typename T, typename E, int BT, int KS, int BVB>
 __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ dout, const float* __restrict__ Gc,
-    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
-    const T* __restrict__ hbuf, const T* __restrict__ dhbuf,
+    const float* __restrict__ Bc, const int* __restrict__ Rc, const float* __restrict__ Rq,
+    const float* __restrict__ Rk, const T* __restrict__ hbuf, const T* __restrict__ dhbuf,
     const T* __restrict__ vnew, const T* __restrict__ ybuf, const i64* __restrict__ chunk_bos,
     const int* __restrict__ chunk_len, float* __restrict__ dq_hv, float* __restrict__ dk_hv,
     float* __restrict__ part_dG, float* __restrict__ part_db, int H, int HV, int K, int V, int NKS, i64 BT_,
@@ -105,7 +106,6 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
     const Split<E> sDM = cur.take_split<E>(BT * LDM), sDK = cur.take_split<E>(BT * LDM);
     ChunkRows rows;
     rows.carve(cur, BT);
-    const float* sG = rows.G;
     const float* sB = rows.B;
     float* sScratch = cur.take<float>(NW * BT);  // max(WN, WM) * BT floats
     float* sRow = cur.take<float>(4 * BT);       // 4 row vectors of BT
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
 
     load_tile(sQ, LDK, q + (bos * H + h) * K + k0, (i64)H * K, L, kc, BT, KS);
     load_tile(sK, LDK, k + (bos * H + h) * K + k0, (i64)H * K, L, kc, BT, KS);
-    rows.load(Gc, Bc, Rq, Rk, bos, L, BT, HV, hv, PassOptions{flags});
+    rows.load(RowInputs{Gc, Bc, Rc, Rq, Rk}, bos, L, BT, HV, hv, PassOptions{flags});
     cp_async_wait_all();
     __syncthreads();
     if (flags & F_L2) {  // q and k are operands of many products below: normalise the tiles once
@@ -165,16 +165,17 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
     // Scores: DM (output path) and dK (through L).
     // D becomes DM, D2 becomes dL_ij E_ij: each decay 2^(G_i - G_j) is evaluated once per element (select,
     // never multiply: it overflows above the diagonal).
+    const int live = rows.live_rows();
     D.apply_pairs([&](int i, int j, float& x0, float& x1) {
-        const bool in = i < L;
-        x0 = (in && j <= i) ? x0 * exp2f(sG[i] - sG[j]) * scale : 0.f;
-        x1 = (in && j + 1 <= i) ? x1 * exp2f(sG[i] - sG[j + 1]) * scale : 0.f;
+        const bool in = i < live;
+        x0 = (in && j <= i) ? x0 * rows.pair(i, j) * scale : 0.f;
+        x1 = (in && j + 1 <= i) ? x1 * rows.pair(i, j + 1) * scale : 0.f;
         tile_put_pair(sDM, i * LDM + j, x0, x1);
     });
     D2.apply_pairs([&](int i, int j, float& x0, float& x1) {
-        const bool in = i < L;
-        x0 = (in && j < i) ? -x0 * exp2f(sG[i] - sG[j]) : 0.f;
-        x1 = (in && j + 1 < i) ? -x1 * exp2f(sG[i] - sG[j + 1]) : 0.f;
+        const bool in = i < live;
+        x0 = (in && j < i) ? -x0 * rows.pair(i, j) : 0.f;
+        x1 = (in && j + 1 < i) ? -x1 * rows.pair(i, j + 1) : 0.f;
         tile_put_pair(sDK, i * LDM + j, x0 * sB[i], x1 * sB[i]);
     });
     // KK becomes W_ij = dL_ij (k_i . k_j) E_ij (this key slice's part); beta_i W_ij = dL_ij L_ij. The score
@@ -198,15 +199,14 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
     float* rowY = sRow + 3 * BT;   // k . Yh: the WY factor's 2^G_i, spans s <= i
     acc_row_sums(KK, [&](int, int, float x) { return x; }, sScratch, rowB);
 
-    Dq.apply([&](int i, int, float& x) { x *= exp2f(sG[i]) * scale; });
+    Dq.apply([&](int i, int, float& x) { x *= rows.start(i) * scale; });
     acc_row_sums(Dq, [&](int i, int j, float x) { return x * tile_get(sQ, i * LDK + j); }, sScratch, rowQ);
     gemm<E, MK, KN, BT, KS, BT, NW, U>(Dq, sDM, LDM, sK, LDK);
-    const float glast = sG[BT - 1];
-    Dk.apply([&](int i, int, float& x) { x *= exp2f(glast - sG[i]); });
+    Dk.apply([&](int i, int, float& x) { x *= rows.to_end(i, BT - 1); });
     acc_row_sums(Dk, [&](int i, int j, float x) { return x * tile_get(sK, i * LDK + j); }, sScratch, rowK);
     acc_row_sums(Yh, [&](int i, int j, float x) { return x * tile_get(sK, i * LDK + j); }, sScratch, rowY);
     gemm<E, KM, KN, BT, KS, BT, NW, U>(Dk, sDM, LDM, sQ, LDK);
-    Dk.zip(Yh, [&](int i, int, float& x, float& y) { x -= sB[i] * exp2f(sG[i]) * y; });
+    Dk.zip(Yh, [&](int i, int, float& x, float& y) { x -= sB[i] * rows.start(i) * y; });
     gemm<E, MK, KN, BT, KS, BT, NW, U>(Dk, sDK, LDM, sK, LDK);
     gemm<E, KM, KN, BT, KS, BT, NW, U>(Dk, sDK, LDM, sK, LDK);
 
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
         if (i < L) put_row_pair(dk_hv, qrow + (i64)i * HV * K + j, j, kc, paired, x0, x1);
     });
 
-    chunk_gate_grads<BT, NW * 32>(sC, LDC, rowB, rowQ, rowK, rowY, sG, sB, hdh, sRed, L, part_dG, part_db,
+    chunk_gate_grads<BT, NW * 32>(sC, LDC, rowB, rowQ, rowK, rowY, rows, hdh, sRed, L, part_dG, part_db,
                                   ((i64)ks * BT_ + bos) * HV + hv, HV);
 }
 
@@ -235,7 +235,8 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
 // the float32 per-value-head gradients like gdn_chunk_bwd_dqk_kernel.
 template <int KS>
 struct DqkStages {  // byte offsets: an item's q, k and raw rows; one V step's tiles
-    static constexpr int BT = 64, BVB = 64, Q = 0, K = BT * KS * 2, RAW = 2 * BT * KS * 2, QK_BYTES = RAW + 4 * BT * 4,
+    static constexpr int BT = 64, BVB = 64, Q = 0, K = BT * KS * 2, RAW = 2 * BT * KS * 2,
+                         QK_BYTES = (RAW + ChunkRows::RAW * BT * 4 + 1023) / 1024 * 1024,  // slots 1024-aligned
                          DO = 0, Y = DO + BT * BVB * 2, DEL = Y + BT * BVB * 2, H = DEL + BT * BVB * 2,
                          DH = H + KS * BVB * 2, V_BYTES = DH + KS * BVB * 2;
     static_assert(V_BYTES >= 4 * BT * BT * 2, "a consumed V step holds the four score tiles");
@@ -244,8 +245,9 @@ struct DqkStages {  // byte offsets: an item's q, k and raw rows; one V step's t
 template <typename T, int KSW, bool FUSE>
 __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ dout, const float* __restrict__ Gc,
-    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
-    const T* __restrict__ hbuf, const T* __restrict__ dhbuf, const T* __restrict__ vnew, const T* __restrict__ ybuf,
+    const float* __restrict__ Bc, const int* __restrict__ Rc, const float* __restrict__ Rq,
+    const float* __restrict__ Rk, const T* __restrict__ hbuf, const T* __restrict__ dhbuf,
+    const T* __restrict__ vnew, const T* __restrict__ ybuf,
     const i64* __restrict__ chunk_bos, const int* __restrict__ chunk_len, float* __restrict__ dq_hv,
     float* __restrict__ dk_hv, T* __restrict__ dq, T* __restrict__ dk, float* __restrict__ part_dG,
     float* __restrict__ part_db, int H, int HV, int K, int V, int NKS, int NITEMS, i64 BT_, float scale,
@@ -292,8 +294,8 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
             const i64 qk = (m.bos * H + m.h) * K + m.k0;
             load_blocked<KS, BT, 256>(reinterpret_cast<T*>(st + St::Q), q + qk, (i64)H * K, m.L, m.kc);
             load_blocked<KS, BT, 256>(reinterpret_cast<T*>(st + St::K), k + qk, (i64)H * K, m.L, m.kc);
-            ChunkRows::fetch_raw(reinterpret_cast<float*>(st + St::RAW), Gc, Bc, Rq, Rk, m.bos, m.L, BT, HV, m.hv,
-                                 PassOptions{flags});
+            ChunkRows::fetch_raw(reinterpret_cast<float*>(st + St::RAW), RowInputs{Gc, Bc, Rc, Rq, Rk}, m.bos, m.L,
+                                 BT, HV, m.hv, PassOptions{flags});
         } else {
             m = sItems[it & 1];
         }
@@ -360,8 +362,8 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
 
         // ---- the item's epilogue; this step's V slot is dead from here and holds the score tiles ----
         __syncthreads();
-        const float* sG = rows.G;
         const float* sB = rows.B;
+        const int live = rows.live_rows();
         T* sDMr = reinterpret_cast<T*>(sv);  // DM_ij rk_j      (dq += DMr k)
         T* sDMq = sDMr + BT * BT;             // DM_ij rq_i      (dk += DMq^T q)
         T* sdKc = sDMq + BT * BT;             // dK_ij rk_j      (dk += dKc k)
@@ -370,9 +372,9 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
         // it overflows above the diagonal); dK_ij = beta_i dL_ij E_ij
         D.zip_pairs(D2, [&](int i, int jj, float& d0, float& d1, float& e0, float& e1) {
             const int j = sw + jj;
-            const bool in = i < m.L;
-            const float x0 = in && j <= i ? exp2f(sG[i] - sG[j]) : 0.f;
-            const float x1 = in && j + 1 <= i ? exp2f(sG[i] - sG[j + 1]) : 0.f;
+            const bool in = i < live;
+            const float x0 = in && j <= i ? rows.pair(i, j) : 0.f;
+            const float x1 = in && j + 1 <= i ? rows.pair(i, j + 1) : 0.f;
             d0 = x0 * d0 * scale;
             d1 = x1 * d1 * scale;
             e0 = j < i ? -x0 * e0 : 0.f;
@@ -393,13 +395,12 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
         wg_commit();
         // meanwhile: the inter-chunk parts and their row sums (q . dq_inter, k . dk_inter, k . Yh)
         float* part = sPart + wg * 6 * BT;
-        const float glast = sG[BT - 1];
-        Dq.scale_rows([&](int i) { return exp2f(sG[i]) * scale; });
-        Dk.scale_rows([&](int i) { return exp2f(glast - sG[i]); });
+        Dq.scale_rows([&](int i) { return rows.start(i) * scale; });
+        Dk.scale_rows([&](int i) { return rows.to_end(i, BT - 1); });
         Dq.template row_dots<KS>(sQ, kw, [&](int i, float x) { part[BT + i] = x * rows.rq[i]; });
         Dk.template row_dots<KS>(sK, kw, [&](int i, float x) { part[2 * BT + i] = x * rows.rk[i]; });
         Yh.template row_dots<KS>(sK, kw, [&](int i, float x) { part[3 * BT + i] = x * rows.rk[i]; });
-        Yh.scale_rows([&](int i) { return -sB[i] * exp2f(sG[i]); });
+        Yh.scale_rows([&](int i) { return -sB[i] * rows.start(i); });
         Dk.zip_pairs(Yh, [&](int, int, float& x0, float& x1, float& y0, float& y1) {
             x0 += y0;
             x1 += y1;
@@ -465,7 +466,7 @@ __global__ void __launch_bounds__(256, 1) gdn_chunk_bwd_dqk_wg_kernel(
                 if (i < m.L) put_row_pair(dk_hv, hvrow + (i64)i * HV * K + kw + j, kw + j, m.kc, paired, x0, x1);
             });
         }
-        chunk_gate_grads<BT, 256>(sC, LDC, sRow, sRow + BT, sRow + 2 * BT, sRow + 3 * BT, sG, sB, hdh, sRed, m.L,
+        chunk_gate_grads<BT, 256>(sC, LDC, sRow, sRow + BT, sRow + 2 * BT, sRow + 3 * BT, rows, hdh, sRed, m.L,
                                   part_dG, part_db, ((i64)m.ks * BT_ + m.bos) * HV + m.hv, HV);
         __syncthreads();
     }

@@ -13,7 +13,8 @@ using namespace rawdelta;
 template <typename T, typename E, int BT, int KP, int BV, bool STORE>
 __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ Gc,
-    const float* __restrict__ Bc, const float* __restrict__ Rq, const float* __restrict__ Rk,
+    const float* __restrict__ Bc, const int* __restrict__ Rc, const float* __restrict__ Rq,
+    const float* __restrict__ Rk,
     const E* __restrict__ Ahi, const E* __restrict__ Alo, const E* __restrict__ Phi, const E* __restrict__ Plo,
     const float* __restrict__ h0, const i64* __restrict__ cu, const int* __restrict__ seq_chunk0,
     T* __restrict__ o, float* __restrict__ ht, T* __restrict__ hbuf,
@@ -22,7 +23,8 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
     GdnRule<T, E, BT, KP, BV> rule{Ahi, Alo};
     forward_state_pass<T, E, BT, KP, BV, STORE, ScalarGate>(
         smem,
-        ForwardPassIO<T>{{q, k, v, {Gc, Bc, Rq, Rk}, cu, seq_chunk0, T_, H, HV, K, V, NVB, scale, PassOptions{flags}},
+        ForwardPassIO<T>{{q, k, v, {Gc, Bc, Rc, Rq, Rk}, cu, seq_chunk0, T_, H, HV, K, V, NVB, scale,
+                          PassOptions{flags}},
                          h0, o, ht, hbuf, vnew},
         Phi, Plo, rule);
 }
@@ -37,14 +39,14 @@ __global__ void __launch_bounds__(256) gdn_chunk_fwd_kernel(
 template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE, bool AHEAD>
 __global__ void __launch_bounds__(128 * NWG + (AHEAD ? 32 : 0), wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE))
     gdn_chunk_fwd_wg_kernel(
-    const float* Gc, const float* Bc, const float* Rq, const float* Rk, const float* __restrict__ h0,
+    const float* Gc, const float* Bc, const int* Rc, const float* Rq, const float* Rk, const float* __restrict__ h0,
     const i64* __restrict__ cu, const int* __restrict__ seq_chunk0, T* __restrict__ o, float* __restrict__ ht,
     T* __restrict__ hbuf, T* __restrict__ vnew, int T_, int H, int HV, int K, int V, int NVB, float scale, int flags,
     const int* ready, const __grid_constant__ PassMaps maps) {
     extern __shared__ __align__(1024) unsigned char smem[];
     wg_forward_state_pass<T, KP, NWG, BVW, STORE, PIPE, AHEAD, ScalarGate, GdnWgRule<T>>(
         smem,
-        ForwardPassIO<T>{{nullptr, nullptr, nullptr, {Gc, Bc, Rq, Rk}, cu, seq_chunk0, T_, H, HV, K, V, NVB, scale,
+        ForwardPassIO<T>{{nullptr, nullptr, nullptr, {Gc, Bc, Rc, Rq, Rk}, cu, seq_chunk0, T_, H, HV, K, V, NVB, scale,
                           PassOptions{flags}},
                          h0, o, ht, hbuf, vnew},
         ready, maps);

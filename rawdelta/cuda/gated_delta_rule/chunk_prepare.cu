@@ -12,9 +12,10 @@ __global__ void __launch_bounds__(1024) gdn_chunk_table_kernel(const i64* __rest
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prepare: per (chunk, value head) the cumulative log2 gates, the effective beta,
-// A = (I + L)^-1 with L_ij = beta_i (k_i . k_j) 2^(G_i - G_j), i > j, and the intra-chunk scores
-// P_ij = scale (q_i . k_j) 2^(G_i - G_j), j <= i (with the row factors), which every value block of the
+// Prepare: per (chunk, value head) the cumulative log2 gates, the effective beta, the row codes (reset counts and
+// the first dead row: common/chunk_stages.cuh), A = (I + L)^-1 with L_ij = beta_i (k_i . k_j) 2^(G_i - G_j), i > j,
+// and the intra-chunk scores P_ij = scale (q_i . k_j) 2^(G_i - G_j), j <= i (with the row factors; both over the
+// live rows, with the decays across a reset 0; dead rows get beta 0), which every value block of the
 // state passes needs: computed once here instead of once per value block. Blocks of NTHREADS (the host's
 // launch size is the template argument). Alo is null for the Hopper state passes, which take the hi part only.
 // Without AHEAD, block b takes item b: chunk b / HV (in the chunk table's order), value head b % HV, and the
@@ -27,8 +28,9 @@ template <typename T, typename E, int BT, int KP, int NTHREADS, bool AHEAD>
 __global__ void __launch_bounds__(NTHREADS, AHEAD ? 5 : 0) gdn_chunk_prepare_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ g, const float* __restrict__ beta,
     const float* __restrict__ A_log, const float* __restrict__ dt_bias, const i64* __restrict__ chunk_bos,
-    const int* __restrict__ chunk_len, float* __restrict__ Gc, float* __restrict__ Bc, float* __restrict__ Rq,
-    float* __restrict__ Rk, E* __restrict__ Ahi, E* __restrict__ Alo, E* __restrict__ Phi, E* __restrict__ Plo,
+    const int* __restrict__ chunk_len, float* __restrict__ Gc, float* __restrict__ Bc, int* __restrict__ Rc,
+    float* __restrict__ Rq, float* __restrict__ Rk, E* __restrict__ Ahi, E* __restrict__ Alo, E* __restrict__ Phi,
+    E* __restrict__ Plo,
     int H, int HV, int K, float scale, int flags, const int* __restrict__ seq_chunk0, int N, int max_chunks,
     int* __restrict__ ready) {
     using TT = typename InputTile<T, E>::type;
@@ -48,6 +50,7 @@ __global__ void __launch_bounds__(NTHREADS, AHEAD ? 5 : 0) gdn_chunk_prepare_ker
     float* sB = cur.take<float>(BT);
     float* sRq = cur.take<float>(BT);
     float* sRk = cur.take<float>(BT);
+    int* sR = cur.take<int>(BT + 4);  // reset counts, then the chunk's live rows at sR[BT]
 
     if (AHEAD) launch_dependents();
     const int items = AHEAD ? max_chunks * N * HV : 1;  // without AHEAD the loop is one pass, compiled away
@@ -79,12 +82,18 @@ __global__ void __launch_bounds__(NTHREADS, AHEAD ? 5 : 0) gdn_chunk_prepare_ker
         } else {
             for (int r = threadIdx.x; r < BT; r += blockDim.x) sRq[r] = sRk[r] = 1.f;
         }
-        if (threadIdx.x < 32) chunk_local_cumsum_log2(sG, 1, 1, L, BT);
+        if (threadIdx.x == 0) {
+            const int live = first_dead_row(sG, sB, L);
+            sR[BT] = live;
+            chunk_local_cumsum_log2(sG, sR, 1, 1, live, BT);
+        }
         __syncthreads();
+        const int live = sR[BT];
         for (int r = threadIdx.x; r < L; r += blockDim.x) {
             const i64 th = (bos + r) * HV + hv;
             Gc[th] = sG[r];
-            Bc[th] = sB[r];
+            Bc[th] = r < live ? sB[r] : 0.f;
+            Rc[th] = row_code(sR[r], live);
             if (flags & F_L2) {
                 Rq[th] = sRq[r];
                 Rk[th] = sRk[r];
@@ -95,7 +104,7 @@ __global__ void __launch_bounds__(NTHREADS, AHEAD ? 5 : 0) gdn_chunk_prepare_ker
             Acc<BT, BT, NW> S;
             S.fill(0.f);
             gemm<E, MK, NK, BT, BT, KP, NW>(S, sQ, LDK, sK, LDK);
-            mask_decay_scores<false>(S, sG, L, scale, sRq, sRk);
+            mask_decay_scores<false>(S, sG, sR, live, scale, sRq, sRk);
             const TT out = advance(chunk_matrix<TT>(Phi, Plo), (bos * HV + hv) * BT);
             S.apply_pairs([&](int i, int j, float& x0, float& x1) {
                 if (i < L) tile_put_pair(out, i * HV * BT + j, x0, x1);
@@ -106,10 +115,10 @@ __global__ void __launch_bounds__(NTHREADS, AHEAD ? 5 : 0) gdn_chunk_prepare_ker
         gemm<E, MK, NK, BT, BT, KP, NW>(P, sK, LDK, sK, LDK);
         __syncthreads();  // sL takes the tiles' space
         P.apply_pairs([&](int i, int j, float& x0, float& x1) {
-            const bool in = i < L;
+            const bool in = i < live;
             *reinterpret_cast<float2*>(sL + i * LDA + j) = make_float2(
-                (in && j < i) ? sB[i] * x0 * (sRk[i] * sRk[j]) * exp2f(sG[i] - sG[j]) : 0.f,
-                (in && j + 1 < i) ? sB[i] * x1 * (sRk[i] * sRk[j + 1]) * exp2f(sG[i] - sG[j + 1]) : 0.f);
+                (in && j < i) ? sB[i] * x0 * (sRk[i] * sRk[j]) * pair_decay(sG, sR, i, j) : 0.f,
+                (in && j + 1 < i) ? sB[i] * x1 * (sRk[i] * sRk[j + 1]) * pair_decay(sG, sR, i, j + 1) : 0.f);
         });
         __syncthreads();
         invert_unit_lower<BT, NTHREADS>(sL, sA, LDA, sX, LDX);

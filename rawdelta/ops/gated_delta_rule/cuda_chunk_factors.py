@@ -36,7 +36,8 @@ class ChunkFactors:
     chunk_bos: Any  # int64 [NC]
     chunk_len: Any  # int32 [NC]
     Gc: Any  # float32 [B*T, HV] cumulative log2 gates
-    Bc: Any  # float32 [B*T, HV] effective beta
+    Bc: Any  # float32 [B*T, HV] effective beta (0 on a chunk's dead rows)
+    Rc: Any  # int32 [B*T, HV] row codes: reset counts and the chunk's first dead row (common/chunk_stages.cuh)
     Rq: Any  # float32 [B*T, HV] inverse L2 norms of q's rows (None without the in-kernel L2 norm)
     Rk: Any  # float32 [B*T, HV] same for k
     Ahi: Any  # [B*T, HV, BT] (mma type) (I + L)^-1 per chunk, hi part
@@ -46,8 +47,8 @@ class ChunkFactors:
 
     @property
     def rows(self) -> tuple[Any, ...]:
-        """The per-token row arrays every chunk kernel takes: Gc, Bc, Rq, Rk (null pointers when absent)."""
-        return self.Gc, self.Bc, ptr(self.Rq), ptr(self.Rk)
+        """The per-token row arrays every chunk kernel takes: Gc, Bc, Rc, Rq, Rk (null pointers when absent)."""
+        return self.Gc, self.Bc, self.Rc, ptr(self.Rq), ptr(self.Rk)
 
     @property
     def matrices(self) -> tuple[Any, ...]:
@@ -77,7 +78,7 @@ def _factor_fields(n_tok: int, HV: int, bt: int, ct: str, l2: bool, wg: bool) ->
     fields.append(("Phi", mats, mma))
     if ct == "float":
         fields.append(("Plo", mats, mma))
-    fields += [("Gc", rows, f32), ("Bc", rows, f32)]
+    fields += [("Gc", rows, f32), ("Bc", rows, f32), ("Rc", rows, np.dtype(np.int32))]
     if l2:
         fields += [("Rq", rows, f32), ("Rk", rows, f32)]
     return fields
@@ -142,7 +143,7 @@ def _chunks(p: GDNProblem, bt: int, workspace: Any, options: ChunkOptions) -> Ch
         ptr(p.cu_seqlens), np.int32(p.N), np.int32(p.T), np.int32(bt), seq_chunk0, chunk_bos, chunk_len,
         np.int32(problem_flags(p))))
     return ChunkFactors(bt, kp_for(p.K), ct, nc, wg, seq_chunk0, chunk_bos, chunk_len,
-                        *(arrays.get(n) for n in ("Gc", "Bc", "Rq", "Rk", "Ahi", "Alo", "Phi", "Plo")))
+                        *(arrays.get(n) for n in ("Gc", "Bc", "Rc", "Rq", "Rk", "Ahi", "Alo", "Phi", "Plo")))
 
 
 def chunks_for(p: GDNProblem, bt: int, workspace: Any = None, options: ChunkOptions = DEFAULT_OPTIONS
@@ -163,7 +164,7 @@ def launch_prepare(p: GDNProblem, ch: ChunkFactors, ready: Any = None, grid: int
     launch.launch(PREPARE_SOURCE, prepare_name(ch.ct, ch.bt, ch.kp, ready is not None),
                   grid if ready is not None else ch.nc * p.HV, PREP_THREADS, smem.prepare(ch.ct, ch.bt, ch.kp), (
                       p.q, p.k, ptr(p.g), ptr(p.beta), ptr(p.A_log), ptr(p.dt_bias), ch.chunk_bos, ch.chunk_len,
-                      ch.Gc, ch.Bc, ptr(ch.Rq), ptr(ch.Rk), ch.Ahi, ptr(ch.Alo), ch.Phi, ptr(ch.Plo),
+                      ch.Gc, ch.Bc, ch.Rc, ptr(ch.Rq), ptr(ch.Rk), ch.Ahi, ptr(ch.Alo), ch.Phi, ptr(ch.Plo),
                       np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.float32(p.scale),
                       np.int32(problem_flags(p)), ch.seq_chunk0, np.int32(p.N), np.int32(max_chunks), ptr(ready)))
 

@@ -10,11 +10,18 @@ from __future__ import annotations
 from .cuda_chunk_kernels import BVB, KS, WG_BT, bv
 
 PAD = 8  # TILE_PAD: elements added to every 16-bit mma.sync tile row
-ROWS = 7  # ChunkRows: per-chunk row arrays of BT floats
+ROWS = 7  # ChunkRows: per-chunk row arrays of BT floats, besides its BT + 4 ints (reset counts, live rows)
+RAW = 5  # ChunkRows::RAW: per-token 4-byte row values a prefetching kernel stages per row
 
 
 def _r16(nbytes: int) -> int:
     return (nbytes + 15) // 16 * 16
+
+
+def _r1024(nbytes: int) -> int:
+    """Rounded up to whole 1024-byte units: a stage of TMA tiles keeps the next one aligned to the 128-byte swizzle's
+    period."""
+    return (nbytes + 1023) // 1024 * 1024
 
 
 def _in_tile(ct: str, n: int) -> int:
@@ -29,10 +36,16 @@ def _f32(n: int) -> int:
     return _r16(4 * n)
 
 
+def _rows(bt: int) -> int:
+    """ChunkRows."""
+    return ROWS * _f32(bt) + _f32(bt + 4)
+
+
 def prepare(ct: str, bt: int, kp: int) -> int:
     """The prepare kernel."""
     lda, ldx = bt + 8, bt // 2 + 4  # L, the inverse and its scratch share the q / k tiles' space
-    return max(2 * _in_tile(ct, bt * (kp + PAD)), 2 * _f32(bt * lda) + _f32(bt // 2 * ldx)) + 4 * _f32(bt)
+    return (max(2 * _in_tile(ct, bt * (kp + PAD)), 2 * _f32(bt * lda) + _f32(bt // 2 * ldx)) + 4 * _f32(bt)
+            + _f32(bt + 4))
 
 
 def fwd(ct: str, bt: int, kp: int, store: bool) -> int:
@@ -42,14 +55,15 @@ def fwd(ct: str, bt: int, kp: int, store: bool) -> int:
     ldk, ldv, lda, ldp = kp + PAD, b + PAD, bt + PAD, bt + PAD
     tiles = (1 if store else 2) * _in_tile(ct, bt * ldk) + _in_tile(ct, bt * ldv)
     tiles += 0 if store else _in_tile(ct, bt * ldp)
-    return tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + ROWS * _f32(bt)
+    return tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + _rows(bt)
 
 
 def wg_stage(kp: int, cols: int, q_p: bool, do: bool) -> int:
     """Bytes of one WgStage of `cols` value columns: the k, v and (I + L)^-1 tiles, q and the scores with ``q_p``,
     do with ``do``, and the raw row scalars."""
     bt = WG_BT
-    return 2 * ((2 if q_p else 1) * bt * kp + (2 if do else 1) * bt * cols + (2 if q_p else 1) * bt * bt) + 4 * bt * 4
+    return _r1024(2 * ((2 if q_p else 1) * bt * kp + (2 if do else 1) * bt * cols + (2 if q_p else 1) * bt * bt)
+                  + RAW * bt * 4)
 
 
 def wg_pass(kp: int, cols: int, pipe: bool, q_p: bool, do: bool) -> int:
@@ -58,7 +72,7 @@ def wg_pass(kp: int, cols: int, pipe: bool, q_p: bool, do: bool) -> int:
     that aligns the stages to 1024 bytes (the TMA tiles' 128-byte swizzle)."""
     tiles = 1 if do else 2
     return ((2 if pipe else 1) * wg_stage(kp, cols, q_p, do) + 2 * (kp * cols + tiles * WG_BT * cols)
-            + ROWS * _f32(WG_BT) + 32 + 1024)
+            + _rows(WG_BT) + 32 + 1024)
 
 
 def _acc_wn(m: int, n: int, nw: int) -> int:
@@ -72,7 +86,7 @@ def bwd_state(ct: str, bt: int, kp: int) -> int:
     b = bv(ct, kp)
     ldk, ldv, lda, ldp = kp + PAD, b + PAD, bt + PAD, bt + PAD
     tiles = 2 * _in_tile(ct, bt * ldk) + _in_tile(ct, bt * ldp) + _in_tile(ct, bt * ldv)
-    return (tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + ROWS * _f32(bt)
+    return (tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + _rows(bt)
             + _f32(_acc_wn(bt, b, 8) * bt) + _f32(bt))
 
 
@@ -80,13 +94,13 @@ def dqk(ct: str, bt: int) -> int:
     """The mma.sync dq/dk kernel."""
     ldk, ldv, ldm = KS + PAD, BVB + PAD, bt + PAD
     tiles = 2 * _in_tile(ct, bt * ldk) + 3 * _in_tile(ct, bt * ldv) + 2 * _in_tile(ct, KS * ldv)
-    return tiles + 2 * _split(bt * ldm) + ROWS * _f32(bt) + _f32(8 * bt) + _f32(4 * bt) + _f32(8)
+    return tiles + 2 * _split(bt * ldm) + _rows(bt) + _f32(8 * bt) + _f32(4 * bt) + _f32(8)
 
 
 def dqk_wg(ksw: int) -> int:
     """The Hopper dq/dk kernel: two slots of an item's q, k and raw rows, two of a V step's do, y, delta, h and dh
     tiles, the float C tile and the row arrays."""
     ks, bt = 2 * ksw, WG_BT
-    qk = 2 * bt * ks * 2 + 4 * bt * 4
+    qk = _r1024(2 * bt * ks * 2 + RAW * bt * 4)
     vstep = 3 * bt * BVB * 2 + 2 * ks * BVB * 2
-    return 2 * qk + 2 * vstep + _f32(bt * (bt + 4)) + ROWS * _f32(bt) + _f32(12 * bt) + _f32(6 * bt) + _f32(8)
+    return 2 * qk + 2 * vstep + _f32(bt * (bt + 4)) + _rows(bt) + _f32(12 * bt) + _f32(6 * bt) + _f32(8)
