@@ -2,8 +2,9 @@
 peer, :mod:`rawdelta.bench`) and ``info`` (environment).
 
 ``rawdelta check`` runs every registered op on its declared check cases (``OpDef.check_cases``), forward and
-backward, on every backend that can run here, and compares every output and gradient with the float64 NumPy
-reference (:func:`rawdelta.testing.reference.reference_results`) by :mod:`rawdelta.testing.compare`. Without a GPU
+backward, on every backend that can run here and that the op has (it lists the ops a backend is not one of), and
+compares every output and gradient with the float64 NumPy reference
+(:func:`rawdelta.testing.reference.reference_results`) by :mod:`rawdelta.testing.compare`. Without a GPU
 the Numba reference kernels run in the Numba CUDA simulator; ``NUMBA_ENABLE_CUDASIM`` is set before Numba is first
 imported for that. A new op gets its checks by being registered.
 """
@@ -151,9 +152,14 @@ def run_case(op: OpDef, case: CheckCase, backend: str, dtype: str, on_device: bo
     return rows
 
 
+def ops_without(backend: str) -> list[str]:
+    """The registered ops that have no `backend` (whose kernels are not written yet): not checked on it."""
+    return [op.name for op in registry.ops() if backend not in op.backends]
+
+
 def run_checks(backends: Sequence[str], status: dict[str, dict[str, Any]]) -> tuple[list[Row], dict[str, float]]:
-    """Every check case of every op (:func:`checks`) on every available backend in `backends`; returns rows and
-    seconds per backend."""
+    """Every check case of every op (:func:`checks`) on every available backend in `backends` that the op has (see
+    :func:`ops_without`); returns rows and seconds per backend."""
     rows: list[Row] = []
     seconds: dict[str, float] = {}
     cache: dict[tuple[int, str], Any] = {}
@@ -164,7 +170,8 @@ def run_checks(backends: Sequence[str], status: dict[str, dict[str, Any]]) -> tu
         t0 = time.perf_counter()
         for dtype in BACKEND_DTYPES[backend]:
             for op, case in checks():
-                rows.extend(run_case(op, case, backend, dtype, on_device, cache))
+                if backend in op.backends:
+                    rows.extend(run_case(op, case, backend, dtype, on_device, cache))
         seconds[backend] = time.perf_counter() - t0
     return rows, seconds
 
@@ -207,7 +214,8 @@ def _check(args: argparse.Namespace) -> int:
     if args.json:
         out = {
             "ok": ok,
-            "backends": {b: {**s, **({"seconds": round(seconds[b], 3)} if b in seconds else {})}
+            "backends": {b: {**s, **({"seconds": round(seconds[b], 3)} if b in seconds else {}),
+                             "ops_without": ops_without(b)}
                          for b, s in status.items()},
             "results": [{**asdict(r), "rel_rms": _json_number(r.rel_rms), "max_abs": _json_number(r.max_abs)}
                         for r in rows],
@@ -222,6 +230,8 @@ def _check(args: argparse.Namespace) -> int:
             print(f"  {b:6s} ran on {s['where']} in {seconds[b]:.1f} s")
         else:
             print(f"  {b:6s} not available: {s['reason']}")
+        if ops_without(b):
+            print(f"  {b:6s} is not a backend of {', '.join(ops_without(b))} (not checked there)")
     _print_table(rows)
     failed = [r for r in rows if not r.passed]
     if failed:

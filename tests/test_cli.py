@@ -56,6 +56,12 @@ def test_check_passes_on_every_available_backend():
     else:
         assert "numba  ran on the CUDA simulator" in out
         assert "cuda   not available: " in out
+    without = cli.ops_without("cuda")
+    if without:
+        assert f"cuda   is not a backend of {', '.join(without)} (not checked there)" in out
+        if HAS_GPU:
+            expected = sum(len(expected_quantities(op, case)) for op, case in cli.checks() if op.name not in without)
+            assert len(table_rows(out, "cuda")) == len(cli.BACKEND_DTYPES["cuda"]) * expected, out
     for op, _ in cli.checks():
         assert f"\n{op.name}\n" in out, out
     assert "FAIL" not in out
@@ -73,6 +79,8 @@ def test_check_json_lists_every_case_and_quantity():
         for q in expected_quantities(op, case):
             assert (op.name, case.label, q) in got
     assert all(r["passed"] and r["rel_rms"] <= r["bound"] for r in report["results"])
+    for backend, status in report["backends"].items():  # ops without a backend are named, not silently left out
+        assert status["ops_without"] == [op.name for op in registry.ops() if backend not in op.backends]
 
 
 @pytest.mark.skipif(HAS_GPU, reason="cuda is available on this machine")

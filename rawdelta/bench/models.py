@@ -15,6 +15,10 @@ Modelling choices, stated once:
   the chunked op counts its chunked algorithm at chunk size ``C = 64``: ``6 K V + C (6 K + 4 V) + 2 C^2 / 3``
   per token and head (state products, the in-chunk ``K K^T``, ``w``, ``u``, ``q K^T`` and the triangular
   solve).
+- GLA moves a per-key gate (``[B, T, H, K]`` float32) instead of GDN's scalar gate and beta (its benchmarks give no
+  ``gv``). Its recurrent op counts ``5 K V`` FLOPs per token and head (decay, rank-one update, ``S^T q``); its
+  chunked ops count ``4 K V + C (2 K + 2 V)`` at ``C = 64`` (the state update and the inter-chunk output, the
+  in-chunk scores ``q K^T`` and their product with ``V``).
 - Causal softmax attention (the yardstick) counts ``2 B H T^2 D`` FLOPs forward (half of ``Q K^T`` and
   ``P V``) and 2.5 times that for its backward (five products instead of two).
 """
@@ -68,6 +72,31 @@ def gdn_chunk(shape: Shape, mode: str, dtype_bytes: int) -> Work:
     return Work(_gdn_bytes(shape, mode, dtype_bytes), B * T * H * per_token * _backward_factor(mode))
 
 
+def _gla_bytes(shape: Shape, mode: str, e: int) -> int:
+    B, T, H, D = shape
+    tok = B * T * H
+    fwd = 3 * tok * D * e + tok * D * F32 + tok * D * e  # q, k, v, the per-key gate in; o out
+    if mode == DECODE:
+        return fwd + 2 * B * H * D * D * F32
+    if mode == FORWARD_BACKWARD:
+        # backward: q, k, v, gate and do read again; dq, dk, dv and the gate's gradient written
+        return fwd + (4 * tok * D * e + tok * D * F32) + (3 * tok * D * e + tok * D * F32)
+    return fwd
+
+
+def gla_recurrent(shape: Shape, mode: str, dtype_bytes: int) -> Work:
+    """Token-by-token GLA: ``5 K V`` FLOPs per token and head."""
+    B, T, H, D = shape
+    return Work(_gla_bytes(shape, mode, dtype_bytes), 5 * B * T * H * D * D * _backward_factor(mode))
+
+
+def gla_chunk(shape: Shape, mode: str, dtype_bytes: int) -> Work:
+    """Chunked GLA (``C = 64``): the state products plus the in-chunk scores and their product with the values."""
+    B, T, H, D = shape
+    per_token = 4 * D * D + CHUNK * (2 * D + 2 * D)
+    return Work(_gla_bytes(shape, mode, dtype_bytes), B * T * H * per_token * _backward_factor(mode))
+
+
 def softmax_attention(shape: Shape, mode: str, dtype_bytes: int) -> Work:
     """Causal softmax attention (flash: no ``T x T`` matrix in DRAM)."""
     B, T, H, D = shape
@@ -83,6 +112,8 @@ def softmax_attention(shape: Shape, mode: str, dtype_bytes: int) -> Work:
 MODELS: dict[str, Callable[[Shape, str, int], Work]] = {
     "gdn_recurrent": gdn_recurrent,
     "gdn_chunk": gdn_chunk,
+    "gla_recurrent": gla_recurrent,
+    "gla_chunk": gla_chunk,
     "softmax_attention": softmax_attention,
 }
 

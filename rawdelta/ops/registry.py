@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import gated_delta_rule
+from . import gated_delta_rule, gla
 from .common.opdef import OpDef
 
-FAMILIES = (gated_delta_rule,)
+FAMILIES = (gated_delta_rule, gla)
 
 
 def ops() -> tuple[OpDef, ...]:

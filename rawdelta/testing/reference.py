@@ -28,7 +28,9 @@ def reference_results(op: OpDef | str, kw: dict[str, Any], do: Any = None, dht: 
     """
     op = registry.op(op) if isinstance(op, str) else op
     ref = op if mode_op or op.reference is None else registry.op(op.reference)
-    args = {n: x for n, x in kw.items() if n in ref.takes and n not in ("backend", "stream", "inplace_final_state")}
+    name = {} if ref is op else dict(op.reference_args)  # this op's argument names -> the reference op's
+    args = {name.get(n, n): x for n, x in kw.items()
+            if name.get(n, n) in ref.takes and n not in ("backend", "stream", "inplace_final_state")}
     if ref.has_state:
         args["output_final_state"] = True
     outs = reference_forward(ref, args)
@@ -36,8 +38,9 @@ def reference_results(op: OpDef | str, kw: dict[str, Any], do: Any = None, dht: 
     grads: dict[str, np.ndarray | None] = {}
     if do is not None:
         got = reference_backward(ref, args, np.asarray(do), None if dht is None else np.asarray(dht))
-        grads = {n: (None if getattr(got, n) is None else np.asarray(getattr(got, n), dtype=np.float64))
-                 for n in ref.differentiable if kw.get(n) is not None}
+        grads = {n: (None if getattr(got, name.get(n, n)) is None
+                     else np.asarray(getattr(got, name.get(n, n)), dtype=np.float64))
+                 for n in op.differentiable if name.get(n, n) in ref.differentiable and kw.get(n) is not None}
     return outputs, grads
 
 

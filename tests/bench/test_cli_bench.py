@@ -13,6 +13,7 @@ import pytest
 from rawdelta import cli
 from rawdelta._arrays import cupy_or_none
 from rawdelta.bench.report import load, regions, render_region, validate
+from rawdelta.ops import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(cupy_or_none() is not None, reason="checks the CPU path (a GPU is present)")
@@ -64,9 +65,13 @@ def test_json_to_stdout_for_decode():
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert validate(doc) == []
-    [r] = doc["results"]
-    assert (r["op"], r["mode"], r["impl"], r["status"]) == ("fused_recurrent_gated_delta_rule", "decode", "numpy", "ok")
-    assert set(r["gate"]["errors"]) == {"o", "final_state"}
+    rows = {r["op"]: r for r in doc["results"]}
+    assert len(rows) == len(doc["results"])
+    assert set(rows) == {op.name for op in registry.ops() if op.bench and "decode" in op.bench.modes}
+    assert "fused_recurrent_gated_delta_rule" in rows
+    for r in rows.values():
+        assert (r["mode"], r["impl"], r["status"]) == ("decode", "numpy", "ok")
+        assert set(r["gate"]["errors"]) == {"o", "final_state"}
     assert doc["cold_start"] == []
 
 

@@ -20,23 +20,42 @@ from rawdelta.testing import assert_close, grad_label, reference_results, split_
 OPS = registry.ops()
 
 
-def op_params(select: Any = None, *, cases: bool = False) -> list[Any]:
-    """``pytest.param(op)`` per registered op, or with ``cases`` ``pytest.param(op, case)`` per declared case for
-    which ``select(case)`` holds (every case without `select`)."""
+def _ops_with(backend: str | None) -> list[OpDef]:
+    """The registered ops that have `backend` (every op when None). An op is not run on a backend it lacks; that a
+    request for one raises UnsupportedConfigError naming the op is tested instead (test_validation.py, and on a GPU
+    through both adapters)."""
+    return [op for op in OPS if backend is None or backend in op.backends]
+
+
+def op_params(select: Any = None, *, cases: bool = False, backend: str | None = None) -> list[Any]:
+    """``pytest.param(op)`` per registered op (that has `backend`), or with ``cases`` ``pytest.param(op, case)`` per
+    declared case for which ``select(case)`` holds (every case without `select`)."""
     if not cases:
-        return [pytest.param(op, id=op.name) for op in OPS]
-    return [pytest.param(op, c, id=f"{op.name}-{c.label}") for op in OPS for c in op.cases
+        return [pytest.param(op, id=op.name) for op in _ops_with(backend)]
+    return [pytest.param(op, c, id=f"{op.name}-{c.label}") for op in _ops_with(backend) for c in op.cases
             if select is None or select(c)]
 
 
-def ops_taking(name: str) -> list[Any]:
-    """``pytest.param(op)`` per registered op that takes the argument `name`."""
-    return [pytest.param(op, id=op.name) for op in OPS if name in op.takes]
+def ops_taking(name: str, backend: str | None = None) -> list[Any]:
+    """``pytest.param(op)`` per registered op (that has `backend`) that takes the argument `name`."""
+    return [pytest.param(op, id=op.name) for op in _ops_with(backend) if name in op.takes]
 
 
-def ops_with_state() -> list[Any]:
-    """``pytest.param(op)`` per registered op that takes an initial state and returns a final state."""
-    return [pytest.param(op, id=op.name) for op in OPS if op.has_state and any(a.state for a in op.arrays)]
+def ops_with_state(backend: str | None = None) -> list[Any]:
+    """``pytest.param(op)`` per registered op (that has `backend`) that takes an initial state and returns a final
+    state."""
+    return [pytest.param(op, id=op.name) for op in _ops_with(backend)
+            if op.has_state and any(a.state for a in op.arrays)]
+
+
+def picks_chunk_size(op: OpDef) -> bool:
+    """The op takes ``chunk_size=None`` (its default): it picks the chunk size from the shapes."""
+    return "chunk_size" in op.takes and op.option("chunk_size").default is None
+
+
+def ops_without(backend: str) -> list[Any]:
+    """``pytest.param(op)`` per registered op that does not have `backend`."""
+    return [pytest.param(op, id=op.name) for op in OPS if backend not in op.backends]
 
 
 def assert_adapter_signature(module: Any, op: OpDef) -> None:

@@ -17,6 +17,8 @@ from ._ops import check_backend, finite_difference, float64, inputs, op_params
 ALL_CASES = op_params(cases=True)
 SIMULATOR_CASES = op_params(lambda c: c.simulator, cases=True)
 TINY_CASES = op_params(lambda c: c.adapters, cases=True)
+CUDA_CASES = op_params(cases=True, backend="cuda")
+CUDA_TINY_CASES = op_params(lambda c: c.adapters, cases=True, backend="cuda")
 
 
 @pytest.mark.parametrize("use_dht", [True, False], ids=["dht", "no_dht"])
@@ -54,7 +56,7 @@ def test_numba_backend_on_gpu(op: OpDef, case: OpCase) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("use_dht", [True, False], ids=["dht", "no_dht"])
-@pytest.mark.parametrize(("op", "case"), ALL_CASES)
+@pytest.mark.parametrize(("op", "case"), CUDA_CASES)
 def test_cuda_backend(op: OpDef, case: OpCase, use_dht: bool, dtype: str) -> None:
     kw, do, dht = inputs(op, case, dtype, seed=5)
     check_backend(op, "cuda", kw, do, dht if use_dht else None, device=True)
@@ -81,7 +83,7 @@ def test_mixed_input_dtypes(op: OpDef, case: OpCase, q_dtype: str, v_dtype: str)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("q_dtype", "v_dtype"), MIXED)
-@pytest.mark.parametrize(("op", "case"), TINY_CASES)
+@pytest.mark.parametrize(("op", "case"), CUDA_TINY_CASES)
 def test_mixed_input_dtypes_cuda(op: OpDef, case: OpCase, q_dtype: str, v_dtype: str) -> None:
     kw, do, dht = _mixed(op, case, q_dtype, v_dtype, seed=9)
     check_backend(op, "cuda", kw, do, dht, device=True, dtype="bfloat16")

@@ -22,10 +22,22 @@ import rawdelta.jax as rj  # noqa: E402
 from rawdelta.ops.common.opdef import OpCase, OpDef  # noqa: E402
 from rawdelta.testing import assert_close, grad_label, reference_results  # noqa: E402
 
-from ._ops import OPS, Call, assert_adapter_signature, first_case, gpu_call, op_params, ops_taking, rich_case  # noqa: E402
+from ._ops import (  # noqa: E402
+    OPS,
+    Call,
+    assert_adapter_signature,
+    first_case,
+    gpu_call,
+    op_params,
+    ops_taking,
+    ops_without,
+    picks_chunk_size,
+    rich_case,
+)
 
 MODES = ["eager", "jit"]
 ADAPTER_CASES = op_params(lambda c: c.adapters, cases=True)
+CUDA_ADAPTER_CASES = op_params(lambda c: c.adapters, cases=True, backend="cuda")
 
 
 def _jax_gpu() -> Any:
@@ -201,16 +213,17 @@ def test_validation_errors(op: OpDef) -> None:
     fn = getattr(rj, op.name)
     with pytest.raises(ValueError, match="k must have shape"):
         fn(**{**a, "k": a["k"][:, :1]}, **c.options)
+    rest = {n: a[n] for n in op.array_names if op.family.array(n).required and n not in ("q", "k", "v")}
     if "scale" in op.takes:
         with pytest.raises(TypeError, match="scale must be a static"):
-            jax.jit(lambda q, s: fn(q, a["k"], a["v"], scale=s))(a["q"], 0.5)
+            jax.jit(lambda q, s: fn(q, a["k"], a["v"], **rest, scale=s))(a["q"], 0.5)
         with pytest.raises(ValueError, match="scale must be"):
             fn(**a, **c.options, scale="abc")
     if "chunk_size" in op.takes:
         with pytest.raises(TypeError, match="chunk_size must be a static"):
-            jax.jit(lambda q, cs: fn(q, a["k"], a["v"], chunk_size=cs))(a["q"], 16)
+            jax.jit(lambda q, cs: fn(q, a["k"], a["v"], **rest, chunk_size=cs))(a["q"], 16)
         jitted = jax.jit(fn, static_argnames=("chunk_size",))
-        for bad in (8, True, 64.0, None):
+        for bad in (8, True, 64.0, *(() if picks_chunk_size(op) else (None,))):
             with pytest.raises(ValueError, match=r"chunk_size must be one of"):
                 jitted(**a, chunk_size=bad)  # traced path: caught at trace time
             with pytest.raises(ValueError, match=r"chunk_size must be one of"):
@@ -263,7 +276,7 @@ def test_gpu_zero_copy_dlpack() -> None:
 @needs_jax_gpu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(("op", "case"), ADAPTER_CASES)
+@pytest.mark.parametrize(("op", "case"), CUDA_ADAPTER_CASES)
 def test_gpu_matches_reference(op: OpDef, case: OpCase, dtype: str, mode: str) -> None:
     c = gpu_call(op, case, 31)
     cu = None if c.cu is None else jax.device_put(jnp.asarray(c.cu), _jax_gpu())
@@ -273,7 +286,7 @@ def test_gpu_matches_reference(op: OpDef, case: OpCase, dtype: str, mode: str) -
 @pytest.mark.gpu
 @needs_jax_gpu
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("op", ops_taking("chunk_size"))
+@pytest.mark.parametrize("op", ops_taking("chunk_size", "cuda"))
 def test_gpu_every_chunk_size(op: OpDef, mode: str) -> None:
     from ._ops import GPU_SHAPE
 
@@ -284,7 +297,7 @@ def test_gpu_every_chunk_size(op: OpDef, mode: str) -> None:
 
 @pytest.mark.gpu
 @needs_jax_gpu
-@pytest.mark.parametrize("op", op_params())
+@pytest.mark.parametrize("op", op_params(backend="cuda"))
 def test_gpu_eager_and_jit_agree(op: OpDef) -> None:
     c = gpu_call(op, first_case(op, lambda c: "seqlens" not in c.params), 33)
     a = arrays(c, "bfloat16", _jax_gpu())
@@ -292,3 +305,15 @@ def test_gpu_eager_and_jit_agree(op: OpDef) -> None:
     jitted = _fwd_and_grad(c, a, "jit")
     for x, y in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
         np.testing.assert_array_equal(_host64(x), _host64(y))
+
+
+@pytest.mark.gpu
+@needs_jax_gpu
+@pytest.mark.parametrize("op", ops_without("cuda"))
+def test_gpu_op_without_cuda_kernels_refuses(op: OpDef) -> None:
+    """GPU arrays run the cuda backend; an op without cuda kernels refuses them with the core's error."""
+    from rawdelta.errors import UnsupportedConfigError
+
+    c = gpu_call(op, first_case(op), 35)
+    with pytest.raises(UnsupportedConfigError, match=rf"{op.name} has no 'cuda' backend"):
+        _fwd_and_grad(c, arrays(c, "float32", _jax_gpu()), "eager")

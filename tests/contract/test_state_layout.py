@@ -29,6 +29,8 @@ from ._ops import Call, as_tuple, first_case, ops_taking, to_device
 
 V_FIRST = ops_taking("state_v_first")
 IN_PLACE = [p for p in V_FIRST if "inplace_final_state" in p.values[0].takes]
+CUDA_V_FIRST = ops_taking("state_v_first", "cuda")  # the ops with cuda kernels
+CUDA_IN_PLACE = [p for p in CUDA_V_FIRST if "inplace_final_state" in p.values[0].takes]
 
 
 def _t(x: Any) -> Any:
@@ -86,7 +88,7 @@ def test_numba_backend(op: OpDef) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", V_FIRST)
+@pytest.mark.parametrize("op", CUDA_V_FIRST)
 def test_cuda_backend(op: OpDef) -> None:
     c = Call(op, first_case(op, lambda c: "seqlens" in c.params), seed=42)
     _check_transposed(op, _run(op, c, "cuda", False, True), _run(op, c, "cuda", True, True), exact=False)
@@ -271,7 +273,7 @@ GPU_SHAPES = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
-@pytest.mark.parametrize("op", V_FIRST)
+@pytest.mark.parametrize("op", CUDA_V_FIRST)
 def test_cuda_layouts(op: OpDef, shape: str) -> None:
     """Both layouts agree (the gradients bit for bit), and match the float64 reference, forward and backward."""
     c = Call(op, GPU_SHAPES[shape], seed=50)
@@ -290,7 +292,7 @@ def test_cuda_layouts(op: OpDef, shape: str) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", V_FIRST)
+@pytest.mark.parametrize("op", CUDA_V_FIRST)
 def test_cuda_native_backend_takes_the_callers_state(op: OpDef) -> None:
     import cupy
 
@@ -305,7 +307,7 @@ def test_cuda_native_backend_takes_the_callers_state(op: OpDef) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["decode_T1", "K37_V40", "varlen"])
-@pytest.mark.parametrize("op", IN_PLACE)
+@pytest.mark.parametrize("op", CUDA_IN_PLACE)
 def test_cuda_in_place(op: OpDef, shape: str) -> None:
     """state_v_first with inplace_final_state writes the caller's [N, HV, V, K] state itself."""
     import cupy

@@ -28,12 +28,15 @@ from ._ops import (  # noqa: E402
     op_params,
     ops_taking,
     ops_with_state,
+    ops_without,
+    picks_chunk_size,
     rich_case,
 )
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
 ADAPTER_CASES = op_params(lambda c: c.adapters, cases=True)
+CUDA_ADAPTER_CASES = op_params(lambda c: c.adapters, cases=True, backend="cuda")
 
 
 def tensors(c: Call, dtype: str, device: str = "cpu", requires_grad: bool = True) -> dict[str, Any]:
@@ -222,7 +225,7 @@ def test_validation_errors_are_the_cores(op: OpDef) -> None:
             with pytest.raises(ValueError, match=r"scale must be"):
                 fn(**ts, **c.options, scale=bad)
     if "chunk_size" in op.takes:
-        for bad in (None, 64.0, 8):
+        for bad in (*(() if picks_chunk_size(op) else (None,)), 64.0, 8):
             with pytest.raises(ValueError, match=r"chunk_size must be one of"):
                 fn(**ts, **{**c.options, "chunk_size": bad})
     for bad in (ts["q"].numpy(), ts["q"].tolist()):
@@ -289,14 +292,14 @@ def test_every_registered_op_has_an_entry_point() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize(("op", "case"), ADAPTER_CASES)
+@pytest.mark.parametrize(("op", "case"), CUDA_ADAPTER_CASES)
 def test_gpu_matches_reference(op: OpDef, case: OpCase, dtype: str) -> None:
     _check_against_reference(gpu_call(op, case, 11), dtype, "cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("op", ops_taking("chunk_size"))
+@pytest.mark.parametrize("op", ops_taking("chunk_size", "cuda"))
 def test_gpu_every_chunk_size(op: OpDef, dtype: str) -> None:
     case = first_case(op, lambda c: "seqlens" not in c.params)
     for chunk_size in op.chunk_sizes:
@@ -305,7 +308,7 @@ def test_gpu_every_chunk_size(op: OpDef, dtype: str) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", op_params())
+@pytest.mark.parametrize("op", op_params(backend="cuda"))
 def test_gpu_compile_fullgraph_forward_backward(op: OpDef) -> None:
     c = gpu_call(op, rich_case(op), 12)
     cts = cotangents(c, "cuda")
@@ -323,7 +326,7 @@ def test_gpu_compile_fullgraph_forward_backward(op: OpDef) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", op_params())
+@pytest.mark.parametrize("op", op_params(backend="cuda"))
 def test_gpu_cuda_graph_capture_and_replay(op: OpDef) -> None:
     case = first_case(op, lambda c: "seqlens" not in c.params)
     c, new = gpu_call(op, case, 13), gpu_call(op, case, 14)
@@ -356,13 +359,13 @@ def test_gpu_cuda_graph_capture_and_replay(op: OpDef) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("op", "case"), ADAPTER_CASES)
+@pytest.mark.parametrize(("op", "case"), CUDA_ADAPTER_CASES)
 def test_gpu_opcheck(op: OpDef, case: OpCase) -> None:
     _opcheck_all(gpu_call(op, case, 15), "float32", "cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", op_params())
+@pytest.mark.parametrize("op", op_params(backend="cuda"))
 def test_gpu_runs_on_current_stream_with_torch_allocator(op: OpDef) -> None:
     """Work queued on a side stream before the call is seen by it, and CuPy's own pool stays unused."""
     import cupy
@@ -388,10 +391,21 @@ def test_gpu_runs_on_current_stream_with_torch_allocator(op: OpDef) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", op_params())
+@pytest.mark.parametrize("op", op_params(backend="cuda"))
 def test_gpu_backward_on_side_stream(op: OpDef) -> None:
     c = gpu_call(op, rich_case(op), 17)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         _check_against_reference(c, "float32", "cuda")
     s.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ops_without("cuda"))
+def test_gpu_op_without_cuda_kernels_refuses(op: OpDef) -> None:
+    """CUDA tensors run the cuda backend; an op without cuda kernels refuses them with the core's error."""
+    from rawdelta.errors import UnsupportedConfigError
+
+    c = gpu_call(op, first_case(op), 19)
+    with pytest.raises(UnsupportedConfigError, match=rf"{op.name} has no 'cuda' backend"):
+        _run(c, tensors(c, "float32", "cuda"), "cuda")

@@ -14,7 +14,7 @@ import rawdelta
 from rawdelta.errors import UnsupportedConfigError
 from rawdelta.ops.common.opdef import OpDef
 
-from ._ops import OPS, as_tuple, inputs, op_params, ops_taking, ops_with_state
+from ._ops import OPS, as_tuple, inputs, op_params, ops_taking, ops_with_state, ops_without, picks_chunk_size
 
 # Every op's smallest adapter case is its "good call".
 GOOD = {op.name: next(c for c in op.cases if c.adapters and "seqlens" not in c.params) for op in OPS}
@@ -186,11 +186,27 @@ def test_bad_scale(no_compute: list[str], op: OpDef, scale: Any) -> None:
     assert no_compute == []
 
 
-@pytest.mark.parametrize("chunk_size", [8, 64.0, None, True, "64", 128])
-@pytest.mark.parametrize("op", ops_taking("chunk_size"))
+BAD_CHUNK_SIZES = [pytest.param(p.values[0], cs, id=f"{p.id}-{cs!r}") for p in ops_taking("chunk_size")
+                   for cs in (8, 64.0, None, True, "64", 128) if not (cs is None and picks_chunk_size(p.values[0]))]
+
+
+@pytest.mark.parametrize(("op", "chunk_size"), BAD_CHUNK_SIZES)
 def test_bad_chunk_size(no_compute: list[str], op: OpDef, chunk_size: Any) -> None:
     raises(op, ValueError, rf"chunk_size must be one of {re.escape(str(op.chunk_sizes))}", chunk_size=chunk_size)
     assert no_compute == []
+
+
+@pytest.mark.parametrize("op", [p for p in ops_taking("chunk_size") if picks_chunk_size(p.values[0])])
+def test_chunk_size_none_is_one_of_the_ops_sizes(op: OpDef) -> None:
+    from rawdelta.ops.common.validation import validate
+
+    kw, _, _ = good(op)
+    p = validate(op, {**kw, "chunk_size": None})
+    assert p.chunk_size in op.chunk_sizes
+    outs = getattr(rawdelta, op.name)(**kw, chunk_size=None)
+    explicit = getattr(rawdelta, op.name)(**kw, chunk_size=p.chunk_size)
+    for a, b in zip(as_tuple(op, outs), as_tuple(op, explicit)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("op", op_params())
@@ -217,6 +233,20 @@ def test_unavailable_backend_is_named(monkeypatch: pytest.MonkeyPatch, op: OpDef
     monkeypatch.setattr(validation, "numba_unavailable_reason", lambda: "numba-cuda sees no CUDA GPU")
     raises(op, BackendUnavailableError, r"backend='numba' cannot run here: numba-cuda sees no CUDA GPU",
            backend="numba")
+
+
+@pytest.mark.parametrize("op", ops_without("cuda"))
+def test_a_backend_the_op_lacks_is_named(no_compute: list[str], monkeypatch: pytest.MonkeyPatch, op: OpDef) -> None:
+    """An op without cuda kernels refuses the cuda backend, asked for or picked by ``"auto"`` for device arrays, with
+    UnsupportedConfigError naming the op and the backends it has. Here host arrays pass for device arrays (no GPU is
+    needed); test_cuda_request_without_cuda_kernels runs it with CuPy arrays on a GPU."""
+    from rawdelta.ops.common import validation
+
+    monkeypatch.setattr(validation, "_check_places", lambda arrs, v: True)
+    names = re.escape(str(tuple(op.backends)))
+    for backend in ("cuda", "auto"):
+        raises(op, UnsupportedConfigError, rf"{op.name} has no 'cuda' backend \(it has {names}\)", backend=backend)
+    assert no_compute == []
 
 
 @pytest.mark.parametrize("op", op_params())
@@ -285,6 +315,20 @@ def test_mixed_host_and_device_arrays(op: OpDef) -> None:
     kw, _, _ = good(op)
     with pytest.raises(TypeError, match="all host or all device"):
         getattr(rawdelta, op.name)(**{**kw, "k": cupy.asarray(kw["k"])})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ops_without("cuda"))
+def test_cuda_request_without_cuda_kernels(op: OpDef) -> None:
+    import cupy
+
+    kw, _, _ = good(op)
+    dev = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in kw.items()}
+    for backend in ("cuda", "auto"):
+        with pytest.raises(UnsupportedConfigError, match=rf"{op.name} has no 'cuda' backend"):
+            getattr(rawdelta, op.name)(**dev, backend=backend)
+    outs = getattr(rawdelta, op.name)(**dev, backend="numba")  # its other device backend still runs
+    assert isinstance(as_tuple(op, outs)[0], cupy.ndarray)
 
 
 def test_unsupported_config_error_is_not_implemented() -> None:

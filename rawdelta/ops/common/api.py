@@ -161,6 +161,8 @@ def _arg_doc(op: OpDef, name: str, array_type: str) -> str:
     doc = o.doc
     if name == "chunk_size":
         doc = f"tokens per chunk, one of {op.chunk_sizes}. Default: {o.default!r}."
+        if o.default is None:  # the op picks it from the shapes: its own option says how
+            doc = f"{o.doc} Default: ``None``."
     kind = o.annotation
     if kind == "Any":
         kind = f"{array_type}, optional" if name.startswith("cu_seqlens") else "optional"

@@ -284,6 +284,8 @@ class OpDef:
         limits: per backend, the largest supported size of a dimension and why (``{"cuda": {"K": (256, "...")}}``).
         reference: the op whose numpy backend, in float64, the tests and ``rawdelta check`` compare every
             backend with (the chunked GDN's is the recurrent op: the recurrence defines the function).
+        reference_args: the names the reference op gives this op's arguments where they differ (``{"g": "gk"}``:
+            the chunked GLA's gate is the recurrent op's per-key gate).
         naive: its public float64 reference functions, if any.
         check_cases: the problems of ``rawdelta check``.
         cases: the contract tests' awkward shapes and options.
@@ -303,6 +305,7 @@ class OpDef:
     chunk_sizes: tuple[int, ...] = ()
     limits: Mapping[str, Mapping[str, tuple[int, str]]] = field(default_factory=dict)
     reference: str | None = None
+    reference_args: Mapping[str, str] = field(default_factory=dict)
     naive: tuple[Reference, ...] = ()
     check_cases: tuple[CheckCase, ...] = ()
     cases: tuple[OpCase, ...] = ()

@@ -232,7 +232,9 @@ def check_static_options(op: OpDef, args: dict[str, Any], v: Validator) -> dict[
                 v.error(f"scale must be > 0 and finite, got {scale}")
     if "chunk_size" in opts:
         cs = opts["chunk_size"]
-        if not (_is_int(cs) and int(cs) in op.chunk_sizes):
+        if cs is None and op.option("chunk_size").default is None:
+            pass  # the op picks it from the shapes (its family's Problem resolves it)
+        elif not (_is_int(cs) and int(cs) in op.chunk_sizes):
             v.error(f"chunk_size must be one of {op.chunk_sizes} (a Python int), got {cs!r}")
         else:
             opts["chunk_size"] = int(cs)

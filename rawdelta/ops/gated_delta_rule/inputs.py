@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..common.inputs import float_dtype, logsigmoid
+from ..common.inputs import float_dtype, logsigmoid, packed_sequences
 
 
 def gated_delta_rule_inputs(
@@ -46,13 +46,7 @@ def gated_delta_rule_inputs(
     HV = H if HV is None else HV
     rng = np.random.default_rng(seed)
     dt = float_dtype(dtype)
-    cu = None
-    if seqlens is not None:
-        if B != 1:
-            raise ValueError("seqlens requires B == 1")
-        T = int(sum(seqlens))
-        cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)
-    N = B if cu is None else len(seqlens)  # type: ignore[arg-type]
+    T, cu, N = packed_sequences(B, T, seqlens)
     q = rng.standard_normal((B, T, H, K))
     k = rng.standard_normal((B, T, H, K))
     if not use_qk_l2norm_in_kernel:
