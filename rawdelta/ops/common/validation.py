@@ -247,8 +247,9 @@ def _check_backend(op: OpDef, requested: Any, on_device: bool, arrs: dict[str, A
         v.error(f"backend must be one of {BACKENDS}, got {requested!r}")
         return str(requested)
     resolved = resolve_backend(requested, on_device)
-    if resolved not in op.backends:
+    if resolved not in op.backends:  # what else a backend the op lacks would need is beside the point
         v.not_supported(f"{op.name} has no {resolved!r} backend (it has {tuple(op.backends)})")
+        return resolved
     compute = compute_dtype(op, arrs)
     names = "/".join(a.name for a in op.arrays if not a.float32)
     if resolved == "cuda":
