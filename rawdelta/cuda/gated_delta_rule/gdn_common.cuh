@@ -11,6 +11,17 @@ enum : int {
     F_BSIG = 256, F_NEG = 512, F_H0 = 1024, F_HT = 2048, F_VARLEN = 4096, F_DHT = 8192, F_V_FIRST = 16384
 };
 
+// The update rule and the direction of time of the recurrent kernels (a template parameter): the gated delta rule's
+// correction S += k (beta (v - S^T k))^T, or the plain update S += k v^T (GLA), forward in time or reversed (each
+// sequence from its last token to its first).
+enum : int { RULE_DELTA = 0, RULE_PLAIN = 1, RULE_PLAIN_REVERSED = 2 };
+__host__ __device__ constexpr bool plain_rule(int rule) { return rule != RULE_DELTA; }
+__host__ __device__ constexpr bool reversed_rule(int rule) { return rule == RULE_PLAIN_REVERSED; }
+// Token of step s (0, 1, ...) of a sequence [bos, eos) in the rule's direction of time.
+template <int RULE> __device__ __forceinline__ i64 step_token(i64 bos, i64 eos, i64 s) {
+    return reversed_rule(RULE) ? eos - 1 - s : bos + s;
+}
+
 // Log-decay of the scalar gate at (token, head), after the optional in-kernel activation.
 __device__ __forceinline__ float scalar_log_gate(const float* g, const float* A_log, const float* dt_bias,
                                                  i64 th, int hv, int flags) {

@@ -98,8 +98,9 @@ __device__ __forceinline__ void block_column_sum(float (&x)[4], float& extra, fl
 }
 
 // ONE_STEP: every sequence has at most one token (decoding). MINB: blocks per SM the register
-// allocation must allow (occupancy, hence bytes in flight, for the memory-bound decode step).
-template <typename T, int RPT, int CG, int W, bool ONE_STEP, int MINB>
+// allocation must allow (occupancy, hence bytes in flight, for the memory-bound decode step). RULE: the update rule
+// and the direction of time (gdn_common.cuh).
+template <typename T, int RPT, int CG, int W, bool ONE_STEP, int MINB, int RULE>
 __global__ void __launch_bounds__(W * 32, MINB)
 gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          const float* __restrict__ g, const float* __restrict__ gk, const float* __restrict__ gv,
@@ -130,10 +131,10 @@ gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     }
 
     const SeqRange sr = seq_range(cu_seqlens, n, T_, (flags & F_VARLEN) != 0);
-    const i64 t_end = ONE_STEP ? min(sr.eos, sr.bos + 1) : sr.eos;
+    const i64 steps = ONE_STEP ? min(sr.eos - sr.bos, (i64)1) : sr.eos - sr.bos;
 #pragma unroll 1
-    for (i64 t = sr.bos; t < t_end; ++t) {
-        const i64 th = t * HV + hv;
+    for (i64 s = 0; s < steps; ++s) {
+        const i64 t = step_token<RULE>(sr.bos, sr.eos, s), th = t * HV + hv;
         float kk[RPT], qq[RPT];
         load_row_chunk<T, RPT>(k + (t * H + h) * K, r0, K, kk);
         load_row_chunk<T, RPT>(q + (t * H + h) * K, r0, K, qq);
@@ -159,11 +160,16 @@ gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                 ks[c] += S[i][c] * kk[i];
             }
         }
-        block_column_sum<CG, W>(ks, kn, red[0], warp, lane);
-        const float rk = (flags & F_L2) ? rsqrtf(kn + 1e-6f) : 1.f;
-        float delta[4];
+        float rk = 1.f, delta[4];
+        if constexpr (plain_rule(RULE)) {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) delta[c] = b[c] * (vj[c] - rk * ks[c]);
+            for (int c = 0; c < 4; ++c) delta[c] = vj[c];
+        } else {
+            block_column_sum<CG, W>(ks, kn, red[0], warp, lane);
+            rk = (flags & F_L2) ? rsqrtf(kn + 1e-6f) : 1.f;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) delta[c] = b[c] * (vj[c] - rk * ks[c]);
+        }
         float os[4] = {0.f, 0.f, 0.f, 0.f}, qn = 0.f;
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
@@ -254,7 +260,7 @@ __device__ __forceinline__ void load_lane_rows(const T* __restrict__ row, int la
     }
 }
 
-template <typename T, int RL, int JC, int W, bool ONE_STEP, int MINB>
+template <typename T, int RL, int JC, int W, bool ONE_STEP, int MINB, int RULE>
 __global__ void __launch_bounds__(W * 32, MINB)
 gdn_recurrent_fwd_vk_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                             const float* __restrict__ g, const float* __restrict__ gk, const float* __restrict__ gv,
@@ -285,10 +291,10 @@ gdn_recurrent_fwd_vk_kernel(const T* __restrict__ q, const T* __restrict__ k, co
     }
 
     const SeqRange sr = seq_range(cu_seqlens, n, T_, (flags & F_VARLEN) != 0);
-    const i64 t_end = ONE_STEP ? min(sr.eos, sr.bos + 1) : sr.eos;
+    const i64 steps = ONE_STEP ? min(sr.eos - sr.bos, (i64)1) : sr.eos - sr.bos;
 #pragma unroll 1
-    for (i64 t = sr.bos; t < t_end; ++t) {
-        const i64 th = t * HV + hv;
+    for (i64 s = 0; s < steps; ++s) {
+        const i64 t = step_token<RULE>(sr.bos, sr.eos, s), th = t * HV + hv;
         float kk[RL], qq[RL], rd[RL];
         load_lane_rows<T, RL>(k + (t * H + h) * K, lane, K, kk);
         load_lane_rows<T, RL>(q + (t * H + h) * K, lane, K, qq);
@@ -315,9 +321,12 @@ gdn_recurrent_fwd_vk_kernel(const T* __restrict__ q, const T* __restrict__ k, co
                 S[i][jj] = d != 0.f ? S[i][jj] * d : 0.f;  // a reset discards the state, even a non-finite one
                 ks += S[i][jj] * kk[i];
             }
-            ks = warp_sum(ks);
-            const float b = beta_value(beta, (flags & F_BETA_V) ? th * V + (ok ? j : 0) : th, flags);
-            const float delta = b * ((ok ? to_float(v[th * V + j]) : 0.f) - rk * ks);
+            const float vj = ok ? to_float(v[th * V + j]) : 0.f;
+            float delta = vj;
+            if constexpr (!plain_rule(RULE)) {
+                ks = warp_sum(ks);
+                delta = beta_value(beta, (flags & F_BETA_V) ? th * V + (ok ? j : 0) : th, flags) * (vj - rk * ks);
+            }
             float os = 0.f;
 #pragma unroll
             for (int i = 0; i < RL; ++i) {
@@ -387,8 +396,8 @@ __device__ __forceinline__ void load_step(BwdStep<KPT>& st, const T* __restrict_
 }
 
 // One forward step of column j on the lane's rows: S <- S~ + k delta. Returns u = v_j - S~^T k and
-// delta through the references; leaves S~ in St when St is not null.
-template <typename T, int KPT>
+// delta through the references (both v_j with the plain rule); leaves S~ in St when St is not null.
+template <typename T, int KPT, bool PLAIN>
 __device__ __forceinline__ void bwd_forward_step(float (&S)[KPT], const BwdStep<KPT>& st, float cd, float b, float vj,
                                                  float* St, float& u, float& delta) {
     float ks = 0.f;
@@ -399,13 +408,13 @@ __device__ __forceinline__ void bwd_forward_step(float (&S)[KPT], const BwdStep<
         if (St) St[i * 32] = S[i];
         ks += S[i] * st.k[i];
     }
-    u = vj - warp_sum(ks);
-    delta = b * u;
+    u = PLAIN ? vj : vj - warp_sum(ks);
+    delta = PLAIN ? vj : b * u;
 #pragma unroll
     for (int i = 0; i < KPT; ++i) S[i] += st.k[i] * delta;
 }
 
-template <typename T, int KPT>
+template <typename T, int KPT, int RULE>
 __global__ void __launch_bounds__(BWD_WARPS * 32)
 gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          const float* __restrict__ g, const float* __restrict__ gk, const float* __restrict__ gv,
@@ -461,12 +470,12 @@ gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 #pragma unroll
                 for (int i = 0; i < KPT; ++i) ck[((i64)(tl / C) * BWD_WARPS) * (32 * KPT) + i * 32] = S[i];
             }
-            const i64 t = sr.bos + tl, th = t * HV + hv;
+            const i64 t = step_token<RULE>(sr.bos, sr.eos, tl), th = t * HV + hv;
             BwdStep<KPT> st;
             load_step<T, KPT>(st, q, k, gk, t, h, H, K, th, lane, flags);
             float u, delta;
-            bwd_forward_step<T, KPT>(S, st, column_decay(th), column_beta(th), jok ? to_float(v[th * V + j]) : 0.f,
-                                     nullptr, u, delta);
+            bwd_forward_step<T, KPT, plain_rule(RULE)>(S, st, column_decay(th), column_beta(th),
+                                                       jok ? to_float(v[th * V + j]) : 0.f, nullptr, u, delta);
         }
 
         // Phase 2: reverse, one segment at a time.
@@ -482,12 +491,13 @@ gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 #pragma unroll
             for (int i = 0; i < KPT; ++i) S[i] = ck[((i64)seg * BWD_WARPS) * (32 * KPT) + i * 32];
             for (int s = 0; s < len; ++s) {
-                const i64 t = sr.bos + t0 + s, th = t * HV + hv;
+                const i64 t = step_token<RULE>(sr.bos, sr.eos, t0 + s), th = t * HV + hv;
                 BwdStep<KPT> st;
                 load_step<T, KPT>(st, q, k, gk, t, h, H, K, th, lane, flags);
                 float u, delta;
-                bwd_forward_step<T, KPT>(S, st, column_decay(th), column_beta(th),
-                                         jok ? to_float(v[th * V + j]) : 0.f, St_w + s * 32 * KPT + lane, u, delta);
+                bwd_forward_step<T, KPT, plain_rule(RULE)>(S, st, column_decay(th), column_beta(th),
+                                                           jok ? to_float(v[th * V + j]) : 0.f,
+                                                           St_w + s * 32 * KPT + lane, u, delta);
                 if (lane == 0) {
                     uu_w[s] = u;
                     dl_w[s] = delta;
@@ -495,7 +505,7 @@ gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
             }
             __syncwarp();
             for (int s = len - 1; s >= 0; --s) {  // len is uniform over the block: all warps share the sequence
-                const i64 t = sr.bos + t0 + s, th = t * HV + hv;
+                const i64 t = step_token<RULE>(sr.bos, sr.eos, t0 + s), th = t * HV + hv;
                 BwdStep<KPT> st;
                 load_step<T, KPT>(st, q, k, gk, t, h, H, K, th, lane, flags);
                 const float cd = column_decay(th);
@@ -515,7 +525,8 @@ gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                 dd = warp_sum(dd);
                 // Past a NaN or an infinity at token t the cotangents from t on are zero (the contract's case) while
                 // beta, the decay and the recomputed states there are not finite: select, so 0 stays 0.
-                const float e = dd != 0.f ? b * dd : 0.f;
+                // The plain rule has no correction: its dv is dd itself and e (the correction's) is 0.
+                const float e = plain_rule(RULE) || dd == 0.f ? 0.f : b * dd;
                 float z = 0.f;
 #pragma unroll
                 for (int i = 0; i < KPT; ++i) {
@@ -532,7 +543,7 @@ gdn_recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                     red_scal[0][warp] = z;         // dg
                     red_scal[1][warp] = dd * uu;   // dbeta (scalar beta)
                     if (jok) {
-                        dv[th * V + j] = from_float<T>(e);
+                        dv[th * V + j] = from_float<T>(plain_rule(RULE) ? dd : e);
                         if (flags & F_GV) dgv[th * V + j] = z;
                         if (flags & F_BETA_V) {
                             float db = dd * uu;

@@ -6,6 +6,11 @@ parts of KPT rows in granules of 4, 32 columns per block); the backward owns one
 lane), checkpoints the state every C steps and recomputes each segment from its checkpoint with the per-step states
 in shared memory.
 
+Every kernel takes the update rule and the direction of time as its template parameter RULE (gdn_common.cuh): the
+gated delta rule's correction, or the plain update ``S += k vᵀ`` forward or time-reversed, with which GLA's
+recurrent op (``rawdelta/ops/gla/cuda_recurrent.py``) runs these kernels; a problem picks it by its
+``update_rule`` (:func:`update_rule`).
+
 Both read and write the states in the caller's layout (:data:`NATIVE_STATE_V_FIRST`): ``[N, HV, K, V]``, or
 ``[N, HV, V, K]`` with ``state_v_first`` (the F_V_FIRST flag). The forward has a kernel per layout, each moving the
 state in whole 128-byte lines: in the second a warp owns a few value columns and all K rows (4 rows per lane).
@@ -44,22 +49,31 @@ FWD_VK_RL = (4, 8)
 BWD_WARPS = 8
 BWD_KPT_C = ((1, 32), (2, 32), (4, 16), (8, 8))  # (rows per lane, segment length C); K <= 32 * KPT
 _SMEM_STATIC_LIMIT = 48 * 1024
+# The kernels' RULE (gdn_common.cuh): the update rule and the direction of time.
+RULE_DELTA, RULE_PLAIN, RULE_PLAIN_REVERSED = 0, 1, 2
+# The rules of GLA's recurrent op; the time-reversed one has no decode form (ONE_STEP).
+PLAIN_RULES = (RULE_PLAIN, RULE_PLAIN_REVERSED)
+
+
+def update_rule(p: GDNProblem) -> int:
+    """The kernels' RULE for a problem: its ``update_rule`` where it sets one (GLA's), else the delta rule's."""
+    return int(getattr(p, "update_rule", RULE_DELTA))
 
 
 def fwd_name(ct: str, kpt: int, one_step: bool = False, geom: tuple[int, int] = FWD_GEOM,
-             min_blocks: int = FWD_MIN_BLOCKS) -> str:
+             min_blocks: int = FWD_MIN_BLOCKS, rule: int = RULE_DELTA) -> str:
     """The forward kernel's instantiation: input C type, rows per thread, geometry (CG, W), the decode-step form,
-    and the blocks per SM its registers must allow."""
+    the blocks per SM its registers must allow and the rule."""
     return (f"gdn_recurrent_fwd_kernel<{ct}, {kpt}, {geom[0]}, {geom[1]}, {launch.cpp_bool(one_step)}, "
-            f"{min_blocks}>")
+            f"{min_blocks}, {rule}>")
 
 
-def fwd_vk_name(ct: str, rl: int, one_step: bool = False, w: int = FWD_VK_W, min_blocks: int = FWD_MIN_BLOCKS
-                ) -> str:
+def fwd_vk_name(ct: str, rl: int, one_step: bool = False, w: int = FWD_VK_W, min_blocks: int = FWD_MIN_BLOCKS,
+                rule: int = RULE_DELTA) -> str:
     """The [N, HV, V, K] forward kernel's instantiation: input C type, rows per lane, the decode-step form, warps
-    per block and the blocks per SM its registers must allow."""
+    per block, the blocks per SM its registers must allow and the rule."""
     return (f"gdn_recurrent_fwd_vk_kernel<{ct}, {rl}, {32 // rl}, {w}, {launch.cpp_bool(one_step)}, "
-            f"{min_blocks}>")
+            f"{min_blocks}, {rule}>")
 
 
 def fwd_vk_rows(K: int) -> int:
@@ -71,15 +85,22 @@ def _fwd_row_parts(geom: tuple[int, int] = FWD_GEOM) -> int:
     return (32 // geom[0]) * geom[1]
 
 
-def _bwd_name(ct: str, kpt: int) -> str:
-    return f"gdn_recurrent_bwd_kernel<{ct}, {kpt}>"
+def _bwd_name(ct: str, kpt: int, rule: int = RULE_DELTA) -> str:
+    return f"gdn_recurrent_bwd_kernel<{ct}, {kpt}, {rule}>"
+
+
+def _forms(rule: int) -> tuple[bool, ...]:
+    """The forward's forms (ONE_STEP) a rule is instantiated with: the decode step only forward in time."""
+    return (False,) if rule == RULE_PLAIN_REVERSED else (False, True)
 
 
 register(
     SOURCE,
-    [fwd_name(ct, kpt, one) for ct in CTYPES.values() for kpt in FWD_KPT for one in (False, True)]
-    + [fwd_vk_name(ct, rl, one) for ct in CTYPES.values() for rl in FWD_VK_RL for one in (False, True)]
-    + [_bwd_name(ct, kpt) for ct in CTYPES.values() for kpt, _ in BWD_KPT_C],
+    [fwd_name(ct, kpt, one, rule=r) for r in (RULE_DELTA, *PLAIN_RULES) for ct in CTYPES.values() for kpt in FWD_KPT
+     for one in _forms(r)]
+    + [fwd_vk_name(ct, rl, one, rule=r) for r in (RULE_DELTA, *PLAIN_RULES) for ct in CTYPES.values()
+       for rl in FWD_VK_RL for one in _forms(r)]
+    + [_bwd_name(ct, kpt, r) for r in (RULE_DELTA, *PLAIN_RULES) for ct in CTYPES.values() for kpt, _ in BWD_KPT_C],
 )
 
 
@@ -110,14 +131,15 @@ def recurrent_forward(p: GDNProblem) -> tuple[Any, Any]:
     if p.output_final_state:
         ht = p.initial_state if p.inplace_final_state else empty(cupy, state_shape(p), np.float32)
         flags |= F_HT
-    one_step = p.T <= 1 and p.cu_seqlens is None
+    rule = update_rule(p)
+    one_step = p.T <= 1 and p.cu_seqlens is None and rule != RULE_PLAIN_REVERSED
     if p.state_layout_native:
         rl = fwd_vk_rows(p.K)
         nvb = math.ceil(p.V / (FWD_VK_W * (32 // rl)))
-        name, warps = fwd_vk_name(CTYPES[p.q.dtype], rl, one_step), FWD_VK_W
+        name, warps = fwd_vk_name(CTYPES[p.q.dtype], rl, one_step, rule=rule), FWD_VK_W
     else:
         nvb = math.ceil(p.V / (4 * FWD_GEOM[0]))
-        name, warps = fwd_name(CTYPES[p.q.dtype], fwd_kpt(p.K), one_step), FWD_GEOM[1]
+        name, warps = fwd_name(CTYPES[p.q.dtype], fwd_kpt(p.K), one_step, rule=rule), FWD_GEOM[1]
     grid = p.N * p.HV * nvb
     if grid > 0:
         get_kernel(SOURCE, name)((grid,), (32 * warps,), (
@@ -158,7 +180,7 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
     args_common = (np.int32(p.T), np.int32(p.H), np.int32(p.HV), np.int32(p.K), np.int32(p.V), np.int32(nvb),
                    np.float32(p.scale), np.int32(flags))
     if grid > 0:
-        kern = get_kernel(SOURCE, _bwd_name(ct, kpt))
+        kern = get_kernel(SOURCE, _bwd_name(ct, kpt, update_rule(p)))
         smem = C * BWD_WARPS * (32 * kpt + 2) * 4
         static = (3 * BWD_WARPS * 32 * kpt + 2 * BWD_WARPS) * 4
         if smem + static > _SMEM_STATIC_LIMIT:

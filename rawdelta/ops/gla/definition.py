@@ -133,8 +133,9 @@ RECURRENT = OpDef(
          "    o_t = S^T (scale * q_t)\n\n"
          "An absent gate decays nothing; a gate of ``-inf`` in some elements zeroes those rows (gk) or columns (gv) "
          "of the state. " + _CASTS + " No input is modified unless ``inplace_final_state=True``."),
-    backends={"numpy": Backend(f"{_PKG}.naive"), "numba": Backend(f"{_PKG}.numba_ref")},
-    limits=_LIMITS,
+    backends={"numpy": Backend(f"{_PKG}.naive"), "numba": Backend(f"{_PKG}.numba_ref"),
+              "cuda": Backend(f"{_PKG}.cuda_recurrent")},
+    limits={**_LIMITS, "cuda": {"K": (256, "a state column lives in a warp's registers")}},
     naive=(Reference("naive_recurrent_gla",
                      ("q", "k", "v", "gk", "initial_state", "output_final_state", KEYWORD_ONLY, "gv", "scale",
                       "reverse", "cu_seqlens"),
