@@ -55,7 +55,7 @@ struct WgStage {
     static constexpr int BT = 64, Q = 0, K = Q + (HAS_Q_P ? BT * KP * 2 : 0), V = K + BT * KP * 2,
                          DO = V + BT * BV * 2, A = DO + (HAS_DO ? BT * BV * 2 : 0), P = A + (HAS_A ? BT * BT * 2 : 0),
                          RAW = P + (HAS_Q_P ? BT * BT * 2 : 0),
-                         BYTES = (RAW + ChunkRows::RAW * BT * 4 + 1023) / 1024 * 1024;  // the next stage aligned too
+                         BYTES = sw128_aligned(RAW + ChunkRows::RAW * BT * 4);
 
     // Chunk c of block pb's sequence into stage st: the q, k, rule-matrix and score tiles as TMA boxes in the
     // 128-byte swizzle (tma.cuh; KP / 64 boxes for q and k), and without do (the forward) the v tile at the

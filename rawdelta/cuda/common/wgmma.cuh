@@ -21,6 +21,10 @@ namespace rawdelta {
 
 typedef unsigned long long u64;
 
+// Bytes rounded up to the 128-byte swizzle's period (1024): what a buffer of tiles takes so that the tiles after it
+// (the next stage, the next slot) start aligned too.
+__host__ __device__ constexpr int sw128_aligned(int bytes) { return (bytes + 1023) / 1024 * 1024; }
+
 // Element offset of (r, c) in a blocked tile with `cols` columns.
 __device__ __forceinline__ int blk(int r, int c, int cols) {
     return (((r >> 3) * (cols >> 3) + (c >> 3)) << 6) + ((r & 7) << 3) + (c & 7);

@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(256, 2) gdn_chunk_bwd_dqk_kernel(
 template <int KS>
 struct DqkStages {  // byte offsets: an item's q, k and raw rows; one V step's tiles
     static constexpr int BT = 64, BVB = 64, Q = 0, K = BT * KS * 2, RAW = 2 * BT * KS * 2,
-                         QK_BYTES = (RAW + ChunkRows::RAW * BT * 4 + 1023) / 1024 * 1024,  // slots 1024-aligned
+                         QK_BYTES = sw128_aligned(RAW + ChunkRows::RAW * BT * 4),
                          DO = 0, Y = DO + BT * BVB * 2, DEL = Y + BT * BVB * 2, H = DEL + BT * BVB * 2,
                          DH = H + KS * BVB * 2, V_BYTES = DH + KS * BVB * 2;
     static_assert(V_BYTES >= 4 * BT * BT * 2, "a consumed V step holds the four score tiles");

@@ -59,6 +59,13 @@ def device_helpers() -> Any:
         return tid // (V * HV), hv, hv // group, tid % V
 
     @cuda.jit(device=True)
+    def seq_bounds(cu, n, T, varlen):
+        """``(batch row, first token, end token)`` of sequence n (from ``cu_seqlens`` with varlen)."""
+        if varlen:
+            return 0, cu[n], cu[n + 1]
+        return n, 0, T
+
+    @cuda.jit(device=True)
     def load_column(S, x, n, hv, j, K, has_x):
         for i in range(K):
             S[i] = x[n, hv, i, j] if has_x else zero
@@ -91,5 +98,5 @@ def device_helpers() -> Any:
                 acc += xi * y[b, ty, hy, i]
         return acc
 
-    return types.SimpleNamespace(column_thread=column_thread, load_column=load_column, store_column=store_column,
-                                 chunk_row=chunk_row, dot=dot, dot0=dot0)
+    return types.SimpleNamespace(column_thread=column_thread, seq_bounds=seq_bounds, load_column=load_column,
+                                 store_column=store_column, chunk_row=chunk_row, dot=dot, dot0=dot0)

@@ -52,17 +52,11 @@ def _kernels() -> Any:
     one = f32(1.0)
     zero = f32(0.0)
 
-    @cuda.jit(device=True)
-    def seq_bounds(cu, n, T, varlen):
-        """``(batch row, first token, end token)`` of sequence n."""
-        if varlen:
-            return 0, cu[n], cu[n + 1]
-        return n, 0, T
-
     dev = device_functions()
     inv_norm, log_decay = dev.inv_norm, dev.log_decay
     helpers = device_helpers()
-    column_thread, load_column, store_column = helpers.column_thread, helpers.load_column, helpers.store_column
+    column_thread, seq_bounds = helpers.column_thread, helpers.seq_bounds
+    load_column, store_column = helpers.load_column, helpers.store_column
 
     @cuda.jit(device=True)
     def column_decay(g, gv, a_log, dt_bias, b, t, hv, j, has_g, has_gv, use_gate, has_dt_bias):

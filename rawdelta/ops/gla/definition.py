@@ -7,6 +7,7 @@ says how). The math is in README.md beside this file.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..common.numba_device import MAX_K
@@ -188,22 +189,14 @@ CHUNK = OpDef(
     residuals_doc="The residuals hold the validated inputs; the backward recomputes the per-chunk states.",
 )
 
-FUSED_CHUNK = OpDef(
+# chunk_gla's declaration but for what tells the two apart: the same function, its own name, cases and peer.
+FUSED_CHUNK = dataclasses.replace(
+    CHUNK,
     name="fused_chunk_gla",
-    family=FAMILY,
-    mode="chunk",
-    signature=_CHUNK_SIGNATURE,
-    options=(_CHUNK_SIZE,),
-    outputs=_OUTPUTS,
     summary="Gated linear attention chunk by chunk in one pass per sequence (no per-chunk state buffer).",
-    doc=(_CHUNK_DOC + "The same function as :func:`~rawdelta.chunk_gla`; the GPU kernel carries the state from chunk "
-         "to chunk instead of storing each chunk's start state (the CPU backends run the same stages as chunk_gla). "
-         + _CASTS + " No input is modified."),
-    backends={"numpy": Backend(f"{_PKG}.naive_chunk"), "numba": Backend(f"{_PKG}.numba_chunk")},
-    chunk_sizes=CHUNK_SIZES,
-    limits=_LIMITS,
-    reference=RECURRENT.name,
-    reference_args={"g": "gk"},
+    doc=(_CHUNK_DOC + "The same function as :func:`~rawdelta.chunk_gla`, on the same stages on the numpy and numba "
+         "backends. " + _CASTS + " No input is modified."),
+    naive=(),
     check_cases=(
         CheckCase("dense", {"B": 2, "T": 21, "H": 1, "K": 8, "V": 4, "seed": 10}, {"chunk_size": 16}),
     ),

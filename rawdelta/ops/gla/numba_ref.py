@@ -51,14 +51,13 @@ def _kernels() -> Any:
     one = f32(1.0)
     zero = f32(0.0)
     helpers = device_helpers()
-    column_thread, load_column, store_column = helpers.column_thread, helpers.load_column, helpers.store_column
+    column_thread, seq_bounds = helpers.column_thread, helpers.seq_bounds
+    load_column, store_column = helpers.load_column, helpers.store_column
 
     @cuda.jit(device=True)
     def sequence(cu, n, T, varlen, reverse):
         """``(batch row, first token visited, token past the last visited, step)`` of sequence n."""
-        b, bos, eos = n, 0, T
-        if varlen:
-            b, bos, eos = 0, cu[n], cu[n + 1]
+        b, bos, eos = seq_bounds(cu, n, T, varlen)
         if reverse:
             return b, eos - 1, bos - 1, -1
         return b, bos, eos, 1
