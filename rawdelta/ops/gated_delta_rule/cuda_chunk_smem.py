@@ -7,15 +7,10 @@ two for float32 inputs), Split tiles are two 2-byte tiles, the rest float32.
 
 from __future__ import annotations
 
+from ..common.cuda_smem import PAD, chunk_rows, f32, in_tile, split
 from .cuda_chunk_kernels import BVB, KS, WG_BT, bv
 
-PAD = 8  # TILE_PAD: elements added to every 16-bit mma.sync tile row
-ROWS = 7  # ChunkRows: per-chunk row arrays of BT floats, besides its BT + 4 ints (reset counts, live rows)
 RAW = 5  # ChunkRows::RAW: per-token 4-byte row values a prefetching kernel stages per row
-
-
-def _r16(nbytes: int) -> int:
-    return (nbytes + 15) // 16 * 16
 
 
 def _r1024(nbytes: int) -> int:
@@ -24,28 +19,11 @@ def _r1024(nbytes: int) -> int:
     return (nbytes + 1023) // 1024 * 1024
 
 
-def _in_tile(ct: str, n: int) -> int:
-    return _r16(2 * n) * (2 if ct == "float" else 1)
-
-
-def _split(n: int) -> int:
-    return 2 * _r16(2 * n)
-
-
-def _f32(n: int) -> int:
-    return _r16(4 * n)
-
-
-def _rows(bt: int) -> int:
-    """ChunkRows."""
-    return ROWS * _f32(bt) + _f32(bt + 4)
-
-
 def prepare(ct: str, bt: int, kp: int) -> int:
     """The prepare kernel."""
     lda, ldx = bt + 8, bt // 2 + 4  # L, the inverse and its scratch share the q / k tiles' space
-    return (max(2 * _in_tile(ct, bt * (kp + PAD)), 2 * _f32(bt * lda) + _f32(bt // 2 * ldx)) + 4 * _f32(bt)
-            + _f32(bt + 4))
+    return (max(2 * in_tile(ct, bt * (kp + PAD)), 2 * f32(bt * lda) + f32(bt // 2 * ldx)) + 4 * f32(bt)
+            + f32(bt + 4))
 
 
 def fwd(ct: str, bt: int, kp: int, store: bool) -> int:
@@ -53,9 +31,9 @@ def fwd(ct: str, bt: int, kp: int, store: bool) -> int:
     inverse, the state, r, 2^(G_last - G) delta and the rows."""
     b = bv(ct, kp)
     ldk, ldv, lda, ldp = kp + PAD, b + PAD, bt + PAD, bt + PAD
-    tiles = (1 if store else 2) * _in_tile(ct, bt * ldk) + _in_tile(ct, bt * ldv)
-    tiles += 0 if store else _in_tile(ct, bt * ldp)
-    return tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + _rows(bt)
+    tiles = (1 if store else 2) * in_tile(ct, bt * ldk) + in_tile(ct, bt * ldv)
+    tiles += 0 if store else in_tile(ct, bt * ldp)
+    return tiles + split(bt * lda) + split(kp * ldv) + 2 * split(bt * ldv) + chunk_rows(bt)
 
 
 def wg_stage(kp: int, cols: int, q_p: bool, do: bool) -> int:
@@ -72,7 +50,7 @@ def wg_pass(kp: int, cols: int, pipe: bool, q_p: bool, do: bool) -> int:
     that aligns the stages to 1024 bytes (the TMA tiles' 128-byte swizzle)."""
     tiles = 1 if do else 2
     return ((2 if pipe else 1) * wg_stage(kp, cols, q_p, do) + 2 * (kp * cols + tiles * WG_BT * cols)
-            + _rows(WG_BT) + 32 + 1024)
+            + chunk_rows(WG_BT) + 32 + 1024)
 
 
 def _acc_wn(m: int, n: int, nw: int) -> int:
@@ -85,16 +63,16 @@ def bwd_state(ct: str, bt: int, kp: int) -> int:
     scaled do, the rows and the rule's row-sum scratch."""
     b = bv(ct, kp)
     ldk, ldv, lda, ldp = kp + PAD, b + PAD, bt + PAD, bt + PAD
-    tiles = 2 * _in_tile(ct, bt * ldk) + _in_tile(ct, bt * ldp) + _in_tile(ct, bt * ldv)
-    return (tiles + _split(bt * lda) + _split(kp * ldv) + 2 * _split(bt * ldv) + _rows(bt)
-            + _f32(_acc_wn(bt, b, 8) * bt) + _f32(bt))
+    tiles = 2 * in_tile(ct, bt * ldk) + in_tile(ct, bt * ldp) + in_tile(ct, bt * ldv)
+    return (tiles + split(bt * lda) + split(kp * ldv) + 2 * split(bt * ldv) + chunk_rows(bt)
+            + f32(_acc_wn(bt, b, 8) * bt) + f32(bt))
 
 
 def dqk(ct: str, bt: int) -> int:
     """The mma.sync dq/dk kernel."""
     ldk, ldv, ldm = KS + PAD, BVB + PAD, bt + PAD
-    tiles = 2 * _in_tile(ct, bt * ldk) + 3 * _in_tile(ct, bt * ldv) + 2 * _in_tile(ct, KS * ldv)
-    return tiles + 2 * _split(bt * ldm) + _rows(bt) + _f32(8 * bt) + _f32(4 * bt) + _f32(8)
+    tiles = 2 * in_tile(ct, bt * ldk) + 3 * in_tile(ct, bt * ldv) + 2 * in_tile(ct, KS * ldv)
+    return tiles + 2 * split(bt * ldm) + chunk_rows(bt) + f32(8 * bt) + f32(4 * bt) + f32(8)
 
 
 def dqk_wg(ksw: int) -> int:
@@ -103,4 +81,4 @@ def dqk_wg(ksw: int) -> int:
     ks, bt = 2 * ksw, WG_BT
     qk = _r1024(2 * bt * ks * 2 + RAW * bt * 4)
     vstep = 3 * bt * BVB * 2 + 2 * ks * BVB * 2
-    return 2 * qk + 2 * vstep + _f32(bt * (bt + 4)) + _rows(bt) + _f32(12 * bt) + _f32(6 * bt) + _f32(8)
+    return 2 * qk + 2 * vstep + f32(bt * (bt + 4)) + chunk_rows(bt) + f32(12 * bt) + f32(6 * bt) + f32(8)
