@@ -36,10 +36,13 @@ struct PassOptions {
 
 // The per-token row scalars a pass reads (ChunkRows::load, fetch_raw), [BT_, HV] each: float gates, row scalars and
 // q / k row factors, int row codes (common/chunk_stages.cuh: row_code).
+// A per-key gate form adds Dk [NC, HV, K] float, each chunk's per-key decay (null for a scalar gate). Gc and Bc may be
+// null: no scalar gate (every row factor 1) and no row scalar (1).
 struct RowInputs {
     const float *Gc, *Bc;
     const int* Rc;
     const float *Rq, *Rk;
+    const float* Dk = nullptr;
 };
 
 // Per-chunk row scalars in shared memory, loaded at each chunk's start:
@@ -51,6 +54,7 @@ struct RowInputs {
 struct ChunkRows {
     float *G, *B, *rq, *rk, *gq, *gk, *lk;
     int *R, *live;
+    float* kdecay;  // per-key decay across the chunk (the per-key gate form's KeyGate::load; KP floats)
     static constexpr int ARRAYS = 7;
 
     __device__ __forceinline__ void carve(SmemCursor& cur, int BT) {
@@ -89,13 +93,13 @@ struct ChunkRows {
     __device__ __forceinline__ void load(const RowInputs& in, i64 bos, int L, int BT, int HV, int hv,
                                          const PassOptions& opt) {
         const i64 tl = (bos + L - 1) * HV + hv;
-        const float glast = in.Gc[tl];
+        const float glast = in.Gc != nullptr ? in.Gc[tl] : 0.f;
         const int clast = in.Rc[tl];
         for (int r = threadIdx.x; r < BT; r += blockDim.x) {
             const bool inside = r < L, l2 = inside && opt.row_norms();
             const i64 th = (bos + (inside ? r : L - 1)) * HV + hv;
-            set(r, in.Gc[th], in.Rc[th], glast, clast, inside ? in.Bc[th] : 0.f, l2 ? in.Rq[th] : 1.f,
-                l2 ? in.Rk[th] : 1.f);
+            set(r, in.Gc != nullptr ? in.Gc[th] : 0.f, in.Rc[th], glast, clast,
+                inside ? (in.Bc != nullptr ? in.Bc[th] : 1.f) : 0.f, l2 ? in.Rq[th] : 1.f, l2 ? in.Rk[th] : 1.f);
         }
     }
     // load() in two steps, for prefetching: the raw per-token values into shared memory ([RAW][BT] 4-byte words:
@@ -192,6 +196,42 @@ struct ScalarGate {
     static __device__ __forceinline__ float q_factor(const ChunkRows& rows, int i) { return rows.gq[i]; }
     static __device__ __forceinline__ float k_factor(const ChunkRows& rows, int i) { return rows.gk[i]; }
     static __device__ __forceinline__ float update_factor(const ChunkRows& rows, int i) { return rows.lk[i]; }
+    // A scalar gate keeps nothing per key.
+    template <int KP> static __device__ __forceinline__ void carve(ChunkRows&, SmemCursor&) {}
+    template <int KP> static __device__ __forceinline__ void load(ChunkRows&, const RowInputs&, int, int, int, int) {}
+};
+
+// The per-key gate form (GLA): a log-gate per (token, head, key). The family's prepare folds every decay into the
+// operands the passes take for q and k (q 2^G, k 2^(G_last - G)) and into the scores, so the passes see no scalar
+// gate (RowInputs Gc null: every row factor is 1); across a chunk each state row kd decays by its own key's
+// 2^G_last, from RowInputs Dk, loaded per chunk into ChunkRows::kdecay.
+struct KeyGate {
+    template <int BT, typename AccT>
+    static __device__ __forceinline__ void decay(AccT& S, const ChunkRows& rows) {
+        // a reset's decay is 0: the state row is zero by selection (the state before it may hold a NaN)
+        S.apply([&](int kd, int, float& x) {
+            const float f = rows.kdecay[kd];
+            x = f == 0.f ? 0.f : x * f;
+        });
+    }
+    template <typename AccT>
+    static __device__ __forceinline__ void scale_output(AccT& Y, const ChunkRows&, float scale) {
+        Y.apply([&](int, int, float& x) { x *= scale; });
+    }
+    static __device__ __forceinline__ float q_factor(const ChunkRows& rows, int i) { return rows.gq[i]; }
+    static __device__ __forceinline__ float k_factor(const ChunkRows& rows, int i) { return rows.gk[i]; }
+    static __device__ __forceinline__ float update_factor(const ChunkRows& rows, int i) { return rows.lk[i]; }
+    template <int KP> static __device__ __forceinline__ void carve(ChunkRows& rows, SmemCursor& cur) {
+        rows.kdecay = cur.take<float>(KP);
+    }
+    // Chunk `chunk` (its index among all NC) of value head hv: its K per-key decays, 0 on the padding rows [K, KP)
+    // (the state is zero there, and must stay so). Read after the pass's next barrier.
+    template <int KP>
+    static __device__ __forceinline__ void load(ChunkRows& rows, const RowInputs& in, int chunk, int HV, int hv,
+                                                int K) {
+        const float* src = in.Dk + ((i64)chunk * HV + hv) * K;
+        for (int d = threadIdx.x; d < KP; d += blockDim.x) rows.kdecay[d] = d < K ? src[d] : 0.f;
+    }
 };
 
 // out[e], out[e + 1] for columns j, j + 1 of a row with `cols` valid columns; one paired store when the
@@ -264,9 +304,11 @@ struct StatePassBlock {
         nchunks = (len + BT - 1) / BT;
         state_off = ((i64)n * HV + hv) * K * V;
     }
+    // Index among all NC chunks of the sequence's chunk c.
+    __device__ __forceinline__ int chunk_index(const int* seq_chunk0, int c) const { return seq_chunk0[n] + c; }
     // Offset of chunk c's [K, V] state in a per-chunk [NC, HV, K, V] array (hbuf, dhbuf).
     __device__ __forceinline__ i64 chunk_state_off(const int* seq_chunk0, int c, int HV, int K, int V) const {
-        return ((i64)(seq_chunk0[n] + c) * HV + hv) * K * V;
+        return ((i64)chunk_index(seq_chunk0, c) * HV + hv) * K * V;
     }
 };
 

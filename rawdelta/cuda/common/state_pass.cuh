@@ -4,9 +4,10 @@
 // intermediates enter the products as Split<E> tiles, so they keep ~16 mantissa bits.
 //
 // The chain is written once here (forward_state_pass, reverse_state_pass); the family's per-chunk math comes as two
-// policy types: the gate form (common/chunk_pass.cuh: ScalarGate) and the update rule, an object holding its own
-// inputs and shared-memory tiles, which computes the chunk's update values U (the gated delta rule's delta:
-// gated_delta_rule/chunk_rule.cuh) and, in the reverse pass, the gradient of what U was computed from. A rule has:
+// policy types: the gate form (common/chunk_pass.cuh: ScalarGate, KeyGate) and the update rule, an object holding its
+// own inputs and shared-memory tiles, which computes the chunk's update values U (the gated delta rule's delta:
+// gated_delta_rule/chunk_rule.cuh; the plain rule's v: common/plain_rule.cuh) and, in the reverse pass, the gradient
+// of what U was computed from. A rule has:
 //   carve_inputs(cur) / load(bos, L, HV, hv)   its per-chunk input tiles (carved after the pass's own, loaded with
 //                                               them)
 //   carve_work(cur), correct<Gate>(X, ...), values(D, emit)
@@ -48,6 +49,7 @@ __device__ __forceinline__ void forward_state_pass(unsigned char* smem, const Fo
     const Split<E> sDt = cur.take_split<E>(BT * LDV);
     ChunkRows rows;
     rows.carve(cur, BT);
+    Gate::template carve<KP>(rows, cur);
 
     const StatePassBlock pb(a.NVB, BV, BT, a.cu, a.T_, H, HV, K, V, a.opt);
 
@@ -65,6 +67,7 @@ __device__ __forceinline__ void forward_state_pass(unsigned char* smem, const Fo
         rule.load(bos, L, HV, pb.hv);
         if (!STORE) load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, pb.hv);
         rows.load(a.rows, bos, L, BT, HV, pb.hv, a.opt);
+        Gate::template load<KP>(rows, a.rows, pb.chunk_index(a.seq_chunk0, c), HV, pb.hv, K);
         S.store(sS, LDV);
         if (STORE) store_state(S, a.hbuf + pb.chunk_state_off(a.seq_chunk0, c, HV, K, V), K, V, pb.v0, pb.vcols);
         cp_async_wait_all();
@@ -82,7 +85,7 @@ __device__ __forceinline__ void forward_state_pass(unsigned char* smem, const Fo
             if (!STORE) tile_put_pair(sVD, i * LDV + j, x0, x1);
             const float l = Gate::update_factor(rows, i);
             tile_put_pair(sDt, i * LDV + j, x0 * l, x1 * l);
-            if (STORE && i < L)
+            if (STORE && a.vnew != nullptr && i < L)
                 put_row_pair(a.vnew, ((bos + i) * HV + pb.hv) * V + pb.v0 + j, j, pb.vcols, pb.paired, x0, x1);
         });
         __syncthreads();
@@ -129,6 +132,7 @@ __device__ __forceinline__ void reverse_state_pass(unsigned char* smem, const Re
                    sDoG = cur.take_split<E>(BT * LDV);
     ChunkRows rows;
     rows.carve(cur, BT);
+    Gate::template carve<KP>(rows, cur);
     rule.carve_reverse_work(cur);
 
     const StatePassBlock pb(a.NVB, BV, BT, a.cu, a.T_, H, HV, K, V, a.opt);
@@ -147,6 +151,7 @@ __device__ __forceinline__ void reverse_state_pass(unsigned char* smem, const Re
         rule.load(bos, L, HV, pb.hv);
         load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, pb.hv);
         rows.load(a.rows, bos, L, BT, HV, pb.hv, a.opt);
+        Gate::template load<KP>(rows, a.rows, pb.chunk_index(a.seq_chunk0, c), HV, pb.hv, K);
         const int live = code_live_rows(a.rows.Rc[bos * HV + pb.hv]);
         if (live < L && cotangent_reaches_dead_rows(dS, a.dout, bos, live, L, HV, V, pb)) dS.fill(dead_value());
         dS.store(sS, LDV);

@@ -1,0 +1,51 @@
+// The plain update rule for the common mma.sync state passes (common/state_pass.cuh): S += k^T v, no correction, so
+// the chunk's update values U are v itself and, in the reverse pass, dv = dU. GLA takes it with the per-key gate
+// (common/chunk_pass.cuh: KeyGate).
+#pragma once
+#include "common/state_pass.cuh"
+
+namespace rawdelta {
+
+template <typename T, typename E, int BT, int KP, int BV>
+struct PlainRule {
+    using TT = typename InputTile<T, E>::type;
+    using AccV = Acc<BT, BV, STATE_PASS_WARPS>;
+    static constexpr int LDV = BV + TILE_PAD;
+
+    TT sV;  // the pass's v tile, as correct() lends it
+
+    __device__ __forceinline__ void carve_inputs(SmemCursor&) {}
+    __device__ __forceinline__ void load(i64, int, int, int) {}
+
+    // Forward: nothing to correct; U = v, read from the pass's v tile.
+    __device__ __forceinline__ void carve_work(SmemCursor&) {}
+    template <class Gate>
+    __device__ __forceinline__ void correct(AccV&, const TT&, const Split<E>&, const TT& v, const ChunkRows&) {
+        sV = v;
+    }
+    template <typename Emit>
+    __device__ __forceinline__ void values(AccV& D, Emit&& emit) {
+        D.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            const float2 u = tile_get_pair(sV, i * LDV + j);
+            x0 = u.x;
+            x1 = u.y;
+            emit(i, j, x0, x1);
+        });
+    }
+
+    // Reverse: dv = dU for the chunk's rows; no term of the state gradient.
+    __device__ __forceinline__ void carve_reverse_work(SmemCursor&) {}
+    template <class Gate>
+    __device__ __forceinline__ void reverse_values(AccV& Z, AccV&, const Split<E>&, const TT&, const ChunkRows&,
+                                                   const ReversePassIO<T>& a, const StatePassBlock& pb, i64 bos,
+                                                   int L) {
+        const int HV = a.HV, V = a.V;
+        Z.apply_pairs([&](int i, int j, float& x0, float& x1) {
+            if (i < L) put_row_pair(a.dv, ((bos + i) * HV + pb.hv) * V + pb.v0 + j, j, pb.vcols, pb.paired, x0, x1);
+        });
+    }
+    template <typename AccS>
+    __device__ __forceinline__ void update_state_grad(AccS&, const TT&, const Split<E>&) {}
+};
+
+}  // namespace rawdelta
