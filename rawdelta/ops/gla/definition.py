@@ -171,9 +171,10 @@ CHUNK = OpDef(
     outputs=_OUTPUTS,
     summary="Gated linear attention computed chunk by chunk (training, prefill), with a backward.",
     doc=_CHUNK_DOC + _CASTS + " No input is modified.",
-    backends={"numpy": Backend(f"{_PKG}.naive_chunk"), "numba": Backend(f"{_PKG}.numba_chunk")},
+    backends={"numpy": Backend(f"{_PKG}.naive_chunk"), "numba": Backend(f"{_PKG}.numba_chunk"),
+              "cuda": Backend(f"{_PKG}.cuda_chunk")},
     chunk_sizes=CHUNK_SIZES,
-    limits=_LIMITS,
+    limits={**_LIMITS, "cuda": {"K": (256, "the state passes hold K x BV state tiles of at most 256 keys")}},
     reference=RECURRENT.name,
     reference_args={"g": "gk"},
     naive=(Reference("naive_chunk_gla",
@@ -197,6 +198,8 @@ FUSED_CHUNK = dataclasses.replace(
     doc=(_CHUNK_DOC + "The same function as :func:`~rawdelta.chunk_gla`, on the same stages on the numpy and numba "
          "backends. " + _CASTS + " No input is modified."),
     naive=(),
+    backends={"numpy": Backend(f"{_PKG}.naive_chunk"), "numba": Backend(f"{_PKG}.numba_chunk")},
+    limits=_LIMITS,
     check_cases=(
         CheckCase("dense", {"B": 2, "T": 21, "H": 1, "K": 8, "V": 4, "seed": 10}, {"chunk_size": 16}),
     ),

@@ -1,0 +1,295 @@
+// GLA, chunked mode, the last stage of the backward: per chunk, head and slice of KS keys, dq, dk and the gate
+// gradient dg (mma.sync: sm_80 and later). Layouts: gla/chunk.cuh; math: rawdelta/ops/gla/README.md ("Backward").
+#include "gla/chunk.cuh"
+
+using namespace rawdelta;
+
+namespace gla_dqk {
+
+// One warp: c[j] = A B_j, A the 16 x 16 block at (m0, k0) of a split tile (layout LA: MK, or KM for the stored
+// matrix's transpose), B_j the 16 x 8 block at (k0, (wn + j WN) 8) of a split KN tile; hi*hi + lo*hi + hi*lo
+// (~16 mantissa bits). c is the 16 x 8 accumulator tiles' layout of Acc (row (lane >> 2) + 8 (e >> 1), column
+// 2 (lane & 3) + (e & 1)).
+template <typename E, Layout LA, int NT, int WN>
+__device__ __forceinline__ void warp_block_mma(float (&c)[NT][4], const Split<E>& A, int lda, int m0, int k0,
+                                               const Split<E>& B, int ldb, int wn, int lane) {
+    const int ao = a_lane<LA>(lane, lda) + a_frag<LA>(m0, k0, lda);
+    u32 ah[4], al[4];
+    load_a<LA>(ah, smem_addr(A.hi) + ao);
+    load_a<LA>(al, smem_addr(A.lo) + ao);
+    const int bl0 = b_lane<KN>(lane, ldb);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int bo = bl0 + b_frag<KN>(k0, (wn + j * WN) * 8, ldb);
+        u32 bh[2], bl[2];
+        load_b<KN>(bh, smem_addr(B.hi) + bo);
+        load_b<KN>(bl, smem_addr(B.lo) + bo);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[j][e] = 0.f;
+        MmaType<E>::mma(c[j], ah, bh);
+        MmaType<E>::mma(c[j], al, bh);
+        MmaType<E>::mma(c[j], ah, bl);
+    }
+}
+
+}  // namespace gla_dqk
+
+// ---------------------------------------------------------------------------------------------
+// Per (chunk c, head h, slice of KS keys [k0, k0 + kc)), one block of 256 threads, grid NC * H * NKS (blockIdx.x =
+// (c H + h) NKS + ks). Rows r, j of the chunk (L rows; live = its first dead row, L when none; last = live - 1),
+// G / R the per-key cumulative log2 gates and reset counts (gla/chunk.cuh), every decay selected to 0 across a reset:
+//   loop over V in blocks of BVB (tensor cores):  Dq = do h^T, Dx = v dh^T [BT x KS],  dA = do v^T [BT x BT],
+//                                                 hdh_d = sum_v h_dv dh_dv
+//   dA_rj = scale dA_rj for j <= r < live, else 0
+//   dq_r  = scale 2^G_r Dq_r + sum_{j <= r} dA_rj 2^(G_r - G_j) k_j
+//   dx_j  = 2^(G_last - G_j) Dx_j                               (dk^inter)
+//   dk_j  = dx_j + sum_{r >= j} dA_rj 2^(G_r - G_j) q_r
+// The intra-chunk sums by 16-row sub-blocks: a pair of sub-blocks I > J is a product of scaled tiles with both
+// decay factors taken against a reference row between them, each at most 1 for gates <= 0 and 0 across a reset:
+//   dq_I += 2^(G_I - G_ref) (dA_IJ (k_J 2^(G_ref - G_J))),   ref = the last row of J (kL, one tile for every I)
+//   dk_J += 2^(G_ref - G_J) (dA_IJ^T (q_I 2^(G_I - G_ref))), ref = the first row of I (qF, one tile for every J)
+// (the post-factors per element of each pair's product, in registers); the diagonal sub-blocks element by element
+// in float32 (their factors against one row could overflow), their diagonal entries j = r (decay 1) apart.
+// Gate gradient per key d (natural-log units, README "The gate gradient"):
+//   dG_r = q_r (dq_r - dA_rr k_r) - k_r (dk_r - dx_r - dA_rr q_r)      (the diagonal terms, which cancel exactly,
+//                                                                        left out of both)
+//   dg_s = sum_{s <= r < live, R_r = R_s} dG_r + sum_{j < s} k_j dx_j + Dk hdh,   0 at a reset's own gate
+// that is, the reverse chunk-local cumsum of dG_r + [r = last] (Dk hdh + sum_j k_j dx_j), with the rows past the
+// next reset left out (their terms sum to 0: naive_chunk's reverse_chunk_local_cumsum) and the rows written's
+// terms k_j dx_j summed over their spans j < s directly (an exclusive prefix) rather than added at the last row
+// and cancelled again at row j, which would cancel O(1) terms under strong decay.
+// Dead rows [live, L) are past the chunk for every product (selected out; q, k, v, do, G may be anything there) and
+// get NaN in dq, dk and dg. Deterministic: every sum in a fixed order, no atomics.
+template <typename T, typename E, int BT, int KS, int BVB>
+__global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+    const float* __restrict__ Gk, const unsigned char* __restrict__ Rk, const int* __restrict__ Rc,
+    const float* __restrict__ Dk, const T* __restrict__ hbuf, const T* __restrict__ dhbuf,
+    const i64* __restrict__ chunk_bos, const int* __restrict__ chunk_len, T* __restrict__ dq, T* __restrict__ dk,
+    float* __restrict__ dg, int H, int K, int V, int NKS, float scale) {
+    using TT = typename InputTile<T, E>::type;
+    constexpr int NW = 8, NB = BT / SUB;
+    constexpr int LDF = KS + 4;         // float and byte tiles of the slice's keys: G, R, q, k (then dG, k dx)
+    constexpr int LDK = KS + TILE_PAD;  // the scaled operands kL / qF
+    constexpr int LDV = BVB + TILE_PAD;
+    constexpr int LDM = BT + TILE_PAD;  // the scores dA
+    using AccQ = Acc<BT, KS, NW>;
+    using AccA = Acc<BT, BT, NW>;
+    constexpr int NT = AccQ::NT, WM = AccQ::WM, WN = AccQ::WN;
+    static_assert(BT % SUB == 0 && KS % 16 == 0 && BVB % 16 == 0, "tile sizes");
+    static_assert(AccQ::MT == 1 && WM == NB && WM * WN == NW, "each warp owns one 16-row sub-block of dq / dk");
+    static_assert(KS * 4 == NW * 32, "four threads per key sum h dh");
+    constexpr int U = 1;  // k steps unrolled per product of the V loop (three accumulators live across it)
+
+    // Shared memory: G, R, hdh and Dk for the whole block; then the V loop's tiles, whose space afterwards holds
+    // q, k (float), the scores and one scaled operand (kL, then qF); q and k become dG and k dx at the end.
+    extern __shared__ __align__(16) unsigned char smem[];
+    SmemCursor cur{smem};
+    float* sG = cur.take<float>(BT * LDF);
+    unsigned char* sR = cur.take<unsigned char>(BT * LDF);
+    float* sHdh = cur.take<float>(KS);
+    float* sDk = cur.take<float>(KS);
+    unsigned char* const vloop_tiles = cur.p;
+    TT sDo, sV, sH, sDh;
+    cur.into(sDo, BT * LDV);
+    cur.into(sV, BT * LDV);
+    cur.into(sH, KS * LDV);
+    cur.into(sDh, KS * LDV);
+    SmemCursor after{vloop_tiles};
+    float* sQ = after.take<float>(BT * LDF);
+    float* sK = after.take<float>(BT * LDF);
+    const Split<E> sA = after.take_split<E>(BT * LDM);
+    const Split<E> sS = after.take_split<E>(BT * LDK);
+
+    const int ks = blockIdx.x % NKS, ch = blockIdx.x / NKS, h = ch % H, c = ch / H;
+    const i64 bos = chunk_bos[c];
+    const int L = chunk_len[c], k0 = ks * KS, kc = min(KS, K - k0);
+    const int live = min(code_live_rows(Rc[bos * H + h]), L), last = max(live - 1, 0);
+    const i64 qk0 = (bos * H + h) * K + k0, rstride = (i64)H * K;  // (row 0, key k0) of [BT_, H, K]; row stride
+    const i64 hoff = ((i64)c * H + h) * K * V + (i64)k0 * V;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wb = warp % WM, wn = warp / WM;  // this warp's sub-block of rows in dq / dk, its column group
+
+    load_tile(sG, LDF, Gk + qk0, rstride, L, kc, BT, KS);
+    for (int idx = threadIdx.x; idx < BT * KS; idx += blockDim.x) {
+        const int r = idx / KS, d = idx % KS;
+        sR[r * LDF + d] = (r < L && d < kc) ? Rk[qk0 + r * rstride + d] : (unsigned char)0;
+    }
+
+    AccQ Dq, Dx;
+    AccA dA;
+    Dq.fill(0.f);
+    Dx.fill(0.f);
+    dA.fill(0.f);
+    float hdh = 0.f;  // this thread's part of hdh of key hkey: value columns 2 hpart + 8 i (and the next)
+    const int hkey = threadIdx.x >> 2, hpart = threadIdx.x & 3;
+#pragma unroll 1
+    for (int v0 = 0; v0 < V; v0 += BVB) {
+        const int vc = min(BVB, V - v0);
+        const i64 row = (bos * H + h) * V + v0;
+        load_tile(sDo, LDV, dout + row, (i64)H * V, L, vc, BT, BVB);
+        load_tile(sV, LDV, v + row, (i64)H * V, L, vc, BT, BVB);
+        load_tile(sH, LDV, hbuf + hoff + v0, (i64)V, kc, vc, KS, BVB);
+        load_tile(sDh, LDV, dhbuf + hoff + v0, (i64)V, kc, vc, KS, BVB);
+        cp_async_wait_all();
+        __syncthreads();
+#pragma unroll
+        for (int col = 2 * hpart; col < BVB; col += 8) {
+            const int e = hkey * LDV + col;
+            const float2 a = tile_get_pair(sH, e), b = tile_get_pair(sDh, e);
+            hdh += a.x * b.x + a.y * b.y;
+        }
+        gemm<E, MK, NK, BT, KS, BVB, NW, U>(Dq, sDo, LDV, sH, LDV);
+        gemm<E, MK, NK, BT, KS, BVB, NW, U>(Dx, sV, LDV, sDh, LDV);
+        gemm<E, MK, NK, BT, BT, BVB, NW, U>(dA, sDo, LDV, sV, LDV);
+        __syncthreads();
+    }
+
+    // ---- the V loop's tiles are dead: the scores (masked, scaled), q, k, hdh, Dk ----
+    dA.apply_pairs([&](int r, int j, float& x0, float& x1) {
+        const bool in = r < live;  // select: do and v may be anything on dead rows
+        split_store_pair(sA, r * LDM + j, in && j <= r ? x0 * scale : 0.f, in && j + 1 <= r ? x1 * scale : 0.f);
+    });
+    load_tile(sQ, LDF, q + qk0, rstride, L, kc, BT, KS);
+    load_tile(sK, LDF, k + qk0, rstride, L, kc, BT, KS);
+    hdh = lane_group_sum<1, 4>(hdh);
+    if (hpart == 0) sHdh[hkey] = hdh;
+    if ((int)threadIdx.x < KS)
+        sDk[threadIdx.x] = (int)threadIdx.x < kc ? Dk[((i64)c * H + h) * K + k0 + threadIdx.x] : 0.f;
+    cp_async_wait_all();
+    __syncthreads();
+
+    // The inter-chunk parts: dq = scale 2^G_r Dq (0 after a reset), dx = 2^(G_last - G_j) Dx (0 before one)
+    Dq.apply([&](int r, int d, float& x) {
+        x = sR[r * LDF + d] > 0 ? 0.f : x * (exp2f(sG[r * LDF + d]) * scale);
+    });
+    Dx.apply([&](int j, int d, float& x) {
+        x = sR[last * LDF + d] > sR[j * LDF + d] ? 0.f : x * exp2f(sG[last * LDF + d] - sG[j * LDF + d]);
+    });
+
+    // kL_j = k_j 2^(G_ref - G_j), ref = the last live row of j's sub-block (>= j); 0 on dead rows
+    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * blockDim.x) {
+        const int j = idx / KS, d = idx % KS, ref = min(j | (SUB - 1), last);
+        float x0 = 0.f, x1 = 0.f;
+        if (j < live) {
+            x0 = sK[j * LDF + d] * key_decay(sG, sR, LDF, ref, j, d);
+            x1 = sK[j * LDF + d + 1] * key_decay(sG, sR, LDF, ref, j, d + 1);
+        }
+        split_store_pair(sS, j * LDK + d, x0, x1);
+    }
+    __syncthreads();
+
+    // dq, sub-blocks J < I = wb (all rows of J live when a row of I is: ref = the last row of J):
+    // dq_r += 2^(G_r - G_ref) (dA_IJ kL_J)_r
+    for (int J = 0; J < wb && wb * SUB < live; ++J) {
+        float t[NT][4];
+        gla_dqk::warp_block_mma<E, MK, NT, WN>(t, sA, LDM, wb * SUB, J * SUB, sS, LDK, wn, lane);
+        const int ref = J * SUB + SUB - 1;
+#pragma unroll
+        for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
+                if (r < live) Dq.v[0][jt][e] += key_decay(sG, sR, LDF, r, ref, d) * t[jt][e];
+            }
+    }
+    // dq, the diagonal sub-block: j in [first row of r's sub-block, r)
+    Dq.apply([&](int r, int d, float& x) {
+        if (r >= live) return;
+        float s = 0.f;
+        for (int j = r & ~(SUB - 1); j < r; ++j)
+            s += tile_get(sA, r * LDM + j) * key_decay(sG, sR, LDF, r, j, d) * sK[j * LDF + d];
+        x += s;
+    });
+    __syncthreads();  // kL read
+
+    // qF_r = q_r 2^(G_r - G_ref), ref = the first row of r's sub-block; 0 on dead rows
+    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * blockDim.x) {
+        const int r = idx / KS, d = idx % KS, ref = r & ~(SUB - 1);
+        float x0 = 0.f, x1 = 0.f;
+        if (r < live) {
+            x0 = sQ[r * LDF + d] * key_decay(sG, sR, LDF, r, ref, d);
+            x1 = sQ[r * LDF + d + 1] * key_decay(sG, sR, LDF, r, ref, d + 1);
+        }
+        split_store_pair(sS, r * LDK + d, x0, x1);
+    }
+    __syncthreads();
+
+    // dk (its intra-chunk part Di), sub-blocks I > J = wb with a live row (ref = the first row of I):
+    // dk_j += 2^(G_ref - G_j) (dA_IJ^T qF_I)_j
+    AccQ Di;
+    Di.fill(0.f);
+    for (int I = wb + 1; I < NB && I * SUB < live; ++I) {
+        float t[NT][4];
+        gla_dqk::warp_block_mma<E, KM, NT, WN>(t, sA, LDM, wb * SUB, I * SUB, sS, LDK, wn, lane);
+        const int ref = I * SUB;
+#pragma unroll
+        for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
+                if (j < live) Di.v[0][jt][e] += key_decay(sG, sR, LDF, ref, j, d) * t[jt][e];
+            }
+    }
+    // dk, the diagonal sub-block: r in (j, end of j's sub-block), live rows only
+    Di.apply([&](int j, int d, float& x) {
+        if (j >= live) return;
+        const int end = min((j | (SUB - 1)) + 1, live);
+        float s = 0.f;
+        for (int r = j + 1; r < end; ++r)
+            s += tile_get(sA, r * LDM + j) * key_decay(sG, sR, LDF, r, j, d) * sQ[r * LDF + d];
+        x += s;
+    });
+    __syncthreads();  // q and k read by every thread: from here each thread rewrites only its own elements
+
+    // dq, dk (with the diagonal terms dA_rr k_r, dA_rr q_r); q and k become dG_r and k_r dx_r (0 past live)
+    const bool paired = (K & 1) == 0;
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+            const int r = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
+            const bool in = r < live;
+            const float a = in ? tile_get(sA, r * LDM + r) : 0.f;
+            float oq[2], ok[2];
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                const int i = r * LDF + d + x;
+                const float qv = sQ[i], kv = sK[i];
+                const float xq = Dq.v[0][jt][e + x], xi = Di.v[0][jt][e + x], xx = Dx.v[0][jt][e + x];
+                oq[x] = in ? xq + a * kv : dead_value();
+                ok[x] = in ? xx + xi + a * qv : dead_value();
+                sQ[i] = in ? qv * xq - kv * xi : 0.f;
+                sK[i] = in ? kv * xx : 0.f;
+            }
+            if (r < L) {
+                const i64 o = qk0 + r * rstride + d;
+                put_row_pair(dq, o, d, kc, paired, oq[0], oq[1]);
+                put_row_pair(dk, o, d, kc, paired, ok[0], ok[1]);
+            }
+        }
+    __syncthreads();
+
+    // dg, one thread per key, rows in a fixed order: the exclusive prefix of k dx, then the reverse cumsum of dG
+    // within each run of rows between resets
+    if ((int)threadIdx.x < kc) {
+        const int d = threadIdx.x;
+        const float carried = sDk[d] == 0.f ? 0.f : sDk[d] * sHdh[d];  // 2^G_last spans every step
+        float pre = 0.f;
+        for (int s = 0; s < live; ++s) {
+            const float x = sK[s * LDF + d];
+            sK[s * LDF + d] = pre;
+            pre += x;
+        }
+        float* out = dg + qk0 + d;
+        float acc = 0.f;
+        for (int s = live - 1; s >= 0; --s) {
+            const int rs = sR[s * LDF + d];
+            if (s + 1 < live && (int)sR[(s + 1) * LDF + d] != rs) acc = 0.f;
+            acc += sQ[s * LDF + d];
+            const bool own_reset = rs > (s > 0 ? (int)sR[(s - 1) * LDF + d] : 0);
+            out[s * rstride] = own_reset ? 0.f : acc + sK[s * LDF + d] + carried;
+        }
+        for (int s = live; s < L; ++s) out[s * rstride] = dead_value();
+    }
+}

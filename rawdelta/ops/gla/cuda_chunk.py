@@ -1,0 +1,192 @@
+"""The cuda backend of :func:`~rawdelta.chunk_gla`: CUDA C kernels on tensor cores (mma.sync).
+
+Forward: the chunk table -> prepare (``rawdelta/cuda/gla/chunk_prepare.cu``: per-key cumulative gates, the operands
+``q 2^G`` and ``k 2^(G_last - G)`` with every decay folded in, each chunk's per-key decay, the intra-chunk scores) ->
+the common forward state pass with the per-key gate and the plain rule (``gla/chunk_fwd.cu``), which writes the
+output and the final state. Backward: prepare and the forward pass again (storing each chunk's start state), the
+common reverse state pass (``gla/chunk_bwd.cu``: dv, the state gradient at each chunk's end, dh0), then dq, dk and
+the gate gradient per chunk and key slice (``gla/chunk_bwd_dqk.cu``). Nothing is kept between the two: the backward
+recomputes what it needs. Every sum has a fixed order (no atomics), so the backward is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..._arrays import BFLOAT16, empty
+from ...cuda import launch
+from ...cuda.launch import CTYPES, cpp_bool, ptr
+from ...cuda.loader import register
+from ..common.cuda_smem import PAD, chunk_rows, f32, in_tile, r16, split
+from ..gated_delta_rule.cuda_chunk_kernels import MMA_TYPE, PREPARE_SOURCE, TABLE_KERNEL, bv, kp_for
+from .cuda_chunk_dqk import launch_dqk
+from .definition import CHUNK_SIZES
+
+if TYPE_CHECKING:
+    from .definition import GLAProblem
+
+PREPARE = "gla/chunk_prepare.cu"
+FWD = "gla/chunk_fwd.cu"
+BWD = "gla/chunk_bwd.cu"
+KP_SIZES = (64, 128, 256)
+PREP_KS = 64  # keys per slice of the prepare kernel
+
+# Pass option bits (rawdelta/cuda/common/chunk_pass.cuh: PassOptions).
+PASS_H0, PASS_HT, PASS_VARLEN, PASS_DHT = 1024, 2048, 4096, 8192
+
+
+def prepare_name(ct: str, bt: int) -> str:
+    return f"gla_chunk_prepare_kernel<{ct}, {MMA_TYPE[ct]}, {bt}>"
+
+
+def fwd_name(ct: str, bt: int, kp: int, store: bool) -> str:
+    return f"gla_chunk_fwd_kernel<{ct}, {MMA_TYPE[ct]}, {bt}, {kp}, {bv(ct, kp)}, {cpp_bool(store)}>"
+
+
+def bwd_name(ct: str, bt: int, kp: int) -> str:
+    return f"gla_chunk_bwd_state_kernel<{ct}, {MMA_TYPE[ct]}, {bt}, {kp}, {bv(ct, kp)}>"
+
+
+_CTS = tuple(CTYPES.values())
+register(PREPARE, [prepare_name(ct, bt) for ct in _CTS for bt in CHUNK_SIZES])
+register(FWD, [fwd_name(ct, bt, kp, s) for ct in _CTS for bt in CHUNK_SIZES for kp in KP_SIZES for s in (False, True)])
+register(BWD, [bwd_name(ct, bt, kp) for ct in _CTS for bt in CHUNK_SIZES for kp in KP_SIZES])
+
+
+def _itemsize(ct: str) -> int:
+    return 4 if ct == "float" else 2
+
+
+def prepare_smem(ct: str, bt: int) -> int:
+    """Prepare: the raw q and k slices, their scaled split copies, the gates and reset counts, the scores."""
+    ld = PREP_KS + PAD
+    return (2 * r16(_itemsize(ct) * bt * ld) + 2 * split(bt * ld) + 2 * f32(bt * PREP_KS) + f32(bt * (bt + 4))
+            + f32(4))
+
+
+def fwd_smem(ct: str, bt: int, kp: int, store: bool) -> int:
+    """The forward state pass: q (not with ``store``), k, v, the scores (not with ``store``), the state, the update
+    tile, the rows and the per-key decays."""
+    ldk, ldv, ldp = kp + PAD, bv(ct, kp) + PAD, bt + PAD
+    tiles = (1 if store else 2) * in_tile(ct, bt * ldk) + in_tile(ct, bt * ldv)
+    tiles += 0 if store else in_tile(ct, bt * ldp)
+    return tiles + split(kp * ldv) + split(bt * ldv) + chunk_rows(bt) + f32(kp)
+
+
+def bwd_smem(ct: str, bt: int, kp: int) -> int:
+    """The reverse state pass: q, k, the scores, do, the state gradient, dU, the scaled do, the rows and the per-key
+    decays."""
+    ldk, ldv, ldp = kp + PAD, bv(ct, kp) + PAD, bt + PAD
+    tiles = 2 * in_tile(ct, bt * ldk) + in_tile(ct, bt * ldp) + in_tile(ct, bt * ldv)
+    return tiles + split(kp * ldv) + 2 * split(bt * ldv) + chunk_rows(bt) + f32(kp)
+
+
+class _Chunks:
+    """The chunk table and prepare's outputs for one call (layouts: ``rawdelta/cuda/gla/chunk.cuh``)."""
+
+    def __init__(self, p: GLAProblem, bt: int) -> None:
+        import cupy
+
+        self.bt, self.kp, self.ct = bt, kp_for(p.K), CTYPES[p.q.dtype]
+        self.nc = int(np.sum((p.seq_lengths + bt - 1) // bt))
+        flags = PASS_VARLEN if p.cu_seqlens is not None else 0
+        self.seq_chunk0 = empty(cupy, (p.N + 1,), np.int32)
+        self.chunk_bos = empty(cupy, (max(self.nc, 1),), np.int64)
+        self.chunk_len = empty(cupy, (max(self.nc, 1),), np.int32)
+        launch.launch(PREPARE_SOURCE, TABLE_KERNEL, 1, 1024, 0, (
+            ptr(p.cu_seqlens), np.int32(p.N), np.int32(p.T), np.int32(bt), self.seq_chunk0, self.chunk_bos,
+            self.chunk_len, np.int32(flags)))
+        n_tok, H, K = p.B * p.T, p.H, p.K
+        mma = np.dtype(np.float16) if self.ct == "__half" else BFLOAT16
+        self.Gk = empty(cupy, (n_tok, H, K), np.float32)
+        self.Rk = empty(cupy, (n_tok, H, K), np.uint8)
+        self.Rc = empty(cupy, (n_tok, H), np.int32)
+        self.qg = empty(cupy, (n_tok, H, K), p.q.dtype)
+        self.kg = empty(cupy, (n_tok, H, K), p.q.dtype)
+        self.Dk = empty(cupy, (max(self.nc, 1), H, K), np.float32)
+        self.Ahi = empty(cupy, (n_tok, H, bt), mma)
+        self.Alo = empty(cupy, (n_tok, H, bt), mma) if self.ct == "float" else None
+        if self.nc > 0:
+            launch.launch(PREPARE, prepare_name(self.ct, bt), self.nc * H, 256, prepare_smem(self.ct, bt), (
+                p.q, p.k, p.g, self.chunk_bos, self.chunk_len, self.Gk, self.Rk, self.Rc, self.qg, self.kg, self.Dk,
+                self.Ahi, ptr(self.Alo), np.int32(H), np.int32(K), np.float32(p.scale)))
+
+    def pass_blocks(self, p: GLAProblem) -> tuple[int, int]:
+        """Value blocks per head and blocks in all of the state passes."""
+        nvb = math.ceil(p.V / bv(self.ct, self.kp))
+        return nvb, p.N * p.H * nvb
+
+
+def _flags(p: GLAProblem) -> int:
+    return (PASS_H0 if p.initial_state is not None else 0) | (PASS_VARLEN if p.cu_seqlens is not None else 0)
+
+
+def _forward_pass(p: GLAProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None) -> None:
+    """The forward state pass: the output and final state, or with ``hbuf`` each chunk's start state instead."""
+    store = hbuf is not None
+    nvb, grid = ch.pass_blocks(p)
+    launch.launch(FWD, fwd_name(ch.ct, ch.bt, ch.kp, store), grid, 256, fwd_smem(ch.ct, ch.bt, ch.kp, store), (
+        ch.qg, ch.kg, p.v, ch.Rc, ch.Dk, ch.Ahi, ptr(ch.Alo), ptr(p.initial_state), ptr(p.cu_seqlens), ch.seq_chunk0,
+        ptr(o), ptr(ht), ptr(hbuf), np.int32(p.T), np.int32(p.H), np.int32(p.K), np.int32(p.V), np.int32(nvb),
+        np.float32(p.scale), np.int32(flags)))
+
+
+def chunk_forward(p: GLAProblem, chunk_size: int) -> tuple[Any, Any]:
+    """Launch the forward: o ``[B, T, H, V]`` (v's dtype) and, with ``p.output_final_state``, the final state
+    ``[N, H, K, V]`` float32 (else None)."""
+    import cupy
+
+    ch = _Chunks(p, chunk_size)
+    o = empty(cupy, (p.B, p.T, p.H, p.V), p.v.dtype)
+    flags = _flags(p)
+    ht = None
+    if p.output_final_state:
+        ht = empty(cupy, (p.N, p.H, p.K, p.V), np.float32)
+        flags |= PASS_HT
+    _forward_pass(p, ch, flags, o=o, ht=ht)
+    return o, ht
+
+
+def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any) -> dict[str, Any]:
+    """Launch the backward: gradients keyed by input name (dq, dk, dv in the input dtype, dg and dh0 float32),
+    None for absent inputs. do ``[B, T, H, V]``; dht ``[N, H, K, V]`` or None."""
+    import cupy
+
+    dt = p.q.dtype
+    do = cupy.ascontiguousarray(do if do.dtype == dt else do.astype(dt))
+    if dht is not None:
+        dht = cupy.ascontiguousarray(dht, dtype=np.float32)
+    ch = _Chunks(p, chunk_size)
+    flags = _flags(p) | (PASS_DHT if dht is not None else 0)
+    H, K, V = p.H, p.K, p.V
+    hbuf = empty(cupy, (max(ch.nc, 1), H, K, V), dt)
+    dhbuf = empty(cupy, (max(ch.nc, 1), H, K, V), dt)
+    dv = empty(cupy, (p.B, p.T, H, V), p.v.dtype)
+    dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
+    dq, dk = (empty(cupy, (p.B, p.T, H, K), dt) for _ in range(2))
+    dg = empty(cupy, (p.B, p.T, H, K), np.float32)
+    _forward_pass(p, ch, flags, hbuf=hbuf)
+    nvb, grid = ch.pass_blocks(p)
+    launch.launch(BWD, bwd_name(ch.ct, ch.bt, ch.kp), grid, 256, bwd_smem(ch.ct, ch.bt, ch.kp), (
+        ch.qg, ch.kg, do, ch.Rc, ch.Dk, ch.Ahi, ptr(ch.Alo), ptr(dht), ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf, dv,
+        ptr(dh0), np.int32(p.T), np.int32(H), np.int32(K), np.int32(V), np.int32(nvb), np.float32(p.scale),
+        np.int32(flags)))
+    if ch.nc > 0:
+        launch_dqk(ch.ct, ch.bt, ch.nc, H, K, V, p.scale, q=p.q, k=p.k, v=p.v, do=do, Gk=ch.Gk, Rk=ch.Rk, Rc=ch.Rc,
+                   Dk=ch.Dk, hbuf=hbuf, dhbuf=dhbuf, chunk_bos=ch.chunk_bos, chunk_len=ch.chunk_len, dq=dq, dk=dk,
+                   dg=dg)
+    return {"q": dq, "k": dk, "v": dv, "g": dg, "gk": None, "gv": None, "initial_state": dh0}
+
+
+def forward(p: GLAProblem, workspace: Any = None) -> tuple[tuple[Any, Any], None]:
+    """The backend protocol's forward (``rawdelta/ops/common/opdef.py``, ``Backend``): ``((o, ht), None)``; the
+    backward recomputes what it needs."""
+    return chunk_forward(p, p.chunk_size), None
+
+
+def backward(p: GLAProblem, saved: Any, do: Any, dht: Any) -> dict[str, Any]:
+    """The backend protocol's backward: :func:`chunk_backward`."""
+    return chunk_backward(p, p.chunk_size, do, dht)
