@@ -132,21 +132,3 @@ def check_against_fd(p: GDNProblem, do: np.ndarray, dht: np.ndarray | None, forw
         rel = float(np.linalg.norm(gr - fd)) / scale
         worst = float(np.max(np.abs(gr - fd))) / max(float(np.max(np.abs(fd))), 1e-12)
         assert rel < FD_RTOL and worst < 10 * FD_RTOL, f"d{name}: relative error {rel:.2e}, worst element {worst:.2e}"
-
-
-def record_launches(monkeypatch: Any, prefix: str = "") -> list[str]:
-    """From now on, the name of every kernel launched through ``rawdelta.cuda.launch`` (those starting with `prefix`),
-    in the order their launches are built (``launch.prepared_launch``, through which every launch there goes: all of
-    the CUDA chunked op's)."""
-    from rawdelta.cuda import launch
-
-    names: list[str] = []
-    prepared_launch = launch.prepared_launch
-
-    def spy(source: str, name: str, *args: Any, **kwargs: Any) -> Any:
-        if name.startswith(prefix):
-            names.append(name)
-        return prepared_launch(source, name, *args, **kwargs)
-
-    monkeypatch.setattr(launch, "prepared_launch", spy)
-    return names

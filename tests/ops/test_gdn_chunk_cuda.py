@@ -25,7 +25,8 @@ from rawdelta.ops.gated_delta_rule.cuda_chunk import ChunkOptions
 from rawdelta.testing import assert_close, gated_delta_rule_inputs, grad_label, to_device, to_host
 from rawdelta.testing.inputs import split_op_args
 
-from .gdn_cases import CHUNK_OPTIONS, CHUNK_SHAPES, check_backend, make_inputs, make_problem, record_launches
+from .gdn_cases import CHUNK_OPTIONS, CHUNK_SHAPES, check_backend, make_inputs, make_problem
+from .launches import record_launches
 
 pytestmark = pytest.mark.gpu
 DTYPES = ["float32", "float16", "bfloat16"]

@@ -1,7 +1,8 @@
 """chunk_gla's cuda backend on what the contract tests do not run: every chunk size and input dtype at sizes that take
 several key slices, value blocks and 16-row sub-blocks, K = 256, resets in some keys only, strongly decaying gates,
-and a deterministic backward. Each is compared with the float64 reference of the same call (forward and every
-gradient, dh0 and the dht path included)."""
+the Hopper (wgmma) state passes in each configuration and the mma.sync ones on the same device, and a deterministic
+backward. Each is compared with the float64 reference of the same call (forward and every gradient, dh0 and the dht
+path included)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import pytest
 
 import rawdelta
 from rawdelta.ops import registry
+from rawdelta.ops.gla import cuda_chunk
 from rawdelta.testing import gla_inputs, to_device, to_host
 from rawdelta.testing.inputs import split_op_args
 
 from ..contract._ops import check_backend
+from .launches import record_launches
 
 pytestmark = pytest.mark.gpu
 OP = registry.op("chunk_gla")
@@ -70,3 +73,52 @@ def test_backward_is_deterministic() -> None:
         x, y = getattr(a, name), getattr(b, name)
         if x is not None:
             assert np.array_equal(to_host(x), to_host(y)), name
+
+
+def _hopper() -> bool:
+    from rawdelta.cuda.loader import wgmma_available
+
+    return wgmma_available()
+
+
+def _run_with(monkeypatch: pytest.MonkeyPatch, wgmma: bool, config: tuple[int, int, bool] | None = None) -> None:
+    """From now on chunk_gla's cuda backend runs its Hopper passes or not (`wgmma`), in `config` where given."""
+    fwd, bwd = cuda_chunk.chunk_forward, cuda_chunk.chunk_backward
+    monkeypatch.setattr(cuda_chunk, "forward", lambda p, workspace=None: ((fwd(p, p.chunk_size, wgmma)), None))
+    monkeypatch.setattr(cuda_chunk, "backward", lambda p, saved, do, dht: bwd(p, p.chunk_size, do, dht, wgmma))
+    if config is not None:
+        monkeypatch.setattr(cuda_chunk._Chunks, "wg_config", lambda self, p: config)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mma_sync_passes_on_hopper(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the Hopper passes off, 16-bit chunks of 64 run the mma.sync passes (what sm_80 runs)."""
+    _run_with(monkeypatch, False)
+    launched = record_launches(monkeypatch, "gla_chunk_")
+    kw, do, dht = _inputs({"B": 2, "T": 150, "H": 2, "K": 128, "V": 96}, 16, dtype)
+    check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
+    assert any(n.startswith("gla_chunk_fwd_kernel<") for n in launched), launched
+    assert not any("_wg_kernel" in n for n in launched), launched
+
+
+# (warpgroups per block, value columns per warpgroup, prefetch) of the Hopper passes, and the shapes they fit
+_WG_CONFIGS = [(2, 32, False), (2, 32, True), (2, 16, False), (2, 16, True), (4, 32, True), (4, 16, True)]
+_WG_SHAPES = {"K64_V48": {"B": 2, "T": 150, "H": 2, "K": 64, "V": 48},
+              "K128_varlen": {"B": 1, "T": 0, "H": 2, "K": 128, "V": 136, "seqlens": (70, 0, 1, 128, 64)},
+              "K256": {"B": 1, "T": 130, "H": 1, "K": 256, "V": 64}}
+
+
+@pytest.mark.parametrize("config", _WG_CONFIGS, ids=[f"wg{c[0]}x{c[1]}_{'pipe' if c[2] else 'single'}"
+                                                     for c in _WG_CONFIGS])
+@pytest.mark.parametrize("shape", list(_WG_SHAPES))
+def test_hopper_passes(shape: str, config: tuple[int, int, bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    if not _hopper():
+        pytest.skip("the Hopper state passes need a compute capability 9.0 device")
+    if _WG_SHAPES[shape]["K"] > 128 and config[:2] != (2, 16):
+        pytest.skip("K = 256 takes two warpgroups of 16 columns only")
+    _run_with(monkeypatch, True, config)
+    launched = record_launches(monkeypatch, "gla_chunk_")
+    kw, do, dht = _inputs(_WG_SHAPES[shape], 17, "bfloat16")
+    check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
+    assert any(n.startswith("gla_chunk_fwd_wg_kernel<") for n in launched), launched
+    assert any(n.startswith("gla_chunk_bwd_wg_kernel<") for n in launched), launched

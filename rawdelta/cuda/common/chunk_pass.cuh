@@ -109,15 +109,18 @@ struct ChunkRows {
                                                      int hv, const PassOptions& opt) {
         for (int idx = threadIdx.x; idx < RAW * BT; idx += blockDim.x) {
             const float* src = raw_source(idx, in, bos, L, BT, HV, hv, opt);
-            cp_async4(raw + idx, src != nullptr ? src : in.Gc, src != nullptr ? 4 : 0);
+            // a zero-filled copy reads nothing, but takes a valid address: the row codes are always given
+            cp_async4(raw + idx, src != nullptr ? src : reinterpret_cast<const float*>(in.Rc), src != nullptr ? 4 : 0);
         }
     }
-    // Where raw value idx of the chunk of L tokens at token bos comes from: null for a zero (a row past the chunk,
-    // or a row norm without the row_norms option).
+    // Where raw value idx of the chunk of L tokens at token bos comes from: null for a zero (a row past the chunk, a
+    // row norm without the row_norms option, or an absent scalar gate or row scalar).
     static __device__ __forceinline__ const float* raw_source(int idx, const RowInputs& in, i64 bos, int L, int BT,
                                                               int HV, int hv, const PassOptions& opt) {
         const int a = idx / BT, r = idx % BT;
-        if (r >= L || ((a == 2 || a == 3) && !opt.row_norms())) return nullptr;
+        if (r >= L || ((a == 2 || a == 3) && !opt.row_norms()) || (a == 0 && in.Gc == nullptr) ||
+            (a == 1 && in.Bc == nullptr))
+            return nullptr;
         const i64 th = (bos + r) * HV + hv;
         if (a == 4) return reinterpret_cast<const float*>(in.Rc + th);
         return (a == 0 ? in.Gc : a == 1 ? in.Bc : a == 2 ? in.Rq : in.Rk) + th;

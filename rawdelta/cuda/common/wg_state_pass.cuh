@@ -9,9 +9,10 @@
 // peer's; the state itself stays float32 in registers through the pass.
 //
 // The chain is written once here (wg_forward_state_pass, wg_reverse_state_pass); the family's per-chunk math comes
-// as two policy types: the gate form (common/chunk_pass.cuh: ScalarGate) and the update rule, which computes the
-// chunk's update values U from the chunk's tiles and the state (the gated delta rule: gated_delta_rule/chunk_rule.cuh)
-// and, in the reverse pass, the gradient of what U was computed from. A rule declares:
+// as two policy types: the gate form (common/chunk_pass.cuh: ScalarGate, KeyGate) and the update rule, which computes
+// the chunk's update values U from the chunk's tiles and the state (the gated delta rule: gated_delta_rule/
+// chunk_rule.cuh; the plain rule: common/plain_rule.cuh) and, in the reverse pass, the gradient of what U was computed
+// from. A rule declares:
 //   HAS_A                        whether its per-chunk BT x BT matrix (PassMaps::a) is in the stage
 //   issue_correction(X, aK, s)   products of the chunk's k with the state, issued with the chain's first ones
 //   values(X, D, ..., emit)      U from them, given to emit(row, col, u0&, u1&) pair by pair
@@ -146,8 +147,10 @@ struct WgStage {
 // tiles (BT x BV, T; tile1 only with NT = 2), the chunk's row arrays and two mbarriers per stage: `full`, for
 // its TMA tiles, and with AHEAD `empty`, on which the consumers hand it back to the producer warp. NCONS: the
 // threads that run the chain (all of the block but that warp). The stages start 1024-byte aligned (the
-// 128-byte swizzle's period; the host adds 1024 bytes of slack).
-template <typename T, typename St, int KP, int BV, int NS, int NT, int NCONS, bool AHEAD = false>
+// 128-byte swizzle's period; the host adds 1024 bytes of slack). The gate form carves what it keeps per chunk after
+// the rows (KeyGate: the per-key decays).
+template <typename T, typename St, int KP, int BV, int NS, int NT, int NCONS, bool AHEAD = false,
+          class Gate = ScalarGate>
 struct WgPassSmem {
     unsigned char* stages;
     T *state, *tile0, *tile1;
@@ -163,6 +166,7 @@ struct WgPassSmem {
         tile1 = NT > 1 ? cur.take<T>(St::BT * BV) : nullptr;
         rows.carve(cur, St::BT);
         bars = cur.take<u64>(4);
+        Gate::template carve<KP>(rows, cur);
         a_state = smem_addr(state);
         a0 = smem_addr(tile0);
         a1 = NT > 1 ? smem_addr(tile1) : 0u;
@@ -278,7 +282,7 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
     const int HV = a.HV, K = a.K, V = a.V;
     // tile0: the rule's work, then U (each warpgroup's columns, after its products on the work are done);
     // tile1: 2^(G_last - G) U
-    WgPassSmem<T, St, KP, BV, NS, 2, 128 * NWG, AHEAD> sm(smem);
+    WgPassSmem<T, St, KP, BV, NS, 2, 128 * NWG, AHEAD, Gate> sm(smem);
 
     const StatePassBlock pb(a.NVB, BV, BT, a.cu, a.T_, a.H, HV, K, V, a.opt);
     if (AHEAD && threadIdx.x >= 128 * NWG) {
@@ -303,8 +307,10 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
         const int L = min(BT, pb.len - c * BT);
         unsigned char* st = sm.template enter_chunk<PIPE>(c, c, c + 1 < pb.nchunks ? c + 1 : -1, L, a.opt,
                                                           issue);
+        Gate::template load<KP>(sm.rows, a.rows, pb.chunk_index(a.seq_chunk0, c), HV, pb.hv, K);
         T* sV = reinterpret_cast<T*>(st + St::V);
-        T* const rows_out = (STORE ? a.vnew : a.o) + (bos * HV + pb.hv) * V + pb.v0;  // the chunk's output rows
+        // the chunk's output rows: o, or U (vnew, where the rule's U is worth keeping)
+        T* const rows_out = (STORE ? a.vnew : a.o) + (bos * HV + pb.hv) * V + pb.v0;
         const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
                        aP = smem_addr(st + St::P);
         const WgChunk<T> ch{sV, aA, sm.tile0, sm.a0, sm.rows, wg, c0, bos, L};
@@ -337,7 +343,7 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
         if (!STORE) Y.template mma<T, false, true, BT>(a_kmajor_sw128(aP), ncols(sm.a0), true);
         S.template mma<T, true, true, BT>(a_mnmajor_sw128(aK), ncols(sm.a1), true);
         wg_commit();
-        if (STORE) sm.template copy_cols_out<BVW>(rows_out, HV, V, sm.tile0, L, c0, pb.vcols);  // U
+        if (STORE && a.vnew != nullptr) sm.template copy_cols_out<BVW>(rows_out, HV, V, sm.tile0, L, c0, pb.vcols);
         wg_wait<0>();
         const int live = sm.rows.live_rows();
         if (live < L) S.fill(dead_value());
@@ -369,7 +375,7 @@ __device__ __forceinline__ void wg_reverse_state_pass(unsigned char* smem, const
     constexpr int BT = 64, BV = NWG * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
     using St = WgStage<KP, BV, true, true, Rule::HAS_A>;
     const int HV = a.HV, K = a.K, V = a.V;
-    WgPassSmem<T, St, KP, BV, NS, 1, 128 * NWG> sm(smem);
+    WgPassSmem<T, St, KP, BV, NS, 1, 128 * NWG, false, Gate> sm(smem);
 
     const StatePassBlock pb(a.NVB, BV, BT, a.cu, a.T_, a.H, HV, K, V, a.opt);
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
@@ -389,6 +395,7 @@ __device__ __forceinline__ void wg_reverse_state_pass(unsigned char* smem, const
         const i64 bos = pb.bos + (i64)c * BT;
         const int L = min(BT, pb.len - c * BT);
         unsigned char* st = sm.template enter_chunk<PIPE>(pb.nchunks - 1 - c, c, c - 1, L, a.opt, issue);
+        Gate::template load<KP>(sm.rows, a.rows, pb.chunk_index(a.seq_chunk0, c), HV, pb.hv, K);
         T* sV = reinterpret_cast<T*>(st + St::V);
         T* sDo = reinterpret_cast<T*>(st + St::DO);
         const i64 rows_off = (bos * HV + pb.hv) * V + pb.v0;  // the chunk's rows of the [BT_, HV, V] outputs

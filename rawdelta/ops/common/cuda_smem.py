@@ -33,3 +33,30 @@ def f32(n: int) -> int:
 def chunk_rows(bt: int) -> int:
     """ChunkRows of a chunk of `bt` rows (without a per-key gate's decays)."""
     return ROWS * f32(bt) + f32(bt + 4)
+
+
+RAW = 5  # ChunkRows::RAW: per-token 4-byte row values a prefetching kernel stages per row
+WG_BT = 64  # the Hopper state passes' chunk size
+
+
+def r1024(nbytes: int) -> int:
+    """Rounded up to whole 1024-byte units: a stage of TMA tiles keeps the next one aligned to the 128-byte swizzle's
+    period."""
+    return (nbytes + 1023) // 1024 * 1024
+
+
+def wg_stage(kp: int, cols: int, q_p: bool, do: bool, has_a: bool = True) -> int:
+    """Bytes of one WgStage (``rawdelta/cuda/common/wg_state_pass.cuh``) of `cols` value columns: the k and v tiles,
+    the rule's matrix with ``has_a``, q and the scores with ``q_p``, do with ``do``, and the raw row scalars."""
+    bt = WG_BT
+    mats = (1 if has_a else 0) + (1 if q_p else 0)
+    return r1024(2 * ((2 if q_p else 1) * bt * kp + (2 if do else 1) * bt * cols + mats * bt * bt) + RAW * bt * 4)
+
+
+def wg_pass(kp: int, cols: int, pipe: bool, q_p: bool, do: bool, has_a: bool = True, key_gate: bool = False) -> int:
+    """A Hopper state pass of `cols` value columns per block: its stages, the state tile, value-sized tiles (two
+    forward; one in the reverse pass, ``do``, which scales do in its stage), the rows, four mbarriers, a per-key gate's
+    decays (``key_gate``) and the slack that aligns the stages to 1024 bytes (the TMA tiles' 128-byte swizzle)."""
+    tiles = 1 if do else 2
+    return ((2 if pipe else 1) * wg_stage(kp, cols, q_p, do, has_a) + 2 * (kp * cols + tiles * WG_BT * cols)
+            + chunk_rows(WG_BT) + 32 + (f32(kp) if key_gate else 0) + 1024)

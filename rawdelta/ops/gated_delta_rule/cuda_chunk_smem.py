@@ -7,16 +7,10 @@ two for float32 inputs), Split tiles are two 2-byte tiles, the rest float32.
 
 from __future__ import annotations
 
-from ..common.cuda_smem import PAD, chunk_rows, f32, in_tile, split
+from ..common.cuda_smem import PAD, RAW, chunk_rows, f32, in_tile, r1024, split, wg_pass
 from .cuda_chunk_kernels import BVB, KS, WG_BT, bv
 
-RAW = 5  # ChunkRows::RAW: per-token 4-byte row values a prefetching kernel stages per row
-
-
-def _r1024(nbytes: int) -> int:
-    """Rounded up to whole 1024-byte units: a stage of TMA tiles keeps the next one aligned to the 128-byte swizzle's
-    period."""
-    return (nbytes + 1023) // 1024 * 1024
+__all__ = ["bwd_state", "dqk", "dqk_wg", "fwd", "prepare", "wg_pass"]
 
 
 def prepare(ct: str, bt: int, kp: int) -> int:
@@ -34,23 +28,6 @@ def fwd(ct: str, bt: int, kp: int, store: bool) -> int:
     tiles = (1 if store else 2) * in_tile(ct, bt * ldk) + in_tile(ct, bt * ldv)
     tiles += 0 if store else in_tile(ct, bt * ldp)
     return tiles + split(bt * lda) + split(kp * ldv) + 2 * split(bt * ldv) + chunk_rows(bt)
-
-
-def wg_stage(kp: int, cols: int, q_p: bool, do: bool) -> int:
-    """Bytes of one WgStage of `cols` value columns: the k, v and (I + L)^-1 tiles, q and the scores with ``q_p``,
-    do with ``do``, and the raw row scalars."""
-    bt = WG_BT
-    return _r1024(2 * ((2 if q_p else 1) * bt * kp + (2 if do else 1) * bt * cols + (2 if q_p else 1) * bt * bt)
-                  + RAW * bt * 4)
-
-
-def wg_pass(kp: int, cols: int, pipe: bool, q_p: bool, do: bool) -> int:
-    """A Hopper state pass of `cols` value columns per block: its stages, the state tile, value-sized tiles (two
-    forward; one in the reverse pass, ``do``, which scales do in its stage), the rows, four mbarriers and the slack
-    that aligns the stages to 1024 bytes (the TMA tiles' 128-byte swizzle)."""
-    tiles = 1 if do else 2
-    return ((2 if pipe else 1) * wg_stage(kp, cols, q_p, do) + 2 * (kp * cols + tiles * WG_BT * cols)
-            + chunk_rows(WG_BT) + 32 + 1024)
 
 
 def _acc_wn(m: int, n: int, nw: int) -> int:
@@ -79,6 +56,6 @@ def dqk_wg(ksw: int) -> int:
     """The Hopper dq/dk kernel: two slots of an item's q, k and raw rows, two of a V step's do, y, delta, h and dh
     tiles, the float C tile and the row arrays."""
     ks, bt = 2 * ksw, WG_BT
-    qk = _r1024(2 * bt * ks * 2 + RAW * bt * 4)
+    qk = r1024(2 * bt * ks * 2 + RAW * bt * 4)
     vstep = 3 * bt * BVB * 2 + 2 * ks * BVB * 2
     return 2 * qk + 2 * vstep + f32(bt * (bt + 4)) + chunk_rows(bt) + f32(12 * bt) + f32(6 * bt) + f32(8)

@@ -1,9 +1,11 @@
-"""The cuda backend of :func:`~rawdelta.chunk_gla`: CUDA C kernels on tensor cores (mma.sync).
+"""The cuda backend of :func:`~rawdelta.chunk_gla`: CUDA C kernels on tensor cores (mma.sync, and wgmma on Hopper).
 
 Forward: the chunk table -> prepare (``rawdelta/cuda/gla/chunk_prepare.cu``: per-key cumulative gates, the operands
 ``q 2^G`` and ``k 2^(G_last - G)`` with every decay folded in, each chunk's per-key decay, the intra-chunk scores) ->
 the common forward state pass with the per-key gate and the plain rule (``gla/chunk_fwd.cu``), which writes the
-output and the final state. Backward: prepare and the forward pass again (storing each chunk's start state), the
+output and the final state. On compute capability 9.0 devices, 16-bit inputs with chunks of 64 take the Hopper
+state passes (wgmma warpgroups, TMA tiles: the gated delta rule's configurations, :func:`wgmma_applies`); everything
+else, and sm_80, the mma.sync ones. Backward: prepare and the forward pass again (storing each chunk's start state), the
 common reverse state pass (``gla/chunk_bwd.cu``: dv, the state gradient at each chunk's end, dh0), then dq, dk and
 the gate gradient per chunk and key slice (``gla/chunk_bwd_dqk.cu``). Nothing is kept between the two: the backward
 recomputes what it needs. Every sum has a fixed order (no atomics), so the backward is deterministic.
@@ -17,11 +19,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..._arrays import BFLOAT16, empty
-from ...cuda import launch
+from ...cuda import launch, tensor_map
 from ...cuda.launch import CTYPES, cpp_bool, ptr
-from ...cuda.loader import register
-from ..common.cuda_smem import PAD, chunk_rows, f32, in_tile, r16, split
-from ..gated_delta_rule.cuda_chunk_kernels import MMA_TYPE, PREPARE_SOURCE, TABLE_KERNEL, bv, kp_for
+from ...cuda.loader import HOPPER_TARGETS, register, wgmma_available
+from ..common.cuda_smem import PAD, WG_BT, chunk_rows, f32, in_tile, r16, split, wg_pass
+from ..gated_delta_rule.cuda_chunk_hopper import wg_config
+from ..gated_delta_rule.cuda_chunk_kernels import (
+    MMA_TYPE,
+    PREPARE_SOURCE,
+    TABLE_KERNEL,
+    WG_TYPES,
+    bv,
+    kp_for,
+    wg_bvw_options,
+)
 from .cuda_chunk_dqk import launch_dqk
 from .definition import CHUNK_SIZES
 
@@ -50,10 +61,28 @@ def bwd_name(ct: str, bt: int, kp: int) -> str:
     return f"gla_chunk_bwd_state_kernel<{ct}, {MMA_TYPE[ct]}, {bt}, {kp}, {bv(ct, kp)}>"
 
 
+def fwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, store: bool, pipe: bool) -> str:
+    return f"gla_chunk_fwd_wg_kernel<{ct}, {kp}, {nwg}, {bvw}, {cpp_bool(store)}, {cpp_bool(pipe)}>"
+
+
+def bwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, pipe: bool) -> str:
+    return f"gla_chunk_bwd_wg_kernel<{ct}, {kp}, {nwg}, {bvw}, {cpp_bool(pipe)}>"
+
+
 _CTS = tuple(CTYPES.values())
 register(PREPARE, [prepare_name(ct, bt) for ct in _CTS for bt in CHUNK_SIZES])
 register(FWD, [fwd_name(ct, bt, kp, s) for ct in _CTS for bt in CHUNK_SIZES for kp in KP_SIZES for s in (False, True)])
 register(BWD, [bwd_name(ct, bt, kp) for ct in _CTS for bt in CHUNK_SIZES for kp in KP_SIZES])
+# The Hopper passes (16-bit inputs, chunks of 64) in the configurations wg_config chooses from: two warpgroups of
+# 16 or 32 columns (prefetching or not), four prefetching warpgroups at K <= 128.
+register(FWD, [fwd_wg_name(ct, kp, 2, bvw, s, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in wg_bvw_options(kp)
+               for s in (False, True) for pp in (False, True)]
+         + [fwd_wg_name(ct, kp, 4, bvw, s, True) for ct in WG_TYPES for kp in (64, 128) for bvw in (16, 32)
+            for s in (False, True)], targets=HOPPER_TARGETS)
+register(BWD, [bwd_wg_name(ct, kp, 2, bvw, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in wg_bvw_options(kp)
+               for pp in (False, True)]
+         + [bwd_wg_name(ct, kp, 4, bvw, True) for ct in WG_TYPES for kp in (64, 128) for bvw in (16, 32)],
+         targets=HOPPER_TARGETS)
 
 
 def _itemsize(ct: str) -> int:
@@ -84,13 +113,22 @@ def bwd_smem(ct: str, bt: int, kp: int) -> int:
     return tiles + split(kp * ldv) + 2 * split(bt * ldv) + chunk_rows(bt) + f32(kp)
 
 
-class _Chunks:
-    """The chunk table and prepare's outputs for one call (layouts: ``rawdelta/cuda/gla/chunk.cuh``)."""
+def wgmma_applies(p: GLAProblem, bt: int) -> bool:
+    """The Hopper state passes take 16-bit inputs, chunks of 64, K and V multiples of 8 (16-byte rows) and a 16-byte
+    aligned v, on a compute capability 9.0 device."""
+    return (CTYPES[p.q.dtype] in WG_TYPES and bt == WG_BT and p.K % 8 == 0 and p.V % 8 == 0
+            and p.v.data.ptr % 16 == 0 and wgmma_available())
 
-    def __init__(self, p: GLAProblem, bt: int) -> None:
+
+class _Chunks:
+    """The chunk table and prepare's outputs for one call (layouts: ``rawdelta/cuda/gla/chunk.cuh``); ``wg``: the
+    state passes run on Hopper warpgroups."""
+
+    def __init__(self, p: GLAProblem, bt: int, wgmma: bool = True) -> None:
         import cupy
 
         self.bt, self.kp, self.ct = bt, kp_for(p.K), CTYPES[p.q.dtype]
+        self.wg = wgmma and wgmma_applies(p, bt)
         self.nc = int(np.sum((p.seq_lengths + bt - 1) // bt))
         flags = PASS_VARLEN if p.cu_seqlens is not None else 0
         self.seq_chunk0 = empty(cupy, (p.N + 1,), np.int32)
@@ -115,9 +153,26 @@ class _Chunks:
                 self.Ahi, ptr(self.Alo), np.int32(H), np.int32(K), np.float32(p.scale)))
 
     def pass_blocks(self, p: GLAProblem) -> tuple[int, int]:
-        """Value blocks per head and blocks in all of the state passes."""
+        """Value blocks per head and blocks in all of the mma.sync state passes."""
         nvb = math.ceil(p.V / bv(self.ct, self.kp))
         return nvb, p.N * p.H * nvb
+
+    def wg_config(self, p: GLAProblem) -> tuple[int, int, bool]:
+        """Warpgroups per block, value columns per warpgroup and whether to prefetch (the gated delta rule's choice
+        for the same sizes)."""
+        return wg_config(p.replace(HV=p.H), self.kp)
+
+    def maps(self, p: GLAProblem, cols: int, forward: bool, store: bool = False) -> np.void:
+        """The Hopper passes' TMA maps: qg and the scores only without ``store``, kg, and v (boxes of `cols` value
+        columns, at most 64) for the ``forward`` passes; no rule matrix."""
+        n_tok = p.B * p.T
+
+        def qk(x: Any) -> np.ndarray:
+            return tensor_map.rows_map(x, n_tok, p.H, p.K)
+
+        scores = None if store else tensor_map.rows_map(self.Ahi, n_tok, p.H, self.bt)
+        v = tensor_map.rows_map(p.v, n_tok, p.H, p.V, min(cols, 64)) if forward else None
+        return tensor_map.kernel_maps(None if store else qk(self.qg), qk(self.kg), None, scores, v)
 
 
 def _flags(p: GLAProblem) -> int:
@@ -127,6 +182,15 @@ def _flags(p: GLAProblem) -> int:
 def _forward_pass(p: GLAProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None) -> None:
     """The forward state pass: the output and final state, or with ``hbuf`` each chunk's start state instead."""
     store = hbuf is not None
+    if ch.wg:
+        nwg, bvw, pipe = ch.wg_config(p)
+        nvb = math.ceil(p.V / (nwg * bvw))
+        launch.launch(FWD, fwd_wg_name(ch.ct, ch.kp, nwg, bvw, store, pipe), p.N * p.H * nvb, 128 * nwg,
+                      wg_pass(ch.kp, nwg * bvw, pipe, not store, False, has_a=False, key_gate=True), (
+                          ch.Rc, ch.Dk, ptr(p.initial_state), ptr(p.cu_seqlens), ch.seq_chunk0, ptr(o), ptr(ht),
+                          ptr(hbuf), np.int32(p.T), np.int32(p.H), np.int32(p.K), np.int32(p.V), np.int32(nvb),
+                          np.float32(p.scale), np.int32(flags), ch.maps(p, nwg * bvw, True, store)))
+        return
     nvb, grid = ch.pass_blocks(p)
     launch.launch(FWD, fwd_name(ch.ct, ch.bt, ch.kp, store), grid, 256, fwd_smem(ch.ct, ch.bt, ch.kp, store), (
         ch.qg, ch.kg, p.v, ch.Rc, ch.Dk, ch.Ahi, ptr(ch.Alo), ptr(p.initial_state), ptr(p.cu_seqlens), ch.seq_chunk0,
@@ -134,12 +198,30 @@ def _forward_pass(p: GLAProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any
         np.float32(p.scale), np.int32(flags)))
 
 
-def chunk_forward(p: GLAProblem, chunk_size: int) -> tuple[Any, Any]:
+def _reverse_pass(p: GLAProblem, ch: _Chunks, flags: int, do: Any, dht: Any, dhbuf: Any, dv: Any, dh0: Any) -> None:
+    """The reverse state pass: dv, the state gradient at each chunk's end (dhbuf) and dh0."""
+    tail = (ptr(dht), ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf, dv, ptr(dh0), np.int32(p.T), np.int32(p.H),
+            np.int32(p.K), np.int32(p.V))
+    if ch.wg:
+        nwg, bvw, pipe = ch.wg_config(p)
+        nvb = math.ceil(p.V / (nwg * bvw))
+        launch.launch(BWD, bwd_wg_name(ch.ct, ch.kp, nwg, bvw, pipe), p.N * p.H * nvb, 128 * nwg,
+                      wg_pass(ch.kp, nwg * bvw, pipe, True, True, has_a=False, key_gate=True), (
+                          p.v, ch.Rc, ch.Dk, do, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags),
+                          ch.maps(p, nwg * bvw, False)))
+        return
+    nvb, grid = ch.pass_blocks(p)
+    launch.launch(BWD, bwd_name(ch.ct, ch.bt, ch.kp), grid, 256, bwd_smem(ch.ct, ch.bt, ch.kp), (
+        ch.qg, ch.kg, do, ch.Rc, ch.Dk, ch.Ahi, ptr(ch.Alo), *tail, np.int32(nvb), np.float32(p.scale),
+        np.int32(flags)))
+
+
+def chunk_forward(p: GLAProblem, chunk_size: int, wgmma: bool = True) -> tuple[Any, Any]:
     """Launch the forward: o ``[B, T, H, V]`` (v's dtype) and, with ``p.output_final_state``, the final state
-    ``[N, H, K, V]`` float32 (else None)."""
+    ``[N, H, K, V]`` float32 (else None). ``wgmma=False``: the mma.sync passes on a Hopper GPU too."""
     import cupy
 
-    ch = _Chunks(p, chunk_size)
+    ch = _Chunks(p, chunk_size, wgmma)
     o = empty(cupy, (p.B, p.T, p.H, p.V), p.v.dtype)
     flags = _flags(p)
     ht = None
@@ -150,16 +232,19 @@ def chunk_forward(p: GLAProblem, chunk_size: int) -> tuple[Any, Any]:
     return o, ht
 
 
-def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any) -> dict[str, Any]:
+def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: bool = True) -> dict[str, Any]:
     """Launch the backward: gradients keyed by input name (dq, dk, dv in the input dtype, dg and dh0 float32),
-    None for absent inputs. do ``[B, T, H, V]``; dht ``[N, H, K, V]`` or None."""
+    None for absent inputs. do ``[B, T, H, V]``; dht ``[N, H, K, V]`` or None. ``wgmma=False``: the mma.sync passes
+    on a Hopper GPU too."""
     import cupy
 
     dt = p.q.dtype
     do = cupy.ascontiguousarray(do if do.dtype == dt else do.astype(dt))
+    if do.data.ptr % 16:  # the passes load 16-byte rows
+        do = do.copy()
     if dht is not None:
         dht = cupy.ascontiguousarray(dht, dtype=np.float32)
-    ch = _Chunks(p, chunk_size)
+    ch = _Chunks(p, chunk_size, wgmma)
     flags = _flags(p) | (PASS_DHT if dht is not None else 0)
     H, K, V = p.H, p.K, p.V
     hbuf = empty(cupy, (max(ch.nc, 1), H, K, V), dt)
@@ -169,11 +254,7 @@ def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any) -> dict[st
     dq, dk = (empty(cupy, (p.B, p.T, H, K), dt) for _ in range(2))
     dg = empty(cupy, (p.B, p.T, H, K), np.float32)
     _forward_pass(p, ch, flags, hbuf=hbuf)
-    nvb, grid = ch.pass_blocks(p)
-    launch.launch(BWD, bwd_name(ch.ct, ch.bt, ch.kp), grid, 256, bwd_smem(ch.ct, ch.bt, ch.kp), (
-        ch.qg, ch.kg, do, ch.Rc, ch.Dk, ch.Ahi, ptr(ch.Alo), ptr(dht), ptr(p.cu_seqlens), ch.seq_chunk0, dhbuf, dv,
-        ptr(dh0), np.int32(p.T), np.int32(H), np.int32(K), np.int32(V), np.int32(nvb), np.float32(p.scale),
-        np.int32(flags)))
+    _reverse_pass(p, ch, flags, do, dht, dhbuf, dv, dh0)
     if ch.nc > 0:
         launch_dqk(ch.ct, ch.bt, ch.nc, H, K, V, p.scale, q=p.q, k=p.k, v=p.v, do=do, Gk=ch.Gk, Rk=ch.Rk, Rc=ch.Rc,
                    Dk=ch.Dk, hbuf=hbuf, dhbuf=dhbuf, chunk_bos=ch.chunk_bos, chunk_len=ch.chunk_len, dq=dq, dk=dk,
