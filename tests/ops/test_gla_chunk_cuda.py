@@ -61,6 +61,15 @@ def test_strong_decay() -> None:
     check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
 
 
+@pytest.mark.parametrize("normalizer", [0.1, 10.0])
+def test_peer_gate_normalizers(normalizer: float) -> None:
+    """The peer's test gates, logsigmoid(x) / normalizer: strong decay at 0.1, nearly none at 10."""
+    kw, do, dht = split_op_args(gla_inputs(B=2, T=130, H=2, K=64, V=64, seed=18, dtype="bfloat16", gk=False,
+                                           gate_normalizer=normalizer))
+    kw = {n: x for n, x in kw.items() if n in OP.takes}
+    check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
+
+
 def test_backward_is_deterministic() -> None:
     kw, do, dht = _inputs({"B": 2, "T": 200, "H": 4, "K": 128, "V": 128}, 15, "bfloat16")
     import cupy
