@@ -1,0 +1,116 @@
+"""The cuda backend of :func:`~rawdelta.fused_chunk_gla`: single-pass CUDA C kernels on tensor cores (mma.sync).
+
+One block of 256 threads per (sequence, head) walks the sequence's chunks with the whole ``K x V`` float32 state in
+registers and computes each chunk's factors on chip (the stage ``chunk_gla``'s prepare writes to global memory:
+``rawdelta/cuda/gla/chunk_factors.cuh``), so the forward writes nothing but ``o`` and the final state: no per-token
+factor buffers and no per-chunk states (``rawdelta/cuda/gla/fused_chunk.cu``).
+
+When to pick it over ``chunk_gla``: long sequences with few heads, where ``chunk_gla``'s O(T) factor buffers and
+per-chunk state buffers (``[NC, H, K, V]``) cost memory that matters. It is less parallel: ``N * H`` blocks, each
+walking its sequence's chunks in order, against ``chunk_gla``'s blocks per chunk and per value block; with many
+sequences and heads ``chunk_gla`` is the faster one.
+
+Limits: ``K <= 128`` and ``V <= 128`` (the whole state lives in one block's registers); float32 inputs at
+``chunk_size=64`` with ``K > 64`` do not fit the shared memory of one block (:func:`fwd_smem` over
+:data:`SMEM_LIMIT`) and are refused before launch with a ValueError.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..._arrays import empty
+from ...cuda import launch
+from ...cuda.launch import CTYPES, ptr
+from ...cuda.loader import register
+from ..common.cuda_smem import PAD, f32, in_tile, split
+from .cuda_chunk import PASS_H0, PASS_HT, PASS_VARLEN, chunk_backward, prepare_smem
+from .cuda_chunk_dqk import MMA_TYPE
+from .definition import CHUNK_SIZES
+
+if TYPE_CHECKING:
+    from .definition import GLAProblem
+
+SOURCE = "gla/fused_chunk.cu"
+PADDED = (64, 128)  # KP, VP: the key and value dimensions padded
+MAX_KV = PADDED[-1]
+SMEM_LIMIT = 227 * 1024  # the opt-in dynamic shared memory of one block on sm_90 (H100)
+
+
+def padded(n: int) -> int:
+    """The padded size of a key or value dimension of `n` (at most :data:`MAX_KV`)."""
+    return next(x for x in PADDED if x >= n)
+
+
+def fwd_name(ct: str, bt: int, kp: int, vp: int) -> str:
+    return f"gla_fused_chunk_fwd_kernel<{ct}, {MMA_TYPE[ct]}, {bt}, {kp}, {vp}>"
+
+
+def operands_smem(ct: str, bt: int, kp: int, vp: int) -> int:
+    """``ChunkOperands``: qg, kg (bt x kp), v (bt x vp), the scores (bt x bt), in input precision; the per-key
+    decays."""
+    return 2 * in_tile(ct, bt * (kp + PAD)) + in_tile(ct, bt * (vp + PAD)) + in_tile(ct, bt * (bt + PAD)) + f32(kp)
+
+
+def fwd_smem(ct: str, bt: int, kp: int, vp: int) -> int:
+    """The forward kernel's dynamic shared memory, as it carves it: the chunk operands, then the larger of the
+    factor scratch (prepare's: ``cuda_chunk.prepare_smem``) and the state's split tile, which share their space."""
+    return operands_smem(ct, bt, kp, vp) + max(prepare_smem(ct, bt), split(kp * (vp + PAD)))
+
+
+def _instantiations() -> list[tuple[str, int, int, int]]:
+    """Every (C type, chunk size, KP, VP) whose kernels fit :data:`SMEM_LIMIT`."""
+    return [(ct, bt, kp, vp) for ct in CTYPES.values() for bt in CHUNK_SIZES for kp in PADDED for vp in PADDED
+            if fwd_smem(ct, bt, kp, vp) <= SMEM_LIMIT]
+
+
+register(SOURCE, [fwd_name(*x) for x in _instantiations()])
+
+
+def _config(p: GLAProblem) -> tuple[str, int, int, int]:
+    """The instantiation of a call; a ValueError before launch for one that does not fit."""
+    if p.K > MAX_KV or p.V > MAX_KV:
+        raise ValueError(f"fused_chunk_gla's cuda backend takes K, V <= {MAX_KV} (got K={p.K}, V={p.V})")
+    x = (CTYPES[p.q.dtype], p.chunk_size, padded(p.K), padded(p.V))
+    if x not in _instantiations():
+        raise ValueError(
+            f"fused_chunk_gla's cuda backend: {p.q.dtype} inputs at chunk_size={p.chunk_size} with K={p.K}, "
+            f"V={p.V} need {fwd_smem(*x)} bytes of shared memory per block, over {SMEM_LIMIT}; use a smaller "
+            "chunk_size, 16-bit inputs or chunk_gla")
+    return x
+
+
+def _flags(p: GLAProblem) -> int:
+    return (PASS_H0 if p.initial_state is not None else 0) | (PASS_VARLEN if p.cu_seqlens is not None else 0)
+
+
+def fused_forward(p: GLAProblem) -> tuple[Any, Any]:
+    """Launch the forward: o ``[B, T, H, V]`` (v's dtype) and, with ``p.output_final_state``, the final state
+    ``[N, H, K, V]`` float32 (else None)."""
+    import cupy
+
+    x = _config(p)
+    o = empty(cupy, (p.B, p.T, p.H, p.V), p.v.dtype)
+    flags = _flags(p)
+    ht = None
+    if p.output_final_state:
+        ht = empty(cupy, (p.N, p.H, p.K, p.V), np.float32)
+        flags |= PASS_HT
+    launch.launch(SOURCE, fwd_name(*x), p.N * p.H, 256, fwd_smem(*x), (
+        p.q, p.k, p.v, p.g, ptr(p.initial_state), ptr(p.cu_seqlens), o, ptr(ht), np.int32(p.T), np.int32(p.H),
+        np.int32(p.K), np.int32(p.V), np.float32(p.scale), np.int32(flags)))
+    return o, ht
+
+
+def forward(p: GLAProblem, workspace: Any = None) -> tuple[tuple[Any, Any], None]:
+    """The backend protocol's forward (``rawdelta/ops/common/opdef.py``, ``Backend``): ``((o, ht), None)``; nothing
+    is saved."""
+    return fused_forward(p), None
+
+
+def backward(p: GLAProblem, saved: Any, do: Any, dht: Any) -> dict[str, Any]:
+    """The backend protocol's backward."""
+    _config(p)
+    return chunk_backward(p, p.chunk_size, do, dht)
