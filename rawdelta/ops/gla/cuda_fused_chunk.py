@@ -1,17 +1,22 @@
-"""The cuda backend of :func:`~rawdelta.fused_chunk_gla`: single-pass CUDA C kernels on tensor cores (mma.sync).
+"""The cuda backend of :func:`~rawdelta.fused_chunk_gla`: CUDA C kernels on tensor cores (mma.sync).
 
-One block of 256 threads per (sequence, head) walks the sequence's chunks with the whole ``K x V`` float32 state in
-registers and computes each chunk's factors on chip (the stage ``chunk_gla``'s prepare writes to global memory:
-``rawdelta/cuda/gla/chunk_factors.cuh``), so the forward writes nothing but ``o`` and the final state: no per-token
+Forward: one block of 256 threads per (sequence, head) walks the sequence's chunks with the whole ``K x V`` float32
+state in registers and computes each chunk's factors on chip (the stage ``chunk_gla``'s prepare writes to global
+memory: ``rawdelta/cuda/gla/chunk_factors.cuh``), so it writes nothing but ``o`` and the final state: no per-token
 factor buffers and no per-chunk states (``rawdelta/cuda/gla/fused_chunk.cu``).
 
+Backward: ``chunk_gla``'s cuda kernels (:func:`~rawdelta.ops.gla.cuda_chunk.chunk_backward`: prepare, the forward
+pass storing each chunk's start state, the reverse state pass, dq/dk/dg per chunk), which allocate the per-token
+factors and two ``[NC, H, K, V]`` state buffers. A single-pass backward is not written yet: the memory-lean property
+holds for the forward (inference, prefill) only.
+
 When to pick it over ``chunk_gla``: long sequences with few heads, where ``chunk_gla``'s O(T) factor buffers and
-per-chunk state buffers (``[NC, H, K, V]``) cost memory that matters. It is less parallel: ``N * H`` blocks, each
-walking its sequence's chunks in order, against ``chunk_gla``'s blocks per chunk and per value block; with many
-sequences and heads ``chunk_gla`` is the faster one.
+per-chunk state buffer cost memory that matters. It is less parallel: ``N * H`` blocks, each walking its sequence's
+chunks in order, against ``chunk_gla``'s blocks per chunk and per value block; with many sequences and heads
+``chunk_gla`` is the faster one.
 
 Limits: ``K <= 128`` and ``V <= 128`` (the whole state lives in one block's registers); float32 inputs at
-``chunk_size=64`` with ``K > 64`` do not fit the shared memory of one block (:func:`fwd_smem` over
+``chunk_size=64`` with ``K > 64`` and ``V > 64`` exceed one block's shared memory (:func:`fwd_smem` over
 :data:`SMEM_LIMIT`) and are refused before launch with a ValueError.
 """
 
@@ -89,9 +94,9 @@ def _flags(p: GLAProblem) -> int:
 def fused_forward(p: GLAProblem) -> tuple[Any, Any]:
     """Launch the forward: o ``[B, T, H, V]`` (v's dtype) and, with ``p.output_final_state``, the final state
     ``[N, H, K, V]`` float32 (else None)."""
+    x = _config(p)
     import cupy
 
-    x = _config(p)
     o = empty(cupy, (p.B, p.T, p.H, p.V), p.v.dtype)
     flags = _flags(p)
     ht = None
@@ -111,6 +116,7 @@ def forward(p: GLAProblem, workspace: Any = None) -> tuple[tuple[Any, Any], None
 
 
 def backward(p: GLAProblem, saved: Any, do: Any, dht: Any) -> dict[str, Any]:
-    """The backend protocol's backward."""
+    """The backend protocol's backward: ``chunk_gla``'s cuda backward (per-chunk state buffers; see the module
+    docstring), for the calls the forward takes."""
     _config(p)
     return chunk_backward(p, p.chunk_size, do, dht)
