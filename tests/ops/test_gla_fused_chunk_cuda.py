@@ -1,8 +1,8 @@
 """fused_chunk_gla's cuda backend on what the contract tests do not run: every chunk size and input dtype, K and V
 up to the kernels' 128 (one block per sequence and head holds the whole state), K != V, varlen with empty sequences,
-resets in some keys only, strongly decaying gates, a deterministic backward, and the shared-memory refusal of
-float32 inputs at chunk_size=64 with K, V > 64. Each is compared with the float64 reference of the same call (forward
-and every gradient, dh0 and the dht path included)."""
+resets in some keys only, strongly decaying gates, a deterministic backward, and the shared-memory refusals of
+float32 inputs at chunk_size=64 (the forward's with K, V > 64, the backward's with K or V > 64). Each is compared
+with the float64 reference of the same call (forward and every gradient, dh0 and the dht path included)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ def _inputs(params: dict[str, Any], seed: int, dtype: str = "float32") -> tuple[
 @pytest.mark.parametrize("chunk_size", [16, 32, 64])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_chunk_sizes_and_dtypes(dtype: str, chunk_size: int) -> None:
-    """K = 100 (two key slices of the factors, padded to 128), V = 56 (padded to 64), T off the chunk."""
-    kw, do, dht = _inputs({"B": 2, "T": 150, "H": 2, "K": 100, "V": 56}, 11, dtype)
+    """K = 100 (two key slices of the factors, padded to 128), V = 56 (padded to 64), T off the chunk; K = 64 for
+    float32 at chunk_size=64, the backward's largest K there."""
+    K = 64 if (dtype, chunk_size) == ("float32", 64) else 100
+    kw, do, dht = _inputs({"B": 2, "T": 150, "H": 2, "K": K, "V": 56}, 11, dtype)
     check_backend(OP, "cuda", {**kw, "chunk_size": chunk_size}, do, dht, device=True)
 
 
@@ -90,3 +92,14 @@ def test_float32_chunk64_k128_v128_is_refused() -> None:
     kw, _, _ = _inputs({"B": 1, "T": 70, "H": 1, "K": 100, "V": 100}, 18)
     with pytest.raises(ValueError, match="shared memory"):
         rawdelta.fused_chunk_gla(**to_device(kw), chunk_size=64, backend="cuda")
+
+
+def test_float32_chunk64_k100_backward_is_refused() -> None:
+    """The backward's shared memory is larger than the forward's: float32 at chunk_size=64 with K > 64 runs forward
+    and is refused by the backward, a ValueError before launch."""
+    kw, do, dht = _inputs({"B": 1, "T": 70, "H": 1, "K": 100, "V": 56}, 19)
+    import cupy
+
+    _, res = rawdelta.fused_chunk_gla_fwd(**to_device(kw), output_final_state=True, chunk_size=64, backend="cuda")
+    with pytest.raises(ValueError, match="backward.*shared memory"):
+        rawdelta.fused_chunk_gla_bwd(res, cupy.asarray(do), cupy.asarray(dht))

@@ -5,10 +5,13 @@ state in registers and computes each chunk's factors on chip (the stage ``chunk_
 memory: ``rawdelta/cuda/gla/chunk_factors.cuh``), so it writes nothing but ``o`` and the final state: no per-token
 factor buffers and no per-chunk states (``rawdelta/cuda/gla/fused_chunk.cu``).
 
-Backward: ``chunk_gla``'s cuda kernels (:func:`~rawdelta.ops.gla.cuda_chunk.chunk_backward`: prepare, the forward
-pass storing each chunk's start state, the reverse state pass, dq/dk/dg per chunk), which allocate the per-token
-factors and two ``[NC, H, K, V]`` state buffers. A single-pass backward is not written yet: the memory-lean property
-holds for the forward (inference, prefill) only.
+Backward: single-pass with recomputation, two kernels of one block per (sequence, head), each recomputing every
+chunk's factors on chip (no checkpoints; nothing written but the gradients and an ``[N, H, K]`` float carry).
+Phase 1 (forward in time) recomputes the state as the forward does and writes dq, and into dg ``q dq`` without its
+diagonal terms; at the last chunk it leaves the carry of the final state's decay. Phase 2 (reverse in time, the
+state gradient in registers) writes dv, dk, dg and dh0; the intra-chunk stages are the chunked dq/dk/dg kernel's
+(``rawdelta/cuda/gla/chunk_bwd_intra.cuh``). dg is a per-key running sum carried across chunk boundaries in float32:
+its rounding grows with the sequence length (``chunk_gla`` sums per chunk).
 
 When to pick it over ``chunk_gla``: long sequences with few heads, where ``chunk_gla``'s O(T) factor buffers and
 per-chunk state buffer cost memory that matters. It is less parallel: ``N * H`` blocks, each walking its sequence's
@@ -17,7 +20,8 @@ chunks in order, against ``chunk_gla``'s blocks per chunk and per value block; w
 
 Limits: ``K <= 128`` and ``V <= 128`` (the whole state lives in one block's registers); float32 inputs at
 ``chunk_size=64`` with ``K > 64`` and ``V > 64`` exceed one block's shared memory (:func:`fwd_smem` over
-:data:`SMEM_LIMIT`) and are refused before launch with a ValueError.
+:data:`SMEM_LIMIT`), and in the backward with ``K > 64`` or ``V > 64`` (:func:`bwd_smem`); they are refused before
+launch with a ValueError.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ...cuda import launch
 from ...cuda.launch import CTYPES, ptr
 from ...cuda.loader import register
 from ..common.cuda_smem import PAD, f32, in_tile, split
-from .cuda_chunk import PASS_H0, PASS_HT, PASS_VARLEN, chunk_backward, prepare_smem
+from .cuda_chunk import PASS_DHT, PASS_H0, PASS_HT, PASS_VARLEN, prepare_smem
 from .cuda_chunk_dqk import MMA_TYPE
 from .definition import CHUNK_SIZES
 
@@ -65,24 +69,47 @@ def fwd_smem(ct: str, bt: int, kp: int, vp: int) -> int:
     return operands_smem(ct, bt, kp, vp) + max(prepare_smem(ct, bt), split(kp * (vp + PAD)))
 
 
-def _instantiations() -> list[tuple[str, int, int, int]]:
-    """Every (C type, chunk size, KP, VP) whose kernels fit :data:`SMEM_LIMIT`."""
+def bwd_names(ct: str, bt: int, kp: int, vp: int) -> tuple[str, str]:
+    """The backward's two kernels: phase 1 (dq, forward in time) and phase 2 (dk, dv, dg, dh0, reverse in time)."""
+    args = f"<{ct}, {MMA_TYPE[ct]}, {bt}, {kp}, {vp}>"
+    return f"gla_fused_chunk_bwd_dq_kernel{args}", f"gla_fused_chunk_bwd_dkv_kernel{args}"
+
+
+BWD_KS = 64  # the key slice of the backward's dq / dk stages (BwdTiles::KS)
+
+
+def bwd_smem(ct: str, bt: int, kp: int, vp: int) -> int:
+    """The backward kernels' dynamic shared memory (both carve ``BwdTiles``): the chunk operands, do, the scores dA
+    (split; P's tile for float inputs), then the larger of the factor scratch and what overlaps it: the state or
+    its gradient in input precision, and per key slice G, R, q, k (float) and the split scratch of the intra-chunk
+    products."""
+    scores = 0 if ct == "float" else split(bt * (bt + PAD))
+    slices = in_tile(ct, kp * (vp + PAD)) + 4 * f32(bt * (BWD_KS + 4)) + split(bt * (BWD_KS + PAD))
+    return operands_smem(ct, bt, kp, vp) + in_tile(ct, bt * (vp + PAD)) + scores + max(prepare_smem(ct, bt), slices)
+
+
+def _instantiations(smem: Any = fwd_smem) -> list[tuple[str, int, int, int]]:
+    """Every (C type, chunk size, KP, VP) whose kernels (the forward's, or with ``smem=bwd_smem`` the backward's)
+    fit :data:`SMEM_LIMIT`."""
     return [(ct, bt, kp, vp) for ct in CTYPES.values() for bt in CHUNK_SIZES for kp in PADDED for vp in PADDED
-            if fwd_smem(ct, bt, kp, vp) <= SMEM_LIMIT]
+            if smem(ct, bt, kp, vp) <= SMEM_LIMIT]
 
 
-register(SOURCE, [fwd_name(*x) for x in _instantiations()])
+register(SOURCE, [fwd_name(*x) for x in _instantiations()]
+         + [n for x in _instantiations(bwd_smem) for n in bwd_names(*x)])
 
 
-def _config(p: GLAProblem) -> tuple[str, int, int, int]:
-    """The instantiation of a call; a ValueError before launch for one that does not fit."""
+def _config(p: GLAProblem, smem: Any = fwd_smem) -> tuple[str, int, int, int]:
+    """The instantiation of a call (of the forward, or with ``smem=bwd_smem`` of the backward); a ValueError before
+    launch for one that does not fit."""
     if p.K > MAX_KV or p.V > MAX_KV:
         raise ValueError(f"fused_chunk_gla's cuda backend takes K, V <= {MAX_KV} (got K={p.K}, V={p.V})")
     x = (CTYPES[p.q.dtype], p.chunk_size, padded(p.K), padded(p.V))
-    if x not in _instantiations():
+    if x not in _instantiations(smem):
+        what = "backward" if smem is bwd_smem else "forward"
         raise ValueError(
-            f"fused_chunk_gla's cuda backend: {p.q.dtype} inputs at chunk_size={p.chunk_size} with K={p.K}, "
-            f"V={p.V} need {fwd_smem(*x)} bytes of shared memory per block, over {SMEM_LIMIT}; use a smaller "
+            f"fused_chunk_gla's cuda {what}: {p.q.dtype} inputs at chunk_size={p.chunk_size} with K={p.K}, "
+            f"V={p.V} need {smem(*x)} bytes of shared memory per block, over {SMEM_LIMIT}; use a smaller "
             "chunk_size, 16-bit inputs or chunk_gla")
     return x
 
@@ -116,7 +143,28 @@ def forward(p: GLAProblem, workspace: Any = None) -> tuple[tuple[Any, Any], None
 
 
 def backward(p: GLAProblem, saved: Any, do: Any, dht: Any) -> dict[str, Any]:
-    """The backend protocol's backward: ``chunk_gla``'s cuda backward (per-chunk state buffers; see the module
-    docstring), for the calls the forward takes."""
-    _config(p)
-    return chunk_backward(p, p.chunk_size, do, dht)
+    """The backend protocol's backward: the two single-pass kernels (see the module docstring); gradients keyed by
+    input name (dq, dk, dv in the input dtype, dg and dh0 float32), None for absent inputs."""
+    x = _config(p, bwd_smem)
+    import cupy
+
+    dt = p.q.dtype
+    do = cupy.ascontiguousarray(do if do.dtype == dt else do.astype(dt))
+    if dht is not None:
+        dht = cupy.ascontiguousarray(dht, dtype=np.float32)
+    H, K, V = p.H, p.K, p.V
+    flags = _flags(p) | (PASS_DHT if dht is not None else 0)
+    dq, dk = (empty(cupy, (p.B, p.T, H, K), dt) for _ in range(2))
+    dv = empty(cupy, (p.B, p.T, H, V), p.v.dtype)
+    dg = empty(cupy, (p.B, p.T, H, K), np.float32)
+    dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
+    carry = empty(cupy, (max(p.N, 1), H, K), np.float32)
+    dims = (np.int32(p.T), np.int32(H), np.int32(K), np.int32(V), np.float32(p.scale), np.int32(flags))
+    dq_kernel, dkv_kernel = bwd_names(*x)
+    smem = bwd_smem(*x)
+    # phase 1 writes dq and, into dg, q dq without its diagonal terms; phase 2 (same stream) reads dg back
+    launch.launch(SOURCE, dq_kernel, p.N * H, 256, smem, (
+        p.q, p.k, p.v, p.g, ptr(p.initial_state), do, ptr(dht), ptr(p.cu_seqlens), dq, dg, carry) + dims)
+    launch.launch(SOURCE, dkv_kernel, p.N * H, 256, smem, (
+        p.q, p.k, p.v, p.g, do, ptr(dht), ptr(p.cu_seqlens), carry, dk, dv, dg, ptr(dh0)) + dims)
+    return {"q": dq, "k": dk, "v": dv, "g": dg, "gk": None, "gv": None, "initial_state": dh0}
