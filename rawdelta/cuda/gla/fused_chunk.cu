@@ -100,6 +100,24 @@ struct BwdTiles {
     }
 };
 
+// What both backward kernels start from: their tiles carved from dynamic shared memory (the per-key decays zeroed,
+// padding included), block (n, h)'s sequence as one value block of VP columns, and the row strides of [BT_, H, K]
+// and [BT_, H, V] arrays.
+template <typename T, typename E, int BT, int KP, int VP>
+struct BwdBlock {
+    BwdTiles<T, E, BT, KP, VP> t;
+    StatePassBlock pb;
+    int h, len;
+    i64 HK, HV;
+    __device__ __forceinline__ BwdBlock(unsigned char* smem, const i64* cu, int T_, int H, int K, int V,
+                                        const PassOptions& opt)
+        : pb(1, VP, BT, cu, T_, H, H, K, V, opt), h(pb.hv), len(pb.len), HK((i64)H * K), HV((i64)H * V) {
+        SmemCursor cur{smem};
+        t.carve(cur);
+        for (int d = threadIdx.x; d < KP; d += blockDim.x) t.ops.kdecay[d] = 0.f;
+    }
+};
+
 }  // namespace gla_fused
 
 // Forward, per (sequence n, head h). S = h0 (or 0); per chunk (L rows, live before the first dead row), with S the
@@ -191,14 +209,12 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dq_kernel(
     constexpr int LDKO = Tiles::Ops::LDK;
     const PassOptions opt{flags};
     extern __shared__ __align__(16) unsigned char smem[];
-    SmemCursor cur{smem};
-    Tiles t;
-    t.carve(cur);
-    const StatePassBlock pb(1, VP, BT, cu, T_, H, H, K, V, opt);
-    const int h = pb.hv, len = pb.len;
-    const i64 HK = (i64)H * K, HV = (i64)H * V;
+    BwdBlock<T, E, BT, KP, VP> blk(smem, cu, T_, H, K, V, opt);
+    Tiles& t = blk.t;
+    const StatePassBlock& pb = blk.pb;
+    const int h = blk.h, len = blk.len;
+    const i64 HK = blk.HK, HV = blk.HV;
     const bool paired = (K & 1) == 0;
-    for (int d = threadIdx.x; d < KP; d += blockDim.x) t.ops.kdecay[d] = 0.f;
 
     AccS S;
     if (opt.h0()) load_state(S, h0 + pb.state_off, K, V, 0, V);
@@ -300,14 +316,12 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dkv_kernel(
     constexpr int LDKO = Tiles::Ops::LDK, LDP = Tiles::Ops::LDP;
     const PassOptions opt{flags};
     extern __shared__ __align__(16) unsigned char smem[];
-    SmemCursor cur{smem};
-    Tiles t;
-    t.carve(cur);
-    const StatePassBlock pb(1, VP, BT, cu, T_, H, H, K, V, opt);
-    const int h = pb.hv, len = pb.len;
-    const i64 HK = (i64)H * K, HV = (i64)H * V;
+    BwdBlock<T, E, BT, KP, VP> blk(smem, cu, T_, H, K, V, opt);
+    Tiles& t = blk.t;
+    const StatePassBlock& pb = blk.pb;
+    const int h = blk.h, len = blk.len;
+    const i64 HK = blk.HK, HV = blk.HV;
     const bool paired = (K & 1) == 0, paired_v = (V & 1) == 0;
-    for (int d = threadIdx.x; d < KP; d += blockDim.x) t.ops.kdecay[d] = 0.f;
 
     AccS dS;
     if (opt.dht()) load_state(dS, dht + pb.state_off, K, V, 0, V);

@@ -35,7 +35,7 @@ from ...cuda import launch
 from ...cuda.launch import CTYPES, ptr
 from ...cuda.loader import register
 from ..common.cuda_smem import PAD, f32, in_tile, split
-from .cuda_chunk import PASS_DHT, PASS_H0, PASS_HT, PASS_VARLEN, prepare_smem
+from .cuda_chunk import PASS_DHT, forward_outputs, pass_flags, prepare_smem
 from .cuda_chunk_dqk import MMA_TYPE
 from .definition import CHUNK_SIZES
 
@@ -114,22 +114,11 @@ def _config(p: GLAProblem, smem: Any = fwd_smem) -> tuple[str, int, int, int]:
     return x
 
 
-def _flags(p: GLAProblem) -> int:
-    return (PASS_H0 if p.initial_state is not None else 0) | (PASS_VARLEN if p.cu_seqlens is not None else 0)
-
-
 def fused_forward(p: GLAProblem) -> tuple[Any, Any]:
     """Launch the forward: o ``[B, T, H, V]`` (v's dtype) and, with ``p.output_final_state``, the final state
     ``[N, H, K, V]`` float32 (else None)."""
     x = _config(p)
-    import cupy
-
-    o = empty(cupy, (p.B, p.T, p.H, p.V), p.v.dtype)
-    flags = _flags(p)
-    ht = None
-    if p.output_final_state:
-        ht = empty(cupy, (p.N, p.H, p.K, p.V), np.float32)
-        flags |= PASS_HT
+    o, ht, flags = forward_outputs(p)
     launch.launch(SOURCE, fwd_name(*x), p.N * p.H, 256, fwd_smem(*x), (
         p.q, p.k, p.v, p.g, ptr(p.initial_state), ptr(p.cu_seqlens), o, ptr(ht), np.int32(p.T), np.int32(p.H),
         np.int32(p.K), np.int32(p.V), np.float32(p.scale), np.int32(flags)))
@@ -153,7 +142,7 @@ def backward(p: GLAProblem, saved: Any, do: Any, dht: Any) -> dict[str, Any]:
     if dht is not None:
         dht = cupy.ascontiguousarray(dht, dtype=np.float32)
     H, K, V = p.H, p.K, p.V
-    flags = _flags(p) | (PASS_DHT if dht is not None else 0)
+    flags = pass_flags(p) | (PASS_DHT if dht is not None else 0)
     dq, dk = (empty(cupy, (p.B, p.T, H, K), dt) for _ in range(2))
     dv = empty(cupy, (p.B, p.T, H, V), p.v.dtype)
     dg = empty(cupy, (p.B, p.T, H, K), np.float32)
