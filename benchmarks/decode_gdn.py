@@ -103,12 +103,18 @@ def _raw_launch(q, k, v, g, beta, state, stream, geom, one_step, min_blocks, v_f
     return launch
 
 
-def main() -> int:
+def decode_args() -> argparse.ArgumentParser:
+    """The decode benchmarks' common options: --json, and the shape (--seqs x --heads x --dim, K = V = dim)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--seqs", type=int, default=64)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--dim", type=int, default=128)
+    return ap
+
+
+def main() -> int:
+    ap = decode_args()
     ap.add_argument("--state-v-first", action="store_true",
                     help="also time state_v_first=True ([N, H, V, K] states) beside the default layout")
     args = ap.parse_args()

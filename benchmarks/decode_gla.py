@@ -12,13 +12,12 @@ Usage: PYTHONPATH=. python3 benchmarks/decode_gla.py [--seqs 64] [--heads 32] [-
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import cupy
 import torch
-from decode_gdn import copy_bandwidth_gbs, time_graph_ms, time_ms  # this directory is on sys.path for its scripts
+from decode_gdn import copy_bandwidth_gbs, decode_args, time_graph_ms, time_ms  # this directory is on sys.path
 
 import rawdelta
 import rawdelta.torch as rdt
@@ -26,11 +25,7 @@ from rawdelta.testing import assert_close
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--seqs", type=int, default=64)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--dim", type=int, default=128)
+    ap = decode_args()
     ap.add_argument("--gv", action="store_true", help="a per-value gate besides the per-key one")
     args = ap.parse_args()
     N, H, D = args.seqs, args.heads, args.dim
