@@ -22,11 +22,14 @@ from .launches import record_launches
 
 pytestmark = pytest.mark.gpu
 OP = registry.op("chunk_gla")
+# What both chunked ops must do alike (fused_chunk_gla's own limits: tests/ops/test_gla_fused_chunk_cuda.py)
+CHUNKED = [OP, registry.op("fused_chunk_gla")]
 
 
-def _inputs(params: dict[str, Any], seed: int, dtype: str = "float32") -> tuple[dict[str, Any], Any, Any]:
+def _inputs(params: dict[str, Any], seed: int, dtype: str = "float32", op: Any = OP
+            ) -> tuple[dict[str, Any], Any, Any]:
     kw, do, dht = split_op_args(gla_inputs(**params, seed=seed, dtype=dtype, gk=False))
-    return {n: x for n, x in kw.items() if n in OP.takes}, do, dht
+    return {n: x for n, x in kw.items() if n in op.takes}, do, dht
 
 
 @pytest.mark.parametrize("chunk_size", [16, 32, 64])
@@ -43,41 +46,46 @@ def test_k256_varlen(dtype: str) -> None:
     check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
 
 
-def test_resets_in_some_keys() -> None:
+@pytest.mark.parametrize("op", CHUNKED, ids=lambda o: o.name)
+def test_resets_in_some_keys(op: Any) -> None:
     """-inf and -1e30 in some keys of some tokens, at a chunk's first row, inside it and at its last row."""
-    kw, do, dht = _inputs({"B": 2, "T": 96, "H": 2, "K": 40, "V": 24}, 13)
+    kw, do, dht = _inputs({"B": 2, "T": 96, "H": 2, "K": 40, "V": 24}, 13, op=op)
     g = kw["g"].copy()
     g[:, 32, :, 1:5] = -np.inf
     g[:, 45, 0, ::3] = -1e30
     g[:, 63, 1, 7] = -np.inf
     kw["g"] = g
-    check_backend(OP, "cuda", {**kw, "chunk_size": 32}, do, dht, device=True)
+    check_backend(op, "cuda", {**kw, "chunk_size": 32}, do, dht, device=True)
 
 
-def test_strong_decay() -> None:
+@pytest.mark.parametrize("op", CHUNKED, ids=lambda o: o.name)
+def test_strong_decay(op: Any) -> None:
     """Gates near -20 per token: every decay across more than a few tokens underflows, no factor overflows."""
-    kw, do, dht = _inputs({"B": 1, "T": 80, "H": 1, "K": 32, "V": 16}, 14)
+    kw, do, dht = _inputs({"B": 1, "T": 80, "H": 1, "K": 32, "V": 16}, 14, op=op)
     kw["g"] = (kw["g"] * 0 - 20.0 + np.random.default_rng(0).uniform(-1, 1, kw["g"].shape)).astype(np.float32)
-    check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
+    check_backend(op, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
 
 
 @pytest.mark.parametrize("normalizer", [0.1, 10.0])
-def test_peer_gate_normalizers(normalizer: float) -> None:
+@pytest.mark.parametrize("op", CHUNKED, ids=lambda o: o.name)
+def test_peer_gate_normalizers(op: Any, normalizer: float) -> None:
     """The peer's test gates, logsigmoid(x) / normalizer: strong decay at 0.1, nearly none at 10."""
     kw, do, dht = split_op_args(gla_inputs(B=2, T=130, H=2, K=64, V=64, seed=18, dtype="bfloat16", gk=False,
                                            gate_normalizer=normalizer))
-    kw = {n: x for n, x in kw.items() if n in OP.takes}
-    check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
+    kw = {n: x for n, x in kw.items() if n in op.takes}
+    check_backend(op, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
 
 
-def test_backward_is_deterministic() -> None:
-    kw, do, dht = _inputs({"B": 2, "T": 200, "H": 4, "K": 128, "V": 128}, 15, "bfloat16")
+@pytest.mark.parametrize("op", CHUNKED, ids=lambda o: o.name)
+def test_backward_is_deterministic(op: Any) -> None:
+    kw, do, dht = _inputs({"B": 2, "T": 200, "H": 4, "K": 128, "V": 128}, 15, "bfloat16", op)
     import cupy
 
     kw = to_device(kw)
-    _, res = rawdelta.chunk_gla_fwd(**kw, output_final_state=True, chunk_size=64, backend="cuda")
-    a = rawdelta.chunk_gla_bwd(res, cupy.asarray(do), cupy.asarray(dht))
-    b = rawdelta.chunk_gla_bwd(res, cupy.asarray(do), cupy.asarray(dht))
+    _, res = getattr(rawdelta, f"{op.name}_fwd")(**kw, output_final_state=True, chunk_size=64, backend="cuda")
+    bwd = getattr(rawdelta, f"{op.name}_bwd")
+    a = bwd(res, cupy.asarray(do), cupy.asarray(dht))
+    b = bwd(res, cupy.asarray(do), cupy.asarray(dht))
     for name in a._fields:
         x, y = getattr(a, name), getattr(b, name)
         if x is not None:

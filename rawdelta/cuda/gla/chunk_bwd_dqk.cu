@@ -1,38 +1,8 @@
 // GLA, chunked mode, the last stage of the backward: per chunk, head and slice of KS keys, dq, dk and the gate
 // gradient dg (mma.sync: sm_80 and later). Layouts: gla/chunk.cuh; math: rawdelta/ops/gla/README.md ("Backward").
-#include "gla/chunk.cuh"
+#include "gla/chunk_bwd_intra.cuh"
 
 using namespace rawdelta;
-
-namespace gla_dqk {
-
-// One warp: c[j] = A B_j, A the 16 x 16 block at (m0, k0) of a split tile (layout LA: MK, or KM for the stored
-// matrix's transpose), B_j the 16 x 8 block at (k0, (wn + j WN) 8) of a split KN tile; hi*hi + lo*hi + hi*lo
-// (~16 mantissa bits). c is the 16 x 8 accumulator tiles' layout of Acc (row (lane >> 2) + 8 (e >> 1), column
-// 2 (lane & 3) + (e & 1)).
-template <typename E, Layout LA, int NT, int WN>
-__device__ __forceinline__ void warp_block_mma(float (&c)[NT][4], const Split<E>& A, int lda, int m0, int k0,
-                                               const Split<E>& B, int ldb, int wn, int lane) {
-    const int ao = a_lane<LA>(lane, lda) + a_frag<LA>(m0, k0, lda);
-    u32 ah[4], al[4];
-    load_a<LA>(ah, smem_addr(A.hi) + ao);
-    load_a<LA>(al, smem_addr(A.lo) + ao);
-    const int bl0 = b_lane<KN>(lane, ldb);
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const int bo = bl0 + b_frag<KN>(k0, (wn + j * WN) * 8, ldb);
-        u32 bh[2], bl[2];
-        load_b<KN>(bh, smem_addr(B.hi) + bo);
-        load_b<KN>(bl, smem_addr(B.lo) + bo);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) c[j][e] = 0.f;
-        MmaType<E>::mma(c[j], ah, bh);
-        MmaType<E>::mma(c[j], al, bh);
-        MmaType<E>::mma(c[j], ah, bl);
-    }
-}
-
-}  // namespace gla_dqk
 
 // ---------------------------------------------------------------------------------------------
 // Per (chunk c, head h, slice of KS keys [k0, k0 + kc)), one block of 256 threads, grid NC * H * NKS (blockIdx.x =
@@ -146,10 +116,7 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     }
 
     // ---- the V loop's tiles are dead: the scores (masked, scaled), q, k, hdh, Dk ----
-    dA.apply_pairs([&](int r, int j, float& x0, float& x1) {
-        const bool in = r < live;  // select: do and v may be anything on dead rows
-        split_store_pair(sA, r * LDM + j, in && j <= r ? x0 * scale : 0.f, in && j + 1 <= r ? x1 * scale : 0.f);
-    });
+    gla_dqk::store_scores<E>(dA, sA, LDM, live, scale);
     load_tile(sQ, LDF, q + qk0, rstride, L, kc, BT, KS);
     load_tile(sK, LDF, k + qk0, rstride, L, kc, BT, KS);
     hdh = lane_group_sum<1, 4>(hdh);
@@ -159,87 +126,13 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     cp_async_wait_all();
     __syncthreads();
 
-    // The inter-chunk parts: dq = scale 2^G_r Dq (0 after a reset), dx = 2^(G_last - G_j) Dx (0 before one)
-    Dq.apply([&](int r, int d, float& x) {
-        x = sR[r * LDF + d] > 0 ? 0.f : x * (exp2f(sG[r * LDF + d]) * scale);
-    });
-    Dx.apply([&](int j, int d, float& x) {
-        x = sR[last * LDF + d] > sR[j * LDF + d] ? 0.f : x * exp2f(sG[last * LDF + d] - sG[j * LDF + d]);
-    });
-
-    // kL_j = k_j 2^(G_ref - G_j), ref = the last live row of j's sub-block (>= j); 0 on dead rows
-    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * blockDim.x) {
-        const int j = idx / KS, d = idx % KS, ref = min(j | (SUB - 1), last);
-        float x0 = 0.f, x1 = 0.f;
-        if (j < live) {
-            x0 = sK[j * LDF + d] * key_decay(sG, sR, LDF, ref, j, d);
-            x1 = sK[j * LDF + d + 1] * key_decay(sG, sR, LDF, ref, j, d + 1);
-        }
-        split_store_pair(sS, j * LDK + d, x0, x1);
-    }
-    __syncthreads();
-
-    // dq, sub-blocks J < I = wb (all rows of J live when a row of I is: ref = the last row of J):
-    // dq_r += 2^(G_r - G_ref) (dA_IJ kL_J)_r
-    for (int J = 0; J < wb && wb * SUB < live; ++J) {
-        float t[NT][4];
-        gla_dqk::warp_block_mma<E, MK, NT, WN>(t, sA, LDM, wb * SUB, J * SUB, sS, LDK, wn, lane);
-        const int ref = J * SUB + SUB - 1;
-#pragma unroll
-        for (int jt = 0; jt < NT; ++jt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
-                if (r < live) Dq.v[0][jt][e] += key_decay(sG, sR, LDF, r, ref, d) * t[jt][e];
-            }
-    }
-    // dq, the diagonal sub-block: j in [first row of r's sub-block, r)
-    Dq.apply([&](int r, int d, float& x) {
-        if (r >= live) return;
-        float s = 0.f;
-        for (int j = r & ~(SUB - 1); j < r; ++j)
-            s += tile_get(sA, r * LDM + j) * key_decay(sG, sR, LDF, r, j, d) * sK[j * LDF + d];
-        x += s;
-    });
-    __syncthreads();  // kL read
-
-    // qF_r = q_r 2^(G_r - G_ref), ref = the first row of r's sub-block; 0 on dead rows
-    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * blockDim.x) {
-        const int r = idx / KS, d = idx % KS, ref = r & ~(SUB - 1);
-        float x0 = 0.f, x1 = 0.f;
-        if (r < live) {
-            x0 = sQ[r * LDF + d] * key_decay(sG, sR, LDF, r, ref, d);
-            x1 = sQ[r * LDF + d + 1] * key_decay(sG, sR, LDF, r, ref, d + 1);
-        }
-        split_store_pair(sS, r * LDK + d, x0, x1);
-    }
-    __syncthreads();
-
-    // dk (its intra-chunk part Di), sub-blocks I > J = wb with a live row (ref = the first row of I):
-    // dk_j += 2^(G_ref - G_j) (dA_IJ^T qF_I)_j
+    // The inter-chunk parts, then the intra-chunk sums without their diagonal terms (gla/chunk_bwd_intra.cuh)
+    gla_dqk::dq_inter(Dq, sG, sR, LDF, scale);
+    gla_dqk::dk_inter(Dx, sG, sR, LDF, last);
+    gla_dqk::dq_intra<E>(Dq, sA, LDM, sK, sG, sR, LDF, sS, LDK, live);
     AccQ Di;
     Di.fill(0.f);
-    for (int I = wb + 1; I < NB && I * SUB < live; ++I) {
-        float t[NT][4];
-        gla_dqk::warp_block_mma<E, KM, NT, WN>(t, sA, LDM, wb * SUB, I * SUB, sS, LDK, wn, lane);
-        const int ref = I * SUB;
-#pragma unroll
-        for (int jt = 0; jt < NT; ++jt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int j = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
-                if (j < live) Di.v[0][jt][e] += key_decay(sG, sR, LDF, ref, j, d) * t[jt][e];
-            }
-    }
-    // dk, the diagonal sub-block: r in (j, end of j's sub-block), live rows only
-    Di.apply([&](int j, int d, float& x) {
-        if (j >= live) return;
-        const int end = min((j | (SUB - 1)) + 1, live);
-        float s = 0.f;
-        for (int r = j + 1; r < end; ++r)
-            s += tile_get(sA, r * LDM + j) * key_decay(sG, sR, LDF, r, j, d) * sQ[r * LDF + d];
-        x += s;
-    });
+    gla_dqk::dk_intra<E>(Di, sA, LDM, sQ, sG, sR, LDF, sS, LDK, live);
     __syncthreads();  // q and k read by every thread: from here each thread rewrites only its own elements
 
     // dq, dk (with the diagonal terms dA_rr k_r, dA_rr q_r); q and k become dG_r and k_r dx_r (0 past live)
@@ -275,21 +168,8 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     if ((int)threadIdx.x < kc) {
         const int d = threadIdx.x;
         const float carried = sDk[d] == 0.f ? 0.f : sDk[d] * sHdh[d];  // 2^G_last spans every step
-        float pre = 0.f;
-        for (int s = 0; s < live; ++s) {
-            const float x = sK[s * LDF + d];
-            sK[s * LDF + d] = pre;
-            pre += x;
-        }
         float* out = dg + qk0 + d;
-        float acc = 0.f;
-        for (int s = live - 1; s >= 0; --s) {
-            const int rs = sR[s * LDF + d];
-            if (s + 1 < live && (int)sR[(s + 1) * LDF + d] != rs) acc = 0.f;
-            acc += sQ[s * LDF + d];
-            const bool own_reset = rs > (s > 0 ? (int)sR[(s - 1) * LDF + d] : 0);
-            out[s * rstride] = own_reset ? 0.f : acc + sK[s * LDF + d] + carried;
-        }
+        gla_dqk::dg_reverse_scan(0.f, carried, sQ + d, sK + d, sR + d, LDF, live, out, rstride);
         for (int s = live; s < L; ++s) out[s * rstride] = dead_value();
     }
 }

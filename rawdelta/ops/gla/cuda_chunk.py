@@ -175,8 +175,23 @@ class _Chunks:
         return tensor_map.kernel_maps(None if store else qk(self.qg), qk(self.kg), None, scores, v)
 
 
-def _flags(p: GLAProblem) -> int:
+def pass_flags(p: GLAProblem) -> int:
+    """The pass option bits of a call's inputs (without PASS_HT and PASS_DHT, which depend on the launch)."""
     return (PASS_H0 if p.initial_state is not None else 0) | (PASS_VARLEN if p.cu_seqlens is not None else 0)
+
+
+def forward_outputs(p: GLAProblem) -> tuple[Any, Any, int]:
+    """A forward's outputs, allocated: o ``[B, T, H, V]`` (v's dtype), the final state ``[N, H, K, V]`` float32 with
+    ``p.output_final_state`` (else None), and the pass flags with PASS_HT where it is written."""
+    import cupy
+
+    o = empty(cupy, (p.B, p.T, p.H, p.V), p.v.dtype)
+    flags = pass_flags(p)
+    ht = None
+    if p.output_final_state:
+        ht = empty(cupy, (p.N, p.H, p.K, p.V), np.float32)
+        flags |= PASS_HT
+    return o, ht, flags
 
 
 def _forward_pass(p: GLAProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None) -> None:
@@ -219,15 +234,8 @@ def _reverse_pass(p: GLAProblem, ch: _Chunks, flags: int, do: Any, dht: Any, dhb
 def chunk_forward(p: GLAProblem, chunk_size: int, wgmma: bool = True) -> tuple[Any, Any]:
     """Launch the forward: o ``[B, T, H, V]`` (v's dtype) and, with ``p.output_final_state``, the final state
     ``[N, H, K, V]`` float32 (else None). ``wgmma=False``: the mma.sync passes on a Hopper GPU too."""
-    import cupy
-
     ch = _Chunks(p, chunk_size, wgmma)
-    o = empty(cupy, (p.B, p.T, p.H, p.V), p.v.dtype)
-    flags = _flags(p)
-    ht = None
-    if p.output_final_state:
-        ht = empty(cupy, (p.N, p.H, p.K, p.V), np.float32)
-        flags |= PASS_HT
+    o, ht, flags = forward_outputs(p)
     _forward_pass(p, ch, flags, o=o, ht=ht)
     return o, ht
 
@@ -245,7 +253,7 @@ def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: boo
     if dht is not None:
         dht = cupy.ascontiguousarray(dht, dtype=np.float32)
     ch = _Chunks(p, chunk_size, wgmma)
-    flags = _flags(p) | (PASS_DHT if dht is not None else 0)
+    flags = pass_flags(p) | (PASS_DHT if dht is not None else 0)
     H, K, V = p.H, p.K, p.V
     hbuf = empty(cupy, (max(ch.nc, 1), H, K, V), dt)
     dhbuf = empty(cupy, (max(ch.nc, 1), H, K, V), dt)

@@ -198,8 +198,10 @@ FUSED_CHUNK = dataclasses.replace(
     doc=(_CHUNK_DOC + "The same function as :func:`~rawdelta.chunk_gla`, on the same stages on the numpy and numba "
          "backends. " + _CASTS + " No input is modified."),
     naive=(),
-    backends={"numpy": Backend(f"{_PKG}.naive_chunk"), "numba": Backend(f"{_PKG}.numba_chunk")},
-    limits=_LIMITS,
+    backends={"numpy": Backend(f"{_PKG}.naive_chunk"), "numba": Backend(f"{_PKG}.numba_chunk"),
+              "cuda": Backend(f"{_PKG}.cuda_fused_chunk")},
+    limits={**_LIMITS, "cuda": {"K": (128, "one block holds the whole K x V state in registers"),
+                                "V": (128, "one block holds the whole K x V state in registers")}},
     check_cases=(
         CheckCase("dense", {"B": 2, "T": 21, "H": 1, "K": 8, "V": 4, "seed": 10}, {"chunk_size": 16}),
     ),

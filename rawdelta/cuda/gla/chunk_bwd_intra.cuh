@@ -1,0 +1,180 @@
+// GLA, chunked mode: the backward's per-chunk stages of dq, dk and dg over one slice of KS keys, as device functions
+// that the chunked op's dq/dk/dg kernel (chunk_bwd_dqk.cu) and the fused backward (fused_chunk.cu) share. Every
+// function is called by all 256 threads of a block. Tiles of the slice (rows of stride ld): G, R the per-key
+// chunk-local log2 cumulative gates and reset counts, q, k as float; the scores dA a split tile (leading dimension
+// ldm), masked to j <= r < live and scaled; `scratch` a split BT x (KS + TILE_PAD) tile (ldk). Math and the
+// sub-block scheme: chunk_bwd_dqk.cu.
+#pragma once
+#include "gla/chunk.cuh"
+
+namespace gla_dqk {
+
+using namespace rawdelta;
+
+// One warp: c[j] = A B_j, A the 16 x 16 block at (m0, k0) of a split tile (layout LA: MK, or KM for the stored
+// matrix's transpose), B_j the 16 x 8 block at (k0, (wn + j WN) 8) of a split KN tile; hi*hi + lo*hi + hi*lo
+// (~16 mantissa bits). c is the 16 x 8 accumulator tiles' layout of Acc (row (lane >> 2) + 8 (e >> 1), column
+// 2 (lane & 3) + (e & 1)).
+template <typename E, Layout LA, int NT, int WN>
+__device__ __forceinline__ void warp_block_mma(float (&c)[NT][4], const Split<E>& A, int lda, int m0, int k0,
+                                               const Split<E>& B, int ldb, int wn, int lane) {
+    const int ao = a_lane<LA>(lane, lda) + a_frag<LA>(m0, k0, lda);
+    u32 ah[4], al[4];
+    load_a<LA>(ah, smem_addr(A.hi) + ao);
+    load_a<LA>(al, smem_addr(A.lo) + ao);
+    const int bl0 = b_lane<KN>(lane, ldb);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int bo = bl0 + b_frag<KN>(k0, (wn + j * WN) * 8, ldb);
+        u32 bh[2], bl[2];
+        load_b<KN>(bh, smem_addr(B.hi) + bo);
+        load_b<KN>(bl, smem_addr(B.lo) + bo);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[j][e] = 0.f;
+        MmaType<E>::mma(c[j], ah, bh);
+        MmaType<E>::mma(c[j], al, bh);
+        MmaType<E>::mma(c[j], ah, bl);
+    }
+}
+
+// The scores dA (do v^T, an accumulator) into sA: scale dA_rj for j <= r < live, else 0 (selected: do and v may be
+// anything on dead rows).
+template <typename E, int BT, int NW>
+__device__ __forceinline__ void store_scores(Acc<BT, BT, NW>& dA, const Split<E>& sA, int ldm, int live, float scale) {
+    dA.apply_pairs([&](int r, int j, float& x0, float& x1) {
+        const bool in = r < live;
+        split_store_pair(sA, r * ldm + j, in && j <= r ? x0 * scale : 0.f, in && j + 1 <= r ? x1 * scale : 0.f);
+    });
+}
+
+// The inter-chunk parts from the products Dq = do h^T and Dx = v dh^T: dq = scale 2^G_r Dq (0 after a reset),
+// dx = 2^(G_last - G_j) Dx (0 before one).
+template <typename AccQ, typename RT>
+__device__ __forceinline__ void dq_inter(AccQ& Dq, const float* sG, const RT* sR, int ld, float scale) {
+    Dq.apply([&](int r, int d, float& x) { x = sR[r * ld + d] > 0 ? 0.f : x * (exp2f(sG[r * ld + d]) * scale); });
+}
+template <typename AccQ, typename RT>
+__device__ __forceinline__ void dk_inter(AccQ& Dx, const float* sG, const RT* sR, int ld, int last) {
+    Dx.apply([&](int j, int d, float& x) {
+        x = sR[last * ld + d] > sR[j * ld + d] ? 0.f : x * exp2f(sG[last * ld + d] - sG[j * ld + d]);
+    });
+}
+
+// dq's intra-chunk part without its diagonal terms, added to Dq (Acc<BT, KS>; each warp one 16-row sub-block):
+// sub-blocks J < I on tensor cores, kL_j = k_j 2^(G_ref - G_j) with ref the last row of J, post-factor
+// 2^(G_r - G_ref); the diagonal sub-block element by element (j in [first row of r's sub-block, r)). Barriers
+// before and after the products (the scratch's kL may be overwritten when it returns).
+template <typename E, int BT, int KS, int NW, typename RT>
+__device__ __forceinline__ void dq_intra(Acc<BT, KS, NW>& Dq, const Split<E>& sA, int ldm, const float* sK,
+                                         const float* sG, const RT* sR, int ld, const Split<E>& scratch, int ldk,
+                                         int live) {
+    using AccQ = Acc<BT, KS, NW>;
+    constexpr int NT = AccQ::NT, WM = AccQ::WM, WN = AccQ::WN;
+    static_assert(AccQ::MT == 1 && WM == BT / SUB && WM * WN == NW, "each warp owns one 16-row sub-block");
+    const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM,
+              wn = warp / WM;
+    // kL_j = k_j 2^(G_ref - G_j), ref = the last live row of j's sub-block (>= j); 0 on dead rows
+    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * blockDim.x) {
+        const int j = idx / KS, d = idx % KS, ref = min(j | (SUB - 1), last);
+        float x0 = 0.f, x1 = 0.f;
+        if (j < live) {
+            x0 = sK[j * ld + d] * key_decay(sG, sR, ld, ref, j, d);
+            x1 = sK[j * ld + d + 1] * key_decay(sG, sR, ld, ref, j, d + 1);
+        }
+        split_store_pair(scratch, j * ldk + d, x0, x1);
+    }
+    __syncthreads();
+    // sub-blocks J < I = wb (all rows of J live when a row of I is: ref = the last row of J):
+    // dq_r += 2^(G_r - G_ref) (dA_IJ kL_J)_r
+    for (int J = 0; J < wb && wb * SUB < live; ++J) {
+        float t[NT][4];
+        warp_block_mma<E, MK, NT, WN>(t, sA, ldm, wb * SUB, J * SUB, scratch, ldk, wn, lane);
+        const int ref = J * SUB + SUB - 1;
+#pragma unroll
+        for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
+                if (r < live) Dq.v[0][jt][e] += key_decay(sG, sR, ld, r, ref, d) * t[jt][e];
+            }
+    }
+    // the diagonal sub-block: j in [first row of r's sub-block, r)
+    Dq.apply([&](int r, int d, float& x) {
+        if (r >= live) return;
+        float s = 0.f;
+        for (int j = r & ~(SUB - 1); j < r; ++j)
+            s += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sK[j * ld + d];
+        x += s;
+    });
+    __syncthreads();  // kL read
+}
+
+// dk's intra-chunk part without its diagonal terms, added to Di (Acc<BT, KS>): sub-blocks I > J on tensor cores,
+// qF_r = q_r 2^(G_r - G_ref) with ref the first row of I, post-factor 2^(G_ref - G_j); the diagonal sub-block
+// element by element (r in (j, end of j's sub-block), live rows). A barrier after qF is written; the caller's
+// barrier before the scratch or the tiles are overwritten.
+template <typename E, int BT, int KS, int NW, typename RT>
+__device__ __forceinline__ void dk_intra(Acc<BT, KS, NW>& Di, const Split<E>& sA, int ldm, const float* sQ,
+                                         const float* sG, const RT* sR, int ld, const Split<E>& scratch, int ldk,
+                                         int live) {
+    using AccQ = Acc<BT, KS, NW>;
+    constexpr int NT = AccQ::NT, WM = AccQ::WM, WN = AccQ::WN, NB = BT / SUB;
+    static_assert(AccQ::MT == 1 && WM == NB && WM * WN == NW, "each warp owns one 16-row sub-block");
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM, wn = warp / WM;
+    // qF_r = q_r 2^(G_r - G_ref), ref = the first row of r's sub-block; 0 on dead rows
+    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * blockDim.x) {
+        const int r = idx / KS, d = idx % KS, ref = r & ~(SUB - 1);
+        float x0 = 0.f, x1 = 0.f;
+        if (r < live) {
+            x0 = sQ[r * ld + d] * key_decay(sG, sR, ld, r, ref, d);
+            x1 = sQ[r * ld + d + 1] * key_decay(sG, sR, ld, r, ref, d + 1);
+        }
+        split_store_pair(scratch, r * ldk + d, x0, x1);
+    }
+    __syncthreads();
+    // sub-blocks I > J = wb with a live row (ref = the first row of I): dk_j += 2^(G_ref - G_j) (dA_IJ^T qF_I)_j
+    for (int I = wb + 1; I < NB && I * SUB < live; ++I) {
+        float t[NT][4];
+        warp_block_mma<E, KM, NT, WN>(t, sA, ldm, wb * SUB, I * SUB, scratch, ldk, wn, lane);
+        const int ref = I * SUB;
+#pragma unroll
+        for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
+                if (j < live) Di.v[0][jt][e] += key_decay(sG, sR, ld, ref, j, d) * t[jt][e];
+            }
+    }
+    // the diagonal sub-block: r in (j, end of j's sub-block), live rows only
+    Di.apply([&](int j, int d, float& x) {
+        if (j >= live) return;
+        const int end = min((j | (SUB - 1)) + 1, live);
+        float s = 0.f;
+        for (int r = j + 1; r < end; ++r)
+            s += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sQ[r * ld + d];
+        x += s;
+    });
+}
+
+// dg of one key over a chunk's live rows, by the thread that owns the key, rows in a fixed order: kdx (the terms
+// k_j dx_j of the rows written, column stride ld) becomes its exclusive prefix sum_{j < s}; then, from the last
+// live row back, carry = 0 at a reset's own row, else carry + dG_s, and dg_s = carry + prefix_s + add (0 at a
+// reset's own row). Returns the carry past row 0 (0 when row 0 is a reset's own).
+template <typename RT>
+__device__ __forceinline__ float dg_reverse_scan(float carry, float add, const float* dG, float* kdx, const RT* R,
+                                                 int ld, int live, float* out, i64 stride) {
+    float pre = 0.f;
+    for (int s = 0; s < live; ++s) {
+        const float x = kdx[s * ld];
+        kdx[s * ld] = pre;
+        pre += x;
+    }
+    for (int s = live - 1; s >= 0; --s) {
+        const bool own_reset = (int)R[s * ld] > (s > 0 ? (int)R[(s - 1) * ld] : 0);
+        carry = own_reset ? 0.f : carry + dG[s * ld];
+        out[s * stride] = own_reset ? 0.f : carry + kdx[s * ld] + add;
+    }
+    return carry;
+}
+
+}  // namespace gla_dqk

@@ -1,0 +1,150 @@
+// GLA, chunked mode: the per-chunk factors of one (chunk, head), as a device function that prepare
+// (chunk_prepare.cu) writes to global memory and the fused kernels (fused_chunk.cu) keep in shared memory.
+// Layouts and names: gla/chunk.cuh.
+#pragma once
+#include "gla/chunk.cuh"
+
+namespace rawdelta {
+
+// The first dead row among rows [0, L) of a chunk of per-key gates (g rows of stride `stride`, K keys): the first row
+// with a NaN or +inf gate of any key (common/chunk_stages.cuh: kills_row); L when none. A barrier over the block.
+__device__ __forceinline__ int first_dead_key_row(const float* __restrict__ g, i64 stride, int L, int K, int* slot) {
+    if (threadIdx.x == 0) *slot = L;
+    __syncthreads();
+    int first = L;
+    for (int idx = threadIdx.x; idx < L * K; idx += blockDim.x) {
+        const int r = idx / K;
+        if (r < first && kills_row(g[r * stride + idx % K], 0.f)) first = r;
+    }
+    if (first < L) atomicMin(slot, first);
+    __syncthreads();
+    return *slot;
+}
+
+// The scratch of gla_chunk_factors (blocks of 256 threads), carved from dynamic shared memory: the raw q and k of a
+// slice of KS keys, their scaled split copies for the off-diagonal products, the slice's gates and reset counts, the
+// chunk's scores sA (float, leading dimension LDA) and one int for the first dead row.
+template <typename T, typename E, int BT>
+struct ChunkFactorScratch {
+    static constexpr int KS = 64, LDT = KS + TILE_PAD, LDG = KS, LDA = BT + 4;
+    T *sQ, *sK;
+    Split<E> sQs, sKs;
+    float* sG;
+    int* sR;
+    float* sA;
+    int* sLive;
+    __device__ __forceinline__ void carve(SmemCursor& cur) {
+        cur.into(sQ, BT * LDT);
+        cur.into(sK, BT * LDT);
+        sQs = cur.take_split<E>(BT * LDT);
+        sKs = cur.take_split<E>(BT * LDT);
+        sG = cur.take<float>(BT * LDG);
+        sR = cur.take<int>(BT * LDG);
+        sA = cur.take<float>(BT * LDA);
+        sLive = cur.take<int>(4);
+    }
+};
+
+// The factors of one chunk of one head (rows r < L; live = its first dead row), over slices of KS keys:
+//   elem(r, d, in, G, R, qg, kg) for every row r < BT and key d of every slice (in: r < L and d < K; qg and kg are
+//   0 when not in): G, R the per-key chunk-local cumulative log2 gate and reset count (common/chunk_stages.cuh),
+//   qg = q 2^G (0 after a reset of key d), kg = k 2^(G_last - G) (0 before one), with last = L - 1;
+//   decay(d, 2^G_last) for d < K, the chunk's per-key decay (0 across a reset);
+//   sA[r LDA + j] = A_rj = scale sum_d q_rd k_jd 2^(G_rd - G_jd) for j <= r < live, else 0 (every r, j < BT),
+//   summed over the slices: for rows of 16-block I and columns of a block before it on tensor cores, as
+//   (q_r 2^(G_r - G_ref)) . (k_j 2^(G_ref - G_j)) with ref the first row of I (every factor <= 1 for gates <= 0, 0
+//   across a reset); the diagonal 16-blocks element by element.
+// q, k, g point at (row 0, key 0) of the chunk's head; rows of stride HK. Blocks of 256 threads; every thread calls
+// it (barriers inside); sA is complete when it returns (a barrier last).
+template <typename T, typename E, int BT, typename Elem, typename Decay>
+__device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E, BT>& s, const T* __restrict__ q,
+                                                  const T* __restrict__ k, const float* __restrict__ g, i64 HK, int L,
+                                                  int live, int K, float scale, Elem&& elem, Decay&& decay) {
+    using S = ChunkFactorScratch<T, E, BT>;
+    constexpr int NW = 8, KS = S::KS, LDT = S::LDT, LDG = S::LDG, LDA = S::LDA, NB = BT / SUB;
+    const int last = L - 1;
+    T *sQ = s.sQ, *sK = s.sK;
+    float *sG = s.sG, *sA = s.sA;
+    int* sR = s.sR;
+
+    // Each thread's diagonal-block entries: slot s = threadIdx.x + 256 m is (block s / 256, row (s / 16) % 16, column
+    // s % 16) of the NB diagonal 16-blocks, summed over the key slices.
+    constexpr int DIAG = (NB * SUB * SUB + 255) / 256;
+    float diag[DIAG];
+#pragma unroll
+    for (int m = 0; m < DIAG; ++m) diag[m] = 0.f;
+    Acc<SUB, BT, NW> off[NB > 1 ? NB - 1 : 1];  // off[I - 1]: rows of block I against every column (j < 16 I kept)
+#pragma unroll
+    for (int I = 0; I < NB - 1; ++I) off[I].fill(0.f);
+
+#pragma unroll 1
+    for (int k0 = 0; k0 < K; k0 += KS) {
+        const int kc = min(KS, K - k0);
+        load_tile(sQ, LDT, q + k0, HK, L, kc, BT, KS);
+        load_tile(sK, LDT, k + k0, HK, L, kc, BT, KS);
+        load_tile(sG, LDG, g + k0, HK, L, kc, BT, KS);
+        cp_async_wait_all();
+        __syncthreads();
+        chunk_local_cumsum_log2(sG, sR, LDG, kc, live, BT);
+        __syncthreads();
+        // The slice's per-key outputs, and the scaled operands of the off-diagonal products.
+        for (int idx = threadIdx.x; idx < BT * KS; idx += blockDim.x) {
+            const int r = idx / KS, d = idx % KS, e = r * LDG + d, ref = r & ~(SUB - 1);
+            const bool in = r < L && d < kc;
+            const float x = to_float(sQ[r * LDT + d]), y = to_float(sK[r * LDT + d]);
+            const float G = sG[e], Gl = sG[max(last, 0) * LDG + d];
+            const int R = sR[e], Rl = sR[max(last, 0) * LDG + d];
+            elem(r, k0 + d, in, G, R, in && R == 0 ? x * exp2f(G) : 0.f, in && Rl <= R ? y * exp2f(Gl - G) : 0.f);
+            if (in && r == last) decay(k0 + d, Rl > 0 ? 0.f : exp2f(Gl));
+            tile_put(s.sQs, r * LDT + d, in ? x * key_decay(sG, sR, LDG, r, ref, d) : 0.f);
+        }
+        // Diagonal blocks, element by element.
+#pragma unroll
+        for (int m = 0; m < DIAG; ++m) {
+            const int t = threadIdx.x + 256 * m, b = t / (SUB * SUB), i = b * SUB + (t / SUB) % SUB,
+                      j = b * SUB + t % SUB;
+            if (b < NB && j <= i && i < L) {
+                float acc = 0.f;
+                for (int d = 0; d < kc; ++d)
+                    acc += to_float(sQ[i * LDT + d]) * to_float(sK[j * LDT + d]) * key_decay(sG, sR, LDG, i, j, d);
+                diag[m] += acc;
+            }
+        }
+        // Off-diagonal blocks: rows of block I against the columns before it, k scaled to I's first row.
+#pragma unroll
+        for (int I = 1; I < NB; ++I) {
+            const int ref = I * SUB;
+            for (int idx = threadIdx.x; idx < BT * KS; idx += blockDim.x) {
+                const int j = idx / KS, d = idx % KS;
+                const bool in = j < ref && j < L && d < kc;
+                const float y = to_float(sK[j * LDT + d]);
+                tile_put(s.sKs, j * LDT + d, in ? y * key_decay(sG, sR, LDG, ref, j, d) : 0.f);
+            }
+            __syncthreads();
+            gemm<E, MK, NK, SUB, BT, KS, NW>(off[I - 1], advance(s.sQs, (i64)ref * LDT), LDT, s.sKs, LDT);
+            __syncthreads();
+        }
+        __syncthreads();  // the next slice's loads overwrite the tiles the diagonal sums read
+    }
+
+    // A = scale (off-diagonal + diagonal), masked to j <= r < live.
+#pragma unroll
+    for (int I = 1; I < NB; ++I)
+        off[I - 1].apply([&](int i, int j, float& x) {
+            if (j < I * SUB) sA[(I * SUB + i) * LDA + j] = x;
+        });
+#pragma unroll
+    for (int m = 0; m < DIAG; ++m) {
+        const int t = threadIdx.x + 256 * m, b = t / (SUB * SUB), i = b * SUB + (t / SUB) % SUB, j = b * SUB + t % SUB;
+        if (b < NB) sA[i * LDA + j] = diag[m];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {
+        const int r = idx / BT, j = idx % BT;
+        float& x = sA[r * LDA + j];
+        x = (j <= r && r < live) ? x * scale : 0.f;  // the 16-blocks above the diagonal (never written): 0
+    }
+    __syncthreads();
+}
+
+}  // namespace rawdelta

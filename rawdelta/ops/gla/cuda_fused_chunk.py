@@ -1,0 +1,159 @@
+"""The cuda backend of :func:`~rawdelta.fused_chunk_gla`: CUDA C kernels on tensor cores (mma.sync).
+
+Forward: one block of 256 threads per (sequence, head) walks the sequence's chunks with the whole ``K x V`` float32
+state in registers and computes each chunk's factors on chip (the stage ``chunk_gla``'s prepare writes to global
+memory: ``rawdelta/cuda/gla/chunk_factors.cuh``), so it writes nothing but ``o`` and the final state: no per-token
+factor buffers and no per-chunk states (``rawdelta/cuda/gla/fused_chunk.cu``).
+
+Backward: single-pass with recomputation, two kernels of one block per (sequence, head), each recomputing every
+chunk's factors on chip (no checkpoints; nothing written but the gradients and an ``[N, H, K]`` float carry).
+Phase 1 (forward in time) recomputes the state as the forward does and writes dq, and into dg ``q dq`` without its
+diagonal terms; at the last chunk it leaves the carry of the final state's decay. Phase 2 (reverse in time, the
+state gradient in registers) writes dv, dk, dg and dh0; the intra-chunk stages are the chunked dq/dk/dg kernel's
+(``rawdelta/cuda/gla/chunk_bwd_intra.cuh``). dg is a per-key running sum carried across chunk boundaries in float32:
+its rounding grows with the sequence length (``chunk_gla`` sums per chunk).
+
+When to pick it over ``chunk_gla``: long sequences with few heads, where ``chunk_gla``'s O(T) factor buffers and
+per-chunk state buffer cost memory that matters. It is less parallel: ``N * H`` blocks, each walking its sequence's
+chunks in order, against ``chunk_gla``'s blocks per chunk and per value block; with many sequences and heads
+``chunk_gla`` is the faster one.
+
+Limits: ``K <= 128`` and ``V <= 128`` (the whole state lives in one block's registers); float32 inputs at
+``chunk_size=64`` with ``K > 64`` and ``V > 64`` exceed one block's shared memory (:func:`fwd_smem` over
+:data:`SMEM_LIMIT`), and in the backward with ``K > 64`` or ``V > 64`` (:func:`bwd_smem`); they are refused before
+launch with a ValueError.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..._arrays import empty
+from ...cuda import launch
+from ...cuda.launch import CTYPES, ptr
+from ...cuda.loader import register
+from ..common.cuda_smem import PAD, f32, in_tile, split
+from .cuda_chunk import PASS_DHT, forward_outputs, pass_flags, prepare_smem
+from .cuda_chunk_dqk import MMA_TYPE
+from .definition import CHUNK_SIZES
+
+if TYPE_CHECKING:
+    from .definition import GLAProblem
+
+SOURCE = "gla/fused_chunk.cu"
+PADDED = (64, 128)  # KP, VP: the key and value dimensions padded
+MAX_KV = PADDED[-1]
+SMEM_LIMIT = 227 * 1024  # the opt-in dynamic shared memory of one block on sm_90 (H100)
+
+
+def padded(n: int) -> int:
+    """The padded size of a key or value dimension of `n` (at most :data:`MAX_KV`)."""
+    return next(x for x in PADDED if x >= n)
+
+
+def fwd_name(ct: str, bt: int, kp: int, vp: int) -> str:
+    return f"gla_fused_chunk_fwd_kernel<{ct}, {MMA_TYPE[ct]}, {bt}, {kp}, {vp}>"
+
+
+def operands_smem(ct: str, bt: int, kp: int, vp: int) -> int:
+    """``ChunkOperands``: qg, kg (bt x kp), v (bt x vp), the scores (bt x bt), in input precision; the per-key
+    decays."""
+    return 2 * in_tile(ct, bt * (kp + PAD)) + in_tile(ct, bt * (vp + PAD)) + in_tile(ct, bt * (bt + PAD)) + f32(kp)
+
+
+def fwd_smem(ct: str, bt: int, kp: int, vp: int) -> int:
+    """The forward kernel's dynamic shared memory, as it carves it: the chunk operands, then the larger of the
+    factor scratch (prepare's: ``cuda_chunk.prepare_smem``) and the state's split tile, which share their space."""
+    return operands_smem(ct, bt, kp, vp) + max(prepare_smem(ct, bt), split(kp * (vp + PAD)))
+
+
+def bwd_names(ct: str, bt: int, kp: int, vp: int) -> tuple[str, str]:
+    """The backward's two kernels: phase 1 (dq, forward in time) and phase 2 (dk, dv, dg, dh0, reverse in time)."""
+    args = f"<{ct}, {MMA_TYPE[ct]}, {bt}, {kp}, {vp}>"
+    return f"gla_fused_chunk_bwd_dq_kernel{args}", f"gla_fused_chunk_bwd_dkv_kernel{args}"
+
+
+BWD_KS = 64  # the key slice of the backward's dq / dk stages (BwdTiles::KS)
+
+
+def bwd_smem(ct: str, bt: int, kp: int, vp: int) -> int:
+    """The backward kernels' dynamic shared memory (both carve ``BwdTiles``): the chunk operands, do, the scores dA
+    (split; P's tile for float inputs), then the larger of the factor scratch and what overlaps it: the state or
+    its gradient in input precision, and per key slice G, R, q, k (float) and the split scratch of the intra-chunk
+    products."""
+    scores = 0 if ct == "float" else split(bt * (bt + PAD))
+    slices = in_tile(ct, kp * (vp + PAD)) + 4 * f32(bt * (BWD_KS + 4)) + split(bt * (BWD_KS + PAD))
+    return operands_smem(ct, bt, kp, vp) + in_tile(ct, bt * (vp + PAD)) + scores + max(prepare_smem(ct, bt), slices)
+
+
+def _instantiations(smem: Any = fwd_smem) -> list[tuple[str, int, int, int]]:
+    """Every (C type, chunk size, KP, VP) whose kernels (the forward's, or with ``smem=bwd_smem`` the backward's)
+    fit :data:`SMEM_LIMIT`."""
+    return [(ct, bt, kp, vp) for ct in CTYPES.values() for bt in CHUNK_SIZES for kp in PADDED for vp in PADDED
+            if smem(ct, bt, kp, vp) <= SMEM_LIMIT]
+
+
+register(SOURCE, [fwd_name(*x) for x in _instantiations()]
+         + [n for x in _instantiations(bwd_smem) for n in bwd_names(*x)])
+
+
+def _config(p: GLAProblem, smem: Any = fwd_smem) -> tuple[str, int, int, int]:
+    """The instantiation of a call (of the forward, or with ``smem=bwd_smem`` of the backward); a ValueError before
+    launch for one that does not fit."""
+    if p.K > MAX_KV or p.V > MAX_KV:
+        raise ValueError(f"fused_chunk_gla's cuda backend takes K, V <= {MAX_KV} (got K={p.K}, V={p.V})")
+    x = (CTYPES[p.q.dtype], p.chunk_size, padded(p.K), padded(p.V))
+    if x not in _instantiations(smem):
+        what = "backward" if smem is bwd_smem else "forward"
+        raise ValueError(
+            f"fused_chunk_gla's cuda {what}: {p.q.dtype} inputs at chunk_size={p.chunk_size} with K={p.K}, "
+            f"V={p.V} need {smem(*x)} bytes of shared memory per block, over {SMEM_LIMIT}; use a smaller "
+            "chunk_size, 16-bit inputs or chunk_gla")
+    return x
+
+
+def fused_forward(p: GLAProblem) -> tuple[Any, Any]:
+    """Launch the forward: o ``[B, T, H, V]`` (v's dtype) and, with ``p.output_final_state``, the final state
+    ``[N, H, K, V]`` float32 (else None)."""
+    x = _config(p)
+    o, ht, flags = forward_outputs(p)
+    launch.launch(SOURCE, fwd_name(*x), p.N * p.H, 256, fwd_smem(*x), (
+        p.q, p.k, p.v, p.g, ptr(p.initial_state), ptr(p.cu_seqlens), o, ptr(ht), np.int32(p.T), np.int32(p.H),
+        np.int32(p.K), np.int32(p.V), np.float32(p.scale), np.int32(flags)))
+    return o, ht
+
+
+def forward(p: GLAProblem, workspace: Any = None) -> tuple[tuple[Any, Any], None]:
+    """The backend protocol's forward (``rawdelta/ops/common/opdef.py``, ``Backend``): ``((o, ht), None)``; nothing
+    is saved."""
+    return fused_forward(p), None
+
+
+def backward(p: GLAProblem, saved: Any, do: Any, dht: Any) -> dict[str, Any]:
+    """The backend protocol's backward: the two single-pass kernels (see the module docstring); gradients keyed by
+    input name (dq, dk, dv in the input dtype, dg and dh0 float32), None for absent inputs."""
+    x = _config(p, bwd_smem)
+    import cupy
+
+    dt = p.q.dtype
+    do = cupy.ascontiguousarray(do if do.dtype == dt else do.astype(dt))
+    if dht is not None:
+        dht = cupy.ascontiguousarray(dht, dtype=np.float32)
+    H, K, V = p.H, p.K, p.V
+    flags = pass_flags(p) | (PASS_DHT if dht is not None else 0)
+    dq, dk = (empty(cupy, (p.B, p.T, H, K), dt) for _ in range(2))
+    dv = empty(cupy, (p.B, p.T, H, V), p.v.dtype)
+    dg = empty(cupy, (p.B, p.T, H, K), np.float32)
+    dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
+    carry = empty(cupy, (max(p.N, 1), H, K), np.float32)
+    dims = (np.int32(p.T), np.int32(H), np.int32(K), np.int32(V), np.float32(p.scale), np.int32(flags))
+    dq_kernel, dkv_kernel = bwd_names(*x)
+    smem = bwd_smem(*x)
+    # phase 1 writes dq and, into dg, q dq without its diagonal terms; phase 2 (same stream) reads dg back
+    launch.launch(SOURCE, dq_kernel, p.N * H, 256, smem, (
+        p.q, p.k, p.v, p.g, ptr(p.initial_state), do, ptr(dht), ptr(p.cu_seqlens), dq, dg, carry) + dims)
+    launch.launch(SOURCE, dkv_kernel, p.N * H, 256, smem, (
+        p.q, p.k, p.v, p.g, do, ptr(dht), ptr(p.cu_seqlens), carry, dk, dv, dg, ptr(dh0)) + dims)
+    return {"q": dq, "k": dk, "v": dv, "g": dg, "gk": None, "gv": None, "initial_state": dh0}
