@@ -91,7 +91,7 @@ class _Chunks:
         import cupy
 
         self.bt, self.kp, self.ct = bt, kp_for(p.K), CTYPES[p.q.dtype]
-        self.nc = int(np.sum((p.seq_lengths + bt - 1) // bt))
+        self.nc = p.num_chunks(bt)
         flags = PASS_VARLEN if p.cu_seqlens is not None else 0
         self.seq_chunk0 = empty(cupy, (p.N + 1,), np.int32)
         self.chunk_bos = empty(cupy, (max(self.nc, 1),), np.int64)
