@@ -18,10 +18,10 @@ import numpy as np
 
 from ..._arrays import BFLOAT16, empty
 from ...cuda import launch
-from ...cuda.launch import CTYPES, cpp_bool, ptr
+from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool, ptr
 from ...cuda.loader import register
 from ..common.cuda_smem import PAD, chunk_rows, f32, in_tile, r16, split
-from ..gated_delta_rule.cuda_chunk_kernels import MMA_TYPE, PREPARE_SOURCE, TABLE_KERNEL, bv, kp_for
+from ..gated_delta_rule.cuda_chunk_kernels import PREPARE_SOURCE, TABLE_KERNEL, bv, kp_for
 from .cuda_chunk_dqk import launch_dqk
 from .definition import CHUNK_SIZES
 
