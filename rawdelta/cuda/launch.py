@@ -19,6 +19,9 @@ from .loader import get_kernel
 
 # The C type of each input dtype, as the kernels' template arguments name it.
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
+# The 16-bit tensor-core operand type of each input C type: bf16 for float32 inputs (split into hi + lo tiles), the
+# input's own type otherwise.
+MMA_TYPE = {"float": "__nv_bfloat16", "__half": "__half", "__nv_bfloat16": "__nv_bfloat16"}
 NULL = np.uint64(0)  # a null pointer argument
 _STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory above this needs the kernel's attribute raised
 

@@ -75,6 +75,10 @@ class Problem:
             return np.full(self.N, self.T, dtype=np.int64)
         return np.diff(self.cu_seqlens_host.astype(np.int64, copy=False))
 
+    def num_chunks(self, chunk: int) -> int:
+        """Chunks of `chunk` tokens over every sequence of the call (chunks never cross sequences)."""
+        return int(np.sum((self.seq_lengths + chunk - 1) // chunk))
+
     @property
     def seq_bounds(self) -> list[tuple[int, int, int]]:
         """``(batch row, start, end)`` per sequence n, in T coordinates of that row."""

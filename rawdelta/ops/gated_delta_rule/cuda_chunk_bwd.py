@@ -17,7 +17,7 @@ from ..._arrays import empty
 from ...cuda import launch
 from ...cuda.launch import ptr
 from . import cuda_chunk_smem as smem
-from .cuda_chunk_factors import ChunkFactors, num_chunks, prepare
+from .cuda_chunk_factors import ChunkFactors, prepare
 from .cuda_chunk_fwd import mma_pass_blocks, state_pass_launch
 from .cuda_chunk_hopper import DEFAULT_OPTIONS, ChunkOptions, pass_maps, wg_config
 from .cuda_chunk_kernels import (
@@ -110,7 +110,7 @@ def chunk_backward(p: GDNProblem, chunk_size: int, do: Any, dht: Any, factors: C
     if factors is None:
         ch = prepare(p, chunk_size, options=options)
     else:
-        nc = num_chunks(p, chunk_size)
+        nc = p.num_chunks(chunk_size)
         if (factors.bt, factors.nc) != (chunk_size, nc):
             raise ValueError(f"factors: expected the per-chunk factors of this call (chunk_size {chunk_size}, "
                              f"{nc} chunks), got chunk_size {factors.bt}, {factors.nc} chunks")

@@ -56,11 +56,6 @@ class ChunkFactors:
         return self.Ahi, self.Alo, self.Phi, ptr(self.Plo)
 
 
-def num_chunks(p: GDNProblem, bt: int) -> int:
-    """Chunks of `bt` tokens over every sequence of the call."""
-    return int(np.sum((p.seq_lengths + bt - 1) // bt))
-
-
 # The per-chunk factors prepare writes, in the order they sit in a factor workspace (see factor_nbytes): packed
 # without gaps, so that every byte of it is written (the matrices come first: each is a multiple of 32 bytes, so
 # every array starts 16-byte aligned for the kernels' 16-byte accesses, then the float32 rows).
@@ -135,7 +130,7 @@ def _chunks(p: GDNProblem, bt: int, workspace: Any, options: ChunkOptions) -> Ch
     arrays = factor_arrays(p, bt, ct, wg, workspace)
     if arrays is None:
         return None
-    nc = num_chunks(p, bt)
+    nc = p.num_chunks(bt)
     seq_chunk0 = empty(cupy, (p.N + 1,), np.int32)
     chunk_bos = empty(cupy, (max(nc, 1),), np.int64)
     chunk_len = empty(cupy, (max(nc, 1),), np.int32)

@@ -2,14 +2,14 @@
 their registration with the loader (every instantiation the host can launch).
 
 Template arguments: ``ct`` the input C type (``launch.CTYPES``), the mma type of the mma.sync kernels
-(:data:`MMA_TYPE`), ``bt`` the chunk size, ``kp`` the key dimension padded to one of :data:`KP_SIZES`, the value
+(``launch.MMA_TYPE``), ``bt`` the chunk size, ``kp`` the key dimension padded to one of :data:`KP_SIZES`, the value
 columns of a block (:func:`bv`); the Hopper kernels (16-bit inputs, chunks of :data:`WG_BT`) take warpgroups per
 block, value columns per warpgroup and their code-path switches.
 """
 
 from __future__ import annotations
 
-from ...cuda.launch import CTYPES, cpp_bool
+from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool
 from ...cuda.loader import HOPPER_TARGETS, register
 from .definition import CHUNK
 
@@ -24,7 +24,6 @@ KP_SIZES = (64, 128, 256)  # key dimension padded to one of these
 KS = 64  # key slice of the dq/dk kernel
 BVB = 64  # value columns per step of the dq/dk kernel's loop over V
 PREP_THREADS = 256  # threads per block of the prepare kernel (its NTHREADS template argument)
-MMA_TYPE = {"float": "__nv_bfloat16", "__half": "__half", "__nv_bfloat16": "__nv_bfloat16"}
 
 # Hopper kernels (wgmma): 16-bit inputs, chunks of 64.
 WG_TYPES = ("__half", "__nv_bfloat16")

@@ -20,12 +20,11 @@ import numpy as np
 
 from ..._arrays import BFLOAT16, empty
 from ...cuda import launch, tensor_map
-from ...cuda.launch import CTYPES, cpp_bool, ptr
+from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool, ptr
 from ...cuda.loader import HOPPER_TARGETS, register, wgmma_available
 from ..common.cuda_smem import PAD, WG_BT, chunk_rows, f32, in_tile, r16, split, wg_pass
 from ..gated_delta_rule.cuda_chunk_hopper import wg_config
 from ..gated_delta_rule.cuda_chunk_kernels import (
-    MMA_TYPE,
     PREPARE_SOURCE,
     TABLE_KERNEL,
     WG_TYPES,
@@ -129,7 +128,7 @@ class _Chunks:
 
         self.bt, self.kp, self.ct = bt, kp_for(p.K), CTYPES[p.q.dtype]
         self.wg = wgmma and wgmma_applies(p, bt)
-        self.nc = int(np.sum((p.seq_lengths + bt - 1) // bt))
+        self.nc = p.num_chunks(bt)
         flags = PASS_VARLEN if p.cu_seqlens is not None else 0
         self.seq_chunk0 = empty(cupy, (p.N + 1,), np.int32)
         self.chunk_bos = empty(cupy, (max(self.nc, 1),), np.int64)

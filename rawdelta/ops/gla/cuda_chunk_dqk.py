@@ -2,7 +2,7 @@
 :data:`KS` keys, dq, dk and the gate gradient dg, on tensor cores (mma.sync). Its instantiations, their registration
 with the loader, their dynamic shared memory and the launch.
 
-Template arguments: ``ct`` the input C type (``launch.CTYPES``), the mma type (:data:`MMA_TYPE`), ``bt`` the chunk
+Template arguments: ``ct`` the input C type (``launch.CTYPES``), the mma type (``launch.MMA_TYPE``), ``bt`` the chunk
 size, the key slice :data:`KS` and the value columns :data:`BVB` of each step of the kernel's loop over V.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ...cuda import launch
+from ...cuda.launch import MMA_TYPE
 from ...cuda.loader import register
 from ..common.cuda_smem import PAD, f32, in_tile, r16, split
 from .definition import CHUNK_SIZES
@@ -22,7 +23,6 @@ DQK_KERNEL = "gla_chunk_bwd_dqk_kernel"
 KS = 64  # keys per block (the kernel's four threads per key of its h . dh sums need 4 KS = 256 threads)
 BVB = 64  # value columns per step of the loop over V
 THREADS = 256
-MMA_TYPE = {"float": "__nv_bfloat16", "__half": "__half", "__nv_bfloat16": "__nv_bfloat16"}
 
 
 def dqk_name(ct: str, bt: int) -> str:

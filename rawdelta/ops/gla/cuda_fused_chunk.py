@@ -32,11 +32,10 @@ import numpy as np
 
 from ..._arrays import empty
 from ...cuda import launch
-from ...cuda.launch import CTYPES, ptr
+from ...cuda.launch import CTYPES, MMA_TYPE, ptr
 from ...cuda.loader import register
 from ..common.cuda_smem import PAD, f32, in_tile, split
 from .cuda_chunk import PASS_DHT, forward_outputs, pass_flags, prepare_smem
-from .cuda_chunk_dqk import MMA_TYPE
 from .definition import CHUNK_SIZES
 
 if TYPE_CHECKING:
