@@ -272,9 +272,11 @@ GPU_SHAPES = {
 
 
 def _gpu_shape(op: OpDef, shape: str) -> dict:
-    """GPU_SHAPES[shape] in the op's symbols: HV (value heads apart from key heads) only for families that have it."""
+    """GPU_SHAPES[shape] in the op's symbols: HV (value heads apart from key heads) only for families that have it;
+    K and V clamped to the cuda backend's declared limits (``OpDef.limits``)."""
     has_hv = any("HV" in a.shape for a in op.family.arrays)
-    return {n: x for n, x in GPU_SHAPES[shape].items() if n != "HV" or has_hv}
+    caps = {n: cap for n, (cap, _) in op.limits.get("cuda", {}).items()}
+    return {n: min(x, caps.get(n, x)) for n, x in GPU_SHAPES[shape].items() if n != "HV" or has_hv}
 
 
 @pytest.mark.gpu

@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dkv_kernel(
         const bool exact = c == pb.nchunks - 1;  // the rows written into the final state: k dx summed over spans
         const int live = first_dead_key_row(g + tok, HK, L, K, t.fs.sLive);
         if (live < L) {
-            const bool reaches = cotangent_reaches_dead_rows(dS, dout, bos, live, L, (int)HV, V, pb);
+            const bool reaches = cotangent_reaches_dead_rows(dS, dout, bos, live, L, H, V, pb);
             if (reaches) dS.fill(dead_value());
             carried = reaches ? dead_value() : 0.f;
         }
