@@ -185,17 +185,27 @@ __device__ __forceinline__ int first_dead_row(const float* G, const float* B, in
 // out), resets left out and counted in R (same layout). Rows [live, rows_pad) repeat the last sum and count, so
 // masked-out decays stay finite. width = 1 for a scalar gate, K for a per-key one.
 __device__ __forceinline__ void chunk_local_cumsum_log2(float* G, int* R, int ld, int width, int live, int rows_pad) {
+    // U rows read ahead into registers per step: the scan is one thread per column, so its latency is the loads'
+    // (the compiler does not move a load above the previous row's store to the same array)
+    constexpr int U = 8;
     for (int c = threadIdx.x; c < width; c += blockDim.x) {
         float acc = 0.f;
         int n = 0;
-        for (int r = 0; r < rows_pad; ++r) {
-            if (r < live) {
-                const float x = G[r * ld + c];
-                if (is_reset_gate(x)) ++n;
-                else acc += x;
+        for (int r0 = 0; r0 < rows_pad; r0 += U) {
+            float x[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) x[u] = r0 + u < live ? G[(r0 + u) * ld + c] : 0.f;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int r = r0 + u;
+                if (r >= rows_pad) break;
+                if (r < live) {
+                    if (is_reset_gate(x[u])) ++n;
+                    else acc += x[u];
+                }
+                G[r * ld + c] = acc * LOG2E;
+                R[r * ld + c] = n;
             }
-            G[r * ld + c] = acc * LOG2E;
-            R[r * ld + c] = n;
         }
     }
 }

@@ -27,15 +27,51 @@
 namespace rawdelta {
 
 // The 16-row sub-blocks of a chunk: off-diagonal pairs of sub-blocks are products on tensor cores with both decay
-// factors taken against a reference row between them (each factor at most 1 for gates <= 0, so neither overflows);
-// the diagonal sub-blocks are summed element by element (their factors against any one row could overflow).
+// factors taken against a reference row between them (each factor at most 1 for gates <= 0, so neither overflows).
+// A diagonal sub-block is a product too, against a row inside it, when its gates allow (diag_blocks_elementwise);
+// else it is summed element by element.
 constexpr int SUB = 16;
+
+// A diagonal sub-block's product form takes factors 2^(G_a - G_ref) for rows a, ref of the sub-block, some above 1:
+// allowed where the block's gates of every key span at most diag_span<E>() (log2 units) over its live rows, so every
+// factor lies in [2^-span, 2^span]: 64 for bf16 operands (float's exponent range), 4 for fp16 ones (largest finite
+// 65504: a scaled operand stays far below it, and a factor 2^-4 keeps q and k normal).
+template <typename E>
+__device__ __forceinline__ constexpr float diag_span() { return SameType<E, __half>::value ? 4.f : 64.f; }
 
 // Decay 2^(G_a - G_b) of key d from row b to row a >= b of a chunk (Gk and its reset counts, int or byte tiles of
 // leading dimension ld): 0 across a reset of that key (selected: G may differ by anything across one).
 template <typename RT>
 __device__ __forceinline__ float key_decay(const float* G, const RT* R, int ld, int a, int b, int d) {
     return R[a * ld + d] == R[b * ld + d] ? exp2f(G[a * ld + d] - G[b * ld + d]) : 0.f;
+}
+
+// flags[b] = 1 for each 16-row sub-block b of rows [0, live) of a slice (G, R: per-key gates and reset counts,
+// `width` keys, leading dimension ld) that must be summed element by element: a key whose gates span more than
+// diag_span<E>() over the block's live rows, or a reset inside the block (a factor across it is 0 by selection);
+// else 0. Every thread calls it; barriers before and after.
+template <int BT, typename E, typename RT>
+__device__ __forceinline__ void diag_blocks_elementwise(const float* G, const RT* R, int ld, int width, int live,
+                                                        int* flags) {
+    constexpr int NB = BT / SUB;
+    if ((int)threadIdx.x < NB) flags[threadIdx.x] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < NB * width; p += blockDim.x) {
+        const int b = p / width, d = p % width, r0 = b * SUB, r1 = min(r0 + SUB, live);
+        if (r0 >= r1) continue;
+        const float g0 = G[r0 * ld + d];
+        const int n0 = (int)R[r0 * ld + d];
+        float lo = g0, hi = g0;
+        bool reset = false;
+        for (int r = r0 + 1; r < r1; ++r) {
+            const float x = G[r * ld + d];
+            lo = fminf(lo, x);
+            hi = fmaxf(hi, x);
+            reset |= (int)R[r * ld + d] != n0;
+        }
+        if (reset || !(hi - lo <= diag_span<E>())) flags[b] = 1;  // (an infinite or NaN span too)
+    }
+    __syncthreads();
 }
 
 }  // namespace rawdelta

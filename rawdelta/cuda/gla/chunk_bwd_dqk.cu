@@ -51,14 +51,17 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     static_assert(KS * 4 == NW * 32, "four threads per key sum h dh");
     constexpr int U = 1;  // k steps unrolled per product of the V loop (three accumulators live across it)
 
-    // Shared memory: G, R, hdh and Dk for the whole block; then the V loop's tiles, whose space afterwards holds
-    // q, k (float), the scores and one scaled operand (kL, then qF); q and k become dG and k dx at the end.
+    // Shared memory: G, R, hdh and Dk for the whole block, the scores' diagonal and the diagonal sub-blocks' flags;
+    // then the V loop's tiles, whose space afterwards holds q, k (float), the scores and one scaled operand (kL, then
+    // qF); q and k become dG and k dx at the end.
     extern __shared__ __align__(16) unsigned char smem[];
     SmemCursor cur{smem};
     float* sG = cur.take<float>(BT * LDF);
     unsigned char* sR = cur.take<unsigned char>(BT * LDF);
     float* sHdh = cur.take<float>(KS);
     float* sDk = cur.take<float>(KS);
+    float* sDa = cur.take<float>(BT);
+    int* sFlag = cur.take<int>(4);
     unsigned char* const vloop_tiles = cur.p;
     TT sDo, sV, sH, sDh;
     cur.into(sDo, BT * LDV);
@@ -116,7 +119,7 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     }
 
     // ---- the V loop's tiles are dead: the scores (masked, scaled), q, k, hdh, Dk ----
-    gla_dqk::store_scores<E>(dA, sA, LDM, live, scale);
+    gla_dqk::store_scores<E>(dA, sA, LDM, sDa, live, scale);
     load_tile(sQ, LDF, q + qk0, rstride, L, kc, BT, KS);
     load_tile(sK, LDF, k + qk0, rstride, L, kc, BT, KS);
     hdh = lane_group_sum<1, 4>(hdh);
@@ -127,12 +130,13 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     __syncthreads();
 
     // The inter-chunk parts, then the intra-chunk sums without their diagonal terms (gla/chunk_bwd_intra.cuh)
+    diag_blocks_elementwise<BT, E>(sG, sR, LDF, KS, live, sFlag);  // barriers around
     gla_dqk::dq_inter(Dq, sG, sR, LDF, scale);
     gla_dqk::dk_inter(Dx, sG, sR, LDF, last);
-    gla_dqk::dq_intra<E>(Dq, sA, LDM, sK, sG, sR, LDF, sS, LDK, live);
+    gla_dqk::dq_intra<E>(Dq, sA, LDM, sK, sG, sR, LDF, sS, LDK, sFlag, live);
     AccQ Di;
     Di.fill(0.f);
-    gla_dqk::dk_intra<E>(Di, sA, LDM, sQ, sG, sR, LDF, sS, LDK, live);
+    gla_dqk::dk_intra<E>(Di, sA, LDM, sQ, sG, sR, LDF, sS, LDK, sFlag, live);
     __syncthreads();  // q and k read by every thread: from here each thread rewrites only its own elements
 
     // dq, dk (with the diagonal terms dA_rr k_r, dA_rr q_r); q and k become dG_r and k_r dx_r (0 past live)
@@ -143,7 +147,7 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
         for (int e = 0; e < 4; e += 2) {
             const int r = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
             const bool in = r < live;
-            const float a = in ? tile_get(sA, r * LDM + r) : 0.f;
+            const float a = sDa[r];
             float oq[2], ok[2];
 #pragma unroll
             for (int x = 0; x < 2; ++x) {

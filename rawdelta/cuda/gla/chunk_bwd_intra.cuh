@@ -2,8 +2,9 @@
 // that the chunked op's dq/dk/dg kernel (chunk_bwd_dqk.cu) and the fused backward (fused_chunk.cu) share. Every
 // function is called by all 256 threads of a block. Tiles of the slice (rows of stride ld): G, R the per-key
 // chunk-local log2 cumulative gates and reset counts, q, k as float; the scores dA a split tile (leading dimension
-// ldm), masked to j <= r < live and scaled; `scratch` a split BT x (KS + TILE_PAD) tile (ldk). Math and the
-// sub-block scheme: chunk_bwd_dqk.cu.
+// ldm), masked to j < r < live and scaled, their diagonal dA_rr apart (float, BT); `scratch` a split
+// BT x (KS + TILE_PAD) tile (ldk); `flags` the diagonal sub-blocks summed element by element in this slice
+// (gla/chunk.cuh: diag_blocks_elementwise). Math and the sub-block scheme: chunk_bwd_dqk.cu.
 #pragma once
 #include "gla/chunk.cuh"
 
@@ -37,13 +38,16 @@ __device__ __forceinline__ void warp_block_mma(float (&c)[NT][4], const Split<E>
     }
 }
 
-// The scores dA (do v^T, an accumulator) into sA: scale dA_rj for j <= r < live, else 0 (selected: do and v may be
-// anything on dead rows).
+// The scores dA (do v^T, an accumulator) into sA: scale dA_rj for j < r < live, else 0 (selected: do and v may be
+// anything on dead rows); the diagonal scale dA_rr (0 from live on) into diag[r].
 template <typename E, int BT, int NW>
-__device__ __forceinline__ void store_scores(Acc<BT, BT, NW>& dA, const Split<E>& sA, int ldm, int live, float scale) {
+__device__ __forceinline__ void store_scores(Acc<BT, BT, NW>& dA, const Split<E>& sA, int ldm, float* diag, int live,
+                                             float scale) {
     dA.apply_pairs([&](int r, int j, float& x0, float& x1) {
         const bool in = r < live;
-        split_store_pair(sA, r * ldm + j, in && j <= r ? x0 * scale : 0.f, in && j + 1 <= r ? x1 * scale : 0.f);
+        split_store_pair(sA, r * ldm + j, in && j < r ? x0 * scale : 0.f, in && j + 1 < r ? x1 * scale : 0.f);
+        if (j == r) diag[r] = in ? x0 * scale : 0.f;
+        if (j + 1 == r) diag[r] = in ? x1 * scale : 0.f;
     });
 }
 
@@ -60,19 +64,21 @@ __device__ __forceinline__ void dk_inter(AccQ& Dx, const float* sG, const RT* sR
     });
 }
 
-// dq's intra-chunk part without its diagonal terms, added to Dq (Acc<BT, KS>; each warp one 16-row sub-block):
-// sub-blocks J < I on tensor cores, kL_j = k_j 2^(G_ref - G_j) with ref the last row of J, post-factor
-// 2^(G_r - G_ref); the diagonal sub-block element by element (j in [first row of r's sub-block, r)). Barriers
-// before and after the products (the scratch's kL may be overwritten when it returns).
+// dq's intra-chunk part without its diagonal terms, added to Dq (Acc<BT, KS>; each warp one 16-row sub-block I):
+// sub-blocks J <= I on tensor cores (J = I unless flagged), kL_j = k_j 2^(G_ref - G_j) with ref the last live row of
+// J, post-factor 2^(G_r - G_ref) (up to 2^diag_span for J = I); a flagged diagonal sub-block element by element
+// (j in [first row of r's sub-block, r)). Barriers before and after the products (the scratch's kL may be overwritten
+// when it returns).
 template <typename E, int BT, int KS, int NW, typename RT>
 __device__ __forceinline__ void dq_intra(Acc<BT, KS, NW>& Dq, const Split<E>& sA, int ldm, const float* sK,
                                          const float* sG, const RT* sR, int ld, const Split<E>& scratch, int ldk,
-                                         int live) {
+                                         const int* flags, int live) {
     using AccQ = Acc<BT, KS, NW>;
     constexpr int NT = AccQ::NT, WM = AccQ::WM, WN = AccQ::WN;
     static_assert(AccQ::MT == 1 && WM == BT / SUB && WM * WN == NW, "each warp owns one 16-row sub-block");
     const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM,
               wn = warp / WM;
+    const bool elementwise = flags[wb] != 0;
     // kL_j = k_j 2^(G_ref - G_j), ref = the last live row of j's sub-block (>= j); 0 on dead rows
     for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * blockDim.x) {
         const int j = idx / KS, d = idx % KS, ref = min(j | (SUB - 1), last);
@@ -84,12 +90,13 @@ __device__ __forceinline__ void dq_intra(Acc<BT, KS, NW>& Dq, const Split<E>& sA
         split_store_pair(scratch, j * ldk + d, x0, x1);
     }
     __syncthreads();
-    // sub-blocks J < I = wb (all rows of J live when a row of I is: ref = the last row of J):
-    // dq_r += 2^(G_r - G_ref) (dA_IJ kL_J)_r
-    for (int J = 0; J < wb && wb * SUB < live; ++J) {
+    // sub-blocks J <= I = wb (for J < I all rows of J are live when a row of I is): dq_r += 2^(G_r - G_ref)
+    // (dA_IJ kL_J)_r; for J = I, r <= ref and no reset inside the block, so the factor is 2^(G_r - G_ref) as well
+    const int nJ = elementwise ? wb : wb + 1;
+    for (int J = 0; J < nJ && wb * SUB < live; ++J) {
         float t[NT][4];
         warp_block_mma<E, MK, NT, WN>(t, sA, ldm, wb * SUB, J * SUB, scratch, ldk, wn, lane);
-        const int ref = J * SUB + SUB - 1;
+        const int ref = min(J * SUB + SUB - 1, last);
 #pragma unroll
         for (int jt = 0; jt < NT; ++jt)
 #pragma unroll
@@ -98,29 +105,32 @@ __device__ __forceinline__ void dq_intra(Acc<BT, KS, NW>& Dq, const Split<E>& sA
                 if (r < live) Dq.v[0][jt][e] += key_decay(sG, sR, ld, r, ref, d) * t[jt][e];
             }
     }
-    // the diagonal sub-block: j in [first row of r's sub-block, r)
-    Dq.apply([&](int r, int d, float& x) {
-        if (r >= live) return;
-        float s = 0.f;
-        for (int j = r & ~(SUB - 1); j < r; ++j)
-            s += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sK[j * ld + d];
-        x += s;
-    });
+    // a flagged diagonal sub-block: j in [first row of r's sub-block, r)
+    if (elementwise)
+        Dq.apply([&](int r, int d, float& x) {
+            if (r >= live) return;
+            float s = 0.f;
+            for (int j = r & ~(SUB - 1); j < r; ++j)
+                s += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sK[j * ld + d];
+            x += s;
+        });
     __syncthreads();  // kL read
 }
 
-// dk's intra-chunk part without its diagonal terms, added to Di (Acc<BT, KS>): sub-blocks I > J on tensor cores,
-// qF_r = q_r 2^(G_r - G_ref) with ref the first row of I, post-factor 2^(G_ref - G_j); the diagonal sub-block
-// element by element (r in (j, end of j's sub-block), live rows). A barrier after qF is written; the caller's
-// barrier before the scratch or the tiles are overwritten.
+// dk's intra-chunk part without its diagonal terms, added to Di (Acc<BT, KS>; each warp one 16-row sub-block J):
+// sub-blocks I >= J on tensor cores (I = J unless flagged), qF_r = q_r 2^(G_r - G_ref) with ref the first row of I,
+// post-factor 2^(G_ref - G_j) (up to 2^diag_span for I = J); a flagged diagonal sub-block element by element
+// (r in (j, end of j's sub-block), live rows). A barrier after qF is written; the caller's barrier before the scratch
+// or the tiles are overwritten.
 template <typename E, int BT, int KS, int NW, typename RT>
 __device__ __forceinline__ void dk_intra(Acc<BT, KS, NW>& Di, const Split<E>& sA, int ldm, const float* sQ,
                                          const float* sG, const RT* sR, int ld, const Split<E>& scratch, int ldk,
-                                         int live) {
+                                         const int* flags, int live) {
     using AccQ = Acc<BT, KS, NW>;
     constexpr int NT = AccQ::NT, WM = AccQ::WM, WN = AccQ::WN, NB = BT / SUB;
     static_assert(AccQ::MT == 1 && WM == NB && WM * WN == NW, "each warp owns one 16-row sub-block");
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM, wn = warp / WM;
+    const bool elementwise = flags[wb] != 0;
     // qF_r = q_r 2^(G_r - G_ref), ref = the first row of r's sub-block; 0 on dead rows
     for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * blockDim.x) {
         const int r = idx / KS, d = idx % KS, ref = r & ~(SUB - 1);
@@ -132,8 +142,8 @@ __device__ __forceinline__ void dk_intra(Acc<BT, KS, NW>& Di, const Split<E>& sA
         split_store_pair(scratch, r * ldk + d, x0, x1);
     }
     __syncthreads();
-    // sub-blocks I > J = wb with a live row (ref = the first row of I): dk_j += 2^(G_ref - G_j) (dA_IJ^T qF_I)_j
-    for (int I = wb + 1; I < NB && I * SUB < live; ++I) {
+    // sub-blocks I >= J = wb with a live row (ref = the first row of I): dk_j += 2^(G_ref - G_j) (dA_IJ^T qF_I)_j
+    for (int I = elementwise ? wb + 1 : wb; I < NB && I * SUB < live; ++I) {
         float t[NT][4];
         warp_block_mma<E, KM, NT, WN>(t, sA, ldm, wb * SUB, I * SUB, scratch, ldk, wn, lane);
         const int ref = I * SUB;
@@ -145,15 +155,16 @@ __device__ __forceinline__ void dk_intra(Acc<BT, KS, NW>& Di, const Split<E>& sA
                 if (j < live) Di.v[0][jt][e] += key_decay(sG, sR, ld, ref, j, d) * t[jt][e];
             }
     }
-    // the diagonal sub-block: r in (j, end of j's sub-block), live rows only
-    Di.apply([&](int j, int d, float& x) {
-        if (j >= live) return;
-        const int end = min((j | (SUB - 1)) + 1, live);
-        float s = 0.f;
-        for (int r = j + 1; r < end; ++r)
-            s += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sQ[r * ld + d];
-        x += s;
-    });
+    // a flagged diagonal sub-block: r in (j, end of j's sub-block), live rows only
+    if (elementwise)
+        Di.apply([&](int j, int d, float& x) {
+            if (j >= live) return;
+            const int end = min((j | (SUB - 1)) + 1, live);
+            float s = 0.f;
+            for (int r = j + 1; r < end; ++r)
+                s += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sQ[r * ld + d];
+            x += s;
+        });
 }
 
 // dg of one key over a chunk's live rows, by the thread that owns the key, rows in a fixed order: kdx (the terms
@@ -163,16 +174,39 @@ __device__ __forceinline__ void dk_intra(Acc<BT, KS, NW>& Di, const Split<E>& sA
 template <typename RT>
 __device__ __forceinline__ float dg_reverse_scan(float carry, float add, const float* dG, float* kdx, const RT* R,
                                                  int ld, int live, float* out, i64 stride) {
+    // U rows read ahead into registers per step (one thread per key: the loads' latency is the scan's)
+    constexpr int U = 8;
     float pre = 0.f;
-    for (int s = 0; s < live; ++s) {
-        const float x = kdx[s * ld];
-        kdx[s * ld] = pre;
-        pre += x;
+    for (int s0 = 0; s0 < live; s0 += U) {
+        float x[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) x[u] = s0 + u < live ? kdx[(s0 + u) * ld] : 0.f;
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (s0 + u < live) {
+                kdx[(s0 + u) * ld] = pre;
+                pre += x[u];
+            }
     }
-    for (int s = live - 1; s >= 0; --s) {
-        const bool own_reset = (int)R[s * ld] > (s > 0 ? (int)R[(s - 1) * ld] : 0);
-        carry = own_reset ? 0.f : carry + dG[s * ld];
-        out[s * stride] = own_reset ? 0.f : carry + kdx[s * ld] + add;
+    for (int s1 = live - 1; s1 >= 0; s1 -= U) {
+        float gx[U], px[U];
+        int rx[U], rp[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int s = s1 - u;
+            gx[u] = s >= 0 ? dG[s * ld] : 0.f;
+            px[u] = s >= 0 ? kdx[s * ld] : 0.f;
+            rx[u] = s >= 0 ? (int)R[s * ld] : 0;
+            rp[u] = s > 0 ? (int)R[(s - 1) * ld] : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int s = s1 - u;
+            if (s < 0) break;
+            const bool own_reset = rx[u] > rp[u];
+            carry = own_reset ? 0.f : carry + gx[u];
+            out[s * stride] = own_reset ? 0.f : carry + px[u] + add;
+        }
     }
     return carry;
 }

@@ -7,23 +7,27 @@
 namespace rawdelta {
 
 // The first dead row among rows [0, L) of a chunk of per-key gates (g rows of stride `stride`, K keys): the first row
-// with a NaN or +inf gate of any key (common/chunk_stages.cuh: kills_row); L when none. A barrier over the block.
+// with a NaN or +inf gate of any key (common/chunk_stages.cuh: kills_row); L when none. One warp per row, rows in
+// ascending order per warp (a warp stops at its first dead row). A barrier over the block.
 __device__ __forceinline__ int first_dead_key_row(const float* __restrict__ g, i64 stride, int L, int K, int* slot) {
     if (threadIdx.x == 0) *slot = L;
     __syncthreads();
-    int first = L;
-    for (int idx = threadIdx.x; idx < L * K; idx += blockDim.x) {
-        const int r = idx / K;
-        if (r < first && kills_row(g[r * stride + idx % K], 0.f)) first = r;
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int r = threadIdx.x >> 5; r < L; r += nw) {
+        bool dead = false;
+        for (int d = lane; d < K; d += 32) dead |= kills_row(g[r * stride + d], 0.f);
+        if (__any_sync(0xffffffffu, dead)) {
+            if (lane == 0) atomicMin(slot, r);
+            break;
+        }
     }
-    if (first < L) atomicMin(slot, first);
     __syncthreads();
     return *slot;
 }
 
 // The scratch of gla_chunk_factors (blocks of 256 threads), carved from dynamic shared memory: the raw q and k of a
-// slice of KS keys, their scaled split copies for the off-diagonal products, the slice's gates and reset counts, the
-// chunk's scores sA (float, leading dimension LDA) and one int for the first dead row.
+// slice of KS keys, their scaled split copies for the products, the slice's gates and reset counts, the chunk's
+// scores sA (float, leading dimension LDA), one int for the first dead row and the diagonal sub-blocks' flags.
 template <typename T, typename E, int BT>
 struct ChunkFactorScratch {
     static constexpr int KS = 64, LDT = KS + TILE_PAD, LDG = KS, LDA = BT + 4;
@@ -32,7 +36,7 @@ struct ChunkFactorScratch {
     float* sG;
     int* sR;
     float* sA;
-    int* sLive;
+    int *sLive, *sFlag;
     __device__ __forceinline__ void carve(SmemCursor& cur) {
         cur.into(sQ, BT * LDT);
         cur.into(sK, BT * LDT);
@@ -42,6 +46,7 @@ struct ChunkFactorScratch {
         sR = cur.take<int>(BT * LDG);
         sA = cur.take<float>(BT * LDA);
         sLive = cur.take<int>(4);
+        sFlag = cur.take<int>(4);
     }
 };
 
@@ -51,9 +56,10 @@ struct ChunkFactorScratch {
 //   qg = q 2^G (0 after a reset of key d), kg = k 2^(G_last - G) (0 before one), with last = L - 1;
 //   decay(d, 2^G_last) for d < K, the chunk's per-key decay (0 across a reset);
 //   sA[r LDA + j] = A_rj = scale sum_d q_rd k_jd 2^(G_rd - G_jd) for j <= r < live, else 0 (every r, j < BT),
-//   summed over the slices: for rows of 16-block I and columns of a block before it on tensor cores, as
-//   (q_r 2^(G_r - G_ref)) . (k_j 2^(G_ref - G_j)) with ref the first row of I (every factor <= 1 for gates <= 0, 0
-//   across a reset); the diagonal 16-blocks element by element.
+//   summed over the slices: for the rows of 16-block I, on tensor cores, as (q_r 2^(G_r - G_ref)) . (k_j 2^(G_ref -
+//   G_j)) with ref the first row of I, for the columns of the blocks before I (every factor <= 1 for gates <= 0, 0
+//   across a reset) and of I itself where its gates allow (gla/chunk.cuh: diag_blocks_elementwise); element by
+//   element for a diagonal block of a slice where they do not.
 // q, k, g point at (row 0, key 0) of the chunk's head; rows of stride HK. Blocks of 256 threads; every thread calls
 // it (barriers inside); sA is complete when it returns (a barrier last).
 template <typename T, typename E, int BT, typename Elem, typename Decay>
@@ -65,17 +71,17 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
     const int last = L - 1;
     T *sQ = s.sQ, *sK = s.sK;
     float *sG = s.sG, *sA = s.sA;
-    int* sR = s.sR;
+    int *sR = s.sR, *sFlag = s.sFlag;
 
     // Each thread's diagonal-block entries: slot s = threadIdx.x + 256 m is (block s / 256, row (s / 16) % 16, column
-    // s % 16) of the NB diagonal 16-blocks, summed over the key slices.
+    // s % 16) of the NB diagonal 16-blocks, summed over the key slices where the block is summed element by element.
     constexpr int DIAG = (NB * SUB * SUB + 255) / 256;
     float diag[DIAG];
 #pragma unroll
     for (int m = 0; m < DIAG; ++m) diag[m] = 0.f;
-    Acc<SUB, BT, NW> off[NB > 1 ? NB - 1 : 1];  // off[I - 1]: rows of block I against every column (j < 16 I kept)
+    Acc<SUB, BT, NW> blk[NB];  // blk[I]: rows of block I against every column (j < 16 (I + 1) kept)
 #pragma unroll
-    for (int I = 0; I < NB - 1; ++I) off[I].fill(0.f);
+    for (int I = 0; I < NB; ++I) blk[I].fill(0.f);
 
 #pragma unroll 1
     for (int k0 = 0; k0 < K; k0 += KS) {
@@ -86,8 +92,8 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         cp_async_wait_all();
         __syncthreads();
         chunk_local_cumsum_log2(sG, sR, LDG, kc, live, BT);
-        __syncthreads();
-        // The slice's per-key outputs, and the scaled operands of the off-diagonal products.
+        diag_blocks_elementwise<BT, E>(sG, sR, LDG, kc, live, sFlag);  // barriers around (R is set for kc keys)
+        // The slice's per-key outputs, and q scaled to its block's first row.
         for (int idx = threadIdx.x; idx < BT * KS; idx += blockDim.x) {
             const int r = idx / KS, d = idx % KS, e = r * LDG + d, ref = r & ~(SUB - 1);
             const bool in = r < L && d < kc;
@@ -98,45 +104,46 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
             if (in && r == last) decay(k0 + d, Rl > 0 ? 0.f : exp2f(Gl));
             tile_put(s.sQs, r * LDT + d, in ? x * key_decay(sG, sR, LDG, r, ref, d) : 0.f);
         }
-        // Diagonal blocks, element by element.
+        // Diagonal blocks summed element by element in this slice.
 #pragma unroll
         for (int m = 0; m < DIAG; ++m) {
             const int t = threadIdx.x + 256 * m, b = t / (SUB * SUB), i = b * SUB + (t / SUB) % SUB,
                       j = b * SUB + t % SUB;
-            if (b < NB && j <= i && i < L) {
+            if (b < NB && sFlag[b] && j <= i && i < L) {
                 float acc = 0.f;
                 for (int d = 0; d < kc; ++d)
                     acc += to_float(sQ[i * LDT + d]) * to_float(sK[j * LDT + d]) * key_decay(sG, sR, LDG, i, j, d);
                 diag[m] += acc;
             }
         }
-        // Off-diagonal blocks: rows of block I against the columns before it, k scaled to I's first row.
+        // Rows of block I against the columns before it and, unless flagged, its own: k scaled to I's first row
+        // (for the block's own columns a factor up to 2^diag_span, and no reset inside the block).
 #pragma unroll
-        for (int I = 1; I < NB; ++I) {
-            const int ref = I * SUB;
+        for (int I = 0; I < NB; ++I) {
+            const int ref = I * SUB, end = sFlag[I] ? ref : ref + SUB;
             for (int idx = threadIdx.x; idx < BT * KS; idx += blockDim.x) {
                 const int j = idx / KS, d = idx % KS;
-                const bool in = j < ref && j < L && d < kc;
+                const bool in = j < end && j < L && d < kc;
                 const float y = to_float(sK[j * LDT + d]);
                 tile_put(s.sKs, j * LDT + d, in ? y * key_decay(sG, sR, LDG, ref, j, d) : 0.f);
             }
             __syncthreads();
-            gemm<E, MK, NK, SUB, BT, KS, NW>(off[I - 1], advance(s.sQs, (i64)ref * LDT), LDT, s.sKs, LDT);
+            gemm<E, MK, NK, SUB, BT, KS, NW>(blk[I], advance(s.sQs, (i64)ref * LDT), LDT, s.sKs, LDT);
             __syncthreads();
         }
-        __syncthreads();  // the next slice's loads overwrite the tiles the diagonal sums read
     }
 
-    // A = scale (off-diagonal + diagonal), masked to j <= r < live.
+    // A = scale (products + element-wise diagonal sums), masked to j <= r < live.
 #pragma unroll
-    for (int I = 1; I < NB; ++I)
-        off[I - 1].apply([&](int i, int j, float& x) {
-            if (j < I * SUB) sA[(I * SUB + i) * LDA + j] = x;
+    for (int I = 0; I < NB; ++I)
+        blk[I].apply([&](int i, int j, float& x) {
+            if (j < (I + 1) * SUB) sA[(I * SUB + i) * LDA + j] = x;
         });
+    __syncthreads();
 #pragma unroll
     for (int m = 0; m < DIAG; ++m) {
         const int t = threadIdx.x + 256 * m, b = t / (SUB * SUB), i = b * SUB + (t / SUB) % SUB, j = b * SUB + t % SUB;
-        if (b < NB) sA[i * LDA + j] = diag[m];
+        if (b < NB) sA[i * LDA + j] += diag[m];
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {

@@ -71,8 +71,8 @@ struct BwdTiles {
     TT sDo, sS;
     Split<E> sA, sT;
     ChunkFactorScratch<T, E, BT> fs;
-    float *sG, *sQ, *sK;
-    int* sR;
+    float *sG, *sQ, *sK, *sDa;
+    int *sR, *sFlag;
     __device__ __forceinline__ void carve(SmemCursor& cur) {
         ops.carve(cur);
         cur.into(sDo, BT * LDV);
@@ -85,6 +85,8 @@ struct BwdTiles {
         sQ = cur.take<float>(BT * LDF);
         sK = cur.take<float>(BT * LDF);
         sT = cur.take_split<E>(BT * LDK);
+        sDa = cur.take<float>(BT);
+        sFlag = cur.take<int>(4);
     }
     // The slice [k0, k0 + kc) of the chunk at tok (L rows, live): q, k and the gates; G, R from the gates. Barriers
     // around (the caller's last reads of the slice tiles must be behind a barrier).
@@ -96,7 +98,7 @@ struct BwdTiles {
         cp_async_wait_all();
         __syncthreads();
         chunk_local_cumsum_log2(sG, sR, LDF, KS, live, BT);
-        __syncthreads();
+        diag_blocks_elementwise<BT, E>(sG, sR, LDF, KS, live, sFlag);  // barriers around
     }
 };
 
@@ -235,7 +237,7 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dq_kernel(
             Acc<BT, BT, NW> dA;
             dA.fill(0.f);
             gemm<E, MK, NK, BT, BT, VP, NW>(dA, t.sDo, LDV, t.ops.sV, LDV);
-            gla_dqk::store_scores<E>(dA, t.sA, LDM, live, scale);
+            gla_dqk::store_scores<E>(dA, t.sA, LDM, t.sDa, live, scale);
         }
         __syncthreads();
 #pragma unroll 1
@@ -246,11 +248,11 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dq_kernel(
             Dq.fill(0.f);
             gemm<E, MK, NK, BT, KS, VP, NW>(Dq, t.sDo, LDV, advance(t.sS, (i64)k0 * LDV), LDV);
             gla_dqk::dq_inter(Dq, t.sG, t.sR, LDF, scale);
-            gla_dqk::dq_intra<E>(Dq, t.sA, LDM, t.sK, t.sG, t.sR, LDF, t.sT, LDK, live);
+            gla_dqk::dq_intra<E>(Dq, t.sA, LDM, t.sK, t.sG, t.sR, LDF, t.sT, LDK, t.sFlag, live);
             Dq.apply_pairs([&](int r, int d, float& x0, float& x1) {
                 if (r >= L) return;
                 const bool in = r < live;
-                const float a = in ? tile_get(t.sA, r * LDM + r) : 0.f;
+                const float a = t.sDa[r];
                 const int i = r * LDF + d;
                 const i64 o = tok + k0 + r * HK + d;
                 put_row_pair(dq, o, d, kc, paired, in ? x0 + a * t.sK[i] : dead_value(),
@@ -363,7 +365,7 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dkv_kernel(
             dA.fill(0.f);
             gemm<E, MK, NK, BT, BT, VP, NW>(dA, t.sDo, LDV, t.ops.sV, LDV);
             __syncthreads();  // P read (dA may take its tile)
-            gla_dqk::store_scores<E>(dA, t.sA, LDM, live, scale);
+            gla_dqk::store_scores<E>(dA, t.sA, LDM, t.sDa, live, scale);
         }
         __syncthreads();
 #pragma unroll 1
@@ -375,7 +377,7 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dkv_kernel(
             Di.fill(0.f);
             gemm<E, MK, NK, BT, KS, VP, NW>(Dx, t.ops.sV, LDV, advance(t.sS, (i64)k0 * LDV), LDV);
             gla_dqk::dk_inter(Dx, t.sG, t.sR, LDF, max(live - 1, 0));
-            gla_dqk::dk_intra<E>(Di, t.sA, LDM, t.sQ, t.sG, t.sR, LDF, t.sT, LDK, live);
+            gla_dqk::dk_intra<E>(Di, t.sA, LDM, t.sQ, t.sG, t.sR, LDF, t.sT, LDK, t.sFlag, live);
             __syncthreads();  // q and k read by every thread: from here each thread rewrites only its own elements
             Di.zip(Dx, [&](int r, int d, float& xi, float& xx) {
                 const bool in = r < live;
@@ -383,7 +385,7 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dkv_kernel(
                 const i64 o = tok + k0 + r * HK + d;
                 const float qv = t.sQ[i], kv = t.sK[i];
                 if (r < L && d < kc) {
-                    const float a = in ? tile_get(t.sA, r * LDM + r) : 0.f;
+                    const float a = t.sDa[r];
                     dk[o] = from_float<T>(in ? xx + xi + a * qv : dead_value());
                 }
                 t.sQ[i] = in && d < kc ? dg[o] - kv * (exact ? xi : xi + xx) : 0.f;

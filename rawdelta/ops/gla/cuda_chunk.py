@@ -89,10 +89,11 @@ def _itemsize(ct: str) -> int:
 
 
 def prepare_smem(ct: str, bt: int) -> int:
-    """Prepare: the raw q and k slices, their scaled split copies, the gates and reset counts, the scores."""
+    """Prepare: the raw q and k slices, their scaled split copies, the gates and reset counts, the scores, the first
+    dead row and the diagonal blocks' flags."""
     ld = PREP_KS + PAD
     return (2 * r16(_itemsize(ct) * bt * ld) + 2 * split(bt * ld) + 2 * f32(bt * PREP_KS) + f32(bt * (bt + 4))
-            + f32(4))
+            + 2 * f32(4))
 
 
 def fwd_smem(ct: str, bt: int, kp: int, store: bool) -> int:

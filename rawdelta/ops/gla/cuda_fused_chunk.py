@@ -80,10 +80,11 @@ BWD_KS = 64  # the key slice of the backward's dq / dk stages (BwdTiles::KS)
 def bwd_smem(ct: str, bt: int, kp: int, vp: int) -> int:
     """The backward kernels' dynamic shared memory (both carve ``BwdTiles``): the chunk operands, do, the scores dA
     (split; P's tile for float inputs), then the larger of the factor scratch and what overlaps it: the state or
-    its gradient in input precision, and per key slice G, R, q, k (float) and the split scratch of the intra-chunk
-    products."""
+    its gradient in input precision, and per key slice G, R, q, k (float), the split scratch of the intra-chunk
+    products, the scores' diagonal and the diagonal blocks' flags."""
     scores = 0 if ct == "float" else split(bt * (bt + PAD))
-    slices = in_tile(ct, kp * (vp + PAD)) + 4 * f32(bt * (BWD_KS + 4)) + split(bt * (BWD_KS + PAD))
+    slices = (in_tile(ct, kp * (vp + PAD)) + 4 * f32(bt * (BWD_KS + 4)) + split(bt * (BWD_KS + PAD)) + f32(bt)
+              + f32(4))
     return operands_smem(ct, bt, kp, vp) + in_tile(ct, bt * (vp + PAD)) + scores + max(prepare_smem(ct, bt), slices)
 
 
