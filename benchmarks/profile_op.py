@@ -26,7 +26,8 @@ def main() -> int:
     shape = tuple(int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "8x2048x16x128").split("x"))
     kw, do, dht = draw(op, shape, "bfloat16", 0)
     kw = {n: cupy.asarray(x) if hasattr(x, "shape") else x for n, x in kw.items()}
-    do, dht = cupy.asarray(do), cupy.asarray(dht)
+    # do in the inputs' dtype, as an autograd caller passes it (a float32 do would add a cast to every backward)
+    do, dht = cupy.asarray(do).astype(kw["q"].dtype), cupy.asarray(dht)
     fwd, bwd = getattr(rawdelta, f"{op.name}_fwd"), getattr(rawdelta, f"{op.name}_bwd")
 
     def step() -> None:
