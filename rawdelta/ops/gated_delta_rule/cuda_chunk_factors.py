@@ -4,7 +4,6 @@ out of a workspace the framework adapters keep for the backward), and the prepar
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +12,7 @@ import numpy as np
 from ..._arrays import BFLOAT16, empty
 from ...cuda import launch
 from ...cuda.launch import CTYPES, ptr
+from ..common.workspace import Field, field_arrays, fields_nbytes
 from . import cuda_chunk_smem as smem
 from .cuda_chunk_hopper import DEFAULT_OPTIONS, ChunkOptions, wg_layout, wgmma_applies
 from .cuda_chunk_kernels import PREP_THREADS, PREPARE_SOURCE, TABLE_KERNEL, kp_for, prepare_name
@@ -61,8 +61,7 @@ class ChunkFactors:
 # every array starts 16-byte aligned for the kernels' 16-byte accesses, then the float32 rows).
 
 
-def _factor_fields(n_tok: int, HV: int, bt: int, ct: str, l2: bool, wg: bool) -> list[tuple[str, tuple[int, ...],
-                                                                                          np.dtype]]:
+def _factor_fields(n_tok: int, HV: int, bt: int, ct: str, l2: bool, wg: bool) -> list[Field]:
     """(name, shape, dtype) of every factor array prepare fills (the absent ones left out)."""
     f32 = np.dtype(np.float32)
     mma = np.dtype(np.float16) if ct == "__half" else BFLOAT16
@@ -77,10 +76,6 @@ def _factor_fields(n_tok: int, HV: int, bt: int, ct: str, l2: bool, wg: bool) ->
     if l2:
         fields += [("Rq", rows, f32), ("Rk", rows, f32)]
     return fields
-
-
-def _fields_nbytes(fields: list[tuple[str, tuple[int, ...], np.dtype]]) -> int:
-    return sum(math.prod(shape) * dt.itemsize for _, shape, dt in fields)
 
 
 def factor_nbytes(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: Any, chunk_size: int, l2: bool,
@@ -98,26 +93,14 @@ def factor_nbytes(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: Any
         return 0
     B, T, _, K = q_shape
     HV, V = v_shape[2], v_shape[3]
-    return _fields_nbytes(_factor_fields(B * T, HV, chunk_size, ct, l2, wg_layout(ct, chunk_size, K, V,
+    return fields_nbytes(_factor_fields(B * T, HV, chunk_size, ct, l2, wg_layout(ct, chunk_size, K, V,
                                                                                    compute_capability)))
 
 
 def factor_arrays(p: GDNProblem, bt: int, ct: str, wg: bool, workspace: Any) -> dict[str, Any] | None:
     """The factor arrays by name as views of `workspace` (a 1-D uint8 array), None when it is not their size;
     fresh arrays when `workspace` is None."""
-    fields = _factor_fields(p.B * p.T, p.HV, bt, ct, bool(problem_flags(p) & F_L2), wg)
-    if workspace is None:
-        import cupy
-
-        return {name: empty(cupy, shape, dt) for name, shape, dt in fields}
-    if workspace.dtype != np.uint8 or workspace.ndim != 1 or workspace.nbytes != _fields_nbytes(fields):
-        return None
-    out, off = {}, 0
-    for name, shape, dt in fields:
-        nb = math.prod(shape) * dt.itemsize
-        out[name] = workspace[off:off + nb].view(dt).reshape(shape)
-        off += nb
-    return out
+    return field_arrays(_factor_fields(p.B * p.T, p.HV, bt, ct, bool(problem_flags(p) & F_L2), wg), workspace)
 
 
 def _chunks(p: GDNProblem, bt: int, workspace: Any, options: ChunkOptions) -> ChunkFactors | None:
