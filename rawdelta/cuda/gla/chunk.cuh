@@ -6,9 +6,10 @@
 // Layouts (C-contiguous; BT_ = B * T flattened tokens, NC chunks in all, chunks never cross sequences; one value
 // head per key head, so the passes' HV is H):
 //   q, k, qg, kg [BT_, H, K] (T)   v, o, do, dv [BT_, H, V] (T)   g [BT_, H, K] float (natural-log gates)
-//   Gk [BT_, H, K] float: per key, the chunk-local cumulative log2 gate, resets left out (common/chunk_stages.cuh:
-//                    chunk_local_cumsum_log2); rows from the chunk's first dead row on repeat the last live row's
-//   Rk [BT_, H, K] uint8: per key, the resets so far in the chunk (the row's own included)
+//   G, R (shared-memory tiles of a chunk, recomputed from g by every stage that needs them): per key, the chunk-local
+//                    cumulative log2 gate, resets left out, and the resets so far in the chunk, the row's own
+//                    included (common/chunk_stages.cuh: chunk_local_cumsum_log2); rows from the chunk's first dead
+//                    row on repeat the last live row's
 //   Rc [BT_, H] int: row codes (common/chunk_stages.cuh: row_code), no scalar resets, the chunk's first dead row
 //   qg = q 2^G (0 after a reset of that key), kg = k 2^(G_last - G) (0 before one): the operands the state passes
 //                    take for q and k, with every per-key decay folded in
@@ -39,8 +40,8 @@ constexpr int SUB = 16;
 template <typename E>
 __device__ __forceinline__ constexpr float diag_span() { return SameType<E, __half>::value ? 4.f : 64.f; }
 
-// Decay 2^(G_a - G_b) of key d from row b to row a >= b of a chunk (Gk and its reset counts, int or byte tiles of
-// leading dimension ld): 0 across a reset of that key (selected: G may differ by anything across one).
+// Decay 2^(G_a - G_b) of key d from row b to row a >= b of a chunk (G and its reset counts R, tiles of leading
+// dimension ld): 0 across a reset of that key (selected: G may differ by anything across one).
 template <typename RT>
 __device__ __forceinline__ float key_decay(const float* G, const RT* R, int ld, int a, int b, int d) {
     return R[a * ld + d] == R[b * ld + d] ? exp2f(G[a * ld + d] - G[b * ld + d]) : 0.f;

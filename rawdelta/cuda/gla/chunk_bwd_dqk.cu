@@ -7,7 +7,8 @@ using namespace rawdelta;
 // ---------------------------------------------------------------------------------------------
 // Per (chunk c, head h, slice of KS keys [k0, k0 + kc)), one block of 256 threads, grid NC * H * NKS (blockIdx.x =
 // (c H + h) NKS + ks). Rows r, j of the chunk (L rows; live = its first dead row, L when none; last = live - 1),
-// G / R the per-key cumulative log2 gates and reset counts (gla/chunk.cuh), every decay selected to 0 across a reset:
+// G / R the per-key cumulative log2 gates and reset counts (gla/chunk.cuh; recomputed here from the gates g), every
+// decay selected to 0 across a reset:
 //   loop over V in blocks of BVB (tensor cores):  Dq = do h^T, Dx = v dh^T [BT x KS],  dA = do v^T [BT x BT],
 //                                                 hdh_d = sum_v h_dv dh_dv
 //   dA_rj = scale dA_rj for j <= r < live, else 0
@@ -33,13 +34,13 @@ using namespace rawdelta;
 template <typename T, typename E, int BT, int KS, int BVB>
 __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-    const float* __restrict__ Gk, const unsigned char* __restrict__ Rk, const int* __restrict__ Rc,
+    const float* __restrict__ g, const int* __restrict__ Rc,
     const float* __restrict__ Dk, const T* __restrict__ hbuf, const T* __restrict__ dhbuf,
     const i64* __restrict__ chunk_bos, const int* __restrict__ chunk_len, T* __restrict__ dq, T* __restrict__ dk,
     float* __restrict__ dg, int H, int K, int V, int NKS, float scale) {
     using TT = typename InputTile<T, E>::type;
     constexpr int NW = 8, NB = BT / SUB;
-    constexpr int LDF = KS + 4;         // float and byte tiles of the slice's keys: G, R, q, k (then dG, k dx)
+    constexpr int LDF = KS + 4;         // float and int tiles of the slice's keys: G, R, q, k (then dG, k dx)
     constexpr int LDK = KS + TILE_PAD;  // the scaled operands kL / qF
     constexpr int LDV = BVB + TILE_PAD;
     constexpr int LDM = BT + TILE_PAD;  // the scores dA
@@ -57,7 +58,7 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     extern __shared__ __align__(16) unsigned char smem[];
     SmemCursor cur{smem};
     float* sG = cur.take<float>(BT * LDF);
-    unsigned char* sR = cur.take<unsigned char>(BT * LDF);
+    int* sR = cur.take<int>(BT * LDF);
     float* sHdh = cur.take<float>(KS);
     float* sDk = cur.take<float>(KS);
     float* sDa = cur.take<float>(BT);
@@ -83,11 +84,7 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wb = warp % WM, wn = warp / WM;  // this warp's sub-block of rows in dq / dk, its column group
 
-    load_tile(sG, LDF, Gk + qk0, rstride, L, kc, BT, KS);
-    for (int idx = threadIdx.x; idx < BT * KS; idx += blockDim.x) {
-        const int r = idx / KS, d = idx % KS;
-        sR[r * LDF + d] = (r < L && d < kc) ? Rk[qk0 + r * rstride + d] : (unsigned char)0;
-    }
+    load_tile(sG, LDF, g + qk0, rstride, L, kc, BT, KS);  // the raw gates: G and R after the V loop
 
     AccQ Dq, Dx;
     AccA dA;
@@ -129,7 +126,9 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     cp_async_wait_all();
     __syncthreads();
 
-    // The inter-chunk parts, then the intra-chunk sums without their diagonal terms (gla/chunk_bwd_intra.cuh)
+    // G, R from the gates (as prepare computes them); the inter-chunk parts, then the intra-chunk sums without their
+    // diagonal terms (gla/chunk_bwd_intra.cuh)
+    chunk_local_cumsum_log2(sG, sR, LDF, KS, live, BT);
     diag_blocks_elementwise<BT, E>(sG, sR, LDF, KS, live, sFlag);  // barriers around
     gla_dqk::dq_inter(Dq, sG, sR, LDF, scale);
     gla_dqk::dk_inter(Dx, sG, sR, LDF, last);

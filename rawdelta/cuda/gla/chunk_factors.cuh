@@ -51,8 +51,8 @@ struct ChunkFactorScratch {
 };
 
 // The factors of one chunk of one head (rows r < L; live = its first dead row), over slices of KS keys:
-//   elem(r, d, in, G, R, qg, kg) for every row r < BT and key d of every slice (in: r < L and d < K; qg and kg are
-//   0 when not in): G, R the per-key chunk-local cumulative log2 gate and reset count (common/chunk_stages.cuh),
+//   elem(r, d, in, qg, kg) for every row r < BT and key d of every slice (in: r < L and d < K; qg and kg are 0 when
+//   not in), with G, R the per-key chunk-local cumulative log2 gate and reset count (common/chunk_stages.cuh):
 //   qg = q 2^G (0 after a reset of key d), kg = k 2^(G_last - G) (0 before one), with last = L - 1;
 //   decay(d, 2^G_last) for d < K, the chunk's per-key decay (0 across a reset);
 //   sA[r LDA + j] = A_rj = scale sum_d q_rd k_jd 2^(G_rd - G_jd) for j <= r < live, else 0 (every r, j < BT),
@@ -100,7 +100,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
             const float x = to_float(sQ[r * LDT + d]), y = to_float(sK[r * LDT + d]);
             const float G = sG[e], Gl = sG[max(last, 0) * LDG + d];
             const int R = sR[e], Rl = sR[max(last, 0) * LDG + d];
-            elem(r, k0 + d, in, G, R, in && R == 0 ? x * exp2f(G) : 0.f, in && Rl <= R ? y * exp2f(Gl - G) : 0.f);
+            elem(r, k0 + d, in, in && R == 0 ? x * exp2f(G) : 0.f, in && Rl <= R ? y * exp2f(Gl - G) : 0.f);
             if (in && r == last) decay(k0 + d, Rl > 0 ? 0.f : exp2f(Gl));
             tile_put(s.sQs, r * LDT + d, in ? x * key_decay(sG, sR, LDG, r, ref, d) : 0.f);
         }

@@ -6,15 +6,15 @@
 using namespace rawdelta;
 
 // Prepare: per (chunk, head), the chunk's factors (gla/chunk_factors.cuh: gla_chunk_factors) to global memory:
-//   Gk, Rk: the per-key chunk-local cumulative log2 gates and reset counts (common/chunk_stages.cuh); Rc the row
-//   codes (the chunk's first dead row); qg = q 2^G, kg = k 2^(G_last - G); Dk = 2^G_last; the scores A (scaled,
-//   masked to j <= r < live) split into Ahi + Alo.
+//   Rc the row codes (the chunk's first dead row); qg = q 2^G, kg = k 2^(G_last - G); Dk = 2^G_last; the scores A
+//   (scaled, masked to j <= r < live) split into Ahi + Alo. The cumulative gates themselves are not written: the
+//   backward's dq/dk/dg kernel recomputes them from g (the same bytes to read, and none to write here).
 // Blocks of 256 threads; block b takes chunk b / H (the chunk table's order), head b % H. Alo is null for 16-bit
 // inputs (the passes take A's hi part only).
 template <typename T, typename E, int BT>
 __global__ void __launch_bounds__(256) gla_chunk_prepare_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ g, const i64* __restrict__ chunk_bos,
-    const int* __restrict__ chunk_len, float* __restrict__ Gk, unsigned char* __restrict__ Rk, int* __restrict__ Rc,
+    const int* __restrict__ chunk_len, int* __restrict__ Rc,
     T* __restrict__ qg, T* __restrict__ kg, float* __restrict__ Dk, E* __restrict__ Ahi, E* __restrict__ Alo, int H,
     int K, float scale) {
     using Scratch = ChunkFactorScratch<T, E, BT>;
@@ -33,11 +33,9 @@ __global__ void __launch_bounds__(256) gla_chunk_prepare_kernel(
 
     gla_chunk_factors(
         s, q + tok, k + tok, g + tok, HK, L, live, K, scale,
-        [&](int r, int d, bool in, float G, int R, float xq, float xk) {
+        [&](int r, int d, bool in, float xq, float xk) {
             if (!in) return;
             const i64 o = tok + (i64)r * HK + d;
-            Gk[o] = G;
-            Rk[o] = (unsigned char)R;
             qg[o] = from_float<T>(xq);
             kg[o] = from_float<T>(xk);
         },
@@ -48,5 +46,28 @@ __global__ void __launch_bounds__(256) gla_chunk_prepare_kernel(
         const int r = idx / (BT / 8), j0 = (idx % (BT / 8)) * 8;
         const i64 e = ((bos + r) * H + h) * BT + j0;
         split_store8(Ahi + e, Alo != nullptr ? Alo + e : nullptr, s.sA + r * LDA + j0);
+    }
+}
+
+// Each chunk's per-key decay Dk = 2^G_last (0 across a reset), alone: what prepare writes, for a backward whose
+// factors come from a workspace (which holds no per-chunk arrays: their count is not known from the shapes). Per
+// (chunk, head) one block; thread d sums key d's gates over the chunk's live rows in row order, as prepare's cumsum
+// does (common/chunk_stages.cuh: chunk_local_cumsum_log2), so the values are the same bits.
+__global__ void gla_chunk_decay_kernel(const float* __restrict__ g, const i64* __restrict__ chunk_bos,
+                                       const int* __restrict__ chunk_len, const int* __restrict__ Rc,
+                                       float* __restrict__ Dk, int H, int K) {
+    const int c = blockIdx.x / H, h = blockIdx.x % H;
+    const i64 bos = chunk_bos[c], HK = (i64)H * K;
+    const int live = min(code_live_rows(Rc[bos * H + h]), chunk_len[c]);
+    for (int d = threadIdx.x; d < K; d += blockDim.x) {
+        const float* gd = g + bos * HK + (i64)h * K + d;
+        float acc = 0.f;
+        int n = 0;
+        for (int r = 0; r < live; ++r) {
+            const float x = gd[r * HK];
+            if (is_reset_gate(x)) ++n;
+            else acc += x;
+        }
+        Dk[((i64)c * H + h) * K + d] = n > 0 ? 0.f : exp2f(acc * LOG2E);
     }
 }

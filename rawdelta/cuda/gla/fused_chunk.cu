@@ -37,7 +37,7 @@ struct ChunkOperands {
                                             float qscale = 1.f, int qrows = BT) {
         gla_chunk_factors(
             fs, q + tok, k + tok, g + tok, HK, L, live, K, scale,
-            [&](int r, int d, bool, float, int, float xq, float xk) {
+            [&](int r, int d, bool, float xq, float xk) {
                 tile_put(sQg, r * LDK + d, r < qrows ? xq * qscale : 0.f);
                 tile_put(sKg, r * LDK + d, xk);
             },

@@ -1,14 +1,17 @@
 """The cuda backend of :func:`~rawdelta.chunk_gla`: CUDA C kernels on tensor cores (mma.sync, and wgmma on Hopper).
 
-Forward: the chunk table -> prepare (``rawdelta/cuda/gla/chunk_prepare.cu``: per-key cumulative gates, the operands
-``q 2^G`` and ``k 2^(G_last - G)`` with every decay folded in, each chunk's per-key decay, the intra-chunk scores) ->
-the common forward state pass with the per-key gate and the plain rule (``gla/chunk_fwd.cu``), which writes the
-output and the final state. On compute capability 9.0 devices, 16-bit inputs with chunks of 64 take the Hopper
-state passes (wgmma warpgroups, TMA tiles: the gated delta rule's configurations, :func:`wgmma_applies`); everything
-else, and sm_80, the mma.sync ones. Backward: prepare and the forward pass again (storing each chunk's start state), the
-common reverse state pass (``gla/chunk_bwd.cu``: dv, the state gradient at each chunk's end, dh0), then dq, dk and
-the gate gradient per chunk and key slice (``gla/chunk_bwd_dqk.cu``). Nothing is kept between the two: the backward
-recomputes what it needs. Every sum has a fixed order (no atomics), so the backward is deterministic.
+Forward: the chunk table -> prepare (``rawdelta/cuda/gla/chunk_prepare.cu``: from the per-key cumulative gates,
+computed on chip, the operands ``q 2^G`` and ``k 2^(G_last - G)`` with every decay folded in, each chunk's per-key
+decay, the intra-chunk scores) -> the common forward state pass with the per-key gate and the plain rule
+(``gla/chunk_fwd.cu``), which writes the output and the final state. On compute capability 9.0 devices, 16-bit inputs
+with chunks of 64 take the Hopper state passes (wgmma warpgroups, TMA tiles: the gated delta rule's configurations,
+:func:`wgmma_applies`); everything else, and sm_80, the mma.sync ones. The forward keeps prepare's outputs for the
+backward (as the peer keeps its cumulative gates and scores): the framework adapters in a workspace they allocate
+(:func:`workspace_nbytes`; the per-chunk decays, whose size the shapes do not give, are recomputed from g).
+Backward: the forward pass again (storing each chunk's start state), the common reverse state pass
+(``gla/chunk_bwd.cu``: dv, the state gradient at each chunk's end, dh0), then dq, dk and the gate gradient per chunk
+and key slice (``gla/chunk_bwd_dqk.cu``, which recomputes the cumulative gates from the gates). Every sum has a fixed
+order (no atomics), so the backward is deterministic.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ...cuda import launch, tensor_map
 from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool, ptr
 from ...cuda.loader import HOPPER_TARGETS, register, wgmma_available
 from ..common.cuda_smem import PAD, WG_BT, chunk_rows, f32, in_tile, r16, split, wg_pass
+from ..common.workspace import Field, field_arrays, fields_nbytes
 from ..gated_delta_rule.cuda_chunk_hopper import wg_config
 from ..gated_delta_rule.cuda_chunk_kernels import (
     PREPARE_SOURCE,
@@ -33,7 +37,7 @@ from ..gated_delta_rule.cuda_chunk_kernels import (
     wg_bvw_options,
 )
 from .cuda_chunk_dqk import launch_dqk
-from .definition import CHUNK_SIZES
+from .definition import CHUNK_SIZES, peer_chunk_size
 
 if TYPE_CHECKING:
     from .definition import GLAProblem
@@ -46,6 +50,9 @@ PREP_KS = 64  # keys per slice of the prepare kernel
 
 # Pass option bits (rawdelta/cuda/common/chunk_pass.cuh: PassOptions).
 PASS_H0, PASS_HT, PASS_VARLEN, PASS_DHT = 1024, 2048, 4096, 8192
+
+
+DECAY_KERNEL = "gla_chunk_decay_kernel"
 
 
 def prepare_name(ct: str, bt: int) -> str:
@@ -69,7 +76,7 @@ def bwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, pipe: bool) -> str:
 
 
 _CTS = tuple(CTYPES.values())
-register(PREPARE, [prepare_name(ct, bt) for ct in _CTS for bt in CHUNK_SIZES])
+register(PREPARE, [prepare_name(ct, bt) for ct in _CTS for bt in CHUNK_SIZES] + [DECAY_KERNEL])
 register(FWD, [fwd_name(ct, bt, kp, s) for ct in _CTS for bt in CHUNK_SIZES for kp in KP_SIZES for s in (False, True)])
 register(BWD, [bwd_name(ct, bt, kp) for ct in _CTS for bt in CHUNK_SIZES for kp in KP_SIZES])
 # The Hopper passes (16-bit inputs, chunks of 64) in the configurations wg_config chooses from: two warpgroups of
@@ -120,16 +127,51 @@ def wgmma_applies(p: GLAProblem, bt: int) -> bool:
             and p.v.data.ptr % 16 == 0 and wgmma_available())
 
 
-class _Chunks:
-    """The chunk table and prepare's outputs for one call (layouts: ``rawdelta/cuda/gla/chunk.cuh``); ``wg``: the
-    state passes run on Hopper warpgroups."""
+def _factor_fields(n_tok: int, H: int, K: int, bt: int, ct: str, dtype: np.dtype) -> list[Field]:
+    """(name, shape, dtype) of the per-token factors prepare writes, in the order they sit in a factor workspace
+    (:func:`workspace_nbytes`): the scores first (each a multiple of 32 bytes), so qg and kg start 16-byte aligned for
+    the passes' TMA tiles, then the row codes. Every byte is written by prepare (a deterministic output). Each chunk's
+    per-key decay Dk is not among them: its size depends on the chunk count, which the shapes alone do not give."""
+    mma = np.dtype(np.float16) if ct == "__half" else BFLOAT16
+    mats = (n_tok, H, bt)
+    fields: list[Field] = [("Ahi", mats, mma)] + ([("Alo", mats, mma)] if ct == "float" else [])
+    return fields + [("qg", (n_tok, H, K), dtype), ("kg", (n_tok, H, K), dtype), ("Rc", (n_tok, H), np.dtype(np.int32))]
 
-    def __init__(self, p: GLAProblem, bt: int, wgmma: bool = True) -> None:
+
+def workspace_nbytes(shapes: dict[str, tuple[int, ...]], dtype: Any, statics: dict[str, Any],
+                     compute_capability: str | None) -> int:
+    """The backend protocol's workspace size (``rawdelta/ops/common/opdef.py``): the bytes of prepare's per-token
+    factors for q's shape ``[B, T, H, K]``, the input dtype and the chunk size (None: the peer's choice for T); 0 off
+    the GPU."""
+    ct = CTYPES.get(np.dtype(dtype))
+    if compute_capability is None or ct is None:
+        return 0
+    B, T, H, K = shapes["q"]
+    bt = statics.get("chunk_size") or peer_chunk_size(T)
+    if bt not in CHUNK_SIZES:
+        return 0
+    return fields_nbytes(_factor_fields(B * T, H, K, bt, ct, np.dtype(dtype)))
+
+
+class _Chunks:
+    """The chunk table (launched) and prepare's outputs for one call, not yet filled (layouts:
+    ``rawdelta/cuda/gla/chunk.cuh``): the per-token factors as views of `workspace` where it is their size, else
+    fresh; ``wg``: the state passes run on Hopper warpgroups. ``ok`` is False when `workspace` was given and is not
+    their size (no arrays then)."""
+
+    def __init__(self, p: GLAProblem, bt: int, wgmma: bool = True, workspace: Any = None) -> None:
         import cupy
 
         self.bt, self.kp, self.ct = bt, kp_for(p.K), CTYPES[p.q.dtype]
         self.wg = wgmma and wgmma_applies(p, bt)
         self.nc = p.num_chunks(bt)
+        n_tok, H, K = p.B * p.T, p.H, p.K
+        arrays = field_arrays(_factor_fields(n_tok, H, K, bt, self.ct, np.dtype(p.q.dtype)), workspace)
+        self.ok = arrays is not None
+        if not self.ok:
+            return
+        self.Ahi, self.Alo, self.qg, self.kg, self.Rc = (arrays.get(n) for n in ("Ahi", "Alo", "qg", "kg", "Rc"))
+        self.Dk = empty(cupy, (max(self.nc, 1), H, K), np.float32)
         flags = PASS_VARLEN if p.cu_seqlens is not None else 0
         self.seq_chunk0 = empty(cupy, (p.N + 1,), np.int32)
         self.chunk_bos = empty(cupy, (max(self.nc, 1),), np.int64)
@@ -137,20 +179,22 @@ class _Chunks:
         launch.launch(PREPARE_SOURCE, TABLE_KERNEL, 1, 1024, 0, (
             ptr(p.cu_seqlens), np.int32(p.N), np.int32(p.T), np.int32(bt), self.seq_chunk0, self.chunk_bos,
             self.chunk_len, np.int32(flags)))
-        n_tok, H, K = p.B * p.T, p.H, p.K
-        mma = np.dtype(np.float16) if self.ct == "__half" else BFLOAT16
-        self.Gk = empty(cupy, (n_tok, H, K), np.float32)
-        self.Rk = empty(cupy, (n_tok, H, K), np.uint8)
-        self.Rc = empty(cupy, (n_tok, H), np.int32)
-        self.qg = empty(cupy, (n_tok, H, K), p.q.dtype)
-        self.kg = empty(cupy, (n_tok, H, K), p.q.dtype)
-        self.Dk = empty(cupy, (max(self.nc, 1), H, K), np.float32)
-        self.Ahi = empty(cupy, (n_tok, H, bt), mma)
-        self.Alo = empty(cupy, (n_tok, H, bt), mma) if self.ct == "float" else None
+
+    def prepare(self, p: GLAProblem) -> _Chunks:
+        """Launch prepare: every factor."""
         if self.nc > 0:
-            launch.launch(PREPARE, prepare_name(self.ct, bt), self.nc * H, 256, prepare_smem(self.ct, bt), (
-                p.q, p.k, p.g, self.chunk_bos, self.chunk_len, self.Gk, self.Rk, self.Rc, self.qg, self.kg, self.Dk,
-                self.Ahi, ptr(self.Alo), np.int32(H), np.int32(K), np.float32(p.scale)))
+            launch.launch(PREPARE, prepare_name(self.ct, self.bt), self.nc * p.H, 256, prepare_smem(self.ct, self.bt), (
+                p.q, p.k, p.g, self.chunk_bos, self.chunk_len, self.Rc, self.qg, self.kg, self.Dk, self.Ahi,
+                ptr(self.Alo), np.int32(p.H), np.int32(p.K), np.float32(p.scale)))
+        return self
+
+    def decays(self, p: GLAProblem) -> _Chunks:
+        """Launch the per-chunk decays Dk alone, from g and the row codes (the factors read back from a workspace,
+        which holds no Dk): the values prepare writes."""
+        if self.nc > 0:
+            launch.launch(PREPARE, DECAY_KERNEL, self.nc * p.H, 128, 0, (
+                p.g, self.chunk_bos, self.chunk_len, self.Rc, self.Dk, np.int32(p.H), np.int32(p.K)))
+        return self
 
     def pass_blocks(self, p: GLAProblem) -> tuple[int, int]:
         """Value blocks per head and blocks in all of the mma.sync state passes."""
@@ -231,19 +275,28 @@ def _reverse_pass(p: GLAProblem, ch: _Chunks, flags: int, do: Any, dht: Any, dhb
         np.int32(flags)))
 
 
-def chunk_forward(p: GLAProblem, chunk_size: int, wgmma: bool = True) -> tuple[Any, Any]:
-    """Launch the forward: o ``[B, T, H, V]`` (v's dtype) and, with ``p.output_final_state``, the final state
-    ``[N, H, K, V]`` float32 (else None). ``wgmma=False``: the mma.sync passes on a Hopper GPU too."""
-    ch = _Chunks(p, chunk_size, wgmma)
+def prepare(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace: Any = None) -> _Chunks:
+    """The chunk table and prepare, launched: the factors in `workspace` where it is their size, else fresh."""
+    ch = _Chunks(p, chunk_size, wgmma, workspace)
+    return (ch if ch.ok else _Chunks(p, chunk_size, wgmma)).prepare(p)
+
+
+def chunk_forward(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace: Any = None
+                  ) -> tuple[Any, Any, _Chunks]:
+    """Launch the forward: o ``[B, T, H, V]`` (v's dtype), with ``p.output_final_state`` the final state
+    ``[N, H, K, V]`` float32 (else None), and prepare's factors for the backward (in `workspace` where it is their
+    size). ``wgmma=False``: the mma.sync passes on a Hopper GPU too."""
+    ch = prepare(p, chunk_size, wgmma, workspace)
     o, ht, flags = forward_outputs(p)
     _forward_pass(p, ch, flags, o=o, ht=ht)
-    return o, ht
+    return o, ht, ch
 
 
-def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: bool = True) -> dict[str, Any]:
+def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: bool = True,
+                   saved: _Chunks | None = None) -> dict[str, Any]:
     """Launch the backward: gradients keyed by input name (dq, dk, dv in the input dtype, dg and dh0 float32),
-    None for absent inputs. do ``[B, T, H, V]``; dht ``[N, H, K, V]`` or None. ``wgmma=False``: the mma.sync passes
-    on a Hopper GPU too."""
+    None for absent inputs. do ``[B, T, H, V]``; dht ``[N, H, K, V]`` or None; ``saved``: the forward's factors
+    (None: prepare runs again). ``wgmma=False``: the mma.sync passes on a Hopper GPU too."""
     import cupy
 
     dt = p.q.dtype
@@ -252,7 +305,8 @@ def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: boo
         do = do.copy()
     if dht is not None:
         dht = cupy.ascontiguousarray(dht, dtype=np.float32)
-    ch = _Chunks(p, chunk_size, wgmma)
+    ch = saved if saved is not None and saved.bt == chunk_size else prepare(p, chunk_size, wgmma)
+    ch.wg = wgmma and wgmma_applies(p, chunk_size)
     flags = pass_flags(p) | (PASS_DHT if dht is not None else 0)
     H, K, V = p.H, p.K, p.V
     hbuf = empty(cupy, (max(ch.nc, 1), H, K, V), dt)
@@ -264,18 +318,27 @@ def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: boo
     _forward_pass(p, ch, flags, hbuf=hbuf)
     _reverse_pass(p, ch, flags, do, dht, dhbuf, dv, dh0)
     if ch.nc > 0:
-        launch_dqk(ch.ct, ch.bt, ch.nc, H, K, V, p.scale, q=p.q, k=p.k, v=p.v, do=do, Gk=ch.Gk, Rk=ch.Rk, Rc=ch.Rc,
+        launch_dqk(ch.ct, ch.bt, ch.nc, H, K, V, p.scale, q=p.q, k=p.k, v=p.v, do=do, g=p.g, Rc=ch.Rc,
                    Dk=ch.Dk, hbuf=hbuf, dhbuf=dhbuf, chunk_bos=ch.chunk_bos, chunk_len=ch.chunk_len, dq=dq, dk=dk,
                    dg=dg)
     return {"q": dq, "k": dk, "v": dv, "g": dg, "gk": None, "gv": None, "initial_state": dh0}
 
 
-def forward(p: GLAProblem, workspace: Any = None) -> tuple[tuple[Any, Any], None]:
-    """The backend protocol's forward (``rawdelta/ops/common/opdef.py``, ``Backend``): ``((o, ht), None)``; the
-    backward recomputes what it needs."""
-    return chunk_forward(p, p.chunk_size), None
+def forward(p: GLAProblem, workspace: Any = None) -> tuple[tuple[Any, Any], _Chunks]:
+    """The backend protocol's forward (``rawdelta/ops/common/opdef.py``, ``Backend``): ``((o, ht), factors)``, the
+    factors for :func:`backward` (in `workspace` where it is their size), so the backward does not run prepare
+    again."""
+    o, ht, ch = chunk_forward(p, p.chunk_size, workspace=workspace)
+    return (o, ht), ch
 
 
-def backward(p: GLAProblem, saved: Any, do: Any, dht: Any) -> dict[str, Any]:
-    """The backend protocol's backward: :func:`chunk_backward`."""
-    return chunk_backward(p, p.chunk_size, do, dht)
+def backward(p: GLAProblem, saved: _Chunks | None, do: Any, dht: Any) -> dict[str, Any]:
+    """The backend protocol's backward: :func:`chunk_backward` with the forward's factors (None recomputes them)."""
+    return chunk_backward(p, p.chunk_size, do, dht, saved=saved)
+
+
+def saved_from_workspace(p: GLAProblem, workspace: Any) -> _Chunks | None:
+    """The backend protocol's read-back: the factors a forward wrote into `workspace`, with the chunk table and the
+    per-chunk decays launched again (the workspace holds neither); None where it is not their size."""
+    ch = _Chunks(p, p.chunk_size, True, workspace)
+    return ch.decays(p) if ch.ok else None

@@ -1,0 +1,42 @@
+"""The layout of chunk_gla's factor workspace (the adapters keep the forward's prepare outputs in it for the
+backward), on the host: the size ``workspace_nbytes`` gives before a call is what the cuda backend carves the factor
+arrays from, packed without gaps, qg and kg 16-byte aligned (the Hopper passes' TMA tiles). Their use on the GPU:
+``tests/ops/test_gla_chunk_cuda.py::test_factors_kept_and_through_a_workspace`` and the adapters' GPU tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rawdelta.cuda.launch import CTYPES
+from rawdelta.ops.common.workspace import field_arrays
+from rawdelta.ops.gla import cuda_chunk
+from rawdelta.ops.gla.definition import peer_chunk_size
+
+B, T, H, K = 2, 70, 3, 40
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("chunk_size", [16, 64, None])
+def test_factor_arrays_tile_a_workspace_of_workspace_nbytes(dtype: str, chunk_size: int | None) -> None:
+    dt = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(cuda_chunk.BFLOAT16)
+    bt = chunk_size or peer_chunk_size(T)
+    nbytes = cuda_chunk.workspace_nbytes({"q": (B, T, H, K)}, dt, {"chunk_size": chunk_size}, "90")
+    assert cuda_chunk.workspace_nbytes({"q": (B, T, H, K)}, dt, {"chunk_size": chunk_size}, None) == 0
+    ws = np.zeros(nbytes, np.uint8)
+    fields = cuda_chunk._factor_fields(B * T, H, K, bt, CTYPES[dt], dt)
+    arrays = field_arrays(fields, ws)
+    assert arrays is not None
+    assert set(arrays) == {"Ahi", "qg", "kg", "Rc"} | ({"Alo"} if dtype == "float32" else set())
+    spans = []
+    for name, a in arrays.items():
+        shape = {"Rc": (B * T, H), "qg": (B * T, H, K), "kg": (B * T, H, K)}.get(name, (B * T, H, bt))
+        assert a.shape == shape and np.shares_memory(a, ws), name
+        start = a.__array_interface__["data"][0] - ws.__array_interface__["data"][0]
+        assert start % (16 if name != "Rc" else 4) == 0, name
+        spans.append((start, start + a.nbytes))
+    spans.sort()
+    # packed without gaps: prepare writes every byte, so the workspace is a deterministic output
+    assert spans[0][0] == 0 and spans[-1][1] == nbytes
+    assert all(end == nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "factor arrays overlap or leave gaps"
+    assert field_arrays(fields, np.zeros(nbytes + 16, np.uint8)) is None
