@@ -1,9 +1,9 @@
 """fused_chunk_gla's cuda backend on what the contract tests do not run and its sizes differ in: every chunk size and
-input dtype, K and V up to the kernels' 128 (one block per sequence and head holds the whole state), K != V, varlen
-with empty sequences, and the shared-memory refusals of float32 inputs at chunk_size=64 (the forward's with K, V > 64,
-the backward's with K or V > 64). Resets in some keys, strong decay, the peer's gate normalizers and a deterministic
-backward are tests/ops/test_gla_chunk_cuda.py's, for both chunked ops. Each is compared with the float64 reference of
-the same call (forward and every gradient, dh0 and the dht path included)."""
+input dtype, K and V up to the backward's 128 (one block per sequence and head holds the whole state), the forward's
+value blocks of both widths, K != V, varlen with empty sequences, and the backward's shared-memory refusal of float32
+inputs at chunk_size=64 with K or V > 64 (the forward runs them). Resets in some keys, strong decay, the peer's gate
+normalizers and a deterministic backward are tests/ops/test_gla_chunk_cuda.py's, for both chunked ops. Each is
+compared with the float64 reference of the same call (forward and every gradient, dh0 and the dht path included)."""
 
 from __future__ import annotations
 
@@ -55,19 +55,31 @@ def test_varlen_empty(dtype: str) -> None:
     check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
 
 
-def test_float32_chunk64_k128_v128_is_refused() -> None:
-    """Over one block's shared memory: a ValueError before launch, which names the way out."""
-    kw, _, _ = _inputs({"B": 1, "T": 70, "H": 1, "K": 100, "V": 100}, 18)
-    with pytest.raises(ValueError, match="shared memory"):
-        rawdelta.fused_chunk_gla(**to_device(kw), chunk_size=64, backend="cuda")
+@pytest.mark.parametrize("vb", [32, 64])
+def test_value_blocks(vb: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward's value blocks of either width, the last one partial (V = 100), several sequences and heads."""
+    from rawdelta.ops.gla import cuda_fused_chunk
+
+    monkeypatch.setattr(cuda_fused_chunk, "fwd_value_block", lambda p, sms: vb)
+    kw, do, dht = _inputs({"B": 2, "T": 90, "H": 3, "K": 48, "V": 100}, 20, "bfloat16")
+    check_backend(OP, "cuda", {**kw, "chunk_size": 32}, do, dht, device=True)
 
 
-def test_float32_chunk64_k100_backward_is_refused() -> None:
-    """The backward's shared memory is larger than the forward's: float32 at chunk_size=64 with K > 64 runs forward
-    and is refused by the backward, a ValueError before launch."""
-    kw, do, dht = _inputs({"B": 1, "T": 70, "H": 1, "K": 100, "V": 56}, 19)
+@pytest.mark.parametrize(("K", "V"), [(100, 56), (100, 100)])
+def test_float32_chunk64_backward_is_refused(K: int, V: int) -> None:
+    """The backward's shared memory is larger than the forward's: float32 at chunk_size=64 with K or V > 64 runs
+    forward (matching the float64 reference) and is refused by the backward, a ValueError before launch."""
     import cupy
+    import numpy as np
 
-    _, res = rawdelta.fused_chunk_gla_fwd(**to_device(kw), output_final_state=True, chunk_size=64, backend="cuda")
+    from rawdelta.testing import assert_close, reference_results, to_host
+
+    kw, do, dht = _inputs({"B": 1, "T": 70, "H": 1, "K": K, "V": V}, 19)
+    (o, ht), res = rawdelta.fused_chunk_gla_fwd(**to_device(kw), output_final_state=True, chunk_size=64,
+                                                backend="cuda")
+    ref, _ = reference_results(OP, {**{n: x.astype(np.float64) if hasattr(x, "astype") else x
+                                       for n, x in kw.items()}, "chunk_size": 64})
+    assert_close("o", ref["o"], to_host(o), dtype="float32")
+    assert_close("final_state", ref["final_state"], to_host(ht), dtype="float32")
     with pytest.raises(ValueError, match="backward.*shared memory"):
         rawdelta.fused_chunk_gla_bwd(res, cupy.asarray(do), cupy.asarray(dht))

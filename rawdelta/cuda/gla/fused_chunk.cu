@@ -1,10 +1,12 @@
-// GLA, fused chunked mode: one block of 256 threads per (sequence, head) walks the sequence's chunks with the whole
-// K x V float32 state in registers (K, V <= 128), computing each chunk's factors on chip (gla/chunk_factors.cuh, the
+// GLA, fused chunked mode: one block of 256 threads per (sequence, head, value block) in the forward, per (sequence,
+// head) in the backward, walks the sequence's chunks with its K x V float32 state (K <= 128; the forward's blocks of
+// VP <= 64 value columns, the backward's whole V <= 128) in registers, computing each chunk's factors on chip (gla/chunk_factors.cuh, the
 // stage prepare writes to global memory for chunk_gla), so nothing is written but the outputs: no per-token factor
 // buffers, no per-chunk states. Layouts and names: gla/chunk.cuh; math: rawdelta/ops/gla/README.md.
 //
-// Template parameters: T input dtype; E the 16-bit mma type; BT chunk size; KP, VP the key and value dimensions
-// padded to 64 or 128. Grid N * H (blockIdx.x = n H + h).
+// Template parameters: T input dtype; E the 16-bit mma type; BT chunk size; KP the key dimension padded to 64 or 128;
+// VP the value columns of a block: the forward's value block (32 or 64), the backward's V padded to 64 or 128. Grid
+// N * H * NVB in the forward (blockIdx.x = (n H + h) NVB + vb), N * H in the backward (blockIdx.x = n H + h).
 #include "gla/chunk_bwd_intra.cuh"
 #include "gla/chunk_factors.cuh"
 
@@ -122,7 +124,9 @@ struct BwdBlock {
 
 }  // namespace gla_fused
 
-// Forward, per (sequence n, head h). S = h0 (or 0); per chunk (L rows, live before the first dead row), with S the
+// Forward, per (sequence n, head h, value block vb: columns [vb VP, vb VP + VP) of V). Every value block of a head
+// computes the chunk's factors (they do not depend on v); with few sequences and heads the value blocks are what
+// fills the GPU. S = h0 (or 0), the block's columns; per chunk (L rows, live before the first dead row), with S the
 // state at its start:
 //   o = scale (qg S) + P v                   (rows from the first dead row on: NaN)
 //   S = 2^G_last S + kg^T v                  (per key row; 0 by selection across a reset; NaN after a dead row)
@@ -132,7 +136,7 @@ template <typename T, typename E, int BT, int KP, int VP>
 __global__ void __launch_bounds__(256) gla_fused_chunk_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ g,
     const float* __restrict__ h0, const i64* __restrict__ cu, T* __restrict__ o, float* __restrict__ ht, int T_,
-    int H, int K, int V, float scale, int flags) {
+    int H, int K, int V, int NVB, float scale, int flags) {
     using namespace gla_fused;
     using Ops = ChunkOperands<T, E, BT, KP, VP>;
     constexpr int LDK = Ops::LDK, LDV = Ops::LDV, LDP = Ops::LDP;
@@ -147,24 +151,22 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_fwd_kernel(
     fs.carve(scratch);
     const Split<E> sS = cur.take_split<E>(KP * LDV);
 
-    const int n = blockIdx.x / H, h = blockIdx.x % H;
-    const SeqRange sr = seq_range(cu, n, T_, opt.varlen());
-    const int len = (int)(sr.eos - sr.bos);
-    const i64 HK = (i64)H * K, HV = (i64)H * V, state_off = ((i64)n * H + h) * K * V;
-    const bool paired = (V & 1) == 0;
+    const StatePassBlock pb(NVB, VP, BT, cu, T_, H, H, K, V, opt);
+    const int h = pb.h, len = pb.len, v0 = pb.v0, vcols = pb.vcols;
+    const i64 HK = (i64)H * K, HV = (i64)H * V;
     for (int d = threadIdx.x; d < KP; d += blockDim.x) ops.kdecay[d] = 0.f;  // padding keys: decay 0, never set
 
     Acc<KP, VP, NW> S;
-    if (opt.h0()) load_state(S, h0 + state_off, K, V, 0, V);
+    if (opt.h0()) load_state(S, h0 + pb.state_off, K, V, v0, vcols);
     else S.fill(0.f);
 
 #pragma unroll 1
     for (int c0 = 0; c0 < len; c0 += BT) {
-        const i64 bos = sr.bos + c0;
+        const i64 bos = pb.bos + c0;
         const int L = min(BT, len - c0);
         const i64 tok = bos * HK + (i64)h * K;
         const int live = first_dead_key_row(g + tok, HK, L, K, fs.sLive);
-        load_tile(ops.sV, LDV, v + bos * HV + (i64)h * V, HV, L, V, BT, VP);
+        load_tile(ops.sV, LDV, v + bos * HV + (i64)h * V + v0, HV, L, vcols, BT, VP);
         ops.factors(fs, q, k, g, tok, HK, L, live, K, scale);  // waits for the v tile too
         S.store(sS, LDV);
         __syncthreads();
@@ -175,8 +177,8 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_fwd_kernel(
         gemm<E, MK, KN, BT, VP, BT, NW>(Y, ops.sP, LDP, ops.sV, LDV);
         Y.apply_pairs([&](int i, int j, float& x0, float& x1) {
             if (i < L)
-                put_row_pair(o, (bos + i) * HV + (i64)h * V + j, j, V, paired, i < live ? x0 : dead_value(),
-                             i < live ? x1 : dead_value());
+                put_row_pair(o, (bos + i) * HV + (i64)h * V + v0 + j, j, vcols, pb.paired,
+                             i < live ? x0 : dead_value(), i < live ? x1 : dead_value());
         });
         S.apply([&](int kd, int, float& x) {
             const float f = ops.kdecay[kd];
@@ -186,7 +188,7 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_fwd_kernel(
         if (live < L) S.fill(dead_value());
         __syncthreads();
     }
-    if (opt.ht()) store_state(S, ht + state_off, K, V, 0, V);
+    if (opt.ht()) store_state(S, ht + pb.state_off, K, V, v0, vcols);
 }
 
 // Backward, phase 1 (forward in time), per (sequence n, head h): the state recomputed as the forward does, S = h0

@@ -1,7 +1,9 @@
 """The cuda backend of :func:`~rawdelta.fused_chunk_gla`: CUDA C kernels on tensor cores (mma.sync).
 
-Forward: one block of 256 threads per (sequence, head) walks the sequence's chunks with the whole ``K x V`` float32
-state in registers and computes each chunk's factors on chip (the stage ``chunk_gla``'s prepare writes to global
+Forward: one block of 256 threads per (sequence, head, value block of 32 or 64 columns) walks the sequence's chunks
+with its ``K x 32`` or ``K x 64`` float32 state in registers and computes each chunk's factors on chip (every value
+block of a head the same factors: with few sequences and heads the value blocks are what fills the GPU,
+:func:`fwd_value_block`) (the stage ``chunk_gla``'s prepare writes to global
 memory: ``rawdelta/cuda/gla/chunk_factors.cuh``), so it writes nothing but ``o`` and the final state: no per-token
 factor buffers and no per-chunk states (``rawdelta/cuda/gla/fused_chunk.cu``).
 
@@ -14,18 +16,18 @@ state gradient in registers) writes dv, dk, dg and dh0; the intra-chunk stages a
 its rounding grows with the sequence length (``chunk_gla`` sums per chunk).
 
 When to pick it over ``chunk_gla``: long sequences with few heads, where ``chunk_gla``'s O(T) factor buffers and
-per-chunk state buffer cost memory that matters. It is less parallel: ``N * H`` blocks, each walking its sequence's
-chunks in order, against ``chunk_gla``'s blocks per chunk and per value block; with many sequences and heads
-``chunk_gla`` is the faster one.
+per-chunk state buffer cost memory that matters. It is less parallel: ``N * H`` blocks in the backward and ``N * H``
+times the value blocks in the forward, each walking its sequence's chunks in order, against ``chunk_gla``'s blocks
+per chunk and per value block; with many sequences and heads ``chunk_gla`` is the faster one.
 
-Limits: ``K <= 128`` and ``V <= 128`` (the whole state lives in one block's registers); float32 inputs at
-``chunk_size=64`` with ``K > 64`` and ``V > 64`` exceed one block's shared memory (:func:`fwd_smem` over
-:data:`SMEM_LIMIT`), and in the backward with ``K > 64`` or ``V > 64`` (:func:`bwd_smem`); they are refused before
-launch with a ValueError.
+Limits: ``K <= 128`` and ``V <= 128`` (the backward's whole state lives in one block's registers); float32 inputs
+at ``chunk_size=64`` with ``K > 64`` or ``V > 64`` exceed one block's shared memory in the backward
+(:func:`bwd_smem` over :data:`SMEM_LIMIT`) and are refused before its launch with a ValueError.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,8 +44,9 @@ if TYPE_CHECKING:
     from .definition import GLAProblem
 
 SOURCE = "gla/fused_chunk.cu"
-PADDED = (64, 128)  # KP, VP: the key and value dimensions padded
+PADDED = (64, 128)  # KP, and the backward's VP: the key and value dimensions padded
 MAX_KV = PADDED[-1]
+FWD_VB = (32, 64)  # the forward's value blocks (its VP)
 SMEM_LIMIT = 227 * 1024  # the opt-in dynamic shared memory of one block on sm_90 (H100)
 
 
@@ -54,6 +57,15 @@ def padded(n: int) -> int:
 
 def fwd_name(ct: str, bt: int, kp: int, vp: int) -> str:
     return f"gla_fused_chunk_fwd_kernel<{ct}, {MMA_TYPE[ct]}, {bt}, {kp}, {vp}>"
+
+
+def fwd_value_block(p: GLAProblem, sms: int) -> int:
+    """The forward's value block on a device of `sms` SMs: 32 columns for V <= 32, or where blocks of 64 would be
+    fewer than half the SMs (the factors are computed once per value block, so wider blocks repeat less of them
+    whenever the GPU is full anyway); else 64."""
+    if p.V <= 32 or p.N * p.H * math.ceil(p.V / 64) < sms // 2:
+        return 32
+    return 64
 
 
 def operands_smem(ct: str, bt: int, kp: int, vp: int) -> int:
@@ -91,7 +103,8 @@ def bwd_smem(ct: str, bt: int, kp: int, vp: int) -> int:
 def _instantiations(smem: Any = fwd_smem) -> list[tuple[str, int, int, int]]:
     """Every (C type, chunk size, KP, VP) whose kernels (the forward's, or with ``smem=bwd_smem`` the backward's)
     fit :data:`SMEM_LIMIT`."""
-    return [(ct, bt, kp, vp) for ct in CTYPES.values() for bt in CHUNK_SIZES for kp in PADDED for vp in PADDED
+    vps = FWD_VB if smem is fwd_smem else PADDED
+    return [(ct, bt, kp, vp) for ct in CTYPES.values() for bt in CHUNK_SIZES for kp in PADDED for vp in vps
             if smem(ct, bt, kp, vp) <= SMEM_LIMIT]
 
 
@@ -99,12 +112,12 @@ register(SOURCE, [fwd_name(*x) for x in _instantiations()]
          + [n for x in _instantiations(bwd_smem) for n in bwd_names(*x)])
 
 
-def _config(p: GLAProblem, smem: Any = fwd_smem) -> tuple[str, int, int, int]:
-    """The instantiation of a call (of the forward, or with ``smem=bwd_smem`` of the backward); a ValueError before
-    launch for one that does not fit."""
+def _config(p: GLAProblem, smem: Any = fwd_smem, vb: int = 0) -> tuple[str, int, int, int]:
+    """The instantiation of a call (of the forward, with its value block `vb`, or with ``smem=bwd_smem`` of the
+    backward); a ValueError before launch for one that does not fit."""
     if p.K > MAX_KV or p.V > MAX_KV:
         raise ValueError(f"fused_chunk_gla's cuda backend takes K, V <= {MAX_KV} (got K={p.K}, V={p.V})")
-    x = (CTYPES[p.q.dtype], p.chunk_size, padded(p.K), padded(p.V))
+    x = (CTYPES[p.q.dtype], p.chunk_size, padded(p.K), vb if smem is fwd_smem else padded(p.V))
     if x not in _instantiations(smem):
         what = "backward" if smem is bwd_smem else "forward"
         raise ValueError(
@@ -117,11 +130,15 @@ def _config(p: GLAProblem, smem: Any = fwd_smem) -> tuple[str, int, int, int]:
 def fused_forward(p: GLAProblem) -> tuple[Any, Any]:
     """Launch the forward: o ``[B, T, H, V]`` (v's dtype) and, with ``p.output_final_state``, the final state
     ``[N, H, K, V]`` float32 (else None)."""
-    x = _config(p)
+    import cupy
+
+    vb = fwd_value_block(p, cupy.cuda.Device().attributes["MultiProcessorCount"])
+    x = _config(p, fwd_smem, vb)
+    nvb = math.ceil(p.V / vb)
     o, ht, flags = forward_outputs(p)
-    launch.launch(SOURCE, fwd_name(*x), p.N * p.H, 256, fwd_smem(*x), (
+    launch.launch(SOURCE, fwd_name(*x), p.N * p.H * nvb, 256, fwd_smem(*x), (
         p.q, p.k, p.v, p.g, ptr(p.initial_state), ptr(p.cu_seqlens), o, ptr(ht), np.int32(p.T), np.int32(p.H),
-        np.int32(p.K), np.int32(p.V), np.float32(p.scale), np.int32(flags)))
+        np.int32(p.K), np.int32(p.V), np.int32(nvb), np.float32(p.scale), np.int32(flags)))
     return o, ht
 
 
