@@ -152,6 +152,14 @@ def _progress(total: int) -> Any:
     return tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True, disable=None)
 
 
+def _case_line(rec: dict[str, Any]) -> str:
+    """One measured case as a log line: what ran, its median time or why none, and its first call."""
+    what = f"{rec['op']} {rec['mode']} {rec['impl']} {tuple(rec['shape'])}"
+    result = f"{rec['time_s'] * 1e3:.4g} ms" if rec["time_s"] is not None else rec["status"]
+    first = f", first call {rec['first_call_s']:.3g} s" if rec["first_call_s"] is not None else ""
+    return f"{what}: {result}{first}"
+
+
 def _ceilings(clock: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, fn in (("copy", clock.copy_bandwidth), ("flops", clock.flop_ceiling)):
@@ -259,6 +267,9 @@ def run(env: Env, cases: Sequence[Case], settings: Settings, impls: Sequence[Imp
                 results.append(rec)
                 if bar is not None:
                     bar.update()
+                if bar is None or bar.disable:  # a run cut short (a time limit outside) keeps what it measured
+                    log(f"[{runnable.index(c) + 1}/{len(runnable)}, {time.perf_counter() - started:.0f} s] "
+                        f"{_case_line(rec)}")
     finally:
         if bar is not None:
             bar.close()
