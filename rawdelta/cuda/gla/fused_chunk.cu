@@ -1,12 +1,18 @@
 // GLA, fused chunked mode: one block of 256 threads per (sequence, head, value block) in the forward, per (sequence,
-// head) in the backward, walks the sequence's chunks with its K x V float32 state (K <= 128; the forward's blocks of
-// VP <= 64 value columns, the backward's whole V <= 128) in registers, computing each chunk's factors on chip (gla/chunk_factors.cuh, the
-// stage prepare writes to global memory for chunk_gla), so nothing is written but the outputs: no per-token factor
-// buffers, no per-chunk states. Layouts and names: gla/chunk.cuh; math: rawdelta/ops/gla/README.md.
+// head) in the backward, walks the sequence's chunks with its K x V float32 state in registers (K <= 128; the
+// forward's blocks of VP <= 64 value columns, the backward's whole V <= 128), computing each chunk's factors on chip
+// (gla/chunk_factors.cuh, the stage prepare writes to global memory for chunk_gla), so nothing is written but the
+// outputs: no per-token factor buffers, no per-chunk states. Layouts and names: gla/chunk.cuh; math:
+// rawdelta/ops/gla/README.md.
 //
 // Template parameters: T input dtype; E the 16-bit mma type; BT chunk size; KP the key dimension padded to 64 or 128;
-// VP the value columns of a block: the forward's value block (32 or 64), the backward's V padded to 64 or 128. Grid
-// N * H * NVB in the forward (blockIdx.x = (n H + h) NVB + vb), N * H in the backward (blockIdx.x = n H + h).
+// VP the value columns of a block: the forward's value block (32 or 64), the backward's V padded to 64 or 128; P the
+// operand precision of the shared-memory tiles (InputTile: T's, or float for hi + lo split tiles). The backward runs
+// with P = float for every input type: its gate gradient sums, across the whole sequence, terms that cancel down to a
+// much smaller value, and a 16-bit rounding of the state, its gradient or the scaled q and k that build them (2^-9
+// relative) would not cancel with them and grows with the length; split operands (about 2^-17) keep that sum at
+// chunk_gla's accuracy. Grid N * H * NVB in the forward (blockIdx.x = (n H + h) NVB + vb), N * H in the backward
+// (blockIdx.x = n H + h).
 #include "gla/chunk_bwd_intra.cuh"
 #include "gla/chunk_factors.cuh"
 
@@ -17,10 +23,10 @@ namespace gla_fused {
 constexpr int NW = 8;
 
 // The chunk operands a fused kernel keeps in shared memory besides the factor scratch: qg, kg (BT x KP), v
-// (BT x VP), the scores P (BT x BT; input precision: split for float inputs) and the per-key decays (KP floats).
-template <typename T, typename E, int BT, int KP, int VP>
+// (BT x VP), the scores (BT x BT), in P's tile type (split for float), and the per-key decays (KP floats).
+template <typename T, typename E, int BT, int KP, int VP, typename P = T>
 struct ChunkOperands {
-    using TT = typename InputTile<T, E>::type;
+    using TT = typename InputTile<P, E>::type;
     static constexpr int LDK = KP + TILE_PAD, LDV = VP + TILE_PAD, LDP = BT + TILE_PAD;
     TT sQg, sKg, sV, sP;
     float* kdecay;
@@ -53,8 +59,8 @@ struct ChunkOperands {
     }
 };
 
-// The scores dA's split tile of the backward: P's own tile where that is split (float inputs; P is dead once dv is
-// written), else carved.
+// The scores dA's split tile of the backward: the scores' own tile where that is split (split operand tiles; the
+// scores are dead once dv is written), else carved.
 template <typename E>
 __device__ __forceinline__ Split<E> scores_tile(Split<E> p, SmemCursor&, int) { return p; }
 template <typename E>
@@ -64,9 +70,9 @@ __device__ __forceinline__ Split<E> scores_tile(E*, SmemCursor& cur, int n) { re
 // factor scratch, overlapped by what the slice stages use after the factors: the state (or its gradient) as an
 // input-precision operand (KP x VP), and per slice of KS keys G (float), R (int), q, k (float) and the split scratch
 // of the intra-chunk products (gla/chunk_bwd_intra.cuh).
-template <typename T, typename E, int BT, int KP, int VP>
+template <typename T, typename E, int BT, int KP, int VP, typename P>
 struct BwdTiles {
-    using Ops = ChunkOperands<T, E, BT, KP, VP>;
+    using Ops = ChunkOperands<T, E, BT, KP, VP, P>;
     using TT = typename Ops::TT;
     static constexpr int KS = 64, LDF = KS + 4, LDK = KS + TILE_PAD, LDM = Ops::LDP, LDV = Ops::LDV;
     Ops ops;
@@ -107,9 +113,9 @@ struct BwdTiles {
 // What both backward kernels start from: their tiles carved from dynamic shared memory (the per-key decays zeroed,
 // padding included), block (n, h)'s sequence as one value block of VP columns, and the row strides of [BT_, H, K]
 // and [BT_, H, V] arrays.
-template <typename T, typename E, int BT, int KP, int VP>
+template <typename T, typename E, int BT, int KP, int VP, typename P>
 struct BwdBlock {
-    BwdTiles<T, E, BT, KP, VP> t;
+    BwdTiles<T, E, BT, KP, VP, P> t;
     StatePassBlock pb;
     int h, len;
     i64 HK, HV;
@@ -199,21 +205,21 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_fwd_kernel(
 // and dg receives q_r dq_r without the diagonal term (float32; phase 2 reads it back and overwrites it). Then S
 // as the forward. With dht, at the last chunk (S = its start state h_last): carry_d = 2^G_last,d sum_v h_last dht
 // (0 across a reset in that chunk; without dht 0), the gate gradient's term of the final state's decay, for phase 2.
-template <typename T, typename E, int BT, int KP, int VP>
+template <typename T, typename E, int BT, int KP, int VP, typename P>
 __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dq_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ g,
     const float* __restrict__ h0, const T* __restrict__ dout, const float* __restrict__ dht,
     const i64* __restrict__ cu, T* __restrict__ dq, float* __restrict__ dg, float* __restrict__ carry, int T_, int H,
     int K, int V, float scale, int flags) {
     using namespace gla_fused;
-    using Tiles = BwdTiles<T, E, BT, KP, VP>;
+    using Tiles = BwdTiles<T, E, BT, KP, VP, P>;
     using AccS = Acc<KP, VP, NW>;
     using AccQ = Acc<BT, Tiles::KS, NW>;
     constexpr int KS = Tiles::KS, LDF = Tiles::LDF, LDK = Tiles::LDK, LDM = Tiles::LDM, LDV = Tiles::LDV;
     constexpr int LDKO = Tiles::Ops::LDK;
     const PassOptions opt{flags};
     extern __shared__ __align__(16) unsigned char smem[];
-    BwdBlock<T, E, BT, KP, VP> blk(smem, cu, T_, H, K, V, opt);
+    BwdBlock<T, E, BT, KP, VP, P> blk(smem, cu, T_, H, K, V, opt);
     Tiles& t = blk.t;
     const StatePassBlock& pb = blk.pb;
     const int h = blk.h, len = blk.len;
@@ -306,21 +312,21 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dq_kernel(
 //          reset's own row (which also zeroes the carry); the carry goes on to the chunk before
 //   dS   = 2^G_last dS (0 across a reset) + (scale qg)^T do
 // with do's rows from live on selected out; rows from live on get NaN in dk, dv and dg. dh0 = dS.
-template <typename T, typename E, int BT, int KP, int VP>
+template <typename T, typename E, int BT, int KP, int VP, typename P>
 __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dkv_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ g,
     const T* __restrict__ dout, const float* __restrict__ dht, const i64* __restrict__ cu,
     const float* __restrict__ carry, T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ dg,
     float* __restrict__ dh0, int T_, int H, int K, int V, float scale, int flags) {
     using namespace gla_fused;
-    using Tiles = BwdTiles<T, E, BT, KP, VP>;
+    using Tiles = BwdTiles<T, E, BT, KP, VP, P>;
     using AccS = Acc<KP, VP, NW>;
     using AccQ = Acc<BT, Tiles::KS, NW>;
     constexpr int KS = Tiles::KS, LDF = Tiles::LDF, LDK = Tiles::LDK, LDM = Tiles::LDM, LDV = Tiles::LDV;
     constexpr int LDKO = Tiles::Ops::LDK, LDP = Tiles::Ops::LDP;
     const PassOptions opt{flags};
     extern __shared__ __align__(16) unsigned char smem[];
-    BwdBlock<T, E, BT, KP, VP> blk(smem, cu, T_, H, K, V, opt);
+    BwdBlock<T, E, BT, KP, VP, P> blk(smem, cu, T_, H, K, V, opt);
     Tiles& t = blk.t;
     const StatePassBlock& pb = blk.pb;
     const int h = blk.h, len = blk.len;

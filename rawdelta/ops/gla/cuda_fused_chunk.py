@@ -3,26 +3,27 @@
 Forward: one block of 256 threads per (sequence, head, value block of 32 or 64 columns) walks the sequence's chunks
 with its ``K x 32`` or ``K x 64`` float32 state in registers and computes each chunk's factors on chip (every value
 block of a head the same factors: with few sequences and heads the value blocks are what fills the GPU,
-:func:`fwd_value_block`) (the stage ``chunk_gla``'s prepare writes to global
-memory: ``rawdelta/cuda/gla/chunk_factors.cuh``), so it writes nothing but ``o`` and the final state: no per-token
-factor buffers and no per-chunk states (``rawdelta/cuda/gla/fused_chunk.cu``).
+:func:`fwd_value_block`; the factors are the stage ``chunk_gla``'s prepare writes to global memory:
+``rawdelta/cuda/gla/chunk_factors.cuh``), so it writes nothing but ``o`` and the final state: no per-token factor
+buffers and no per-chunk states (``rawdelta/cuda/gla/fused_chunk.cu``).
 
 Backward: single-pass with recomputation, two kernels of one block per (sequence, head), each recomputing every
-chunk's factors on chip (no checkpoints; nothing written but the gradients and an ``[N, H, K]`` float carry).
+chunk's factors on chip (no checkpoints; nothing written but the gradients and an ``[N, H, K]`` float carry), with
+every shared-memory operand split into hi + lo 16-bit parts (:data:`BWD_TILES`) and chunks of the call's size or,
+where those tiles do not fit one block, of 32 (:func:`bwd_config`).
 Phase 1 (forward in time) recomputes the state as the forward does and writes dq, and into dg ``q dq`` without its
 diagonal terms; at the last chunk it leaves the carry of the final state's decay. Phase 2 (reverse in time, the
 state gradient in registers) writes dv, dk, dg and dh0; the intra-chunk stages are the chunked dq/dk/dg kernel's
-(``rawdelta/cuda/gla/chunk_bwd_intra.cuh``). dg is a per-key running sum carried across chunk boundaries in float32:
-its rounding grows with the sequence length (``chunk_gla`` sums per chunk).
+(``rawdelta/cuda/gla/chunk_bwd_intra.cuh``). dg is a per-key running sum carried across chunk boundaries in float32
+whose terms cancel down to a much smaller gradient: with 16-bit operands their rounding did not cancel and grew with
+the sequence length, which the split operands keep at ``chunk_gla``'s level.
 
 When to pick it over ``chunk_gla``: long sequences with few heads, where ``chunk_gla``'s O(T) factor buffers and
 per-chunk state buffer cost memory that matters. It is less parallel: ``N * H`` blocks in the backward and ``N * H``
 times the value blocks in the forward, each walking its sequence's chunks in order, against ``chunk_gla``'s blocks
 per chunk and per value block; with many sequences and heads ``chunk_gla`` is the faster one.
 
-Limits: ``K <= 128`` and ``V <= 128`` (the backward's whole state lives in one block's registers); float32 inputs
-at ``chunk_size=64`` with ``K > 64`` or ``V > 64`` exceed one block's shared memory in the backward
-(:func:`bwd_smem` over :data:`SMEM_LIMIT`) and are refused before its launch with a ValueError.
+Limits: ``K <= 128`` and ``V <= 128`` (the backward's whole state lives in one block's registers).
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ def fwd_smem(ct: str, bt: int, kp: int, vp: int) -> int:
     return operands_smem(ct, bt, kp, vp) + max(prepare_smem(ct, bt), split(kp * (vp + PAD)))
 
 
+BWD_TILES = "float"  # the backward's operand tiles: hi + lo split for every input type (fused_chunk.cu: P)
+
+
 def bwd_names(ct: str, bt: int, kp: int, vp: int) -> tuple[str, str]:
     """The backward's two kernels: phase 1 (dq, forward in time) and phase 2 (dk, dv, dg, dh0, reverse in time)."""
-    args = f"<{ct}, {MMA_TYPE[ct]}, {bt}, {kp}, {vp}>"
+    args = f"<{ct}, {MMA_TYPE[ct]}, {bt}, {kp}, {vp}, {BWD_TILES}>"
     return f"gla_fused_chunk_bwd_dq_kernel{args}", f"gla_fused_chunk_bwd_dkv_kernel{args}"
 
 
@@ -90,14 +94,14 @@ BWD_KS = 64  # the key slice of the backward's dq / dk stages (BwdTiles::KS)
 
 
 def bwd_smem(ct: str, bt: int, kp: int, vp: int) -> int:
-    """The backward kernels' dynamic shared memory (both carve ``BwdTiles``): the chunk operands, do, the scores dA
-    (split; P's tile for float inputs), then the larger of the factor scratch and what overlaps it: the state or
-    its gradient in input precision, and per key slice G, R, q, k (float), the split scratch of the intra-chunk
-    products, the scores' diagonal and the diagonal blocks' flags."""
-    scores = 0 if ct == "float" else split(bt * (bt + PAD))
-    slices = (in_tile(ct, kp * (vp + PAD)) + 4 * f32(bt * (BWD_KS + 4)) + split(bt * (BWD_KS + PAD)) + f32(bt)
-              + f32(4))
-    return operands_smem(ct, bt, kp, vp) + in_tile(ct, bt * (vp + PAD)) + scores + max(prepare_smem(ct, bt), slices)
+    """The backward kernels' dynamic shared memory (both carve ``BwdTiles``): the chunk operands and do in split
+    tiles (the scores dA take the scores' tile), then the larger of the factor scratch (its raw q and k in the input
+    type) and what overlaps it: the state or its gradient (split), and per key slice G, R, q, k (float), the split
+    scratch of the intra-chunk products, the scores' diagonal and the diagonal blocks' flags."""
+    slices = (in_tile(BWD_TILES, kp * (vp + PAD)) + 4 * f32(bt * (BWD_KS + 4)) + split(bt * (BWD_KS + PAD))
+              + f32(bt) + f32(4))
+    return (operands_smem(BWD_TILES, bt, kp, vp) + in_tile(BWD_TILES, bt * (vp + PAD))
+            + max(prepare_smem(ct, bt), slices))
 
 
 def _instantiations(smem: Any = fwd_smem) -> list[tuple[str, int, int, int]]:
@@ -112,19 +116,27 @@ register(SOURCE, [fwd_name(*x) for x in _instantiations()]
          + [n for x in _instantiations(bwd_smem) for n in bwd_names(*x)])
 
 
-def _config(p: GLAProblem, smem: Any = fwd_smem, vb: int = 0) -> tuple[str, int, int, int]:
-    """The instantiation of a call (of the forward, with its value block `vb`, or with ``smem=bwd_smem`` of the
-    backward); a ValueError before launch for one that does not fit."""
+def _check_sizes(p: GLAProblem) -> None:
     if p.K > MAX_KV or p.V > MAX_KV:
         raise ValueError(f"fused_chunk_gla's cuda backend takes K, V <= {MAX_KV} (got K={p.K}, V={p.V})")
-    x = (CTYPES[p.q.dtype], p.chunk_size, padded(p.K), vb if smem is fwd_smem else padded(p.V))
-    if x not in _instantiations(smem):
-        what = "backward" if smem is bwd_smem else "forward"
-        raise ValueError(
-            f"fused_chunk_gla's cuda {what}: {p.q.dtype} inputs at chunk_size={p.chunk_size} with K={p.K}, "
-            f"V={p.V} need {smem(*x)} bytes of shared memory per block, over {SMEM_LIMIT}; use a smaller "
-            "chunk_size, 16-bit inputs or chunk_gla")
-    return x
+
+
+def _fwd_config(p: GLAProblem, vb: int) -> tuple[str, int, int, int]:
+    """The forward's instantiation for value blocks of `vb` columns (every one fits: :func:`_instantiations`)."""
+    _check_sizes(p)
+    return CTYPES[p.q.dtype], p.chunk_size, padded(p.K), vb
+
+
+def bwd_config(p: GLAProblem) -> tuple[str, int, int, int]:
+    """The backward's instantiation: the call's chunk size, or the largest smaller one whose split tiles fit one
+    block's shared memory (16-bit or float inputs at chunk_size=64 with K or V > 64 run chunks of 32). The backward
+    recomputes every factor and state itself, so its chunks need not be the forward's: the gradients are those of
+    the same function, to rounding."""
+    _check_sizes(p)
+    fits = _instantiations(bwd_smem)
+    ct, kp, vp = CTYPES[p.q.dtype], padded(p.K), padded(p.V)
+    return next((ct, bt, kp, vp) for bt in sorted(CHUNK_SIZES, reverse=True)
+                if bt <= p.chunk_size and (ct, bt, kp, vp) in fits)
 
 
 def fused_forward(p: GLAProblem) -> tuple[Any, Any]:
@@ -133,7 +145,7 @@ def fused_forward(p: GLAProblem) -> tuple[Any, Any]:
     import cupy
 
     vb = fwd_value_block(p, cupy.cuda.Device().attributes["MultiProcessorCount"])
-    x = _config(p, fwd_smem, vb)
+    x = _fwd_config(p, vb)
     nvb = math.ceil(p.V / vb)
     o, ht, flags = forward_outputs(p)
     launch.launch(SOURCE, fwd_name(*x), p.N * p.H * nvb, 256, fwd_smem(*x), (
@@ -151,7 +163,7 @@ def forward(p: GLAProblem, workspace: Any = None) -> tuple[tuple[Any, Any], None
 def backward(p: GLAProblem, saved: Any, do: Any, dht: Any) -> dict[str, Any]:
     """The backend protocol's backward: the two single-pass kernels (see the module docstring); gradients keyed by
     input name (dq, dk, dv in the input dtype, dg and dh0 float32), None for absent inputs."""
-    x = _config(p, bwd_smem)
+    x = bwd_config(p)
     import cupy
 
     dt = p.q.dtype
