@@ -183,8 +183,10 @@ __device__ __forceinline__ int first_dead_row(const float* G, const float* B, in
 
 // In-place inclusive cumsum over rows [0, live) of each of `width` columns of G (natural-log gates in, log2 units
 // out), resets left out and counted in R (same layout). Rows [live, rows_pad) repeat the last sum and count, so
-// masked-out decays stay finite. width = 1 for a scalar gate, K for a per-key one.
-__device__ __forceinline__ void chunk_local_cumsum_log2(float* G, int* R, int ld, int width, int live, int rows_pad) {
+// masked-out decays stay finite. width = 1 for a scalar gate, K for a per-key one. R: int, or uint8 (a chunk has at
+// most 64 rows, so at most 64 resets).
+template <typename RT>
+__device__ __forceinline__ void chunk_local_cumsum_log2(float* G, RT* R, int ld, int width, int live, int rows_pad) {
     // U rows read ahead into registers per step: the scan is one thread per column, so its latency is the loads'
     // (the compiler does not move a load above the previous row's store to the same array)
     constexpr int U = 8;
@@ -204,7 +206,7 @@ __device__ __forceinline__ void chunk_local_cumsum_log2(float* G, int* R, int ld
                     else acc += x[u];
                 }
                 G[r * ld + c] = acc * LOG2E;
-                R[r * ld + c] = n;
+                R[r * ld + c] = (RT)n;
             }
         }
     }

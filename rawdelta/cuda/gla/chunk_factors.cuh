@@ -26,25 +26,30 @@ __device__ __forceinline__ int first_dead_key_row(const float* __restrict__ g, i
 }
 
 // The scratch of gla_chunk_factors (blocks of 256 threads), carved from dynamic shared memory: the raw q and k of a
-// slice of KS keys, their scaled split copies for the products, the slice's gates and reset counts, the chunk's
-// scores sA (float, leading dimension LDA), one int for the first dead row and the diagonal sub-blocks' flags.
+// slice of KS keys (leading dimension LDR: read element by element, so unpadded), their scaled split copies for the
+// products (LDT, padded for ldmatrix), the slice's gates and reset counts (uint8), one int for the first dead row and
+// the diagonal sub-blocks' flags; the chunk's scores sA (float, leading dimension LDA) take the space of the raw and
+// scaled tiles, which is dead once the last slice's products are summed. Small enough for three prepare blocks per
+// SM at BT = 64 with 16-bit inputs.
 template <typename T, typename E, int BT>
 struct ChunkFactorScratch {
-    static constexpr int KS = 64, LDT = KS + TILE_PAD, LDG = KS, LDA = BT + 4;
+    static constexpr int KS = 64, LDR = KS, LDT = KS + TILE_PAD, LDG = KS, LDA = BT + 4;
+    static_assert(BT * LDA * sizeof(float) <= 2 * BT * LDR * sizeof(T) + 4 * BT * LDT * sizeof(E),
+                  "the scores fit the raw and scaled q and k tiles");
     T *sQ, *sK;
     Split<E> sQs, sKs;
     float* sG;
-    int* sR;
+    unsigned char* sR;
     float* sA;
     int *sLive, *sFlag;
     __device__ __forceinline__ void carve(SmemCursor& cur) {
-        cur.into(sQ, BT * LDT);
-        cur.into(sK, BT * LDT);
+        sA = reinterpret_cast<float*>(cur.p);
+        cur.into(sQ, BT * LDR);
+        cur.into(sK, BT * LDR);
         sQs = cur.take_split<E>(BT * LDT);
         sKs = cur.take_split<E>(BT * LDT);
         sG = cur.take<float>(BT * LDG);
-        sR = cur.take<int>(BT * LDG);
-        sA = cur.take<float>(BT * LDA);
+        sR = cur.take<unsigned char>(BT * LDG);
         sLive = cur.take<int>(4);
         sFlag = cur.take<int>(4);
     }
@@ -67,11 +72,12 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
                                                   const T* __restrict__ k, const float* __restrict__ g, i64 HK, int L,
                                                   int live, int K, float scale, Elem&& elem, Decay&& decay) {
     using S = ChunkFactorScratch<T, E, BT>;
-    constexpr int NW = 8, KS = S::KS, LDT = S::LDT, LDG = S::LDG, LDA = S::LDA, NB = BT / SUB;
+    constexpr int NW = 8, KS = S::KS, LDR = S::LDR, LDT = S::LDT, LDG = S::LDG, LDA = S::LDA, NB = BT / SUB;
     const int last = L - 1;
     T *sQ = s.sQ, *sK = s.sK;
     float *sG = s.sG, *sA = s.sA;
-    int *sR = s.sR, *sFlag = s.sFlag;
+    unsigned char* sR = s.sR;
+    int* sFlag = s.sFlag;
 
     // Each thread's diagonal-block entries: slot s = threadIdx.x + 256 m is (block s / 256, row (s / 16) % 16, column
     // s % 16) of the NB diagonal 16-blocks, summed over the key slices where the block is summed element by element.
@@ -86,8 +92,8 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
 #pragma unroll 1
     for (int k0 = 0; k0 < K; k0 += KS) {
         const int kc = min(KS, K - k0);
-        load_tile(sQ, LDT, q + k0, HK, L, kc, BT, KS);
-        load_tile(sK, LDT, k + k0, HK, L, kc, BT, KS);
+        load_tile(sQ, LDR, q + k0, HK, L, kc, BT, KS);
+        load_tile(sK, LDR, k + k0, HK, L, kc, BT, KS);
         load_tile(sG, LDG, g + k0, HK, L, kc, BT, KS);
         cp_async_wait_all();
         __syncthreads();
@@ -97,7 +103,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         for (int idx = threadIdx.x; idx < BT * KS; idx += blockDim.x) {
             const int r = idx / KS, d = idx % KS, e = r * LDG + d, ref = r & ~(SUB - 1);
             const bool in = r < L && d < kc;
-            const float x = to_float(sQ[r * LDT + d]), y = to_float(sK[r * LDT + d]);
+            const float x = to_float(sQ[r * LDR + d]), y = to_float(sK[r * LDR + d]);
             const float G = sG[e], Gl = sG[max(last, 0) * LDG + d];
             const int R = sR[e], Rl = sR[max(last, 0) * LDG + d];
             elem(r, k0 + d, in, in && R == 0 ? x * exp2f(G) : 0.f, in && Rl <= R ? y * exp2f(Gl - G) : 0.f);
@@ -112,7 +118,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
             if (b < NB && sFlag[b] && j <= i && i < L) {
                 float acc = 0.f;
                 for (int d = 0; d < kc; ++d)
-                    acc += to_float(sQ[i * LDT + d]) * to_float(sK[j * LDT + d]) * key_decay(sG, sR, LDG, i, j, d);
+                    acc += to_float(sQ[i * LDR + d]) * to_float(sK[j * LDR + d]) * key_decay(sG, sR, LDG, i, j, d);
                 diag[m] += acc;
             }
         }
@@ -124,7 +130,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
             for (int idx = threadIdx.x; idx < BT * KS; idx += blockDim.x) {
                 const int j = idx / KS, d = idx % KS;
                 const bool in = j < end && j < L && d < kc;
-                const float y = to_float(sK[j * LDT + d]);
+                const float y = to_float(sK[j * LDR + d]);
                 tile_put(s.sKs, j * LDT + d, in ? y * key_decay(sG, sR, LDG, ref, j, d) : 0.f);
             }
             __syncthreads();
@@ -133,7 +139,8 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         }
     }
 
-    // A = scale (products + element-wise diagonal sums), masked to j <= r < live.
+    // A = scale (products + element-wise diagonal sums), masked to j <= r < live; sA takes the raw and scaled tiles'
+    // space (every thread is past its last read of them: the last slice ends with a barrier).
 #pragma unroll
     for (int I = 0; I < NB; ++I)
         blk[I].apply([&](int i, int j, float& x) {

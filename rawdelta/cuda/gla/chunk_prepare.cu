@@ -10,9 +10,10 @@ using namespace rawdelta;
 //   (scaled, masked to j <= r < live) split into Ahi + Alo. The cumulative gates themselves are not written: the
 //   backward's dq/dk/dg kernel recomputes them from g (the same bytes to read, and none to write here).
 // Blocks of 256 threads; block b takes chunk b / H (the chunk table's order), head b % H. Alo is null for 16-bit
-// inputs (the passes take A's hi part only).
-template <typename T, typename E, int BT>
-__global__ void __launch_bounds__(256) gla_chunk_prepare_kernel(
+// inputs (the passes take A's hi part only). MINB: the blocks per SM the registers are bounded for (the shared memory
+// of 16-bit inputs at BT = 64 fits three; three bound the registers to 80, with a few spilled).
+template <typename T, typename E, int BT, int MINB>
+__global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ g, const i64* __restrict__ chunk_bos,
     const int* __restrict__ chunk_len, int* __restrict__ Rc,
     T* __restrict__ qg, T* __restrict__ kg, float* __restrict__ Dk, E* __restrict__ Ahi, E* __restrict__ Alo, int H,

@@ -55,8 +55,18 @@ PASS_H0, PASS_HT, PASS_VARLEN, PASS_DHT = 1024, 2048, 4096, 8192
 DECAY_KERNEL = "gla_chunk_decay_kernel"
 
 
-def prepare_name(ct: str, bt: int) -> str:
-    return f"gla_chunk_prepare_kernel<{ct}, {MMA_TYPE[ct]}, {bt}>"
+PREP_MIN_BLOCKS = (2, 3)  # prepare's register bounds, in blocks per SM (chunk_prepare.cu: MINB)
+SM_SMEM = 228 * 1024  # shared memory per SM (H100; A100 has 164 KB: there the bound is only what fits)
+
+
+def prep_min_blocks(ct: str, bt: int) -> int:
+    """Prepare's register bound: 3 blocks per SM where three blocks' shared memory (with the 1 KB static and the 1 KB
+    the driver reserves per block) fits an SM, else 2 (a tighter register bound would only spill)."""
+    return 3 if 3 * (prepare_smem(ct, bt) + 2048) <= SM_SMEM else 2
+
+
+def prepare_name(ct: str, bt: int, minb: int = 0) -> str:
+    return f"gla_chunk_prepare_kernel<{ct}, {MMA_TYPE[ct]}, {bt}, {minb or prep_min_blocks(ct, bt)}>"
 
 
 def fwd_name(ct: str, bt: int, kp: int, store: bool) -> str:
@@ -76,7 +86,8 @@ def bwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, pipe: bool) -> str:
 
 
 _CTS = tuple(CTYPES.values())
-register(PREPARE, [prepare_name(ct, bt) for ct in _CTS for bt in CHUNK_SIZES] + [DECAY_KERNEL])
+register(PREPARE, [prepare_name(ct, bt, m) for ct in _CTS for bt in CHUNK_SIZES for m in PREP_MIN_BLOCKS]
+         + [DECAY_KERNEL])
 register(FWD, [fwd_name(ct, bt, kp, s) for ct in _CTS for bt in CHUNK_SIZES for kp in KP_SIZES for s in (False, True)])
 register(BWD, [bwd_name(ct, bt, kp) for ct in _CTS for bt in CHUNK_SIZES for kp in KP_SIZES])
 # The Hopper passes (16-bit inputs, chunks of 64) in the configurations wg_config chooses from: two warpgroups of
@@ -96,11 +107,11 @@ def _itemsize(ct: str) -> int:
 
 
 def prepare_smem(ct: str, bt: int) -> int:
-    """Prepare: the raw q and k slices, their scaled split copies, the gates and reset counts, the scores, the first
-    dead row and the diagonal blocks' flags."""
-    ld = PREP_KS + PAD
-    return (2 * r16(_itemsize(ct) * bt * ld) + 2 * split(bt * ld) + 2 * f32(bt * PREP_KS) + f32(bt * (bt + 4))
-            + 2 * f32(4))
+    """Prepare: the raw q and k slices (unpadded), their scaled split copies (padded; the scores take the space of
+    both at the end), the gates (float) and reset counts (uint8), the first dead row and the diagonal blocks'
+    flags."""
+    return (2 * r16(_itemsize(ct) * bt * PREP_KS) + 2 * split(bt * (PREP_KS + PAD)) + f32(bt * PREP_KS)
+            + r16(bt * PREP_KS) + 2 * f32(4))
 
 
 def fwd_smem(ct: str, bt: int, kp: int, store: bool) -> int:
