@@ -44,12 +44,14 @@ def tolerance(name: str, dtype: Any) -> float:
     return TOLERANCES[(np.dtype(dtype).name, quantity_class(name))]
 
 
-def _host64(x: Any) -> np.ndarray:
+def _host(x: Any) -> np.ndarray:
     if hasattr(x, "get") and not isinstance(x, np.ndarray):
-        x = x.get()
-    elif not isinstance(x, np.ndarray):
-        x = np.asarray(x)
-    return np.asarray(x, dtype=np.float64)
+        return x.get()
+    return np.asarray(x)
+
+
+def _host64(x: Any) -> np.ndarray:
+    return np.asarray(_host(x), dtype=np.float64)
 
 
 def error_stats(ref: Any, out: Any) -> tuple[float, float, float]:
@@ -95,3 +97,13 @@ def assert_close(
             f"(bound {abs_bound:.3e}, max|ref| {ref_max:.3e})"
         )
     return rel, max_abs
+
+
+def assert_same_bits(want: Any, got: Any) -> None:
+    """Two gradient tuples (an op's ``*_bwd`` result) with the same fields present, equal bit for bit (host or
+    device arrays): for results that must not depend on how they were reached (kept or recomputed factors, a
+    workspace, a launch configuration)."""
+    for name, a, b in zip(want._fields, want, got):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            np.testing.assert_array_equal(_host(a).view(np.uint8), _host(b).view(np.uint8), err_msg=name)

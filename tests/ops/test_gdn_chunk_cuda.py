@@ -22,11 +22,12 @@ from rawdelta.ops.gated_delta_rule import (
     naive,
 )
 from rawdelta.ops.gated_delta_rule.cuda_chunk import ChunkOptions
-from rawdelta.testing import assert_close, gated_delta_rule_inputs, grad_label, to_device, to_host
+from rawdelta.testing import assert_close, assert_same_bits, gated_delta_rule_inputs, grad_label, to_device, to_host
 from rawdelta.testing.inputs import split_op_args
 
 from .gdn_cases import CHUNK_OPTIONS, CHUNK_SHAPES, check_backend, make_inputs, make_problem
 from .launches import record_launches
+from .workspace_checks import check_through_a_workspace
 
 pytestmark = pytest.mark.gpu
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -79,14 +80,6 @@ def test_backward_is_bitwise_deterministic() -> None:
             np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
-def _assert_same_bits(want: Any, got: Any) -> None:
-    """Two GatedDeltaRuleGrads with the same fields present, bit for bit."""
-    for name, a, b in zip(want._fields, want, got):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            np.testing.assert_array_equal(to_host(a).view(np.uint8), to_host(b).view(np.uint8), err_msg=name)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_backward_reuses_the_forward_factors(dtype: str) -> None:
     """The per-chunk factors the forward leaves in the residuals give the backward's gradients bit for bit."""
@@ -100,7 +93,7 @@ def test_backward_reuses_the_forward_factors(dtype: str) -> None:
     assert res.saved is not None
     kept = chunk_gated_delta_rule_bwd(res, do, dht)
     recomputed = chunk_gated_delta_rule_bwd(res._replace(saved=None), do, dht)
-    _assert_same_bits(kept, recomputed)
+    assert_same_bits(kept, recomputed)
 
 
 @pytest.mark.parametrize(("dtype", "chunk_size"), [("float32", 32), ("bfloat16", 64)])
@@ -110,31 +103,15 @@ def test_factors_through_a_workspace(dtype: str, chunk_size: int) -> None:
     gradients of the raw pair bit for bit. A workspace of another size is neither written nor read."""
     import cupy
 
-    from rawdelta.ops.common.api import run_forward
-
     kw, do, dht = split_op_args(gated_delta_rule_inputs(2, 150, 2, 64, 40, HV=4, dtype=dtype, seed=7,
                                                         use_qk_l2norm_in_kernel=True))
     kw, do, dht = to_device(kw), cupy.asarray(do), cupy.asarray(dht)
-    (o, ht), res = chunk_gated_delta_rule_fwd(**kw, output_final_state=True, chunk_size=chunk_size, backend="cuda")
+    _, res = chunk_gated_delta_rule_fwd(**kw, output_final_state=True, chunk_size=chunk_size, backend="cuda")
     want = chunk_gated_delta_rule_bwd(res, do, dht)
-    p = res.problem
     cc = str(cupy.cuda.Device().compute_capability)
     nbytes = cuda_chunk.factor_nbytes(kw["q"].shape, kw["v"].shape, kw["q"].dtype, chunk_size, True, cc)
-    ws = cupy.full((nbytes,), 0xFF, dtype=cupy.uint8)
-    (o_ws, ht_ws), _ = run_forward(p, ws)
-    factors = cuda_chunk.factors_from_workspace(p, chunk_size, ws)
-    assert factors is not None and factors.Ahi.data.ptr == ws.data.ptr
-    _assert_same_bits(want, chunk_gated_delta_rule_bwd(res._replace(saved=factors), do, dht))
-    for a, b in ((o, o_ws), (ht, ht_ws)):
-        np.testing.assert_array_equal(to_host(a).view(np.uint8), to_host(b).view(np.uint8))
-    zeros = cupy.zeros((nbytes,), dtype=cupy.uint8)
-    run_forward(p, zeros)
-    np.testing.assert_array_equal(to_host(zeros), to_host(ws), err_msg="a workspace byte left unwritten")
-
-    other = cupy.full((nbytes + 16,), 0xFF, dtype=cupy.uint8)
-    run_forward(p, other)
-    assert bool((other == 0xFF).all()), "a workspace of another size was written"
-    assert cuda_chunk.factors_from_workspace(p, chunk_size, other) is None
+    check_through_a_workspace(res, nbytes, lambda p, ws: cuda_chunk.factors_from_workspace(p, chunk_size, ws),
+                              chunk_gated_delta_rule_bwd, want, do, dht)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -180,7 +157,7 @@ def test_backward_takes_a_misaligned_do() -> None:
     assert shifted.data.ptr % 16 != 0
     aligned = chunk_gated_delta_rule_bwd(res, do, dht)
     misaligned = chunk_gated_delta_rule_bwd(res, shifted, dht)
-    _assert_same_bits(aligned, misaligned)
+    assert_same_bits(aligned, misaligned)
 
 
 def test_backward_rejects_factors_of_another_chunk_size() -> None:

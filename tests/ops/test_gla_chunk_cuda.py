@@ -14,11 +14,12 @@ import pytest
 import rawdelta
 from rawdelta.ops import registry
 from rawdelta.ops.gla import cuda_chunk
-from rawdelta.testing import gla_inputs, to_device, to_host
+from rawdelta.testing import assert_same_bits, gla_inputs, to_device, to_host
 from rawdelta.testing.inputs import split_op_args
 
 from ..contract._ops import check_backend
 from .launches import record_launches
+from .workspace_checks import check_through_a_workspace
 
 pytestmark = pytest.mark.gpu
 OP = registry.op("chunk_gla")
@@ -92,13 +93,6 @@ def test_backward_is_deterministic(op: Any) -> None:
             assert np.array_equal(to_host(x), to_host(y)), name
 
 
-def _same_bits(want: Any, got: Any) -> None:
-    for name, a, b in zip(want._fields, want, got):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            np.testing.assert_array_equal(to_host(a).view(np.uint8), to_host(b).view(np.uint8), err_msg=name)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_factors_kept_and_through_a_workspace(dtype: str) -> None:
     """The backward takes the forward's factors (no second prepare), and the adapters' path gives the same bits: a
@@ -107,33 +101,18 @@ def test_factors_kept_and_through_a_workspace(dtype: str) -> None:
     workspace of another size is neither written nor read."""
     import cupy
 
-    from rawdelta.ops.common.api import run_forward
-
     kw, do, dht = _inputs({"B": 1, "T": 0, "H": 2, "K": 100, "V": 72, "seqlens": (70, 0, 1, 128, 64)}, 17, dtype)
     kw, do, dht = to_device(kw), cupy.asarray(do), cupy.asarray(dht)
-    (o, ht), res = rawdelta.chunk_gla_fwd(**kw, output_final_state=True, chunk_size=64, backend="cuda")
+    _, res = rawdelta.chunk_gla_fwd(**kw, output_final_state=True, chunk_size=64, backend="cuda")
     assert res.saved is not None
     kept = rawdelta.chunk_gla_bwd(res, do, dht)
     recomputed = rawdelta.chunk_gla_bwd(res._replace(saved=None), do, dht)
-    _same_bits(recomputed, kept)
+    assert_same_bits(recomputed, kept)
 
-    p = res.problem
     cc = str(cupy.cuda.Device().compute_capability)
     nbytes = cuda_chunk.workspace_nbytes({"q": kw["q"].shape}, kw["q"].dtype, {"chunk_size": 64}, cc)
-    ws = cupy.full((nbytes,), 0xFF, dtype=cupy.uint8)
-    (o_ws, ht_ws), _ = run_forward(p, ws)
-    saved = cuda_chunk.saved_from_workspace(p, ws)
-    assert saved is not None and saved.Ahi.data.ptr == ws.data.ptr
-    _same_bits(recomputed, rawdelta.chunk_gla_bwd(res._replace(saved=saved), do, dht))
-    for a, b in ((o, o_ws), (ht, ht_ws)):
-        np.testing.assert_array_equal(to_host(a).view(np.uint8), to_host(b).view(np.uint8))
-    zeros = cupy.zeros((nbytes,), dtype=cupy.uint8)
-    run_forward(p, zeros)
-    np.testing.assert_array_equal(to_host(zeros), to_host(ws), err_msg="a workspace byte left unwritten")
-    other = cupy.full((nbytes + 16,), 0xFF, dtype=cupy.uint8)
-    run_forward(p, other)
-    assert bool((other == 0xFF).all()), "a workspace of another size was written"
-    assert cuda_chunk.saved_from_workspace(p, other) is None
+    check_through_a_workspace(res, nbytes, cuda_chunk.saved_from_workspace, rawdelta.chunk_gla_bwd, recomputed, do,
+                              dht)
 
 
 def _hopper() -> bool:
