@@ -124,7 +124,7 @@ def _hopper() -> bool:
 def _run_with(monkeypatch: pytest.MonkeyPatch, wgmma: bool, config: tuple[int, int, bool] | None = None) -> None:
     """From now on chunk_gla's cuda backend runs its Hopper passes or not (`wgmma`), in `config` where given."""
     fwd, bwd = cuda_chunk.chunk_forward, cuda_chunk.chunk_backward
-    monkeypatch.setattr(cuda_chunk, "forward", lambda p, workspace=None: ((fwd(p, p.chunk_size, wgmma)), None))
+    monkeypatch.setattr(cuda_chunk, "forward", lambda p, workspace=None: (fwd(p, p.chunk_size, wgmma)[:2], None))
     monkeypatch.setattr(cuda_chunk, "backward", lambda p, saved, do, dht: bwd(p, p.chunk_size, do, dht, wgmma))
     if config is not None:
         monkeypatch.setattr(cuda_chunk._Chunks, "wg_config", lambda self, p: config)
