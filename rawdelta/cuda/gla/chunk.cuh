@@ -33,6 +33,10 @@ namespace rawdelta {
 // else it is summed element by element.
 constexpr int SUB = 16;
 
+// The block size of every GLA chunk kernel: loops stepped by it have trip counts the compiler knows (it unrolls them
+// and keeps their loads in flight).
+constexpr int THREADS = 256;
+
 // A diagonal sub-block's product form takes factors 2^(G_a - G_ref) for rows a, ref of the sub-block, some above 1:
 // allowed where the block's gates of every key span at most diag_span<E>() (log2 units) over its live rows, so every
 // factor lies in [2^-span, 2^span]: 64 for bf16 operands (float's exponent range), 4 for fp16 ones (largest finite

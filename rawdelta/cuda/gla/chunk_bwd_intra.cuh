@@ -80,7 +80,7 @@ __device__ __forceinline__ void dq_intra(Acc<BT, KS, NW>& Dq, const Split<E>& sA
               wn = warp / WM;
     const bool elementwise = flags[wb] != 0;
     // kL_j = k_j 2^(G_ref - G_j), ref = the last live row of j's sub-block (>= j); 0 on dead rows
-    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * blockDim.x) {
+    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
         const int j = idx / KS, d = idx % KS, ref = min(j | (SUB - 1), last);
         float x0 = 0.f, x1 = 0.f;
         if (j < live) {
@@ -132,7 +132,7 @@ __device__ __forceinline__ void dk_intra(Acc<BT, KS, NW>& Di, const Split<E>& sA
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM, wn = warp / WM;
     const bool elementwise = flags[wb] != 0;
     // qF_r = q_r 2^(G_r - G_ref), ref = the first row of r's sub-block; 0 on dead rows
-    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * blockDim.x) {
+    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
         const int r = idx / KS, d = idx % KS, ref = r & ~(SUB - 1);
         float x0 = 0.f, x1 = 0.f;
         if (r < live) {

@@ -7,20 +7,22 @@
 namespace rawdelta {
 
 // The first dead row among rows [0, L) of a chunk of per-key gates (g rows of stride `stride`, K keys): the first row
-// with a NaN or +inf gate of any key (common/chunk_stages.cuh: kills_row); L when none. One warp per row, rows in
-// ascending order per warp (a warp stops at its first dead row). A barrier over the block.
+// with a NaN or +inf gate of any key (common/chunk_stages.cuh: kills_row); L when none. One warp per row; no load
+// waits on an earlier row's result (no early exit), so the unrolled loops keep several global loads in flight: this
+// runs once per chunk on a kernel's critical path. A barrier over the block.
 __device__ __forceinline__ int first_dead_key_row(const float* __restrict__ g, i64 stride, int L, int K, int* slot) {
     if (threadIdx.x == 0) *slot = L;
     __syncthreads();
     const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    int first = L;
+#pragma unroll 2
     for (int r = threadIdx.x >> 5; r < L; r += nw) {
         bool dead = false;
+#pragma unroll 4
         for (int d = lane; d < K; d += 32) dead |= kills_row(g[r * stride + d], 0.f);
-        if (__any_sync(0xffffffffu, dead)) {
-            if (lane == 0) atomicMin(slot, r);
-            break;
-        }
+        first = dead ? min(first, r) : first;
     }
+    if (first < L) atomicMin(slot, first);
     __syncthreads();
     return *slot;
 }
@@ -100,7 +102,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         chunk_local_cumsum_log2(sG, sR, LDG, kc, live, BT);
         diag_blocks_elementwise<BT, E>(sG, sR, LDG, kc, live, sFlag);  // barriers around (R is set for kc keys)
         // The slice's per-key outputs, and q scaled to its block's first row.
-        for (int idx = threadIdx.x; idx < BT * KS; idx += blockDim.x) {
+        for (int idx = threadIdx.x; idx < BT * KS; idx += THREADS) {
             const int r = idx / KS, d = idx % KS, e = r * LDG + d, ref = r & ~(SUB - 1);
             const bool in = r < L && d < kc;
             const float x = to_float(sQ[r * LDR + d]), y = to_float(sK[r * LDR + d]);
@@ -127,7 +129,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
 #pragma unroll
         for (int I = 0; I < NB; ++I) {
             const int ref = I * SUB, end = sFlag[I] ? ref : ref + SUB;
-            for (int idx = threadIdx.x; idx < BT * KS; idx += blockDim.x) {
+            for (int idx = threadIdx.x; idx < BT * KS; idx += THREADS) {
                 const int j = idx / KS, d = idx % KS;
                 const bool in = j < end && j < L && d < kc;
                 const float y = to_float(sK[j * LDR + d]);
@@ -153,7 +155,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         if (b < NB) sA[i * LDA + j] += diag[m];
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < BT * BT; idx += THREADS) {
         const int r = idx / BT, j = idx % BT;
         float& x = sA[r * LDA + j];
         x = (j <= r && r < live) ? x * scale : 0.f;  // the 16-blocks above the diagonal (never written): 0
