@@ -1,6 +1,6 @@
 """fused_chunk_gla's cuda backend on what the contract tests do not run and its sizes differ in: every chunk size and
 input dtype, K and V up to the backward's 128 (one block per sequence and head holds the whole state), the forward's
-value blocks of both widths, K != V, varlen with empty sequences, the backward's chunks of 32 where its tiles at 64 do
+value blocks of each width, K != V, varlen with empty sequences, the backward's chunks of 32 where its tiles at 64 do
 not fit, and the gate gradient over a long sequence. Resets in some keys, strong decay, the peer's gate normalizers
 and a deterministic backward are tests/ops/test_gla_chunk_cuda.py's, for both chunked ops. Each is compared with the
 float64 reference of the same call (forward and every gradient, dh0 and the dht path included)."""
@@ -53,9 +53,9 @@ def test_varlen_empty(dtype: str) -> None:
     check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
 
 
-@pytest.mark.parametrize("vb", [32, 64])
+@pytest.mark.parametrize("vb", [32, 64, 128])
 def test_value_blocks(vb: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The forward's value blocks of either width, the last one partial (V = 100), several sequences and heads."""
+    """The forward's value blocks of each width, the last one partial (V = 100), several sequences and heads."""
     from rawdelta.ops.gla import cuda_fused_chunk
 
     monkeypatch.setattr(cuda_fused_chunk, "fwd_value_block", lambda p, sms: vb)

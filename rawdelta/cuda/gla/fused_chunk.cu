@@ -6,13 +6,13 @@
 // rawdelta/ops/gla/README.md.
 //
 // Template parameters: T input dtype; E the 16-bit mma type; BT chunk size; KP the key dimension padded to 64 or 128;
-// VP the value columns of a block: the forward's value block (32 or 64), the backward's V padded to 64 or 128; P the
-// operand precision of the shared-memory tiles (InputTile: T's, or float for hi + lo split tiles). The backward runs
-// with P = float for every input type: its gate gradient sums, across the whole sequence, terms that cancel down to a
-// much smaller value, and a 16-bit rounding of the state, its gradient or the scaled q and k that build them (2^-9
-// relative) would not cancel with them and grows with the length; split operands (about 2^-17) keep that sum at
-// chunk_gla's accuracy. Grid N * H * NVB in the forward (blockIdx.x = (n H + h) NVB + vb), N * H in the backward
-// (blockIdx.x = n H + h).
+// VP the value columns of a block: the forward's value block (32, 64 or 128), the backward's V padded to 64 or 128;
+// P the operand precision of the shared-memory tiles (InputTile: T's, or float for hi + lo split tiles). The
+// backward runs with P = float for every input type: its gate gradient sums, across the whole sequence, terms that
+// cancel down to a much smaller value, and a 16-bit rounding of the state, its gradient or the scaled q and k that
+// build them (2^-9 relative) would not cancel with them and grows with the length; split operands (about 2^-17) keep
+// that sum at chunk_gla's accuracy. Grid N * H * NVB in the forward (blockIdx.x = (n H + h) NVB + vb), N * H in the
+// backward (blockIdx.x = n H + h).
 #include "gla/chunk_bwd_intra.cuh"
 #include "gla/chunk_factors.cuh"
 

@@ -1,7 +1,7 @@
 """The cuda backend of :func:`~rawdelta.fused_chunk_gla`: CUDA C kernels on tensor cores (mma.sync).
 
-Forward: one block of 256 threads per (sequence, head, value block of 32 or 64 columns) walks the sequence's chunks
-with its ``K x 32`` or ``K x 64`` float32 state in registers and computes each chunk's factors on chip (every value
+Forward: one block of 256 threads per (sequence, head, value block of 32, 64 or all V columns) walks the
+sequence's chunks with its float32 state block in registers and computes each chunk's factors on chip (every value
 block of a head the same factors: with few sequences and heads the value blocks are what fills the GPU,
 :func:`fwd_value_block`; the factors are the stage ``chunk_gla``'s prepare writes to global memory:
 ``rawdelta/cuda/gla/chunk_factors.cuh``), so it writes nothing but ``o`` and the final state: no per-token factor
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 SOURCE = "gla/fused_chunk.cu"
 PADDED = (64, 128)  # KP, and the backward's VP: the key and value dimensions padded
 MAX_KV = PADDED[-1]
-FWD_VB = (32, 64)  # the forward's value blocks (its VP)
+FWD_VB = (32, 64, 128)  # the forward's value block widths (its VP)
 SMEM_LIMIT = 227 * 1024  # the opt-in dynamic shared memory of one block on sm_90 (H100)
 
 
@@ -61,12 +61,14 @@ def fwd_name(ct: str, bt: int, kp: int, vp: int) -> str:
 
 
 def fwd_value_block(p: GLAProblem, sms: int) -> int:
-    """The forward's value block on a device of `sms` SMs: 32 columns for V <= 32, or where blocks of 64 would be
-    fewer than half the SMs (the factors are computed once per value block, so wider blocks repeat less of them
-    whenever the GPU is full anyway); else 64."""
-    if p.V <= 32 or p.N * p.H * math.ceil(p.V / 64) < sms // 2:
-        return 32
-    return 64
+    """The forward's value block on a device of `sms` SMs: the widest (all of V padded, 64 or 32 columns) whose
+    blocks, ``N * H`` times the value blocks, reach half the SMs, else the narrowest. Every value block computes the
+    chunk's factors, so wider blocks repeat less of them; narrower ones are what fills the GPU when there are few
+    sequences and heads."""
+    widths = [w for w in sorted(FWD_VB, reverse=True) if w <= padded(p.V) and (w == 32 or w < 2 * p.V)]
+    fits = {x[3] for x in _instantiations() if x[:3] == (CTYPES[p.q.dtype], p.chunk_size, padded(p.K))}
+    widths = [w for w in widths if w in fits]
+    return next((w for w in widths if p.N * p.H * math.ceil(p.V / w) >= sms // 2), widths[-1])
 
 
 def operands_smem(ct: str, bt: int, kp: int, vp: int) -> int:
