@@ -36,9 +36,8 @@ register(DQK_SOURCE, [dqk_name(ct, bt) for ct in launch.CTYPES.values() for bt i
 def dqk_smem(ct: str, bt: int) -> int:
     """Dynamic shared-memory bytes of :func:`dqk_name`'s kernel, as it carves them: the gates G (float) and reset
     counts R (bytes) of its keys, h . dh and Dk per key, the scores' diagonal and the diagonal blocks' flags; then the
-    larger of the loop over V's tiles (do, v: bt rows;
-    h, dh: KS rows; input precision) and what takes their space after it (q, k float; the scores and one scaled
-    operand, split)."""
+    larger of the loop over V's tiles (do, v: bt rows; h, dh: KS rows; input precision) and what takes their space
+    after it (q, k float; the scores and one scaled operand, split)."""
     ldf, ldk, ldv, ldm = KS + 4, KS + PAD, BVB + PAD, bt + PAD
     fixed = f32(bt * ldf) + r16(bt * ldf) + 2 * f32(KS) + f32(bt) + f32(4)
     vloop = 2 * in_tile(ct, bt * ldv) + 2 * in_tile(ct, KS * ldv)
