@@ -75,7 +75,9 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
                                                   int live, int K, float scale, Elem&& elem, Decay&& decay) {
     using S = ChunkFactorScratch<T, E, BT>;
     constexpr int NW = 8, KS = S::KS, LDR = S::LDR, LDT = S::LDT, LDG = S::LDG, LDA = S::LDA, NB = BT / SUB;
-    const int last = L - 1;
+    static_assert(THREADS % KS == 0, "a thread keeps one key of a slice");
+    constexpr int RSTEP = THREADS / KS;
+    const int last = L - 1, d = threadIdx.x % KS, r0 = threadIdx.x / KS;
     T *sQ = s.sQ, *sK = s.sK;
     float *sG = s.sG, *sA = s.sA;
     unsigned char* sR = s.sR;
@@ -94,6 +96,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
 #pragma unroll 1
     for (int k0 = 0; k0 < K; k0 += KS) {
         const int kc = min(KS, K - k0);
+        const bool dk = d < kc;
         load_tile(sQ, LDR, q + k0, HK, L, kc, BT, KS);
         load_tile(sK, LDR, k + k0, HK, L, kc, BT, KS);
         load_tile(sG, LDG, g + k0, HK, L, kc, BT, KS);
@@ -101,16 +104,22 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         __syncthreads();
         chunk_local_cumsum_log2(sG, sR, LDG, kc, live, BT);
         diag_blocks_elementwise<BT, E>(sG, sR, LDG, kc, live, sFlag);  // barriers around (R is set for kc keys)
-        // The slice's per-key outputs, and q scaled to its block's first row.
-        for (int idx = threadIdx.x; idx < BT * KS; idx += THREADS) {
-            const int r = idx / KS, d = idx % KS, e = r * LDG + d, ref = r & ~(SUB - 1);
-            const bool in = r < L && d < kc;
+        // The slice's per-key outputs, and q scaled to its block's first row. Each thread keeps one key d (THREADS is
+        // a multiple of KS), so the last row's gate and reset count, and each block's reference row's, are loaded
+        // once per key rather than per element.
+        const float Gl = sG[max(last, 0) * LDG + d];
+        const int Rl = sR[max(last, 0) * LDG + d];
+#pragma unroll 4
+        for (int r = r0; r < BT; r += RSTEP) {
+            const int e = r * LDG + d, ref = r & ~(SUB - 1);
+            const bool in = r < L && dk;
             const float x = to_float(sQ[r * LDR + d]), y = to_float(sK[r * LDR + d]);
-            const float G = sG[e], Gl = sG[max(last, 0) * LDG + d];
-            const int R = sR[e], Rl = sR[max(last, 0) * LDG + d];
+            const float G = sG[e];
+            const int R = sR[e];
             elem(r, k0 + d, in, in && R == 0 ? x * exp2f(G) : 0.f, in && Rl <= R ? y * exp2f(Gl - G) : 0.f);
             if (in && r == last) decay(k0 + d, Rl > 0 ? 0.f : exp2f(Gl));
-            tile_put(s.sQs, r * LDT + d, in ? x * key_decay(sG, sR, LDG, r, ref, d) : 0.f);
+            const bool same = R == sR[ref * LDG + d];
+            tile_put(s.sQs, r * LDT + d, in && same ? x * exp2f(G - sG[ref * LDG + d]) : 0.f);
         }
         // Diagonal blocks summed element by element in this slice.
 #pragma unroll
@@ -119,21 +128,24 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
                       j = b * SUB + t % SUB;
             if (b < NB && sFlag[b] && j <= i && i < L) {
                 float acc = 0.f;
-                for (int d = 0; d < kc; ++d)
-                    acc += to_float(sQ[i * LDR + d]) * to_float(sK[j * LDR + d]) * key_decay(sG, sR, LDG, i, j, d);
+                for (int c = 0; c < kc; ++c)
+                    acc += to_float(sQ[i * LDR + c]) * to_float(sK[j * LDR + c]) * key_decay(sG, sR, LDG, i, j, c);
                 diag[m] += acc;
             }
         }
         // Rows of block I against the columns before it and, unless flagged, its own: k scaled to I's first row
-        // (for the block's own columns a factor up to 2^diag_span, and no reset inside the block).
+        // (for the block's own columns a factor up to 2^diag_span, and no reset inside the block). Only k's rows
+        // j < 16 (I + 1) are written: the product's columns past them are discarded (each column of the product is
+        // its own row of k, so whatever those rows hold reaches no kept score).
 #pragma unroll
         for (int I = 0; I < NB; ++I) {
             const int ref = I * SUB, end = sFlag[I] ? ref : ref + SUB;
-            for (int idx = threadIdx.x; idx < BT * KS; idx += THREADS) {
-                const int j = idx / KS, d = idx % KS;
-                const bool in = j < end && j < L && d < kc;
-                const float y = to_float(sK[j * LDR + d]);
-                tile_put(s.sKs, j * LDT + d, in ? y * key_decay(sG, sR, LDG, ref, j, d) : 0.f);
+            const float Gref = sG[ref * LDG + d];
+            const int Rref = sR[ref * LDG + d];
+#pragma unroll
+            for (int j = r0; j < ref + SUB; j += RSTEP) {
+                const bool in = j < end && j < L && dk && sR[j * LDG + d] == Rref;
+                tile_put(s.sKs, j * LDT + d, in ? to_float(sK[j * LDR + d]) * exp2f(Gref - sG[j * LDG + d]) : 0.f);
             }
             __syncthreads();
             gemm<E, MK, NK, SUB, BT, KS, NW>(blk[I], advance(s.sQs, (i64)ref * LDT), LDT, s.sKs, LDT);
