@@ -1,7 +1,8 @@
 """TMA tensor maps for the Hopper kernels (``rawdelta/cuda/common/tma.cuh``), encoded by the driver.
 
 A kernel takes its maps by value, as ``__grid_constant__`` parameters: :func:`kernel_maps` packs them into one
-NumPy structured scalar, which CuPy passes by value like the C struct it mirrors.
+NumPy structured scalar, which CuPy passes by value like the C struct it mirrors; :func:`pass_maps` packs the state
+passes' ``PassMaps`` by field name.
 """
 
 from __future__ import annotations
@@ -50,6 +51,18 @@ def _encoded(ptr: int, dtype_name: str, rows: int, heads: int, cols: int, box_co
         raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err.name}) for {dtype_name} [{rows}, {heads}, {cols}] "
                            f"at {ptr:#x}")
     return np.array([int(x) for x in tmap.opaque], dtype=np.uint64).tobytes()
+
+
+# The fields of the state passes' PassMaps (rawdelta/cuda/common/wg_state_pass.cuh), in order.
+PASS_MAPS = ("q", "k", "a", "p", "v", "plo")
+
+
+def pass_maps(**maps: np.ndarray | None) -> np.void:
+    """The state passes' ``PassMaps`` parameter from maps by field name (:data:`PASS_MAPS`; absent ones zero)."""
+    unknown = set(maps) - set(PASS_MAPS)
+    if unknown:
+        raise ValueError(f"pass_maps: unknown fields {sorted(unknown)}; expected some of {PASS_MAPS}")
+    return kernel_maps(*(maps.get(name) for name in PASS_MAPS))
 
 
 def kernel_maps(*maps: np.ndarray | None) -> np.void:

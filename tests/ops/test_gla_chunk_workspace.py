@@ -1,5 +1,6 @@
-"""The layout of chunk_gla's factor workspace (the adapters keep the forward's prepare outputs in it for the
-backward), on the host: the size ``workspace_nbytes`` gives before a call is what the cuda backend carves the factor
+"""chunk_gla's cuda backend on the host: the Hopper reverse pass's shared memory with the scores' lo part in its
+stages, and the layout of the factor workspace (the adapters keep the forward's prepare outputs in it for the
+backward): the size ``workspace_nbytes`` gives before a call is what the cuda backend carves the factor
 arrays from, packed without gaps, qg and kg 16-byte aligned (the Hopper passes' TMA tiles). Their use on the GPU:
 ``tests/ops/test_gla_chunk_cuda.py::test_factors_kept_and_through_a_workspace`` and the adapters' GPU tests."""
 
@@ -27,7 +28,7 @@ def test_factor_arrays_tile_a_workspace_of_workspace_nbytes(dtype: str, chunk_si
     fields = cuda_chunk._factor_fields(B * T, H, K, bt, CTYPES[dt], dt)
     arrays = field_arrays(fields, ws)
     assert arrays is not None
-    assert set(arrays) == {"Ahi", "qg", "kg", "Rc"} | ({"Alo"} if dtype == "float32" else set())
+    assert set(arrays) == {"Ahi", "Alo", "qg", "kg", "Rc"}  # the scores split for every type (the reverse pass)
     spans = []
     for name, a in arrays.items():
         shape = {"Rc": (B * T, H), "qg": (B * T, H, K), "kg": (B * T, H, K)}.get(name, (B * T, H, bt))
@@ -40,3 +41,17 @@ def test_factor_arrays_tile_a_workspace_of_workspace_nbytes(dtype: str, chunk_si
     assert spans[0][0] == 0 and spans[-1][1] == nbytes
     assert all(end == nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "factor arrays overlap or leave gaps"
     assert field_arrays(fields, np.zeros(nbytes + 16, np.uint8)) is None
+
+
+def test_every_hopper_reverse_pass_fits_a_block() -> None:
+    """Each configuration the host can pick (gated_delta_rule.cuda_chunk_hopper.wg_config's warpgroups, columns and
+    prefetch) fits one block's shared memory with the scores' lo part in each stage."""
+    from rawdelta.ops.common.cuda_smem import SMEM_LIMIT
+    from rawdelta.ops.gated_delta_rule.cuda_chunk_kernels import wg_bvw_options
+
+    for kp in cuda_chunk.KP_SIZES:
+        configs = [(2, bvw) for bvw in wg_bvw_options(kp)] + ([(4, 16), (4, 32)] if kp <= 128 else [])
+        for nwg, bvw in configs:
+            for pipe in (False, True):
+                nbytes = cuda_chunk.bwd_wg_smem(kp, nwg * bvw, pipe)
+                assert nbytes <= SMEM_LIMIT, (kp, nwg, bvw, pipe, nbytes)

@@ -53,6 +53,10 @@ struct SmemCursor {
 template <typename A, typename B> struct SameType { static constexpr bool value = false; };
 template <typename A> struct SameType<A, A> { static constexpr bool value = true; };
 
+// Pick<C, A, B>::type is A when C holds, else B (NVRTC compiles without <type_traits>).
+template <bool C, typename A, typename B> struct Pick { using type = A; };
+template <typename A, typename B> struct Pick<false, A, B> { using type = B; };
+
 // 16-byte global -> shared copy in flight (cp.async); src_bytes = 0 writes zeros.
 __device__ __forceinline__ void cp_async16_shared(unsigned dst, const void* src, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));

@@ -13,6 +13,7 @@ struct PlainRule {
     using AccV = Acc<BT, BV, STATE_PASS_WARPS>;
     static constexpr int LDV = BV + TILE_PAD;
 
+    static constexpr bool REVERSE_P_LO = true;  // as PlainWgRule's, below
     TT sV;  // the pass's v tile, as correct() lends it
 
     __device__ __forceinline__ void carve_inputs(SmemCursor&) {}
@@ -54,6 +55,9 @@ struct PlainRule {
 template <typename T>
 struct PlainWgRule {
     static constexpr bool HAS_A = false;
+    // dv's intra-chunk term P^T do is the values' whole gradient inside a chunk: P rounded to 16 bits there would
+    // add its rounding to every dv (the peer keeps P in float32 for that product), so the scores come split.
+    static constexpr bool REVERSE_P_LO = true;
 
     template <int KP, int BVW>
     static __device__ __forceinline__ void issue_correction(WgAcc<1, BVW>&, unsigned, const WgOperand&) {}

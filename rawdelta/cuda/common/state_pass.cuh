@@ -109,7 +109,9 @@ __device__ __forceinline__ void forward_state_pass(unsigned char* smem, const Fo
 
 // The reverse state pass, last chunk to first. dS is the gradient of the state at the current chunk's end (dht,
 // or 0, at the sequence end). Per chunk:
-//   dU = P^T do + 2^(G_last - G) (k dS)      (the rule: the values' input gradient and its state term from dU)
+//   dU = P^T do + 2^(G_last - G) (k dS)      (the rule: the values' input gradient and its state term from dU;
+//                                             P as hi + lo tiles for every input type where the rule says
+//                                             REVERSE_P_LO, else as the inputs' tiles)
 //   dS = 2^G_last dS + q^T (scale 2^G do) + the rule's term
 // Stores dS per chunk (dhbuf) and dh0. A chunk with dead rows ends at the first for the pass, unless a cotangent
 // reaches them (cotangent_reaches_dead_rows): then dS is NaN from there on.
@@ -117,11 +119,13 @@ template <typename T, typename E, int BT, int KP, int BV, class Gate, class Rule
 __device__ __forceinline__ void reverse_state_pass(unsigned char* smem, const ReversePassIO<T>& a, const E* Phi,
                                                    const E* Plo, Rule& rule) {
     using TT = typename InputTile<T, E>::type;
+    using PT = typename Pick<Rule::REVERSE_P_LO, Split<E>, TT>::type;
     constexpr int NW = STATE_PASS_WARPS, LDK = KP + TILE_PAD, LDV = BV + TILE_PAD, LDP = BT + TILE_PAD;
     using AccV = Acc<BT, BV, NW>;
     const int H = a.H, HV = a.HV, K = a.K, V = a.V;
     SmemCursor cur{smem};
-    TT sQ, sK, sP, sDo;
+    TT sQ, sK, sDo;
+    PT sP;
     cur.into(sQ, BT * LDK);
     cur.into(sK, BT * LDK);
     cur.into(sP, BT * LDP);
@@ -149,7 +153,7 @@ __device__ __forceinline__ void reverse_state_pass(unsigned char* smem, const Re
         load_tile(sK, LDK, a.k + (bos * H + pb.h) * K, (i64)H * K, L, K, BT, KP);
         load_tile(sDo, LDV, a.dout + (bos * HV + pb.hv) * V + pb.v0, (i64)HV * V, L, pb.vcols, BT, BV);
         rule.load(bos, L, HV, pb.hv);
-        load_chunk_rows<BT>(sP, LDP, chunk_matrix<TT>(Phi, Plo), bos, L, HV, pb.hv);
+        load_chunk_rows<BT>(sP, LDP, chunk_matrix<PT>(Phi, Plo), bos, L, HV, pb.hv);
         rows.load(a.rows, bos, L, BT, HV, pb.hv, a.opt);
         Gate::template load<KP>(rows, a.rows, pb.chunk_index(a.seq_chunk0, c), HV, pb.hv, K);
         const int live = code_live_rows(a.rows.Rc[bos * HV + pb.hv]);

@@ -14,6 +14,8 @@
 // chunk_rule.cuh; the plain rule: common/plain_rule.cuh) and, in the reverse pass, the gradient of what U was computed
 // from. A rule declares:
 //   HAS_A                        whether its per-chunk BT x BT matrix (PassMaps::a) is in the stage
+//   REVERSE_P_LO                 whether the reverse pass takes the scores as hi + lo tiles (PassMaps::p, plo), so
+//                                that P^T do carries P at about float precision
 //   issue_correction(X, aK, s)   products of the chunk's k with the state, issued with the chain's first ones
 //   values(X, D, ..., emit)      U from them, given to emit(row, col, u0&, u1&) pair by pair
 //   reverse_values(Z, ...)       from dU (in tile0), the values' input gradient into the stage's v tile
@@ -43,19 +45,21 @@ __host__ __device__ constexpr int wg_pass_blocks_per_sm(int nwg, int bvw, int kp
 }
 
 // TMA maps of the state passes' per-chunk tiles: q, k [BT_, H, K]; the update rule's matrix and the scores
-// [BT_, HV, BT]; v [BT_, HV, V] (the forward pass; boxes of min(BV, 64) columns).
+// [BT_, HV, BT]; v [BT_, HV, V] (the forward pass; boxes of min(BV, 64) columns); the scores' lo part [BT_, HV, BT]
+// (a reverse pass whose rule takes them split: Rule::REVERSE_P_LO).
 struct PassMaps {
-    TmaMap q, k, a, p, v;
+    TmaMap q, k, a, p, v, plo;
 };
 
 // One stage of a Hopper state pass's chunk inputs: byte offsets of its tiles (q and the scores only with HAS_Q_P,
-// do only with HAS_DO, the rule's matrix only with HAS_A) and of the raw row scalars. Every tile starts 1024-byte
-// aligned when the stage does.
-template <int KP, int BV, bool HAS_Q_P, bool HAS_DO, bool HAS_A>
+// do only with HAS_DO, the rule's matrix only with HAS_A, the scores' lo part only with P_LO) and of the raw row
+// scalars. Every tile starts 1024-byte aligned when the stage does.
+template <int KP, int BV, bool HAS_Q_P, bool HAS_DO, bool HAS_A, bool P_LO = false>
 struct WgStage {
+    static_assert(HAS_Q_P || !P_LO, "the scores' lo part comes with the scores");
     static constexpr int BT = 64, Q = 0, K = Q + (HAS_Q_P ? BT * KP * 2 : 0), V = K + BT * KP * 2,
                          DO = V + BT * BV * 2, A = DO + (HAS_DO ? BT * BV * 2 : 0), P = A + (HAS_A ? BT * BT * 2 : 0),
-                         RAW = P + (HAS_Q_P ? BT * BT * 2 : 0),
+                         PLO = P + (HAS_Q_P ? BT * BT * 2 : 0), RAW = PLO + (P_LO ? BT * BT * 2 : 0),
                          BYTES = sw128_aligned(RAW + ChunkRows::RAW * BT * 4);
 
     // Chunk c of block pb's sequence into stage st: the q, k, rule-matrix and score tiles as TMA boxes in the
@@ -126,10 +130,12 @@ struct WgStage {
         }
         if (HAS_A) tma_load_3d(st + A, &maps.a, 0, pb.hv, row, bar);
         if (HAS_Q_P) tma_load_3d(st + P, &maps.p, 0, pb.hv, row, bar);
+        if (P_LO) tma_load_3d(st + PLO, &maps.plo, 0, pb.hv, row, bar);
         for (int b = 0; b < V_BOXES; ++b)  // none with do
             tma_load_3d(st + V + b * V_BOX_BYTES, &maps.v, pb.v0 + V_BOX_COLS * b, pb.hv, row, bar);
     }
-    static constexpr int QK_BOXES = (HAS_Q_P ? 2 : 1) * (KP / 64), AP_BOXES = (HAS_A ? 1 : 0) + (HAS_Q_P ? 1 : 0),
+    static constexpr int QK_BOXES = (HAS_Q_P ? 2 : 1) * (KP / 64),
+                         AP_BOXES = (HAS_A ? 1 : 0) + (HAS_Q_P ? 1 : 0) + (P_LO ? 1 : 0),
                          V_BOX_COLS = BV < 64 ? BV : 64, V_BOXES = HAS_DO ? 0 : BV / V_BOX_COLS,
                          V_BOX_BYTES = BT * V_BOX_COLS * 2,
                          TMA_BYTES = (QK_BOXES + AP_BOXES) * SW128_BOX_BYTES + V_BOXES * V_BOX_BYTES;
@@ -138,7 +144,7 @@ struct WgStage {
     static __device__ __forceinline__ void zero_tail(unsigned char* st, int L) {
         if (L >= BT) return;
         zero_box_rows(st + Q, QK_BOXES, L, 128, NT);  // q and k are adjacent, as are the rule's matrix and P
-        zero_box_rows(st + A, AP_BOXES, L, 128, NT);
+        zero_box_rows(st + A, AP_BOXES, L, 128, NT);  // and the scores' lo part, after them
         zero_box_rows(st + V, V_BOXES, L, 2 * V_BOX_COLS, NT);
     }
 };
@@ -362,7 +368,8 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
 // The reverse state pass, last chunk to first, laid out like wg_forward_state_pass: warpgroup w owns the columns
 // [w BVW, (w + 1) BVW) of dS, the gradient of the state at the current chunk's end (dht, or 0, at the sequence end),
 // all KP rows, in float32 registers. Per chunk:
-//   dU = P^T do + 2^(G_last - G) (k dS)      (the rule: the values' input gradient and its state term from dU)
+//   dU = P^T do + 2^(G_last - G) (k dS)      (the rule: the values' input gradient and its state term from dU;
+//                                             P as hi + lo tiles where the rule says REVERSE_P_LO)
 //   dS = 2^G_last dS + q^T (scale 2^G do) + the rule's term
 // Stores dS per chunk (dhbuf), the values' input gradient (dv) and dh0. A chunk with dead rows ends at the first,
 // unless a cotangent reaches them (cotangent_reaches_dead_rows): then dS is NaN from there on. PIPE: the previous
@@ -373,7 +380,8 @@ template <typename T, int KP, int NWG, int BVW, bool PIPE, class Gate, class Rul
 __device__ __forceinline__ void wg_reverse_state_pass(unsigned char* smem, const ReversePassIO<T>& a,
                                                       const PassMaps& maps, const Rule& rule) {
     constexpr int BT = 64, BV = NWG * BVW, MS = KP / 64, NS = PIPE ? 2 : 1;
-    using St = WgStage<KP, BV, true, true, Rule::HAS_A>;
+    constexpr bool P_LO = Rule::REVERSE_P_LO;
+    using St = WgStage<KP, BV, true, true, Rule::HAS_A, P_LO>;
     const int HV = a.HV, K = a.K, V = a.V;
     WgPassSmem<T, St, KP, BV, NS, 1, 128 * NWG, false, Gate> sm(smem);
 
@@ -400,7 +408,7 @@ __device__ __forceinline__ void wg_reverse_state_pass(unsigned char* smem, const
         T* sDo = reinterpret_cast<T*>(st + St::DO);
         const i64 rows_off = (bos * HV + pb.hv) * V + pb.v0;  // the chunk's rows of the [BT_, HV, V] outputs
         const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
-                       aP = smem_addr(st + St::P), aDo = smem_addr(st + St::DO);
+                       aP = smem_addr(st + St::P), aPlo = smem_addr(st + St::PLO), aDo = smem_addr(st + St::DO);
         const WgChunk<T> ch{sV, aA, sm.tile0, sm.a0, sm.rows, wg, c0, bos, L};
         const int live = code_live_rows(a.rows.Rc[bos * HV + pb.hv]);
         if (live < L && cotangent_reaches_dead_rows(dS, a.dout, bos, live, L, HV, V, pb)) dS.fill(dead_value());
@@ -412,6 +420,7 @@ __device__ __forceinline__ void wg_reverse_state_pass(unsigned char* smem, const
         wg_fence();
         Z.template mma<T, false, true, KP>(a_kmajor_sw128(aK), ncols(sm.a_state), false);
         U.template mma<T, true, true, BT>(a_mnmajor_sw128(aP), ncols(aDo), false);
+        if (P_LO) U.template mma<T, true, true, BT>(a_mnmajor_sw128(aPlo), ncols(aDo), true);
         wg_commit();
         sm.template copy_state_out<128 * NWG>(a.dhbuf + pb.chunk_state_off(a.seq_chunk0, c, HV, K, V), K, V, pb.v0,
                                               pb.vcols);

@@ -17,6 +17,7 @@ namespace rawdelta {
 // partial row sums y . v (part_yv [NVB, BT_, HV]).
 template <typename T, typename E, int BT, int KP, int BV>
 struct GdnRule {
+    static constexpr bool REVERSE_P_LO = false;  // the reverse pass takes P in the inputs' precision
     using TT = typename InputTile<T, E>::type;
     using AccV = Acc<BT, BV, STATE_PASS_WARPS>;
     static constexpr int NW = STATE_PASS_WARPS, LDK = KP + TILE_PAD, LDV = BV + TILE_PAD, LDA = BT + TILE_PAD;
@@ -98,6 +99,7 @@ struct GdnRule {
 template <typename T>
 struct GdnWgRule {
     static constexpr bool HAS_A = true;
+    static constexpr bool REVERSE_P_LO = false;
     static constexpr int BT = 64;
 
     T* ybuf;

@@ -15,7 +15,8 @@
 //                    take for q and k, with every per-key decay folded in
 //   Dk [NC, H, K] float: each chunk's per-key decay 2^G_last (0 across a reset): the state's rows across the chunk
 //   Ahi, Alo [BT_, H, BT] (E): row r of the chunk's scores scale sum_d q_rd k_jd 2^(G_rd - G_jd), j <= r < live,
-//                    else 0; split into hi + lo (Alo for float inputs only): the passes' P
+//                    else 0; split into hi + lo: the passes' P (the forward pass takes Alo for float inputs
+//                    only; the reverse pass takes it for every input type: common/plain_rule.cuh, REVERSE_P_LO)
 //   hbuf, dhbuf [NC, H, K, V] (T): state at each chunk's start / its gradient at the chunk's end
 //
 // Template parameters: T input dtype; E the 16-bit mma type (bf16 for bf16 and float inputs, fp16 for fp16); BT

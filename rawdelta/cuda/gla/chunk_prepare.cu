@@ -9,9 +9,9 @@ using namespace rawdelta;
 //   Rc the row codes (the chunk's first dead row); qg = q 2^G, kg = k 2^(G_last - G); Dk = 2^G_last; the scores A
 //   (scaled, masked to j <= r < live) split into Ahi + Alo. The cumulative gates themselves are not written: the
 //   backward's dq/dk/dg kernel recomputes them from g (the same bytes to read, and none to write here).
-// Blocks of 256 threads; block b takes chunk b / H (the chunk table's order), head b % H. Alo is null for 16-bit
-// inputs (the passes take A's hi part only). MINB: the blocks per SM the registers are bounded for (the shared memory
-// of 16-bit inputs at BT = 64 fits three; three bound the registers to 80, with a few spilled).
+// Blocks of 256 threads; block b takes chunk b / H (the chunk table's order), head b % H. MINB: the blocks per SM the
+// registers are bounded for (the shared memory of 16-bit inputs at BT = 64 fits three; three bound the registers to
+// 80, with a few spilled).
 template <typename T, typename E, int BT, int MINB>
 __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ g, const i64* __restrict__ chunk_bos,

@@ -7,6 +7,7 @@ tiles, the rest float32.
 from __future__ import annotations
 
 PAD = 8  # TILE_PAD: elements added to every 16-bit mma.sync tile row
+SMEM_LIMIT = 227 * 1024  # the opt-in dynamic shared memory of one block on sm_90 (H100)
 ROWS = 7  # ChunkRows: per-chunk row arrays of BT floats, besides its BT + 4 ints (reset counts, live rows)
 
 
@@ -45,18 +46,21 @@ def r1024(nbytes: int) -> int:
     return (nbytes + 1023) // 1024 * 1024
 
 
-def wg_stage(kp: int, cols: int, q_p: bool, do: bool, has_a: bool = True) -> int:
+def wg_stage(kp: int, cols: int, q_p: bool, do: bool, has_a: bool = True, p_lo: bool = False) -> int:
     """Bytes of one WgStage (``rawdelta/cuda/common/wg_state_pass.cuh``) of `cols` value columns: the k and v tiles,
-    the rule's matrix with ``has_a``, q and the scores with ``q_p``, do with ``do``, and the raw row scalars."""
+    the rule's matrix with ``has_a``, q and the scores with ``q_p``, the scores' lo part with ``p_lo``, do with
+    ``do``, and the raw row scalars."""
     bt = WG_BT
-    mats = (1 if has_a else 0) + (1 if q_p else 0)
+    mats = (1 if has_a else 0) + (1 if q_p else 0) + (1 if p_lo else 0)
     return r1024(2 * ((2 if q_p else 1) * bt * kp + (2 if do else 1) * bt * cols + mats * bt * bt) + RAW * bt * 4)
 
 
-def wg_pass(kp: int, cols: int, pipe: bool, q_p: bool, do: bool, has_a: bool = True, key_gate: bool = False) -> int:
-    """A Hopper state pass of `cols` value columns per block: its stages, the state tile, value-sized tiles (two
-    forward; one in the reverse pass, ``do``, which scales do in its stage), the rows, four mbarriers, a per-key gate's
-    decays (``key_gate``) and the slack that aligns the stages to 1024 bytes (the TMA tiles' 128-byte swizzle)."""
+def wg_pass(kp: int, cols: int, pipe: bool, q_p: bool, do: bool, has_a: bool = True, key_gate: bool = False,
+            p_lo: bool = False) -> int:
+    """A Hopper state pass of `cols` value columns per block: its stages (with the scores' lo part: ``p_lo``), the
+    state tile, value-sized tiles (two forward; one in the reverse pass, ``do``, which scales do in its stage), the
+    rows, four mbarriers, a per-key gate's decays (``key_gate``) and the slack that aligns the stages to 1024 bytes
+    (the TMA tiles' 128-byte swizzle)."""
     tiles = 1 if do else 2
-    return ((2 if pipe else 1) * wg_stage(kp, cols, q_p, do, has_a) + 2 * (kp * cols + tiles * WG_BT * cols)
+    return ((2 if pipe else 1) * wg_stage(kp, cols, q_p, do, has_a, p_lo) + 2 * (kp * cols + tiles * WG_BT * cols)
             + chunk_rows(WG_BT) + 32 + (f32(kp) if key_gate else 0) + 1024)

@@ -165,4 +165,5 @@ def pass_maps(p: GDNProblem, ch: ChunkFactors, cols: int, forward: bool, store: 
         return tensor_map.rows_map(x, n_tok, p.HV, ch.bt)
 
     v = tensor_map.rows_map(p.v, n_tok, p.HV, p.V, min(cols, 64)) if forward else None
-    return tensor_map.kernel_maps(None if store else qk(p.q), qk(p.k), ap(ch.Ahi), None if store else ap(ch.Phi), v)
+    return tensor_map.pass_maps(q=None if store else qk(p.q), k=qk(p.k), a=ap(ch.Ahi),
+                                p=None if store else ap(ch.Phi), v=v)

@@ -124,11 +124,17 @@ def fwd_smem(ct: str, bt: int, kp: int, store: bool) -> int:
 
 
 def bwd_smem(ct: str, bt: int, kp: int) -> int:
-    """The reverse state pass: q, k, the scores, do, the state gradient, dU, the scaled do, the rows and the per-key
-    decays."""
+    """The reverse state pass: q, k, the scores (split for every input type: the plain rule's REVERSE_P_LO), do, the
+    state gradient, dU, the scaled do, the rows and the per-key decays."""
     ldk, ldv, ldp = kp + PAD, bv(ct, kp) + PAD, bt + PAD
-    tiles = 2 * in_tile(ct, bt * ldk) + in_tile(ct, bt * ldp) + in_tile(ct, bt * ldv)
+    tiles = 2 * in_tile(ct, bt * ldk) + split(bt * ldp) + in_tile(ct, bt * ldv)
     return tiles + split(kp * ldv) + 2 * split(bt * ldv) + chunk_rows(bt) + f32(kp)
+
+
+def bwd_wg_smem(kp: int, cols: int, pipe: bool) -> int:
+    """The Hopper reverse pass of `cols` value columns per block: the common pass with the scores' lo part (the
+    plain rule's REVERSE_P_LO) and the per-key decays."""
+    return wg_pass(kp, cols, pipe, True, True, has_a=False, key_gate=True, p_lo=True)
 
 
 def wgmma_applies(p: GLAProblem, bt: int) -> bool:
@@ -145,7 +151,7 @@ def _factor_fields(n_tok: int, H: int, K: int, bt: int, ct: str, dtype: np.dtype
     per-key decay Dk is not among them: its size depends on the chunk count, which the shapes alone do not give."""
     mma = np.dtype(np.float16) if ct == "__half" else BFLOAT16
     mats = (n_tok, H, bt)
-    fields: list[Field] = [("Ahi", mats, mma)] + ([("Alo", mats, mma)] if ct == "float" else [])
+    fields: list[Field] = [("Ahi", mats, mma), ("Alo", mats, mma)]
     return fields + [("qg", (n_tok, H, K), dtype), ("kg", (n_tok, H, K), dtype), ("Rc", (n_tok, H), np.dtype(np.int32))]
 
 
@@ -218,16 +224,21 @@ class _Chunks:
         return wg_config(p.replace(HV=p.H), self.kp)
 
     def maps(self, p: GLAProblem, cols: int, forward: bool, store: bool = False) -> np.void:
-        """The Hopper passes' TMA maps: qg and the scores only without ``store``, kg, and v (boxes of `cols` value
-        columns, at most 64) for the ``forward`` passes; no rule matrix."""
+        """The Hopper passes' TMA maps: qg and the scores only without ``store``, kg, v (boxes of `cols` value
+        columns, at most 64) for the ``forward`` passes, the scores' lo part for the reverse pass (the plain rule's
+        REVERSE_P_LO); no rule matrix."""
         n_tok = p.B * p.T
 
         def qk(x: Any) -> np.ndarray:
             return tensor_map.rows_map(x, n_tok, p.H, p.K)
 
-        scores = None if store else tensor_map.rows_map(self.Ahi, n_tok, p.H, self.bt)
-        v = tensor_map.rows_map(p.v, n_tok, p.H, p.V, min(cols, 64)) if forward else None
-        return tensor_map.kernel_maps(None if store else qk(self.qg), qk(self.kg), None, scores, v)
+        def scores(x: Any) -> np.ndarray:
+            return tensor_map.rows_map(x, n_tok, p.H, self.bt)
+
+        return tensor_map.pass_maps(
+            q=None if store else qk(self.qg), k=qk(self.kg), p=None if store else scores(self.Ahi),
+            v=tensor_map.rows_map(p.v, n_tok, p.H, p.V, min(cols, 64)) if forward else None,
+            plo=None if forward else scores(self.Alo))
 
 
 def pass_flags(p: GLAProblem) -> int:
@@ -276,7 +287,7 @@ def _reverse_pass(p: GLAProblem, ch: _Chunks, flags: int, do: Any, dht: Any, dhb
         nwg, bvw, pipe = ch.wg_config(p)
         nvb = math.ceil(p.V / (nwg * bvw))
         launch.launch(BWD, bwd_wg_name(ch.ct, ch.kp, nwg, bvw, pipe), p.N * p.H * nvb, 128 * nwg,
-                      wg_pass(ch.kp, nwg * bvw, pipe, True, True, has_a=False, key_gate=True), (
+                      bwd_wg_smem(ch.kp, nwg * bvw, pipe), (
                           p.v, ch.Rc, ch.Dk, do, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags),
                           ch.maps(p, nwg * bvw, False)))
         return

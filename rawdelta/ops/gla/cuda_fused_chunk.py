@@ -37,7 +37,7 @@ from ..._arrays import empty
 from ...cuda import launch
 from ...cuda.launch import CTYPES, MMA_TYPE, ptr
 from ...cuda.loader import register
-from ..common.cuda_smem import PAD, f32, in_tile, split
+from ..common.cuda_smem import PAD, SMEM_LIMIT, f32, in_tile, split
 from .cuda_chunk import PASS_DHT, forward_outputs, pass_flags, prepare_smem
 from .definition import CHUNK_SIZES
 
@@ -48,7 +48,6 @@ SOURCE = "gla/fused_chunk.cu"
 PADDED = (64, 128)  # KP, and the backward's VP: the key and value dimensions padded
 MAX_KV = PADDED[-1]
 FWD_VB = (32, 64, 128)  # the forward's value block widths (its VP)
-SMEM_LIMIT = 227 * 1024  # the opt-in dynamic shared memory of one block on sm_90 (H100)
 
 
 def padded(n: int) -> int:

@@ -188,8 +188,8 @@ CHUNK = OpDef(
     cases=_CHUNK_CASES,
     bench=BenchSpec(("forward", "forward+backward"), "gla_chunk", _CHUNK_BENCH, peer="fla.ops.gla:chunk_gla"),
     residuals_doc=("The residuals hold the validated inputs and, from the cuda backend, prepare's per-token factors "
-                   "(``q 2^G``, ``k 2^(G_last - G)``, the scaled intra-chunk scores, the row codes) and each chunk's "
-                   "per-key decay; the backward recomputes the per-chunk states."),
+                   "(``q 2^G``, ``k 2^(G_last - G)``, the scaled intra-chunk scores as hi + lo 16-bit parts, the "
+                   "row codes) and each chunk's per-key decay; the backward recomputes the per-chunk states."),
 )
 
 # chunk_gla's declaration but for what tells the two apart: the same function, its own name, cases and peer.
