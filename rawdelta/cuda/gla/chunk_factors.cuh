@@ -106,20 +106,21 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         diag_blocks_elementwise<BT, E>(sG, sR, LDG, kc, live, sFlag);  // barriers around (R is set for kc keys)
         // The slice's per-key outputs, and q scaled to its block's first row. Each thread keeps one key d (THREADS is
         // a multiple of KS), so the last row's gate and reset count, and each block's reference row's, are loaded
-        // once per key rather than per element.
+        // once per key rather than per element. The loops run a fixed count (the compiler unrolls them without a
+        // remainder) and every factor is computed whatever the masks, then selected: no branch per element.
         const float Gl = sG[max(last, 0) * LDG + d];
         const int Rl = sR[max(last, 0) * LDG + d];
+        if (r0 == 0 && dk && L > 0) decay(k0 + d, Rl > 0 ? 0.f : exp2f(Gl));
 #pragma unroll 4
-        for (int r = r0; r < BT; r += RSTEP) {
-            const int e = r * LDG + d, ref = r & ~(SUB - 1);
+        for (int m = 0; m < BT / RSTEP; ++m) {
+            const int r = r0 + m * RSTEP, e = r * LDG + d, ref = r & ~(SUB - 1);
             const bool in = r < L && dk;
             const float x = to_float(sQ[r * LDR + d]), y = to_float(sK[r * LDR + d]);
             const float G = sG[e];
             const int R = sR[e];
-            elem(r, k0 + d, in, in && R == 0 ? x * exp2f(G) : 0.f, in && Rl <= R ? y * exp2f(Gl - G) : 0.f);
-            if (in && r == last) decay(k0 + d, Rl > 0 ? 0.f : exp2f(Gl));
-            const bool same = R == sR[ref * LDG + d];
-            tile_put(s.sQs, r * LDT + d, in && same ? x * exp2f(G - sG[ref * LDG + d]) : 0.f);
+            const float xq = x * exp2f(G), xk = y * exp2f(Gl - G), xs = x * exp2f(G - sG[ref * LDG + d]);
+            elem(r, k0 + d, in, in && R == 0 ? xq : 0.f, in && Rl <= R ? xk : 0.f);
+            tile_put(s.sQs, r * LDT + d, in && R == sR[ref * LDG + d] ? xs : 0.f);
         }
         // Diagonal blocks summed element by element in this slice.
 #pragma unroll
@@ -143,9 +144,10 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
             const float Gref = sG[ref * LDG + d];
             const int Rref = sR[ref * LDG + d];
 #pragma unroll
-            for (int j = r0; j < ref + SUB; j += RSTEP) {
-                const bool in = j < end && j < L && dk && sR[j * LDG + d] == Rref;
-                tile_put(s.sKs, j * LDT + d, in ? to_float(sK[j * LDR + d]) * exp2f(Gref - sG[j * LDG + d]) : 0.f);
+            for (int m = 0; m < (ref + SUB) / RSTEP; ++m) {
+                const int j = r0 + m * RSTEP;
+                const float y = to_float(sK[j * LDR + d]) * exp2f(Gref - sG[j * LDG + d]);
+                tile_put(s.sKs, j * LDT + d, j < end && j < L && dk && sR[j * LDG + d] == Rref ? y : 0.f);
             }
             __syncthreads();
             gemm<E, MK, NK, SUB, BT, KS, NW>(blk[I], advance(s.sQs, (i64)ref * LDT), LDT, s.sKs, LDT);
