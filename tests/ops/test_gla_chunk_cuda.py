@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import rawdelta
-from rawdelta._arrays import BFLOAT16
 from rawdelta.ops import registry
 from rawdelta.ops.gla import cuda_chunk
 from rawdelta.testing import assert_same_bits, gla_inputs, to_device, to_host
@@ -145,10 +144,10 @@ def test_mma_sync_passes_on_hopper(dtype: str, monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.parametrize("wgmma", [True, False], ids=["wgmma", "mma_sync"])
-def test_dv_error_is_its_rounding(wgmma: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With bf16 inputs, dv's error against float64 is within 15% of rounding the exact dv to bf16: the reverse pass
-    takes the scores as hi + lo parts in P^T do (the peer keeps them in float32 there). Scores rounded to bf16 give
-    1.3 x at this shape (a float64 model of that rounding)."""
+def test_dv_error_is_that_of_dk(wgmma: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With bf16 inputs, dv's error against float64 is at most 1.08 x dk's (the peer's are equal): the reverse pass
+    takes the scores as hi + lo parts in P^T do, as the peer keeps them in float32 there. Scores rounded to bf16 made
+    dv's 1.2 x dk's (2.85e-03 against 2.38e-03 at (8, 2048, 16, 128) on the H100)."""
     import cupy
 
     if wgmma and not _hopper():
@@ -158,13 +157,12 @@ def test_dv_error_is_its_rounding(wgmma: bool, monkeypatch: pytest.MonkeyPatch) 
     kw, do, dht = _inputs({"B": 1, "T": 512, "H": 2, "K": 128, "V": 128}, 19, "bfloat16")
     _, grads = reference_results(OP, kw, do, dht)
     _, res = rawdelta.chunk_gla_fwd(**to_device(kw), output_final_state=True, chunk_size=64, backend="cuda")
-    dv = to_host(rawdelta.chunk_gla_bwd(res, cupy.asarray(do), cupy.asarray(dht)).v)
+    got = rawdelta.chunk_gla_bwd(res, cupy.asarray(do), cupy.asarray(dht))
     want = "gla_chunk_bwd_wg_kernel<" if wgmma else "gla_chunk_bwd_state_kernel<"
     assert any(n.startswith(want) for n in launched), launched
-    ref = grads["v"]
-    floor, _, _ = error_stats(ref, ref.astype(BFLOAT16))
-    err, _, _ = error_stats(ref, dv)
-    assert err <= 1.15 * floor, (err, floor)
+    err_v, _, _ = error_stats(grads["v"], to_host(got.v))
+    err_k, _, _ = error_stats(grads["k"], to_host(got.k))
+    assert err_v <= 1.08 * err_k, (err_v, err_k)
 
 
 # (warpgroups per block, value columns per warpgroup, prefetch) of the Hopper passes, and the shapes they fit
