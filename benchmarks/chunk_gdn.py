@@ -36,28 +36,11 @@ from typing import Any
 import cupy
 import numpy as np
 import torch
-from decode_gdn import time_graph_ms  # this directory is on sys.path for its scripts
+from decode_gdn import time_graph_ms, time_ms  # this directory is on sys.path for its scripts
 
 import rawdelta
 import rawdelta.torch as rt
 from rawdelta.testing.compare import error_stats
-
-
-def time_ms(fn, iters: int = 20, warmup: int = 5, reps: int = 5) -> float:
-    """Median over `reps` of the mean time per call of `iters` back-to-back calls (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / iters)
-    return statistics.median(samples)
 
 
 def kernel_ms(fn, calls: int = 5) -> float:
@@ -82,7 +65,7 @@ def kernel_ms(fn, calls: int = 5) -> float:
 
 
 def timed(fn) -> dict[str, float]:
-    return {"ms": time_ms(fn), "gpu_ms": kernel_ms(fn)}
+    return {"ms": time_ms(fn, iters=20, warmup=5), "gpu_ms": kernel_ms(fn)}
 
 
 def _replay_ms(replay, mark, elapsed_ms, iters: int = 20, reps: int = 5) -> float:

@@ -22,7 +22,7 @@ def forward_times(B: int, T: int, H: int = 16, D: int = 128) -> dict[str, float 
     run.fwd()
     torch.cuda.synchronize()
     return {
-        "event": round(time_ms(run.fwd), 4),
+        "event": round(time_ms(run.fwd, iters=20, warmup=5), 4),
         "kernel": [round(kernel_ms(run.fwd, calls=10), 4) for _ in range(2)],
         "graph": round(graph_ms_cupy(lambda stream: RawDelta(x, stream=stream).fwd), 4),
     }
