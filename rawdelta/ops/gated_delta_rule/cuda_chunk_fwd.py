@@ -14,11 +14,12 @@ import numpy as np
 from ..._arrays import empty
 from ...cuda import launch
 from ...cuda.launch import ptr
+from ..common.state_pass_host import forward_outputs
 from . import cuda_chunk_smem as smem
 from .cuda_chunk_factors import ChunkFactors, chunks_for, launch_prepare
 from .cuda_chunk_hopper import DEFAULT_OPTIONS, ChunkOptions, ahead_grid, ahead_pass_config, pass_maps, wg_config
 from .cuda_chunk_kernels import FWD_SOURCE, bv, fwd_name, fwd_wg_name
-from .cuda_common import F_HT, problem_flags
+from .cuda_common import problem_flags
 
 if TYPE_CHECKING:
     from .definition import GDNProblem
@@ -66,12 +67,7 @@ def chunk_forward(p: GDNProblem, chunk_size: int, workspace: Any = None, options
     import cupy
 
     ch = chunks_for(p, chunk_size, workspace, options)
-    o = empty(cupy, (p.B, p.T, p.HV, p.V), p.v.dtype)
-    flags = problem_flags(p)
-    ht = None
-    if p.output_final_state:
-        ht = empty(cupy, (p.N, p.HV, p.K, p.V), np.float32)
-        flags |= F_HT
+    o, ht, flags = forward_outputs(p, p.HV, problem_flags(p))
     grid = ahead_grid(p, ch, options)
     ready = empty(cupy, (ch.nc * p.HV,), np.int32) if grid else None
     # with prepare beside the pass, the pass's launch is built (its arguments packed) before prepare's, so that the

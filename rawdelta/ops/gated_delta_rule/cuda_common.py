@@ -14,16 +14,17 @@ import numpy as np
 from ..._arrays import empty
 from ...cuda import launch
 from ...cuda.loader import get_kernel, register
+from ..common.state_pass_host import PASS_DHT, PASS_H0, PASS_HT, PASS_ROW_NORMS, PASS_VARLEN, input_pass_flags
 
 if TYPE_CHECKING:
     from .definition import GDNProblem
 
 FINISH_SOURCE = "gated_delta_rule/bwd_finish.cu"
 
-# Flag bits, mirrored from gdn_common.cuh. F_L2, F_H0, F_HT, F_VARLEN and F_DHT sit where every family's chunk
-# passes read them (rawdelta/cuda/common/chunk_pass.cuh: PassOptions). F_V_FIRST: the states are [N, HV, V, K].
-F_G, F_GK, F_GV, F_BETA, F_BETA_V, F_L2, F_GATE, F_DTB = 1, 2, 4, 8, 16, 32, 64, 128
-F_BSIG, F_NEG, F_H0, F_HT, F_VARLEN, F_DHT, F_V_FIRST = 256, 512, 1024, 2048, 4096, 8192, 16384
+# Flag bits, mirrored from gdn_common.cuh. F_L2, F_H0, F_HT, F_VARLEN and F_DHT are the common state passes' bits
+# (ops/common/pass_flags.py). F_V_FIRST: the states are [N, HV, V, K].
+F_G, F_GK, F_GV, F_BETA, F_BETA_V, F_GATE, F_DTB, F_BSIG, F_NEG, F_V_FIRST = 1, 2, 4, 8, 16, 64, 128, 256, 512, 16384
+F_L2, F_H0, F_HT, F_VARLEN, F_DHT = PASS_ROW_NORMS, PASS_H0, PASS_HT, PASS_VARLEN, PASS_DHT
 
 
 def problem_flags(p: GDNProblem) -> int:
@@ -39,8 +40,7 @@ def problem_flags(p: GDNProblem) -> int:
     f |= F_DTB if p.dt_bias is not None else 0
     f |= F_BSIG if p.use_beta_sigmoid_in_kernel else 0
     f |= F_NEG if p.allow_neg_eigval else 0
-    f |= F_H0 if p.initial_state is not None else 0
-    f |= F_VARLEN if p.cu_seqlens is not None else 0
+    f |= input_pass_flags(p.initial_state, p.cu_seqlens)
     f |= F_V_FIRST if p.state_layout_native else 0
     return f
 

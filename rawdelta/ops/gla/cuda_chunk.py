@@ -26,6 +26,8 @@ from ...cuda import launch, tensor_map
 from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool, ptr
 from ...cuda.loader import HOPPER_TARGETS, register, wgmma_available
 from ..common.cuda_smem import PAD, WG_BT, chunk_rows, f32, in_tile, r16, split, wg_pass
+from ..common.state_pass_host import PASS_DHT, PASS_VARLEN, input_pass_flags
+from ..common.state_pass_host import forward_outputs as common_forward_outputs
 from ..common.workspace import Field, field_arrays, fields_nbytes
 from ..gated_delta_rule.cuda_chunk_hopper import wg_config
 from ..gated_delta_rule.cuda_chunk_kernels import (
@@ -48,8 +50,6 @@ BWD = "gla/chunk_bwd.cu"
 KP_SIZES = (64, 128, 256)
 PREP_KS = 64  # keys per slice of the prepare kernel
 
-# Pass option bits (rawdelta/cuda/common/chunk_pass.cuh: PassOptions).
-PASS_H0, PASS_HT, PASS_VARLEN, PASS_DHT = 1024, 2048, 4096, 8192
 
 
 DECAY_KERNEL = "gla_chunk_decay_kernel"
@@ -243,21 +243,13 @@ class _Chunks:
 
 def pass_flags(p: GLAProblem) -> int:
     """The pass option bits of a call's inputs (without PASS_HT and PASS_DHT, which depend on the launch)."""
-    return (PASS_H0 if p.initial_state is not None else 0) | (PASS_VARLEN if p.cu_seqlens is not None else 0)
+    return input_pass_flags(p.initial_state, p.cu_seqlens)
 
 
 def forward_outputs(p: GLAProblem) -> tuple[Any, Any, int]:
     """A forward's outputs, allocated: o ``[B, T, H, V]`` (v's dtype), the final state ``[N, H, K, V]`` float32 with
     ``p.output_final_state`` (else None), and the pass flags with PASS_HT where it is written."""
-    import cupy
-
-    o = empty(cupy, (p.B, p.T, p.H, p.V), p.v.dtype)
-    flags = pass_flags(p)
-    ht = None
-    if p.output_final_state:
-        ht = empty(cupy, (p.N, p.H, p.K, p.V), np.float32)
-        flags |= PASS_HT
-    return o, ht, flags
+    return common_forward_outputs(p, p.H, pass_flags(p))
 
 
 def _forward_pass(p: GLAProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None) -> None:

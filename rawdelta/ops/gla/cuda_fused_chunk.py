@@ -38,7 +38,8 @@ from ...cuda import launch
 from ...cuda.launch import CTYPES, MMA_TYPE, ptr
 from ...cuda.loader import register
 from ..common.cuda_smem import PAD, SMEM_LIMIT, f32, in_tile, split
-from .cuda_chunk import PASS_DHT, forward_outputs, pass_flags, prepare_smem
+from ..common.state_pass_host import PASS_DHT
+from .cuda_chunk import forward_outputs, pass_flags, prepare_smem
 from .definition import CHUNK_SIZES
 
 if TYPE_CHECKING:
