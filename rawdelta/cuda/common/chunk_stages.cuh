@@ -328,37 +328,4 @@ __device__ __forceinline__ void invert_unit_lower(const float* L, float* A, int 
     }
 }
 
-// Per-chunk tables for a batch of sequences (one block of 1024 threads): seq_chunk0[n] = index of
-// sequence n's first chunk (seq_chunk0[N] = total), and per chunk its first token and length.
-// Without cu_seqlens, sequence n is tokens [n T, n T + T).
-__device__ __forceinline__ void build_chunk_table(const i64* cu, int N, int T, int BT, bool varlen, int* seq_chunk0,
-                                                  i64* chunk_bos, int* chunk_len) {
-    __shared__ int part[1024];
-    const int per = (N + blockDim.x - 1) / blockDim.x;
-    const int n0 = threadIdx.x * per, n1 = min(N, n0 + per);
-    int cnt = 0;
-    for (int n = n0; n < n1; ++n) {
-        const i64 len = varlen ? cu[n + 1] - cu[n] : (i64)T;
-        cnt += (int)((len + BT - 1) / BT);
-    }
-    part[threadIdx.x] = cnt;
-    __syncthreads();
-    for (int off = 1; off < (int)blockDim.x; off <<= 1) {  // Hillis-Steele inclusive scan
-        const int x = threadIdx.x >= off ? part[threadIdx.x - off] : 0;
-        __syncthreads();
-        part[threadIdx.x] += x;
-        __syncthreads();
-    }
-    int c = part[threadIdx.x] - cnt;
-    for (int n = n0; n < n1; ++n) {
-        const i64 bos = varlen ? cu[n] : (i64)n * T, len = varlen ? cu[n + 1] - cu[n] : (i64)T;
-        seq_chunk0[n] = c;
-        for (i64 s = 0; s < len; s += BT, ++c) {
-            chunk_bos[c] = bos + s;
-            chunk_len[c] = (int)min((i64)BT, len - s);
-        }
-    }
-    if (threadIdx.x == blockDim.x - 1) seq_chunk0[N] = part[threadIdx.x];
-}
-
 }  // namespace rawdelta

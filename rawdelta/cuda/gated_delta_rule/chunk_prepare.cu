@@ -1,15 +1,9 @@
-// Gated delta rule, chunked mode, the first stage: the chunk table and the per-chunk factors every later stage
-// takes (prepare). Layouts: gated_delta_rule/chunk.cuh.
+// Gated delta rule, chunked mode, the first stage: the per-chunk factors every later stage takes (prepare), over the
+// chunk table (common/chunk_table.cu). Layouts: gated_delta_rule/chunk.cuh.
 #include "common/ready_flags.cuh"
 #include "gated_delta_rule/chunk.cuh"
 
 using namespace rawdelta;
-
-__global__ void __launch_bounds__(1024) gdn_chunk_table_kernel(const i64* __restrict__ cu, int N, int T_, int BT,
-                                                                int* seq_chunk0, i64* chunk_bos, int* chunk_len,
-                                                                int flags) {
-    build_chunk_table(cu, N, T_, BT, (flags & F_VARLEN) != 0, seq_chunk0, chunk_bos, chunk_len);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Prepare: per (chunk, value head) the cumulative log2 gates, the effective beta, the row codes (reset counts and

@@ -1,6 +1,5 @@
-// GLA, chunked mode, the first stage: per (chunk, head) the factors every later stage takes (prepare). Layouts:
-// gla/chunk.cuh. The chunk table is the gated delta rule's (gated_delta_rule/chunk_prepare.cu:
-// gdn_chunk_table_kernel).
+// GLA, chunked mode, the first stage: per (chunk, head) the factors every later stage takes (prepare), over the
+// chunk table (common/chunk_table.cu). Layouts: gla/chunk.cuh.
 #include "gla/chunk_factors.cuh"
 
 using namespace rawdelta;

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..._arrays import BFLOAT16, empty
+from ..._arrays import BFLOAT16
 from ...cuda import launch
 from ...cuda.launch import CTYPES, ptr
+from ..common.chunk_table import launch_chunk_table
 from ..common.workspace import Field, field_arrays, fields_nbytes
 from . import cuda_chunk_smem as smem
 from .cuda_chunk_hopper import DEFAULT_OPTIONS, ChunkOptions, wg_layout, wgmma_applies
-from .cuda_chunk_kernels import PREP_THREADS, PREPARE_SOURCE, TABLE_KERNEL, kp_for, prepare_name
+from .cuda_chunk_kernels import PREP_THREADS, PREPARE_SOURCE, kp_for, prepare_name
 from .cuda_common import F_L2, problem_flags
 from .definition import CHUNK
 
@@ -106,7 +107,6 @@ def factor_arrays(p: GDNProblem, bt: int, ct: str, wg: bool, workspace: Any) -> 
 def _chunks(p: GDNProblem, bt: int, workspace: Any, options: ChunkOptions) -> ChunkFactors | None:
     """The chunk table (launched) and the factor arrays (in `workspace` where it fits, else None; fresh arrays
     without one), not yet filled."""
-    import cupy
 
     ct = CTYPES[p.q.dtype]
     wg = wgmma_applies(p, bt, options)
@@ -114,12 +114,7 @@ def _chunks(p: GDNProblem, bt: int, workspace: Any, options: ChunkOptions) -> Ch
     if arrays is None:
         return None
     nc = p.num_chunks(bt)
-    seq_chunk0 = empty(cupy, (p.N + 1,), np.int32)
-    chunk_bos = empty(cupy, (max(nc, 1),), np.int64)
-    chunk_len = empty(cupy, (max(nc, 1),), np.int32)
-    launch.launch(PREPARE_SOURCE, TABLE_KERNEL, 1, 1024, 0, (
-        ptr(p.cu_seqlens), np.int32(p.N), np.int32(p.T), np.int32(bt), seq_chunk0, chunk_bos, chunk_len,
-        np.int32(problem_flags(p))))
+    seq_chunk0, chunk_bos, chunk_len = launch_chunk_table(p.cu_seqlens, p.N, p.T, bt, nc)
     return ChunkFactors(bt, kp_for(p.K), ct, nc, wg, seq_chunk0, chunk_bos, chunk_len,
                         *(arrays.get(n) for n in ("Gc", "Bc", "Rc", "Rq", "Rk", "Ahi", "Alo", "Phi", "Plo")))
 

@@ -13,12 +13,11 @@ from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool
 from ...cuda.loader import HOPPER_TARGETS, register
 from .definition import CHUNK
 
-PREPARE_SOURCE = "gated_delta_rule/chunk_prepare.cu"  # chunk table, prepare
+PREPARE_SOURCE = "gated_delta_rule/chunk_prepare.cu"  # prepare
 FWD_SOURCE = "gated_delta_rule/chunk_fwd.cu"  # the forward state passes
 BWD_SOURCE = "gated_delta_rule/chunk_bwd.cu"  # the reverse state passes
 DQK_SOURCE = "gated_delta_rule/chunk_bwd_dqk.cu"  # dq, dk and the gate rows
 
-TABLE_KERNEL = "gdn_chunk_table_kernel"
 GATE_ROWS_KERNEL = "gdn_chunk_bwd_gate_rows_kernel"
 KP_SIZES = (64, 128, 256)  # key dimension padded to one of these
 KS = 64  # key slice of the dq/dk kernel
@@ -82,8 +81,7 @@ def dqk_wg_name(ct: str, ksw: int, fuse: bool) -> str:
 _CTS = tuple(CTYPES.values())
 
 # The mma.sync kernels, on every device.
-register(PREPARE_SOURCE, [TABLE_KERNEL] + [prepare_name(ct, bt, kp) for ct in _CTS for bt in CHUNK.chunk_sizes
-                                           for kp in KP_SIZES])
+register(PREPARE_SOURCE, [prepare_name(ct, bt, kp) for ct in _CTS for bt in CHUNK.chunk_sizes for kp in KP_SIZES])
 register(FWD_SOURCE, [fwd_name(ct, bt, kp, s) for ct in _CTS for bt in CHUNK.chunk_sizes for kp in KP_SIZES
                       for s in (False, True)])
 register(BWD_SOURCE, [bwd_state_name(ct, bt, kp) for ct in _CTS for bt in CHUNK.chunk_sizes for kp in KP_SIZES])

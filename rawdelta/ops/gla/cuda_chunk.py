@@ -25,14 +25,13 @@ from ..._arrays import BFLOAT16, empty
 from ...cuda import launch, tensor_map
 from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool, ptr
 from ...cuda.loader import HOPPER_TARGETS, register, wgmma_available
+from ..common.chunk_table import launch_chunk_table
 from ..common.cuda_smem import PAD, WG_BT, chunk_rows, f32, in_tile, r16, split, wg_pass
-from ..common.state_pass_host import PASS_DHT, PASS_VARLEN, input_pass_flags
+from ..common.state_pass_host import PASS_DHT, input_pass_flags
 from ..common.state_pass_host import forward_outputs as common_forward_outputs
 from ..common.workspace import Field, field_arrays, fields_nbytes
 from ..gated_delta_rule.cuda_chunk_hopper import wg_config
 from ..gated_delta_rule.cuda_chunk_kernels import (
-    PREPARE_SOURCE,
-    TABLE_KERNEL,
     WG_TYPES,
     bv,
     kp_for,
@@ -189,13 +188,7 @@ class _Chunks:
             return
         self.Ahi, self.Alo, self.qg, self.kg, self.Rc = (arrays.get(n) for n in ("Ahi", "Alo", "qg", "kg", "Rc"))
         self.Dk = empty(cupy, (max(self.nc, 1), H, K), np.float32)
-        flags = PASS_VARLEN if p.cu_seqlens is not None else 0
-        self.seq_chunk0 = empty(cupy, (p.N + 1,), np.int32)
-        self.chunk_bos = empty(cupy, (max(self.nc, 1),), np.int64)
-        self.chunk_len = empty(cupy, (max(self.nc, 1),), np.int32)
-        launch.launch(PREPARE_SOURCE, TABLE_KERNEL, 1, 1024, 0, (
-            ptr(p.cu_seqlens), np.int32(p.N), np.int32(p.T), np.int32(bt), self.seq_chunk0, self.chunk_bos,
-            self.chunk_len, np.int32(flags)))
+        self.seq_chunk0, self.chunk_bos, self.chunk_len = launch_chunk_table(p.cu_seqlens, p.N, p.T, bt, self.nc)
 
     def prepare(self, p: GLAProblem) -> _Chunks:
         """Launch prepare: every factor."""

@@ -1,0 +1,34 @@
+"""The chunk table every chunked op's CUDA kernels take (``rawdelta/cuda/common/chunk_table.cu``), built on the
+device so that a varlen call needs no host copy of ``cu_seqlens``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..._arrays import empty
+from ...cuda import launch
+from ...cuda.launch import ptr
+from ...cuda.loader import register
+from .state_pass_host import PASS_VARLEN
+
+TABLE_SOURCE = "common/chunk_table.cu"
+TABLE_KERNEL = "chunk_table_kernel"
+register(TABLE_SOURCE, [TABLE_KERNEL])
+
+
+def launch_chunk_table(cu_seqlens: Any, N: int, T: int, chunk_size: int, num_chunks: int) -> tuple[Any, Any, Any]:
+    """Launch the chunk table of N sequences (of T tokens each, or from ``cu_seqlens`` ``[N + 1]`` int64) cut into
+    chunks of `chunk_size` that never cross a sequence start; `num_chunks` of them. Returns the device arrays
+    ``(seq_chunk0 [N + 1] int32, chunk_bos [max(NC, 1)] int64, chunk_len [max(NC, 1)] int32)``: each sequence's
+    first chunk (and the count last), each chunk's first token and length."""
+    import cupy
+
+    seq_chunk0 = empty(cupy, (N + 1,), np.int32)
+    chunk_bos = empty(cupy, (max(num_chunks, 1),), np.int64)
+    chunk_len = empty(cupy, (max(num_chunks, 1),), np.int32)
+    launch.launch(TABLE_SOURCE, TABLE_KERNEL, 1, 1024, 0, (
+        ptr(cu_seqlens), np.int32(N), np.int32(T), np.int32(chunk_size), seq_chunk0, chunk_bos, chunk_len,
+        np.int32(PASS_VARLEN if cu_seqlens is not None else 0)))
+    return seq_chunk0, chunk_bos, chunk_len
