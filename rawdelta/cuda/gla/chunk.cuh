@@ -45,6 +45,15 @@ constexpr int THREADS = 256;
 template <typename E>
 __device__ __forceinline__ constexpr float diag_span() { return SameType<E, __half>::value ? 4.f : 64.f; }
 
+// 2^x on the special-function unit alone: ex2.approx.ftz, the instruction exp2f is built on (the same value, within
+// 2 ulp) without exp2f's range check and rescaling that keep results below 2^-126 subnormal: here they are 0. One
+// instruction where exp2f takes four; the per-element factors of a chunk take several per element.
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Decay 2^(G_a - G_b) of key d from row b to row a >= b of a chunk (G and its reset counts R, tiles of leading
 // dimension ld): 0 across a reset of that key (selected: G may differ by anything across one).
 template <typename RT>

@@ -27,6 +27,11 @@ __device__ __forceinline__ int first_dead_key_row(const float* __restrict__ g, i
     return *slot;
 }
 
+// R[i], R[i + 1] of a uint8 tile, i even (one 2-byte load).
+__device__ __forceinline__ uchar2 u8_pair(const unsigned char* R, int i) {
+    return *reinterpret_cast<const uchar2*>(R + i);
+}
+
 // The scratch of gla_chunk_factors (blocks of 256 threads), carved from dynamic shared memory: the raw q and k of a
 // slice of KS keys (leading dimension LDR: read element by element, so unpadded), their scaled split copies for the
 // products (LDT, padded for ldmatrix), the slice's gates and reset counts (uint8), one int for the first dead row and
@@ -58,9 +63,11 @@ struct ChunkFactorScratch {
 };
 
 // The factors of one chunk of one head (rows r < L; live = its first dead row), over slices of KS keys:
-//   elem(r, d, in, qg, kg) for every row r < BT and key d of every slice (in: r < L and d < K; qg and kg are 0 when
-//   not in), with G, R the per-key chunk-local cumulative log2 gate and reset count (common/chunk_stages.cuh):
-//   qg = q 2^G (0 after a reset of key d), kg = k 2^(G_last - G) (0 before one), with last = L - 1;
+//   elem(r, d, qg_d, qg_d+1, kg_d, kg_d+1) for every row r < BT and even key d of every slice, the keys d and d + 1
+//   (each 0 unless r < L and the key < K), with G, R the per-key chunk-local cumulative log2 gate and reset count
+//   (common/chunk_stages.cuh):
+//   qg = q 2^G (0 after a reset of key d), kg = k 2^(G_last - G) (0 before one), with last = L - 1 (every factor
+//   of the products by gla/chunk.cuh: exp2_ftz);
 //   decay(d, 2^G_last) for d < K, the chunk's per-key decay (0 across a reset);
 //   sA[r LDA + j] = A_rj = scale sum_d q_rd k_jd 2^(G_rd - G_jd) for j <= r < live, else 0 (every r, j < BT),
 //   summed over the slices: for the rows of 16-block I, on tensor cores, as (q_r 2^(G_r - G_ref)) . (k_j 2^(G_ref -
@@ -75,9 +82,10 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
                                                   int live, int K, float scale, Elem&& elem, Decay&& decay) {
     using S = ChunkFactorScratch<T, E, BT>;
     constexpr int NW = 8, KS = S::KS, LDR = S::LDR, LDT = S::LDT, LDG = S::LDG, LDA = S::LDA, NB = BT / SUB;
-    static_assert(THREADS % KS == 0, "a thread keeps one key of a slice");
-    constexpr int RSTEP = THREADS / KS;
-    const int last = L - 1, d = threadIdx.x % KS, r0 = threadIdx.x / KS;
+    constexpr int PAIRS = KS / 2;  // a thread keeps the keys d, d + 1 of a slice in its loops over rows
+    static_assert(THREADS % PAIRS == 0, "every thread keeps one pair of keys");
+    constexpr int RSTEP = THREADS / PAIRS;
+    const int last = L - 1, d = 2 * (threadIdx.x % PAIRS), r0 = threadIdx.x / PAIRS;
     T *sQ = s.sQ, *sK = s.sK;
     float *sG = s.sG, *sA = s.sA;
     unsigned char* sR = s.sR;
@@ -96,7 +104,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
 #pragma unroll 1
     for (int k0 = 0; k0 < K; k0 += KS) {
         const int kc = min(KS, K - k0);
-        const bool dk = d < kc;
+        const bool dk0 = d < kc, dk1 = d + 1 < kc;
         load_tile(sQ, LDR, q + k0, HK, L, kc, BT, KS);
         load_tile(sK, LDR, k + k0, HK, L, kc, BT, KS);
         load_tile(sG, LDG, g + k0, HK, L, kc, BT, KS);
@@ -104,23 +112,31 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         __syncthreads();
         chunk_local_cumsum_log2(sG, sR, LDG, kc, live, BT);
         diag_blocks_elementwise<BT, E>(sG, sR, LDG, kc, live, sFlag);  // barriers around (R is set for kc keys)
-        // The slice's per-key outputs, and q scaled to its block's first row. Each thread keeps one key d (THREADS is
-        // a multiple of KS), so the last row's gate and reset count, and each block's reference row's, are loaded
-        // once per key rather than per element. The loops run a fixed count (the compiler unrolls them without a
-        // remainder) and every factor is computed whatever the masks, then selected: no branch per element.
-        const float Gl = sG[max(last, 0) * LDG + d];
-        const int Rl = sR[max(last, 0) * LDG + d];
-        if (r0 == 0 && dk && L > 0) decay(k0 + d, Rl > 0 ? 0.f : exp2f(Gl));
+        // The slice's per-key outputs, and q scaled to its block's first row. Each thread keeps two adjacent keys
+        // (THREADS is a multiple of KS / 2): its loads and stores are pairs, and the last row's gates and reset
+        // counts, and each block's reference row's, are loaded once per key pair rather than per element. The loops
+        // run a fixed count (the compiler unrolls them without a remainder) and every factor is computed whatever
+        // the masks, then selected: no branch per element.
+        const int el = max(last, 0) * LDG + d;
+        const float2 Gl = load_pair(sG, el);
+        const uchar2 Rl = u8_pair(sR, el);
+        if (r0 == 0 && L > 0) {
+            if (dk0) decay(k0 + d, Rl.x > 0 ? 0.f : exp2_ftz(Gl.x));
+            if (dk1) decay(k0 + d + 1, Rl.y > 0 ? 0.f : exp2_ftz(Gl.y));
+        }
 #pragma unroll 4
         for (int m = 0; m < BT / RSTEP; ++m) {
-            const int r = r0 + m * RSTEP, e = r * LDG + d, ref = r & ~(SUB - 1);
-            const bool in = r < L && dk;
-            const float x = to_float(sQ[r * LDR + d]), y = to_float(sK[r * LDR + d]);
-            const float G = sG[e];
-            const int R = sR[e];
-            const float xq = x * exp2f(G), xk = y * exp2f(Gl - G), xs = x * exp2f(G - sG[ref * LDG + d]);
-            elem(r, k0 + d, in, in && R == 0 ? xq : 0.f, in && Rl <= R ? xk : 0.f);
-            tile_put(s.sQs, r * LDT + d, in && R == sR[ref * LDG + d] ? xs : 0.f);
+            const int r = r0 + m * RSTEP, e = r * LDG + d, er = (r & ~(SUB - 1)) * LDG + d;
+            const bool in0 = r < L && dk0, in1 = r < L && dk1;
+            const float2 x = load_pair(sQ, r * LDR + d), y = load_pair(sK, r * LDR + d);
+            const float2 G = load_pair(sG, e), Gr = load_pair(sG, er);
+            const uchar2 R = u8_pair(sR, e), Rr = u8_pair(sR, er);
+            const float q0 = x.x * exp2_ftz(G.x), q1 = x.y * exp2_ftz(G.y);
+            const float c0 = y.x * exp2_ftz(Gl.x - G.x), c1 = y.y * exp2_ftz(Gl.y - G.y);
+            const float s0 = x.x * exp2_ftz(G.x - Gr.x), s1 = x.y * exp2_ftz(G.y - Gr.y);
+            elem(r, k0 + d, in0 && R.x == 0 ? q0 : 0.f, in1 && R.y == 0 ? q1 : 0.f, in0 && Rl.x <= R.x ? c0 : 0.f,
+                 in1 && Rl.y <= R.y ? c1 : 0.f);
+            tile_put_pair(s.sQs, r * LDT + d, in0 && R.x == Rr.x ? s0 : 0.f, in1 && R.y == Rr.y ? s1 : 0.f);
         }
         // Diagonal blocks summed element by element in this slice.
 #pragma unroll
@@ -141,13 +157,17 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
 #pragma unroll
         for (int I = 0; I < NB; ++I) {
             const int ref = I * SUB, end = sFlag[I] ? ref : ref + SUB;
-            const float Gref = sG[ref * LDG + d];
-            const int Rref = sR[ref * LDG + d];
+            const float2 Gref = load_pair(sG, ref * LDG + d);
+            const uchar2 Rref = u8_pair(sR, ref * LDG + d);
 #pragma unroll
             for (int m = 0; m < (ref + SUB) / RSTEP; ++m) {
                 const int j = r0 + m * RSTEP;
-                const float y = to_float(sK[j * LDR + d]) * exp2f(Gref - sG[j * LDG + d]);
-                tile_put(s.sKs, j * LDT + d, j < end && j < L && dk && sR[j * LDG + d] == Rref ? y : 0.f);
+                const bool jin = j < end && j < L;
+                const float2 y = load_pair(sK, j * LDR + d), G = load_pair(sG, j * LDG + d);
+                const uchar2 R = u8_pair(sR, j * LDG + d);
+                const float y0 = y.x * exp2_ftz(Gref.x - G.x), y1 = y.y * exp2_ftz(Gref.y - G.y);
+                tile_put_pair(s.sKs, j * LDT + d, jin && dk0 && R.x == Rref.x ? y0 : 0.f,
+                              jin && dk1 && R.y == Rref.y ? y1 : 0.f);
             }
             __syncthreads();
             gemm<E, MK, NK, SUB, BT, KS, NW>(blk[I], advance(s.sQs, (i64)ref * LDT), LDT, s.sKs, LDT);

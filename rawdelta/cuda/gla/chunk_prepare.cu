@@ -33,11 +33,11 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
 
     gla_chunk_factors(
         s, q + tok, k + tok, g + tok, HK, L, live, K, scale,
-        [&](int r, int d, bool in, float xq, float xk) {
-            if (!in) return;
-            const i64 o = tok + (i64)r * HK + d;
-            qg[o] = from_float<T>(xq);
-            kg[o] = from_float<T>(xk);
+        [&](int r, int d, float xq0, float xq1, float xk0, float xk1) {
+            if (r >= L) return;
+            const i64 o = tok + (i64)r * HK + d;  // even with K: the pair is aligned
+            put_row_pair(qg, o, d, K, (K & 1) == 0, xq0, xq1);
+            put_row_pair(kg, o, d, K, (K & 1) == 0, xk0, xk1);
         },
         [&](int d, float x) { Dk[((i64)c * H + h) * K + d] = x; });
 
@@ -68,6 +68,6 @@ __global__ void gla_chunk_decay_kernel(const float* __restrict__ g, const i64* _
             if (is_reset_gate(x)) ++n;
             else acc += x;
         }
-        Dk[((i64)c * H + h) * K + d] = n > 0 ? 0.f : exp2f(acc * LOG2E);
+        Dk[((i64)c * H + h) * K + d] = n > 0 ? 0.f : exp2_ftz(acc * LOG2E);  // as gla_chunk_factors computes it
     }
 }

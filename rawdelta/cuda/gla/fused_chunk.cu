@@ -45,9 +45,10 @@ struct ChunkOperands {
                                             float qscale = 1.f, int qrows = BT) {
         gla_chunk_factors(
             fs, q + tok, k + tok, g + tok, HK, L, live, K, scale,
-            [&](int r, int d, bool, float xq, float xk) {
-                tile_put(sQg, r * LDK + d, r < qrows ? xq * qscale : 0.f);
-                tile_put(sKg, r * LDK + d, xk);
+            [&](int r, int d, float xq0, float xq1, float xk0, float xk1) {
+                const bool qr = r < qrows;
+                tile_put_pair(sQg, r * LDK + d, qr ? xq0 * qscale : 0.f, qr ? xq1 * qscale : 0.f);
+                tile_put_pair(sKg, r * LDK + d, xk0, xk1);
             },
             [&](int d, float x) { kdecay[d] = x; });
         constexpr int LDA = ChunkFactorScratch<T, E, BT>::LDA;
