@@ -61,6 +61,15 @@ __device__ __forceinline__ float key_decay(const float* G, const RT* R, int ld, 
     return R[a * ld + d] == R[b * ld + d] ? exp2f(G[a * ld + d] - G[b * ld + d]) : 0.f;
 }
 
+// key_decay for the loops every element of a tile runs through: the factor computed whatever R holds (by exp2_ftz),
+// then selected, so no branch per element. The element-by-element sums of flagged sub-blocks keep key_decay, whose
+// branch skips the work across a reset.
+template <typename RT>
+__device__ __forceinline__ float key_decay_sel(const float* G, const RT* R, int ld, int a, int b, int d) {
+    const float x = exp2_ftz(G[a * ld + d] - G[b * ld + d]);
+    return R[a * ld + d] == R[b * ld + d] ? x : 0.f;
+}
+
 // flags[b] = 1 for each 16-row sub-block b of rows [0, live) of a slice (G, R: per-key gates and reset counts,
 // `width` keys, leading dimension ld) that must be summed element by element: a key whose gates span more than
 // diag_span<E>() over the block's live rows, or a reset inside the block (a factor across it is 0 by selection);

@@ -55,12 +55,16 @@ __device__ __forceinline__ void store_scores(Acc<BT, BT, NW>& dA, const Split<E>
 // dx = 2^(G_last - G_j) Dx (0 before one).
 template <typename AccQ, typename RT>
 __device__ __forceinline__ void dq_inter(AccQ& Dq, const float* sG, const RT* sR, int ld, float scale) {
-    Dq.apply([&](int r, int d, float& x) { x = sR[r * ld + d] > 0 ? 0.f : x * (exp2f(sG[r * ld + d]) * scale); });
+    Dq.apply([&](int r, int d, float& x) {
+        const float f = exp2_ftz(sG[r * ld + d]) * scale;
+        x = sR[r * ld + d] > 0 ? 0.f : x * f;
+    });
 }
 template <typename AccQ, typename RT>
 __device__ __forceinline__ void dk_inter(AccQ& Dx, const float* sG, const RT* sR, int ld, int last) {
     Dx.apply([&](int j, int d, float& x) {
-        x = sR[last * ld + d] > sR[j * ld + d] ? 0.f : x * exp2f(sG[last * ld + d] - sG[j * ld + d]);
+        const float f = exp2_ftz(sG[last * ld + d] - sG[j * ld + d]);
+        x = sR[last * ld + d] > sR[j * ld + d] ? 0.f : x * f;
     });
 }
 
@@ -82,12 +86,9 @@ __device__ __forceinline__ void dq_intra(Acc<BT, KS, NW>& Dq, const Split<E>& sA
     // kL_j = k_j 2^(G_ref - G_j), ref = the last live row of j's sub-block (>= j); 0 on dead rows
     for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
         const int j = idx / KS, d = idx % KS, ref = min(j | (SUB - 1), last);
-        float x0 = 0.f, x1 = 0.f;
-        if (j < live) {
-            x0 = sK[j * ld + d] * key_decay(sG, sR, ld, ref, j, d);
-            x1 = sK[j * ld + d + 1] * key_decay(sG, sR, ld, ref, j, d + 1);
-        }
-        split_store_pair(scratch, j * ldk + d, x0, x1);
+        const float x0 = sK[j * ld + d] * key_decay_sel(sG, sR, ld, ref, j, d);
+        const float x1 = sK[j * ld + d + 1] * key_decay_sel(sG, sR, ld, ref, j, d + 1);
+        split_store_pair(scratch, j * ldk + d, j < live ? x0 : 0.f, j < live ? x1 : 0.f);
     }
     __syncthreads();
     // sub-blocks J <= I = wb (for J < I all rows of J are live when a row of I is): dq_r += 2^(G_r - G_ref)
@@ -102,7 +103,8 @@ __device__ __forceinline__ void dq_intra(Acc<BT, KS, NW>& Dq, const Split<E>& sA
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int r = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
-                if (r < live) Dq.v[0][jt][e] += key_decay(sG, sR, ld, r, ref, d) * t[jt][e];
+                const float f = key_decay_sel(sG, sR, ld, r, ref, d) * t[jt][e];
+                Dq.v[0][jt][e] += r < live ? f : 0.f;
             }
     }
     // a flagged diagonal sub-block: j in [first row of r's sub-block, r)
@@ -134,12 +136,9 @@ __device__ __forceinline__ void dk_intra(Acc<BT, KS, NW>& Di, const Split<E>& sA
     // qF_r = q_r 2^(G_r - G_ref), ref = the first row of r's sub-block; 0 on dead rows
     for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
         const int r = idx / KS, d = idx % KS, ref = r & ~(SUB - 1);
-        float x0 = 0.f, x1 = 0.f;
-        if (r < live) {
-            x0 = sQ[r * ld + d] * key_decay(sG, sR, ld, r, ref, d);
-            x1 = sQ[r * ld + d + 1] * key_decay(sG, sR, ld, r, ref, d + 1);
-        }
-        split_store_pair(scratch, r * ldk + d, x0, x1);
+        const float x0 = sQ[r * ld + d] * key_decay_sel(sG, sR, ld, r, ref, d);
+        const float x1 = sQ[r * ld + d + 1] * key_decay_sel(sG, sR, ld, r, ref, d + 1);
+        split_store_pair(scratch, r * ldk + d, r < live ? x0 : 0.f, r < live ? x1 : 0.f);
     }
     __syncthreads();
     // sub-blocks I >= J = wb with a live row (ref = the first row of I): dk_j += 2^(G_ref - G_j) (dA_IJ^T qF_I)_j
@@ -152,7 +151,8 @@ __device__ __forceinline__ void dk_intra(Acc<BT, KS, NW>& Di, const Split<E>& sA
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
-                if (j < live) Di.v[0][jt][e] += key_decay(sG, sR, ld, ref, j, d) * t[jt][e];
+                const float f = key_decay_sel(sG, sR, ld, ref, j, d) * t[jt][e];
+                Di.v[0][jt][e] += j < live ? f : 0.f;
             }
     }
     // a flagged diagonal sub-block: r in (j, end of j's sub-block), live rows only
