@@ -15,12 +15,14 @@ using namespace rawdelta;
 //   dq_r  = scale 2^G_r Dq_r + sum_{j <= r} dA_rj 2^(G_r - G_j) k_j
 //   dx_j  = 2^(G_last - G_j) Dx_j                               (dk^inter)
 //   dk_j  = dx_j + sum_{r >= j} dA_rj 2^(G_r - G_j) q_r
-// The intra-chunk sums by 16-row sub-blocks: a pair of sub-blocks I > J is a product of scaled tiles with both
-// decay factors taken against a reference row between them, each at most 1 for gates <= 0 and 0 across a reset:
-//   dq_I += 2^(G_I - G_ref) (dA_IJ (k_J 2^(G_ref - G_J))),   ref = the last row of J (kL, one tile for every I)
-//   dk_J += 2^(G_ref - G_J) (dA_IJ^T (q_I 2^(G_I - G_ref))), ref = the first row of I (qF, one tile for every J)
-// (the post-factors per element of each pair's product, in registers); the diagonal sub-blocks element by element
-// in float32 (their factors against one row could overflow), their diagonal entries j = r (decay 1) apart.
+// The intra-chunk sums by 16-row sub-blocks: a pair of sub-blocks I >= J is a product of scaled tiles, every decay
+// split at the blocks' boundary rows (s the first row of I, e the last live row of J) into factors each at most 1
+// for gates <= 0 and 0 across a reset (gla/chunk_bwd_intra.cuh):
+//   dq_I += 2^(G_I - G_s) 2^(G_s - G_e) (dA_IJ (k_J 2^(G_e - G_J)))      (kE, one tile for every I)
+//   dk_J += 2^(G_e - G_J) 2^(G_s - G_e) (dA_IJ^T (q_I 2^(G_I - G_s)))    (qF, one tile for every J)
+// (the per-key middle factor on each pair's product, the per-element outer one once, in registers); a diagonal
+// sub-block whose gates could overflow its factors element by element in float32, the diagonal entries j = r
+// (decay 1) apart.
 // Gate gradient per key d (natural-log units, README "The gate gradient"):
 //   dG_r = q_r (dq_r - dA_rr k_r) - k_r (dk_r - dx_r - dA_rr q_r)      (the diagonal terms, which cancel exactly,
 //                                                                        left out of both)
@@ -130,12 +132,10 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     // diagonal terms (gla/chunk_bwd_intra.cuh)
     chunk_local_cumsum_log2(sG, sR, LDF, KS, live, BT);
     diag_blocks_elementwise<BT, E>(sG, sR, LDF, KS, live, sFlag);  // barriers around
-    gla_dqk::dq_inter(Dq, sG, sR, LDF, scale);
-    gla_dqk::dk_inter(Dx, sG, sR, LDF, last);
-    gla_dqk::dq_intra<E>(Dq, sA, LDM, sK, sG, sR, LDF, sS, LDK, sFlag, live);
+    gla_dqk::dq_chunk<E>(Dq, sA, LDM, sK, sG, sR, LDF, sS, LDK, sFlag, live, scale);
     AccQ Di;
     Di.fill(0.f);
-    gla_dqk::dk_intra<E>(Di, sA, LDM, sQ, sG, sR, LDF, sS, LDK, sFlag, live);
+    gla_dqk::dk_chunk<E>(Dx, Di, sA, LDM, sQ, sG, sR, LDF, sS, LDK, sFlag, live);
     __syncthreads();  // q and k read by every thread: from here each thread rewrites only its own elements
 
     // dq, dk (with the diagonal terms dA_rr k_r, dA_rr q_r); q and k become dG_r and k_r dx_r (0 past live)

@@ -51,119 +51,132 @@ __device__ __forceinline__ void store_scores(Acc<BT, BT, NW>& dA, const Split<E>
     });
 }
 
-// The inter-chunk parts from the products Dq = do h^T and Dx = v dh^T: dq = scale 2^G_r Dq (0 after a reset),
-// dx = 2^(G_last - G_j) Dx (0 before one).
+// Every decay of the intra-chunk sums, from a row j of sub-block J to a row r of sub-block I >= J, splits at the
+// two blocks' boundary rows s = the first row of I and e = the last live row of J:
+//   2^(G_r - G_j) = a_r c_IJ b_j,   a_r = 2^(G_r - G_s),  c_IJ = 2^(G_s - G_e),  b_j = 2^(G_e - G_j),
+// each 0 across a reset (selected), each at most 1 for gates <= 0 but c_II (at most 2^diag_span where the diagonal
+// sub-block is a product). a and b are per element, c per key: the stages below take two exponentials per element
+// (one for the scaled operand qF = q a or kE = k b, one for the post-factor) and one per key and block pair, where a
+// factor per element and pair took 2.5 on average. The inter-chunk decays split at the same rows:
+// 2^G_r = a_r 2^G_s and 2^(G_last - G_j) = 2^(G_last - G_e) b_j.
+
+// acc += c t for one warp's product t of a sub-block pair (the accumulator tiles' layout), c = 2^(G_s - G_e) per key
+// column (0 across a reset): each of the thread's column pairs' factors computed once for its rows.
 template <typename AccQ, typename RT>
-__device__ __forceinline__ void dq_inter(AccQ& Dq, const float* sG, const RT* sR, int ld, float scale) {
-    Dq.apply([&](int r, int d, float& x) {
-        const float f = exp2_ftz(sG[r * ld + d]) * scale;
-        x = sR[r * ld + d] > 0 ? 0.f : x * f;
-    });
-}
-template <typename AccQ, typename RT>
-__device__ __forceinline__ void dk_inter(AccQ& Dx, const float* sG, const RT* sR, int ld, int last) {
-    Dx.apply([&](int j, int d, float& x) {
-        const float f = exp2_ftz(sG[last * ld + d] - sG[j * ld + d]);
-        x = sR[last * ld + d] > sR[j * ld + d] ? 0.f : x * f;
-    });
+__device__ __forceinline__ void block_pair_add(AccQ& acc, const float (&t)[AccQ::NT][4], const float* sG,
+                                               const RT* sR, int ld, int s, int e, int warp, int lane) {
+#pragma unroll
+    for (int jt = 0; jt < AccQ::NT; ++jt) {
+        const int d = AccQ::col(warp, lane, jt, 0);
+        const float c0 = key_decay_sel(sG, sR, ld, s, e, d), c1 = key_decay_sel(sG, sR, ld, s, e, d + 1);
+        acc.v[0][jt][0] += c0 * t[jt][0];
+        acc.v[0][jt][1] += c1 * t[jt][1];
+        acc.v[0][jt][2] += c0 * t[jt][2];
+        acc.v[0][jt][3] += c1 * t[jt][3];
+    }
 }
 
-// dq's intra-chunk part without its diagonal terms, added to Dq (Acc<BT, KS>; each warp one 16-row sub-block I):
-// sub-blocks J <= I on tensor cores (J = I unless flagged), kL_j = k_j 2^(G_ref - G_j) with ref the last live row of
-// J, post-factor 2^(G_r - G_ref) (up to 2^diag_span for J = I); a flagged diagonal sub-block element by element
-// (j in [first row of r's sub-block, r)). Barriers before and after the products (the scratch's kL may be overwritten
-// when it returns).
+// dq without its diagonal terms (dA_rr k_r), in Dq (Acc<BT, KS>: do h^T on entry; each warp one 16-row sub-block
+// I = wb, rows from s = 16 I):
+//   dq_r = a_r (scale 2^G_s Dq_r + sum_{J <= I} c_IJ (dA_IJ kE_J)_r),   kE_j = k_j b_j,
+// the J = I term only unless flagged; a flagged diagonal sub-block element by element (j in [s, r)). 0 on rows past
+// live. Barriers before and after the products (the scratch's kE may be overwritten when it returns).
 template <typename E, int BT, int KS, int NW, typename RT>
-__device__ __forceinline__ void dq_intra(Acc<BT, KS, NW>& Dq, const Split<E>& sA, int ldm, const float* sK,
+__device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA, int ldm, const float* sK,
                                          const float* sG, const RT* sR, int ld, const Split<E>& scratch, int ldk,
-                                         const int* flags, int live) {
+                                         const int* flags, int live, float scale) {
     using AccQ = Acc<BT, KS, NW>;
     constexpr int NT = AccQ::NT, WM = AccQ::WM, WN = AccQ::WN;
     static_assert(AccQ::MT == 1 && WM == BT / SUB && WM * WN == NW, "each warp owns one 16-row sub-block");
     const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM,
-              wn = warp / WM;
+              wn = warp / WM, s = wb * SUB;
     const bool elementwise = flags[wb] != 0;
-    // kL_j = k_j 2^(G_ref - G_j), ref = the last live row of j's sub-block (>= j); 0 on dead rows
+    // kE_j = k_j b_j; 0 on dead rows
     for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
-        const int j = idx / KS, d = idx % KS, ref = min(j | (SUB - 1), last);
-        const float x0 = sK[j * ld + d] * key_decay_sel(sG, sR, ld, ref, j, d);
-        const float x1 = sK[j * ld + d + 1] * key_decay_sel(sG, sR, ld, ref, j, d + 1);
+        const int j = idx / KS, d = idx % KS, e = min(j | (SUB - 1), last);
+        const float x0 = sK[j * ld + d] * key_decay_sel(sG, sR, ld, e, j, d);
+        const float x1 = sK[j * ld + d + 1] * key_decay_sel(sG, sR, ld, e, j, d + 1);
         split_store_pair(scratch, j * ldk + d, j < live ? x0 : 0.f, j < live ? x1 : 0.f);
     }
+    // the inter-chunk part to row s: scale 2^G_s Dq (0 after a reset at or before s: selected, the state may hold
+    // anything a reset discards)
+    Dq.apply([&](int, int d, float& x) {
+        const int i = s * ld + d;
+        x = sR[i] > 0 ? 0.f : x * (scale * exp2_ftz(sG[i]));
+    });
     __syncthreads();
-    // sub-blocks J <= I = wb (for J < I all rows of J are live when a row of I is): dq_r += 2^(G_r - G_ref)
-    // (dA_IJ kL_J)_r; for J = I, r <= ref and no reset inside the block, so the factor is 2^(G_r - G_ref) as well
+    // sub-blocks J <= I (for J < I all rows of J are live when a row of I is)
     const int nJ = elementwise ? wb : wb + 1;
-    for (int J = 0; J < nJ && wb * SUB < live; ++J) {
+    for (int J = 0; J < nJ && s < live; ++J) {
         float t[NT][4];
-        warp_block_mma<E, MK, NT, WN>(t, sA, ldm, wb * SUB, J * SUB, scratch, ldk, wn, lane);
-        const int ref = min(J * SUB + SUB - 1, last);
-#pragma unroll
-        for (int jt = 0; jt < NT; ++jt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
-                const float f = key_decay_sel(sG, sR, ld, r, ref, d) * t[jt][e];
-                Dq.v[0][jt][e] += r < live ? f : 0.f;
-            }
+        warp_block_mma<E, MK, NT, WN>(t, sA, ldm, s, J * SUB, scratch, ldk, wn, lane);
+        const int e = min(J * SUB + SUB - 1, last);
+        block_pair_add<AccQ>(Dq, t, sG, sR, ld, s, e, warp, lane);
     }
-    // a flagged diagonal sub-block: j in [first row of r's sub-block, r)
+    // a_r (0 from a reset inside the block on, by selection: every term crosses it)
+    Dq.apply([&](int r, int d, float& x) {
+        const bool in = r < live && sR[r * ld + d] == sR[s * ld + d];
+        x = in ? x * exp2_ftz(sG[r * ld + d] - sG[s * ld + d]) : 0.f;
+    });
+    // a flagged diagonal sub-block: j in [s, r)
     if (elementwise)
         Dq.apply([&](int r, int d, float& x) {
             if (r >= live) return;
-            float s = 0.f;
-            for (int j = r & ~(SUB - 1); j < r; ++j)
-                s += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sK[j * ld + d];
-            x += s;
+            float sum = 0.f;
+            for (int j = s; j < r; ++j)
+                sum += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sK[j * ld + d];
+            x += sum;
         });
-    __syncthreads();  // kL read
+    __syncthreads();  // kE read
 }
 
-// dk's intra-chunk part without its diagonal terms, added to Di (Acc<BT, KS>; each warp one 16-row sub-block J):
-// sub-blocks I >= J on tensor cores (I = J unless flagged), qF_r = q_r 2^(G_r - G_ref) with ref the first row of I,
-// post-factor 2^(G_ref - G_j) (up to 2^diag_span for I = J); a flagged diagonal sub-block element by element
-// (r in (j, end of j's sub-block), live rows). A barrier after qF is written; the caller's barrier before the scratch
-// or the tiles are overwritten.
+// dk without its diagonal terms, as its inter-chunk part Dx (Acc<BT, KS>: v dh^T on entry) and its intra-chunk part
+// Di (0 on entry); each warp one 16-row sub-block J = wb, e = its last live row:
+//   dx_j = 2^(G_last - G_e) b_j Dx_j,   Di_j = b_j sum_{I >= J} c_IJ (dA_IJ^T qF_I)_j,   qF_r = q_r a_r,
+// the I = J term only unless flagged; a flagged diagonal sub-block element by element (r in (j, end of the block),
+// live rows). 0 on rows past live. A barrier after qF is written; the caller's barrier before the scratch or the
+// tiles are overwritten.
 template <typename E, int BT, int KS, int NW, typename RT>
-__device__ __forceinline__ void dk_intra(Acc<BT, KS, NW>& Di, const Split<E>& sA, int ldm, const float* sQ,
-                                         const float* sG, const RT* sR, int ld, const Split<E>& scratch, int ldk,
-                                         const int* flags, int live) {
+__device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& Di, const Split<E>& sA, int ldm,
+                                         const float* sQ, const float* sG, const RT* sR, int ld,
+                                         const Split<E>& scratch, int ldk, const int* flags, int live) {
     using AccQ = Acc<BT, KS, NW>;
     constexpr int NT = AccQ::NT, WM = AccQ::WM, WN = AccQ::WN, NB = BT / SUB;
     static_assert(AccQ::MT == 1 && WM == NB && WM * WN == NW, "each warp owns one 16-row sub-block");
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM, wn = warp / WM;
+    const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM,
+              wn = warp / WM, e = min(wb * SUB + SUB - 1, last);
     const bool elementwise = flags[wb] != 0;
-    // qF_r = q_r 2^(G_r - G_ref), ref = the first row of r's sub-block; 0 on dead rows
+    // qF_r = q_r a_r; 0 on dead rows
     for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
-        const int r = idx / KS, d = idx % KS, ref = r & ~(SUB - 1);
-        const float x0 = sQ[r * ld + d] * key_decay_sel(sG, sR, ld, r, ref, d);
-        const float x1 = sQ[r * ld + d + 1] * key_decay_sel(sG, sR, ld, r, ref, d + 1);
+        const int r = idx / KS, d = idx % KS, s = r & ~(SUB - 1);
+        const float x0 = sQ[r * ld + d] * key_decay_sel(sG, sR, ld, r, s, d);
+        const float x1 = sQ[r * ld + d + 1] * key_decay_sel(sG, sR, ld, r, s, d + 1);
         split_store_pair(scratch, r * ldk + d, r < live ? x0 : 0.f, r < live ? x1 : 0.f);
     }
     __syncthreads();
-    // sub-blocks I >= J = wb with a live row (ref = the first row of I): dk_j += 2^(G_ref - G_j) (dA_IJ^T qF_I)_j
+    // sub-blocks I >= J with a live row
     for (int I = elementwise ? wb + 1 : wb; I < NB && I * SUB < live; ++I) {
         float t[NT][4];
         warp_block_mma<E, KM, NT, WN>(t, sA, ldm, wb * SUB, I * SUB, scratch, ldk, wn, lane);
-        const int ref = I * SUB;
-#pragma unroll
-        for (int jt = 0; jt < NT; ++jt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int j = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
-                const float f = key_decay_sel(sG, sR, ld, ref, j, d) * t[jt][e];
-                Di.v[0][jt][e] += j < live ? f : 0.f;
-            }
+        block_pair_add<AccQ>(Di, t, sG, sR, ld, I * SUB, e, warp, lane);
     }
+    // b_j, and the inter-chunk part (0 before a reset after j, by selection: the state gradient may hold anything
+    // the reset discards)
+    Di.zip(Dx, [&](int j, int d, float& xi, float& xx) {
+        const int ij = j * ld + d, ie = e * ld + d, il = last * ld + d;
+        const float b = exp2_ftz(sG[ie] - sG[ij]);
+        xi = j < live && sR[ij] == sR[ie] ? xi * b : 0.f;
+        xx = j < live && sR[ij] == sR[il] ? xx * (b * exp2_ftz(sG[il] - sG[ie])) : 0.f;
+    });
     // a flagged diagonal sub-block: r in (j, end of j's sub-block), live rows only
     if (elementwise)
         Di.apply([&](int j, int d, float& x) {
             if (j >= live) return;
             const int end = min((j | (SUB - 1)) + 1, live);
-            float s = 0.f;
+            float sum = 0.f;
             for (int r = j + 1; r < end; ++r)
-                s += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sQ[r * ld + d];
-            x += s;
+                sum += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sQ[r * ld + d];
+            x += sum;
         });
 }
 
