@@ -53,6 +53,9 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     static_assert(AccQ::MT == 1 && WM == NB && WM * WN == NW, "each warp owns one 16-row sub-block of dq / dk");
     static_assert(KS * 4 == NW * 32, "four threads per key sum h dh");
     constexpr int U = 1;  // k steps unrolled per product of the V loop (three accumulators live across it)
+    // 16-bit inputs: two stages of the V loop's tiles (each step's cp.async loads in flight during the step before);
+    // float32 inputs are converted through registers, so a second stage would only take shared memory
+    constexpr int STAGES = sizeof(T) == 2 ? 2 : 1;
 
     // Shared memory: G, R, hdh and Dk for the whole block, the scores' diagonal and the diagonal sub-blocks' flags;
     // then the V loop's tiles, whose space afterwards holds q, k (float), the scores and one scaled operand (kL, then
@@ -66,11 +69,14 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     float* sDa = cur.take<float>(BT);
     int* sFlag = cur.take<int>(4);
     unsigned char* const vloop_tiles = cur.p;
-    TT sDo, sV, sH, sDh;
-    cur.into(sDo, BT * LDV);
-    cur.into(sV, BT * LDV);
-    cur.into(sH, KS * LDV);
-    cur.into(sDh, KS * LDV);
+    TT sDo[STAGES], sV[STAGES], sH[STAGES], sDh[STAGES];
+#pragma unroll
+    for (int b = 0; b < STAGES; ++b) {
+        cur.into(sDo[b], BT * LDV);
+        cur.into(sV[b], BT * LDV);
+        cur.into(sH[b], KS * LDV);
+        cur.into(sDh[b], KS * LDV);
+    }
     SmemCursor after{vloop_tiles};
     float* sQ = after.take<float>(BT * LDF);
     float* sK = after.take<float>(BT * LDF);
@@ -95,26 +101,45 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     dA.fill(0.f);
     float hdh = 0.f;  // this thread's part of hdh of key hkey: value columns 2 hpart + 8 i (and the next)
     const int hkey = threadIdx.x >> 2, hpart = threadIdx.x & 3;
-#pragma unroll 1
-    for (int v0 = 0; v0 < V; v0 += BVB) {
-        const int vc = min(BVB, V - v0);
+    // stage b's tile of x (selected: a runtime index into the arrays would put them in local memory)
+    const auto at = [](const TT (&x)[STAGES], int b) { return STAGES > 1 && b ? x[STAGES - 1] : x[0]; };
+    // step s of the V loop into stage s % STAGES, one cp.async group (with the gates for step 0)
+    const auto issue = [&](int s) {
+        const int v0 = s * BVB, vc = min(BVB, V - v0), b = s % STAGES;
         const i64 row = (bos * H + h) * V + v0;
-        load_tile(sDo, LDV, dout + row, (i64)H * V, L, vc, BT, BVB);
-        load_tile(sV, LDV, v + row, (i64)H * V, L, vc, BT, BVB);
-        load_tile(sH, LDV, hbuf + hoff + v0, (i64)V, kc, vc, KS, BVB);
-        load_tile(sDh, LDV, dhbuf + hoff + v0, (i64)V, kc, vc, KS, BVB);
-        cp_async_wait_all();
+        load_tile(at(sDo, b), LDV, dout + row, (i64)H * V, L, vc, BT, BVB);
+        load_tile(at(sV, b), LDV, v + row, (i64)H * V, L, vc, BT, BVB);
+        load_tile(at(sH, b), LDV, hbuf + hoff + v0, (i64)V, kc, vc, KS, BVB);
+        load_tile(at(sDh, b), LDV, dhbuf + hoff + v0, (i64)V, kc, vc, KS, BVB);
+        cp_async_commit();
+    };
+    const int nv = (V + BVB - 1) / BVB;
+    issue(0);
+#pragma unroll 1
+    for (int s = 0; s < nv; ++s) {
+        // the next step's loads in flight while this one computes (into the stage step s - 1 read, released by its
+        // closing barrier)
+        if (STAGES > 1 && s + 1 < nv) {
+            issue(s + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
+        const int b = s % STAGES;
 #pragma unroll
         for (int col = 2 * hpart; col < BVB; col += 8) {
             const int e = hkey * LDV + col;
-            const float2 a = tile_get_pair(sH, e), b = tile_get_pair(sDh, e);
-            hdh += a.x * b.x + a.y * b.y;
+            const float2 x = tile_get_pair(at(sH, b), e), y = tile_get_pair(at(sDh, b), e);
+            hdh += x.x * y.x + x.y * y.y;
         }
-        gemm<E, MK, NK, BT, KS, BVB, NW, U>(Dq, sDo, LDV, sH, LDV);
-        gemm<E, MK, NK, BT, KS, BVB, NW, U>(Dx, sV, LDV, sDh, LDV);
-        gemm<E, MK, NK, BT, BT, BVB, NW, U>(dA, sDo, LDV, sV, LDV);
-        __syncthreads();
+        gemm<E, MK, NK, BT, KS, BVB, NW, U>(Dq, at(sDo, b), LDV, at(sH, b), LDV);
+        gemm<E, MK, NK, BT, KS, BVB, NW, U>(Dx, at(sV, b), LDV, at(sDh, b), LDV);
+        gemm<E, MK, NK, BT, BT, BVB, NW, U>(dA, at(sDo, b), LDV, at(sV, b), LDV);
+        // before this stage is loaded again (by step s + 2's issue, or the next step's with one stage) or, after the
+        // last step, taken by the tiles that follow
+        if (STAGES == 1 || s + 2 < nv || s + 1 == nv) __syncthreads();
+        if (STAGES == 1 && s + 1 < nv) issue(s + 1);
     }
 
     // ---- the V loop's tiles are dead: the scores (masked, scaled), q, k, hdh, Dk ----

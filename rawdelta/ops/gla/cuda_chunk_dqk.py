@@ -33,14 +33,21 @@ def dqk_name(ct: str, bt: int) -> str:
 register(DQK_SOURCE, [dqk_name(ct, bt) for ct in launch.CTYPES.values() for bt in CHUNK_SIZES])
 
 
+def vloop_stages(ct: str) -> int:
+    """Stages of the kernel's V-loop tiles: two for 16-bit inputs (cp.async loads one step ahead), one for float32
+    (converted through registers)."""
+    return 1 if ct == "float" else 2
+
+
 def dqk_smem(ct: str, bt: int) -> int:
     """Dynamic shared-memory bytes of :func:`dqk_name`'s kernel, as it carves them: the gates G (float) and reset
     counts R (int) of its keys, h . dh and Dk per key, the scores' diagonal and the diagonal blocks' flags; then the
     larger of the loop over V's tiles (do, v: bt rows; h, dh: KS rows; input precision) and what takes their space
-    after it (q, k float; the scores and one scaled operand, split)."""
+    after it (q, k float; the scores and one scaled operand, split), the loop's tiles in :func:`vloop_stages`
+    stages."""
     ldf, ldk, ldv, ldm = KS + 4, KS + PAD, BVB + PAD, bt + PAD
     fixed = 2 * f32(bt * ldf) + 2 * f32(KS) + f32(bt) + f32(4)
-    vloop = 2 * in_tile(ct, bt * ldv) + 2 * in_tile(ct, KS * ldv)
+    vloop = vloop_stages(ct) * (2 * in_tile(ct, bt * ldv) + 2 * in_tile(ct, KS * ldv))
     after = 2 * f32(bt * ldf) + split(bt * ldm) + split(bt * ldk)
     return fixed + max(vloop, after)
 
