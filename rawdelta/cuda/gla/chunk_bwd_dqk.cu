@@ -126,6 +126,10 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
             cp_async_wait<0>();
         }
         __syncthreads();
+        if (s + 1 == nv) {  // q and k, loaded through registers after the loop: on their way to L2 during its last step
+            prefetch_tile_l2(q + qk0, rstride, L, kc);
+            prefetch_tile_l2(k + qk0, rstride, L, kc);
+        }
         const int b = s % STAGES;
 #pragma unroll
         for (int col = 2 * hpart; col < BVB; col += 8) {
