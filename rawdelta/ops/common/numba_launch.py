@@ -54,6 +54,14 @@ class NumbaLauncher:
         """:meth:`put` of an optional input `x` of `ndim` dimensions, or :meth:`dummy` when it is None."""
         return self.dummy(ndim) if x is None else self.put(x)
 
+    def put_f32(self, x: Any) -> Any:
+        """:meth:`put` of `x` as float32 (the reference kernels' arithmetic; not copied when it is float32)."""
+        return self.put(x.astype(np.float32, copy=False))
+
+    def put_f32_or_dummy(self, x: Any, ndim: int) -> Any:
+        """:meth:`put_f32` of an optional input `x` of `ndim` dimensions, or :meth:`dummy` when it is None."""
+        return self.dummy(ndim) if x is None else self.put_f32(x)
+
     def out(self, x: Any) -> Any:
         """Device array the kernel writes into; for numpy `x` it is copied back into `x` by :meth:`finish`."""
         d = self.put(x)

@@ -171,24 +171,20 @@ def _kernels() -> Any:
                                  forward_py=forward, backward_py=backward)
 
 
-def _f32(x: Any) -> Any:
-    """`x` as float32 (not copied when it is), or None."""
-    return None if x is None else x.astype(np.float32, copy=False)
-
 
 def _common_args(p: GDNProblem, L: NumbaLauncher) -> tuple[list[Any], list[Any]]:
     """Device arrays ``[q, k, v, g, gk, gv, beta, A_log, dt_bias, cu]`` and the trailing scalar arguments."""
     xp = p.xp
     f32 = np.float32
-    q, k, v = (L.put(_f32(x)) for x in (p.q, p.k, p.v))
-    g, gk, gv = L.put_or_dummy(_f32(p.g), 3), L.put_or_dummy(_f32(p.gk), 4), L.put_or_dummy(_f32(p.gv), 4)
+    q, k, v = (L.put_f32(x) for x in (p.q, p.k, p.v))
+    g, gk, gv = L.put_f32_or_dummy(p.g, 3), L.put_f32_or_dummy(p.gk, 4), L.put_f32_or_dummy(p.gv, 4)
     if p.beta is None:
         beta, beta_mode = L.dummy(4), 0
     elif p.beta_per_v:
-        beta, beta_mode = L.put(_f32(p.beta)), 2
+        beta, beta_mode = L.put_f32(p.beta), 2
     else:
-        beta, beta_mode = L.put(_f32(p.beta)[..., None]), 1
-    a_log, dt_bias = L.put_or_dummy(_f32(p.A_log), 1), L.put_or_dummy(_f32(p.dt_bias), 1)
+        beta, beta_mode = L.put_f32(p.beta[..., None]), 1
+    a_log, dt_bias = L.put_f32_or_dummy(p.A_log, 1), L.put_f32_or_dummy(p.dt_bias, 1)
     if p.cu_seqlens is not None:
         cu = L.put(xp.asarray(p.cu_seqlens, dtype=np.int64))
     else:
@@ -206,7 +202,7 @@ def _run_forward(p: GDNProblem, L: NumbaLauncher, store_states: bool) -> tuple[A
     xp = p.xp
     arrays, scalars = _common_args(p, L)
     q, k, v, g, gk, gv, beta, a_log, dt_bias, cu = arrays
-    h0 = L.put_or_dummy(_f32(p.initial_state), 4)
+    h0 = L.put_f32_or_dummy(p.initial_state, 4)
     o = empty(xp, (p.B, p.T, p.HV, p.V), np.float32)
     ht = empty(xp, (p.N, p.HV, p.K, p.V), np.float32)
     if store_states:
@@ -264,8 +260,8 @@ def recurrent_backward(p: GDNProblem, do: Any, dht: Any) -> dict[str, Any]:
         L = NumbaLauncher(xp)
         _, _, d_states, arrays, scalars = _run_forward(p, L, store_states=True)
         q, k, v, g, gk, gv, beta, a_log, dt_bias, cu = arrays
-        d_do = L.put(_f32(xp.asarray(do)))
-        d_dht = L.put_or_dummy(_f32(None if dht is None else xp.asarray(dht)), 4)
+        d_do = L.put_f32(xp.asarray(do))
+        d_dht = L.put_f32_or_dummy(None if dht is None else xp.asarray(dht), 4)
 
         dq_part = empty(xp, (B, T, HV, K, V), f32)
         dk_part = empty(xp, (B, T, HV, K, V), f32)

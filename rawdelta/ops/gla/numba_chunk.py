@@ -40,7 +40,7 @@ def _forward_stages(p: GLAProblem, st: NumbaChunkStages, ht: Any) -> types.Simpl
     chunk's start state) and delta (v as written, ``[B, T, H, V]``), float32."""
     L = st.L
     s = types.SimpleNamespace()
-    s.q, s.k, s.v, g = (L.put(x.astype(np.float32, copy=False)) for x in (p.q, p.k, p.v, p.g))
+    s.q, s.k, s.v, g = (L.put_f32(x) for x in (p.q, p.k, p.v, p.g))
     s.G, s.R = L.scratch(p.B, p.T, p.H, p.K), L.scratch(p.B, p.T, p.H, p.K)
     st.chunk_local_cumsum(g, s.G, s.R)
     s.h, s.delta = L.scratch(st.n_chunks, p.H, p.K, p.V), L.scratch(p.B, p.T, p.H, p.V)

@@ -133,18 +133,14 @@ def _kernels() -> Any:
                                  forward_py=forward, backward_py=backward)
 
 
-def _f32(x: Any) -> Any:
-    """`x` as float32 (not copied when it is), or None."""
-    return None if x is None else x.astype(np.float32, copy=False)
-
 
 def _run_forward(p: GLAProblem, L: NumbaLauncher, store_states: bool) -> tuple[Any, Any, Any, list[Any], list[Any]]:
     """Launch the forward kernel; returns ``(o, ht, states device array or None, input arrays, scalars)``."""
     xp = p.xp
-    q, k, v = (L.put(_f32(x)) for x in (p.q, p.k, p.v))
-    gk, gv = L.put_or_dummy(_f32(p.gk), 4), L.put_or_dummy(_f32(p.gv), 4)
+    q, k, v = (L.put_f32(x) for x in (p.q, p.k, p.v))
+    gk, gv = L.put_f32_or_dummy(p.gk, 4), L.put_f32_or_dummy(p.gv, 4)
     cu = L.put(xp.asarray(p.cu_seqlens, dtype=np.int64) if p.cu_seqlens is not None else xp.zeros(1, np.int64))
-    h0 = L.put_or_dummy(_f32(p.initial_state), 4)
+    h0 = L.put_f32_or_dummy(p.initial_state, 4)
     o = empty(xp, (p.B, p.T, p.H, p.V), np.float32)
     ht = empty(xp, (p.N, p.H, p.K, p.V), np.float32)
     if store_states:
@@ -196,8 +192,8 @@ def recurrent_backward(p: GLAProblem, do: Any, dht: Any) -> dict[str, Any]:
     with numba_device_scope(xp, p.stream, p.q):
         L = NumbaLauncher(xp)
         _, _, d_states, (q, k, v, gk, gv, cu), scalars = _run_forward(p, L, store_states=True)
-        d_do = L.put(_f32(xp.asarray(do)))
-        d_dht = L.put_or_dummy(_f32(None if dht is None else xp.asarray(dht)), 4)
+        d_do = L.put_f32(xp.asarray(do))
+        d_dht = L.put_f32_or_dummy(None if dht is None else xp.asarray(dht), 4)
         dq_part, dk_part = empty(xp, (B, T, H, K, V), f32), empty(xp, (B, T, H, K, V), f32)
         dgk_part = empty(xp, (B, T, H, K, V), f32) if p.gk is not None else None
         dv = empty(xp, (B, T, H, V), f32)
