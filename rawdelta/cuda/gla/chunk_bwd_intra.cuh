@@ -203,20 +203,20 @@ __device__ __forceinline__ float dg_reverse_scan(float carry, float add, const f
     }
     for (int s1 = live - 1; s1 >= 0; s1 -= U) {
         float gx[U], px[U];
-        int rx[U], rp[U];
+        int rx[U + 1];  // the reset counts of rows s1 - u, one row further for the last row's predecessor
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int s = s1 - u;
             gx[u] = s >= 0 ? dG[s * ld] : 0.f;
             px[u] = s >= 0 ? kdx[s * ld] : 0.f;
-            rx[u] = s >= 0 ? (int)R[s * ld] : 0;
-            rp[u] = s > 0 ? (int)R[(s - 1) * ld] : 0;
         }
+#pragma unroll
+        for (int u = 0; u <= U; ++u) rx[u] = s1 - u >= 0 ? (int)R[(s1 - u) * ld] : 0;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int s = s1 - u;
             if (s < 0) break;
-            const bool own_reset = rx[u] > rp[u];
+            const bool own_reset = rx[u] > rx[u + 1];
             carry = own_reset ? 0.f : carry + gx[u];
             out[s * stride] = own_reset ? 0.f : carry + px[u] + add;
         }
