@@ -197,6 +197,19 @@ __device__ __forceinline__ int first_dead_row(const float* G, const float* B, in
     return L;
 }
 
+// One key's running sum of a chunk's gates in row order (natural-log units) and its reset count: the arithmetic of
+// chunk_local_cumsum_log2, once, so a kernel that needs only a chunk's total (gla_chunk_decay_kernel) gets the
+// cumsum's bits.
+struct GateRunSum {
+    float acc = 0.f;
+    int n = 0;
+    __device__ __forceinline__ void add(float x) {
+        if (is_reset_gate(x)) ++n;
+        else acc += x;
+    }
+    __device__ __forceinline__ float log2_sum() const { return acc * LOG2E; }
+};
+
 // In-place inclusive cumsum over rows [0, live) of each of `width` columns of G (natural-log gates in, log2 units
 // out), resets left out and counted in R (same layout). Rows [live, rows_pad) repeat the last sum and count, so
 // masked-out decays stay finite. width = 1 for a scalar gate, K for a per-key one. R: int, or uint8 (a chunk has at
@@ -207,8 +220,7 @@ __device__ __forceinline__ void chunk_local_cumsum_log2(float* G, RT* R, int ld,
     // (the compiler does not move a load above the previous row's store to the same array)
     constexpr int U = 8;
     for (int c = threadIdx.x; c < width; c += blockDim.x) {
-        float acc = 0.f;
-        int n = 0;
+        GateRunSum sum;
         for (int r0 = 0; r0 < rows_pad; r0 += U) {
             float x[U];
 #pragma unroll
@@ -217,12 +229,9 @@ __device__ __forceinline__ void chunk_local_cumsum_log2(float* G, RT* R, int ld,
             for (int u = 0; u < U; ++u) {
                 const int r = r0 + u;
                 if (r >= rows_pad) break;
-                if (r < live) {
-                    if (is_reset_gate(x[u])) ++n;
-                    else acc += x[u];
-                }
-                G[r * ld + c] = acc * LOG2E;
-                R[r * ld + c] = (RT)n;
+                if (r < live) sum.add(x[u]);
+                G[r * ld + c] = sum.log2_sum();
+                R[r * ld + c] = (RT)sum.n;
             }
         }
     }

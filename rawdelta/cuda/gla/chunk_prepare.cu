@@ -51,8 +51,8 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
 
 // Each chunk's per-key decay Dk = 2^G_last (0 across a reset), alone: what prepare writes, for a backward whose
 // factors come from a workspace (which holds no per-chunk arrays: their count is not known from the shapes). Per
-// (chunk, head) one block; thread d sums key d's gates over the chunk's live rows in row order, as prepare's cumsum
-// does (common/chunk_stages.cuh: chunk_local_cumsum_log2), so the values are the same bits.
+// (chunk, head) one block; thread d sums key d's gates over the chunk's live rows in row order with prepare's cumsum's
+// arithmetic (common/chunk_stages.cuh: GateRunSum), so the values are the same bits.
 __global__ void gla_chunk_decay_kernel(const float* __restrict__ g, const i64* __restrict__ chunk_bos,
                                        const int* __restrict__ chunk_len, const int* __restrict__ Rc,
                                        float* __restrict__ Dk, int H, int K) {
@@ -61,13 +61,8 @@ __global__ void gla_chunk_decay_kernel(const float* __restrict__ g, const i64* _
     const int live = min(code_live_rows(Rc[bos * H + h]), chunk_len[c]);
     for (int d = threadIdx.x; d < K; d += blockDim.x) {
         const float* gd = g + bos * HK + (i64)h * K + d;
-        float acc = 0.f;
-        int n = 0;
-        for (int r = 0; r < live; ++r) {
-            const float x = gd[r * HK];
-            if (is_reset_gate(x)) ++n;
-            else acc += x;
-        }
-        Dk[((i64)c * H + h) * K + d] = n > 0 ? 0.f : exp2_ftz(acc * LOG2E);  // as gla_chunk_factors computes it
+        GateRunSum sum;
+        for (int r = 0; r < live; ++r) sum.add(gd[r * HK]);
+        Dk[((i64)c * H + h) * K + d] = sum.n > 0 ? 0.f : exp2_ftz(sum.log2_sum());  // as gla_chunk_factors does
     }
 }
