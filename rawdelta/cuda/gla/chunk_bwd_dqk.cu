@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     using TT = typename InputTile<T, E>::type;
     constexpr int NW = 8, NB = BT / SUB;
     constexpr int LDF = KS + 4;         // float and int tiles of the slice's keys: G, R, q, k (then dG, k dx)
-    constexpr int LDK = KS + TILE_PAD;  // the scaled operands kL / qF
+    constexpr int LDK = KS + TILE_PAD;  // the scaled operands kE / qF
     constexpr int LDV = BVB + TILE_PAD;
     constexpr int LDM = BT + TILE_PAD;  // the scores dA
     using AccQ = Acc<BT, KS, NW>;
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     constexpr int STAGES = sizeof(T) == 2 ? 2 : 1;
 
     // Shared memory: G, R, hdh and Dk for the whole block, the scores' diagonal and the diagonal sub-blocks' flags;
-    // then the V loop's tiles, whose space afterwards holds q, k (float), the scores and one scaled operand (kL, then
+    // then the V loop's tiles, whose space afterwards holds q, k (float), the scores and one scaled operand (kE, then
     // qF); q and k become dG and k dx at the end.
     extern __shared__ __align__(16) unsigned char smem[];
     SmemCursor cur{smem};
