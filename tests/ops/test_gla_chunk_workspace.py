@@ -1,7 +1,8 @@
 """chunk_gla's cuda backend on the host: the Hopper reverse pass's shared memory with the scores' lo part in its
-stages, and the layout of the factor workspace (the adapters keep the forward's prepare outputs in it for the
-backward): the size ``workspace_nbytes`` gives before a call is what the cuda backend carves the factor
-arrays from, packed without gaps, qg and kg 16-byte aligned (the Hopper passes' TMA tiles). Their use on the GPU:
+stages, the dq/dk/dg kernel's shared memory against its two blocks per SM, and the layout of the factor workspace (the
+adapters keep the forward's prepare outputs in it for the backward): the size ``workspace_nbytes`` gives before a call
+is what the cuda backend carves the factor arrays from, packed without gaps, qg and kg 16-byte aligned (the Hopper
+passes' TMA tiles). Their use on the GPU:
 ``tests/ops/test_gla_chunk_cuda.py::test_factors_kept_and_through_a_workspace`` and the adapters' GPU tests."""
 
 from __future__ import annotations
@@ -55,3 +56,14 @@ def test_every_hopper_reverse_pass_fits_a_block() -> None:
             for pipe in (False, True):
                 nbytes = cuda_chunk.bwd_wg_smem(kp, nwg * bvw, pipe)
                 assert nbytes <= SMEM_LIMIT, (kp, nwg, bvw, pipe, nbytes)
+
+
+def test_dqk_kernel_keeps_two_blocks_per_sm() -> None:
+    """The dq/dk/dg kernel's registers are bounded for two blocks per SM (``__launch_bounds__(256, 2)``); its shared
+    memory (with the V loop's tiles in two stages for 16-bit inputs) must let two blocks share an H100's SM, with the
+    1 KB static and the 1 KB the driver reserves per block, or the bound would only cost spills."""
+    from rawdelta.ops.gla.cuda_chunk_dqk import dqk_smem
+
+    for ct in CTYPES.values():
+        for bt in (16, 32, 64):
+            assert 2 * (dqk_smem(ct, bt) + 2048) <= cuda_chunk.SM_SMEM, (ct, bt, dqk_smem(ct, bt))
