@@ -107,7 +107,6 @@ def factor_arrays(p: GDNProblem, bt: int, ct: str, wg: bool, workspace: Any) -> 
 def _chunks(p: GDNProblem, bt: int, workspace: Any, options: ChunkOptions) -> ChunkFactors | None:
     """The chunk table (launched) and the factor arrays (in `workspace` where it fits, else None; fresh arrays
     without one), not yet filled."""
-
     ct = CTYPES[p.q.dtype]
     wg = wgmma_applies(p, bt, options)
     arrays = factor_arrays(p, bt, ct, wg, workspace)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 FINISH_SOURCE = "gated_delta_rule/bwd_finish.cu"
 
 # Flag bits, mirrored from gdn_common.cuh. F_L2, F_H0, F_HT, F_VARLEN and F_DHT are the common state passes' bits
-# (ops/common/pass_flags.py). F_V_FIRST: the states are [N, HV, V, K].
+# (ops/common/state_pass_host.py). F_V_FIRST: the states are [N, HV, V, K].
 F_G, F_GK, F_GV, F_BETA, F_BETA_V, F_GATE, F_DTB, F_BSIG, F_NEG, F_V_FIRST = 1, 2, 4, 8, 16, 64, 128, 256, 512, 16384
 F_L2, F_H0, F_HT, F_VARLEN, F_DHT = PASS_ROW_NORMS, PASS_H0, PASS_HT, PASS_VARLEN, PASS_DHT
 

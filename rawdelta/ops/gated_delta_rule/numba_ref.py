@@ -171,7 +171,6 @@ def _kernels() -> Any:
                                  forward_py=forward, backward_py=backward)
 
 
-
 def _common_args(p: GDNProblem, L: NumbaLauncher) -> tuple[list[Any], list[Any]]:
     """Device arrays ``[q, k, v, g, gk, gv, beta, A_log, dt_bias, cu]`` and the trailing scalar arguments."""
     xp = p.xp

@@ -49,8 +49,6 @@ BWD = "gla/chunk_bwd.cu"
 KP_SIZES = (64, 128, 256)
 PREP_KS = 64  # keys per slice of the prepare kernel
 
-
-
 DECAY_KERNEL = "gla_chunk_decay_kernel"
 
 

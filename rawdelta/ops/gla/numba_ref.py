@@ -133,7 +133,6 @@ def _kernels() -> Any:
                                  forward_py=forward, backward_py=backward)
 
 
-
 def _run_forward(p: GLAProblem, L: NumbaLauncher, store_states: bool) -> tuple[Any, Any, Any, list[Any], list[Any]]:
     """Launch the forward kernel; returns ``(o, ht, states device array or None, input arrays, scalars)``."""
     xp = p.xp
