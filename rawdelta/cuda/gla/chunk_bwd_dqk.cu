@@ -170,11 +170,13 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
 #pragma unroll 1
         for (int s = 0; s < nv; ++s) {
             // the next step's loads in flight while this one computes (into the stage step s - 1 read, released by
-            // its closing barrier)
+            // its closing barrier); a first step loaded ahead waits for itself only (the gates, q and k, issued
+            // after it, are needed by the epilogue)
             if (s + 1 < nv) {
                 load_step(m, s + 1);
                 cp_async_commit();
-                cp_async_wait<1>();
+                if (s == 0 && loaded) cp_async_wait<2>();
+                else cp_async_wait<1>();
             } else {
                 cp_async_wait<0>();
             }
