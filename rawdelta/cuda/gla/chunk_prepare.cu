@@ -31,11 +31,19 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
     const int live = first_dead_key_row(g + tok, HK, L, K, s.sLive);
     for (int r = threadIdx.x; r < L; r += blockDim.x) Rc[(bos + r) * H + h] = row_code(0, live);
 
+    // a whole chunk of whole key slices: every pair is in range and aligned, so its stores need no test (the edges'
+    // tests and scalar fall-backs are most of the loop's instructions otherwise)
+    const bool whole = L == BT && K % Scratch::KS == 0;
     gla_chunk_factors(
         s, q + tok, k + tok, g + tok, HK, L, live, K, scale,
         [&](int r, int d, float xq0, float xq1, float xk0, float xk1) {
-            if (r >= L) return;
             const i64 o = tok + (i64)r * HK + d;  // even with K: the pair is aligned
+            if (whole) {
+                store_pair(qg + o, 0, xq0, xq1);
+                store_pair(kg + o, 0, xk0, xk1);
+                return;
+            }
+            if (r >= L) return;
             put_row_pair(qg, o, d, K, (K & 1) == 0, xq0, xq1);
             put_row_pair(kg, o, d, K, (K & 1) == 0, xk0, xk1);
         },

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 PAD = 8  # TILE_PAD: elements added to every 16-bit mma.sync tile row
 SMEM_LIMIT = 227 * 1024  # the opt-in dynamic shared memory of one block on sm_90 (H100)
+SM_SMEM = 228 * 1024  # shared memory per SM (H100; A100 has 164 KB)
 ROWS = 7  # ChunkRows: per-chunk row arrays of BT floats, besides its BT + 4 ints (reset counts, live rows)
 
 

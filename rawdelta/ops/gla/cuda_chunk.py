@@ -26,7 +26,7 @@ from ...cuda import launch, tensor_map
 from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool, ptr
 from ...cuda.loader import HOPPER_TARGETS, register, wgmma_available
 from ..common.chunk_table import launch_chunk_table
-from ..common.cuda_smem import PAD, WG_BT, chunk_rows, f32, in_tile, r16, split, wg_pass
+from ..common.cuda_smem import PAD, SM_SMEM, WG_BT, chunk_rows, f32, in_tile, r16, split, wg_pass
 from ..common.state_pass_host import PASS_DHT, input_pass_flags
 from ..common.state_pass_host import forward_outputs as common_forward_outputs
 from ..common.workspace import Field, field_arrays, fields_nbytes
@@ -53,12 +53,12 @@ DECAY_KERNEL = "gla_chunk_decay_kernel"
 
 
 PREP_MIN_BLOCKS = (2, 3)  # prepare's register bounds, in blocks per SM (chunk_prepare.cu: MINB)
-SM_SMEM = 228 * 1024  # shared memory per SM (H100; A100 has 164 KB: there the bound is only what fits)
 
 
 def prep_min_blocks(ct: str, bt: int) -> int:
     """Prepare's register bound: 3 blocks per SM where three blocks' shared memory (with the 1 KB static and the 1 KB
-    the driver reserves per block) fits an SM, else 2 (a tighter register bound would only spill)."""
+    the driver reserves per block) fits an H100 SM (on an A100 the bound is only what fits), else 2 (a tighter
+    register bound would only spill)."""
     return 3 if 3 * (prepare_smem(ct, bt) + 2048) <= SM_SMEM else 2
 
 
