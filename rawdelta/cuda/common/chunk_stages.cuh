@@ -37,11 +37,11 @@ template <typename E> __device__ __forceinline__ float2 tile_get_pair(Split<E> s
     return make_float2(h.x + l.x, h.y + l.y);
 }
 
-// Carve consecutive tiles out of dynamic shared memory (every size is kept a multiple of 16 bytes).
 // n bytes rounded up to 16 (one SmemCursor buffer), and the larger of two sizes, at compile time.
 __host__ __device__ constexpr int r16_bytes(int n) { return (n + 15) & ~15; }
 __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 
+// Carve consecutive tiles out of dynamic shared memory (every size is kept a multiple of 16 bytes).
 struct SmemCursor {
     unsigned char* p;
     template <typename X> __device__ __forceinline__ X* take(int n) {

@@ -144,7 +144,10 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     i64 next_bos = 0;
     int next_len = 0;
     Item m;
-    if (my_items > 0) m = item(0, chunk_bos[item_chunk(0)], chunk_len[item_chunk(0)]);
+    if (my_items > 0) {
+        const int c0 = item_chunk(0);
+        m = item(0, chunk_bos[c0], chunk_len[c0]);
+    }
     bool loaded = false;  // the item's first step is in flight already (its own cp.async group)
 #pragma unroll 1
     for (int it = 0; it < my_items; ++it) {

@@ -2,10 +2,9 @@
 // that the chunked op's dq/dk/dg kernel (chunk_bwd_dqk.cu) and the fused backward (fused_chunk.cu) share. Every
 // function is called by all 256 threads of a block. Tiles of the slice: G, R the per-key chunk-local log2 cumulative
 // gates and reset counts (rows of stride ld), q, k (float or the input type, rows of stride ldq); the scores dA a
-// split tile (leading dimension
-// ldm), masked to j < r < live and scaled, their diagonal dA_rr apart (float, BT); `scratch` a split
-// BT x (KS + TILE_PAD) tile (ldk); `flags` the diagonal sub-blocks summed element by element in this slice
-// (gla/chunk.cuh: diag_blocks_elementwise). Math and the sub-block scheme: chunk_bwd_dqk.cu.
+// split tile (leading dimension ldm), masked to j < r < live and scaled, their diagonal dA_rr apart (float, BT);
+// `scratch` a split BT x (KS + TILE_PAD) tile (ldk); `flags` the diagonal sub-blocks summed element by element in
+// this slice (gla/chunk.cuh: diag_blocks_elementwise). Math and the sub-block scheme: chunk_bwd_dqk.cu.
 #pragma once
 #include "gla/chunk.cuh"
 

@@ -22,6 +22,11 @@ def in_tile(ct: str, n: int) -> int:
     return r16(2 * n) * (2 if ct == "float" else 1)
 
 
+def raw_tile(ct: str, n: int) -> int:
+    """A tile of `n` elements in the input type itself (C type `ct`: float32 stays float32, unsplit)."""
+    return r16((4 if ct == "float" else 2) * n)
+
+
 def split(n: int) -> int:
     """A Split tile (hi and lo 16-bit parts) of `n` elements."""
     return 2 * r16(2 * n)

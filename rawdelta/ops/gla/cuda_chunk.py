@@ -26,7 +26,7 @@ from ...cuda import launch, tensor_map
 from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool, ptr
 from ...cuda.loader import HOPPER_TARGETS, register, wgmma_available
 from ..common.chunk_table import launch_chunk_table
-from ..common.cuda_smem import PAD, SM_SMEM, WG_BT, chunk_rows, f32, in_tile, r16, split, wg_pass
+from ..common.cuda_smem import PAD, SM_SMEM, WG_BT, chunk_rows, f32, in_tile, r16, raw_tile, split, wg_pass
 from ..common.state_pass_host import PASS_DHT, input_pass_flags
 from ..common.state_pass_host import forward_outputs as common_forward_outputs
 from ..common.workspace import Field, field_arrays, fields_nbytes
@@ -99,15 +99,11 @@ register(BWD, [bwd_wg_name(ct, kp, 2, bvw, pp) for ct in WG_TYPES for kp in KP_S
          targets=HOPPER_TARGETS)
 
 
-def _itemsize(ct: str) -> int:
-    return 4 if ct == "float" else 2
-
-
 def prepare_smem(ct: str, bt: int) -> int:
     """Prepare: the raw q and k slices (unpadded), their scaled split copies (padded; the scores take the space of
     both at the end), the gates (float) and reset counts (uint8), the first dead row and the diagonal blocks'
     flags."""
-    return (2 * r16(_itemsize(ct) * bt * PREP_KS) + 2 * split(bt * (PREP_KS + PAD)) + f32(bt * PREP_KS)
+    return (2 * raw_tile(ct, bt * PREP_KS) + 2 * split(bt * (PREP_KS + PAD)) + f32(bt * PREP_KS)
             + r16(bt * PREP_KS) + 2 * f32(4))
 
 

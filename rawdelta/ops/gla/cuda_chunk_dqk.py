@@ -15,7 +15,7 @@ import numpy as np
 from ...cuda import launch
 from ...cuda.launch import MMA_TYPE
 from ...cuda.loader import register
-from ..common.cuda_smem import PAD, SM_SMEM, f32, in_tile, r16, split
+from ..common.cuda_smem import PAD, SM_SMEM, f32, in_tile, r16, raw_tile, split
 from .definition import CHUNK_SIZES
 
 DQK_SOURCE = "gla/chunk_bwd_dqk.cu"
@@ -39,11 +39,10 @@ def dqk_smem(ct: str, bt: int) -> int:
     loop over V's tiles (do, v: bt rows; h, dh: KS rows; input precision); the region that holds stage B, then the
     scores and one scaled operand (split), then dG and k dx (float); q and k (input type)."""
     ldf, ldq, ldv, ldm = KS + 4, KS + PAD, BVB + PAD, bt + PAD
-    item = 1 if ct == "float" else 0
     fixed = f32(bt * ldf) + r16(bt * ldf) + f32(KS) + f32(bt) + f32(4)
     stage = 2 * in_tile(ct, bt * ldv) + 2 * in_tile(ct, KS * ldv)
-    region = max(stage, split(bt * ldm) + split(bt * (KS + PAD)), 2 * f32(bt * ldf))
-    return fixed + stage + region + 2 * r16((2 + 2 * item) * bt * ldq)
+    region = max(stage, split(bt * ldm) + split(bt * ldq), 2 * f32(bt * ldf))
+    return fixed + stage + region + 2 * raw_tile(ct, bt * ldq)
 
 
 def dqk_blocks_per_sm(ct: str, bt: int) -> int:
