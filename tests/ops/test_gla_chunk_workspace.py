@@ -59,18 +59,11 @@ def test_every_hopper_reverse_pass_fits_a_block() -> None:
 
 
 def test_dqk_kernel_keeps_two_blocks_per_sm() -> None:
-    """The dq/dk/dg kernel's registers are bounded for two blocks per SM (``__launch_bounds__(256, 2)``); for 16-bit
-    inputs its shared memory (the V loop's stage A beside the region that holds stage B and then the epilogue's
-    tiles) must let two blocks share an H100's SM, with the 1 KB static and the 1 KB the driver reserves per block,
-    or the bound would only cost spills. Float32 inputs (q and k as float tiles) take one block per SM, and its grid
-    says so."""
-    from rawdelta.ops.common.cuda_smem import SM_SMEM, SMEM_LIMIT
-    from rawdelta.ops.gla.cuda_chunk_dqk import dqk_blocks_per_sm, dqk_smem
+    """The dq/dk/dg kernel's registers are bounded for two blocks per SM (``__launch_bounds__(256, 2)``); its shared
+    memory (with the V loop's tiles in two stages for 16-bit inputs) must let two blocks share an H100's SM, with the
+    1 KB static and the 1 KB the driver reserves per block, or the bound would only cost spills."""
+    from rawdelta.ops.gla.cuda_chunk_dqk import dqk_smem
 
     for ct in CTYPES.values():
         for bt in (16, 32, 64):
-            n = dqk_smem(ct, bt)
-            assert n <= SMEM_LIMIT, (ct, bt, n)
-            assert dqk_blocks_per_sm(ct, bt) * (n + 2048) <= SM_SMEM, (ct, bt, n)
-            if ct != "float":
-                assert dqk_blocks_per_sm(ct, bt) == 2, (ct, bt, n)
+            assert 2 * (dqk_smem(ct, bt) + 2048) <= cuda_chunk.SM_SMEM, (ct, bt, dqk_smem(ct, bt))

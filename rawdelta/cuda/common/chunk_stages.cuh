@@ -37,10 +37,6 @@ template <typename E> __device__ __forceinline__ float2 tile_get_pair(Split<E> s
     return make_float2(h.x + l.x, h.y + l.y);
 }
 
-// n bytes rounded up to 16 (one SmemCursor buffer), and the larger of two sizes, at compile time.
-__host__ __device__ constexpr int r16_bytes(int n) { return (n + 15) & ~15; }
-__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
-
 // Carve consecutive tiles out of dynamic shared memory (every size is kept a multiple of 16 bytes).
 struct SmemCursor {
     unsigned char* p;
@@ -76,6 +72,18 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_by
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Rows [0, rows) of `cols` elements (global, row stride gstride) into L2 ahead of a synchronous load_tile: one
+// prefetch per 128-byte piece, spread over the block's threads; nothing waits on it.
+template <typename T>
+__device__ __forceinline__ void prefetch_tile_l2(const T* g, i64 gstride, int rows, int cols) {
+    constexpr int PER = 128 / sizeof(T);
+    const int pieces = (cols + PER - 1) / PER;
+    for (int i = threadIdx.x; i < rows * pieces; i += blockDim.x) {
+        const int r = i / pieces, c = (i % pieces) * PER;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(g + r * gstride + c));
+    }
+}
 
 // s[r * ld + c] = g[r * gstride + c] for r < rows, c < cols; zero up to rows_pad x cols_pad.
 // Same-type 16-bit tiles with aligned rows go through cp.async (all of a chunk's loads in flight at

@@ -1,10 +1,10 @@
 // GLA, chunked mode: the backward's per-chunk stages of dq, dk and dg over one slice of KS keys, as device functions
 // that the chunked op's dq/dk/dg kernel (chunk_bwd_dqk.cu) and the fused backward (fused_chunk.cu) share. Every
-// function is called by all 256 threads of a block. Tiles of the slice: G, R the per-key chunk-local log2 cumulative
-// gates and reset counts (rows of stride ld), q, k (float or the input type, rows of stride ldq); the scores dA a
-// split tile (leading dimension ldm), masked to j < r < live and scaled, their diagonal dA_rr apart (float, BT);
-// `scratch` a split BT x (KS + TILE_PAD) tile (ldk); `flags` the diagonal sub-blocks summed element by element in
-// this slice (gla/chunk.cuh: diag_blocks_elementwise). Math and the sub-block scheme: chunk_bwd_dqk.cu.
+// function is called by all 256 threads of a block. Tiles of the slice (rows of stride ld): G, R the per-key
+// chunk-local log2 cumulative gates and reset counts, q, k as float; the scores dA a split tile (leading dimension
+// ldm), masked to j < r < live and scaled, their diagonal dA_rr apart (float, BT); `scratch` a split
+// BT x (KS + TILE_PAD) tile (ldk); `flags` the diagonal sub-blocks summed element by element in this slice
+// (gla/chunk.cuh: diag_blocks_elementwise). Math and the sub-block scheme: chunk_bwd_dqk.cu.
 #pragma once
 #include "gla/chunk.cuh"
 
@@ -81,8 +81,8 @@ __device__ __forceinline__ void block_pair_add(AccQ& acc, const float (&t)[AccQ:
 //   dq_r = a_r (scale 2^G_s Dq_r + sum_{J <= I} c_IJ (dA_IJ kE_J)_r),   kE_j = k_j b_j,
 // the J = I term only unless flagged; a flagged diagonal sub-block element by element (j in [s, r)). 0 on rows past
 // live. Barriers before and after the products (the scratch's kE may be overwritten when it returns).
-template <typename E, int BT, int KS, int NW, typename QT, typename RT>
-__device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA, int ldm, const QT* sK, int ldq,
+template <typename E, int BT, int KS, int NW, typename RT>
+__device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA, int ldm, const float* sK,
                                          const float* sG, const RT* sR, int ld, const Split<E>& scratch, int ldk,
                                          const int* flags, int live, float scale) {
     using AccQ = Acc<BT, KS, NW>;
@@ -94,9 +94,8 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
     // kE_j = k_j b_j; 0 on dead rows
     for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
         const int j = idx / KS, d = idx % KS, e = min(j | (SUB - 1), last);
-        const float2 y = load_pair(sK, j * ldq + d);
-        const float x0 = y.x * key_decay_sel(sG, sR, ld, e, j, d);
-        const float x1 = y.y * key_decay_sel(sG, sR, ld, e, j, d + 1);
+        const float x0 = sK[j * ld + d] * key_decay_sel(sG, sR, ld, e, j, d);
+        const float x1 = sK[j * ld + d + 1] * key_decay_sel(sG, sR, ld, e, j, d + 1);
         split_store_pair(scratch, j * ldk + d, j < live ? x0 : 0.f, j < live ? x1 : 0.f);
     }
     // the inter-chunk part to row s: scale 2^G_s Dq (0 after a reset at or before s: selected, the state may hold
@@ -125,7 +124,7 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
             if (r >= live) return;
             float sum = 0.f;
             for (int j = s; j < r; ++j)
-                sum += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * to_float(sK[j * ldq + d]);
+                sum += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sK[j * ld + d];
             x += sum;
         });
     __syncthreads();  // kE read
@@ -137,9 +136,9 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
 // the I = J term only unless flagged; a flagged diagonal sub-block element by element (r in (j, end of the block),
 // live rows). 0 on rows past live. A barrier after qF is written; the caller's barrier before the scratch or the
 // tiles are overwritten.
-template <typename E, int BT, int KS, int NW, typename QT, typename RT>
+template <typename E, int BT, int KS, int NW, typename RT>
 __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& Di, const Split<E>& sA, int ldm,
-                                         const QT* sQ, int ldq, const float* sG, const RT* sR, int ld,
+                                         const float* sQ, const float* sG, const RT* sR, int ld,
                                          const Split<E>& scratch, int ldk, const int* flags, int live) {
     using AccQ = Acc<BT, KS, NW>;
     constexpr int NT = AccQ::NT, WM = AccQ::WM, WN = AccQ::WN, NB = BT / SUB;
@@ -150,9 +149,8 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
     // qF_r = q_r a_r; 0 on dead rows
     for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
         const int r = idx / KS, d = idx % KS, s = r & ~(SUB - 1);
-        const float2 y = load_pair(sQ, r * ldq + d);
-        const float x0 = y.x * key_decay_sel(sG, sR, ld, r, s, d);
-        const float x1 = y.y * key_decay_sel(sG, sR, ld, r, s, d + 1);
+        const float x0 = sQ[r * ld + d] * key_decay_sel(sG, sR, ld, r, s, d);
+        const float x1 = sQ[r * ld + d + 1] * key_decay_sel(sG, sR, ld, r, s, d + 1);
         split_store_pair(scratch, r * ldk + d, r < live ? x0 : 0.f, r < live ? x1 : 0.f);
     }
     __syncthreads();
@@ -177,7 +175,7 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
             const int end = min((j | (SUB - 1)) + 1, live);
             float sum = 0.f;
             for (int r = j + 1; r < end; ++r)
-                sum += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * to_float(sQ[r * ldq + d]);
+                sum += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sQ[r * ld + d];
             x += sum;
         });
 }

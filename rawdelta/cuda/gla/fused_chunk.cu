@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dq_kernel(
             AccQ Dq;
             Dq.fill(0.f);
             gemm<E, MK, NK, BT, KS, VP, NW>(Dq, t.sDo, LDV, advance(t.sS, (i64)k0 * LDV), LDV);
-            gla_dqk::dq_chunk<E>(Dq, t.sA, LDM, t.sK, LDF, t.sG, t.sR, LDF, t.sT, LDK, t.sFlag, live, scale);
+            gla_dqk::dq_chunk<E>(Dq, t.sA, LDM, t.sK, t.sG, t.sR, LDF, t.sT, LDK, t.sFlag, live, scale);
             Dq.apply_pairs([&](int r, int d, float& x0, float& x1) {
                 if (r >= L) return;
                 const bool in = r < live;
@@ -384,7 +384,7 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dkv_kernel(
             Dx.fill(0.f);
             Di.fill(0.f);
             gemm<E, MK, NK, BT, KS, VP, NW>(Dx, t.ops.sV, LDV, advance(t.sS, (i64)k0 * LDV), LDV);
-            gla_dqk::dk_chunk<E>(Dx, Di, t.sA, LDM, t.sQ, LDF, t.sG, t.sR, LDF, t.sT, LDK, t.sFlag, live);
+            gla_dqk::dk_chunk<E>(Dx, Di, t.sA, LDM, t.sQ, t.sG, t.sR, LDF, t.sT, LDK, t.sFlag, live);
             __syncthreads();  // q and k read by every thread: from here each thread rewrites only its own elements
             Di.zip(Dx, [&](int r, int d, float& xi, float& xx) {
                 const bool in = r < live;

@@ -1,6 +1,6 @@
 """The CUDA chunked GLA's last backward stage (``rawdelta/cuda/gla/chunk_bwd_dqk.cu``): per chunk, head and slice of
-:data:`KS` keys, dq, dk and the gate gradient dg, on tensor cores (mma.sync), by persistent blocks. Its
-instantiations, their registration with the loader, their dynamic shared memory, grid and launch.
+:data:`KS` keys, dq, dk and the gate gradient dg, on tensor cores (mma.sync). Its instantiations, their registration
+with the loader, their dynamic shared memory and the launch.
 
 Template arguments: ``ct`` the input C type (``launch.CTYPES``), the mma type (``launch.MMA_TYPE``), ``bt`` the chunk
 size, the key slice :data:`KS` and the value columns :data:`BVB` of each step of the kernel's loop over V.
@@ -15,7 +15,7 @@ import numpy as np
 from ...cuda import launch
 from ...cuda.launch import MMA_TYPE
 from ...cuda.loader import register
-from ..common.cuda_smem import PAD, SM_SMEM, f32, in_tile, r16, raw_tile, split
+from ..common.cuda_smem import PAD, f32, in_tile, split
 from .definition import CHUNK_SIZES
 
 DQK_SOURCE = "gla/chunk_bwd_dqk.cu"
@@ -33,29 +33,29 @@ def dqk_name(ct: str, bt: int) -> str:
 register(DQK_SOURCE, [dqk_name(ct, bt) for ct in launch.CTYPES.values() for bt in CHUNK_SIZES])
 
 
+def vloop_stages(ct: str) -> int:
+    """Stages of the kernel's V-loop tiles: two for 16-bit inputs (cp.async loads one step ahead), one for float32
+    (converted through registers)."""
+    return 1 if ct == "float" else 2
+
+
 def dqk_smem(ct: str, bt: int) -> int:
     """Dynamic shared-memory bytes of :func:`dqk_name`'s kernel, as it carves them: the gates G (float) and reset
-    counts R (uint8) of its keys, h . dh per key, the scores' diagonal and the diagonal blocks' flags; stage A of the
-    loop over V's tiles (do, v: bt rows; h, dh: KS rows; input precision); the region that holds stage B, then the
-    scores and one scaled operand (split), then dG and k dx (float); q and k (input type)."""
-    ldf, ldq, ldv, ldm = KS + 4, KS + PAD, BVB + PAD, bt + PAD
-    fixed = f32(bt * ldf) + r16(bt * ldf) + f32(KS) + f32(bt) + f32(4)
-    stage = 2 * in_tile(ct, bt * ldv) + 2 * in_tile(ct, KS * ldv)
-    region = max(stage, split(bt * ldm) + split(bt * ldq), 2 * f32(bt * ldf))
-    return fixed + stage + region + 2 * raw_tile(ct, bt * ldq)
-
-
-def dqk_blocks_per_sm(ct: str, bt: int) -> int:
-    """Resident blocks per SM the kernel is written for: two where their shared memory (with the 1 KB static and the
-    1 KB the driver reserves per block) fits an H100 SM (its registers are bounded for two), else one."""
-    return 2 if 2 * (dqk_smem(ct, bt) + 2048) <= SM_SMEM else 1
+    counts R (int) of its keys, h . dh and Dk per key, the scores' diagonal and the diagonal blocks' flags; then the
+    larger of the loop over V's tiles (do, v: bt rows; h, dh: KS rows; input precision) and what takes their space
+    after it (q, k float; the scores and one scaled operand, split), the loop's tiles in :func:`vloop_stages`
+    stages."""
+    ldf, ldk, ldv, ldm = KS + 4, KS + PAD, BVB + PAD, bt + PAD
+    fixed = 2 * f32(bt * ldf) + 2 * f32(KS) + f32(bt) + f32(4)
+    vloop = vloop_stages(ct) * (2 * in_tile(ct, bt * ldv) + 2 * in_tile(ct, KS * ldv))
+    after = 2 * f32(bt * ldf) + split(bt * ldm) + split(bt * ldk)
+    return fixed + max(vloop, after)
 
 
 def launch_dqk(ct: str, bt: int, nc: int, H: int, K: int, V: int, scale: float, *, q: Any, k: Any, v: Any, do: Any,
                g: Any, Rc: Any, Dk: Any, hbuf: Any, dhbuf: Any, chunk_bos: Any, chunk_len: Any, dq: Any,
                dk: Any, dg: Any) -> None:
-    """Launch the dq/dk/dg kernel on the current stream: persistent blocks (as many as are resident at once, at most
-    one per item) over the items (chunk, head, slice of KS keys).
+    """Launch the dq/dk/dg kernel on the current stream: one block per (chunk, head, slice of KS keys).
 
     Args:
         ct: input C type (``launch.CTYPES``); bt: chunk size (16, 32 or 64); nc: chunks in all (NC); H, K, V: heads,
@@ -70,8 +70,6 @@ def launch_dqk(ct: str, bt: int, nc: int, H: int, K: int, V: int, scale: float, 
             dead row on).
     """
     nks = (K + KS - 1) // KS
-    items = nc * H * nks
-    grid = min(items, dqk_blocks_per_sm(ct, bt) * launch.sm_count())
-    launch.launch(DQK_SOURCE, dqk_name(ct, bt), grid, THREADS, dqk_smem(ct, bt), (
+    launch.launch(DQK_SOURCE, dqk_name(ct, bt), nc * H * nks, THREADS, dqk_smem(ct, bt), (
         q, k, v, do, g, Rc, Dk, hbuf, dhbuf, chunk_bos, chunk_len, dq, dk, dg, np.int32(H), np.int32(K),
-        np.int32(V), np.int32(nks), np.int32(items), np.float32(scale)))
+        np.int32(V), np.int32(nks), np.float32(scale)))
