@@ -76,28 +76,53 @@ __device__ __forceinline__ void block_pair_add(AccQ& acc, const float (&t)[AccQ:
     }
 }
 
+// dk's inter-chunk part and dq_chunk's operand kE from one factor per element, b_j = 2^(G_e - G_j) (e the last live
+// row of j's sub-block), by the owner of each element of Dx (Acc<BT, KS>: v dh^T on entry):
+//   dx_j = 2^(G_last - G_e) b_j Dx_j (0 before a reset after j, by selection),   kE_j = k_j b_j into the scratch,
+// each with the bits dk_chunk / dq_chunk give it. Then dq_chunk and dk_chunk run with SHARED_FACTORS: dq_chunk
+// takes this kE and, with a_r at hand, writes dk_chunk's qF; dk_chunk computes neither. dq_chunk's barrier comes
+// before the scratch is read.
+template <typename E, int BT, int KS, int NW, typename RT>
+__device__ __forceinline__ void dx_and_kE(Acc<BT, KS, NW>& Dx, const float* sK, const float* sG, const RT* sR, int ld,
+                                          const Split<E>& scratch, int ldk, int live) {
+    const int last = max(live - 1, 0);
+    Dx.apply_pairs([&](int j, int d, float& x0, float& x1) {
+        const int e = min(j | (SUB - 1), last);
+        // column d + u: dx in place, kE returned
+        const auto one = [&](int u, float& x) {
+            const int ij = j * ld + d + u, ie = e * ld + d + u, il = last * ld + d + u;
+            const float b = exp2_ftz(sG[ie] - sG[ij]);
+            x = j < live && sR[ij] == sR[il] ? x * (b * exp2_ftz(sG[il] - sG[ie])) : 0.f;
+            return j < live ? sK[ij] * (sR[ie] == sR[ij] ? b : 0.f) : 0.f;
+        };
+        const float k0 = one(0, x0), k1 = one(1, x1);
+        split_store_pair(scratch, j * ldk + d, k0, k1);
+    });
+}
+
 // dq without its diagonal terms (dA_rr k_r), in Dq (Acc<BT, KS>: do h^T on entry; each warp one 16-row sub-block
 // I = wb, rows from s = 16 I):
 //   dq_r = a_r (scale 2^G_s Dq_r + sum_{J <= I} c_IJ (dA_IJ kE_J)_r),   kE_j = k_j b_j,
 // the J = I term only unless flagged; a flagged diagonal sub-block element by element (j in [s, r)). 0 on rows past
 // live. Barriers before and after the products (the scratch's kE may be overwritten when it returns).
-template <typename E, int BT, int KS, int NW, typename RT>
+template <typename E, bool SHARED_FACTORS = false, int BT, int KS, int NW, typename RT>
 __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA, int ldm, const float* sK,
                                          const float* sG, const RT* sR, int ld, const Split<E>& scratch, int ldk,
-                                         const int* flags, int live, float scale) {
+                                         const int* flags, int live, float scale, const float* sQ = nullptr) {
     using AccQ = Acc<BT, KS, NW>;
     constexpr int NT = AccQ::NT, WM = AccQ::WM, WN = AccQ::WN;
     static_assert(AccQ::MT == 1 && WM == BT / SUB && WM * WN == NW, "each warp owns one 16-row sub-block");
     const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM,
               wn = warp / WM, s = wb * SUB;
     const bool elementwise = flags[wb] != 0;
-    // kE_j = k_j b_j; 0 on dead rows
-    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
-        const int j = idx / KS, d = idx % KS, e = min(j | (SUB - 1), last);
-        const float x0 = sK[j * ld + d] * key_decay_sel(sG, sR, ld, e, j, d);
-        const float x1 = sK[j * ld + d + 1] * key_decay_sel(sG, sR, ld, e, j, d + 1);
-        split_store_pair(scratch, j * ldk + d, j < live ? x0 : 0.f, j < live ? x1 : 0.f);
-    }
+    // kE_j = k_j b_j; 0 on dead rows (with SHARED_FACTORS the caller stored it: dx_and_kE)
+    if (!SHARED_FACTORS)
+        for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
+            const int j = idx / KS, d = idx % KS, e = min(j | (SUB - 1), last);
+            const float x0 = sK[j * ld + d] * key_decay_sel(sG, sR, ld, e, j, d);
+            const float x1 = sK[j * ld + d + 1] * key_decay_sel(sG, sR, ld, e, j, d + 1);
+            split_store_pair(scratch, j * ldk + d, j < live ? x0 : 0.f, j < live ? x1 : 0.f);
+        }
     // the inter-chunk part to row s: scale 2^G_s Dq (0 after a reset at or before s: selected, the state may hold
     // anything a reset discards)
     Dq.apply([&](int, int d, float& x) {
@@ -113,10 +138,20 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
         const int e = min(J * SUB + SUB - 1, last);
         block_pair_add<AccQ>(Dq, t, sG, sR, ld, s, e, warp, lane);
     }
-    // a_r (0 from a reset inside the block on, by selection: every term crosses it)
-    Dq.apply([&](int r, int d, float& x) {
-        const bool in = r < live && sR[r * ld + d] == sR[s * ld + d];
-        x = in ? x * exp2_ftz(sG[r * ld + d] - sG[s * ld + d]) : 0.f;
+    // a_r (0 from a reset inside the block on, by selection: every term crosses it); with SHARED_FACTORS also
+    // dk_chunk's operand qF_r = q_r a_r, into the scratch once every warp's products have read kE from it
+    if (SHARED_FACTORS) __syncthreads();
+    Dq.apply_pairs([&](int r, int d, float& x0, float& x1) {
+        // column d + u: dq in place, qF returned (dk_chunk's, its bits)
+        const auto one = [&](int u, float& x) {
+            const int i = r * ld + d + u, is = s * ld + d + u;
+            const bool same = sR[i] == sR[is];
+            const float a = exp2_ftz(sG[i] - sG[is]);
+            x = r < live && same ? x * a : 0.f;
+            return SHARED_FACTORS && r < live ? sQ[i] * (same ? a : 0.f) : 0.f;
+        };
+        const float q0 = one(0, x0), q1 = one(1, x1);
+        if (SHARED_FACTORS) split_store_pair(scratch, r * ldk + d, q0, q1);
     });
     // a flagged diagonal sub-block: j in [s, r)
     if (elementwise)
@@ -127,7 +162,7 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
                 sum += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sK[j * ld + d];
             x += sum;
         });
-    __syncthreads();  // kE read
+    __syncthreads();  // kE read (with SHARED_FACTORS: qF written)
 }
 
 // dk without its diagonal terms, as its inter-chunk part Dx (Acc<BT, KS>: v dh^T on entry) and its intra-chunk part
@@ -136,7 +171,7 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
 // the I = J term only unless flagged; a flagged diagonal sub-block element by element (r in (j, end of the block),
 // live rows). 0 on rows past live. A barrier after qF is written; the caller's barrier before the scratch or the
 // tiles are overwritten.
-template <typename E, int BT, int KS, int NW, typename RT>
+template <typename E, bool SHARED_FACTORS = false, int BT, int KS, int NW, typename RT>
 __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& Di, const Split<E>& sA, int ldm,
                                          const float* sQ, const float* sG, const RT* sR, int ld,
                                          const Split<E>& scratch, int ldk, const int* flags, int live) {
@@ -146,8 +181,8 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
     const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM,
               wn = warp / WM, e = min(wb * SUB + SUB - 1, last);
     const bool elementwise = flags[wb] != 0;
-    // qF_r = q_r a_r; 0 on dead rows
-    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
+    // qF_r = q_r a_r; 0 on dead rows (with SHARED_FACTORS dq_chunk stored it, and Dx holds dx: dx_and_kE)
+    for (int idx = 2 * threadIdx.x; !SHARED_FACTORS && idx < BT * KS; idx += 2 * THREADS) {
         const int r = idx / KS, d = idx % KS, s = r & ~(SUB - 1);
         const float x0 = sQ[r * ld + d] * key_decay_sel(sG, sR, ld, r, s, d);
         const float x1 = sQ[r * ld + d + 1] * key_decay_sel(sG, sR, ld, r, s, d + 1);
@@ -166,7 +201,7 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
         const int ij = j * ld + d, ie = e * ld + d, il = last * ld + d;
         const float b = exp2_ftz(sG[ie] - sG[ij]);
         xi = j < live && sR[ij] == sR[ie] ? xi * b : 0.f;
-        xx = j < live && sR[ij] == sR[il] ? xx * (b * exp2_ftz(sG[il] - sG[ie])) : 0.f;
+        if (!SHARED_FACTORS) xx = j < live && sR[ij] == sR[il] ? xx * (b * exp2_ftz(sG[il] - sG[ie])) : 0.f;
     });
     // a flagged diagonal sub-block: r in (j, end of j's sub-block), live rows only
     if (elementwise)
