@@ -12,6 +12,12 @@ namespace gla_dqk {
 
 using namespace rawdelta;
 
+// R[i], R[i + 1] (i even, R's rows of even length): one 8-byte load for int counts.
+template <typename RT> __device__ __forceinline__ int2 count_pair(const RT* R, int i) {
+    if constexpr (SameType<RT, int>::value) return *reinterpret_cast<const int2*>(R + i);
+    else return make_int2((int)R[i], (int)R[i + 1]);
+}
+
 // One warp: c[j] = A B_j, A the 16 x 16 block at (m0, k0) of a split tile (layout LA: MK, or KM for the stored
 // matrix's transpose), B_j the 16 x 8 block at (k0, (wn + j WN) 8) of a split KN tile; hi*hi + lo*hi + hi*lo
 // (~16 mantissa bits). c is the 16 x 8 accumulator tiles' layout of Acc (row (lane >> 2) + 8 (e >> 1), column
@@ -68,7 +74,11 @@ __device__ __forceinline__ void block_pair_add(AccQ& acc, const float (&t)[AccQ:
 #pragma unroll
     for (int jt = 0; jt < AccQ::NT; ++jt) {
         const int d = AccQ::col(warp, lane, jt, 0);
-        const float c0 = key_decay_sel(sG, sR, ld, s, e, d), c1 = key_decay_sel(sG, sR, ld, s, e, d + 1);
+        const float2 gs = load_pair(sG, s * ld + d), ge = load_pair(sG, e * ld + d);
+        const int2 rs = count_pair(sR, s * ld + d), re = count_pair(sR, e * ld + d);
+        // key_decay_sel(s, e) of both columns
+        const float x0 = exp2_ftz(gs.x - ge.x), x1 = exp2_ftz(gs.y - ge.y);
+        const float c0 = rs.x == re.x ? x0 : 0.f, c1 = rs.y == re.y ? x1 : 0.f;
         acc.v[0][jt][0] += c0 * t[jt][0];
         acc.v[0][jt][1] += c1 * t[jt][1];
         acc.v[0][jt][2] += c0 * t[jt][2];
@@ -85,19 +95,33 @@ __device__ __forceinline__ void block_pair_add(AccQ& acc, const float (&t)[AccQ:
 template <typename E, int BT, int KS, int NW, typename RT>
 __device__ __forceinline__ void dx_and_kE(Acc<BT, KS, NW>& Dx, const float* sK, const float* sG, const RT* sR, int ld,
                                           const Split<E>& scratch, int ldk, int live) {
-    const int last = max(live - 1, 0);
-    Dx.apply_pairs([&](int j, int d, float& x0, float& x1) {
-        const int e = min(j | (SUB - 1), last);
-        // column d + u: dx in place, kE returned
-        const auto one = [&](int u, float& x) {
-            const int ij = j * ld + d + u, ie = e * ld + d + u, il = last * ld + d + u;
-            const float b = exp2_ftz(sG[ie] - sG[ij]);
-            x = j < live && sR[ij] == sR[il] ? x * (b * exp2_ftz(sG[il] - sG[ie])) : 0.f;
-            return j < live ? sK[ij] * (sR[ie] == sR[ij] ? b : 0.f) : 0.f;
-        };
-        const float k0 = one(0, x0), k1 = one(1, x1);
-        split_store_pair(scratch, j * ldk + d, k0, k1);
-    });
+    using AccQ = Acc<BT, KS, NW>;
+    static_assert(AccQ::MT == 1 && AccQ::WM == BT / SUB, "each warp owns one 16-row sub-block");
+    const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int e = min(AccQ::row(warp, lane, 0, 0) | (SUB - 1), last);
+    // per column pair: the values of rows e and last, then each of the thread's two rows j; every load ahead of the
+    // pair's stores, selected after (no branch around a load)
+#pragma unroll
+    for (int jt = 0; jt < AccQ::NT; ++jt) {
+        const int d = AccQ::col(warp, lane, jt, 0);
+        const float2 ge = load_pair(sG, e * ld + d), gl = load_pair(sG, last * ld + d);
+        const int2 re = count_pair(sR, e * ld + d), rl = count_pair(sR, last * ld + d);
+        const float l0 = exp2_ftz(gl.x - ge.x), l1 = exp2_ftz(gl.y - ge.y);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int j = AccQ::row(warp, lane, 0, 2 * h);
+            const float2 gj = load_pair(sG, j * ld + d), kj = load_pair(sK, j * ld + d);
+            const int2 rj = count_pair(sR, j * ld + d);
+            const float b0 = exp2_ftz(ge.x - gj.x), b1 = exp2_ftz(ge.y - gj.y);
+            const bool in = j < live;
+            float& x0 = Dx.v[0][jt][2 * h];
+            float& x1 = Dx.v[0][jt][2 * h + 1];
+            x0 = in && rj.x == rl.x ? x0 * (b0 * l0) : 0.f;
+            x1 = in && rj.y == rl.y ? x1 * (b1 * l1) : 0.f;
+            split_store_pair(scratch, j * ldk + d, in ? kj.x * (re.x == rj.x ? b0 : 0.f) : 0.f,
+                             in ? kj.y * (re.y == rj.y ? b1 : 0.f) : 0.f);
+        }
+    }
 }
 
 // dq without its diagonal terms (dA_rr k_r), in Dq (Acc<BT, KS>: do h^T on entry; each warp one 16-row sub-block
@@ -125,10 +149,18 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
         }
     // the inter-chunk part to row s: scale 2^G_s Dq (0 after a reset at or before s: selected, the state may hold
     // anything a reset discards)
-    Dq.apply([&](int, int d, float& x) {
-        const int i = s * ld + d;
-        x = sR[i] > 0 ? 0.f : x * (scale * exp2_ftz(sG[i]));
-    });
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt) {
+        const int d = AccQ::col(warp, lane, jt, 0);
+        const float2 gs = load_pair(sG, s * ld + d);
+        const int2 rs = count_pair(sR, s * ld + d);
+        const float f0 = scale * exp2_ftz(gs.x), f1 = scale * exp2_ftz(gs.y);
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+            Dq.v[0][jt][e] = rs.x > 0 ? 0.f : Dq.v[0][jt][e] * f0;
+            Dq.v[0][jt][e + 1] = rs.y > 0 ? 0.f : Dq.v[0][jt][e + 1] * f1;
+        }
+    }
     __syncthreads();
     // sub-blocks J <= I (for J < I all rows of J are live when a row of I is)
     const int nJ = elementwise ? wb : wb + 1;
@@ -141,18 +173,29 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
     // a_r (0 from a reset inside the block on, by selection: every term crosses it); with SHARED_FACTORS also
     // dk_chunk's operand qF_r = q_r a_r, into the scratch once every warp's products have read kE from it
     if (SHARED_FACTORS) __syncthreads();
-    Dq.apply_pairs([&](int r, int d, float& x0, float& x1) {
-        // column d + u: dq in place, qF returned (dk_chunk's, its bits)
-        const auto one = [&](int u, float& x) {
-            const int i = r * ld + d + u, is = s * ld + d + u;
-            const bool same = sR[i] == sR[is];
-            const float a = exp2_ftz(sG[i] - sG[is]);
-            x = r < live && same ? x * a : 0.f;
-            return SHARED_FACTORS && r < live ? sQ[i] * (same ? a : 0.f) : 0.f;
-        };
-        const float q0 = one(0, x0), q1 = one(1, x1);
-        if (SHARED_FACTORS) split_store_pair(scratch, r * ldk + d, q0, q1);
-    });
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt) {
+        const int d = AccQ::col(warp, lane, jt, 0);
+        const float2 gs = load_pair(sG, s * ld + d);
+        const int2 rs = count_pair(sR, s * ld + d);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = AccQ::row(warp, lane, 0, 2 * h);
+            const float2 gr = load_pair(sG, r * ld + d);
+            const int2 rr = count_pair(sR, r * ld + d);
+            const float a0 = exp2_ftz(gr.x - gs.x), a1 = exp2_ftz(gr.y - gs.y);
+            const bool in = r < live, same0 = rr.x == rs.x, same1 = rr.y == rs.y;
+            float& x0 = Dq.v[0][jt][2 * h];
+            float& x1 = Dq.v[0][jt][2 * h + 1];
+            x0 = in && same0 ? x0 * a0 : 0.f;
+            x1 = in && same1 ? x1 * a1 : 0.f;
+            if (SHARED_FACTORS) {  // dk_chunk's qF, its bits
+                const float2 q = load_pair(sQ, r * ld + d);
+                split_store_pair(scratch, r * ldk + d, in ? q.x * (same0 ? a0 : 0.f) : 0.f,
+                                 in ? q.y * (same1 ? a1 : 0.f) : 0.f);
+            }
+        }
+    }
     // a flagged diagonal sub-block: j in [s, r)
     if (elementwise)
         Dq.apply([&](int r, int d, float& x) {
@@ -197,12 +240,32 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
     }
     // b_j, and the inter-chunk part (0 before a reset after j, by selection: the state gradient may hold anything
     // the reset discards)
-    Di.zip(Dx, [&](int j, int d, float& xi, float& xx) {
-        const int ij = j * ld + d, ie = e * ld + d, il = last * ld + d;
-        const float b = exp2_ftz(sG[ie] - sG[ij]);
-        xi = j < live && sR[ij] == sR[ie] ? xi * b : 0.f;
-        if (!SHARED_FACTORS) xx = j < live && sR[ij] == sR[il] ? xx * (b * exp2_ftz(sG[il] - sG[ie])) : 0.f;
-    });
+    if (SHARED_FACTORS) {  // Dx is dx already: b_j for Di alone, by column pairs
+#pragma unroll
+        for (int jt = 0; jt < NT; ++jt) {
+            const int d = AccQ::col(warp, lane, jt, 0);
+            const float2 ge = load_pair(sG, e * ld + d);
+            const int2 re = count_pair(sR, e * ld + d);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int j = AccQ::row(warp, lane, 0, 2 * h);
+                const float2 gj = load_pair(sG, j * ld + d);
+                const int2 rj = count_pair(sR, j * ld + d);
+                const float b0 = exp2_ftz(ge.x - gj.x), b1 = exp2_ftz(ge.y - gj.y);
+                float& x0 = Di.v[0][jt][2 * h];
+                float& x1 = Di.v[0][jt][2 * h + 1];
+                x0 = j < live && rj.x == re.x ? x0 * b0 : 0.f;
+                x1 = j < live && rj.y == re.y ? x1 * b1 : 0.f;
+            }
+        }
+    } else {
+        Di.zip(Dx, [&](int j, int d, float& xi, float& xx) {
+            const int ij = j * ld + d, ie = e * ld + d, il = last * ld + d;
+            const float b = exp2_ftz(sG[ie] - sG[ij]);
+            xi = j < live && sR[ij] == sR[ie] ? xi * b : 0.f;
+            xx = j < live && sR[ij] == sR[il] ? xx * (b * exp2_ftz(sG[il] - sG[ie])) : 0.f;
+        });
+    }
     // a flagged diagonal sub-block: r in (j, end of j's sub-block), live rows only
     if (elementwise)
         Di.apply([&](int j, int d, float& x) {
