@@ -18,6 +18,34 @@ template <typename RT> __device__ __forceinline__ int2 count_pair(const RT* R, i
     else return make_int2((int)R[i], (int)R[i + 1]);
 }
 
+// The per-key decay factors between each of a thread's rows r of an Acc (one 16-row sub-block per warp, MT = 1) and
+// a reference row `ref` of the same sub-block's span: 2^(G_r - G_ref) (ROW_MINUS_REF) or 2^(G_ref - G_r), by column
+// pair, the reference row's gates and counts loaded once per pair: f(jt, e, r, d, x0, x1, same0, same1, rr, c) for
+// the accumulator elements v[0][jt][e], v[0][jt][e + 1] at (r, d), (r, d + 1), with same the two columns' reset
+// counts equal to the reference's, rr the row's counts and c = per_col(d), what the caller loads once per column
+// pair. Every load is ahead of f's stores for its pair, and f selects (no branch around a load).
+template <typename AccQ, bool ROW_MINUS_REF, typename RT, typename C, typename F>
+__device__ __forceinline__ void key_factor_pairs(const float* sG, const RT* sR, int ld, int ref, C&& per_col, F&& f) {
+    static_assert(AccQ::MT == 1, "one 16-row sub-block per warp");
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int jt = 0; jt < AccQ::NT; ++jt) {
+        const int d = AccQ::col(warp, lane, jt, 0);
+        const float2 gf = load_pair(sG, ref * ld + d);
+        const int2 rf = count_pair(sR, ref * ld + d);
+        const auto c = per_col(d);
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+            const int r = AccQ::row(warp, lane, 0, e);
+            const float2 gr = load_pair(sG, r * ld + d);
+            const int2 rr = count_pair(sR, r * ld + d);
+            const float x0 = ROW_MINUS_REF ? exp2_ftz(gr.x - gf.x) : exp2_ftz(gf.x - gr.x);
+            const float x1 = ROW_MINUS_REF ? exp2_ftz(gr.y - gf.y) : exp2_ftz(gf.y - gr.y);
+            f(jt, e, r, d, x0, x1, rr.x == rf.x, rr.y == rf.y, rr, c);
+        }
+    }
+}
+
 // One warp: c[j] = A B_j, A the 16 x 16 block at (m0, k0) of a split tile (layout LA: MK, or KM for the stored
 // matrix's transpose), B_j the 16 x 8 block at (k0, (wn + j WN) 8) of a split KN tile; hi*hi + lo*hi + hi*lo
 // (~16 mantissa bits). c is the 16 x 8 accumulator tiles' layout of Acc (row (lane >> 2) + 8 (e >> 1), column
@@ -99,29 +127,26 @@ __device__ __forceinline__ void dx_and_kE(Acc<BT, KS, NW>& Dx, const float* sK, 
     static_assert(AccQ::MT == 1 && AccQ::WM == BT / SUB, "each warp owns one 16-row sub-block");
     const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int e = min(AccQ::row(warp, lane, 0, 0) | (SUB - 1), last);
-    // per column pair: the values of rows e and last, then each of the thread's two rows j; every load ahead of the
-    // pair's stores, selected after (no branch around a load)
-#pragma unroll
-    for (int jt = 0; jt < AccQ::NT; ++jt) {
-        const int d = AccQ::col(warp, lane, jt, 0);
-        const float2 ge = load_pair(sG, e * ld + d), gl = load_pair(sG, last * ld + d);
-        const int2 re = count_pair(sR, e * ld + d), rl = count_pair(sR, last * ld + d);
-        const float l0 = exp2_ftz(gl.x - ge.x), l1 = exp2_ftz(gl.y - ge.y);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int j = AccQ::row(warp, lane, 0, 2 * h);
-            const float2 gj = load_pair(sG, j * ld + d), kj = load_pair(sK, j * ld + d);
-            const int2 rj = count_pair(sR, j * ld + d);
-            const float b0 = exp2_ftz(ge.x - gj.x), b1 = exp2_ftz(ge.y - gj.y);
+    struct Last {
+        float2 l;  // 2^(G_last - G_e)
+        int2 r;    // R_last
+    };
+    key_factor_pairs<AccQ, false>(
+        sG, sR, ld, e,
+        [&](int d) {
+            const float2 ge = load_pair(sG, e * ld + d), gl = load_pair(sG, last * ld + d);
+            return Last{make_float2(exp2_ftz(gl.x - ge.x), exp2_ftz(gl.y - ge.y)), count_pair(sR, last * ld + d)};
+        },
+        [&](int jt, int x, int j, int d, float b0, float b1, bool same0, bool same1, int2 rj, const Last& c) {
+            const float2 kj = load_pair(sK, j * ld + d);
             const bool in = j < live;
-            float& x0 = Dx.v[0][jt][2 * h];
-            float& x1 = Dx.v[0][jt][2 * h + 1];
-            x0 = in && rj.x == rl.x ? x0 * (b0 * l0) : 0.f;
-            x1 = in && rj.y == rl.y ? x1 * (b1 * l1) : 0.f;
-            split_store_pair(scratch, j * ldk + d, in ? kj.x * (re.x == rj.x ? b0 : 0.f) : 0.f,
-                             in ? kj.y * (re.y == rj.y ? b1 : 0.f) : 0.f);
-        }
-    }
+            float& x0 = Dx.v[0][jt][x];
+            float& x1 = Dx.v[0][jt][x + 1];
+            x0 = in && rj.x == c.r.x ? x0 * (b0 * c.l.x) : 0.f;
+            x1 = in && rj.y == c.r.y ? x1 * (b1 * c.l.y) : 0.f;
+            split_store_pair(scratch, j * ldk + d, in ? kj.x * (same0 ? b0 : 0.f) : 0.f,
+                             in ? kj.y * (same1 ? b1 : 0.f) : 0.f);
+        });
 }
 
 // dq without its diagonal terms (dA_rr k_r), in Dq (Acc<BT, KS>: do h^T on entry; each warp one 16-row sub-block
@@ -173,20 +198,12 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
     // a_r (0 from a reset inside the block on, by selection: every term crosses it); with SHARED_FACTORS also
     // dk_chunk's operand qF_r = q_r a_r, into the scratch once every warp's products have read kE from it
     if (SHARED_FACTORS) __syncthreads();
-#pragma unroll
-    for (int jt = 0; jt < NT; ++jt) {
-        const int d = AccQ::col(warp, lane, jt, 0);
-        const float2 gs = load_pair(sG, s * ld + d);
-        const int2 rs = count_pair(sR, s * ld + d);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = AccQ::row(warp, lane, 0, 2 * h);
-            const float2 gr = load_pair(sG, r * ld + d);
-            const int2 rr = count_pair(sR, r * ld + d);
-            const float a0 = exp2_ftz(gr.x - gs.x), a1 = exp2_ftz(gr.y - gs.y);
-            const bool in = r < live, same0 = rr.x == rs.x, same1 = rr.y == rs.y;
-            float& x0 = Dq.v[0][jt][2 * h];
-            float& x1 = Dq.v[0][jt][2 * h + 1];
+    key_factor_pairs<AccQ, true>(
+        sG, sR, ld, s, [](int) { return 0; },
+        [&](int jt, int x, int r, int d, float a0, float a1, bool same0, bool same1, int2, int) {
+            const bool in = r < live;
+            float& x0 = Dq.v[0][jt][x];
+            float& x1 = Dq.v[0][jt][x + 1];
             x0 = in && same0 ? x0 * a0 : 0.f;
             x1 = in && same1 ? x1 * a1 : 0.f;
             if (SHARED_FACTORS) {  // dk_chunk's qF, its bits
@@ -194,8 +211,7 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
                 split_store_pair(scratch, r * ldk + d, in ? q.x * (same0 ? a0 : 0.f) : 0.f,
                                  in ? q.y * (same1 ? a1 : 0.f) : 0.f);
             }
-        }
-    }
+        });
     // a flagged diagonal sub-block: j in [s, r)
     if (elementwise)
         Dq.apply([&](int r, int d, float& x) {
@@ -240,24 +256,15 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
     }
     // b_j, and the inter-chunk part (0 before a reset after j, by selection: the state gradient may hold anything
     // the reset discards)
-    if (SHARED_FACTORS) {  // Dx is dx already: b_j for Di alone, by column pairs
-#pragma unroll
-        for (int jt = 0; jt < NT; ++jt) {
-            const int d = AccQ::col(warp, lane, jt, 0);
-            const float2 ge = load_pair(sG, e * ld + d);
-            const int2 re = count_pair(sR, e * ld + d);
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int j = AccQ::row(warp, lane, 0, 2 * h);
-                const float2 gj = load_pair(sG, j * ld + d);
-                const int2 rj = count_pair(sR, j * ld + d);
-                const float b0 = exp2_ftz(ge.x - gj.x), b1 = exp2_ftz(ge.y - gj.y);
-                float& x0 = Di.v[0][jt][2 * h];
-                float& x1 = Di.v[0][jt][2 * h + 1];
-                x0 = j < live && rj.x == re.x ? x0 * b0 : 0.f;
-                x1 = j < live && rj.y == re.y ? x1 * b1 : 0.f;
-            }
-        }
+    if (SHARED_FACTORS) {  // Dx is dx already: b_j for Di alone
+        key_factor_pairs<AccQ, false>(
+            sG, sR, ld, e, [](int) { return 0; },
+            [&](int jt, int x, int j, int, float b0, float b1, bool same0, bool same1, int2, int) {
+                float& x0 = Di.v[0][jt][x];
+                float& x1 = Di.v[0][jt][x + 1];
+                x0 = j < live && same0 ? x0 * b0 : 0.f;
+                x1 = j < live && same1 ? x1 * b1 : 0.f;
+            });
     } else {
         Di.zip(Dx, [&](int j, int d, float& xi, float& xx) {
             const int ij = j * ld + d, ie = e * ld + d, il = last * ld + d;
