@@ -92,7 +92,14 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wb = warp % WM, wn = warp / WM;  // this warp's sub-block of rows in dq / dk, its column group
 
-    load_tile(sG, LDF, g + qk0, rstride, L, kc, BT, KS);  // the raw gates: G and R after the V loop
+    // Every tile whole (a full chunk, a whole key slice, whole value steps, 16-byte aligned rows: all but the
+    // edges of a call): the loads without bounds or alignment tests (load_tile_whole)
+    const bool whole = L == BT && kc == KS && V % BVB == 0 && rows_aligned16(g + qk0, rstride) &&
+                       rows_aligned16(dout + (bos * H + h) * V, (i64)H * V) &&
+                       rows_aligned16(v + (bos * H + h) * V, (i64)H * V) && rows_aligned16(hbuf + hoff, (i64)V) &&
+                       rows_aligned16(dhbuf + hoff, (i64)V);
+    if (whole) load_tile_whole<BT, KS, THREADS>(sG, LDF, g + qk0, rstride);  // the raw gates: G and R after the V loop
+    else load_tile(sG, LDF, g + qk0, rstride, L, kc, BT, KS);
 
     AccQ Dq, Dx;
     AccA dA;
@@ -107,6 +114,16 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     const auto issue = [&](int s) {
         const int v0 = s * BVB, vc = min(BVB, V - v0), b = s % STAGES;
         const i64 row = (bos * H + h) * V + v0;
+        if constexpr (SameType<TT, T*>::value) {  // 16-bit inputs: same-type tiles
+            if (whole) {
+                load_tile_whole<BT, BVB, THREADS>(at(sDo, b), LDV, dout + row, (i64)H * V);
+                load_tile_whole<BT, BVB, THREADS>(at(sV, b), LDV, v + row, (i64)H * V);
+                load_tile_whole<KS, BVB, THREADS>(at(sH, b), LDV, hbuf + hoff + v0, (i64)V);
+                load_tile_whole<KS, BVB, THREADS>(at(sDh, b), LDV, dhbuf + hoff + v0, (i64)V);
+                cp_async_commit();
+                return;
+            }
+        }
         load_tile(at(sDo, b), LDV, dout + row, (i64)H * V, L, vc, BT, BVB);
         load_tile(at(sV, b), LDV, v + row, (i64)H * V, L, vc, BT, BVB);
         load_tile(at(sH, b), LDV, hbuf + hoff + v0, (i64)V, kc, vc, KS, BVB);
