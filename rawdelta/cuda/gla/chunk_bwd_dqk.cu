@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     const bool whole = L == BT && kc == KS && V % BVB == 0 && rows_aligned16(g + qk0, rstride) &&
                        rows_aligned16(dout + (bos * H + h) * V, (i64)H * V) &&
                        rows_aligned16(v + (bos * H + h) * V, (i64)H * V) && rows_aligned16(hbuf + hoff, (i64)V) &&
-                       rows_aligned16(dhbuf + hoff, (i64)V);
+                       rows_aligned16(dhbuf + hoff, (i64)V) && rows_aligned16(q + qk0, rstride) &&
+                       rows_aligned16(k + qk0, rstride);
     if (whole) load_tile_whole<BT, KS, THREADS>(sG, LDF, g + qk0, rstride);  // the raw gates: G and R after the V loop
     else load_tile(sG, LDF, g + qk0, rstride, L, kc, BT, KS);
 
@@ -165,8 +166,18 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
 
     // ---- the V loop's tiles are dead: the scores (masked, scaled), q, k, hdh, Dk ----
     gla_dqk::store_scores<E>(dA, sA, LDM, sDa, live, scale);
-    load_tile(sQ, LDF, q + qk0, rstride, L, kc, BT, KS);
-    load_tile(sK, LDF, k + qk0, rstride, L, kc, BT, KS);
+    bool qk_loaded = false;
+    if constexpr (sizeof(T) == 2) {  // converted through registers (float32 rows take load_tile's cp.async path)
+        if (whole) {
+            load_tile_whole_convert<BT, KS, THREADS>(sQ, LDF, q + qk0, rstride);
+            load_tile_whole_convert<BT, KS, THREADS>(sK, LDF, k + qk0, rstride);
+            qk_loaded = true;
+        }
+    }
+    if (!qk_loaded) {
+        load_tile(sQ, LDF, q + qk0, rstride, L, kc, BT, KS);
+        load_tile(sK, LDF, k + qk0, rstride, L, kc, BT, KS);
+    }
     hdh = lane_group_sum<1, 4>(hdh);
     if (hpart == 0) sHdh[hkey] = hdh;
     if ((int)threadIdx.x < KS)
