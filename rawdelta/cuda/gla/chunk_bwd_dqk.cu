@@ -209,17 +209,17 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
             const int i = r * LDF + d;
             const float2 q2 = load_pair(sQ, i), k2 = load_pair(sK, i);
             const float qv[2] = {q2.x, q2.y}, kv[2] = {k2.x, k2.y};
-            float oq[2], ok[2], g[2], kx[2];
+            float oq[2], ok[2], dG[2], kdx[2];
 #pragma unroll
             for (int x = 0; x < 2; ++x) {
                 const float xq = Dq.v[0][jt][e + x], xi = Di.v[0][jt][e + x], xx = Dx.v[0][jt][e + x];
                 oq[x] = in ? xq + a * kv[x] : dead_value();
                 ok[x] = in ? xx + xi + a * qv[x] : dead_value();
-                g[x] = in ? qv[x] * xq - kv[x] * xi : 0.f;
-                kx[x] = in ? kv[x] * xx : 0.f;
+                dG[x] = in ? qv[x] * xq - kv[x] * xi : 0.f;
+                kdx[x] = in ? kv[x] * xx : 0.f;
             }
-            store_pair(sQ, i, g[0], g[1]);
-            store_pair(sK, i, kx[0], kx[1]);
+            store_pair(sQ, i, dG[0], dG[1]);
+            store_pair(sK, i, kdx[0], kdx[1]);
             if (r < L) {
                 const i64 o = qk0 + r * rstride + d;
                 put_row_pair(dq, o, d, kc, paired, oq[0], oq[1]);
