@@ -130,6 +130,49 @@ __device__ __forceinline__ void load_tile(TL s, int ld, const T* __restrict__ g,
     }
 }
 
+// load_tile's whole-tile path with every size known at compile time, for kernels of NT threads: ROWS x COLS
+// same-type elements (COLS a multiple of a 16-byte piece) by cp.async, each thread's pieces a constant number of
+// rows apart, so a copy costs an address add: no alignment tests, no loop control, a row test only where the
+// threads cover more rows than the tile has. The caller checks
+// what load_tile would (a whole tile, 16-byte aligned rows) and waits as for load_tile.
+template <int ROWS, int COLS, int NT, typename T>
+__device__ __forceinline__ void load_tile_whole(T* s, int ld, const T* __restrict__ g, i64 gstride) {
+    constexpr int VEC = 16 / sizeof(T), NVC = COLS / VEC, STEP = NT / NVC;
+    static_assert(COLS % VEC == 0 && NT % NVC == 0, "whole 16-byte pieces, whole rows per step");
+    const int c0 = (threadIdx.x % NVC) * VEC, r0 = threadIdx.x / NVC;
+    const T* gp = g + r0 * gstride + c0;
+    T* sp = s + r0 * ld + c0;
+#pragma unroll
+    for (int i = 0; i < (ROWS + STEP - 1) / STEP; ++i)
+        if (ROWS % STEP == 0 || r0 + i * STEP < ROWS) cp_async16(sp + i * STEP * ld, gp + i * STEP * gstride, 16);
+}
+
+// load_tile_whole for a tile of another type than the rows' (a float tile of 16-bit rows, or a split tile): each
+// 16-byte piece loaded into registers and stored converted by pairs.
+template <int ROWS, int COLS, int NT, typename TL, typename T>
+__device__ __forceinline__ void load_tile_whole_convert(TL s, int ld, const T* __restrict__ g, i64 gstride) {
+    constexpr int VEC = 16 / sizeof(T), NVC = COLS / VEC, STEP = NT / NVC, IT = (ROWS + STEP - 1) / STEP;
+    static_assert(COLS % VEC == 0 && NT % NVC == 0, "whole 16-byte pieces, whole rows per step");
+    const int c0 = (threadIdx.x % NVC) * VEC, r0 = threadIdx.x / NVC;
+    const T* gp = g + r0 * gstride + c0;
+    alignas(16) T e[IT][VEC];
+#pragma unroll
+    for (int i = 0; i < IT; ++i)  // every load in flight before the first store
+        if (ROWS % STEP == 0 || r0 + i * STEP < ROWS)
+            *reinterpret_cast<uint4*>(e[i]) = *reinterpret_cast<const uint4*>(gp + i * STEP * gstride);
+#pragma unroll
+    for (int i = 0; i < IT; ++i)
+        if (ROWS % STEP == 0 || r0 + i * STEP < ROWS)
+#pragma unroll
+            for (int x = 0; x < VEC; x += 2)
+                tile_put_pair(s, (r0 + i * STEP) * ld + c0 + x, to_float(e[i][x]), to_float(e[i][x + 1]));
+}
+
+// Whether 16-byte pieces of rows of a tile start 16-byte aligned: the pointer, and the row stride in elements of T.
+template <typename T> __device__ __forceinline__ bool rows_aligned16(const T* g, i64 stride) {
+    return (reinterpret_cast<size_t>(g) & 15) == 0 && (stride * (i64)sizeof(T)) % 16 == 0;
+}
+
 // Sum of squares of this thread's part of a tile row from element `row` (p: which of two interleaved halves of
 // the 16-byte pieces of cols columns, a multiple of 16).
 template <typename X> __device__ __forceinline__ float row_part_squares(const X* s, int row, int cols, int p) {

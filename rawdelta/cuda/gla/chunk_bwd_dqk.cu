@@ -92,7 +92,15 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wb = warp % WM, wn = warp / WM;  // this warp's sub-block of rows in dq / dk, its column group
 
-    load_tile(sG, LDF, g + qk0, rstride, L, kc, BT, KS);  // the raw gates: G and R after the V loop
+    // Every tile whole (a full chunk, a whole key slice, whole value steps, 16-byte aligned rows: all but the
+    // edges of a call): the loads without bounds or alignment tests (load_tile_whole)
+    const bool whole = L == BT && kc == KS && V % BVB == 0 && rows_aligned16(g + qk0, rstride) &&
+                       rows_aligned16(dout + (bos * H + h) * V, (i64)H * V) &&
+                       rows_aligned16(v + (bos * H + h) * V, (i64)H * V) && rows_aligned16(hbuf + hoff, (i64)V) &&
+                       rows_aligned16(dhbuf + hoff, (i64)V) && rows_aligned16(q + qk0, rstride) &&
+                       rows_aligned16(k + qk0, rstride);
+    if (whole) load_tile_whole<BT, KS, THREADS>(sG, LDF, g + qk0, rstride);  // the raw gates: G and R after the V loop
+    else load_tile(sG, LDF, g + qk0, rstride, L, kc, BT, KS);
 
     AccQ Dq, Dx;
     AccA dA;
@@ -107,6 +115,16 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     const auto issue = [&](int s) {
         const int v0 = s * BVB, vc = min(BVB, V - v0), b = s % STAGES;
         const i64 row = (bos * H + h) * V + v0;
+        if constexpr (SameType<TT, T*>::value) {  // 16-bit inputs: same-type tiles
+            if (whole) {
+                load_tile_whole<BT, BVB, THREADS>(at(sDo, b), LDV, dout + row, (i64)H * V);
+                load_tile_whole<BT, BVB, THREADS>(at(sV, b), LDV, v + row, (i64)H * V);
+                load_tile_whole<KS, BVB, THREADS>(at(sH, b), LDV, hbuf + hoff + v0, (i64)V);
+                load_tile_whole<KS, BVB, THREADS>(at(sDh, b), LDV, dhbuf + hoff + v0, (i64)V);
+                cp_async_commit();
+                return;
+            }
+        }
         load_tile(at(sDo, b), LDV, dout + row, (i64)H * V, L, vc, BT, BVB);
         load_tile(at(sV, b), LDV, v + row, (i64)H * V, L, vc, BT, BVB);
         load_tile(at(sH, b), LDV, hbuf + hoff + v0, (i64)V, kc, vc, KS, BVB);
@@ -148,8 +166,18 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
 
     // ---- the V loop's tiles are dead: the scores (masked, scaled), q, k, hdh, Dk ----
     gla_dqk::store_scores<E>(dA, sA, LDM, sDa, live, scale);
-    load_tile(sQ, LDF, q + qk0, rstride, L, kc, BT, KS);
-    load_tile(sK, LDF, k + qk0, rstride, L, kc, BT, KS);
+    bool qk_loaded = false;
+    if constexpr (sizeof(T) == 2) {  // converted through registers (float32 rows take load_tile's cp.async path)
+        if (whole) {
+            load_tile_whole_convert<BT, KS, THREADS>(sQ, LDF, q + qk0, rstride);
+            load_tile_whole_convert<BT, KS, THREADS>(sK, LDF, k + qk0, rstride);
+            qk_loaded = true;
+        }
+    }
+    if (!qk_loaded) {
+        load_tile(sQ, LDF, q + qk0, rstride, L, kc, BT, KS);
+        load_tile(sK, LDF, k + qk0, rstride, L, kc, BT, KS);
+    }
     hdh = lane_group_sum<1, 4>(hdh);
     if (hpart == 0) sHdh[hkey] = hdh;
     if ((int)threadIdx.x < KS)
@@ -161,10 +189,12 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     // diagonal terms (gla/chunk_bwd_intra.cuh)
     chunk_local_cumsum_log2(sG, sR, LDF, KS, live, BT);
     diag_blocks_elementwise<BT, E>(sG, sR, LDF, KS, live, sFlag);  // barriers around
-    gla_dqk::dq_chunk<E>(Dq, sA, LDM, sK, sG, sR, LDF, sS, LDK, sFlag, live, scale);
+    // each per-element factor once: b_j for dx and kE, a_r for dq and qF (gla/chunk_bwd_intra.cuh: dx_and_kE)
+    gla_dqk::dx_and_kE<E>(Dx, sK, sG, sR, LDF, sS, LDK, live);
+    gla_dqk::dq_chunk<E, true>(Dq, sA, LDM, sK, sG, sR, LDF, sS, LDK, sFlag, live, scale, sQ);
     AccQ Di;
     Di.fill(0.f);
-    gla_dqk::dk_chunk<E>(Dx, Di, sA, LDM, sQ, sG, sR, LDF, sS, LDK, sFlag, live);
+    gla_dqk::dk_chunk<E, true>(Dx, Di, sA, LDM, sQ, sG, sR, LDF, sS, LDK, sFlag, live);
     __syncthreads();  // q and k read by every thread: from here each thread rewrites only its own elements
 
     // dq, dk (with the diagonal terms dA_rr k_r, dA_rr q_r); q and k become dG_r and k_r dx_r (0 past live)
@@ -176,17 +206,20 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
             const int r = AccQ::row(warp, lane, 0, e), d = AccQ::col(warp, lane, jt, e);
             const bool in = r < live;
             const float a = sDa[r];
-            float oq[2], ok[2];
+            const int i = r * LDF + d;
+            const float2 q2 = load_pair(sQ, i), k2 = load_pair(sK, i);
+            const float qv[2] = {q2.x, q2.y}, kv[2] = {k2.x, k2.y};
+            float oq[2], ok[2], dG[2], kdx[2];
 #pragma unroll
             for (int x = 0; x < 2; ++x) {
-                const int i = r * LDF + d + x;
-                const float qv = sQ[i], kv = sK[i];
                 const float xq = Dq.v[0][jt][e + x], xi = Di.v[0][jt][e + x], xx = Dx.v[0][jt][e + x];
-                oq[x] = in ? xq + a * kv : dead_value();
-                ok[x] = in ? xx + xi + a * qv : dead_value();
-                sQ[i] = in ? qv * xq - kv * xi : 0.f;
-                sK[i] = in ? kv * xx : 0.f;
+                oq[x] = in ? xq + a * kv[x] : dead_value();
+                ok[x] = in ? xx + xi + a * qv[x] : dead_value();
+                dG[x] = in ? qv[x] * xq - kv[x] * xi : 0.f;
+                kdx[x] = in ? kv[x] * xx : 0.f;
             }
+            store_pair(sQ, i, dG[0], dG[1]);
+            store_pair(sK, i, kdx[0], kdx[1]);
             if (r < L) {
                 const i64 o = qk0 + r * rstride + d;
                 put_row_pair(dq, o, d, kc, paired, oq[0], oq[1]);

@@ -12,6 +12,40 @@ namespace gla_dqk {
 
 using namespace rawdelta;
 
+// R[i], R[i + 1] (i even, R's rows of even length): one 8-byte load for int counts.
+template <typename RT> __device__ __forceinline__ int2 count_pair(const RT* R, int i) {
+    if constexpr (SameType<RT, int>::value) return *reinterpret_cast<const int2*>(R + i);
+    else return make_int2((int)R[i], (int)R[i + 1]);
+}
+
+// The per-key decay factors between each of a thread's rows r of an Acc (one 16-row sub-block per warp, MT = 1) and
+// a reference row `ref` of the same sub-block's span: 2^(G_r - G_ref) (ROW_MINUS_REF) or 2^(G_ref - G_r), by column
+// pair, the reference row's gates and counts loaded once per pair: f(jt, e, r, d, x0, x1, same0, same1, rr, c) for
+// the accumulator elements v[0][jt][e], v[0][jt][e + 1] at (r, d), (r, d + 1), with same the two columns' reset
+// counts equal to the reference's, rr the row's counts and c = per_col(d), what the caller loads once per column
+// pair. Every load is ahead of f's stores for its pair, and f selects (no branch around a load).
+template <typename AccQ, bool ROW_MINUS_REF, typename RT, typename C, typename F>
+__device__ __forceinline__ void key_factor_pairs(const float* sG, const RT* sR, int ld, int ref, C&& per_col, F&& f) {
+    static_assert(AccQ::MT == 1, "one 16-row sub-block per warp");
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int jt = 0; jt < AccQ::NT; ++jt) {
+        const int d = AccQ::col(warp, lane, jt, 0);
+        const float2 gf = load_pair(sG, ref * ld + d);
+        const int2 rf = count_pair(sR, ref * ld + d);
+        const auto c = per_col(d);
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+            const int r = AccQ::row(warp, lane, 0, e);
+            const float2 gr = load_pair(sG, r * ld + d);
+            const int2 rr = count_pair(sR, r * ld + d);
+            const float x0 = ROW_MINUS_REF ? exp2_ftz(gr.x - gf.x) : exp2_ftz(gf.x - gr.x);
+            const float x1 = ROW_MINUS_REF ? exp2_ftz(gr.y - gf.y) : exp2_ftz(gf.y - gr.y);
+            f(jt, e, r, d, x0, x1, rr.x == rf.x, rr.y == rf.y, rr, c);
+        }
+    }
+}
+
 // One warp: c[j] = A B_j, A the 16 x 16 block at (m0, k0) of a split tile (layout LA: MK, or KM for the stored
 // matrix's transpose), B_j the 16 x 8 block at (k0, (wn + j WN) 8) of a split KN tile; hi*hi + lo*hi + hi*lo
 // (~16 mantissa bits). c is the 16 x 8 accumulator tiles' layout of Acc (row (lane >> 2) + 8 (e >> 1), column
@@ -68,7 +102,11 @@ __device__ __forceinline__ void block_pair_add(AccQ& acc, const float (&t)[AccQ:
 #pragma unroll
     for (int jt = 0; jt < AccQ::NT; ++jt) {
         const int d = AccQ::col(warp, lane, jt, 0);
-        const float c0 = key_decay_sel(sG, sR, ld, s, e, d), c1 = key_decay_sel(sG, sR, ld, s, e, d + 1);
+        const float2 gs = load_pair(sG, s * ld + d), ge = load_pair(sG, e * ld + d);
+        const int2 rs = count_pair(sR, s * ld + d), re = count_pair(sR, e * ld + d);
+        // key_decay_sel(s, e) of both columns
+        const float x0 = exp2_ftz(gs.x - ge.x), x1 = exp2_ftz(gs.y - ge.y);
+        const float c0 = rs.x == re.x ? x0 : 0.f, c1 = rs.y == re.y ? x1 : 0.f;
         acc.v[0][jt][0] += c0 * t[jt][0];
         acc.v[0][jt][1] += c1 * t[jt][1];
         acc.v[0][jt][2] += c0 * t[jt][2];
@@ -76,34 +114,78 @@ __device__ __forceinline__ void block_pair_add(AccQ& acc, const float (&t)[AccQ:
     }
 }
 
+// dk's inter-chunk part and dq_chunk's operand kE from one factor per element, b_j = 2^(G_e - G_j) (e the last live
+// row of j's sub-block), by the owner of each element of Dx (Acc<BT, KS>: v dh^T on entry):
+//   dx_j = 2^(G_last - G_e) b_j Dx_j (0 before a reset after j, by selection),   kE_j = k_j b_j into the scratch,
+// each with the bits dk_chunk / dq_chunk give it. Then dq_chunk and dk_chunk run with SHARED_FACTORS: dq_chunk
+// takes this kE and, with a_r at hand, writes dk_chunk's qF; dk_chunk computes neither. dq_chunk's barrier comes
+// before the scratch is read.
+template <typename E, int BT, int KS, int NW, typename RT>
+__device__ __forceinline__ void dx_and_kE(Acc<BT, KS, NW>& Dx, const float* sK, const float* sG, const RT* sR, int ld,
+                                          const Split<E>& scratch, int ldk, int live) {
+    using AccQ = Acc<BT, KS, NW>;
+    static_assert(AccQ::MT == 1 && AccQ::WM == BT / SUB, "each warp owns one 16-row sub-block");
+    const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int e = min(AccQ::row(warp, lane, 0, 0) | (SUB - 1), last);
+    struct Last {
+        float2 l;  // 2^(G_last - G_e)
+        int2 r;    // R_last
+    };
+    key_factor_pairs<AccQ, false>(
+        sG, sR, ld, e,
+        [&](int d) {
+            const float2 ge = load_pair(sG, e * ld + d), gl = load_pair(sG, last * ld + d);
+            return Last{make_float2(exp2_ftz(gl.x - ge.x), exp2_ftz(gl.y - ge.y)), count_pair(sR, last * ld + d)};
+        },
+        [&](int jt, int x, int j, int d, float b0, float b1, bool same0, bool same1, int2 rj, const Last& c) {
+            const float2 kj = load_pair(sK, j * ld + d);
+            const bool in = j < live;
+            float& x0 = Dx.v[0][jt][x];
+            float& x1 = Dx.v[0][jt][x + 1];
+            x0 = in && rj.x == c.r.x ? x0 * (b0 * c.l.x) : 0.f;
+            x1 = in && rj.y == c.r.y ? x1 * (b1 * c.l.y) : 0.f;
+            split_store_pair(scratch, j * ldk + d, in ? kj.x * (same0 ? b0 : 0.f) : 0.f,
+                             in ? kj.y * (same1 ? b1 : 0.f) : 0.f);
+        });
+}
+
 // dq without its diagonal terms (dA_rr k_r), in Dq (Acc<BT, KS>: do h^T on entry; each warp one 16-row sub-block
 // I = wb, rows from s = 16 I):
 //   dq_r = a_r (scale 2^G_s Dq_r + sum_{J <= I} c_IJ (dA_IJ kE_J)_r),   kE_j = k_j b_j,
 // the J = I term only unless flagged; a flagged diagonal sub-block element by element (j in [s, r)). 0 on rows past
 // live. Barriers before and after the products (the scratch's kE may be overwritten when it returns).
-template <typename E, int BT, int KS, int NW, typename RT>
+template <typename E, bool SHARED_FACTORS = false, int BT, int KS, int NW, typename RT>
 __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA, int ldm, const float* sK,
                                          const float* sG, const RT* sR, int ld, const Split<E>& scratch, int ldk,
-                                         const int* flags, int live, float scale) {
+                                         const int* flags, int live, float scale, const float* sQ = nullptr) {
     using AccQ = Acc<BT, KS, NW>;
     constexpr int NT = AccQ::NT, WM = AccQ::WM, WN = AccQ::WN;
     static_assert(AccQ::MT == 1 && WM == BT / SUB && WM * WN == NW, "each warp owns one 16-row sub-block");
     const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM,
               wn = warp / WM, s = wb * SUB;
     const bool elementwise = flags[wb] != 0;
-    // kE_j = k_j b_j; 0 on dead rows
-    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
-        const int j = idx / KS, d = idx % KS, e = min(j | (SUB - 1), last);
-        const float x0 = sK[j * ld + d] * key_decay_sel(sG, sR, ld, e, j, d);
-        const float x1 = sK[j * ld + d + 1] * key_decay_sel(sG, sR, ld, e, j, d + 1);
-        split_store_pair(scratch, j * ldk + d, j < live ? x0 : 0.f, j < live ? x1 : 0.f);
-    }
+    // kE_j = k_j b_j; 0 on dead rows (with SHARED_FACTORS the caller stored it: dx_and_kE)
+    if (!SHARED_FACTORS)
+        for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
+            const int j = idx / KS, d = idx % KS, e = min(j | (SUB - 1), last);
+            const float x0 = sK[j * ld + d] * key_decay_sel(sG, sR, ld, e, j, d);
+            const float x1 = sK[j * ld + d + 1] * key_decay_sel(sG, sR, ld, e, j, d + 1);
+            split_store_pair(scratch, j * ldk + d, j < live ? x0 : 0.f, j < live ? x1 : 0.f);
+        }
     // the inter-chunk part to row s: scale 2^G_s Dq (0 after a reset at or before s: selected, the state may hold
     // anything a reset discards)
-    Dq.apply([&](int, int d, float& x) {
-        const int i = s * ld + d;
-        x = sR[i] > 0 ? 0.f : x * (scale * exp2_ftz(sG[i]));
-    });
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt) {
+        const int d = AccQ::col(warp, lane, jt, 0);
+        const float2 gs = load_pair(sG, s * ld + d);
+        const int2 rs = count_pair(sR, s * ld + d);
+        const float f0 = scale * exp2_ftz(gs.x), f1 = scale * exp2_ftz(gs.y);
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+            Dq.v[0][jt][e] = rs.x > 0 ? 0.f : Dq.v[0][jt][e] * f0;
+            Dq.v[0][jt][e + 1] = rs.y > 0 ? 0.f : Dq.v[0][jt][e + 1] * f1;
+        }
+    }
     __syncthreads();
     // sub-blocks J <= I (for J < I all rows of J are live when a row of I is)
     const int nJ = elementwise ? wb : wb + 1;
@@ -113,11 +195,23 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
         const int e = min(J * SUB + SUB - 1, last);
         block_pair_add<AccQ>(Dq, t, sG, sR, ld, s, e, warp, lane);
     }
-    // a_r (0 from a reset inside the block on, by selection: every term crosses it)
-    Dq.apply([&](int r, int d, float& x) {
-        const bool in = r < live && sR[r * ld + d] == sR[s * ld + d];
-        x = in ? x * exp2_ftz(sG[r * ld + d] - sG[s * ld + d]) : 0.f;
-    });
+    // a_r (0 from a reset inside the block on, by selection: every term crosses it); with SHARED_FACTORS also
+    // dk_chunk's operand qF_r = q_r a_r, into the scratch once every warp's products have read kE from it
+    if (SHARED_FACTORS) __syncthreads();
+    key_factor_pairs<AccQ, true>(
+        sG, sR, ld, s, [](int) { return 0; },
+        [&](int jt, int x, int r, int d, float a0, float a1, bool same0, bool same1, int2, int) {
+            const bool in = r < live;
+            float& x0 = Dq.v[0][jt][x];
+            float& x1 = Dq.v[0][jt][x + 1];
+            x0 = in && same0 ? x0 * a0 : 0.f;
+            x1 = in && same1 ? x1 * a1 : 0.f;
+            if (SHARED_FACTORS) {  // dk_chunk's qF, its bits
+                const float2 q = load_pair(sQ, r * ld + d);
+                split_store_pair(scratch, r * ldk + d, in ? q.x * (same0 ? a0 : 0.f) : 0.f,
+                                 in ? q.y * (same1 ? a1 : 0.f) : 0.f);
+            }
+        });
     // a flagged diagonal sub-block: j in [s, r)
     if (elementwise)
         Dq.apply([&](int r, int d, float& x) {
@@ -127,7 +221,7 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
                 sum += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sK[j * ld + d];
             x += sum;
         });
-    __syncthreads();  // kE read
+    __syncthreads();  // kE read (with SHARED_FACTORS: qF written)
 }
 
 // dk without its diagonal terms, as its inter-chunk part Dx (Acc<BT, KS>: v dh^T on entry) and its intra-chunk part
@@ -136,7 +230,7 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
 // the I = J term only unless flagged; a flagged diagonal sub-block element by element (r in (j, end of the block),
 // live rows). 0 on rows past live. A barrier after qF is written; the caller's barrier before the scratch or the
 // tiles are overwritten.
-template <typename E, int BT, int KS, int NW, typename RT>
+template <typename E, bool SHARED_FACTORS = false, int BT, int KS, int NW, typename RT>
 __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& Di, const Split<E>& sA, int ldm,
                                          const float* sQ, const float* sG, const RT* sR, int ld,
                                          const Split<E>& scratch, int ldk, const int* flags, int live) {
@@ -146,8 +240,8 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
     const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % WM,
               wn = warp / WM, e = min(wb * SUB + SUB - 1, last);
     const bool elementwise = flags[wb] != 0;
-    // qF_r = q_r a_r; 0 on dead rows
-    for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
+    // qF_r = q_r a_r; 0 on dead rows (with SHARED_FACTORS dq_chunk stored it, and Dx holds dx: dx_and_kE)
+    for (int idx = 2 * threadIdx.x; !SHARED_FACTORS && idx < BT * KS; idx += 2 * THREADS) {
         const int r = idx / KS, d = idx % KS, s = r & ~(SUB - 1);
         const float x0 = sQ[r * ld + d] * key_decay_sel(sG, sR, ld, r, s, d);
         const float x1 = sQ[r * ld + d + 1] * key_decay_sel(sG, sR, ld, r, s, d + 1);
@@ -162,12 +256,23 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
     }
     // b_j, and the inter-chunk part (0 before a reset after j, by selection: the state gradient may hold anything
     // the reset discards)
-    Di.zip(Dx, [&](int j, int d, float& xi, float& xx) {
-        const int ij = j * ld + d, ie = e * ld + d, il = last * ld + d;
-        const float b = exp2_ftz(sG[ie] - sG[ij]);
-        xi = j < live && sR[ij] == sR[ie] ? xi * b : 0.f;
-        xx = j < live && sR[ij] == sR[il] ? xx * (b * exp2_ftz(sG[il] - sG[ie])) : 0.f;
-    });
+    if (SHARED_FACTORS) {  // Dx is dx already: b_j for Di alone
+        key_factor_pairs<AccQ, false>(
+            sG, sR, ld, e, [](int) { return 0; },
+            [&](int jt, int x, int j, int, float b0, float b1, bool same0, bool same1, int2, int) {
+                float& x0 = Di.v[0][jt][x];
+                float& x1 = Di.v[0][jt][x + 1];
+                x0 = j < live && same0 ? x0 * b0 : 0.f;
+                x1 = j < live && same1 ? x1 * b1 : 0.f;
+            });
+    } else {
+        Di.zip(Dx, [&](int j, int d, float& xi, float& xx) {
+            const int ij = j * ld + d, ie = e * ld + d, il = last * ld + d;
+            const float b = exp2_ftz(sG[ie] - sG[ij]);
+            xi = j < live && sR[ij] == sR[ie] ? xi * b : 0.f;
+            xx = j < live && sR[ij] == sR[il] ? xx * (b * exp2_ftz(sG[il] - sG[ie])) : 0.f;
+        });
+    }
     // a flagged diagonal sub-block: r in (j, end of j's sub-block), live rows only
     if (elementwise)
         Di.apply([&](int j, int d, float& x) {
