@@ -166,15 +166,10 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
 
     // ---- the V loop's tiles are dead: the scores (masked, scaled), q, k, hdh, Dk ----
     gla_dqk::store_scores<E>(dA, sA, LDM, sDa, live, scale);
-    bool qk_loaded = false;
-    if constexpr (sizeof(T) == 2) {  // converted through registers (float32 rows take load_tile's cp.async path)
-        if (whole) {
-            load_tile_whole_convert<BT, KS, THREADS>(sQ, LDF, q + qk0, rstride);
-            load_tile_whole_convert<BT, KS, THREADS>(sK, LDF, k + qk0, rstride);
-            qk_loaded = true;
-        }
-    }
-    if (!qk_loaded) {
+    if (sizeof(T) == 2 && whole) {  // converted through registers (float32 rows take load_tile's cp.async path)
+        load_tile_whole_convert<BT, KS, THREADS>(sQ, LDF, q + qk0, rstride);
+        load_tile_whole_convert<BT, KS, THREADS>(sK, LDF, k + qk0, rstride);
+    } else {
         load_tile(sQ, LDF, q + qk0, rstride, L, kc, BT, KS);
         load_tile(sK, LDF, k + qk0, rstride, L, kc, BT, KS);
     }

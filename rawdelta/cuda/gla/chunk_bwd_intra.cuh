@@ -241,12 +241,13 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
               wn = warp / WM, e = min(wb * SUB + SUB - 1, last);
     const bool elementwise = flags[wb] != 0;
     // qF_r = q_r a_r; 0 on dead rows (with SHARED_FACTORS dq_chunk stored it, and Dx holds dx: dx_and_kE)
-    for (int idx = 2 * threadIdx.x; !SHARED_FACTORS && idx < BT * KS; idx += 2 * THREADS) {
-        const int r = idx / KS, d = idx % KS, s = r & ~(SUB - 1);
-        const float x0 = sQ[r * ld + d] * key_decay_sel(sG, sR, ld, r, s, d);
-        const float x1 = sQ[r * ld + d + 1] * key_decay_sel(sG, sR, ld, r, s, d + 1);
-        split_store_pair(scratch, r * ldk + d, r < live ? x0 : 0.f, r < live ? x1 : 0.f);
-    }
+    if (!SHARED_FACTORS)
+        for (int idx = 2 * threadIdx.x; idx < BT * KS; idx += 2 * THREADS) {
+            const int r = idx / KS, d = idx % KS, s = r & ~(SUB - 1);
+            const float x0 = sQ[r * ld + d] * key_decay_sel(sG, sR, ld, r, s, d);
+            const float x1 = sQ[r * ld + d + 1] * key_decay_sel(sG, sR, ld, r, s, d + 1);
+            split_store_pair(scratch, r * ldk + d, r < live ? x0 : 0.f, r < live ? x1 : 0.f);
+        }
     __syncthreads();
     // sub-blocks I >= J with a live row
     for (int I = elementwise ? wb + 1 : wb; I < NB && I * SUB < live; ++I) {
