@@ -20,6 +20,11 @@ import numpy as np
 
 import rawdelta
 
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--op", default="fused_recurrent_gated_delta_rule",
+                choices=("fused_recurrent_gated_delta_rule", "fused_recurrent_gla"))
+OP = ap.parse_args().op
+
 N, H, D = 64, 32, 128
 rng = np.random.default_rng(0)
 q, k, v = (cupy.asarray(rng.standard_normal((N, 1, H, D)).astype(np.float32)).astype(cupy.float16) for _ in range(3))
@@ -27,10 +32,6 @@ g = cupy.asarray(-rng.random((N, 1, H)).astype(np.float32))
 beta = cupy.asarray(rng.random((N, 1, H)).astype(np.float32))
 gk = cupy.asarray(-rng.random((N, 1, H, D)).astype(np.float32) / 16)
 state = cupy.zeros((N, H, D, D), np.float32)
-ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-ap.add_argument("--op", default="fused_recurrent_gated_delta_rule",
-                choices=("fused_recurrent_gated_delta_rule", "fused_recurrent_gla"))
-OP = ap.parse_args().op
 
 
 def call() -> None:
