@@ -62,20 +62,6 @@ struct ChunkFactorScratch {
     }
 };
 
-// The loads (cp.async, not waited for) of the raw q, k and g tiles of the key slice at k0 into the scratch: what
-// gla_chunk_factors issues per slice, issued by its caller for the first slice where that can overlap other work
-// (prepare: the scan for the chunk's first dead row).
-template <typename T, typename E, int BT>
-__device__ __forceinline__ void issue_factor_slice(const ChunkFactorScratch<T, E, BT>& s, const T* __restrict__ q,
-                                                   const T* __restrict__ k, const float* __restrict__ g, i64 HK,
-                                                   int L, int K, int k0) {
-    using S = ChunkFactorScratch<T, E, BT>;
-    const int kc = min(S::KS, K - k0);
-    load_tile(s.sQ, S::LDR, q + k0, HK, L, kc, BT, S::KS);
-    load_tile(s.sK, S::LDR, k + k0, HK, L, kc, BT, S::KS);
-    load_tile(s.sG, S::LDG, g + k0, HK, L, kc, BT, S::KS);
-}
-
 // The factors of one chunk of one head (rows r < L; live = its first dead row), over slices of KS keys:
 //   elem(r, d, qg_d, qg_d+1, kg_d, kg_d+1) for every row r < BT and even key d of every slice, the keys d and d + 1
 //   (each 0 unless r < L and the key < K), with G, R the per-key chunk-local cumulative log2 gate and reset count
@@ -88,14 +74,12 @@ __device__ __forceinline__ void issue_factor_slice(const ChunkFactorScratch<T, E
 //   G_j)) with ref the first row of I, for the columns of the blocks before I (every factor <= 1 for gates <= 0, 0
 //   across a reset) and of I itself where its gates allow (gla/chunk.cuh: diag_blocks_elementwise); element by
 //   element for a diagonal block of a slice where they do not.
-// q, k, g point at (row 0, key 0) of the chunk's head; rows of stride HK. first_issued: the caller issued the first
-// slice's loads (issue_factor_slice). Blocks of 256 threads; every thread calls
+// q, k, g point at (row 0, key 0) of the chunk's head; rows of stride HK. Blocks of 256 threads; every thread calls
 // it (barriers inside); sA is complete when it returns (a barrier last).
 template <typename T, typename E, int BT, typename Elem, typename Decay>
 __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E, BT>& s, const T* __restrict__ q,
                                                   const T* __restrict__ k, const float* __restrict__ g, i64 HK, int L,
-                                                  int live, int K, float scale, Elem&& elem, Decay&& decay,
-                                                  bool first_issued = false) {
+                                                  int live, int K, float scale, Elem&& elem, Decay&& decay) {
     using S = ChunkFactorScratch<T, E, BT>;
     constexpr int NW = 8, KS = S::KS, LDR = S::LDR, LDT = S::LDT, LDG = S::LDG, LDA = S::LDA, NB = BT / SUB;
     constexpr int PAIRS = KS / 2;  // a thread keeps the keys d, d + 1 of a slice in its loops over rows
@@ -121,7 +105,9 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
     for (int k0 = 0; k0 < K; k0 += KS) {
         const int kc = min(KS, K - k0);
         const bool dk0 = d < kc, dk1 = d + 1 < kc;
-        if (k0 > 0 || !first_issued) issue_factor_slice(s, q, k, g, HK, L, K, k0);
+        load_tile(sQ, LDR, q + k0, HK, L, kc, BT, KS);
+        load_tile(sK, LDR, k + k0, HK, L, kc, BT, KS);
+        load_tile(sG, LDG, g + k0, HK, L, kc, BT, KS);
         cp_async_wait_all();
         __syncthreads();
         chunk_local_cumsum_log2(sG, sR, LDG, kc, live, BT);

@@ -28,8 +28,6 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
     const i64 bos = chunk_bos[c];
     const int L = chunk_len[c];
     const i64 HK = (i64)H * K, tok = bos * HK + (i64)h * K;
-    // the first key slice's tiles in flight while the scan for the first dead row reads the gates
-    issue_factor_slice(s, q + tok, k + tok, g + tok, HK, L, K, 0);
     const int live = first_dead_key_row(g + tok, HK, L, K, s.sLive);
     for (int r = threadIdx.x; r < L; r += blockDim.x) Rc[(bos + r) * H + h] = row_code(0, live);
 
@@ -49,7 +47,7 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
             put_row_pair(qg, o, d, K, (K & 1) == 0, xq0, xq1);
             put_row_pair(kg, o, d, K, (K & 1) == 0, xk0, xk1);
         },
-        [&](int d, float x) { Dk[((i64)c * H + h) * K + d] = x; }, true);
+        [&](int d, float x) { Dk[((i64)c * H + h) * K + d] = x; });
 
     // A (scaled and masked) to the per-token chunk matrix.
     for (int idx = threadIdx.x; idx < L * (BT / 8); idx += blockDim.x) {
