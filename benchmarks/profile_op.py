@@ -1,17 +1,25 @@
 """Where an op's time goes: CUDA time per kernel of its forward + backward on the cuda backend.
 
 Draws the op's inputs with its generator (``benchmarks/accuracy.py``: ``draw``; bf16 q/k/v, float32 gates and the
-initial state), runs the raw ``<op>_fwd`` / ``<op>_bwd`` pair (the final state out, ``do`` and ``dht`` in) three
-times under the torch profiler (CUPTI sees the CuPy launches too) and prints the kernel table.
+initial state), runs the raw ``<op>_fwd`` / ``<op>_bwd`` pair (the final state out, ``do`` and ``dht`` in) `--calls`
+times (default 3) under the torch profiler (CUPTI sees the CuPy launches too) and prints the kernel table. With
+``--json`` it prints one JSON line instead: each kernel's mean CUDA time per call (µs), and the median time of a
+forward and of a forward + backward over 30 calls each, timed by CUDA events around each call (ms). An A/B of two
+trees runs it once per tree, alternated, one process each: ``PYTHONPATH=<tree>:benchmarks``.
 
-Usage: PYTHONPATH=. python3 benchmarks/profile_op.py chunk_gla [BxTxHxD]   (default 8x2048x16x128)
+Usage: PYTHONPATH=.:benchmarks python3 benchmarks/profile_op.py chunk_gla [BxTxHxD] [--calls N] [--json]
+(default shape 8x2048x16x128)
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from collections.abc import Callable
 
 import cupy
+import numpy as np
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -21,28 +29,57 @@ import rawdelta  # noqa: E402
 from rawdelta.ops import registry  # noqa: E402
 
 
+def event_median_ms(fn: Callable[[], object], calls: int = 30) -> float:
+    """Median over `calls` back-to-back calls of the GPU time between CUDA events recorded around each."""
+    events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(calls)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    cupy.cuda.Device().synchronize()
+    return float(np.median([cupy.cuda.get_elapsed_time(s, e) for s, e in events]))
+
+
 def main() -> int:
-    op = registry.op(sys.argv[1])
-    shape = tuple(int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "8x2048x16x128").split("x"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("op")
+    ap.add_argument("shape", nargs="?", default="8x2048x16x128", help="BxTxHxD (K = V = D)")
+    ap.add_argument("--calls", type=int, default=3, help="forward + backward calls under the profiler")
+    ap.add_argument("--json", action="store_true", help="one JSON line of per-kernel means and call medians")
+    args = ap.parse_args()
+    op = registry.op(args.op)
+    shape = tuple(int(x) for x in args.shape.split("x"))
     kw, do, dht = draw(op, shape, "bfloat16", 0)
     kw = {n: cupy.asarray(x) if hasattr(x, "shape") else x for n, x in kw.items()}
     # do in the inputs' dtype, as an autograd caller passes it (a float32 do would add a cast to every backward)
     do, dht = cupy.asarray(do).astype(kw["q"].dtype), cupy.asarray(dht)
     fwd, bwd = getattr(rawdelta, f"{op.name}_fwd"), getattr(rawdelta, f"{op.name}_bwd")
 
+    def forward() -> object:
+        return fwd(**kw, output_final_state=True, backend="cuda")[1]
+
     def step() -> None:
-        _, res = fwd(**kw, output_final_state=True, backend="cuda")
-        bwd(res, do, dht)
+        bwd(forward(), do, dht)
 
     for _ in range(2):
         step()
     cupy.cuda.Device().synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+        for _ in range(args.calls):
             step()
         cupy.cuda.Device().synchronize()
-    print(f"{op.name} (B, T, H, D) = {shape}, 3 x (forward + backward)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=90))
+    if not args.json:
+        print(f"{op.name} (B, T, H, D) = {shape}, {args.calls} x (forward + backward)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=90))
+        return 0
+    kernels = {}
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", 0)
+        if total > 0:
+            kernels[e.key] = round(total / args.calls, 1)
+    print(json.dumps({"op": op.name, "shape": shape, "kernels_us": kernels,
+                      "forward_ms": round(event_median_ms(forward), 4),
+                      "forward_backward_ms": round(event_median_ms(step), 4)}))
     return 0
 
 

@@ -69,6 +69,20 @@ def test_strong_decay(op: Any) -> None:
     check_backend(op, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
 
 
+@pytest.mark.parametrize("op", CHUNKED, ids=lambda o: o.name)
+def test_gate_span_differs_by_key_slice(op: Any) -> None:
+    """Chunks where the first 64 keys decay mildly (one reference per chunk serves their whole slice) and the last 64
+    by about -3 per token (their span exceeds what a product's factors allow: the per-sub-block path), and a chunk
+    where the first slice resets and the second is mild: both ways of computing a slice's scores meet in one
+    chunk's sums, in both orders."""
+    kw, do, dht = _inputs({"B": 1, "T": 150, "H": 2, "K": 128, "V": 32}, 19, "bfloat16", op)
+    g = kw["g"].copy()
+    g[:, :128, :, 64:] = -3.0 + np.random.default_rng(1).uniform(-0.5, 0.5, g[:, :128, :, 64:].shape)
+    g[:, 130, 0, 5] = -np.inf
+    kw["g"] = g.astype(np.float32)
+    check_backend(op, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
+
+
 @pytest.mark.parametrize("normalizer", [0.1, 10.0])
 @pytest.mark.parametrize("op", CHUNKED, ids=lambda o: o.name)
 def test_peer_gate_normalizers(op: Any, normalizer: float) -> None:

@@ -183,13 +183,21 @@ __global__ void __launch_bounds__(256, 2) gla_chunk_bwd_dqk_kernel(
     // G, R from the gates (as prepare computes them); the inter-chunk parts, then the intra-chunk sums without their
     // diagonal terms (gla/chunk_bwd_intra.cuh)
     chunk_local_cumsum_log2(sG, sR, LDF, KS, live, BT);
-    diag_blocks_elementwise<BT, E>(sG, sR, LDF, KS, live, sFlag);  // barriers around
-    // each per-element factor once: b_j for dx and kE, a_r for dq and qF (gla/chunk_bwd_intra.cuh: dx_and_kE)
-    gla_dqk::dx_and_kE<E>(Dx, sK, sG, sR, LDF, sS, LDK, live);
-    gla_dqk::dq_chunk<E, true>(Dq, sA, LDM, sK, sG, sR, LDF, sS, LDK, sFlag, live, scale, sQ);
+    __syncthreads();
     AccQ Di;
     Di.fill(0.f);
-    gla_dqk::dk_chunk<E, true>(Dx, Di, sA, LDM, sQ, sG, sR, LDF, sS, LDK, sFlag, live);
+    if (gla_dqk::whole_slice_fits<E, AccQ>(sG, sR, LDF, live)) {
+        // one reference per key for the whole slice (gla/chunk_bwd_intra.cuh: whole_dq)
+        gla_dqk::whole_dx_and_kM<E>(Dx, sK, sG, sR, LDF, sS, LDK, live);
+        gla_dqk::whole_dq<E>(Dq, sA, LDM, sQ, sG, sR, LDF, sS, LDK, live, scale);
+        gla_dqk::whole_dk<E>(Di, sA, LDM, sG, sR, LDF, sS, LDK, live);
+    } else {
+        diag_blocks_elementwise<BT, E>(sG, sR, LDF, KS, live, sFlag);  // barriers around
+        // each per-element factor once: b_j for dx and kE, a_r for dq and qF (gla/chunk_bwd_intra.cuh: dx_and_kE)
+        gla_dqk::dx_and_kE<E>(Dx, sK, sG, sR, LDF, sS, LDK, live);
+        gla_dqk::dq_chunk<E, true>(Dq, sA, LDM, sK, sG, sR, LDF, sS, LDK, sFlag, live, scale, sQ);
+        gla_dqk::dk_chunk<E, true>(Dx, Di, sA, LDM, sQ, sG, sR, LDF, sS, LDK, sFlag, live);
+    }
     __syncthreads();  // q and k read by every thread: from here each thread rewrites only its own elements
 
     // dq, dk (with the diagonal terms dA_rr k_r, dA_rr q_r); q and k become dG_r and k_r dx_r (0 past live)

@@ -18,22 +18,50 @@ template <typename RT> __device__ __forceinline__ int2 count_pair(const RT* R, i
     else return make_int2((int)R[i], (int)R[i + 1]);
 }
 
+// The reference of a per-element decay factor: key d's gates and reset counts at (d, d + 1), loaded by column pair.
+struct KeyRef {
+    float2 g;
+    int2 r;
+};
+
+// A reference row `ref` of the tiles: its gates and counts.
+template <typename RT> struct RowRef {
+    const float* sG;
+    const RT* sR;
+    int ld, ref;
+    __device__ __forceinline__ KeyRef operator()(int d) const {
+        return {load_pair(sG, ref * ld + d), count_pair(sR, ref * ld + d)};
+    }
+};
+
+// The whole-slice reference of each key: m_d = (G_0d + G_last,d) / 2 with counts 0 (whole_slice_fits).
+struct MidRef {
+    const float* sG;
+    int ld, last;
+    __device__ __forceinline__ KeyRef operator()(int d) const {
+        const float2 g0 = load_pair(sG, d), gl = load_pair(sG, last * ld + d);
+        return {make_float2(0.5f * (g0.x + gl.x), 0.5f * (g0.y + gl.y)), make_int2(0, 0)};
+    }
+};
+
 // The per-key decay factors between each of a thread's rows r of an Acc (one 16-row sub-block per warp, MT = 1) and
-// a reference row `ref` of the same sub-block's span: 2^(G_r - G_ref) (ROW_MINUS_REF) or 2^(G_ref - G_r), by column
-// pair, the reference row's gates and counts loaded once per pair: f(jt, e, r, d, x0, x1, same0, same1, rr, c) for
-// the accumulator elements v[0][jt][e], v[0][jt][e + 1] at (r, d), (r, d + 1), with same the two columns' reset
-// counts equal to the reference's, rr the row's counts and c = per_col(d), what the caller loads once per column
-// pair. Every load is ahead of f's stores for its pair, and f selects (no branch around a load).
-template <typename AccQ, bool ROW_MINUS_REF, typename RT, typename C, typename F>
-__device__ __forceinline__ void key_factor_pairs(const float* sG, const RT* sR, int ld, int ref, C&& per_col, F&& f) {
+// a reference (ref(d): a row of the same sub-block's span, RowRef, or the slice's per-key middle, MidRef):
+// 2^(G_r - G_ref) (ROW_MINUS_REF) or 2^(G_ref - G_r), by column pair, the reference's gates and counts loaded once
+// per pair: f(jt, e, r, d, x0, x1, same0, same1, rr, c) for the accumulator elements v[0][jt][e], v[0][jt][e + 1] at
+// (r, d), (r, d + 1), with same the two columns' reset counts equal to the reference's, rr the row's counts and
+// c = per_col(d, reference), what the caller computes once per column pair. Every load is ahead of f's stores for
+// its pair, and f selects (no branch around a load).
+template <typename AccQ, bool ROW_MINUS_REF, typename RT, typename Ref, typename C, typename F>
+__device__ __forceinline__ void key_factor_pairs(const float* sG, const RT* sR, int ld, const Ref& ref, C&& per_col,
+                                                 F&& f) {
     static_assert(AccQ::MT == 1, "one 16-row sub-block per warp");
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
     for (int jt = 0; jt < AccQ::NT; ++jt) {
         const int d = AccQ::col(warp, lane, jt, 0);
-        const float2 gf = load_pair(sG, ref * ld + d);
-        const int2 rf = count_pair(sR, ref * ld + d);
-        const auto c = per_col(d);
+        const KeyRef rf = ref(d);
+        const float2 gf = rf.g;
+        const auto c = per_col(d, rf);
 #pragma unroll
         for (int e = 0; e < 4; e += 2) {
             const int r = AccQ::row(warp, lane, 0, e);
@@ -41,7 +69,7 @@ __device__ __forceinline__ void key_factor_pairs(const float* sG, const RT* sR, 
             const int2 rr = count_pair(sR, r * ld + d);
             const float x0 = ROW_MINUS_REF ? exp2_ftz(gr.x - gf.x) : exp2_ftz(gf.x - gr.x);
             const float x1 = ROW_MINUS_REF ? exp2_ftz(gr.y - gf.y) : exp2_ftz(gf.y - gr.y);
-            f(jt, e, r, d, x0, x1, rr.x == rf.x, rr.y == rf.y, rr, c);
+            f(jt, e, r, d, x0, x1, rr.x == rf.r.x, rr.y == rf.r.y, rr, c);
         }
     }
 }
@@ -132,8 +160,8 @@ __device__ __forceinline__ void dx_and_kE(Acc<BT, KS, NW>& Dx, const float* sK, 
         int2 r;    // R_last
     };
     key_factor_pairs<AccQ, false>(
-        sG, sR, ld, e,
-        [&](int d) {
+        sG, sR, ld, RowRef<RT>{sG, sR, ld, e},
+        [&](int d, const KeyRef&) {
             const float2 ge = load_pair(sG, e * ld + d), gl = load_pair(sG, last * ld + d);
             return Last{make_float2(exp2_ftz(gl.x - ge.x), exp2_ftz(gl.y - ge.y)), count_pair(sR, last * ld + d)};
         },
@@ -199,7 +227,7 @@ __device__ __forceinline__ void dq_chunk(Acc<BT, KS, NW>& Dq, const Split<E>& sA
     // dk_chunk's operand qF_r = q_r a_r, into the scratch once every warp's products have read kE from it
     if (SHARED_FACTORS) __syncthreads();
     key_factor_pairs<AccQ, true>(
-        sG, sR, ld, s, [](int) { return 0; },
+        sG, sR, ld, RowRef<RT>{sG, sR, ld, s}, [](int, const KeyRef&) { return 0; },
         [&](int jt, int x, int r, int d, float a0, float a1, bool same0, bool same1, int2, int) {
             const bool in = r < live;
             float& x0 = Dq.v[0][jt][x];
@@ -259,7 +287,7 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
     // the reset discards)
     if (SHARED_FACTORS) {  // Dx is dx already: b_j for Di alone
         key_factor_pairs<AccQ, false>(
-            sG, sR, ld, e, [](int) { return 0; },
+            sG, sR, ld, RowRef<RT>{sG, sR, ld, e}, [](int, const KeyRef&) { return 0; },
             [&](int jt, int x, int j, int, float b0, float b1, bool same0, bool same1, int2, int) {
                 float& x0 = Di.v[0][jt][x];
                 float& x1 = Di.v[0][jt][x + 1];
@@ -283,6 +311,128 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
             for (int r = j + 1; r < end; ++r)
                 sum += tile_get(sA, r * ldm + j) * key_decay(sG, sR, ld, r, j, d) * sQ[r * ld + d];
             x += sum;
+        });
+}
+
+// The whole-slice form of the three stages above, where whole_slice_fits holds: every decay taken against one
+// reference per key, m = MidRef's (the mean of the slice's first and last gates), so that no sub-block pair needs a
+// factor of its own and no diagonal sub-block is summed element by element:
+//   2^(G_r - G_j) = a_r b_j,   a_r = 2^(G_r - m),  b_j = 2^(m - G_j),   each in [2^-span, 2^span]
+//   dx_j = 2^(G_last - m) b_j Dx_j,   kM_j = k_j b_j                                        (whole_dx_and_kM)
+//   dq_r = a_r (sum_{J <= I} (dA_IJ kM_J)_r + scale 2^m Dq_r),   qM_r = q_r a_r            (whole_dq)
+//   Di_j = b_j sum_{I >= J} (dA_IJ^T qM_I)_j                                                (whole_dk)
+// with 2^m taken as 2^(m/2) 2^(m/2) after a_r, so that it underflows only where 2^G_r does. The same outputs as
+// dx_and_kE, dq_chunk and dk_chunk with SHARED_FACTORS; rows from live on 0.
+
+// Whether a slice takes the whole-slice form: no reset in any key, and every live gate of every key within
+// diag_span<E>() (log2 units) of m_d, so that a_r and b_j lie in [2^-span, 2^span] (a diagonal product block's
+// range: gla/chunk.cuh). Each thread tests the elements of an Acc<BT, KS> it owns (together every (row, key) of the
+// slice); a barrier over the block, whose answer every thread gets. False for a NaN or infinite gate.
+template <typename E, typename AccQ, typename RT>
+__device__ __forceinline__ bool whole_slice_fits(const float* sG, const RT* sR, int ld, int live) {
+    const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr float SPAN = diag_span<E>();
+    const MidRef mid{sG, ld, last};
+    bool fits = true;
+#pragma unroll
+    for (int jt = 0; jt < AccQ::NT; ++jt) {
+        const int d = AccQ::col(warp, lane, jt, 0);
+        const float2 m = mid(d).g;
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+            const int r = AccQ::row(warp, lane, 0, e);
+            const float2 gr = load_pair(sG, r * ld + d);
+            const int2 rr = count_pair(sR, r * ld + d);
+            fits &= r >= live || (rr.x == 0 && rr.y == 0 && fabsf(gr.x - m.x) <= SPAN && fabsf(gr.y - m.y) <= SPAN);
+        }
+    }
+    return __syncthreads_and(fits) != 0;
+}
+
+// dx_j and kM_j (the scratch), by the owner of each element of Dx (v dh^T on entry). A barrier after.
+template <typename E, int BT, int KS, int NW, typename RT>
+__device__ __forceinline__ void whole_dx_and_kM(Acc<BT, KS, NW>& Dx, const float* sK, const float* sG, const RT* sR,
+                                                int ld, const Split<E>& scratch, int ldk, int live) {
+    using AccQ = Acc<BT, KS, NW>;
+    const int last = max(live - 1, 0);
+    key_factor_pairs<AccQ, false>(
+        sG, sR, ld, MidRef{sG, ld, last},
+        [&](int d, const KeyRef& m) {  // 2^(G_last - m)
+            const float2 gl = load_pair(sG, last * ld + d);
+            return make_float2(exp2_ftz(gl.x - m.g.x), exp2_ftz(gl.y - m.g.y));
+        },
+        [&](int jt, int x, int j, int d, float b0, float b1, bool, bool, int2, const float2& t) {
+            const float2 kj = load_pair(sK, j * ld + d);
+            const bool in = j < live;
+            float& x0 = Dx.v[0][jt][x];
+            float& x1 = Dx.v[0][jt][x + 1];
+            x0 = in ? x0 * (b0 * t.x) : 0.f;
+            x1 = in ? x1 * (b1 * t.y) : 0.f;
+            split_store_pair(scratch, j * ldk + d, in ? kj.x * b0 : 0.f, in ? kj.y * b1 : 0.f);
+        });
+    __syncthreads();
+}
+
+// acc += sum over the 16-blocks b in [b0, b1) of warp_block_mma(b), each warp its own rows (the accumulator tiles'
+// layout). LA MK: the scores' rows of this warp's sub-block against block b's columns; KM: block b's rows,
+// transposed.
+template <typename E, Layout LA, typename AccQ>
+__device__ __forceinline__ void whole_products(AccQ& acc, const Split<E>& sA, int ldm, const Split<E>& scratch,
+                                               int ldk, int b0, int b1) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wb = warp % AccQ::WM, wn = warp / AccQ::WM;
+    for (int b = b0; b < b1; ++b) {
+        float t[AccQ::NT][4];
+        warp_block_mma<E, LA, AccQ::NT, AccQ::WN>(t, sA, ldm, wb * SUB, b * SUB, scratch, ldk, wn, lane);
+#pragma unroll
+        for (int jt = 0; jt < AccQ::NT; ++jt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc.v[0][jt][e] += t[jt][e];
+    }
+}
+
+// dq (Dq: do h^T on entry) from kM in the scratch; then qM into the scratch once every warp has read kM. Barriers
+// before the products' end and after qM is written.
+template <typename E, int BT, int KS, int NW, typename RT>
+__device__ __forceinline__ void whole_dq(Acc<BT, KS, NW>& Dq, const Split<E>& sA, int ldm, const float* sQ,
+                                         const float* sG, const RT* sR, int ld, const Split<E>& scratch, int ldk,
+                                         int live, float scale) {
+    using AccQ = Acc<BT, KS, NW>;
+    const int last = max(live - 1, 0), wb = (threadIdx.x >> 5) % AccQ::WM;
+    AccQ intra;
+    intra.fill(0.f);
+    if (wb * SUB < live) whole_products<E, MK>(intra, sA, ldm, scratch, ldk, 0, wb + 1);
+    __syncthreads();  // kM read
+    key_factor_pairs<AccQ, true>(
+        sG, sR, ld, MidRef{sG, ld, last},
+        [&](int, const KeyRef& m) { return make_float2(exp2_ftz(0.5f * m.g.x), exp2_ftz(0.5f * m.g.y)); },
+        [&](int jt, int x, int r, int d, float a0, float a1, bool, bool, int2, const float2& hm) {
+            const bool in = r < live;
+            float& x0 = Dq.v[0][jt][x];
+            float& x1 = Dq.v[0][jt][x + 1];
+            x0 = in ? a0 * intra.v[0][jt][x] + (a0 * hm.x) * hm.x * scale * x0 : 0.f;
+            x1 = in ? a1 * intra.v[0][jt][x + 1] + (a1 * hm.y) * hm.y * scale * x1 : 0.f;
+            const float2 q = load_pair(sQ, r * ld + d);
+            split_store_pair(scratch, r * ldk + d, in ? q.x * a0 : 0.f, in ? q.y * a1 : 0.f);
+        });
+    __syncthreads();  // qM written
+}
+
+// dk's intra-chunk part Di (0 on entry) from qM in the scratch. The caller's barrier before the scratch or the
+// tiles are overwritten.
+template <typename E, int BT, int KS, int NW, typename RT>
+__device__ __forceinline__ void whole_dk(Acc<BT, KS, NW>& Di, const Split<E>& sA, int ldm, const float* sG,
+                                         const RT* sR, int ld, const Split<E>& scratch, int ldk, int live) {
+    using AccQ = Acc<BT, KS, NW>;
+    constexpr int NB = BT / SUB;
+    const int last = max(live - 1, 0), wb = (threadIdx.x >> 5) % AccQ::WM;
+    whole_products<E, KM>(Di, sA, ldm, scratch, ldk, wb, min(NB, (live + SUB - 1) / SUB));
+    key_factor_pairs<AccQ, false>(
+        sG, sR, ld, MidRef{sG, ld, last}, [](int, const KeyRef&) { return 0; },
+        [&](int jt, int x, int j, int, float b0, float b1, bool, bool, int2, int) {
+            float& x0 = Di.v[0][jt][x];
+            float& x1 = Di.v[0][jt][x + 1];
+            x0 = j < live ? x0 * b0 : 0.f;
+            x1 = j < live ? x1 * b1 : 0.f;
         });
 }
 

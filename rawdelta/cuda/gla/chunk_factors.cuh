@@ -111,12 +111,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         cp_async_wait_all();
         __syncthreads();
         chunk_local_cumsum_log2(sG, sR, LDG, kc, live, BT);
-        diag_blocks_elementwise<BT, E>(sG, sR, LDG, kc, live, sFlag);  // barriers around (R is set for kc keys)
-        // The slice's per-key outputs, and q scaled to its block's first row. Each thread keeps two adjacent keys
-        // (THREADS is a multiple of KS / 2): its loads and stores are pairs, and the last row's gates and reset
-        // counts, and each block's reference row's, are loaded once per key pair rather than per element. The loops
-        // run a fixed count (the compiler unrolls them without a remainder) and every factor is computed whatever
-        // the masks, then selected: no branch per element.
+        __syncthreads();
         const int el = max(last, 0) * LDG + d;
         const float2 Gl = load_pair(sG, el);
         const uchar2 Rl = u8_pair(sR, el);
@@ -124,6 +119,49 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
             if (dk0) decay(k0 + d, Rl.x > 0 ? 0.f : exp2_ftz(Gl.x));
             if (dk1) decay(k0 + d + 1, Rl.y > 0 ? 0.f : exp2_ftz(Gl.y));
         }
+        // The whole slice at once where its gates allow: every factor taken against one per-key reference m, the
+        // mean of the chunk's first and last gates, so that A's products are one per 16-block of rows against
+        // every column (the diagonal blocks included) and no k is scaled per block. Allowed where every live
+        // gate of every key lies within diag_span of m and no key resets: the factors 2^(G - m) and 2^(m - G) then
+        // lie in [2^-span, 2^span], as a product-form diagonal block's (the per-element check is the test: gates
+        // of either sign, in any order). The other outputs take m too: qg = (q 2^(G - m)) 2^(m/2) 2^(m/2) (two
+        // halves, so that no factor underflows where q 2^G does not) and kg = (k 2^(m - G)) 2^(G_last - m).
+        const float2 G0 = load_pair(sG, d);
+        const float m0 = 0.5f * (G0.x + Gl.x), m1 = 0.5f * (G0.y + Gl.y);
+        const float h0 = exp2_ftz(0.5f * m0), h1 = exp2_ftz(0.5f * m1);
+        const float t0 = exp2_ftz(Gl.x - m0), t1 = exp2_ftz(Gl.y - m1);
+        constexpr float SPAN = diag_span<E>();
+        bool fits = true;
+#pragma unroll 4
+        for (int m = 0; m < BT / RSTEP; ++m) {
+            const int r = r0 + m * RSTEP, e = r * LDG + d;
+            const bool in0 = r < L && dk0, in1 = r < L && dk1;
+            const float2 x = load_pair(sQ, r * LDR + d), y = load_pair(sK, r * LDR + d), G = load_pair(sG, e);
+            const uchar2 R = u8_pair(sR, e);
+            fits &= !in0 || (R.x == 0 && fabsf(G.x - m0) <= SPAN);  // (false for a NaN or infinite G)
+            fits &= !in1 || (R.y == 0 && fabsf(G.y - m1) <= SPAN);
+            const float s0 = x.x * exp2_ftz(G.x - m0), s1 = x.y * exp2_ftz(G.y - m1);
+            const float u0 = y.x * exp2_ftz(m0 - G.x), u1 = y.y * exp2_ftz(m1 - G.y);
+            elem(r, k0 + d, in0 ? s0 * h0 * h0 : 0.f, in1 ? s1 * h1 * h1 : 0.f, in0 ? u0 * t0 : 0.f,
+                 in1 ? u1 * t1 : 0.f);
+            tile_put_pair(s.sQs, r * LDT + d, in0 ? s0 : 0.f, in1 ? s1 : 0.f);
+            tile_put_pair(s.sKs, r * LDT + d, in0 ? u0 : 0.f, in1 ? u1 : 0.f);
+        }
+        if (__syncthreads_and(fits)) {
+#pragma unroll
+            for (int I = 0; I < NB; ++I)
+                gemm<E, MK, NK, SUB, BT, KS, NW>(blk[I], advance(s.sQs, (i64)I * SUB * LDT), LDT, s.sKs, LDT);
+            __syncthreads();
+            continue;
+        }
+        // Otherwise by 16-blocks, each against a reference row of its own: every output again, over what the
+        // whole-slice loop wrote (the same thread writes the same elements).
+        diag_blocks_elementwise<BT, E>(sG, sR, LDG, kc, live, sFlag);  // barriers around (R is set for kc keys)
+        // The slice's per-key outputs, and q scaled to its block's first row. Each thread keeps two adjacent keys
+        // (THREADS is a multiple of KS / 2): its loads and stores are pairs, and the last row's gates and reset
+        // counts, and each block's reference row's, are loaded once per key pair rather than per element. The loops
+        // run a fixed count (the compiler unrolls them without a remainder) and every factor is computed whatever
+        // the masks, then selected: no branch per element.
 #pragma unroll 4
         for (int m = 0; m < BT / RSTEP; ++m) {
             const int r = r0 + m * RSTEP, e = r * LDG + d, er = (r & ~(SUB - 1)) * LDG + d;
