@@ -45,6 +45,21 @@ constexpr int THREADS = 256;
 template <typename E>
 __device__ __forceinline__ constexpr float diag_span() { return SameType<E, __half>::value ? 4.f : 64.f; }
 
+// The whole-slice form (prepare's factors, dq/dk/dg): a slice of keys whose gates allow it takes every decay factor
+// against one reference per key, the mean of the chunk's first and last (live) cumulative gates, for the key pair
+// (d, d + 1) at once.
+__device__ __forceinline__ float2 whole_slice_reference(float2 g_first, float2 g_last) {
+    return make_float2(0.5f * (g_first.x + g_last.x), 0.5f * (g_first.y + g_last.y));
+}
+
+// Whether one live element (gate G, reset count `resets`) allows the whole-slice form against its key's reference m:
+// no reset, and G within diag_span<E>() of m, so that both factors 2^(G - m) and 2^(m - G) lie in [2^-span, 2^span]
+// (a product-form diagonal block's range). False for a NaN or infinite G.
+template <typename E>
+__device__ __forceinline__ bool whole_slice_allows(float G, float m, int resets) {
+    return resets == 0 && fabsf(G - m) <= diag_span<E>();
+}
+
 // 2^x on the special-function unit alone: ex2.approx.ftz, the instruction exp2f is built on (the same value, within
 // 2 ulp) without exp2f's range check and rescaling that keep results below 2^-126 subnormal: here they are 0. One
 // instruction where exp2f takes four; the per-element factors of a chunk take several per element.

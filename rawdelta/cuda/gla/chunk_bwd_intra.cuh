@@ -39,8 +39,7 @@ struct MidRef {
     const float* sG;
     int ld, last;
     __device__ __forceinline__ KeyRef operator()(int d) const {
-        const float2 g0 = load_pair(sG, d), gl = load_pair(sG, last * ld + d);
-        return {make_float2(0.5f * (g0.x + gl.x), 0.5f * (g0.y + gl.y)), make_int2(0, 0)};
+        return {whole_slice_reference(load_pair(sG, d), load_pair(sG, last * ld + d)), make_int2(0, 0)};
     }
 };
 
@@ -331,7 +330,6 @@ __device__ __forceinline__ void dk_chunk(Acc<BT, KS, NW>& Dx, Acc<BT, KS, NW>& D
 template <typename E, typename AccQ, typename RT>
 __device__ __forceinline__ bool whole_slice_fits(const float* sG, const RT* sR, int ld, int live) {
     const int last = max(live - 1, 0), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    constexpr float SPAN = diag_span<E>();
     const MidRef mid{sG, ld, last};
     bool fits = true;
 #pragma unroll
@@ -343,7 +341,7 @@ __device__ __forceinline__ bool whole_slice_fits(const float* sG, const RT* sR, 
             const int r = AccQ::row(warp, lane, 0, e);
             const float2 gr = load_pair(sG, r * ld + d);
             const int2 rr = count_pair(sR, r * ld + d);
-            fits &= r >= live || (rr.x == 0 && rr.y == 0 && fabsf(gr.x - m.x) <= SPAN && fabsf(gr.y - m.y) <= SPAN);
+            fits &= r >= live || (whole_slice_allows<E>(gr.x, m.x, rr.x) && whole_slice_allows<E>(gr.y, m.y, rr.y));
         }
     }
     return __syncthreads_and(fits) != 0;

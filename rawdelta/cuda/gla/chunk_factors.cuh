@@ -126,11 +126,10 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         // lie in [2^-span, 2^span], as a product-form diagonal block's (the per-element check is the test: gates
         // of either sign, in any order). The other outputs take m too: qg = (q 2^(G - m)) 2^(m/2) 2^(m/2) (two
         // halves, so that no factor underflows where q 2^G does not) and kg = (k 2^(m - G)) 2^(G_last - m).
-        const float2 G0 = load_pair(sG, d);
-        const float m0 = 0.5f * (G0.x + Gl.x), m1 = 0.5f * (G0.y + Gl.y);
+        const float2 mid = whole_slice_reference(load_pair(sG, d), Gl);
+        const float m0 = mid.x, m1 = mid.y;
         const float h0 = exp2_ftz(0.5f * m0), h1 = exp2_ftz(0.5f * m1);
         const float t0 = exp2_ftz(Gl.x - m0), t1 = exp2_ftz(Gl.y - m1);
-        constexpr float SPAN = diag_span<E>();
         bool fits = true;
 #pragma unroll 4
         for (int m = 0; m < BT / RSTEP; ++m) {
@@ -138,8 +137,8 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
             const bool in0 = r < L && dk0, in1 = r < L && dk1;
             const float2 x = load_pair(sQ, r * LDR + d), y = load_pair(sK, r * LDR + d), G = load_pair(sG, e);
             const uchar2 R = u8_pair(sR, e);
-            fits &= !in0 || (R.x == 0 && fabsf(G.x - m0) <= SPAN);  // (false for a NaN or infinite G)
-            fits &= !in1 || (R.y == 0 && fabsf(G.y - m1) <= SPAN);
+            fits &= !in0 || whole_slice_allows<E>(G.x, m0, R.x);
+            fits &= !in1 || whole_slice_allows<E>(G.y, m1, R.y);
             const float s0 = x.x * exp2_ftz(G.x - m0), s1 = x.y * exp2_ftz(G.y - m1);
             const float u0 = y.x * exp2_ftz(m0 - G.x), u1 = y.y * exp2_ftz(m1 - G.y);
             elem(r, k0 + d, in0 ? s0 * h0 * h0 : 0.f, in1 ? s1 * h1 * h1 : 0.f, in0 ? u0 * t0 : 0.f,
