@@ -132,11 +132,19 @@ def _hopper() -> bool:
     return wgmma_available()
 
 
-def _run_with(monkeypatch: pytest.MonkeyPatch, wgmma: bool, config: tuple[int, int, bool] | None = None) -> None:
-    """From now on chunk_gla's cuda backend runs its Hopper passes or not (`wgmma`), in `config` where given."""
+def _run_with(monkeypatch: pytest.MonkeyPatch, wgmma: bool, config: tuple[int, int, bool] | None = None,
+              segments: int | None = None) -> None:
+    """From now on chunk_gla's cuda backend runs its Hopper passes or not (`wgmma`), in `config` where given, with
+    `segments` segments per sequence in its forward-direction state passes where given."""
     fwd, bwd = cuda_chunk.chunk_forward, cuda_chunk.chunk_backward
-    monkeypatch.setattr(cuda_chunk, "forward", lambda p, workspace=None: (fwd(p, p.chunk_size, wgmma)[:2], None))
-    monkeypatch.setattr(cuda_chunk, "backward", lambda p, saved, do, dht: bwd(p, p.chunk_size, do, dht, wgmma))
+
+    def forward(p: Any, workspace: Any = None) -> tuple[Any, Any]:
+        o, ht, ch = fwd(p, p.chunk_size, wgmma, segments=segments)
+        return (o, ht), ch
+
+    monkeypatch.setattr(cuda_chunk, "forward", forward)
+    monkeypatch.setattr(cuda_chunk, "backward", lambda p, saved, do, dht: bwd(p, p.chunk_size, do, dht, wgmma,
+                                                                              saved, segments))
     if config is not None:
         monkeypatch.setattr(cuda_chunk._Chunks, "wg_config", lambda self, p: config)
 
@@ -195,3 +203,43 @@ def test_hopper_passes(shape: str, config: tuple[int, int, bool], monkeypatch: p
     check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
     assert any(n.startswith("gla_chunk_fwd_wg_kernel<") for n in launched), launched
     assert any(n.startswith("gla_chunk_bwd_wg_kernel<") for n in launched), launched
+
+
+@pytest.mark.parametrize("wgmma", [True, False], ids=["wgmma", "mma_sync"])
+@pytest.mark.parametrize("segments", [2, 4])
+def test_segmented_state_passes(segments: int, wgmma: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each sequence cut into segments for the forward-direction state passes (the forward's, and the backward's
+    recompute from the forward's segment start states): the output, the final state and every gradient against
+    the float64 reference, with an initial state, dht, and resets of some keys on a segment's first row and inside
+    a segment."""
+    if wgmma and not _hopper():
+        pytest.skip("the Hopper state passes need a compute capability 9.0 device")
+    _run_with(monkeypatch, wgmma, segments=segments)
+    launched = record_launches(monkeypatch, "")
+    kw, do, dht = _inputs({"B": 2, "T": 512, "H": 2, "K": 64, "V": 48}, 21, "bfloat16")
+    g = kw["g"].copy()
+    g[:, 128, :, :5] = -np.inf  # the first row of a segment (for 2 and 4 segments of 256 and 128 tokens)
+    g[1, 200, 1, 7:9] = -np.inf
+    kw["g"] = g
+    check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
+    assert "segment_combine_kernel<false>" in launched, launched
+
+
+def test_segmented_forward_keeps_dead_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN gate (a dead row) in one sequence's second segment: the segmented forward gives the unsegmented one's
+    NaNs (from that token on, that sequence only) and, elsewhere, its values."""
+    kw, _, _ = _inputs({"B": 2, "T": 512, "H": 2, "K": 64, "V": 48}, 22, "bfloat16")
+    g = kw["g"].copy()
+    g[0, 300, 1, 3] = np.nan
+    kw["g"] = g
+    outs = []
+    for segments in (1, 4):
+        _run_with(monkeypatch, _hopper(), segments=segments)
+        (o, ht), _ = rawdelta.chunk_gla_fwd(**to_device(kw), output_final_state=True, chunk_size=64, backend="cuda")
+        outs.append((to_host(o).astype(np.float64), to_host(ht)))
+    (o1, h1), (o4, h4) = outs
+    assert np.isnan(o1[0, 300:, 1]).any() and not np.isnan(o1[0, :300]).any() and not np.isnan(o1[1]).any()
+    np.testing.assert_array_equal(np.isnan(o4), np.isnan(o1))
+    np.testing.assert_array_equal(np.isnan(h4), np.isnan(h1))
+    np.testing.assert_allclose(np.nan_to_num(o4), np.nan_to_num(o1), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.nan_to_num(h4), np.nan_to_num(h1), rtol=1e-3, atol=1e-3)

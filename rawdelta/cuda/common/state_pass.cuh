@@ -29,7 +29,9 @@ constexpr int STATE_PASS_WARPS = 8;
 // update values:
 //   o = scale (2^G (q S) + P U),   S = 2^G_last S + k^T (2^(G_last - G) U)
 // P: the chunk's masked, decayed, scaled scores q k^T (a per-token chunk matrix, split for float inputs).
-// STORE (the backward's recompute): skip the output, store S per chunk (hbuf) and U (vnew) instead.
+// STORE (the backward's recompute): skip the output, store S per chunk (hbuf, where given) and U (vnew) instead.
+// The final state where PASS_HT is set (with STORE and no hbuf: the segments' end states of a segmented pass,
+// common/segment_combine.cuh).
 // From a chunk's first dead row on (common/chunk_stages.cuh), the outputs and the state carried on are NaN.
 template <typename T, typename E, int BT, int KP, int BV, bool STORE, class Gate, class Rule>
 __device__ __forceinline__ void forward_state_pass(unsigned char* smem, const ForwardPassIO<T>& a, const E* Phi,
@@ -69,7 +71,8 @@ __device__ __forceinline__ void forward_state_pass(unsigned char* smem, const Fo
         rows.load(a.rows, bos, L, BT, HV, pb.hv, a.opt);
         Gate::template load<KP>(rows, a.rows, pb.chunk_index(a.seq_chunk0, c), HV, pb.hv, K);
         S.store(sS, LDV);
-        if (STORE) store_state(S, a.hbuf + pb.chunk_state_off(a.seq_chunk0, c, HV, K, V), K, V, pb.v0, pb.vcols);
+        if (STORE && a.hbuf != nullptr)
+            store_state(S, a.hbuf + pb.chunk_state_off(a.seq_chunk0, c, HV, K, V), K, V, pb.v0, pb.vcols);
         cp_async_wait_all();
         __syncthreads();
         Acc<BT, BV, NW> X;
@@ -104,7 +107,7 @@ __device__ __forceinline__ void forward_state_pass(unsigned char* smem, const Fo
         if (rows.live_rows() < L) S.fill(dead_value());
         __syncthreads();
     }
-    if (!STORE && a.opt.ht()) store_state(S, a.ht + pb.state_off, K, V, pb.v0, pb.vcols);
+    if (a.opt.ht()) store_state(S, a.ht + pb.state_off, K, V, pb.v0, pb.vcols);
 }
 
 // The reverse state pass, last chunk to first. dS is the gradient of the state at the current chunk's end (dht,

@@ -277,7 +277,9 @@ struct WgChunk {
 // The forward state pass per (sequence, value head, block of BV = NWG BVW value columns), over one sequence's
 // chunks. Per chunk, with S the state at its start and U the update values of the rule:
 //   o = scale (2^G (q S) + P U),   S = 2^G_last S + k^T (2^(G_last - G) U)
-// STORE (the backward's recompute): skip the output, store S per chunk (hbuf) and U (vnew) instead.
+// STORE (the backward's recompute): skip the output, store S per chunk (hbuf, where given) and U (vnew) instead.
+// The final state where PASS_HT is set (with STORE and no hbuf: the segments' end states of a segmented pass,
+// common/segment_combine.cuh).
 // From a chunk's first dead row on (common/chunk_stages.cuh), the outputs and the state carried on are NaN.
 template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE, bool AHEAD, class Gate, class Rule>
 __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const ForwardPassIO<T>& a,
@@ -329,7 +331,7 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
         Rule::template issue_correction<KP>(X, aK, ncols(sm.a_state));
         if (!STORE) Y.template mma<T, false, true, KP>(a_kmajor_sw128(aQ), ncols(sm.a_state), false);
         wg_commit();
-        if (STORE)
+        if (STORE && a.hbuf != nullptr)
             sm.template copy_state_out<128 * NWG>(a.hbuf + pb.chunk_state_off(a.seq_chunk0, c, HV, K, V), K, V, pb.v0,
                                                   pb.vcols);
         wg_wait<0>();
@@ -362,7 +364,7 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
         }
         sm.leave_chunk(c);
     }
-    if (!STORE && a.opt.ht()) store_state(S, a.ht + pb.state_off, K, V, pb.v0 + c0, pb.vcols - c0);
+    if (a.opt.ht()) store_state(S, a.ht + pb.state_off, K, V, pb.v0 + c0, pb.vcols - c0);
 }
 
 // The reverse state pass, last chunk to first, laid out like wg_forward_state_pass: warpgroup w owns the columns

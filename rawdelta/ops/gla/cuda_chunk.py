@@ -27,7 +27,8 @@ from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool, ptr
 from ...cuda.loader import HOPPER_TARGETS, register, wgmma_available
 from ..common.chunk_table import launch_chunk_table
 from ..common.cuda_smem import PAD, SM_SMEM, WG_BT, chunk_rows, f32, in_tile, r16, raw_tile, split, wg_pass
-from ..common.state_pass_host import PASS_DHT, input_pass_flags
+from ..common.segments import MAX_SEGMENTS, combine, segment_count, segment_table, segments_allowed
+from ..common.state_pass_host import PASS_DHT, PASS_H0, PASS_HT, input_pass_flags
 from ..common.state_pass_host import forward_outputs as common_forward_outputs
 from ..common.workspace import Field, field_arrays, fields_nbytes
 from ..gated_delta_rule.cuda_chunk_hopper import wg_config
@@ -173,6 +174,7 @@ class _Chunks:
         import cupy
 
         self.bt, self.kp, self.ct = bt, kp_for(p.K), CTYPES[p.q.dtype]
+        self.segments, self.starts = 1, None  # a segmented forward's segments per sequence and their start states
         self.wg = wgmma and wgmma_applies(p, bt)
         self.nc = p.num_chunks(bt)
         n_tok, H, K = p.B * p.T, p.H, p.K
@@ -239,23 +241,51 @@ def forward_outputs(p: GLAProblem) -> tuple[Any, Any, int]:
     return common_forward_outputs(p, p.H, pass_flags(p))
 
 
-def _forward_pass(p: GLAProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None) -> None:
-    """The forward state pass: the output and final state, or with ``hbuf`` each chunk's start state instead."""
-    store = hbuf is not None
+def _forward_pass(p: GLAProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None,
+                  store: bool | None = None, seq_chunk0: Any = None) -> None:
+    """The forward state pass: the output and final state, or with ``store`` (default: ``hbuf`` given) each chunk's
+    start state in ``hbuf`` where given, and the final state with PASS_HT. ``seq_chunk0``: the sequences' first
+    chunks where they are not the chunk table's (a segmented pass's segments)."""
+    store = hbuf is not None if store is None else store
+    seq_chunk0 = ch.seq_chunk0 if seq_chunk0 is None else seq_chunk0
     if ch.wg:
         nwg, bvw, pipe = ch.wg_config(p)
         nvb = math.ceil(p.V / (nwg * bvw))
         launch.launch(FWD, fwd_wg_name(ch.ct, ch.kp, nwg, bvw, store, pipe), p.N * p.H * nvb, 128 * nwg,
                       wg_pass(ch.kp, nwg * bvw, pipe, not store, False, has_a=False, key_gate=True), (
-                          ch.Rc, ch.Dk, ptr(p.initial_state), ptr(p.cu_seqlens), ch.seq_chunk0, ptr(o), ptr(ht),
+                          ch.Rc, ch.Dk, ptr(p.initial_state), ptr(p.cu_seqlens), seq_chunk0, ptr(o), ptr(ht),
                           ptr(hbuf), np.int32(p.T), np.int32(p.H), np.int32(p.K), np.int32(p.V), np.int32(nvb),
                           np.float32(p.scale), np.int32(flags), ch.maps(p, nwg * bvw, True, store)))
         return
     nvb, grid = ch.pass_blocks(p)
     launch.launch(FWD, fwd_name(ch.ct, ch.bt, ch.kp, store), grid, 256, fwd_smem(ch.ct, ch.bt, ch.kp, store), (
-        ch.qg, ch.kg, p.v, ch.Rc, ch.Dk, ch.Ahi, ptr(ch.Alo), ptr(p.initial_state), ptr(p.cu_seqlens), ch.seq_chunk0,
+        ch.qg, ch.kg, p.v, ch.Rc, ch.Dk, ch.Ahi, ptr(ch.Alo), ptr(p.initial_state), ptr(p.cu_seqlens), seq_chunk0,
         ptr(o), ptr(ht), ptr(hbuf), np.int32(p.T), np.int32(p.H), np.int32(p.K), np.int32(p.V), np.int32(nvb),
         np.float32(p.scale), np.int32(flags)))
+
+
+def pass_segments(p: GLAProblem, ch: _Chunks) -> int:
+    """Segments per sequence of the forward-direction state passes (:mod:`..common.segments`): where the
+    sequences' pass blocks at 64 value columns each leave SMs idle."""
+    return segment_count(p.N, p.T, ch.bt, p.cu_seqlens, p.H * math.ceil(p.V / 64), launch.sm_count())
+
+
+def _segmented_forward(p: GLAProblem, ch: _Chunks, segments: int, o: Any = None, ht: Any = None,
+                       hbuf: Any = None, starts: Any = None) -> Any:
+    """The forward state pass over `segments` segments per sequence (:mod:`..common.segments`), writing what
+    :func:`_forward_pass` writes (o and the final state, or with ``hbuf`` each chunk's start state). Returns each
+    segment's start state ``[N S, H, K, V]`` float32: `starts` where given (a forward's, for the backward's
+    recompute), else from the pass over the segments from zero and the combine."""
+    import cupy
+
+    ps = p.replace(B=p.B * segments, T=p.T // segments, N=p.N * segments, initial_state=None)
+    seg0 = segment_table(p.N, p.T, ch.bt, segments, ch.nc)
+    if starts is None:
+        local = empty(cupy, (ps.N, p.H, p.K, p.V), np.float32)
+        _forward_pass(ps, ch, PASS_HT, ht=local, store=True, seq_chunk0=seg0)
+        starts = combine(local, ch.Dk, seg0, p.initial_state, ht, segments)
+    _forward_pass(ps.replace(initial_state=starts), ch, PASS_H0, o=o, hbuf=hbuf, seq_chunk0=seg0)
+    return starts
 
 
 def _reverse_pass(p: GLAProblem, ch: _Chunks, flags: int, do: Any, dht: Any, dhbuf: Any, dv: Any, dh0: Any) -> None:
@@ -282,22 +312,38 @@ def prepare(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace: Any =
     return (ch if ch.ok else _Chunks(p, chunk_size, wgmma)).prepare(p)
 
 
-def chunk_forward(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace: Any = None
-                  ) -> tuple[Any, Any, _Chunks]:
+def chunk_forward(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace: Any = None,
+                  segments: int | None = None) -> tuple[Any, Any, _Chunks]:
     """Launch the forward: o ``[B, T, H, V]`` (v's dtype), with ``p.output_final_state`` the final state
     ``[N, H, K, V]`` float32 (else None), and prepare's factors for the backward (in `workspace` where it is their
-    size). ``wgmma=False``: the mma.sync passes on a Hopper GPU too."""
+    size). ``wgmma=False``: the mma.sync passes on a Hopper GPU too. ``segments``: the state pass's segments per
+    sequence (None: :func:`pass_segments`' choice; 1: none)."""
     ch = prepare(p, chunk_size, wgmma, workspace)
     o, ht, flags = forward_outputs(p)
-    _forward_pass(p, ch, flags, o=o, ht=ht)
+    ch.segments = _segments(p, ch, segments)
+    if ch.segments > 1:
+        ch.starts = _segmented_forward(p, ch, ch.segments, o=o, ht=ht)
+    else:
+        _forward_pass(p, ch, flags, o=o, ht=ht)
     return o, ht, ch
 
 
+def _segments(p: GLAProblem, ch: _Chunks, segments: int | None) -> int:
+    """`segments` where given (checked), else :func:`pass_segments`' choice."""
+    if segments is None:
+        return pass_segments(p, ch)
+    if not segments_allowed(p.T, ch.bt, segments, p.cu_seqlens):
+        raise ValueError(f"segments: expected 1, or at most {MAX_SEGMENTS} segments of whole chunks of equal-length "
+                         f"sequences (T = {p.T}, chunk_size {ch.bt}), got {segments}")
+    return segments
+
+
 def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: bool = True,
-                   saved: _Chunks | None = None) -> dict[str, Any]:
+                   saved: _Chunks | None = None, segments: int | None = None) -> dict[str, Any]:
     """Launch the backward: gradients keyed by input name (dq, dk, dv in the input dtype, dg and dh0 float32),
     None for absent inputs. do ``[B, T, H, V]``; dht ``[N, H, K, V]`` or None; ``saved``: the forward's factors
-    (None: prepare runs again). ``wgmma=False``: the mma.sync passes on a Hopper GPU too."""
+    (None: prepare runs again). ``wgmma=False``: the mma.sync passes on a Hopper GPU too. ``segments``: as
+    :func:`chunk_forward`'s."""
     import cupy
 
     dt = p.q.dtype
@@ -316,7 +362,12 @@ def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: boo
     dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
     dq, dk = (empty(cupy, (p.B, p.T, H, K), dt) for _ in range(2))
     dg = empty(cupy, (p.B, p.T, H, K), np.float32)
-    _forward_pass(p, ch, flags, hbuf=hbuf)
+    nseg = _segments(p, ch, segments)
+    if nseg > 1:
+        starts = ch.starts if getattr(ch, "segments", 1) == nseg else None
+        _segmented_forward(p, ch, nseg, hbuf=hbuf, starts=starts)
+    else:
+        _forward_pass(p, ch, flags, hbuf=hbuf)
     _reverse_pass(p, ch, flags, do, dht, dhbuf, dv, dh0)
     if ch.nc > 0:
         launch_dqk(ch.ct, ch.bt, ch.nc, H, K, V, p.scale, q=p.q, k=p.k, v=p.v, do=do, g=p.g, Rc=ch.Rc,
