@@ -21,8 +21,11 @@ def test_segments_allowed(T: int, segments: int, varlen: bool, allowed: bool) ->
 
 def test_segment_count() -> None:
     sms = 132
-    # two sequences of 128 chunks, 32 blocks each: the fewest segments giving two blocks per SM
-    assert segment_count(2, 8192, 64, None, 32, sms) == 8
+    # two sequences of 128 chunks, 32 blocks each: as many segments as keep MIN_SEGMENT_CHUNKS chunks (two blocks per
+    # SM would take more)
+    assert segment_count(2, 8192, 64, None, 32, sms) == 8192 // (64 * MIN_SEGMENT_CHUNKS)
+    # the fewest segments giving two blocks per SM
+    assert segment_count(2, 8 * 8192, 64, None, 32, sms) == 8
     # sequences whose blocks fill the SMs, or varlen: none
     assert segment_count(8, 2048, 64, None, 32, sms) == 1
     assert segment_count(2, 8192, 64, object(), 32, sms) == 1

@@ -23,7 +23,7 @@ from .chunk_table import launch_chunk_table
 COMBINE_SOURCE = "common/segment_combine.cu"
 MAX_SEGMENTS = 16  # segment_combine.cu: MAX_SEGMENTS
 SEGMENT_COUNTS = (2, 4, 8, 16)
-MIN_SEGMENT_CHUNKS = 16  # each segment walks at least this many chunks: shorter ones pay their extra pass for little
+MIN_SEGMENT_CHUNKS = 32  # each segment walks at least this many chunks: shorter ones pay their extra pass for little
 register(COMBINE_SOURCE, [f"segment_combine_kernel<{r}>" for r in ("false", "true")])
 
 
