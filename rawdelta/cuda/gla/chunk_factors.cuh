@@ -101,13 +101,29 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
 #pragma unroll
     for (int I = 0; I < NB; ++I) blk[I].fill(0.f);
 
+    // a whole chunk of whole, 16-byte aligned key slices: the tiles load by compile-time cp.async loops, without
+    // load_tile's bounds and alignment tests or its zero padding
+    const bool whole_tiles = L == BT && K % KS == 0 && rows_aligned16(q, HK) && rows_aligned16(k, HK) &&
+                             rows_aligned16(g, HK);
+    const auto load_slice = [&](int k0) {
+        if (whole_tiles) {
+            load_tile_whole<BT, KS, THREADS>(sQ, LDR, q + k0, HK);
+            load_tile_whole<BT, KS, THREADS>(sK, LDR, k + k0, HK);
+            load_tile_whole<BT, KS, THREADS>(sG, LDG, g + k0, HK);
+        } else {
+            const int kc = min(KS, K - k0);
+            load_tile(sQ, LDR, q + k0, HK, L, kc, BT, KS);
+            load_tile(sK, LDR, k + k0, HK, L, kc, BT, KS);
+            load_tile(sG, LDG, g + k0, HK, L, kc, BT, KS);
+        }
+    };
+    bool issued = false;  // the slice's loads are in flight already (issued during the previous slice's products)
 #pragma unroll 1
     for (int k0 = 0; k0 < K; k0 += KS) {
         const int kc = min(KS, K - k0);
         const bool dk0 = d < kc, dk1 = d + 1 < kc;
-        load_tile(sQ, LDR, q + k0, HK, L, kc, BT, KS);
-        load_tile(sK, LDR, k + k0, HK, L, kc, BT, KS);
-        load_tile(sG, LDG, g + k0, HK, L, kc, BT, KS);
+        if (!issued) load_slice(k0);
+        issued = false;
         cp_async_wait_all();
         __syncthreads();
         chunk_local_cumsum_log2(sG, sR, LDG, kc, live, BT);
@@ -147,6 +163,12 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
             tile_put_pair(s.sKs, r * LDT + d, in0 ? u0 : 0.f, in1 ? u1 : 0.f);
         }
         if (__syncthreads_and(fits)) {
+            // the raw tiles are dead once every factor is out (the barrier): the next slice's loads fly during the
+            // products, which read only the scaled tiles
+            if (k0 + KS < K) {
+                load_slice(k0 + KS);
+                issued = true;
+            }
 #pragma unroll
             for (int I = 0; I < NB; ++I)
                 gemm<E, MK, NK, SUB, BT, KS, NW>(blk[I], advance(s.sQs, (i64)I * SUB * LDT), LDT, s.sKs, LDT);
