@@ -27,6 +27,16 @@ __device__ __forceinline__ int first_dead_key_row(const float* __restrict__ g, i
     return *slot;
 }
 
+// A compile-time bool as a type, for a generic lambda compiled once per value.
+template <bool B> struct Flag {
+    static constexpr bool value = B;
+};
+
+// Whether every row and key of a slice of KS keys (kc of them in range) of a chunk of L rows is in range: the test
+// under which gla_chunk_factors' callers may store without edge tests.
+template <int BT, int KS>
+__device__ __forceinline__ bool whole_slice_in_range(int L, int kc) { return L == BT && kc == KS; }
+
 // R[i], R[i + 1] of a uint8 tile, i even (one 2-byte load).
 __device__ __forceinline__ uchar2 u8_pair(const unsigned char* R, int i) {
     return *reinterpret_cast<const uchar2*>(R + i);
@@ -63,8 +73,9 @@ struct ChunkFactorScratch {
 };
 
 // The factors of one chunk of one head (rows r < L; live = its first dead row), over slices of KS keys:
-//   elem(r, d, qg_d, qg_d+1, kg_d, kg_d+1) for every row r < BT and even key d of every slice, the keys d and d + 1
-//   (each 0 unless r < L and the key < K), with G, R the per-key chunk-local cumulative log2 gate and reset count
+//   elem(r, d, qg_d, qg_d+1, kg_d, kg_d+1, in_range) for every row r < BT and even key d of every slice, the keys d
+//   and d + 1 (each 0 unless r < L and the key < K; in_range a Flag, true where every row and key of the slice is in
+//   range: whole_slice_in_range), with G, R the per-key chunk-local cumulative log2 gate and reset count
 //   (common/chunk_stages.cuh):
 //   qg = q 2^G (0 after a reset of key d), kg = k 2^(G_last - G) (0 before one), with last = L - 1 (every factor
 //   of the products by gla/chunk.cuh: exp2_ftz);
@@ -76,7 +87,9 @@ struct ChunkFactorScratch {
 //   element for a diagonal block of a slice where they do not.
 // q, k, g point at (row 0, key 0) of the chunk's head; rows of stride HK. Blocks of 256 threads; every thread calls
 // it (barriers inside); sA is complete when it returns (a barrier last).
-template <typename T, typename E, int BT, typename Elem, typename Decay>
+// SPLIT: the whole-slice loop compiled twice, once for slices whose every row and key is in range (no masks, and
+// elem told so at compile time), for a caller whose time is this function's (prepare); one copy otherwise.
+template <bool SPLIT, typename T, typename E, int BT, typename Elem, typename Decay>
 __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E, BT>& s, const T* __restrict__ q,
                                                   const T* __restrict__ k, const float* __restrict__ g, i64 HK, int L,
                                                   int live, int K, float scale, Elem&& elem, Decay&& decay) {
@@ -101,13 +114,29 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
 #pragma unroll
     for (int I = 0; I < NB; ++I) blk[I].fill(0.f);
 
+    // a whole chunk of whole, 16-byte aligned key slices: the tiles load by compile-time cp.async loops, without
+    // load_tile's bounds and alignment tests or its zero padding
+    const bool whole_tiles = L == BT && K % KS == 0 && rows_aligned16(q, HK) && rows_aligned16(k, HK) &&
+                             rows_aligned16(g, HK);
+    const auto load_slice = [&](int k0) {
+        if (whole_tiles) {
+            load_tile_whole<BT, KS, THREADS>(sQ, LDR, q + k0, HK);
+            load_tile_whole<BT, KS, THREADS>(sK, LDR, k + k0, HK);
+            load_tile_whole<BT, KS, THREADS>(sG, LDG, g + k0, HK);
+        } else {
+            const int kc = min(KS, K - k0);
+            load_tile(sQ, LDR, q + k0, HK, L, kc, BT, KS);
+            load_tile(sK, LDR, k + k0, HK, L, kc, BT, KS);
+            load_tile(sG, LDG, g + k0, HK, L, kc, BT, KS);
+        }
+    };
+    bool issued = false;  // the slice's loads are in flight already (issued during the previous slice's products)
 #pragma unroll 1
     for (int k0 = 0; k0 < K; k0 += KS) {
         const int kc = min(KS, K - k0);
         const bool dk0 = d < kc, dk1 = d + 1 < kc;
-        load_tile(sQ, LDR, q + k0, HK, L, kc, BT, KS);
-        load_tile(sK, LDR, k + k0, HK, L, kc, BT, KS);
-        load_tile(sG, LDG, g + k0, HK, L, kc, BT, KS);
+        if (!issued) load_slice(k0);
+        issued = false;
         cp_async_wait_all();
         __syncthreads();
         chunk_local_cumsum_log2(sG, sR, LDG, kc, live, BT);
@@ -131,22 +160,35 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         const float h0 = exp2_ftz(0.5f * m0), h1 = exp2_ftz(0.5f * m1);
         const float t0 = exp2_ftz(Gl.x - m0), t1 = exp2_ftz(Gl.y - m1);
         bool fits = true;
+        // with SPLIT compiled twice: with every row and key of the slice in range (a whole chunk of a whole slice:
+        // no masks, and the caller's stores without their edge tests), and in general
+        const auto factor_rows = [&](auto all_in) {
 #pragma unroll 4
-        for (int m = 0; m < BT / RSTEP; ++m) {
-            const int r = r0 + m * RSTEP, e = r * LDG + d;
-            const bool in0 = r < L && dk0, in1 = r < L && dk1;
-            const float2 x = load_pair(sQ, r * LDR + d), y = load_pair(sK, r * LDR + d), G = load_pair(sG, e);
-            const uchar2 R = u8_pair(sR, e);
-            fits &= !in0 || whole_slice_allows<E>(G.x, m0, R.x);
-            fits &= !in1 || whole_slice_allows<E>(G.y, m1, R.y);
-            const float s0 = x.x * exp2_ftz(G.x - m0), s1 = x.y * exp2_ftz(G.y - m1);
-            const float u0 = y.x * exp2_ftz(m0 - G.x), u1 = y.y * exp2_ftz(m1 - G.y);
-            elem(r, k0 + d, in0 ? s0 * h0 * h0 : 0.f, in1 ? s1 * h1 * h1 : 0.f, in0 ? u0 * t0 : 0.f,
-                 in1 ? u1 * t1 : 0.f);
-            tile_put_pair(s.sQs, r * LDT + d, in0 ? s0 : 0.f, in1 ? s1 : 0.f);
-            tile_put_pair(s.sKs, r * LDT + d, in0 ? u0 : 0.f, in1 ? u1 : 0.f);
-        }
+            for (int m = 0; m < BT / RSTEP; ++m) {
+                const int r = r0 + m * RSTEP, e = r * LDG + d;
+                const bool in0 = decltype(all_in)::value || (r < L && dk0),
+                           in1 = decltype(all_in)::value || (r < L && dk1);
+                const float2 x = load_pair(sQ, r * LDR + d), y = load_pair(sK, r * LDR + d), G = load_pair(sG, e);
+                const uchar2 R = u8_pair(sR, e);
+                fits &= !in0 || whole_slice_allows<E>(G.x, m0, R.x);
+                fits &= !in1 || whole_slice_allows<E>(G.y, m1, R.y);
+                const float s0 = x.x * exp2_ftz(G.x - m0), s1 = x.y * exp2_ftz(G.y - m1);
+                const float u0 = y.x * exp2_ftz(m0 - G.x), u1 = y.y * exp2_ftz(m1 - G.y);
+                elem(r, k0 + d, in0 ? s0 * h0 * h0 : 0.f, in1 ? s1 * h1 * h1 : 0.f, in0 ? u0 * t0 : 0.f,
+                     in1 ? u1 * t1 : 0.f, all_in);
+                tile_put_pair(s.sQs, r * LDT + d, in0 ? s0 : 0.f, in1 ? s1 : 0.f);
+                tile_put_pair(s.sKs, r * LDT + d, in0 ? u0 : 0.f, in1 ? u1 : 0.f);
+            }
+        };
+        if (SPLIT && whole_slice_in_range<BT, KS>(L, kc)) factor_rows(Flag<SPLIT>{});
+        else factor_rows(Flag<false>{});
         if (__syncthreads_and(fits)) {
+            // the raw tiles are dead once every factor is out (the barrier): the next slice's loads fly during the
+            // products, which read only the scaled tiles
+            if (k0 + KS < K) {
+                load_slice(k0 + KS);
+                issued = true;
+            }
 #pragma unroll
             for (int I = 0; I < NB; ++I)
                 gemm<E, MK, NK, SUB, BT, KS, NW>(blk[I], advance(s.sQs, (i64)I * SUB * LDT), LDT, s.sKs, LDT);
@@ -172,7 +214,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
             const float c0 = y.x * exp2_ftz(Gl.x - G.x), c1 = y.y * exp2_ftz(Gl.y - G.y);
             const float s0 = x.x * exp2_ftz(G.x - Gr.x), s1 = x.y * exp2_ftz(G.y - Gr.y);
             elem(r, k0 + d, in0 && R.x == 0 ? q0 : 0.f, in1 && R.y == 0 ? q1 : 0.f, in0 && Rl.x <= R.x ? c0 : 0.f,
-                 in1 && Rl.y <= R.y ? c1 : 0.f);
+                 in1 && Rl.y <= R.y ? c1 : 0.f, Flag<false>{});
             tile_put_pair(s.sQs, r * LDT + d, in0 && R.x == Rr.x ? s0 : 0.f, in1 && R.y == Rr.y ? s1 : 0.f);
         }
         // Diagonal blocks summed element by element in this slice.

@@ -31,21 +31,24 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
     const int live = first_dead_key_row(g + tok, HK, L, K, s.sLive);
     for (int r = threadIdx.x; r < L; r += blockDim.x) Rc[(bos + r) * H + h] = row_code(0, live);
 
-    // a whole chunk of whole key slices: every pair is in range and aligned, so its stores need no test (the edges'
-    // tests and scalar fall-backs are most of the loop's instructions otherwise)
-    const bool whole = L == BT && K % Scratch::KS == 0;
-    gla_chunk_factors(
+    // the chunk's rows from its first element: 32-bit offsets (r HK + d < BT H K), so the unrolled loop's stores
+    // take one address add each rather than 64-bit arithmetic
+    T* const qgc = qg + tok;
+    T* const kgc = kg + tok;
+    const int hk = (int)HK;
+    const bool even = (K & 1) == 0;  // every pair's offset even: its two elements one aligned store
+    gla_chunk_factors<true>(
         s, q + tok, k + tok, g + tok, HK, L, live, K, scale,
-        [&](int r, int d, float xq0, float xq1, float xk0, float xk1) {
-            const i64 o = tok + (i64)r * HK + d;  // even with K: the pair is aligned
-            if (whole) {
-                store_pair(qg + o, 0, xq0, xq1);
-                store_pair(kg + o, 0, xk0, xk1);
+        [&](int r, int d, float xq0, float xq1, float xk0, float xk1, auto in_range) {
+            const int o = r * hk + d;
+            if (decltype(in_range)::value && even) {  // every pair of the slice in range and aligned: no edge test
+                store_pair(qgc + o, 0, xq0, xq1);
+                store_pair(kgc + o, 0, xk0, xk1);
                 return;
             }
             if (r >= L) return;
-            put_row_pair(qg, o, d, K, (K & 1) == 0, xq0, xq1);
-            put_row_pair(kg, o, d, K, (K & 1) == 0, xk0, xk1);
+            put_row_pair(qgc, o, d, K, even, xq0, xq1);
+            put_row_pair(kgc, o, d, K, even, xk0, xk1);
         },
         [&](int d, float x) { Dk[((i64)c * H + h) * K + d] = x; });
 

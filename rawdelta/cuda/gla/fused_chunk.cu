@@ -43,9 +43,9 @@ struct ChunkOperands {
     __device__ __forceinline__ void factors(const ChunkFactorScratch<T, E, BT>& fs, const T* q, const T* k,
                                             const float* g, i64 tok, i64 HK, int L, int live, int K, float scale,
                                             float qscale = 1.f, int qrows = BT) {
-        gla_chunk_factors(
+        gla_chunk_factors<false>(
             fs, q + tok, k + tok, g + tok, HK, L, live, K, scale,
-            [&](int r, int d, float xq0, float xq1, float xk0, float xk1) {
+            [&](int r, int d, float xq0, float xq1, float xk0, float xk1, auto) {
                 const bool qr = r < qrows;
                 tile_put_pair(sQg, r * LDK + d, qr ? xq0 * qscale : 0.f, qr ? xq1 * qscale : 0.f);
                 tile_put_pair(sKg, r * LDK + d, xk0, xk1);
