@@ -1,8 +1,8 @@
-"""chunk_gla's cuda backend on the host: the Hopper reverse pass's shared memory with the scores' lo part in its
-stages, the dq/dk/dg kernel's shared memory against its two blocks per SM, and the layout of the factor workspace (the
-adapters keep the forward's prepare outputs in it for the backward): the size ``workspace_nbytes`` gives before a call
-is what the cuda backend carves the factor arrays from, packed without gaps, qg and kg 16-byte aligned (the Hopper
-passes' TMA tiles). Their use on the GPU:
+"""chunk_gla's cuda backend on the host: the bound on H K chunk_size that prepare's 32-bit offsets need, the Hopper
+reverse pass's shared memory with the scores' lo part in its stages, the dq/dk/dg kernel's shared memory against its
+two blocks per SM, and the layout of the factor workspace (the adapters keep the forward's prepare outputs in it for
+the backward): the size ``workspace_nbytes`` gives before a call is what the cuda backend carves the factor arrays
+from, packed without gaps, qg and kg 16-byte aligned (the Hopper passes' TMA tiles). Their use on the GPU:
 ``tests/ops/test_gla_chunk_cuda.py::test_factors_kept_and_through_a_workspace`` and the adapters' GPU tests."""
 
 from __future__ import annotations
@@ -67,3 +67,21 @@ def test_dqk_kernel_keeps_two_blocks_per_sm() -> None:
     for ct in CTYPES.values():
         for bt in (16, 32, 64):
             assert 2 * (dqk_smem(ct, bt) + 2048) <= cuda_chunk.SM_SMEM, (ct, bt, dqk_smem(ct, bt))
+
+
+
+class _Launched(Exception):
+    pass
+
+
+def _no_launch(*args: object) -> None:
+    raise _Launched
+
+
+@pytest.mark.parametrize(("heads", "ok"), [(2**31 // (256 * 64) - 1, True), (2**31 // (256 * 64), False)])
+def test_prepare_refuses_chunks_past_32_bit_offsets(heads: int, ok: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # prepare stores a chunk's rows [BT, H, K] at 32-bit offsets from its first element: refused before any launch
+    monkeypatch.setattr(cuda_chunk, "_Chunks", _no_launch)
+    p = type("P", (), {"H": heads, "K": 256})()
+    with pytest.raises(_Launched if ok else ValueError, match=None if ok else r"H \* K \* chunk_size < 2\*\*31"):
+        cuda_chunk.prepare(p, 64)

@@ -308,6 +308,9 @@ def _reverse_pass(p: GLAProblem, ch: _Chunks, flags: int, do: Any, dht: Any, dhb
 
 def prepare(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace: Any = None) -> _Chunks:
     """The chunk table and prepare, launched: the factors in `workspace` where it is their size, else fresh."""
+    if p.H * p.K * chunk_size >= 2**31:  # prepare addresses a chunk's rows [BT, H, K] by 32-bit offsets
+        raise ValueError(f"chunk_gla's cuda backend takes H * K * chunk_size < 2**31 (got H={p.H}, K={p.K}, "
+                         f"chunk_size={chunk_size})")
     ch = _Chunks(p, chunk_size, wgmma, workspace)
     return (ch if ch.ok else _Chunks(p, chunk_size, wgmma)).prepare(p)
 
