@@ -8,12 +8,20 @@ import pytest
 
 from rawdelta._arrays import cupy_or_none, poison_allocations
 
+from .cuda import background_compile
+
 HAS_GPU = cupy_or_none() is not None
 
 # Without a GPU the Numba reference kernels run in the CUDA simulator. This must be decided before
 # numba is first imported, which happens lazily inside rawdelta.
 if not HAS_GPU:
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # the items that will run (after -k / -m deselection)
+    if any(item.nodeid == background_compile.CHECK for item in session.items) and not session.config.option.collectonly:
+        background_compile.start()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

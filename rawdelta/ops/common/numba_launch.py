@@ -18,6 +18,11 @@ from ..._arrays import empty, zeros
 from .backend import numba_cuda
 
 THREADS_PER_BLOCK = 128  # the reference kernels do not tune for occupancy
+# In the CUDA simulator every thread of a block is a Python thread, run at once, and each device-function call takes
+# the simulator's locks: a block of many threads spends its time (and a run-to-run varying amount of it, up to 40x)
+# handing those locks and the GIL around. One thread per block runs the same threads one at a time. The reference
+# kernels share nothing within a block (no shared memory, no barriers), so the block size is free.
+SIMULATOR_THREADS_PER_BLOCK = 1
 
 
 class NumbaLauncher:
@@ -29,6 +34,9 @@ class NumbaLauncher:
 
     def __init__(self, xp: Any) -> None:
         self.cuda = numba_cuda()
+        from numba import config
+
+        self.threads_per_block = SIMULATOR_THREADS_PER_BLOCK if config.ENABLE_CUDASIM else THREADS_PER_BLOCK
         self.xp = xp
         self.host = xp is np
         self._copy_back: list[tuple[Any, Any]] = []
@@ -78,10 +86,11 @@ class NumbaLauncher:
         return self.put(empty(self.xp, shape, np.float32))
 
     def launch(self, kernel: Any, n_threads: int, *args: Any) -> None:
-        """Launch `kernel` over `n_threads` threads (1-D, blocks of :data:`THREADS_PER_BLOCK`)."""
+        """Launch `kernel` over `n_threads` threads (1-D, blocks of :data:`THREADS_PER_BLOCK`, in the simulator
+        :data:`SIMULATOR_THREADS_PER_BLOCK`)."""
         if n_threads == 0:
             return
-        tpb = min(THREADS_PER_BLOCK, n_threads)
+        tpb = min(self.threads_per_block, n_threads)
         with warnings.catch_warnings():
             # Small problems give small grids; the reference does not tune for occupancy.
             # Matched by message: numba and numba-cuda each define their own NumbaPerformanceWarning class.
