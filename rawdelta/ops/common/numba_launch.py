@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..._arrays import empty, zeros
-from .backend import numba_cuda
+from .backend import numba_cuda, numba_simulator
 
 THREADS_PER_BLOCK = 128  # the reference kernels do not tune for occupancy
 # In the CUDA simulator every thread of a block is a Python thread, run at once, and each device-function call takes
@@ -34,9 +34,7 @@ class NumbaLauncher:
 
     def __init__(self, xp: Any) -> None:
         self.cuda = numba_cuda()
-        from numba import config
-
-        self.threads_per_block = SIMULATOR_THREADS_PER_BLOCK if config.ENABLE_CUDASIM else THREADS_PER_BLOCK
+        self.threads_per_block = SIMULATOR_THREADS_PER_BLOCK if numba_simulator() else THREADS_PER_BLOCK
         self.xp = xp
         self.host = xp is np
         self._copy_back: list[tuple[Any, Any]] = []
