@@ -53,14 +53,15 @@ def _args(op: OpDef, arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: An
 
 
 def forward(op: OpDef, arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: Any, statics: dict[str, Any],
-            backend: str, *, workspace: Any = None) -> tuple[Any, ...]:
+            backend: str, *, workspace: Any = None, for_backward: bool = False) -> tuple[Any, ...]:
     """Validate and run the core forward on raw arrays; returns the outputs (the final state None unless asked for).
 
     Launches go on the current CuPy stream (the adapters make their framework's stream current). ``workspace``:
-    a 1-D uint8 array of :func:`workspace_nbytes` bytes that receives what the backward takes back.
+    a 1-D uint8 array of :func:`workspace_nbytes` bytes that receives what the backward takes back (given only
+    for a forward whose backward follows); ``for_backward``: a backward follows (``Problem.for_backward``).
     """
     p = validate(op, _args(op, arrays, cu_seqlens, cu_seqlens_cpu, statics, backend))
-    outs, _ = run_forward(p, workspace)
+    outs, _ = run_forward(p.replace(for_backward=True) if for_backward else p, workspace)
     return outs
 
 
@@ -90,8 +91,9 @@ def backward(op: OpDef, arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu:
 def workspace_nbytes(op: OpDef, shapes: dict[str, tuple[int, ...]], dtype: Any, statics: dict[str, Any],
                      compute_capability: str | None) -> int:
     """Bytes of the buffer the forward fills for the backward (0: none), for the adapters to allocate with their
-    framework: the cuda backend's ``workspace_nbytes`` given the arrays' shapes, the compute dtype, the static
-    options and the device's compute capability (``"90"``; None off the GPU)."""
+    framework for a forward whose backward follows: the cuda backend's ``workspace_nbytes`` given the arrays'
+    shapes (``cu_seqlens`` among them where given: ``[N + 1]``), the compute dtype, the static options and the
+    device's compute capability (``"90"``; None off the GPU)."""
     backend = op.backends.get("cuda")
     if backend is None or compute_capability is None:
         return 0

@@ -161,18 +161,20 @@ def _check_at_trace_time(static: _Static, arrays: dict[str, Any], cu: Any) -> No
     validate_abstract(static.op, arrays, None if cu is None else cu.shape[0], static.options())
 
 
-def _workspace_nbytes(static: _Static, arrays: dict[str, Any], device: Any) -> int:
+def _workspace_nbytes(static: _Static, arrays: dict[str, Any], cu: Any, device: Any) -> int:
     """Bytes of the forward's workspace for the backward on `device` (under a trace: the default backend's
     first device, since the buffers' platform is known only when the callback runs)."""
     cc = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
     cc = None if cc is None else str(cc).replace(".", "")
     shapes = {n: tuple(a.shape) for n, a in arrays.items()}
+    if cu is not None:
+        shapes["cu_seqlens"] = tuple(cu.shape)
     return workspace_nbytes(static.op, shapes, arrays["q"].dtype, static.options(), cc)
 
 
-def _forward(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[tuple[Any, ...], Any]:
+def _forward(static: _Static, arrays: dict[str, Any], cu: Any, for_backward: bool) -> tuple[tuple[Any, ...], Any]:
     """``(outputs, workspace or None)``: the final state None unless asked for; the workspace carries what the cuda
-    backend's forward keeps for its backward."""
+    backend's forward keeps for its backward (None unless ``for_backward``: the VJP's forward)."""
     op, opts = static.op, static.options()
     names = tuple(arrays)
     leaves = list(arrays.values()) + ([] if cu is None else [cu])
@@ -186,9 +188,10 @@ def _forward(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[tuple[An
 
         with cupy.cuda.Device(arrays["q"].__dlpack_device__()[1]):
             raw = {n: _to_cupy(x) for n, x in arrays.items()}
-            nbytes = _workspace_nbytes(static, arrays, dev)
+            nbytes = _workspace_nbytes(static, arrays, cu, dev) if for_backward else 0
             ws = cupy.empty((nbytes,), dtype=np.uint8) if nbytes else None
-            outs = forward(op, raw, None if cu is None else _to_cupy(cu), static.cu_host(), opts, "cuda", workspace=ws)
+            outs = forward(op, raw, None if cu is None else _to_cupy(cu), static.cu_host(), opts, "cuda", workspace=ws,
+                           for_backward=for_backward)
             return (tuple(None if x is None else jax.dlpack.from_dlpack(x) for x in outs),
                     None if ws is None else jax.dlpack.from_dlpack(ws))
 
@@ -196,7 +199,7 @@ def _forward(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[tuple[An
     specs = _specs(static, arrays, cu)
     keep = [i for i, o in enumerate(op.outputs) if o.name != "final_state" or static.output_final_state]
     specs = [specs[i] for i in keep]
-    nbytes = _workspace_nbytes(static, arrays, jax.devices()[0])
+    nbytes = _workspace_nbytes(static, arrays, cu, jax.devices()[0]) if for_backward else 0
     if nbytes:
         specs.append(jax.ShapeDtypeStruct((nbytes,), np.uint8))
 
@@ -205,7 +208,8 @@ def _forward(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[tuple[An
             xs = [conv(b) for b in bufs]
             raw = dict(zip(names, xs))
             ws = conv(out[-1]) if nbytes and backend == "cuda" else None
-            outs = forward(op, raw, xs[-1] if cu is not None else None, static.cu_host(), opts, backend, workspace=ws)
+            outs = forward(op, raw, xs[-1] if cu is not None else None, static.cu_host(), opts, backend, workspace=ws,
+                           for_backward=for_backward)
             for j, i in enumerate(keep):
                 _copy_into(conv(out[j]), outs[i])
 
@@ -266,13 +270,13 @@ def _backward(static: _Static, arrays: dict[str, Any], cu: Any, cts: tuple[Any, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _op_vjp(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[Any, ...]:
-    outs, _ = _forward(static, arrays, cu)
+    outs, _ = _forward(static, arrays, cu, False)
     return outs
 
 
 def _op_vjp_fwd(static: _Static, arrays: dict[str, Any], cu: Any) -> tuple[tuple[Any, ...], tuple[Any, Any, Any]]:
     # The residuals are the inputs (the backward recomputes the rest) and the forward's workspace.
-    outs, ws = _forward(static, arrays, cu)
+    outs, ws = _forward(static, arrays, cu, True)
     return outs, (arrays, cu, ws)
 
 

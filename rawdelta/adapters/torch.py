@@ -9,10 +9,12 @@ Each op ``X`` (:func:`rawdelta.ops.registry.ops`) gets, from its declaration alo
       inplace_final_state=True -> rawdelta::X_fwd_inplace (ops that take it: mutates initial_state)
 
 The custom ops take the op's array arguments (its arrays, then ``cu_seqlens`` and ``cu_seqlens_cpu``, in
-signature order) and its static options (schema types from their declared annotations). ``X_fwd`` returns the
-op's outputs (a final state not asked for as an empty ``[0]`` tensor: custom ops cannot return None) and a uint8
-workspace, which ``X_bwd`` takes back after the cotangents: what the cuda backend's forward keeps for its backward
-(the chunked GDN's per-chunk factors), empty otherwise.
+signature order) and its static options (schema types from their declared annotations); ``X_fwd`` also takes
+``for_backward``, whether autograd will take its backward (grad mode on and an input that requires grad). It
+returns the op's outputs (a final state not asked for as an empty ``[0]`` tensor: custom ops cannot return None)
+and a uint8 workspace, which ``X_bwd`` takes back after the cotangents: what the cuda backend's forward keeps for
+its backward (the chunked GDN's per-chunk factors; chunked GLA's and each chunk's start state), empty without
+``for_backward`` and otherwise.
 
 The custom ops are opaque to ``torch.compile`` (their fake kernels give shapes and dtypes only), so
 ``torch.compile(fullgraph=True)`` traces through them. On CUDA tensors they run the ``cuda`` backend
@@ -147,16 +149,17 @@ def _check_device(q: Tensor) -> None:
         raise TypeError(f"rawdelta.torch supports CUDA and CPU tensors, got q on {q.device}")
 
 
-def _workspace(op: OpDef, tensors: dict[str, Tensor | None], statics: dict[str, Any]) -> Tensor:
-    """The forward's uint8 workspace for the backward (:func:`~rawdelta.adapters._common.workspace_nbytes`)."""
+def _workspace(op: OpDef, tensors: dict[str, Tensor | None], statics: dict[str, Any], for_backward: bool) -> Tensor:
+    """The forward's uint8 workspace for the backward (:func:`~rawdelta.adapters._common.workspace_nbytes`); empty
+    unless ``for_backward``."""
     q = tensors["q"]
     assert q is not None
     cc = None
-    if q.device.type == "cuda":
+    if q.device.type == "cuda" and for_backward:
         major, minor = torch.cuda.get_device_capability(q.device)
         cc = f"{major}{minor}"
     dt = _NUMPY_OF.get(q.dtype)  # other dtypes are refused by the validation
-    shapes = {n: tuple(t.shape) for n, t in tensors.items() if t is not None and n not in CU_SEQLENS}
+    shapes = {n: tuple(t.shape) for n, t in tensors.items() if t is not None and n != "cu_seqlens_cpu"}
     nbytes = 0 if dt is None else workspace_nbytes(op, shapes, dt, statics, cc)
     return torch.empty((nbytes,), dtype=torch.uint8, device=q.device)
 
@@ -166,18 +169,20 @@ def _split(op: OpDef, tensors: dict[str, Tensor | None]) -> tuple[dict[str, Tens
     return arrays, tensors.get("cu_seqlens"), tensors.get("cu_seqlens_cpu")
 
 
-def _run_forward(op: OpDef, tensors: dict[str, Tensor | None], statics: dict[str, Any]) -> tuple[Any, ...]:
-    """Returns the outputs (None for a final state not asked for or written in place) and the workspace."""
+def _run_forward(op: OpDef, tensors: dict[str, Tensor | None], statics: dict[str, Any], for_backward: bool = False
+                 ) -> tuple[Any, ...]:
+    """Returns the outputs (None for a final state not asked for or written in place) and the workspace (empty
+    unless ``for_backward``: a backward follows)."""
     arrays, cu, cu_cpu = _split(op, tensors)
     q = arrays["q"]
     _check_device(q)
     cu_host = _to_numpy(cu_cpu)
-    ws = _workspace(op, tensors, statics)
+    ws = _workspace(op, tensors, statics, for_backward)
     inplace = bool(statics.get("inplace_final_state"))
     if q.device.type == "cuda":
         with _on_torch_stream(q.device):
             outs = forward(op, {n: _to_cupy(t) for n, t in arrays.items()}, _to_cupy(cu), cu_host, statics, "cuda",
-                           workspace=_to_cupy(ws) if ws.numel() else None)
+                           workspace=_to_cupy(ws) if ws.numel() else None, for_backward=for_backward)
             outs = tuple(_to_torch(x) if x is not None else None for x in outs)
     else:
         outs = forward(op, {n: _to_numpy(t) for n, t in arrays.items()}, _to_numpy(cu), cu_host, statics, "numpy")
@@ -238,7 +243,8 @@ class _OpSpec:
 
     @property
     def fwd_args(self) -> tuple[str, ...]:
-        return (*self.tensors, *self.statics)
+        # for_backward: whether autograd will take the backward (the forward then keeps more in its workspace)
+        return (*self.tensors, *self.statics, "for_backward")
 
     @property
     def bwd_statics(self) -> tuple[str, ...]:
@@ -257,6 +263,8 @@ class _OpSpec:
             return Tensor
         if name in self.statics:
             return _SCHEMA_TYPES[self.op.option(name).annotation]
+        if name == "for_backward":
+            return bool
         return Tensor | None
 
 
@@ -329,7 +337,8 @@ def _register(op: OpDef) -> _Op:
 
     def fwd_impl(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
         a = _named(fwd_args, args, kwargs)
-        *outs, ws = _run_forward(op, {n: a[n] for n in tensor_names_}, {n: a[n] for n in statics_names})
+        *outs, ws = _run_forward(op, {n: a[n] for n in tensor_names_}, {n: a[n] for n in statics_names},
+                                 a["for_backward"])
         if has_state and outs[1] is None:
             outs[1] = torch.empty((0,), dtype=torch.float32, device=outs[0].device)
         return (*outs, ws)
@@ -338,7 +347,7 @@ def _register(op: OpDef) -> _Op:
         a = _named(fwd_args, args, kwargs)
         statics = {n: a[n] for n in statics_names}
         outs = _fake_outputs(op, a, statics)
-        return (*outs, _workspace(op, {n: a[n] for n in tensor_names_}, statics))
+        return (*outs, _workspace(op, {n: a[n] for n in tensor_names_}, statics, a["for_backward"]))
 
     def bwd_impl(*args: Any, **kwargs: Any) -> list[Tensor]:
         a = _named(bwd_args, args, kwargs)
@@ -368,7 +377,7 @@ def _register(op: OpDef) -> _Op:
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
             ctx.save_for_backward(output[-1], *inputs[:n_tensors])
-            statics = inputs[n_tensors:]
+            statics = inputs[n_tensors:-1]  # the last input is for_backward
             ctx.output_final_state = bool(statics[i_final]) if has_state else False
             ctx.bwd_statics = tuple(s for i, s in enumerate(statics) if i != i_final)
             # None (not zeros) for an unused o or final state, so an unused final state costs no dht.
@@ -380,7 +389,7 @@ def _register(op: OpDef) -> _Op:
         def backward(ctx: Any, *cts: Any) -> tuple[Tensor | None, ...]:
             ws, *inputs = ctx.saved_tensors
             saved = dict(zip(tensor_names_, inputs))
-            n_args = n_tensors + len(statics_names)
+            n_args = n_tensors + len(statics_names) + 1  # and for_backward
             do = cts[0]
             dht = cts[1] if has_state and ctx.output_final_state else None
             if (do is None and dht is None) or not any(ctx.needs_input_grad):
@@ -472,7 +481,8 @@ def _call(entry: _Op, a: dict[str, Any]) -> Any:
         i_final = spec.statics.index("output_final_state")
         o = entry.inplace(*tensors, *(s for i, s in enumerate(statics) if i != i_final))
         return o, a["initial_state"]
-    *outs, _ = entry.function.apply(*tensors, *statics)
+    for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    *outs, _ = entry.function.apply(*tensors, *statics, for_backward)
     if op.has_state:
         return outs[0], (outs[1] if a["output_final_state"] else None)
     return outs[0]

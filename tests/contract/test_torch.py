@@ -262,7 +262,8 @@ def _opcheck_all(c: Call, dtype: str, device: str) -> None:
     a = {**tensors(c, dtype, device, requires_grad=False), "cu_seqlens": cu_seqlens(c, device)}
     statics = {o.name: c.options.get(o.name, o.default) for o in c.op.adapter_options}
     statics["output_final_state"] = True
-    fwd = tuple(a.get(n) for n in spec.tensors) + tuple(statics[n] for n in spec.statics)
+    # for_backward: the forward whose workspace the backward takes
+    fwd = tuple(a.get(n) for n in spec.tensors) + tuple(statics[n] for n in spec.statics) + (True,)
     ops = torch.ops.rawdelta
     workspace = getattr(ops, f"{c.op.name}_fwd").default(*fwd)[-1]
     cts = tuple(x.to(a["v"].dtype) if i == 0 else x for i, x in enumerate(cotangents(c, device)))

@@ -106,10 +106,11 @@ def test_backward_is_deterministic(op: Any) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_factors_kept_and_through_a_workspace(dtype: str) -> None:
-    """The backward takes the forward's factors (no second prepare), and the adapters' path gives the same bits: a
-    forward given a workspace of ``workspace_nbytes`` bytes (filled with NaN bits) writes every byte of it, and the
-    factors read back from it (the per-chunk decays recomputed from g) give the gradients of the recompute path. A
-    workspace of another size is neither written nor read."""
+    """The backward takes the forward's factors and chunk states (no second prepare, no storing pass), and the
+    adapters' path gives the same bits: a forward given a workspace of ``workspace_nbytes`` bytes (filled with NaN
+    bits; varlen, so the states' room is a bound) writes every byte of it, and what is read back from it (the
+    per-chunk decays recomputed from g) gives the gradients of the recompute path. A workspace of another size is
+    neither written nor read."""
     import cupy
 
     kw, do, dht = _inputs({"B": 1, "T": 0, "H": 2, "K": 100, "V": 72, "seqlens": (70, 0, 1, 128, 64)}, 17, dtype)
@@ -121,7 +122,8 @@ def test_factors_kept_and_through_a_workspace(dtype: str) -> None:
     assert_same_bits(recomputed, kept)
 
     cc = str(cupy.cuda.Device().compute_capability)
-    nbytes = cuda_chunk.workspace_nbytes({"q": kw["q"].shape}, kw["q"].dtype, {"chunk_size": 64}, cc)
+    shapes = {"q": kw["q"].shape, "v": kw["v"].shape, "cu_seqlens": kw["cu_seqlens"].shape}
+    nbytes = cuda_chunk.workspace_nbytes(shapes, kw["q"].dtype, {"chunk_size": 64}, cc)
     check_through_a_workspace(res, nbytes, cuda_chunk.saved_from_workspace, rawdelta.chunk_gla_bwd, recomputed, do,
                               dht)
 
@@ -223,6 +225,39 @@ def test_segmented_state_passes(segments: int, wgmma: bool, monkeypatch: pytest.
     kw["g"] = g
     check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
     assert "segment_combine_kernel<false>" in launched, launched
+
+
+@pytest.mark.parametrize("wgmma", [True, False], ids=["wgmma", "mma_sync"])
+@pytest.mark.parametrize("segments", [1, 4])
+def test_states_kept_by_the_forward(segments: int, wgmma: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward whose backward follows (``chunk_gla_fwd``) keeps each chunk's start state (the Hopper pass that
+    writes o stores them as it goes; the mma.sync forward runs the storing pass after it), so its backward runs no
+    forward-direction pass; the gradients are those of a backward that recomputes the states, bit for bit. A plain
+    forward keeps none. With resets and a dead row (NaN gate), so that the kept states carry both."""
+    import cupy
+
+    from rawdelta.ops.common.api import run_forward
+
+    if wgmma and not _hopper():
+        pytest.skip("the Hopper state passes need a compute capability 9.0 device")
+    _run_with(monkeypatch, wgmma, segments=segments)
+    kw, do, dht = _inputs({"B": 2, "T": 512, "H": 2, "K": 64, "V": 48}, 23, "bfloat16")
+    g = kw["g"].copy()
+    g[:, 128, :, :5] = -np.inf
+    g[1, 300, 0, 3] = np.nan
+    kw["g"] = g
+    kw, do, dht = to_device(kw), cupy.asarray(do), cupy.asarray(dht)
+    _, res = rawdelta.chunk_gla_fwd(**kw, output_final_state=True, chunk_size=64, backend="cuda")
+    assert res.saved.states_kept and res.saved.hbuf is not None
+    launched = record_launches(monkeypatch, "")
+    kept = rawdelta.chunk_gla_bwd(res, do, dht)
+    assert not [n for n in launched if n.startswith(("gla_chunk_fwd", "segment_combine"))], launched
+    _, plain = run_forward(res.problem.replace(for_backward=False))
+    assert plain.saved.hbuf is None and not plain.saved.states_kept
+    del launched[:]
+    recomputed = rawdelta.chunk_gla_bwd(plain, do, dht)
+    assert any(n.startswith("gla_chunk_fwd") for n in launched), launched
+    assert_same_bits(recomputed, kept)
 
 
 def test_segmented_forward_keeps_dead_rows(monkeypatch: pytest.MonkeyPatch) -> None:

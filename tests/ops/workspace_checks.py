@@ -25,7 +25,7 @@ def check_through_a_workspace(res: Any, nbytes: int, read: Callable[[Any, Any], 
     ws = cupy.full((nbytes,), 0xFF, dtype=cupy.uint8)
     outs, _ = run_forward(p, ws)
     saved = read(p, ws)
-    assert saved is not None and saved.Ahi.data.ptr == ws.data.ptr
+    assert saved is not None and ws.data.ptr <= saved.Ahi.data.ptr < ws.data.ptr + nbytes
     assert_same_bits(want, bwd(res._replace(saved=saved), do, dht))
     ref_outs, _ = run_forward(p, None)
     for a, b in zip(ref_outs, outs):

@@ -277,7 +277,8 @@ struct WgChunk {
 // The forward state pass per (sequence, value head, block of BV = NWG BVW value columns), over one sequence's
 // chunks. Per chunk, with S the state at its start and U the update values of the rule:
 //   o = scale (2^G (q S) + P U),   S = 2^G_last S + k^T (2^(G_last - G) U)
-// STORE (the backward's recompute): skip the output, store S per chunk (hbuf, where given) and U (vnew) instead.
+// STORE (the backward's recompute): skip the output, store U (vnew) instead. S per chunk goes to hbuf wherever it
+// is given, with or without STORE (a forward that keeps the states for its backward writes o and hbuf at once).
 // The final state where PASS_HT is set (with STORE and no hbuf: the segments' end states of a segmented pass,
 // common/segment_combine.cuh).
 // From a chunk's first dead row on (common/chunk_stages.cuh), the outputs and the state carried on are NaN.
@@ -331,7 +332,7 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
         Rule::template issue_correction<KP>(X, aK, ncols(sm.a_state));
         if (!STORE) Y.template mma<T, false, true, KP>(a_kmajor_sw128(aQ), ncols(sm.a_state), false);
         wg_commit();
-        if (STORE && a.hbuf != nullptr)
+        if (a.hbuf != nullptr)
             sm.template copy_state_out<128 * NWG>(a.hbuf + pb.chunk_state_off(a.seq_chunk0, c, HV, K, V), K, V, pb.v0,
                                                   pb.vcols);
         wg_wait<0>();

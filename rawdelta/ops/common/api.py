@@ -60,9 +60,11 @@ def run_backward(p: Problem, saved: Any, do: Any, dht: Any = None) -> dict[str, 
     return cast_grads(p, grads)
 
 
-def forward(op: OpDef, args: dict[str, Any]) -> tuple[tuple[Any, ...], NamedTuple]:
-    """Validate a call of `op` (arguments by name) and run its forward."""
-    return run_forward(validate(op, args))
+def forward(op: OpDef, args: dict[str, Any], for_backward: bool = False) -> tuple[tuple[Any, ...], NamedTuple]:
+    """Validate a call of `op` (arguments by name) and run its forward; ``for_backward``: its backward follows
+    (``X_fwd``), so the backend may keep what the backward would otherwise recompute."""
+    p = validate(op, args)
+    return run_forward(p.replace(for_backward=True) if for_backward else p)
 
 
 def backward(residuals: Any, do: Any, dht: Any = None) -> NamedTuple:
@@ -243,7 +245,7 @@ def public_functions(op: OpDef) -> dict[str, Any]:
         op.name, params, f"outs, _ = _forward(_op, {args})\n    return {_unpack(op)}", ns,
         docstring(op, op.summary, op.doc, names), module, returns)
     fwd = compile_function(
-        f"{op.name}_fwd", params, f"outs, res = _forward(_op, {args})\n    return {_unpack(op)}, res", ns,
+        f"{op.name}_fwd", params, f"outs, res = _forward(_op, {args}, True)\n    return {_unpack(op)}, res", ns,
         docstring(op, f"Forward pass of :func:`{op.name}`, returning ``(outputs, residuals)`` for "
                       f":func:`{op.name}_bwd`.", f"Same arguments as :func:`{op.name}`. {op.residuals_doc}", names,
                   returns=f"``(outputs, residuals)``: the outputs of :func:`{op.name}` and a "

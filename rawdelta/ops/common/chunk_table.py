@@ -32,3 +32,12 @@ def launch_chunk_table(cu_seqlens: Any, N: int, T: int, chunk_size: int, num_chu
         ptr(cu_seqlens), np.int32(N), np.int32(T), np.int32(chunk_size), seq_chunk0, chunk_bos, chunk_len,
         np.int32(PASS_VARLEN if cu_seqlens is not None else 0)))
     return seq_chunk0, chunk_bos, chunk_len
+
+
+def max_chunks(B: int, T: int, chunk_size: int, n_seqs: int | None = None) -> int:
+    """The chunks of `chunk_size` over B sequences of T tokens; with ``n_seqs`` (varlen: B = 1, T tokens in all)
+    the most that any `n_seqs` sequences of T tokens in all can have. For buffers sized from shapes alone."""
+    if n_seqs is None:
+        return B * -(-T // chunk_size)
+    # each sequence of L tokens has at most (L + chunk_size - 1) / chunk_size chunks, and each chunk a token
+    return min(B * T, (B * T + n_seqs * (chunk_size - 1)) // chunk_size)

@@ -110,10 +110,11 @@ class Backend:
     The module provides ``forward(p, workspace) -> (outputs, saved)``, with ``outputs`` a tuple in the order of
     :attr:`OpDef.outputs` (the final state may be computed even when not asked for) and ``saved`` what its backward
     takes back (or None), and ``backward(p, saved, do, dht) -> {input name: gradient}`` (None for absent inputs;
-    ``saved`` may be None, and the backward then recomputes it). Optionally ``workspace_nbytes(shapes, dtype,
-    options, compute_capability) -> int``: the bytes of a buffer the framework adapters allocate before the
-    forward, which the forward fills with ``saved``, and ``saved_from_workspace(p, workspace)``, which reads it
-    back (None where it holds nothing).
+    ``saved`` may be None, and the backward then recomputes it). ``p.for_backward`` tells the forward that its
+    backward follows (it may then keep more). Optionally ``workspace_nbytes(shapes, dtype, options,
+    compute_capability) -> int``: the bytes of a buffer the framework adapters allocate before a forward whose
+    backward follows, which the forward fills with ``saved``, and ``saved_from_workspace(p, workspace)``, which
+    reads it back (None where it holds nothing).
 
     States are ``[N, HV, K, V]`` in every backend unless the module sets ``NATIVE_STATE_V_FIRST = True``: then, for
     a call with ``state_v_first``, its forward takes ``p.initial_state`` and returns the final state, and its backward

@@ -29,7 +29,9 @@ class Problem:
       states are ``[N, HV, K, V]`` (a transposed copy of the caller's);
     * ``p.cu_seqlens`` (int64, the arrays' library; None without varlen) and its host copy ``p.cu_seqlens_host``;
     * ``p.backend`` (resolved: ``"numpy"``, ``"numba"`` or ``"cuda"``), ``p.stream``, ``p.op`` (the
-      :class:`~.opdef.OpDef`) and ``p.input_dtypes`` (the caller's dtype per array, for casting gradients back).
+      :class:`~.opdef.OpDef`) and ``p.input_dtypes`` (the caller's dtype per array, for casting gradients back);
+    * ``p.for_backward``: True where a backward of this call follows its forward (``X_fwd``, and the adapters'
+      forwards under autograd), so the forward may keep what the backward would recompute. Default False.
     """
 
     op: OpDef
@@ -44,6 +46,7 @@ class Problem:
     N: int
     state_v_first: bool
     state_layout_native: bool
+    for_backward: bool = False  # a class default: validate() leaves it unset
 
     def __init__(self, **attrs: Any) -> None:
         self.__dict__.update(attrs)

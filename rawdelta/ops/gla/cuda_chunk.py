@@ -7,8 +7,12 @@ decay, the intra-chunk scores) -> the common forward state pass with the per-key
 with chunks of 64 take the Hopper state passes (wgmma warpgroups, TMA tiles: the gated delta rule's configurations,
 :func:`wgmma_applies`); everything else, and sm_80, the mma.sync ones. The forward keeps prepare's outputs for the
 backward (as the peer keeps its cumulative gates and scores): the framework adapters in a workspace they allocate
-(:func:`workspace_nbytes`; the per-chunk decays, whose size the shapes do not give, are recomputed from g).
-Backward: the forward pass again (storing each chunk's start state), the common reverse state pass
+(:func:`workspace_nbytes`; the per-chunk decays, whose size the shapes do not give, are recomputed from g). A
+forward whose backward follows (``p.for_backward``, and every forward given a workspace) also keeps each chunk's
+start state: the Hopper pass that writes the output stores them as it goes; the mma.sync forward runs the storing
+pass after it.
+Backward: the forward pass again (storing each chunk's start state) unless the forward kept them, the common
+reverse state pass
 (``gla/chunk_bwd.cu``: dv, the state gradient at each chunk's end, dh0), then dq, dk and the gate gradient per chunk
 and key slice (``gla/chunk_bwd_dqk.cu``, which recomputes the cumulative gates from the gates). Every sum has a fixed
 order (no atomics), so the backward is deterministic.
@@ -25,7 +29,7 @@ from ..._arrays import BFLOAT16, empty
 from ...cuda import launch, tensor_map
 from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool, ptr
 from ...cuda.loader import HOPPER_TARGETS, register, wgmma_available
-from ..common.chunk_table import launch_chunk_table
+from ..common.chunk_table import launch_chunk_table, max_chunks
 from ..common.cuda_smem import PAD, SM_SMEM, WG_BT, chunk_rows, f32, in_tile, r16, raw_tile, split, wg_pass
 from ..common.segments import MAX_SEGMENTS, combine, segment_count, segment_table, segments_allowed
 from ..common.state_pass_host import PASS_DHT, PASS_H0, PASS_HT, input_pass_flags
@@ -138,21 +142,27 @@ def wgmma_applies(p: GLAProblem, bt: int) -> bool:
             and p.v.data.ptr % 16 == 0 and wgmma_available())
 
 
-def _factor_fields(n_tok: int, H: int, K: int, bt: int, ct: str, dtype: np.dtype) -> list[Field]:
-    """(name, shape, dtype) of the per-token factors prepare writes, in the order they sit in a factor workspace
-    (:func:`workspace_nbytes`): the scores first (each a multiple of 32 bytes), so qg and kg start 16-byte aligned for
-    the passes' TMA tiles, then the row codes. Every byte is written by prepare (a deterministic output). Each chunk's
-    per-key decay Dk is not among them: its size depends on the chunk count, which the shapes alone do not give."""
+def _factor_fields(n_tok: int, H: int, K: int, V: int, bt: int, ct: str, dtype: np.dtype, states: int = 0
+                   ) -> list[Field]:
+    """(name, shape, dtype) of what a forward keeps for its backward, in the order they sit in a workspace
+    (:func:`workspace_nbytes`): with ``states`` > 0, room for that many chunks' start states first (hbuf, in the
+    input dtype, flat and padded to a multiple of 32 elements so that what follows stays 64-byte aligned), then the
+    per-token factors prepare writes: the scores (each a multiple of 32 bytes), so qg and kg start 16-byte aligned for
+    the passes' TMA tiles, then the row codes. Every factor byte is written by prepare (a deterministic output). Each
+    chunk's per-key decay Dk is not among them: its size depends on the chunk count, which the shapes alone do not
+    give (hbuf's room is :func:`~..common.chunk_table.max_chunks`' bound)."""
     mma = np.dtype(np.float16) if ct == "__half" else BFLOAT16
     mats = (n_tok, H, bt)
-    fields: list[Field] = [("Ahi", mats, mma), ("Alo", mats, mma)]
+    fields: list[Field] = [("hbuf", (-(-states * H * K * V // 32) * 32,), dtype)] if states else []
+    fields += [("Ahi", mats, mma), ("Alo", mats, mma)]
     return fields + [("qg", (n_tok, H, K), dtype), ("kg", (n_tok, H, K), dtype), ("Rc", (n_tok, H), np.dtype(np.int32))]
 
 
 def workspace_nbytes(shapes: dict[str, tuple[int, ...]], dtype: Any, statics: dict[str, Any],
                      compute_capability: str | None) -> int:
     """The backend protocol's workspace size (``rawdelta/ops/common/opdef.py``): the bytes of prepare's per-token
-    factors for q's shape ``[B, T, H, K]``, the input dtype and the chunk size (None: the peer's choice for T); 0 off
+    factors and of each chunk's start state (hbuf) for q's shape ``[B, T, H, K]``, v's ``[B, T, H, V]`` and
+    ``cu_seqlens``' ``[N + 1]`` where given, the input dtype and the chunk size (None: the peer's choice for T); 0 off
     the GPU."""
     ct = CTYPES.get(np.dtype(dtype))
     if compute_capability is None or ct is None:
@@ -161,33 +171,52 @@ def workspace_nbytes(shapes: dict[str, tuple[int, ...]], dtype: Any, statics: di
     bt = statics.get("chunk_size") or peer_chunk_size(T)
     if bt not in CHUNK_SIZES:
         return 0
-    return fields_nbytes(_factor_fields(B * T, H, K, bt, ct, np.dtype(dtype)))
+    cu = shapes.get("cu_seqlens")
+    states = max(max_chunks(B, T, bt, None if cu is None else cu[0] - 1), 1)
+    return fields_nbytes(_factor_fields(B * T, H, K, shapes["v"][3], bt, ct, np.dtype(dtype), states))
 
 
 class _Chunks:
     """The chunk table (launched) and prepare's outputs for one call, not yet filled (layouts:
     ``rawdelta/cuda/gla/chunk.cuh``): the per-token factors as views of `workspace` where it is their size, else
     fresh; ``wg``: the state passes run on Hopper warpgroups. ``ok`` is False when `workspace` was given and is not
-    their size (no arrays then)."""
+    their size (no arrays then). ``hbuf`` ``[NC, H, K, V]`` (input dtype): room for each chunk's start state, in
+    `workspace` where given (a workspace always holds it), fresh for ``keep_states``, else None;
+    ``states_kept``: a forward filled it."""
 
-    def __init__(self, p: GLAProblem, bt: int, wgmma: bool = True, workspace: Any = None) -> None:
+    def __init__(self, p: GLAProblem, bt: int, wgmma: bool = True, workspace: Any = None,
+                 keep_states: bool = False) -> None:
         import cupy
 
         self.bt, self.kp, self.ct = bt, kp_for(p.K), CTYPES[p.q.dtype]
         self.segments, self.starts = 1, None  # a segmented forward's segments per sequence and their start states
         self.wg = wgmma and wgmma_applies(p, bt)
         self.nc = p.num_chunks(bt)
-        n_tok, H, K = p.B * p.T, p.H, p.K
-        arrays = field_arrays(_factor_fields(n_tok, H, K, bt, self.ct, np.dtype(p.q.dtype)), workspace)
+        n_tok, H, K, V = p.B * p.T, p.H, p.K, p.V
+        states = 0
+        if workspace is not None or keep_states:  # fresh: room for the chunks there are; a workspace: the bound
+            states = max(self.nc if workspace is None else
+                         max_chunks(p.B, p.T, bt, p.N if p.cu_seqlens is not None else None), 1)
+        arrays = field_arrays(_factor_fields(n_tok, H, K, V, bt, self.ct, np.dtype(p.q.dtype), states), workspace)
         self.ok = arrays is not None
+        self.hbuf, self.states_kept = None, False
         if not self.ok:
             return
+        self.unused = None  # a workspace's room for states past the call's chunks (prepare zeroes it)
+        if states:
+            flat = arrays["hbuf"]
+            self.hbuf = flat[:states * H * K * V].reshape(states, H, K, V)
+            if workspace is not None and flat.size > self.nc * H * K * V:
+                self.unused = flat[self.nc * H * K * V:]
         self.Ahi, self.Alo, self.qg, self.kg, self.Rc = (arrays.get(n) for n in ("Ahi", "Alo", "qg", "kg", "Rc"))
         self.Dk = empty(cupy, (max(self.nc, 1), H, K), np.float32)
         self.seq_chunk0, self.chunk_bos, self.chunk_len = launch_chunk_table(p.cu_seqlens, p.N, p.T, bt, self.nc)
 
     def prepare(self, p: GLAProblem) -> _Chunks:
-        """Launch prepare: every factor."""
+        """Launch prepare: every factor (and zero a workspace's unused room, so that a forward writes every byte of
+        its workspace)."""
+        if self.unused is not None:
+            self.unused.fill(0)
         if self.nc > 0:
             launch.launch(PREPARE, prepare_name(self.ct, self.bt), self.nc * p.H, 256, prepare_smem(self.ct, self.bt), (
                 p.q, p.k, p.g, self.chunk_bos, self.chunk_len, self.Rc, self.qg, self.kg, self.Dk, self.Ahi,
@@ -242,11 +271,12 @@ def forward_outputs(p: GLAProblem) -> tuple[Any, Any, int]:
 
 
 def _forward_pass(p: GLAProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any = None, hbuf: Any = None,
-                  store: bool | None = None, seq_chunk0: Any = None) -> None:
-    """The forward state pass: the output and final state, or with ``store`` (default: ``hbuf`` given) each chunk's
-    start state in ``hbuf`` where given, and the final state with PASS_HT. ``seq_chunk0``: the sequences' first
-    chunks where they are not the chunk table's (a segmented pass's segments)."""
-    store = hbuf is not None if store is None else store
+                  seq_chunk0: Any = None) -> None:
+    """The forward state pass: with ``o`` the output, else (the storing pass) no output; each chunk's start state in
+    ``hbuf`` where given (the mma.sync pass that writes ``o`` stores none: see :func:`_keeps_in_pass`); the final
+    state in ``ht`` with PASS_HT. ``seq_chunk0``: the sequences' first chunks where they are not the chunk table's (a
+    segmented pass's segments)."""
+    store = o is None
     seq_chunk0 = ch.seq_chunk0 if seq_chunk0 is None else seq_chunk0
     if ch.wg:
         nwg, bvw, pipe = ch.wg_config(p)
@@ -273,16 +303,16 @@ def pass_segments(p: GLAProblem, ch: _Chunks) -> int:
 def _segmented_forward(p: GLAProblem, ch: _Chunks, segments: int, o: Any = None, ht: Any = None,
                        hbuf: Any = None, starts: Any = None) -> Any:
     """The forward state pass over `segments` segments per sequence (:mod:`..common.segments`), writing what
-    :func:`_forward_pass` writes (o and the final state, or with ``hbuf`` each chunk's start state). Returns each
-    segment's start state ``[N S, H, K, V]`` float32: `starts` where given (a forward's, for the backward's
-    recompute), else from the pass over the segments from zero and the combine."""
+    :func:`_forward_pass` writes (o and the final state, and each chunk's start state in ``hbuf`` where given).
+    Returns each segment's start state ``[N S, H, K, V]`` float32: `starts` where given (a forward's, for the
+    backward's recompute), else from the pass over the segments from zero and the combine."""
     import cupy
 
     ps = p.replace(B=p.B * segments, T=p.T // segments, N=p.N * segments, initial_state=None)
     seg0 = segment_table(p.N, p.T, ch.bt, segments, ch.nc)
     if starts is None:
         local = empty(cupy, (ps.N, p.H, p.K, p.V), np.float32)
-        _forward_pass(ps, ch, PASS_HT, ht=local, store=True, seq_chunk0=seg0)
+        _forward_pass(ps, ch, PASS_HT, ht=local, seq_chunk0=seg0)
         starts = combine(local, ch.Dk, seg0, p.initial_state, ht, segments)
     _forward_pass(ps.replace(initial_state=starts), ch, PASS_H0, o=o, hbuf=hbuf, seq_chunk0=seg0)
     return starts
@@ -306,29 +336,53 @@ def _reverse_pass(p: GLAProblem, ch: _Chunks, flags: int, do: Any, dht: Any, dhb
         np.int32(flags)))
 
 
-def prepare(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace: Any = None) -> _Chunks:
-    """The chunk table and prepare, launched: the factors in `workspace` where it is their size, else fresh."""
+def prepare(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace: Any = None,
+            keep_states: bool = False) -> _Chunks:
+    """The chunk table and prepare, launched: the factors in `workspace` where it is their size, else fresh (with
+    room for the chunks' start states where ``keep_states``)."""
     if p.H * p.K * chunk_size >= 2**31:  # prepare addresses a chunk's rows [BT, H, K] by 32-bit offsets
         raise ValueError(f"chunk_gla's cuda backend takes H * K * chunk_size < 2**31 (got H={p.H}, K={p.K}, "
                          f"chunk_size={chunk_size})")
-    ch = _Chunks(p, chunk_size, wgmma, workspace)
-    return (ch if ch.ok else _Chunks(p, chunk_size, wgmma)).prepare(p)
+    ch = _Chunks(p, chunk_size, wgmma, workspace, keep_states)
+    return (ch if ch.ok else _Chunks(p, chunk_size, wgmma, None, keep_states)).prepare(p)
+
+
+def _keeps_in_pass(ch: _Chunks) -> bool:
+    """Whether the pass that writes the output stores the chunks' start states as it goes: the Hopper pass does
+    (``rawdelta/cuda/common/wg_state_pass.cuh``); the mma.sync one does not, so a forward that keeps them runs the
+    storing pass after it."""
+    return ch.wg
 
 
 def chunk_forward(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace: Any = None,
                   segments: int | None = None) -> tuple[Any, Any, _Chunks]:
     """Launch the forward: o ``[B, T, H, V]`` (v's dtype), with ``p.output_final_state`` the final state
     ``[N, H, K, V]`` float32 (else None), and prepare's factors for the backward (in `workspace` where it is their
-    size). ``wgmma=False``: the mma.sync passes on a Hopper GPU too. ``segments``: the state pass's segments per
-    sequence (None: :func:`pass_segments`' choice; 1: none)."""
-    ch = prepare(p, chunk_size, wgmma, workspace)
+    size), with each chunk's start state where ``p.for_backward`` or a workspace is given. ``wgmma=False``: the
+    mma.sync passes on a Hopper GPU too. ``segments``: the state pass's segments per sequence (None:
+    :func:`pass_segments`' choice; 1: none)."""
+    ch = prepare(p, chunk_size, wgmma, workspace, keep_states=p.for_backward)
     o, ht, flags = forward_outputs(p)
     ch.segments = _segments(p, ch, segments)
+    hbuf = ch.hbuf if _keeps_in_pass(ch) else None
     if ch.segments > 1:
-        ch.starts = _segmented_forward(p, ch, ch.segments, o=o, ht=ht)
+        ch.starts = _segmented_forward(p, ch, ch.segments, o=o, ht=ht, hbuf=hbuf)
     else:
-        _forward_pass(p, ch, flags, o=o, ht=ht)
+        _forward_pass(p, ch, flags, o=o, ht=ht, hbuf=hbuf)
+    if ch.hbuf is not None:
+        if hbuf is None:
+            _states_pass(p, ch, flags, ch.hbuf, ch.segments)
+        ch.states_kept = True
     return o, ht, ch
+
+
+def _states_pass(p: GLAProblem, ch: _Chunks, flags: int, hbuf: Any, segments: int) -> None:
+    """The storing pass: each chunk's start state into `hbuf` (from the forward's segments' start states where it
+    kept them for that many segments)."""
+    if segments > 1:
+        _segmented_forward(p, ch, segments, hbuf=hbuf, starts=ch.starts if ch.segments == segments else None)
+    else:
+        _forward_pass(p, ch, flags, hbuf=hbuf)
 
 
 def _segments(p: GLAProblem, ch: _Chunks, segments: int | None) -> int:
@@ -345,8 +399,8 @@ def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: boo
                    saved: _Chunks | None = None, segments: int | None = None) -> dict[str, Any]:
     """Launch the backward: gradients keyed by input name (dq, dk, dv in the input dtype, dg and dh0 float32),
     None for absent inputs. do ``[B, T, H, V]``; dht ``[N, H, K, V]`` or None; ``saved``: the forward's factors
-    (None: prepare runs again). ``wgmma=False``: the mma.sync passes on a Hopper GPU too. ``segments``: as
-    :func:`chunk_forward`'s."""
+    and, where it kept them, the chunks' start states (None: prepare and the storing pass run again).
+    ``wgmma=False``: the mma.sync passes on a Hopper GPU too. ``segments``: as :func:`chunk_forward`'s."""
     import cupy
 
     dt = p.q.dtype
@@ -359,18 +413,15 @@ def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: boo
     ch.wg = wgmma and wgmma_applies(p, chunk_size)
     flags = pass_flags(p) | (PASS_DHT if dht is not None else 0)
     H, K, V = p.H, p.K, p.V
-    hbuf = empty(cupy, (max(ch.nc, 1), H, K, V), dt)
+    kept = ch.states_kept and ch.hbuf is not None
+    hbuf = ch.hbuf if kept else empty(cupy, (max(ch.nc, 1), H, K, V), dt)
     dhbuf = empty(cupy, (max(ch.nc, 1), H, K, V), dt)
     dv = empty(cupy, (p.B, p.T, H, V), p.v.dtype)
     dh0 = empty(cupy, p.initial_state.shape, np.float32) if p.initial_state is not None else None
     dq, dk = (empty(cupy, (p.B, p.T, H, K), dt) for _ in range(2))
     dg = empty(cupy, (p.B, p.T, H, K), np.float32)
-    nseg = _segments(p, ch, segments)
-    if nseg > 1:
-        starts = ch.starts if getattr(ch, "segments", 1) == nseg else None
-        _segmented_forward(p, ch, nseg, hbuf=hbuf, starts=starts)
-    else:
-        _forward_pass(p, ch, flags, hbuf=hbuf)
+    if not kept:
+        _states_pass(p, ch, flags, hbuf, _segments(p, ch, segments))
     _reverse_pass(p, ch, flags, do, dht, dhbuf, dv, dh0)
     if ch.nc > 0:
         launch_dqk(ch.ct, ch.bt, ch.nc, H, K, V, p.scale, q=p.q, k=p.k, v=p.v, do=do, g=p.g, Rc=ch.Rc,
@@ -393,7 +444,11 @@ def backward(p: GLAProblem, saved: _Chunks | None, do: Any, dht: Any) -> dict[st
 
 
 def saved_from_workspace(p: GLAProblem, workspace: Any) -> _Chunks | None:
-    """The backend protocol's read-back: the factors a forward wrote into `workspace`, with the chunk table and the
-    per-chunk decays launched again (the workspace holds neither); None where it is not their size."""
+    """The backend protocol's read-back: the factors and the chunks' start states a forward wrote into `workspace`
+    (a forward given a workspace always fills both), with the chunk table and the per-chunk decays launched again
+    (the workspace holds neither); None where it is not their size."""
     ch = _Chunks(p, p.chunk_size, True, workspace)
-    return ch.decays(p) if ch.ok else None
+    if not ch.ok:
+        return None
+    ch.states_kept = True
+    return ch.decays(p)
