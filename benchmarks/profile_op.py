@@ -4,7 +4,8 @@ Draws the op's inputs with its generator (``benchmarks/accuracy.py``: ``draw``; 
 initial state), runs the raw ``<op>_fwd`` / ``<op>_bwd`` pair (the final state out, ``do`` and ``dht`` in) `--calls`
 times (default 3) under the torch profiler (CUPTI sees the CuPy launches too) and prints the kernel table. With
 ``--json`` it prints one JSON line instead: each kernel's mean CUDA time per call (µs), and the median time of a
-forward and of a forward + backward over 30 calls each, timed by CUDA events around each call (ms). An A/B of two
+forward (the plain ``<op>`` call, which keeps nothing for a backward) and of a forward + backward over 30 calls each,
+timed by CUDA events around each call (ms). An A/B of two
 trees runs it once per tree, alternated, one process each: ``PYTHONPATH=<tree>:benchmarks``.
 
 Usage: PYTHONPATH=.:benchmarks python3 benchmarks/profile_op.py chunk_gla [BxTxHxD] [--calls N] [--json]
@@ -53,10 +54,13 @@ def main() -> int:
     kw = {n: cupy.asarray(x) if hasattr(x, "shape") else x for n, x in kw.items()}
     # do in the inputs' dtype, as an autograd caller passes it (a float32 do would add a cast to every backward)
     do, dht = cupy.asarray(do).astype(kw["q"].dtype), cupy.asarray(dht)
-    fwd, bwd = getattr(rawdelta, f"{op.name}_fwd"), getattr(rawdelta, f"{op.name}_bwd")
+    plain, fwd, bwd = (getattr(rawdelta, op.name + suffix) for suffix in ("", "_fwd", "_bwd"))
 
     def forward() -> object:
         return fwd(**kw, output_final_state=True, backend="cuda")[1]
+
+    def inference() -> object:
+        return plain(**kw, output_final_state=True, backend="cuda")
 
     def step() -> None:
         bwd(forward(), do, dht)
@@ -78,7 +82,7 @@ def main() -> int:
         if total > 0:
             kernels[e.key] = round(total / args.calls, 1)
     print(json.dumps({"op": op.name, "shape": shape, "kernels_us": kernels,
-                      "forward_ms": round(event_median_ms(forward), 4),
+                      "forward_ms": round(event_median_ms(inference), 4),
                       "forward_backward_ms": round(event_median_ms(step), 4)}))
     return 0
 

@@ -370,8 +370,8 @@ def chunk_forward(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace:
     else:
         _forward_pass(p, ch, flags, o=o, ht=ht, hbuf=hbuf)
     if ch.hbuf is not None:
-        if hbuf is None:
-            _states_pass(p, ch, flags, ch.hbuf, ch.segments)
+        if hbuf is None:  # the storing pass, without the final state (the output pass wrote it)
+            _states_pass(p, ch, pass_flags(p), ch.hbuf, ch.segments)
         ch.states_kept = True
     return o, ht, ch
 
