@@ -61,7 +61,7 @@ def forward(op: OpDef, arrays: dict[str, Any], cu_seqlens: Any, cu_seqlens_cpu: 
     for a forward whose backward follows); ``for_backward``: a backward follows (``Problem.for_backward``).
     """
     p = validate(op, _args(op, arrays, cu_seqlens, cu_seqlens_cpu, statics, backend))
-    outs, _ = run_forward(p.replace(for_backward=True) if for_backward else p, workspace)
+    outs, _ = run_forward(p, workspace, for_backward)
     return outs
 
 

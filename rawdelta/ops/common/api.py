@@ -29,12 +29,15 @@ def backend_stream(p: Problem) -> Any:
     return on_stream(p.stream) if p.backend == "cuda" else contextlib.nullcontext()
 
 
-def run_forward(p: Problem, workspace: Any = None) -> tuple[tuple[Any, ...], NamedTuple]:
+def run_forward(p: Problem, workspace: Any = None, for_backward: bool = False) -> tuple[tuple[Any, ...], NamedTuple]:
     """The forward of a validated problem on its backend: ``(outputs, residuals)``, outputs in the contract dtypes
     (the final state None unless asked for, ``initial_state`` itself with ``inplace_final_state``).
 
     ``workspace``: the framework adapters' buffer of the backend's ``workspace_nbytes`` bytes, in which the forward
-    leaves what its backward takes back."""
+    leaves what its backward takes back. ``for_backward``: its backward follows (``Problem.for_backward``), so the
+    backend may keep what the backward would otherwise recompute."""
+    if for_backward:
+        p = p.replace(for_backward=True)
     op = p.op
     with backend_stream(p):
         outs, saved = op.backends[p.backend].function("forward")(p, workspace)
@@ -61,10 +64,9 @@ def run_backward(p: Problem, saved: Any, do: Any, dht: Any = None) -> dict[str, 
 
 
 def forward(op: OpDef, args: dict[str, Any], for_backward: bool = False) -> tuple[tuple[Any, ...], NamedTuple]:
-    """Validate a call of `op` (arguments by name) and run its forward; ``for_backward``: its backward follows
-    (``X_fwd``), so the backend may keep what the backward would otherwise recompute."""
-    p = validate(op, args)
-    return run_forward(p.replace(for_backward=True) if for_backward else p)
+    """Validate a call of `op` (arguments by name) and run its forward; ``for_backward``: as :func:`run_forward`'s
+    (``X_fwd``)."""
+    return run_forward(validate(op, args), for_backward=for_backward)
 
 
 def backward(residuals: Any, do: Any, dht: Any = None) -> NamedTuple:
