@@ -277,12 +277,14 @@ struct WgChunk {
 // The forward state pass per (sequence, value head, block of BV = NWG BVW value columns), over one sequence's
 // chunks. Per chunk, with S the state at its start and U the update values of the rule:
 //   o = scale (2^G (q S) + P U),   S = 2^G_last S + k^T (2^(G_last - G) U)
-// STORE (the backward's recompute): skip the output, store U (vnew) instead. S per chunk goes to hbuf wherever it
-// is given, with or without STORE (a forward that keeps the states for its backward writes o and hbuf at once).
+// STORE (the backward's recompute): skip the output, store S per chunk (hbuf, where given) and U (vnew) instead.
+// KEEP (a forward whose backward follows): write the output and store S per chunk (hbuf) too. A compile-time
+// choice, so that the plain forward's pass carries no code for the stores.
 // The final state where PASS_HT is set (with STORE and no hbuf: the segments' end states of a segmented pass,
 // common/segment_combine.cuh).
 // From a chunk's first dead row on (common/chunk_stages.cuh), the outputs and the state carried on are NaN.
-template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE, bool AHEAD, class Gate, class Rule>
+template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE, bool AHEAD, class Gate, class Rule,
+          bool KEEP = false>
 __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const ForwardPassIO<T>& a,
                                                       const int* ready, const PassMaps& maps) {
     static_assert(PIPE || !AHEAD, "the producer warp fills two stages");
@@ -332,7 +334,7 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
         Rule::template issue_correction<KP>(X, aK, ncols(sm.a_state));
         if (!STORE) Y.template mma<T, false, true, KP>(a_kmajor_sw128(aQ), ncols(sm.a_state), false);
         wg_commit();
-        if (a.hbuf != nullptr)
+        if ((STORE || KEEP) && a.hbuf != nullptr)
             sm.template copy_state_out<128 * NWG>(a.hbuf + pb.chunk_state_off(a.seq_chunk0, c, HV, K, V), K, V, pb.v0,
                                                   pb.vcols);
         wg_wait<0>();

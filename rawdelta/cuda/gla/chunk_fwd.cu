@@ -28,15 +28,16 @@ __global__ void __launch_bounds__(256) gla_chunk_fwd_kernel(
 // The forward state pass on Hopper warpgroups (wgmma, sm_90a), for 16-bit inputs and chunks of 64: the math of
 // gla_chunk_fwd_kernel per (sequence, head, block of BV = NWG BVW value columns), NWG warpgroups of BVW columns
 // (common/wg_state_pass.cuh). qg, kg and the scores come as TMA tiles through `maps` (no rule matrix), v likewise.
-// PIPE: two stages of chunk inputs, the next chunk's loads in flight while this one computes.
-template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE>
+// PIPE: two stages of chunk inputs, the next chunk's loads in flight while this one computes. KEEP (with the
+// output): store S per chunk (hbuf) as well, for the backward.
+template <typename T, int KP, int NWG, int BVW, bool STORE, bool PIPE, bool KEEP>
 __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE)) gla_chunk_fwd_wg_kernel(
     const int* __restrict__ Rc, const float* __restrict__ Dk, const float* __restrict__ h0,
     const i64* __restrict__ cu, const int* __restrict__ seq_chunk0, T* __restrict__ o, float* __restrict__ ht,
     T* __restrict__ hbuf, int T_, int H, int K, int V, int NVB, float scale, int flags,
     const __grid_constant__ PassMaps maps) {
     extern __shared__ __align__(1024) unsigned char smem[];
-    wg_forward_state_pass<T, KP, NWG, BVW, STORE, PIPE, false, KeyGate, PlainWgRule<T>>(
+    wg_forward_state_pass<T, KP, NWG, BVW, STORE, PIPE, false, KeyGate, PlainWgRule<T>, KEEP>(
         smem,
         ForwardPassIO<T>{{nullptr, nullptr, nullptr, {nullptr, nullptr, Rc, nullptr, nullptr, Dk}, cu, seq_chunk0, T_,
                           H, H, K, V, NVB, scale, PassOptions{flags}},

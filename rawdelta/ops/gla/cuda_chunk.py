@@ -79,8 +79,8 @@ def bwd_name(ct: str, bt: int, kp: int) -> str:
     return f"gla_chunk_bwd_state_kernel<{ct}, {MMA_TYPE[ct]}, {bt}, {kp}, {bv(ct, kp)}>"
 
 
-def fwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, store: bool, pipe: bool) -> str:
-    return f"gla_chunk_fwd_wg_kernel<{ct}, {kp}, {nwg}, {bvw}, {cpp_bool(store)}, {cpp_bool(pipe)}>"
+def fwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, store: bool, pipe: bool, keep: bool = False) -> str:
+    return f"gla_chunk_fwd_wg_kernel<{ct}, {kp}, {nwg}, {bvw}, {cpp_bool(store)}, {cpp_bool(pipe)}, {cpp_bool(keep)}>"
 
 
 def bwd_wg_name(ct: str, kp: int, nwg: int, bvw: int, pipe: bool) -> str:
@@ -94,10 +94,12 @@ register(FWD, [fwd_name(ct, bt, kp, s) for ct in _CTS for bt in CHUNK_SIZES for 
 register(BWD, [bwd_name(ct, bt, kp) for ct in _CTS for bt in CHUNK_SIZES for kp in KP_SIZES])
 # The Hopper passes (16-bit inputs, chunks of 64) in the configurations wg_config chooses from: two warpgroups of
 # 16 or 32 columns (prefetching or not), four prefetching warpgroups at K <= 128.
-register(FWD, [fwd_wg_name(ct, kp, 2, bvw, s, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in wg_bvw_options(kp)
-               for s in (False, True) for pp in (False, True)]
-         + [fwd_wg_name(ct, kp, 4, bvw, s, True) for ct in WG_TYPES for kp in (64, 128) for bvw in (16, 32)
-            for s in (False, True)], targets=HOPPER_TARGETS)
+# Each as the plain output pass, the storing pass and the output pass that keeps the states (STORE, KEEP).
+_FWD_MODES = ((False, False), (True, False), (False, True))
+register(FWD, [fwd_wg_name(ct, kp, 2, bvw, s, pp, keep) for ct in WG_TYPES for kp in KP_SIZES
+               for bvw in wg_bvw_options(kp) for s, keep in _FWD_MODES for pp in (False, True)]
+         + [fwd_wg_name(ct, kp, 4, bvw, s, True, keep) for ct in WG_TYPES for kp in (64, 128) for bvw in (16, 32)
+            for s, keep in _FWD_MODES], targets=HOPPER_TARGETS)
 register(BWD, [bwd_wg_name(ct, kp, 2, bvw, pp) for ct in WG_TYPES for kp in KP_SIZES for bvw in wg_bvw_options(kp)
                for pp in (False, True)]
          + [bwd_wg_name(ct, kp, 4, bvw, True) for ct in WG_TYPES for kp in (64, 128) for bvw in (16, 32)],
@@ -281,7 +283,8 @@ def _forward_pass(p: GLAProblem, ch: _Chunks, flags: int, o: Any = None, ht: Any
     if ch.wg:
         nwg, bvw, pipe = ch.wg_config(p)
         nvb = math.ceil(p.V / (nwg * bvw))
-        launch.launch(FWD, fwd_wg_name(ch.ct, ch.kp, nwg, bvw, store, pipe), p.N * p.H * nvb, 128 * nwg,
+        keep = not store and hbuf is not None
+        launch.launch(FWD, fwd_wg_name(ch.ct, ch.kp, nwg, bvw, store, pipe, keep), p.N * p.H * nvb, 128 * nwg,
                       wg_pass(ch.kp, nwg * bvw, pipe, not store, False, has_a=False, key_gate=True), (
                           ch.Rc, ch.Dk, ptr(p.initial_state), ptr(p.cu_seqlens), seq_chunk0, ptr(o), ptr(ht),
                           ptr(hbuf), np.int32(p.T), np.int32(p.H), np.int32(p.K), np.int32(p.V), np.int32(nvb),
