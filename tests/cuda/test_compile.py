@@ -1,5 +1,5 @@
 """Every registered CUDA instantiation compiles with NVRTC for the targets it runs on (sm_80 and sm_90; the Hopper
-kernels for sm_90a), no GPU needed."""
+kernels for sm_90a), no GPU needed; the check compiles with ``-Ofast-compile=max`` (``background_compile.py``)."""
 
 from __future__ import annotations
 
@@ -33,17 +33,30 @@ def test_every_instantiation_compiles_for_sm80_sm90_and_sm90a():
             assert results[(spec.source, arch)] > 0, (spec.source, arch)
 
 
-def test_compile_error_carries_log_and_name():
+# A front-end error and an assembler error (an instruction the target lacks): the check's fast compile stops at both,
+# as the full one does.
+BROKEN = {
+    "front_end": ("template <typename T> __global__ void broken_kernel(T* x) { x[0] = undefined_symbol; }\n",
+                  "undefined_symbol"),
+    "assembler": ('template <typename T> __global__ void broken_kernel(T* x) { asm volatile("wgmma.fence.sync.aligned;"'
+                  ' ::: "memory"); x[0] = 1; }\n', "wgmma.fence"),
+}
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["full", "fast"])
+@pytest.mark.parametrize("stage", list(BROKEN))
+def test_compile_error_carries_log_and_name(stage: str, fast: bool):
     from rawdelta.errors import KernelCompileError
 
+    text, needle = BROKEN[stage]
     bad = loader.CUDA_DIR / "_test_broken.cu"
-    bad.write_text("template <typename T> __global__ void broken_kernel(T* x) { x[0] = undefined_symbol; }\n")
+    bad.write_text(text)
     try:
         loader.register("_test_broken.cu", ["broken_kernel<float>"])
         with pytest.raises(KernelCompileError) as ei:
-            loader.compile_all_to_cubin(("sm_80",), sources=("_test_broken.cu",))
+            loader.compile_all_to_cubin(("sm_80",), sources=("_test_broken.cu",), fast=fast)
         msg = str(ei.value)
-        assert "_test_broken.cu" in msg and "undefined_symbol" in msg
+        assert "_test_broken.cu" in msg and needle in msg
     finally:
         with loader._lock:
             loader._REGISTRY.pop(("_test_broken.cu", ()), None)
