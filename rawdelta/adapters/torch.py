@@ -154,13 +154,12 @@ def _workspace(op: OpDef, tensors: dict[str, Tensor | None], statics: dict[str, 
     unless ``for_backward``."""
     q = tensors["q"]
     assert q is not None
-    cc = None
-    if q.device.type == "cuda" and for_backward:
-        major, minor = torch.cuda.get_device_capability(q.device)
-        cc = f"{major}{minor}"
     dt = _NUMPY_OF.get(q.dtype)  # other dtypes are refused by the validation
-    shapes = {n: tuple(t.shape) for n, t in tensors.items() if t is not None and n != "cu_seqlens_cpu"}
-    nbytes = 0 if dt is None else workspace_nbytes(op, shapes, dt, statics, cc)
+    nbytes = 0  # off the GPU the backends keep nothing (workspace_nbytes: no compute capability)
+    if for_backward and q.device.type == "cuda" and dt is not None:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        shapes = {n: tuple(t.shape) for n, t in tensors.items() if t is not None and n != "cu_seqlens_cpu"}
+        nbytes = workspace_nbytes(op, shapes, dt, statics, f"{major}{minor}")
     return torch.empty((nbytes,), dtype=torch.uint8, device=q.device)
 
 
