@@ -58,6 +58,8 @@ struct PlainWgRule {
     // dv's intra-chunk term P^T do is the values' whole gradient inside a chunk: P rounded to 16 bits there would
     // add its rounding to every dv (the peer keeps P in float32 for that product), so the scores come split.
     static constexpr bool REVERSE_P_LO = true;
+    // dv = dU needs no v: the reverse pass loads none, and the stage's v tile only carries dv out
+    static constexpr bool REVERSE_READS_V = false;
 
     template <int KP, int BVW>
     static __device__ __forceinline__ void issue_correction(WgAcc<1, BVW>&, unsigned, const WgOperand&) {}

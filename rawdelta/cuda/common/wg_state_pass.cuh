@@ -16,6 +16,8 @@
 //   HAS_A                        whether its per-chunk BT x BT matrix (PassMaps::a) is in the stage
 //   REVERSE_P_LO                 whether the reverse pass takes the scores as hi + lo tiles (PassMaps::p, plo), so
 //                                that P^T do carries P at about float precision
+//   REVERSE_READS_V              whether reverse_values reads the chunk's v (the stage's v tile); else the reverse
+//                                pass loads no v, and the tile only carries the values' gradient out
 //   issue_correction(X, aK, s)   products of the chunk's k with the state, issued with the chain's first ones
 //   values(X, D, ..., emit)      U from them, given to emit(row, col, u0&, u1&) pair by pair
 //   reverse_values(Z, ...)       from dU (in tile0), the values' input gradient into the stage's v tile
@@ -64,10 +66,11 @@ struct WgStage {
 
     // Chunk c of block pb's sequence into stage st: the q, k, rule-matrix and score tiles as TMA boxes in the
     // 128-byte swizzle (tma.cuh; KP / 64 boxes for q and k), and without do (the forward) the v tile at the
-    // block's value columns (tma.cuh: swizzled), issued by thread 0 and counted by `bar`; v and do blocked
-    // otherwise, and the row scalars, as one cp.async group by the block's NT threads. The boxes hold rows past
-    // the chunk (the next sequence's, or zeros past the tensor): zero_tail clears them.
-    template <int NT, typename T>
+    // block's value columns (tma.cuh: swizzled), issued by thread 0 and counted by `bar`; v (with LOAD_V: a rule
+    // whose reverse pass reads it) and do blocked otherwise, and the row scalars, as one cp.async group by the
+    // block's NT threads. The boxes hold rows past the chunk (the next sequence's, or zeros past the tensor):
+    // zero_tail clears them.
+    template <int NT, bool LOAD_V = true, typename T>
     static __device__ __forceinline__ void issue(unsigned char* st, u64* bar, const StatePassBlock& pb, int c,
                                                  const PassMaps& maps, const T* v, const T* dout,
                                                  const RowInputs& in, int HV, int Vd, const PassOptions& opt) {
@@ -79,7 +82,7 @@ struct WgStage {
         }
         if (HAS_DO) {
             const i64 vo = (bos * HV + pb.hv) * Vd + pb.v0;
-            load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + V), v + vo, (i64)HV * Vd, L, pb.vcols);
+            if (LOAD_V) load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + V), v + vo, (i64)HV * Vd, L, pb.vcols);
             load_blocked<BV, BT, NT>(reinterpret_cast<T*>(st + DO), dout + vo, (i64)HV * Vd, L, pb.vcols);
         }
         ChunkRows::fetch_raw(reinterpret_cast<float*>(st + RAW), in, bos, L, BT, HV, pb.hv, opt);
@@ -394,8 +397,8 @@ __device__ __forceinline__ void wg_reverse_state_pass(unsigned char* smem, const
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
     const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
-        St::template issue<128 * NWG>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, a.v, a.dout, a.rows, HV, V,
-                                      a.opt);
+        St::template issue<128 * NWG, Rule::REVERSE_READS_V>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, a.v,
+                                                             a.dout, a.rows, HV, V, a.opt);
     };
 
     WgAcc<MS, BVW> dS;  // this warpgroup's columns of the state gradient at the current chunk's end

@@ -100,6 +100,7 @@ template <typename T>
 struct GdnWgRule {
     static constexpr bool HAS_A = true;
     static constexpr bool REVERSE_P_LO = false;
+    static constexpr bool REVERSE_READS_V = true;  // the partial row sums y . v
     static constexpr int BT = 64;
 
     T* ybuf;

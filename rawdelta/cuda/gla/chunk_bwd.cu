@@ -25,19 +25,19 @@ __global__ void __launch_bounds__(256) gla_chunk_bwd_state_kernel(
 
 // The reverse state pass on Hopper warpgroups (wgmma, sm_90a), for 16-bit inputs and chunks of 64: the math of
 // gla_chunk_bwd_state_kernel, laid out like gla_chunk_fwd_wg_kernel (common/wg_state_pass.cuh). qg, kg and the
-// scores come by TMA; v (the stage's dv tile) and do are blocked copies. PIPE: the previous chunk's inputs load
-// while this one computes.
+// scores come by TMA, do as a blocked copy; no v (the plain rule's dv needs none; the stage's v tile carries dv
+// out). PIPE: the previous chunk's inputs load while this one computes.
 template <typename T, int KP, int NWG, int BVW, bool PIPE>
 __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP, PIPE)) gla_chunk_bwd_wg_kernel(
-    const T* __restrict__ v, const int* __restrict__ Rc, const float* __restrict__ Dk, const T* __restrict__ dout,
-    const float* __restrict__ dht, const i64* __restrict__ cu, const int* __restrict__ seq_chunk0,
-    T* __restrict__ dhbuf, T* __restrict__ dv, float* __restrict__ dh0, int T_, int H, int K, int V, int NVB,
-    float scale, int flags, const __grid_constant__ PassMaps maps) {
+    const int* __restrict__ Rc, const float* __restrict__ Dk, const T* __restrict__ dout, const float* __restrict__ dht,
+    const i64* __restrict__ cu, const int* __restrict__ seq_chunk0, T* __restrict__ dhbuf, T* __restrict__ dv,
+    float* __restrict__ dh0, int T_, int H, int K, int V, int NVB, float scale, int flags,
+    const __grid_constant__ PassMaps maps) {
     extern __shared__ __align__(1024) unsigned char smem[];
     const PlainWgRule<T> rule;
     wg_reverse_state_pass<T, KP, NWG, BVW, PIPE, KeyGate>(
         smem,
-        ReversePassIO<T>{{nullptr, nullptr, v, {nullptr, nullptr, Rc, nullptr, nullptr, Dk}, cu, seq_chunk0, T_, H,
+        ReversePassIO<T>{{nullptr, nullptr, nullptr, {nullptr, nullptr, Rc, nullptr, nullptr, Dk}, cu, seq_chunk0, T_, H,
                           H, K, V, NVB, scale, PassOptions{flags}},
                          dout, dht, dhbuf, dv, dh0},
         maps, rule);

@@ -330,7 +330,7 @@ def _reverse_pass(p: GLAProblem, ch: _Chunks, flags: int, do: Any, dht: Any, dhb
         nvb = math.ceil(p.V / (nwg * bvw))
         launch.launch(BWD, bwd_wg_name(ch.ct, ch.kp, nwg, bvw, pipe), p.N * p.H * nvb, 128 * nwg,
                       bwd_wg_smem(ch.kp, nwg * bvw, pipe), (
-                          p.v, ch.Rc, ch.Dk, do, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags),
+                          ch.Rc, ch.Dk, do, *tail, np.int32(nvb), np.float32(p.scale), np.int32(flags),
                           ch.maps(p, nwg * bvw, False)))
         return
     nvb, grid = ch.pass_blocks(p)
