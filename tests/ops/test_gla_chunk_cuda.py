@@ -233,7 +233,9 @@ def test_states_kept_by_the_forward(segments: int, wgmma: bool, monkeypatch: pyt
     """A forward whose backward follows (``chunk_gla_fwd``) keeps each chunk's start state (the Hopper pass that
     writes o stores them as it goes; the mma.sync forward runs the storing pass after it), so its backward runs no
     forward-direction pass; the gradients are those of a backward that recomputes the states, bit for bit. A plain
-    forward keeps none. With resets and a dead row (NaN gate), so that the kept states carry both."""
+    forward keeps none, nor the scores' lo part that only the reverse pass reads (its output is the same bits), and a
+    backward given its factors runs prepare again. With resets and a dead row (NaN gate), so that the kept states
+    carry both."""
     import cupy
 
     from rawdelta.ops.common.api import run_forward
@@ -252,11 +254,14 @@ def test_states_kept_by_the_forward(segments: int, wgmma: bool, monkeypatch: pyt
     launched = record_launches(monkeypatch, "")
     kept = rawdelta.chunk_gla_bwd(res, do, dht)
     assert not [n for n in launched if n.startswith(("gla_chunk_fwd", "segment_combine"))], launched
-    _, plain = run_forward(res.problem.replace(for_backward=False))
-    assert plain.saved.hbuf is None and not plain.saved.states_kept
+    (o, ht), plain = run_forward(res.problem.replace(for_backward=False))
+    assert plain.saved.hbuf is None and not plain.saved.states_kept and plain.saved.Alo is None
+    for want, got in zip(run_forward(res.problem)[0], (o, ht)):
+        np.testing.assert_array_equal(cupy.asnumpy(want).view(np.uint8), cupy.asnumpy(got).view(np.uint8))
     del launched[:]
     recomputed = rawdelta.chunk_gla_bwd(plain, do, dht)
     assert any(n.startswith("gla_chunk_fwd") for n in launched), launched
+    assert any(n.startswith("gla_chunk_prepare") for n in launched), launched
     assert_same_bits(recomputed, kept)
 
 

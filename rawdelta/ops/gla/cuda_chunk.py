@@ -144,19 +144,20 @@ def wgmma_applies(p: GLAProblem, bt: int) -> bool:
             and p.v.data.ptr % 16 == 0 and wgmma_available())
 
 
-def _factor_fields(n_tok: int, H: int, K: int, V: int, bt: int, ct: str, dtype: np.dtype, states: int = 0
-                   ) -> list[Field]:
+def _factor_fields(n_tok: int, H: int, K: int, V: int, bt: int, ct: str, dtype: np.dtype, states: int = 0,
+                   scores_lo: bool = True) -> list[Field]:
     """(name, shape, dtype) of what a forward keeps for its backward, in the order they sit in a workspace
     (:func:`workspace_nbytes`): with ``states`` > 0, room for that many chunks' start states first (hbuf, in the
     input dtype, flat and padded to a multiple of 32 elements so that what follows stays 64-byte aligned), then the
     per-token factors prepare writes: the scores (each a multiple of 32 bytes), so qg and kg start 16-byte aligned for
     the passes' TMA tiles, then the row codes. Every factor byte is written by prepare (a deterministic output). Each
     chunk's per-key decay Dk is not among them: its size depends on the chunk count, which the shapes alone do not
-    give (hbuf's room is :func:`~..common.chunk_table.max_chunks`' bound)."""
+    give (hbuf's room is :func:`~..common.chunk_table.max_chunks`' bound). Without ``scores_lo`` the scores' lo part
+    (Alo) is left out: only the reverse pass, and the float32 inputs' forward, read it."""
     mma = np.dtype(np.float16) if ct == "__half" else BFLOAT16
     mats = (n_tok, H, bt)
     fields: list[Field] = [("hbuf", (-(-states * H * K * V // 32) * 32,), dtype)] if states else []
-    fields += [("Ahi", mats, mma), ("Alo", mats, mma)]
+    fields += [("Ahi", mats, mma)] + ([("Alo", mats, mma)] if scores_lo else [])
     return fields + [("qg", (n_tok, H, K), dtype), ("kg", (n_tok, H, K), dtype), ("Rc", (n_tok, H), np.dtype(np.int32))]
 
 
@@ -184,10 +185,12 @@ class _Chunks:
     fresh; ``wg``: the state passes run on Hopper warpgroups. ``ok`` is False when `workspace` was given and is not
     their size (no arrays then). ``hbuf`` ``[NC, H, K, V]`` (input dtype): room for each chunk's start state, in
     `workspace` where given (a workspace always holds it), fresh for ``keep_states``, else None;
-    ``states_kept``: a forward filled it."""
+    ``states_kept``: a forward filled it. ``Alo``, the scores' lo part, is None where neither a backward (which
+    ``keep_states`` announces) nor the float32 inputs' forward pass reads it and no workspace is given: a plain
+    16-bit forward writes 2 bytes per token, head and chunk row less."""
 
     def __init__(self, p: GLAProblem, bt: int, wgmma: bool = True, workspace: Any = None,
-                 keep_states: bool = False) -> None:
+                 keep_states: bool = False, scores_lo: bool = True) -> None:
         import cupy
 
         self.bt, self.kp, self.ct = bt, kp_for(p.K), CTYPES[p.q.dtype]
@@ -199,7 +202,8 @@ class _Chunks:
         if workspace is not None or keep_states:  # fresh: room for the chunks there are; a workspace: the bound
             states = max(self.nc if workspace is None else
                          max_chunks(p.B, p.T, bt, p.N if p.cu_seqlens is not None else None), 1)
-        arrays = field_arrays(_factor_fields(n_tok, H, K, V, bt, self.ct, np.dtype(p.q.dtype), states), workspace)
+        lo = scores_lo or keep_states or workspace is not None or self.ct == "float"
+        arrays = field_arrays(_factor_fields(n_tok, H, K, V, bt, self.ct, np.dtype(p.q.dtype), states, lo), workspace)
         self.ok = arrays is not None
         self.hbuf, self.states_kept = None, False
         if not self.ok:
@@ -340,14 +344,15 @@ def _reverse_pass(p: GLAProblem, ch: _Chunks, flags: int, do: Any, dht: Any, dhb
 
 
 def prepare(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace: Any = None,
-            keep_states: bool = False) -> _Chunks:
+            keep_states: bool = False, scores_lo: bool = True) -> _Chunks:
     """The chunk table and prepare, launched: the factors in `workspace` where it is their size, else fresh (with
-    room for the chunks' start states where ``keep_states``)."""
+    room for the chunks' start states where ``keep_states``; without the scores' lo part where ``scores_lo`` is
+    False and nothing else needs it: :class:`_Chunks`)."""
     if p.H * p.K * chunk_size >= 2**31:  # prepare addresses a chunk's rows [BT, H, K] by 32-bit offsets
         raise ValueError(f"chunk_gla's cuda backend takes H * K * chunk_size < 2**31 (got H={p.H}, K={p.K}, "
                          f"chunk_size={chunk_size})")
-    ch = _Chunks(p, chunk_size, wgmma, workspace, keep_states)
-    return (ch if ch.ok else _Chunks(p, chunk_size, wgmma, None, keep_states)).prepare(p)
+    ch = _Chunks(p, chunk_size, wgmma, workspace, keep_states, scores_lo)
+    return (ch if ch.ok else _Chunks(p, chunk_size, wgmma, None, keep_states, scores_lo)).prepare(p)
 
 
 def _keeps_in_pass(ch: _Chunks) -> bool:
@@ -364,7 +369,7 @@ def chunk_forward(p: GLAProblem, chunk_size: int, wgmma: bool = True, workspace:
     size), with each chunk's start state where ``p.for_backward`` or a workspace is given. ``wgmma=False``: the
     mma.sync passes on a Hopper GPU too. ``segments``: the state pass's segments per sequence (None:
     :func:`pass_segments`' choice; 1: none)."""
-    ch = prepare(p, chunk_size, wgmma, workspace, keep_states=p.for_backward)
+    ch = prepare(p, chunk_size, wgmma, workspace, keep_states=p.for_backward, scores_lo=p.for_backward)
     o, ht, flags = forward_outputs(p)
     ch.segments = _segments(p, ch, segments)
     hbuf = ch.hbuf if _keeps_in_pass(ch) else None
@@ -412,7 +417,8 @@ def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: boo
         do = do.copy()
     if dht is not None:
         dht = cupy.ascontiguousarray(dht, dtype=np.float32)
-    ch = saved if saved is not None and saved.bt == chunk_size else prepare(p, chunk_size, wgmma)
+    usable = saved is not None and saved.bt == chunk_size and saved.Alo is not None  # a plain forward's lack Alo
+    ch = saved if usable else prepare(p, chunk_size, wgmma)
     ch.wg = wgmma and wgmma_applies(p, chunk_size)
     flags = pass_flags(p) | (PASS_DHT if dht is not None else 0)
     H, K, V = p.H, p.K, p.V
