@@ -422,7 +422,7 @@ def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: boo
     ch.wg = wgmma and wgmma_applies(p, chunk_size)
     flags = pass_flags(p) | (PASS_DHT if dht is not None else 0)
     H, K, V = p.H, p.K, p.V
-    kept = ch.states_kept and ch.hbuf is not None
+    kept = ch.states_kept  # set only where hbuf holds them
     hbuf = ch.hbuf if kept else empty(cupy, (max(ch.nc, 1), H, K, V), dt)
     dhbuf = empty(cupy, (max(ch.nc, 1), H, K, V), dt)
     dv = empty(cupy, (p.B, p.T, H, V), p.v.dtype)
