@@ -37,6 +37,7 @@ import cupy
 import numpy as np
 import torch
 from decode_gdn import time_graph_ms, time_ms  # this directory is on sys.path for its scripts
+from profile_op import profiled
 
 import rawdelta
 import rawdelta.torch as rt
@@ -48,14 +49,8 @@ def kernel_ms(fn, calls: int = 5) -> float:
     the kernel and copy intervals the torch profiler records), per call. For kernels that run one after the other
     it is the sum of their durations; kernels that run side by side count once."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
+    prof = profiled(fn, calls, warm=1)
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
     busy_us, end = 0.0, float("-inf")
     for a, b in spans:

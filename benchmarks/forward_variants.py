@@ -23,11 +23,10 @@ from typing import Any
 import cupy
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from accuracy import draw  # noqa: E402
-from profile_op import event_median_ms  # noqa: E402
+from profile_op import event_median_ms, kernel_means_us, profiled  # noqa: E402
 
 import rawdelta  # noqa: E402
 from rawdelta.bench.env import detect  # noqa: E402
@@ -35,19 +34,6 @@ from rawdelta.bench.registry import op_spec  # noqa: E402
 from rawdelta.bench.timing import cupy_allocations_through_torch  # noqa: E402
 from rawdelta.bench.workload import Workload, host_inputs  # noqa: E402
 from rawdelta.ops import registry  # noqa: E402
-
-
-def kernel_means_us(fn: Callable[[], object], calls: int = 10) -> dict[str, float]:
-    """Each kernel's mean CUDA time per call (µs) over `calls` calls under the torch profiler."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key.split("(")[0].replace("void ", "")[-48:]: round(e.device_time_total / calls, 1)
-            for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0}
 
 
 def host_ms_per_call(fn: Callable[[], object], calls: int = 100) -> float:
@@ -76,8 +62,9 @@ def report(label: str, fn: Callable[[], object], events: Callable[[Callable[[], 
     for _ in range(3):
         fn()
     ms = events(fn)
-    print(f"  {label}: events {ms:.4f} ms, host {host_ms_per_call(fn):.4f} ms/call, kernels (µs) "
-          f"{kernel_means_us(fn)}", flush=True)
+    kernels = {k.split("(")[0].replace("void ", "")[-48:]: t for k, t in kernel_means_us(profiled(fn, 10), 10).items()}
+    print(f"  {label}: events {ms:.4f} ms, host {host_ms_per_call(fn):.4f} ms/call, kernels (µs) {kernels}",
+          flush=True)
 
 
 def variants(op: Any, shape: tuple[int, ...]) -> None:

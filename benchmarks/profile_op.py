@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import cupy
 import numpy as np
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -28,6 +29,25 @@ from accuracy import draw  # noqa: E402
 
 import rawdelta  # noqa: E402
 from rawdelta.ops import registry  # noqa: E402
+
+
+def profiled(fn: Callable[[], object], calls: int, warm: int = 2) -> profile:
+    """The torch profiler (CUDA activity; CUPTI sees CuPy's launches too) over `calls` calls of `fn`, after `warm`
+    calls and a synchronisation."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof
+
+
+def kernel_means_us(prof: profile, calls: int) -> dict[str, float]:
+    """Each kernel's mean CUDA time per call (µs), keyed by its name, from a profile of `calls` calls."""
+    return {e.key: round(e.device_time_total / calls, 1) for e in prof.key_averages()
+            if getattr(e, "device_time_total", 0) > 0}
 
 
 def event_median_ms(fn: Callable[[], object], calls: int = 30) -> float:
@@ -65,23 +85,12 @@ def main() -> int:
     def step() -> None:
         bwd(forward(), do, dht)
 
-    for _ in range(2):
-        step()
-    cupy.cuda.Device().synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.calls):
-            step()
-        cupy.cuda.Device().synchronize()
+    prof = profiled(step, args.calls)
     if not args.json:
         print(f"{op.name} (B, T, H, D) = {shape}, {args.calls} x (forward + backward)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=90))
         return 0
-    kernels = {}
-    for e in prof.key_averages():
-        total = getattr(e, "device_time_total", 0)
-        if total > 0:
-            kernels[e.key] = round(total / args.calls, 1)
-    print(json.dumps({"op": op.name, "shape": shape, "kernels_us": kernels,
+    print(json.dumps({"op": op.name, "shape": shape, "kernels_us": kernel_means_us(prof, args.calls),
                       "forward_ms": round(event_median_ms(inference), 4),
                       "forward_backward_ms": round(event_median_ms(step), 4)}))
     return 0
