@@ -3,11 +3,12 @@
 
 For each shape: the plain ``<op>`` call on ``profile_op.py``'s inputs with and without an initial state and a final
 state; on the bench's inputs (``rawdelta.bench.workload.host_inputs``); on the bench's ``Workload`` arrays (DLPack
-views of torch tensors) timed by torch's events, and the same with CuPy's allocations routed through torch's
-allocator as the bench times them (``cupy_allocations_through_torch``). Each variant prints the median of 30
-back-to-back calls between CUDA events (ms), the host's wall time per call over 100 calls issued without a
-synchronisation (ms), and each kernel's mean CUDA time over ten calls under the torch profiler (µs). Where the host
-time per call approaches the event time, the events time the host, not the kernels.
+views of torch tensors) timed by torch's events, the same with CuPy's allocations routed through torch's allocator
+as the bench times them (``cupy_allocations_through_torch``), and the torch adapter (``rawdelta.torch``) on the same
+tensors without autograd. Each variant prints the median of 30 back-to-back calls between CUDA events (ms), the
+host's wall time per call over 100 calls issued without a synchronisation (ms), and each kernel's mean CUDA time
+over ten calls under the torch profiler (µs). Where the host time per call approaches the event time, the events
+time the host, not the kernels.
 
 Usage: PYTHONPATH=.:benchmarks python3 benchmarks/forward_variants.py [OP] [BxTxHxD ...]
 (default chunk_gla at 2x8192x16x128 and 8x2048x16x128)
@@ -29,6 +30,7 @@ from accuracy import draw  # noqa: E402
 from profile_op import event_median_ms, kernel_means_us, profiled  # noqa: E402
 
 import rawdelta  # noqa: E402
+import rawdelta.torch  # noqa: E402
 from rawdelta.bench.env import detect  # noqa: E402
 from rawdelta.bench.registry import op_spec  # noqa: E402
 from rawdelta.bench.timing import cupy_allocations_through_torch  # noqa: E402
@@ -88,6 +90,11 @@ def variants(op: Any, shape: tuple[int, ...]) -> None:
     with cupy_allocations_through_torch(True):
         report("the same, CuPy's allocations through torch (as the bench times)",
                lambda: plain(**arrays, backend="cuda"), torch_event_median_ms)
+    tensors = {n: t for n, t in w.arrays("torch").items() if n != "do"}
+    adapter = getattr(rawdelta.torch, op.name)
+    with torch.no_grad():
+        report("the torch adapter on the Workload's tensors, no grad", lambda: adapter(**tensors),
+               torch_event_median_ms)
     w.release()
 
 
