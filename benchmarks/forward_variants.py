@@ -33,7 +33,7 @@ import rawdelta  # noqa: E402
 import rawdelta.torch  # noqa: E402
 from rawdelta.bench.env import detect  # noqa: E402
 from rawdelta.bench.registry import op_spec  # noqa: E402
-from rawdelta.bench.timing import cupy_allocations_through_torch  # noqa: E402
+from rawdelta.bench.timing import TorchCudaClock, cupy_allocations_through_torch  # noqa: E402
 from rawdelta.bench.workload import Workload, host_inputs  # noqa: E402
 from rawdelta.ops import registry  # noqa: E402
 
@@ -50,14 +50,8 @@ def host_ms_per_call(fn: Callable[[], object], calls: int = 100) -> float:
 
 
 def torch_event_median_ms(fn: Callable[[], object], calls: int = 30) -> float:
-    """As profile_op's event_median_ms, with torch's events on torch's current stream (the bench's clock)."""
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
-    for start, end in pairs:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return float(np.median([s.elapsed_time(e) for s, e in pairs]))
+    """The bench's own clock (torch's events on torch's current stream): the median of `calls` back-to-back calls."""
+    return float(np.median(TorchCudaClock().time_calls(fn, calls, False))) * 1e3
 
 
 def report(label: str, fn: Callable[[], object], events: Callable[[Callable[[], object]], float]) -> None:

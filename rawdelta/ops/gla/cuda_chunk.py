@@ -185,9 +185,9 @@ class _Chunks:
     fresh; ``wg``: the state passes run on Hopper warpgroups. ``ok`` is False when `workspace` was given and is not
     their size (no arrays then). ``hbuf`` ``[NC, H, K, V]`` (input dtype): room for each chunk's start state, in
     `workspace` where given (a workspace always holds it), fresh for ``keep_states``, else None;
-    ``states_kept``: a forward filled it. ``Alo``, the scores' lo part, is None where neither a backward (which
-    ``keep_states`` announces) nor the float32 inputs' forward pass reads it and no workspace is given: a plain
-    16-bit forward writes 2 bytes per token, head and chunk row less."""
+    ``states_kept``: a forward filled it. ``Alo``, the scores' lo part, is None without ``scores_lo`` (no backward
+    will read it), unless a workspace is given (its layout holds it) or the inputs are float32 (their forward pass
+    reads it): a plain 16-bit forward writes 2 bytes per token, head and chunk row less."""
 
     def __init__(self, p: GLAProblem, bt: int, wgmma: bool = True, workspace: Any = None,
                  keep_states: bool = False, scores_lo: bool = True) -> None:
@@ -202,7 +202,7 @@ class _Chunks:
         if workspace is not None or keep_states:  # fresh: room for the chunks there are; a workspace: the bound
             states = max(self.nc if workspace is None else
                          max_chunks(p.B, p.T, bt, p.N if p.cu_seqlens is not None else None), 1)
-        lo = scores_lo or keep_states or workspace is not None or self.ct == "float"
+        lo = scores_lo or workspace is not None or self.ct == "float"
         arrays = field_arrays(_factor_fields(n_tok, H, K, V, bt, self.ct, np.dtype(p.q.dtype), states, lo), workspace)
         self.ok = arrays is not None
         self.hbuf, self.states_kept = None, False
