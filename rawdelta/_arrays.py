@@ -85,10 +85,15 @@ def device_id(x: Any) -> int:
 
 def empty(xp: Any, shape: tuple[int, ...], dtype: Any) -> Any:
     """Allocate an uninitialised array; NaN-filled while :func:`poison_allocations` is active."""
-    out = xp.empty(shape, dtype=dtype)
-    if _poison and np.dtype(dtype).kind == "f":
-        out.fill(np.nan)
-    return out
+    return poisoned(xp.empty(shape, dtype=dtype))
+
+
+def poisoned(x: Any) -> Any:
+    """`x`, NaN-filled where it is a float array and :func:`poison_allocations` is active (for views carved out of
+    one allocation, which :func:`empty` made as bytes)."""
+    if _poison and x.dtype.kind == "f":
+        x.fill(np.nan)
+    return x
 
 
 def zeros(xp: Any, shape: tuple[int, ...], dtype: Any) -> Any:

@@ -55,6 +55,29 @@ def test_workspace_arrays_tile_a_workspace_of_workspace_nbytes(dtype: str, chunk
     assert field_arrays(fields, np.zeros(nbytes + 16, np.uint8)) is None
 
 
+@pytest.mark.gpu
+def test_fresh_arrays_are_one_allocation() -> None:
+    """Without a workspace a call's factors, per-chunk decays and chunk table are carved out of one device
+    allocation (one call into a framework's allocator rather than one per array), each at a 256-byte boundary as a
+    lone allocation's would be, and the float ones NaN while allocations are poisoned (the autouse fixture), as
+    :func:`rawdelta._arrays.empty`'s are."""
+    from rawdelta.ops.common.chunk_table import chunk_table_fields
+    from rawdelta.ops.common.workspace import FRESH_ALIGN
+
+    dt = np.dtype(np.float32)
+    fields = (cuda_chunk._factor_fields(70, 3, 40, 24, 16, CTYPES[dt], dt, 5)
+              + [("Dk", (5, 3, 40), dt), *chunk_table_fields(2, 5)])
+    arrays = field_arrays(fields, None)
+    assert list(arrays) == [name for name, _, _ in fields]
+    assert len({id(a.data.mem) for a in arrays.values()}) == 1
+    for (name, shape, dtype), a in zip(fields, arrays.values()):
+        assert a.dtype == dtype and (name == "hbuf" or a.shape == shape), name
+        assert a.data.ptr % FRESH_ALIGN == 0, name
+        assert dtype.kind != "f" or bool(np.isnan(a.get()).all()), name
+    ends = sorted((a.data.ptr, a.data.ptr + a.nbytes) for a in arrays.values())
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(ends, ends[1:])), "carved arrays overlap"
+
+
 @pytest.mark.parametrize("chunk_size", [16, 64])
 def test_max_chunks_bounds_every_split_of_the_tokens(chunk_size: int) -> None:
     """The states' room of a varlen workspace, sized before the call from the token and sequence counts alone, holds

@@ -18,16 +18,26 @@ TABLE_KERNEL = "chunk_table_kernel"
 register(TABLE_SOURCE, [TABLE_KERNEL])
 
 
-def launch_chunk_table(cu_seqlens: Any, N: int, T: int, chunk_size: int, num_chunks: int) -> tuple[Any, Any, Any]:
+def chunk_table_fields(N: int, num_chunks: int) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """The chunk table's arrays as workspace fields (``rawdelta/ops/common/workspace.py``), for a caller that carves
+    them out of one allocation with its own: ``seq_chunk0``, ``chunk_bos``, ``chunk_len``."""
+    nc = max(num_chunks, 1)
+    return [("seq_chunk0", (N + 1,), np.dtype(np.int32)), ("chunk_bos", (nc,), np.dtype(np.int64)),
+            ("chunk_len", (nc,), np.dtype(np.int32))]
+
+
+def launch_chunk_table(cu_seqlens: Any, N: int, T: int, chunk_size: int, num_chunks: int,
+                       out: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
     """Launch the chunk table of N sequences (of T tokens each, or from ``cu_seqlens`` ``[N + 1]`` int64) cut into
     chunks of `chunk_size` that never cross a sequence start; `num_chunks` of them. Returns the device arrays
     ``(seq_chunk0 [N + 1] int32, chunk_bos [max(NC, 1)] int64, chunk_len [max(NC, 1)] int32)``: each sequence's
-    first chunk (and the count last), each chunk's first token and length."""
+    first chunk (and the count last), each chunk's first token and length; in `out`'s arrays of those names
+    (:func:`chunk_table_fields`) where given, else fresh."""
     import cupy
 
-    seq_chunk0 = empty(cupy, (N + 1,), np.int32)
-    chunk_bos = empty(cupy, (max(num_chunks, 1),), np.int64)
-    chunk_len = empty(cupy, (max(num_chunks, 1),), np.int32)
+    if out is None:
+        out = {name: empty(cupy, shape, dt) for name, shape, dt in chunk_table_fields(N, num_chunks)}
+    seq_chunk0, chunk_bos, chunk_len = out["seq_chunk0"], out["chunk_bos"], out["chunk_len"]
     launch.launch(TABLE_SOURCE, TABLE_KERNEL, 1, 1024, 0, (
         ptr(cu_seqlens), np.int32(N), np.int32(T), np.int32(chunk_size), seq_chunk0, chunk_bos, chunk_len,
         np.int32(PASS_VARLEN if cu_seqlens is not None else 0)))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._arrays import empty
+from ..._arrays import empty, poisoned
 
 Field = tuple[str, tuple[int, ...], np.dtype]
 
@@ -25,16 +25,33 @@ def fields_nbytes(fields: list[Field]) -> int:
 
 def field_arrays(fields: list[Field], workspace: Any) -> dict[str, Any] | None:
     """The arrays of `fields` by name: views of `workspace` (a 1-D uint8 array, host or device) in field order, None
-    when it is not :func:`fields_nbytes` long; fresh device arrays when `workspace` is None."""
+    when it is not :func:`fields_nbytes` long; views of one fresh device allocation when `workspace` is None (each
+    field at a multiple of :data:`FRESH_ALIGN` bytes: one allocation per call rather than one per field, which is host
+    time where every allocation goes through a framework's allocator)."""
     if workspace is None:
         import cupy
 
-        return {name: empty(cupy, shape, dt) for name, shape, dt in fields}
+        offsets, nbytes = _offsets(fields, FRESH_ALIGN)
+        buf = empty(cupy, (max(nbytes, 1),), np.uint8)
+        return {name: poisoned(_view(buf, off, shape, dt)) for (name, shape, dt), off in zip(fields, offsets)}
     if workspace.dtype != np.uint8 or workspace.ndim != 1 or workspace.nbytes != fields_nbytes(fields):
         return None
-    out, off = {}, 0
-    for name, shape, dt in fields:
-        nb = math.prod(shape) * dt.itemsize
-        out[name] = workspace[off:off + nb].view(dt).reshape(shape)
-        off += nb
-    return out
+    offsets, _ = _offsets(fields, 1)
+    return {name: _view(workspace, off, shape, dt) for (name, shape, dt), off in zip(fields, offsets)}
+
+
+FRESH_ALIGN = 256  # a fresh allocation's own alignment (CuPy's), so a carved field starts as aligned as a lone one
+
+
+def _offsets(fields: list[Field], align: int) -> tuple[list[int], int]:
+    """Each field's byte offset, packed in order with every offset a multiple of `align`, and the bytes in all."""
+    offsets, off = [], 0
+    for _, shape, dt in fields:
+        off = -(-off // align) * align
+        offsets.append(off)
+        off += math.prod(shape) * dt.itemsize
+    return offsets, off
+
+
+def _view(buf: Any, off: int, shape: tuple[int, ...], dt: np.dtype) -> Any:
+    return buf[off:off + math.prod(shape) * dt.itemsize].view(dt).reshape(shape)

@@ -29,7 +29,7 @@ from ..._arrays import BFLOAT16, empty
 from ...cuda import launch, tensor_map
 from ...cuda.launch import CTYPES, MMA_TYPE, cpp_bool, ptr
 from ...cuda.loader import HOPPER_TARGETS, register, wgmma_available
-from ..common.chunk_table import launch_chunk_table, max_chunks
+from ..common.chunk_table import chunk_table_fields, launch_chunk_table, max_chunks
 from ..common.cuda_smem import PAD, SM_SMEM, WG_BT, chunk_rows, f32, in_tile, r16, raw_tile, split, wg_pass
 from ..common.segments import MAX_SEGMENTS, combine, segment_count, segment_table, segments_allowed
 from ..common.state_pass_host import PASS_DHT, PASS_H0, PASS_HT, input_pass_flags
@@ -203,7 +203,10 @@ class _Chunks:
             states = max(self.nc if workspace is None else
                          max_chunks(p.B, p.T, bt, p.N if p.cu_seqlens is not None else None), 1)
         lo = scores_lo or workspace is not None or self.ct == "float"
-        arrays = field_arrays(_factor_fields(n_tok, H, K, V, bt, self.ct, np.dtype(p.q.dtype), states, lo), workspace)
+        fields = _factor_fields(n_tok, H, K, V, bt, self.ct, np.dtype(p.q.dtype), states, lo)
+        if workspace is None:  # the per-call arrays too: one allocation in all
+            fields += [("Dk", (max(self.nc, 1), H, K), np.dtype(np.float32)), *chunk_table_fields(p.N, self.nc)]
+        arrays = field_arrays(fields, workspace)
         self.ok = arrays is not None
         self.hbuf, self.states_kept = None, False
         if not self.ok:
@@ -215,8 +218,9 @@ class _Chunks:
             if workspace is not None and flat.size > self.nc * H * K * V:
                 self.unused = flat[self.nc * H * K * V:]
         self.Ahi, self.Alo, self.qg, self.kg, self.Rc = (arrays.get(n) for n in ("Ahi", "Alo", "qg", "kg", "Rc"))
-        self.Dk = empty(cupy, (max(self.nc, 1), H, K), np.float32)
-        self.seq_chunk0, self.chunk_bos, self.chunk_len = launch_chunk_table(p.cu_seqlens, p.N, p.T, bt, self.nc)
+        self.Dk = arrays["Dk"] if workspace is None else empty(cupy, (max(self.nc, 1), H, K), np.float32)
+        self.seq_chunk0, self.chunk_bos, self.chunk_len = launch_chunk_table(
+            p.cu_seqlens, p.N, p.T, bt, self.nc, arrays if workspace is None else None)
 
     def prepare(self, p: GLAProblem) -> _Chunks:
         """Launch prepare: every factor (and zero a workspace's unused room, so that a forward writes every byte of
