@@ -6,6 +6,7 @@ cheap) and compares with the float64 reference (the numpy backend of the op's re
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -209,6 +210,41 @@ def test_inplace_final_state(op: OpDef) -> None:
         o, _ = decode({**ts, "initial_state": state})
     torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
     torch.testing.assert_close(state, ht_ref, rtol=0, atol=0)
+
+
+class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that runs every op as it is: with one active, a call takes the custom ops through the
+    dispatcher instead of calling their implementations eagerly."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op", op_params())
+def test_eager_and_dispatched_calls_agree(op: OpDef) -> None:
+    """An eager call runs the custom ops' implementations itself (no dispatcher, no autograd.Function without a
+    backward); under a dispatch mode it goes through the ops. Both give the same bits, forward and gradients, and
+    the in-place decode call bumps the state's version either way (autograd's check on saved tensors)."""
+    c = Call(op, first_case(op, lambda c: "seqlens" not in c.params), seed=8)
+    results = []
+    for mode in (None, _PassThrough):
+        ts = tensors(c, "float32")
+        with mode() if mode else contextlib.nullcontext():
+            outs = _run(c, ts)
+            with torch.no_grad():
+                plain = _run(c, {n: t.detach() for n, t in ts.items()})
+            _loss(outs, cotangents(c)).backward()
+        results.append([*outs, *plain, *(t.grad for t in ts.values())])
+    for eager, dispatched in zip(*results):
+        torch.testing.assert_close(eager, dispatched, rtol=0, atol=0)
+    if "inplace_final_state" not in op.params:
+        return
+    for mode in (None, _PassThrough):
+        ts = tensors(c, "float32", requires_grad=False)
+        with mode() if mode else contextlib.nullcontext():
+            version = ts["initial_state"]._version
+            getattr(rt, op.name)(**ts, **c.options, inplace_final_state=True)
+        assert ts["initial_state"]._version > version, mode
 
 
 @pytest.mark.parametrize("op", op_params())
