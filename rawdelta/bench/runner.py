@@ -16,6 +16,7 @@ import concurrent.futures
 import datetime
 import gc
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -92,6 +93,21 @@ def _quantities(expected: Expected, mode: str) -> Expected:
     return {"o": expected["o"]} if mode == FORWARD else expected
 
 
+def _lowest_priority() -> None:
+    """A reference worker's initializer: the lowest CPU priority (where the OS has one), so that the timing
+    process's thread, which issues the timed launches, never waits for a core behind the workers' float64 NumPy
+    (each multithreaded): a host that falls behind the GPU makes the events time the host."""
+    if hasattr(os, "nice"):
+        os.nice(19)
+
+
+def reference_pool(jobs: int) -> concurrent.futures.Executor:
+    """`jobs` worker processes (spawned: no CUDA context inherited) for the float64 references, each at the lowest
+    CPU priority."""
+    return concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_lowest_priority)
+
+
 class _References:
     """Float64 references per (reference, inputs, shape, mode), computed once, in workers when ``jobs``."""
 
@@ -107,8 +123,7 @@ class _References:
         self.pool: concurrent.futures.Executor | None = None
         offloaded = [c for c in cases if reference_for(self._name(c)).offload]
         if settings.jobs > 0 and offloaded:
-            self.pool = concurrent.futures.ProcessPoolExecutor(
-                settings.jobs, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = reference_pool(settings.jobs)
             for c in offloaded:
                 self._submit(c)
 

@@ -3,6 +3,7 @@ never timed), a slow one is not timed and skips larger shapes, a refusing one is
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -186,3 +187,13 @@ def test_a_slow_first_call_after_a_warm_shape_is_not_repeated():
     doc = bench([slow], settings=replace(FAST, budget=replace(FAST.budget, max_call_s=0.02)))
     assert [r["status"] for r in rows(doc, "slow")] == ["ok", "too slow"]
     assert sum(s[0] == 2 for s in calls) == 1, "numpy compiles nothing per shape: its first call there is warm"
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="no process priorities on this OS")
+def test_reference_workers_run_at_the_lowest_priority() -> None:
+    """The float64 references' workers must not take a core from the timing process (a host behind the GPU makes
+    the events time the host): they run at the lowest CPU priority."""
+    from rawdelta.bench.runner import reference_pool
+
+    with reference_pool(1) as pool:
+        assert pool.submit(os.nice, 0).result() == 19
