@@ -37,8 +37,8 @@ __global__ void __launch_bounds__(128 * NWG, wg_pass_blocks_per_sm(NWG, BVW, KP,
     const PlainWgRule<T> rule;
     wg_reverse_state_pass<T, KP, NWG, BVW, PIPE, KeyGate>(
         smem,
-        ReversePassIO<T>{{nullptr, nullptr, nullptr, {nullptr, nullptr, Rc, nullptr, nullptr, Dk}, cu, seq_chunk0, T_, H,
-                          H, K, V, NVB, scale, PassOptions{flags}},
+        ReversePassIO<T>{{nullptr, nullptr, nullptr, {nullptr, nullptr, Rc, nullptr, nullptr, Dk}, cu, seq_chunk0, T_,
+                          H, H, K, V, NVB, scale, PassOptions{flags}},
                          dout, dht, dhbuf, dv, dh0},
         maps, rule);
 }

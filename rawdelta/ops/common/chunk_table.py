@@ -12,13 +12,14 @@ from ...cuda import launch
 from ...cuda.launch import ptr
 from ...cuda.loader import register
 from .state_pass_host import PASS_VARLEN
+from .workspace import Field
 
 TABLE_SOURCE = "common/chunk_table.cu"
 TABLE_KERNEL = "chunk_table_kernel"
 register(TABLE_SOURCE, [TABLE_KERNEL])
 
 
-def chunk_table_fields(N: int, num_chunks: int) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+def chunk_table_fields(N: int, num_chunks: int) -> list[Field]:
     """The chunk table's arrays as workspace fields (``rawdelta/ops/common/workspace.py``), for a caller that carves
     them out of one allocation with its own: ``seq_chunk0``, ``chunk_bos``, ``chunk_len``."""
     nc = max(num_chunks, 1)

@@ -16,6 +16,7 @@ import numpy as np
 from ..._arrays import empty, poisoned
 
 Field = tuple[str, tuple[int, ...], np.dtype]
+FRESH_ALIGN = 256  # a fresh allocation's own alignment (CuPy's), so a carved field starts as aligned as a lone one
 
 
 def fields_nbytes(fields: list[Field]) -> int:
@@ -38,9 +39,6 @@ def field_arrays(fields: list[Field], workspace: Any) -> dict[str, Any] | None:
         return None
     offsets, _ = _offsets(fields, 1)
     return {name: _view(workspace, off, shape, dt) for (name, shape, dt), off in zip(fields, offsets)}
-
-
-FRESH_ALIGN = 256  # a fresh allocation's own alignment (CuPy's), so a carved field starts as aligned as a lone one
 
 
 def _offsets(fields: list[Field], align: int) -> tuple[list[int], int]:

@@ -421,7 +421,8 @@ def chunk_backward(p: GLAProblem, chunk_size: int, do: Any, dht: Any, wgmma: boo
         do = do.copy()
     if dht is not None:
         dht = cupy.ascontiguousarray(dht, dtype=np.float32)
-    usable = saved is not None and saved.bt == chunk_size and saved.Alo is not None  # a plain forward's lack Alo
+    # a plain forward's factors lack Alo, which the reverse pass reads
+    usable = saved is not None and saved.bt == chunk_size and saved.Alo is not None
     ch = saved if usable else prepare(p, chunk_size, wgmma)
     ch.wg = wgmma and wgmma_applies(p, chunk_size)
     flags = pass_flags(p) | (PASS_DHT if dht is not None else 0)
