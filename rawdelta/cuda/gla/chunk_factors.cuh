@@ -6,21 +6,35 @@
 
 namespace rawdelta {
 
-// The first dead row among rows [0, L) of a chunk of per-key gates (g rows of stride `stride`, K keys): the first row
-// with a NaN or +inf gate of any key (common/chunk_stages.cuh: kills_row); L when none. One warp per row; no load
-// waits on an earlier row's result (no early exit), so the unrolled loops keep several global loads in flight: this
-// runs once per chunk on a kernel's critical path. A barrier over the block.
+// The first dead row among rows [0, L) of a chunk of BT rows of per-key gates (g rows of stride `stride`, K keys):
+// the first row with a NaN or +inf gate of any key (common/chunk_stages.cuh: kills_row); L when none. Blocks of
+// THREADS threads, a warp per row; every load of a pass over 128 keys is issued before any is tested (a warp's rows
+// are one DRAM round trip, not one each: this runs once per chunk on a kernel's critical path; 32 registers of
+// gates per pass). A barrier over the block.
+template <int BT>
 __device__ __forceinline__ int first_dead_key_row(const float* __restrict__ g, i64 stride, int L, int K, int* slot) {
+    constexpr int NW = THREADS / 32, RPW = (BT + NW - 1) / NW, KPL = 4;  // rows per warp, keys per lane per pass
     if (threadIdx.x == 0) *slot = L;
     __syncthreads();
-    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int first = L;
-#pragma unroll 2
-    for (int r = threadIdx.x >> 5; r < L; r += nw) {
-        bool dead = false;
-#pragma unroll 4
-        for (int d = lane; d < K; d += 32) dead |= kills_row(g[r * stride + d], 0.f);
-        first = dead ? min(first, r) : first;
+#pragma unroll 1
+    for (int k0 = 0; k0 < K; k0 += 32 * KPL) {
+        float x[RPW][KPL];
+#pragma unroll
+        for (int i = 0; i < RPW; ++i)
+#pragma unroll
+            for (int j = 0; j < KPL; ++j) {
+                const int r = w + i * NW, d = k0 + lane + 32 * j;
+                x[i][j] = r < L && d < K ? g[r * stride + d] : 0.f;  // 0 kills no row
+            }
+#pragma unroll
+        for (int i = 0; i < RPW; ++i) {
+            bool dead = false;
+#pragma unroll
+            for (int j = 0; j < KPL; ++j) dead |= kills_row(x[i][j], 0.f);
+            first = dead ? min(first, w + i * NW) : first;
+        }
     }
     if (first < L) atomicMin(slot, first);
     __syncthreads();

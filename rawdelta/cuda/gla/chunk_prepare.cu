@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
     const i64 bos = chunk_bos[c];
     const int L = chunk_len[c];
     const i64 HK = (i64)H * K, tok = bos * HK + (i64)h * K;
-    const int live = first_dead_key_row(g + tok, HK, L, K, s.sLive);
+    const int live = first_dead_key_row<BT>(g + tok, HK, L, K, s.sLive);
     for (int r = threadIdx.x; r < L; r += blockDim.x) Rc[(bos + r) * H + h] = row_code(0, live);
 
     // the chunk's rows from its first element: 32-bit offsets (r HK + d < BT H K), so the unrolled loop's stores

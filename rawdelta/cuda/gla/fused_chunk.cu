@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_fwd_kernel(
         const i64 bos = pb.bos + c0;
         const int L = min(BT, len - c0);
         const i64 tok = bos * HK + (i64)h * K;
-        const int live = first_dead_key_row(g + tok, HK, L, K, fs.sLive);
+        const int live = first_dead_key_row<BT>(g + tok, HK, L, K, fs.sLive);
         load_tile(ops.sV, LDV, v + bos * HV + (i64)h * V + v0, HV, L, vcols, BT, VP);
         ops.factors(fs, q, k, g, tok, HK, L, live, K, scale);  // waits for the v tile too
         S.store(sS, LDV);
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dq_kernel(
         const i64 bos = pb.bos + c0;
         const int L = min(BT, len - c0);
         const i64 tok = bos * HK + (i64)h * K;
-        const int live = first_dead_key_row(g + tok, HK, L, K, t.fs.sLive);
+        const int live = first_dead_key_row<BT>(g + tok, HK, L, K, t.fs.sLive);
         load_tile(t.ops.sV, LDV, v + bos * HV + (i64)h * V, HV, L, V, BT, VP);
         load_tile(t.sDo, LDV, dout + bos * HV + (i64)h * V, HV, L, V, BT, VP);
         t.ops.factors(t.fs, q, k, g, tok, HK, L, live, K, scale);  // waits for the v and do tiles too
@@ -344,7 +344,7 @@ __global__ void __launch_bounds__(256) gla_fused_chunk_bwd_dkv_kernel(
         const int L = min(BT, len - c * BT);
         const i64 tok = bos * HK + (i64)h * K;
         const bool exact = c == pb.nchunks - 1;  // the rows written into the final state: k dx summed over spans
-        const int live = first_dead_key_row(g + tok, HK, L, K, t.fs.sLive);
+        const int live = first_dead_key_row<BT>(g + tok, HK, L, K, t.fs.sLive);
         if (live < L) {
             const bool reaches = cotangent_reaches_dead_rows(dS, dout, bos, live, L, H, V, pb);
             if (reaches) dS.fill(dead_value());
