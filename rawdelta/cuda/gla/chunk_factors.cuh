@@ -86,6 +86,27 @@ struct ChunkFactorScratch {
     }
 };
 
+// Issue the cp.async loads of the raw q, k and gate tiles of the key slice from key k0 of a chunk of L rows (q, k, g
+// at (row 0, key 0) of the chunk's head; rows of stride HK) into the scratch; the caller waits. A whole chunk of
+// whole, 16-byte aligned slices loads by compile-time loops, without load_tile's bounds and alignment tests or its
+// zero padding.
+template <typename T, typename E, int BT>
+__device__ __forceinline__ void load_factor_slice(const ChunkFactorScratch<T, E, BT>& s, const T* __restrict__ q,
+                                                  const T* __restrict__ k, const float* __restrict__ g, i64 HK,
+                                                  int L, int K, int k0) {
+    using S = ChunkFactorScratch<T, E, BT>;
+    if (L == BT && K % S::KS == 0 && rows_aligned16(q, HK) && rows_aligned16(k, HK) && rows_aligned16(g, HK)) {
+        load_tile_whole<BT, S::KS, THREADS>(s.sQ, S::LDR, q + k0, HK);
+        load_tile_whole<BT, S::KS, THREADS>(s.sK, S::LDR, k + k0, HK);
+        load_tile_whole<BT, S::KS, THREADS>(s.sG, S::LDG, g + k0, HK);
+    } else {
+        const int kc = min(S::KS, K - k0);
+        load_tile(s.sQ, S::LDR, q + k0, HK, L, kc, BT, S::KS);
+        load_tile(s.sK, S::LDR, k + k0, HK, L, kc, BT, S::KS);
+        load_tile(s.sG, S::LDG, g + k0, HK, L, kc, BT, S::KS);
+    }
+}
+
 // The factors of one chunk of one head (rows r < L; live = its first dead row), over slices of KS keys:
 //   elem(r, d, qg_d, qg_d+1, kg_d, kg_d+1, in_range) for every row r < BT and even key d of every slice, the keys d
 //   and d + 1 (each 0 unless r < L and the key < K; in_range a Flag, true where every row and key of the slice is in
@@ -100,13 +121,15 @@ struct ChunkFactorScratch {
 //   across a reset) and of I itself where its gates allow (gla/chunk.cuh: diag_blocks_elementwise); element by
 //   element for a diagonal block of a slice where they do not.
 // q, k, g point at (row 0, key 0) of the chunk's head; rows of stride HK. Blocks of 256 threads; every thread calls
-// it (barriers inside); sA is complete when it returns (a barrier last).
+// it (barriers inside); sA is complete when it returns (a barrier last). ``first_issued``: the caller has issued the
+// first slice's loads (load_factor_slice with k0 = 0), so that they fly during its own work before the call.
 // SPLIT: the whole-slice loop compiled twice, once for slices whose every row and key is in range (no masks, and
 // elem told so at compile time), for a caller whose time is this function's (prepare); one copy otherwise.
 template <bool SPLIT, typename T, typename E, int BT, typename Elem, typename Decay>
 __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E, BT>& s, const T* __restrict__ q,
                                                   const T* __restrict__ k, const float* __restrict__ g, i64 HK, int L,
-                                                  int live, int K, float scale, Elem&& elem, Decay&& decay) {
+                                                  int live, int K, float scale, Elem&& elem, Decay&& decay,
+                                                  bool first_issued = false) {
     using S = ChunkFactorScratch<T, E, BT>;
     constexpr int NW = 8, KS = S::KS, LDR = S::LDR, LDT = S::LDT, LDG = S::LDG, LDA = S::LDA, NB = BT / SUB;
     constexpr int PAIRS = KS / 2;  // a thread keeps the keys d, d + 1 of a slice in its loops over rows
@@ -128,23 +151,9 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
 #pragma unroll
     for (int I = 0; I < NB; ++I) blk[I].fill(0.f);
 
-    // a whole chunk of whole, 16-byte aligned key slices: the tiles load by compile-time cp.async loops, without
-    // load_tile's bounds and alignment tests or its zero padding
-    const bool whole_tiles = L == BT && K % KS == 0 && rows_aligned16(q, HK) && rows_aligned16(k, HK) &&
-                             rows_aligned16(g, HK);
-    const auto load_slice = [&](int k0) {
-        if (whole_tiles) {
-            load_tile_whole<BT, KS, THREADS>(sQ, LDR, q + k0, HK);
-            load_tile_whole<BT, KS, THREADS>(sK, LDR, k + k0, HK);
-            load_tile_whole<BT, KS, THREADS>(sG, LDG, g + k0, HK);
-        } else {
-            const int kc = min(KS, K - k0);
-            load_tile(sQ, LDR, q + k0, HK, L, kc, BT, KS);
-            load_tile(sK, LDR, k + k0, HK, L, kc, BT, KS);
-            load_tile(sG, LDG, g + k0, HK, L, kc, BT, KS);
-        }
-    };
-    bool issued = false;  // the slice's loads are in flight already (issued during the previous slice's products)
+    const auto load_slice = [&](int k0) { load_factor_slice(s, q, k, g, HK, L, K, k0); };
+    bool issued = first_issued;  // the slice's loads are in flight already (issued by the caller, or during the
+                                 // previous slice's products)
 #pragma unroll 1
     for (int k0 = 0; k0 < K; k0 += KS) {
         const int kc = min(KS, K - k0);

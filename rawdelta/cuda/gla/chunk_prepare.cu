@@ -28,6 +28,8 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
     const i64 bos = chunk_bos[c];
     const int L = chunk_len[c];
     const i64 HK = (i64)H * K, tok = bos * HK + (i64)h * K;
+    // the first slice's tiles need no dead row: their loads fly during the scan for it (two latencies overlapped)
+    load_factor_slice(s, q + tok, k + tok, g + tok, HK, L, K, 0);
     const int live = first_dead_key_row<BT>(g + tok, HK, L, K, s.sLive);
     for (int r = threadIdx.x; r < L; r += blockDim.x) Rc[(bos + r) * H + h] = row_code(0, live);
 
@@ -50,7 +52,7 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
             put_row_pair(qgc, o, d, K, even, xq0, xq1);
             put_row_pair(kgc, o, d, K, even, xk0, xk1);
         },
-        [&](int d, float x) { Dk[((i64)c * H + h) * K + d] = x; });
+        [&](int d, float x) { Dk[((i64)c * H + h) * K + d] = x; }, true);
 
     // A (scaled and masked) to the per-token chunk matrix.
     for (int idx = threadIdx.x; idx < L * (BT / 8); idx += blockDim.x) {
