@@ -7,12 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from ..._arrays import empty
 from ...cuda import launch
 from ...cuda.launch import ptr
 from ...cuda.loader import register
 from .state_pass_host import PASS_VARLEN
-from .workspace import Field
+from .workspace import Field, field_arrays
 
 TABLE_SOURCE = "common/chunk_table.cu"
 TABLE_KERNEL = "chunk_table_kernel"
@@ -33,11 +32,9 @@ def launch_chunk_table(cu_seqlens: Any, N: int, T: int, chunk_size: int, num_chu
     chunks of `chunk_size` that never cross a sequence start; `num_chunks` of them. Returns the device arrays
     ``(seq_chunk0 [N + 1] int32, chunk_bos [max(NC, 1)] int64, chunk_len [max(NC, 1)] int32)``: each sequence's
     first chunk (and the count last), each chunk's first token and length; in `out`'s arrays of those names
-    (:func:`chunk_table_fields`) where given, else fresh."""
-    import cupy
-
+    (:func:`chunk_table_fields`) where given, else carved out of one fresh allocation."""
     if out is None:
-        out = {name: empty(cupy, shape, dt) for name, shape, dt in chunk_table_fields(N, num_chunks)}
+        out = field_arrays(chunk_table_fields(N, num_chunks), None)
     seq_chunk0, chunk_bos, chunk_len = out["seq_chunk0"], out["chunk_bos"], out["chunk_len"]
     launch.launch(TABLE_SOURCE, TABLE_KERNEL, 1, 1024, 0, (
         ptr(cu_seqlens), np.int32(N), np.int32(T), np.int32(chunk_size), seq_chunk0, chunk_bos, chunk_len,

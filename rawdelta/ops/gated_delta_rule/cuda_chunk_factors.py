@@ -12,7 +12,7 @@ import numpy as np
 from ..._arrays import BFLOAT16
 from ...cuda import launch
 from ...cuda.launch import CTYPES, ptr
-from ..common.chunk_table import launch_chunk_table
+from ..common.chunk_table import chunk_table_fields, launch_chunk_table
 from ..common.workspace import Field, field_arrays, fields_nbytes
 from . import cuda_chunk_smem as smem
 from .cuda_chunk_hopper import DEFAULT_OPTIONS, ChunkOptions, wg_layout, wgmma_applies
@@ -100,8 +100,12 @@ def factor_nbytes(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: Any
 
 def factor_arrays(p: GDNProblem, bt: int, ct: str, wg: bool, workspace: Any) -> dict[str, Any] | None:
     """The factor arrays by name as views of `workspace` (a 1-D uint8 array), None when it is not their size;
-    fresh arrays when `workspace` is None."""
-    return field_arrays(_factor_fields(p.B * p.T, p.HV, bt, ct, bool(problem_flags(p) & F_L2), wg), workspace)
+    when `workspace` is None, the factors and the chunk table's arrays (:func:`chunk_table_fields`) carved out of one
+    fresh allocation. No workspace holds the chunk table: the chunk count, not the shapes alone, sizes it."""
+    fields = _factor_fields(p.B * p.T, p.HV, bt, ct, bool(problem_flags(p) & F_L2), wg)
+    if workspace is None:
+        fields += chunk_table_fields(p.N, p.num_chunks(bt))
+    return field_arrays(fields, workspace)
 
 
 def _chunks(p: GDNProblem, bt: int, workspace: Any, options: ChunkOptions) -> ChunkFactors | None:
@@ -113,7 +117,8 @@ def _chunks(p: GDNProblem, bt: int, workspace: Any, options: ChunkOptions) -> Ch
     if arrays is None:
         return None
     nc = p.num_chunks(bt)
-    seq_chunk0, chunk_bos, chunk_len = launch_chunk_table(p.cu_seqlens, p.N, p.T, bt, nc)
+    seq_chunk0, chunk_bos, chunk_len = launch_chunk_table(p.cu_seqlens, p.N, p.T, bt, nc,
+                                                          arrays if workspace is None else None)
     return ChunkFactors(bt, kp_for(p.K), ct, nc, wg, seq_chunk0, chunk_bos, chunk_len,
                         *(arrays.get(n) for n in ("Gc", "Bc", "Rc", "Rq", "Rk", "Ahi", "Alo", "Phi", "Plo")))
 

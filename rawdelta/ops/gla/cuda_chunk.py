@@ -191,8 +191,6 @@ class _Chunks:
 
     def __init__(self, p: GLAProblem, bt: int, wgmma: bool = True, workspace: Any = None,
                  keep_states: bool = False, scores_lo: bool = True) -> None:
-        import cupy
-
         self.bt, self.kp, self.ct = bt, kp_for(p.K), CTYPES[p.q.dtype]
         self.segments, self.starts = 1, None  # a segmented forward's segments per sequence and their start states
         self.wg = wgmma and wgmma_applies(p, bt)
@@ -204,13 +202,15 @@ class _Chunks:
                          max_chunks(p.B, p.T, bt, p.N if p.cu_seqlens is not None else None), 1)
         lo = scores_lo or workspace is not None or self.ct == "float"
         fields = _factor_fields(n_tok, H, K, V, bt, self.ct, np.dtype(p.q.dtype), states, lo)
-        if workspace is None:  # the per-call arrays too: one allocation in all
-            fields += [("Dk", (max(self.nc, 1), H, K), np.dtype(np.float32)), *chunk_table_fields(p.N, self.nc)]
-        arrays = field_arrays(fields, workspace)
+        # the per-call arrays (the chunk count sizes them, so no workspace holds them) join a fresh call's factors
+        # in one allocation, or make one allocation of their own beside a workspace
+        own = [("Dk", (max(self.nc, 1), H, K), np.dtype(np.float32)), *chunk_table_fields(p.N, self.nc)]
+        arrays = field_arrays(fields + own if workspace is None else fields, workspace)
         self.ok = arrays is not None
         self.hbuf, self.states_kept = None, False
         if not self.ok:
             return
+        per_call = arrays if workspace is None else field_arrays(own, None)
         self.unused = None  # a workspace's room for states past the call's chunks (prepare zeroes it)
         if states:
             flat = arrays["hbuf"]
@@ -218,9 +218,9 @@ class _Chunks:
             if workspace is not None and flat.size > self.nc * H * K * V:
                 self.unused = flat[self.nc * H * K * V:]
         self.Ahi, self.Alo, self.qg, self.kg, self.Rc = (arrays.get(n) for n in ("Ahi", "Alo", "qg", "kg", "Rc"))
-        self.Dk = arrays["Dk"] if workspace is None else empty(cupy, (max(self.nc, 1), H, K), np.float32)
+        self.Dk = per_call["Dk"]
         self.seq_chunk0, self.chunk_bos, self.chunk_len = launch_chunk_table(
-            p.cu_seqlens, p.N, p.T, bt, self.nc, arrays if workspace is None else None)
+            p.cu_seqlens, p.N, p.T, bt, self.nc, per_call)
 
     def prepare(self, p: GLAProblem) -> _Chunks:
         """Launch prepare: every factor (and zero a workspace's unused room, so that a forward writes every byte of
