@@ -132,11 +132,9 @@ gdn_recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 
     const SeqRange sr = seq_range(cu_seqlens, n, T_, (flags & F_VARLEN) != 0);
     const i64 steps = ONE_STEP ? min(sr.eos - sr.bos, (i64)1) : sr.eos - sr.bos;
-    // the token itself steps (not a step count mapped to it): at the decode geometry's 80 registers the mapped form
-    // kept 88 bytes of stack where this keeps 24
-    const i64 t_first = step_token<RULE>(sr.bos, sr.eos, 0), t_end = t_first + (reversed_rule(RULE) ? -steps : steps);
+    const TokenWalk<RULE> walk(sr.bos, sr.eos, steps);
 #pragma unroll 1
-    for (i64 t = t_first; t != t_end; t += reversed_rule(RULE) ? -1 : 1) {
+    for (i64 t = walk.first; t != walk.end; t += walk.STEP) {
         const i64 th = t * HV + hv;
         float kk[RPT], qq[RPT];
         load_row_chunk<T, RPT>(k + (t * H + h) * K, r0, K, kk);
@@ -295,11 +293,9 @@ gdn_recurrent_fwd_vk_kernel(const T* __restrict__ q, const T* __restrict__ k, co
 
     const SeqRange sr = seq_range(cu_seqlens, n, T_, (flags & F_VARLEN) != 0);
     const i64 steps = ONE_STEP ? min(sr.eos - sr.bos, (i64)1) : sr.eos - sr.bos;
-    // the token itself steps (not a step count mapped to it): at the decode geometry's 80 registers the mapped form
-    // kept 96 bytes of stack where this keeps 24
-    const i64 t_first = step_token<RULE>(sr.bos, sr.eos, 0), t_end = t_first + (reversed_rule(RULE) ? -steps : steps);
+    const TokenWalk<RULE> walk(sr.bos, sr.eos, steps);
 #pragma unroll 1
-    for (i64 t = t_first; t != t_end; t += reversed_rule(RULE) ? -1 : 1) {
+    for (i64 t = walk.first; t != walk.end; t += walk.STEP) {
         const i64 th = t * HV + hv;
         float kk[RL], qq[RL], rd[RL];
         load_lane_rows<T, RL>(k + (t * H + h) * K, lane, K, kk);
