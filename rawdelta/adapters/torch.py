@@ -295,6 +295,18 @@ def _eager(args: tuple[Any, ...]) -> bool:
             and all(type(a) is Tensor for a in args if isinstance(a, Tensor)))
 
 
+def _impl_or_op(impl: Any, name: str, args: tuple[Any, ...], mutated: Tensor | None = None) -> Any:
+    """The custom op ``rawdelta::<name>`` on `args`: its implementation `impl` called directly where the call is eager
+    (:func:`_eager`), else the op through the dispatcher. `mutated`: the argument the op writes in place, whose version
+    a direct call bumps as the dispatcher would (autograd's check on saved tensors)."""
+    if not _eager(args):
+        return getattr(torch.ops.rawdelta, name)(*args)
+    out = impl(*args)
+    if mutated is not None:
+        torch.autograd.graph.increment_version(mutated)
+    return out
+
+
 def _named(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     # The dispatcher passes schema arguments positionally; accept keywords too (a direct call of the op).
     return {**dict(zip(names, args)), **kwargs}
@@ -385,7 +397,7 @@ def _register(op: OpDef) -> _Op:
 
         @staticmethod
         def forward(*args: Any) -> tuple[Tensor, ...]:
-            return fwd_impl(*args) if _eager(args) else getattr(torch.ops.rawdelta, fwd_name)(*args)
+            return _impl_or_op(fwd_impl, fwd_name, args)
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -410,7 +422,7 @@ def _register(op: OpDef) -> _Op:
             do = None if do is None else do.contiguous()  # None: zeros, made by the backward op
             cot = (do, dht.contiguous() if dht is not None else None) if has_state else (do,)
             args = (*cot, ws, *inputs, *ctx.bwd_statics)
-            grads = bwd_impl(*args) if _eager(args) else getattr(torch.ops.rawdelta, bwd_name)(*args)
+            grads = _impl_or_op(bwd_impl, bwd_name, args)
             by_name = dict(zip([n for n in floats if saved.get(n) is not None], grads))
             return tuple(by_name.get(n) for n in tensor_names_) + (None,) * (n_args - n_tensors)
 
@@ -494,12 +506,7 @@ def _call(entry: _Op, a: dict[str, Any]) -> Any:
                              "torch.no_grad() or with inputs that do not require grad")
         i_final = spec.statics.index("output_final_state")
         args = (*tensors, *(s for i, s in enumerate(statics) if i != i_final))
-        if _eager(args):
-            o = entry.inplace_impl(*args)
-            # the dispatcher bumps a mutated argument's version (autograd's check on saved tensors); so does this
-            torch.autograd.graph.increment_version(a["initial_state"])
-        else:
-            o = entry.inplace(*args)
+        o = _impl_or_op(entry.inplace_impl, f"{op.name}_fwd_inplace", args, mutated=a["initial_state"])
         return o, a["initial_state"]
     for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     args = (*tensors, *statics, for_backward)
