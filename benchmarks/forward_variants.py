@@ -6,9 +6,9 @@ state; on the bench's inputs (``rawdelta.bench.workload.host_inputs``); on the b
 views of torch tensors) timed by torch's events, the same with CuPy's allocations routed through torch's allocator
 as the bench times them (``cupy_allocations_through_torch``), and the torch adapter (``rawdelta.torch``) on the same
 tensors without autograd. Each variant prints the median of 30 back-to-back calls between CUDA events (ms), the
-host's wall time per call over 100 calls issued without a synchronisation (ms), and each kernel's mean CUDA time
-over ten calls under the torch profiler (µs). Where the host time per call approaches the event time, the events
-time the host, not the kernels.
+host's wall time per call (the median and the least over five batches of 30 calls, each batch issued without a
+synchronisation; ms) and each kernel's mean CUDA time over ten calls under the torch profiler (µs). Where the host
+time per call approaches the event time, the events time the host, not the kernels.
 
 Usage: PYTHONPATH=.:benchmarks python3 benchmarks/forward_variants.py [OP] [BxTxHxD ...]
 (default chunk_gla at 2x8192x16x128 and 8x2048x16x128)
@@ -38,15 +38,18 @@ from rawdelta.bench.workload import Workload, host_inputs  # noqa: E402
 from rawdelta.ops import registry  # noqa: E402
 
 
-def host_ms_per_call(fn: Callable[[], object], calls: int = 100) -> float:
-    """The host's wall time per call over `calls` calls issued back to back (no synchronisation between them)."""
+def host_ms_per_call(fn: Callable[[], object], calls: int = 30, batches: int = 5) -> tuple[float, float]:
+    """The host's wall time per call, the median and the least over `batches` batches of `calls` calls issued back to
+    back (no synchronisation inside a batch; one before each): a busy host shows as a spread between the two."""
+    per_call = []
+    for _ in range(batches):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - t0) / calls * 1e3)
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t0) / calls * 1e3
-    torch.cuda.synchronize()
-    return host
+    return float(np.median(per_call)), min(per_call)
 
 
 def torch_event_median_ms(fn: Callable[[], object], calls: int = 30) -> float:
@@ -59,7 +62,8 @@ def report(label: str, fn: Callable[[], object], events: Callable[[Callable[[], 
         fn()
     ms = events(fn)
     kernels = {k.split("(")[0].replace("void ", "")[-48:]: t for k, t in kernel_means_us(profiled(fn, 10), 10).items()}
-    print(f"  {label}: events {ms:.4f} ms, host {host_ms_per_call(fn):.4f} ms/call, kernels (µs) {kernels}",
+    host, least = host_ms_per_call(fn)
+    print(f"  {label}: events {ms:.4f} ms, host {host:.4f} ms/call (least {least:.4f}), kernels (µs) {kernels}",
           flush=True)
 
 
