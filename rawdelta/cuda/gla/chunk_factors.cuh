@@ -9,8 +9,8 @@ namespace rawdelta {
 // The first dead row among rows [0, L) of a chunk of BT rows of per-key gates (g rows of stride `stride`, K keys):
 // the first row with a NaN or +inf gate of any key (common/chunk_stages.cuh: kills_row); L when none. Blocks of
 // THREADS threads, a warp per row; every load of a pass over 128 keys is issued before any is tested (a warp's rows
-// are one DRAM round trip, not one each: this runs once per chunk on a kernel's critical path; 32 registers of
-// gates per pass). A barrier over the block.
+// are one DRAM round trip, not one each: this runs once per chunk on a kernel's critical path; RPW KPL registers of
+// gates per pass, 32 at BT = 64). A barrier over the block.
 template <int BT>
 __device__ __forceinline__ int first_dead_key_row(const float* __restrict__ g, i64 stride, int L, int K, int* slot) {
     constexpr int NW = THREADS / 32, RPW = (BT + NW - 1) / NW, KPL = 4;  // rows per warp, keys per lane per pass
