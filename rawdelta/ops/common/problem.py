@@ -80,6 +80,8 @@ class Problem:
 
     def num_chunks(self, chunk: int) -> int:
         """Chunks of `chunk` tokens over every sequence of the call (chunks never cross sequences)."""
+        if self.cu_seqlens_host is None:  # every launch's host path asks: integers, not arrays
+            return self.N * -(-self.T // chunk)
         return int(np.sum((self.seq_lengths + chunk - 1) // chunk))
 
     @property
