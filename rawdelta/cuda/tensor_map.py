@@ -8,7 +8,7 @@ passes' ``PassMaps`` by field name.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,14 +18,30 @@ _DATA_TYPES = {"float16": "CU_TENSOR_MAP_DATA_TYPE_FLOAT16", "bfloat16": "CU_TEN
 _SWIZZLES = {32: "CU_TENSOR_MAP_SWIZZLE_32B", 64: "CU_TENSOR_MAP_SWIZZLE_64B", 128: "CU_TENSOR_MAP_SWIZZLE_128B"}
 
 
-def rows_map(array: Any, rows: int, heads: int, cols: int, box_cols: int = 64) -> np.ndarray:
+class RowsMap(NamedTuple):
+    """A map as the arguments of its encoding: hashable and cheap to make, so that a launch's maps are packed once
+    per distinct set (:func:`pass_maps`); :meth:`words` encodes it."""
+
+    ptr: int
+    dtype_name: str
+    rows: int
+    heads: int
+    cols: int
+    box_cols: int
+
+    def words(self) -> np.ndarray:
+        """The 128 encoded bytes as 16 uint64."""
+        return np.frombuffer(_encoded(*self), dtype=np.uint64)
+
+
+def rows_map(array: Any, rows: int, heads: int, cols: int, box_cols: int = 64) -> RowsMap:
     """The map of boxes of 64 rows x `box_cols` columns at one head of a C-contiguous 16-bit array
     ``[rows, heads, cols]`` (any leading shape that flattens to it), in the swizzle of the box's row length (16,
     32 or 64 columns: 32, 64 or 128 bytes; tma.cuh: ``swizzled``); box coordinates (column, head, row), zeros past
-    each extent. Returns the 128 encoded bytes as 16 uint64."""
+    each extent."""
     if array.dtype.name not in _DATA_TYPES:
         raise TypeError(f"tensor maps: 16-bit float arrays only, got {array.dtype}")
-    return np.frombuffer(_encoded(array.data.ptr, array.dtype.name, rows, heads, cols, box_cols), dtype=np.uint64)
+    return RowsMap(array.data.ptr, array.dtype.name, rows, heads, cols, box_cols)
 
 
 # A map is a function of these arguments alone, so the passes of one forward + backward (which encode the same
@@ -57,19 +73,30 @@ def _encoded(ptr: int, dtype_name: str, rows: int, heads: int, cols: int, box_co
 PASS_MAPS = ("q", "k", "a", "p", "v", "plo")
 
 
-def pass_maps(**maps: np.ndarray | None) -> np.void:
-    """The state passes' ``PassMaps`` parameter from maps by field name (:data:`PASS_MAPS`; absent ones zero)."""
+def pass_maps(**maps: RowsMap | np.ndarray | None) -> np.void:
+    """The state passes' ``PassMaps`` parameter from maps by field name (:data:`PASS_MAPS`; absent ones zero): each a
+    :class:`RowsMap`, or its encoded words. Maps given as RowsMap are packed once per distinct set (a launch's
+    arguments; the same each step of a loop whose allocator hands back the same addresses)."""
     unknown = set(maps) - set(PASS_MAPS)
     if unknown:
         raise ValueError(f"pass_maps: unknown fields {sorted(unknown)}; expected some of {PASS_MAPS}")
-    return kernel_maps(*(maps.get(name) for name in PASS_MAPS))
+    ordered = tuple(maps.get(name) for name in PASS_MAPS)
+    if all(m is None or isinstance(m, RowsMap) for m in ordered):
+        return _packed(ordered)
+    return kernel_maps(*ordered)
 
 
-def kernel_maps(*maps: np.ndarray | None) -> np.void:
-    """Maps as one by-value kernel parameter: a struct of ``len(maps)`` TmaMap (absent ones zero)."""
+@functools.lru_cache(maxsize=1024)
+def _packed(maps: tuple[RowsMap | None, ...]) -> np.void:
+    return kernel_maps(*maps)
+
+
+def kernel_maps(*maps: RowsMap | np.ndarray | None) -> np.void:
+    """Maps (each a :class:`RowsMap` or its encoded words) as one by-value kernel parameter: a struct of
+    ``len(maps)`` TmaMap (absent ones zero)."""
     dtype = np.dtype([("opaque", np.uint64, (len(maps), MAP_BYTES // 8))], align=True)
     packed = np.zeros((), dtype)
     for i, m in enumerate(maps):
         if m is not None:
-            packed["opaque"][i] = m
+            packed["opaque"][i] = m.words() if isinstance(m, RowsMap) else m
     return packed[()]

@@ -158,10 +158,10 @@ def pass_maps(p: GDNProblem, ch: ChunkFactors, cols: int, forward: bool, store: 
     ``forward`` passes."""
     n_tok = p.B * p.T
 
-    def qk(x: Any) -> np.ndarray:
+    def qk(x: Any) -> tensor_map.RowsMap:
         return tensor_map.rows_map(x, n_tok, p.H, p.K)
 
-    def ap(x: Any) -> np.ndarray:
+    def ap(x: Any) -> tensor_map.RowsMap:
         return tensor_map.rows_map(x, n_tok, p.HV, ch.bt)
 
     v = tensor_map.rows_map(p.v, n_tok, p.HV, p.V, min(cols, 64)) if forward else None

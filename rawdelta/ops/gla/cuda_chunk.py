@@ -257,10 +257,10 @@ class _Chunks:
         REVERSE_P_LO); no rule matrix."""
         n_tok = p.B * p.T
 
-        def qk(x: Any) -> np.ndarray:
+        def qk(x: Any) -> tensor_map.RowsMap:
             return tensor_map.rows_map(x, n_tok, p.H, p.K)
 
-        def scores(x: Any) -> np.ndarray:
+        def scores(x: Any) -> tensor_map.RowsMap:
             return tensor_map.rows_map(x, n_tok, p.H, self.bt)
 
         return tensor_map.pass_maps(
