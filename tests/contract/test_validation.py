@@ -337,3 +337,21 @@ def test_cuda_request_without_cuda_kernels(op: OpDef) -> None:
 def test_unsupported_config_error_is_not_implemented() -> None:
     # api.md: a valid combination a backend does not support raises NotImplementedError (a subclass here).
     assert issubclass(UnsupportedConfigError, NotImplementedError)
+
+
+@pytest.mark.parametrize("T, cu_seqlens", [(70, None), (1, None), (0, None), (70, [0, 0, 5, 70, 70])])
+def test_problem_counts_chunks_per_sequence(T: int, cu_seqlens: list[int] | None) -> None:
+    """Problem.num_chunks: chunks never cross sequences; a fixed-length batch counts N ceil(T / chunk) without the
+    per-sequence lengths, varlen (empty sequences included) sums its sequences'."""
+    from rawdelta.ops import registry
+    from rawdelta.ops.common.validation import validate
+
+    B = 2 if cu_seqlens is None else 1
+    x = np.zeros((B, T, 2, 8), np.float32)
+    args = {"q": x, "k": x, "v": x, "g": x, "backend": "numpy"}
+    if cu_seqlens is not None:
+        args["cu_seqlens"] = np.array(cu_seqlens, np.int32)
+    p = validate(registry.op("chunk_gla"), args)
+    lengths = [T] * B if cu_seqlens is None else np.diff(cu_seqlens).tolist()
+    for chunk in (16, 64):
+        assert p.num_chunks(chunk) == sum(-(-n // chunk) for n in lengths)

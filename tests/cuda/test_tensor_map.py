@@ -3,7 +3,10 @@ through the Hopper kernels that use the maps)."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
+import pytest
 
 from rawdelta.cuda import tensor_map
 
@@ -25,8 +28,6 @@ def test_pass_maps_follow_the_struct_fields() -> None:
     import re
     from pathlib import Path
 
-    import pytest
-
     import rawdelta
 
     src = (Path(rawdelta.__file__).parent / "cuda" / "common" / "wg_state_pass.cuh").read_text()
@@ -38,3 +39,34 @@ def test_pass_maps_follow_the_struct_fields() -> None:
     assert not words[: fields.index("plo")].any()
     with pytest.raises(ValueError, match="unknown fields"):
         tensor_map.pass_maps(scores=m)
+
+
+def test_rows_maps_are_packed_once_per_distinct_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pass_maps of RowsMap descriptions packs each one's encoding where its field is, and packs a set seen before
+    from the cache (a launch's maps are the same call after call)."""
+    encoded: list[tuple] = []
+
+    def fake_encode(*args: object) -> bytes:  # the driver's encoding: a function of the map's arguments alone
+        encoded.append(args)
+        return np.full(16, args[0], dtype=np.uint64).tobytes()
+
+    monkeypatch.setattr(tensor_map, "_encoded", fake_encode)
+    tensor_map._packed.cache_clear()
+
+    class Device16:  # what rows_map reads of a device array
+        def __init__(self, ptr: int, dtype: str = "bfloat16") -> None:
+            self.dtype = types.SimpleNamespace(name=dtype)
+            self.data = types.SimpleNamespace(ptr=ptr)
+
+    k, v = tensor_map.rows_map(Device16(4096), 128, 2, 64), tensor_map.rows_map(Device16(8192), 128, 2, 32, 32)
+    assert k == tensor_map.RowsMap(4096, "bfloat16", 128, 2, 64, 64)
+    first = tensor_map.pass_maps(k=k, v=v)
+    again = tensor_map.pass_maps(k=tensor_map.rows_map(Device16(4096), 128, 2, 64), v=v)
+    words = np.frombuffer(first.tobytes(), dtype=np.uint64).reshape(len(tensor_map.PASS_MAPS), 16)
+    np.testing.assert_array_equal(words[tensor_map.PASS_MAPS.index("k")], 4096)
+    np.testing.assert_array_equal(words[tensor_map.PASS_MAPS.index("v")], 8192)
+    assert not words[[i for i, n in enumerate(tensor_map.PASS_MAPS) if n not in ("k", "v")]].any()
+    assert again.tobytes() == first.tobytes() and len(encoded) == 2  # packed once, each map encoded once
+    assert tensor_map._packed.cache_info().hits == 1
+    with pytest.raises(TypeError, match="16-bit"):
+        tensor_map.rows_map(Device16(0, "float32"), 128, 2, 64)
