@@ -3,6 +3,7 @@ through the Hopper kernels that use the maps)."""
 
 from __future__ import annotations
 
+import functools
 import types
 
 import numpy as np
@@ -51,7 +52,8 @@ def test_rows_maps_are_packed_once_per_distinct_set(monkeypatch: pytest.MonkeyPa
         return np.full(16, args[0], dtype=np.uint64).tobytes()
 
     monkeypatch.setattr(tensor_map, "_encoded", fake_encode)
-    tensor_map._packed.cache_clear()
+    # a cache of this test's own, so that no fake encoding outlives it in the module's
+    monkeypatch.setattr(tensor_map, "_packed", functools.lru_cache(maxsize=8)(tensor_map._packed.__wrapped__))
 
     class Device16:  # what rows_map reads of a device array
         def __init__(self, ptr: int, dtype: str = "bfloat16") -> None:
