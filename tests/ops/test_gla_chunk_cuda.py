@@ -14,7 +14,7 @@ import pytest
 import rawdelta
 from rawdelta.ops import registry
 from rawdelta.ops.gla import cuda_chunk
-from rawdelta.testing import assert_same_bits, gla_inputs, to_device, to_host
+from rawdelta.testing import assert_close, assert_same_bits, gla_inputs, grad_label, to_device, to_host
 from rawdelta.testing.compare import error_stats
 from rawdelta.testing.inputs import split_op_args
 from rawdelta.testing.reference import reference_results
@@ -81,6 +81,38 @@ def test_gate_span_differs_by_key_slice(op: Any) -> None:
     g[:, 130, 0, 5] = -np.inf
     kw["g"] = g.astype(np.float32)
     check_backend(op, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
+
+
+@pytest.mark.parametrize("extra", [None, (3, 4)], ids=["second_slice", "both_slices"])
+@pytest.mark.parametrize("op", CHUNKED, ids=lambda o: o.name)
+def test_dead_rows_found_in_a_later_key_slice(op: Any, extra: tuple[int, int] | None) -> None:
+    """A NaN gate at token t = 70 (inside the second chunk of 64) of key 100 only, in the second key slice of K = 128
+    (prepare learns of a dead row from each slice's gate cumsums); ``both_slices``: also +inf at t + 4 of key 3, in
+    the first slice, whose own first dead row is later than the chunk's. The outputs before t equal the call
+    truncated to [0, t) and, with do zero from t on and no final-state cotangent, so do the gradients of the tokens
+    before t and dh0."""
+    t = 70
+    kw, do, _ = _inputs({"B": 2, "T": 150, "H": 2, "K": 128, "V": 32}, 24, "bfloat16", op)
+    trunc = {n: (x[:, :t] if n in ("q", "k", "v", "g") else x) for n, x in kw.items()}
+    g = kw["g"].copy()
+    g[:, t, :, 100] = np.nan
+    if extra is not None:
+        g[:, t + extra[1], :, extra[0]] = np.inf
+    kw["g"] = g
+    do = do.copy()
+    do[:, t:] = 0
+    ref_out, ref_grads = reference_results(op, trunc, do[:, :t], None, mode_op=True)
+    (o, ht), res = getattr(rawdelta, f"{op.name}_fwd")(**to_device(kw), output_final_state=True, chunk_size=64,
+                                                       backend="cuda")
+    import cupy
+
+    grads = getattr(rawdelta, f"{op.name}_bwd")(res, cupy.asarray(do), None)
+    assert_close("o", ref_out["o"], to_host(o)[:, :t], dtype="bfloat16")
+    assert np.isnan(to_host(o)[:, t:]).any()
+    for n in ("q", "k", "v", "g"):
+        assert_close(grad_label(n), ref_grads[n], to_host(getattr(grads, n))[:, :t], dtype="bfloat16")
+    assert_close(grad_label("initial_state"), ref_grads["initial_state"], to_host(grads.initial_state),
+                 dtype="bfloat16")
 
 
 @pytest.mark.parametrize("normalizer", [0.1, 10.0])

@@ -257,8 +257,14 @@ struct GateRunSum {
 // out), resets left out and counted in R (same layout). Rows [live, rows_pad) repeat the last sum and count, so
 // masked-out decays stay finite. width = 1 for a scalar gate, K for a per-key one. R: int, or uint8 (a chunk has at
 // most 64 rows, so at most 64 resets).
+// `dead` (where given): set to 1 where a column's sum is NaN or +inf (kills_row), which it is wherever one of its
+// gates in rows [0, live) kills a row (a NaN or +inf gate makes the sum NaN or +inf, and no later gate makes it
+// finite again: a reset is counted, not added), and also where finite positive gates overflow it (a false alarm:
+// the caller then finds the first dead row itself). So a caller that takes live = L learns whether the chunk has a
+// dead row in these columns at no cost to the scan.
 template <typename RT>
-__device__ __forceinline__ void chunk_local_cumsum_log2(float* G, RT* R, int ld, int width, int live, int rows_pad) {
+__device__ __forceinline__ void chunk_local_cumsum_log2(float* G, RT* R, int ld, int width, int live, int rows_pad,
+                                                        int* dead = nullptr) {
     // U rows read ahead into registers per step: the scan is one thread per column, so its latency is the loads'
     // (the compiler does not move a load above the previous row's store to the same array)
     constexpr int U = 8;
@@ -277,6 +283,7 @@ __device__ __forceinline__ void chunk_local_cumsum_log2(float* G, RT* R, int ld,
                 R[r * ld + c] = (RT)sum.n;
             }
         }
+        if (dead != nullptr && kills_row(sum.acc, 0.f)) *dead = 1;
     }
 }
 

@@ -125,11 +125,14 @@ __device__ __forceinline__ void load_factor_slice(const ChunkFactorScratch<T, E,
 // first slice's loads (load_factor_slice with k0 = 0), so that they fly during its own work before the call.
 // SPLIT: the whole-slice loop compiled twice, once for slices whose every row and key is in range (no masks, and
 // elem told so at compile time), for a caller whose time is this function's (prepare); one copy otherwise.
+// ``dead`` (where given, with live = L): a shared int through which the gate cumsums tell whether a slice has a dead
+// row (chunk_local_cumsum_log2); the call then stops at that slice and returns false, its outputs incomplete (a
+// barrier last), for the caller to find the first dead row and call again. True otherwise.
 template <bool SPLIT, typename T, typename E, int BT, typename Elem, typename Decay>
-__device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E, BT>& s, const T* __restrict__ q,
+__device__ __forceinline__ bool gla_chunk_factors(const ChunkFactorScratch<T, E, BT>& s, const T* __restrict__ q,
                                                   const T* __restrict__ k, const float* __restrict__ g, i64 HK, int L,
                                                   int live, int K, float scale, Elem&& elem, Decay&& decay,
-                                                  bool first_issued = false) {
+                                                  bool first_issued = false, int* dead = nullptr) {
     using S = ChunkFactorScratch<T, E, BT>;
     constexpr int NW = 8, KS = S::KS, LDR = S::LDR, LDT = S::LDT, LDG = S::LDG, LDA = S::LDA, NB = BT / SUB;
     constexpr int PAIRS = KS / 2;  // a thread keeps the keys d, d + 1 of a slice in its loops over rows
@@ -152,6 +155,7 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
     for (int I = 0; I < NB; ++I) blk[I].fill(0.f);
 
     const auto load_slice = [&](int k0) { load_factor_slice(s, q, k, g, HK, L, K, k0); };
+    if (dead != nullptr && threadIdx.x == 0) *dead = 0;  // before the first slice's barrier
     bool issued = first_issued;  // the slice's loads are in flight already (issued by the caller, or during the
                                  // previous slice's products)
 #pragma unroll 1
@@ -162,8 +166,12 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         issued = false;
         cp_async_wait_all();
         __syncthreads();
-        chunk_local_cumsum_log2(sG, sR, LDG, kc, live, BT);
+        chunk_local_cumsum_log2(sG, sR, LDG, kc, live, BT, dead);
         __syncthreads();
+        if (dead != nullptr && *dead) {
+            __syncthreads();  // every thread has read the flag before the caller reuses it
+            return false;
+        }
         const int el = max(last, 0) * LDG + d;
         const float2 Gl = load_pair(sG, el);
         const uchar2 Rl = u8_pair(sR, el);
@@ -297,6 +305,28 @@ __device__ __forceinline__ void gla_chunk_factors(const ChunkFactorScratch<T, E,
         x = (j <= r && r < live) ? x * scale : 0.f;  // the 16-blocks above the diagonal (never written): 0
     }
     __syncthreads();
+    return true;
+}
+
+// gla_chunk_factors for a chunk whose first dead row is not known: taken as L, with the gate cumsums watching for a
+// dead row; in a chunk that has one (rare: a NaN or +inf gate), first_dead_key_row finds it and every factor is
+// computed again over what the first call wrote (the same thread writes the same elements). Returns the first dead
+// row. `slot`: a shared int (first_dead_key_row's). The loop keeps one inlined copy of the factors' code.
+template <bool SPLIT, typename T, typename E, int BT, typename Elem, typename Decay>
+__device__ __forceinline__ int gla_chunk_factors_finding_dead(const ChunkFactorScratch<T, E, BT>& s,
+                                                              const T* __restrict__ q, const T* __restrict__ k,
+                                                              const float* __restrict__ g, i64 HK, int L, int K,
+                                                              float scale, Elem&& elem, Decay&& decay,
+                                                              bool first_issued, int* slot) {
+    int live = L;
+    int* dead = slot;
+#pragma unroll 1
+    while (!gla_chunk_factors<SPLIT>(s, q, k, g, HK, L, live, K, scale, elem, decay, first_issued, dead)) {
+        live = first_dead_key_row<BT>(g, HK, L, K, slot);
+        dead = nullptr;
+        first_issued = false;
+    }
+    return live;
 }
 
 }  // namespace rawdelta

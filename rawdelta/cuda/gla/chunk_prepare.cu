@@ -4,7 +4,8 @@
 
 using namespace rawdelta;
 
-// Prepare: per (chunk, head), the chunk's factors (gla/chunk_factors.cuh: gla_chunk_factors) to global memory:
+// Prepare: per (chunk, head), the chunk's factors (gla/chunk_factors.cuh: gla_chunk_factors_finding_dead) to global
+// memory:
 //   Rc the row codes (the chunk's first dead row); qg = q 2^G, kg = k 2^(G_last - G); Dk = 2^G_last; the scores A
 //   (scaled, masked to j <= r < live) split into Ahi + Alo. The cumulative gates themselves are not written: the
 //   backward's dq/dk/dg kernel recomputes them from g (the same bytes to read, and none to write here).
@@ -28,10 +29,7 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
     const i64 bos = chunk_bos[c];
     const int L = chunk_len[c];
     const i64 HK = (i64)H * K, tok = bos * HK + (i64)h * K;
-    // the first slice's tiles need no dead row: their loads fly during the scan for it (two latencies overlapped)
     load_factor_slice(s, q + tok, k + tok, g + tok, HK, L, K, 0);
-    const int live = first_dead_key_row<BT>(g + tok, HK, L, K, s.sLive);
-    for (int r = threadIdx.x; r < L; r += blockDim.x) Rc[(bos + r) * H + h] = row_code(0, live);
 
     // the chunk's rows from its first element: 32-bit offsets (r HK + d < BT H K), so the unrolled loop's stores
     // take one address add each rather than 64-bit arithmetic
@@ -39,8 +37,10 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
     T* const kgc = kg + tok;
     const int hk = (int)HK;
     const bool even = (K & 1) == 0;  // every pair's offset even: its two elements one aligned store
-    gla_chunk_factors<true>(
-        s, q + tok, k + tok, g + tok, HK, L, live, K, scale,
+    // the first dead row from the gate cumsums: no scan of the chunk's gates before the factors (a chunk that has one
+    // computes them twice)
+    const int live = gla_chunk_factors_finding_dead<true>(
+        s, q + tok, k + tok, g + tok, HK, L, K, scale,
         [&](int r, int d, float xq0, float xq1, float xk0, float xk1, auto in_range) {
             const int o = r * hk + d;
             if (decltype(in_range)::value && even) {  // every pair of the slice in range and aligned: no edge test
@@ -52,7 +52,8 @@ __global__ void __launch_bounds__(256, MINB) gla_chunk_prepare_kernel(
             put_row_pair(qgc, o, d, K, even, xq0, xq1);
             put_row_pair(kgc, o, d, K, even, xk0, xk1);
         },
-        [&](int d, float x) { Dk[((i64)c * H + h) * K + d] = x; }, true);
+        [&](int d, float x) { Dk[((i64)c * H + h) * K + d] = x; }, true, s.sLive);
+    for (int r = threadIdx.x; r < L; r += blockDim.x) Rc[(bos + r) * H + h] = row_code(0, live);
 
     // A (scaled and masked) to the per-token chunk matrix.
     for (int idx = threadIdx.x; idx < L * (BT / 8); idx += blockDim.x) {
