@@ -54,7 +54,7 @@ struct RowInputs {
 struct ChunkRows {
     float *G, *B, *rq, *rk, *gq, *gk, *lk;
     int *R, *live;
-    float* kdecay;  // per-key decay across the chunk (the per-key gate form's KeyGate::load; KP floats)
+    float* kdecay;  // per-key decay across the chunk (the per-key gate form's, KeyGate; KP floats)
     static constexpr int ARRAYS = 7;
 
     __device__ __forceinline__ void carve(SmemCursor& cur, int BT) {
@@ -199,16 +199,21 @@ struct ScalarGate {
     static __device__ __forceinline__ float q_factor(const ChunkRows& rows, int i) { return rows.gq[i]; }
     static __device__ __forceinline__ float k_factor(const ChunkRows& rows, int i) { return rows.gk[i]; }
     static __device__ __forceinline__ float update_factor(const ChunkRows& rows, int i) { return rows.lk[i]; }
-    // A scalar gate keeps nothing per key.
+    // A scalar gate keeps, loads and fetches nothing per key.
+    static constexpr bool PER_KEY = false;
     template <int KP> static __device__ __forceinline__ void carve(ChunkRows&, SmemCursor&) {}
     template <int KP> static __device__ __forceinline__ void load(ChunkRows&, const RowInputs&, int, int, int, int) {}
+    template <int KP> static __device__ __forceinline__ void fetch(float*, const RowInputs&, int, int, int, int) {}
 };
 
 // The per-key gate form (GLA): a log-gate per (token, head, key). The family's prepare folds every decay into the
 // operands the passes take for q and k (q 2^G, k 2^(G_last - G)) and into the scores, so the passes see no scalar
 // gate (RowInputs Gc null: every row factor is 1); across a chunk each state row kd decays by its own key's
-// 2^G_last, from RowInputs Dk, loaded per chunk into ChunkRows::kdecay.
+// 2^G_last, from RowInputs Dk, per chunk in ChunkRows::kdecay: loaded at the chunk's step (load: the mma.sync
+// passes), or fetched with the chunk's stage of inputs (fetch: the Hopper passes, where a load's round trip would sit
+// on every chunk's chain).
 struct KeyGate {
+    static constexpr bool PER_KEY = true;
     template <int BT, typename AccT>
     static __device__ __forceinline__ void decay(AccT& S, const ChunkRows& rows) {
         // a reset's decay is 0: the state row is zero by selection (the state before it may hold a NaN)
@@ -234,6 +239,13 @@ struct KeyGate {
                                                 int K) {
         const float* src = in.Dk + ((i64)chunk * HV + hv) * K;
         for (int d = threadIdx.x; d < KP; d += blockDim.x) rows.kdecay[d] = d < K ? src[d] : 0.f;
+    }
+    // load()'s values as cp.async copies into `slot` (KP floats; zero-filled past K) in the caller's open group: the
+    // caller commits and waits.
+    template <int KP>
+    static __device__ __forceinline__ void fetch(float* slot, const RowInputs& in, int chunk, int HV, int hv, int K) {
+        const float* src = in.Dk + ((i64)chunk * HV + hv) * K;
+        for (int d = threadIdx.x; d < KP; d += blockDim.x) cp_async4(slot + d, d < K ? src + d : src, d < K ? 4 : 0);
     }
 };
 

@@ -156,16 +156,18 @@ struct WgStage {
 // tiles (BT x BV, T; tile1 only with NT = 2), the chunk's row arrays and two mbarriers per stage: `full`, for
 // its TMA tiles, and with AHEAD `empty`, on which the consumers hand it back to the producer warp. NCONS: the
 // threads that run the chain (all of the block but that warp). The stages start 1024-byte aligned (the
-// 128-byte swizzle's period; the host adds 1024 bytes of slack). The gate form carves what it keeps per chunk after
-// the rows (KeyGate: the per-key decays).
+// 128-byte swizzle's period; the host adds 1024 bytes of slack). A per-key gate form (KeyGate) has a slot of KP
+// per-key decays per stage after the rows, fetched with the stage's inputs (Gate::fetch).
 template <typename T, typename St, int KP, int BV, int NS, int NT, int NCONS, bool AHEAD = false,
           class Gate = ScalarGate>
 struct WgPassSmem {
+    static_assert(!(AHEAD && Gate::PER_KEY), "the producer warp fetches no per-key decays");
     unsigned char* stages;
     T *state, *tile0, *tile1;
     unsigned a_state, a0, a1;  // their shared-memory addresses, for the descriptors
     ChunkRows rows;
     u64* bars;  // full[2], empty[2]
+    float* gate_slots;  // per-key decays: NS slots of KP (null for a scalar gate)
     static constexpr int CONSUMER_BARRIER = 5;  // named barrier of the NCONS threads (1 + wg: each warpgroup's)
     __device__ __forceinline__ explicit WgPassSmem(unsigned char* smem) {
         SmemCursor cur{smem + ((1024u - (smem_addr(smem) & 1023u)) & 1023u)};
@@ -175,7 +177,7 @@ struct WgPassSmem {
         tile1 = NT > 1 ? cur.take<T>(St::BT * BV) : nullptr;
         rows.carve(cur, St::BT);
         bars = cur.take<u64>(4);
-        Gate::template carve<KP>(rows, cur);
+        gate_slots = Gate::PER_KEY ? cur.take<float>(NS * KP) : nullptr;
         a_state = smem_addr(state);
         a0 = smem_addr(tile0);
         a1 = NT > 1 ? smem_addr(tile1) : 0u;
@@ -199,9 +201,9 @@ struct WgPassSmem {
         if (AHEAD && threadIdx.x == 0) mbar_arrive(bars + 2 + step % NS);
     }
     // The start of pass step `step` (chunk c of L tokens): with PIPE, first issues chunk `next`'s loads (none when
-    // next < 0) into the other stage; waits for chunk c's stage, derives its rows and returns it. issue(c, s)
-    // counts the stage's TMA tiles on bars[s], filled once per use of the stage; their rows past the chunk are
-    // cleared here.
+    // next < 0) into the other stage; waits for chunk c's stage, derives its rows (and points them at the stage's
+    // per-key decays) and returns it. issue(c, s) counts the stage's TMA tiles on bars[s], filled once per use of the
+    // stage; their rows past the chunk are cleared here.
     // With AHEAD the producer warp issues every load (produce_ahead): the consumers only wait for the stage.
     template <bool PIPE, typename Issue>
     __device__ __forceinline__ unsigned char* enter_chunk(int step, int c, int next, int L, const PassOptions& opt,
@@ -221,6 +223,7 @@ struct WgPassSmem {
             __syncthreads();
         }
         unsigned char* st = stages + s * St::BYTES;
+        if (Gate::PER_KEY) rows.kdecay = gate_slot(s);
         St::template zero_tail<NCONS>(st, L);  // fenced and synchronised before the first product
         rows.derive(reinterpret_cast<const float*>(st + St::RAW), L, St::BT, opt);
         return st;
@@ -242,6 +245,8 @@ struct WgPassSmem {
             St::issue_ahead(stages + s * St::BYTES, bars + s, pb, c, maps, rows, lane);
         }
     }
+    // Stage s's per-key decays (Gate::fetch's slot).
+    __device__ __forceinline__ float* gate_slot(int s) const { return gate_slots + s * KP; }
     // A warpgroup's state columns (from c0) into the state tile.
     template <typename AccT>
     __device__ __forceinline__ void put_state(AccT& S, int c0) {
@@ -306,6 +311,7 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
     const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
+        Gate::template fetch<KP>(sm.gate_slot(s), a.rows, pb.chunk_index(a.seq_chunk0, c), HV, pb.hv, K);
         St::template issue<128 * NWG>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, (const T*)nullptr,
                                       (const T*)nullptr, a.rows, HV, V, a.opt);
     };
@@ -321,7 +327,6 @@ __device__ __forceinline__ void wg_forward_state_pass(unsigned char* smem, const
         const int L = min(BT, pb.len - c * BT);
         unsigned char* st = sm.template enter_chunk<PIPE>(c, c, c + 1 < pb.nchunks ? c + 1 : -1, L, a.opt,
                                                           issue);
-        Gate::template load<KP>(sm.rows, a.rows, pb.chunk_index(a.seq_chunk0, c), HV, pb.hv, K);
         T* sV = reinterpret_cast<T*>(st + St::V);
         // the chunk's output rows: o, or U (vnew, where the rule's U is worth keeping)
         T* const rows_out = (STORE ? a.vnew : a.o) + (bos * HV + pb.hv) * V + pb.v0;
@@ -397,6 +402,7 @@ __device__ __forceinline__ void wg_reverse_state_pass(unsigned char* smem, const
     const int wg = threadIdx.x >> 7, c0 = wg * BVW;
     const auto ncols = [&](unsigned tile) { return b_mnmajor(tile, BV, c0); };  // this warpgroup's columns
     const auto issue = [&](int c, int s) {  // chunk c's inputs into stage s
+        Gate::template fetch<KP>(sm.gate_slot(s), a.rows, pb.chunk_index(a.seq_chunk0, c), HV, pb.hv, K);
         St::template issue<128 * NWG, Rule::REVERSE_READS_V>(sm.stages + s * St::BYTES, sm.bars + s, pb, c, maps, a.v,
                                                              a.dout, a.rows, HV, V, a.opt);
     };
@@ -410,15 +416,15 @@ __device__ __forceinline__ void wg_reverse_state_pass(unsigned char* smem, const
     for (int c = pb.nchunks - 1; c >= 0; --c) {
         const i64 bos = pb.bos + (i64)c * BT;
         const int L = min(BT, pb.len - c * BT);
+        const int code0 = a.rows.Rc[bos * HV + pb.hv];  // the chunk's first row code: its load flies during the wait
         unsigned char* st = sm.template enter_chunk<PIPE>(pb.nchunks - 1 - c, c, c - 1, L, a.opt, issue);
-        Gate::template load<KP>(sm.rows, a.rows, pb.chunk_index(a.seq_chunk0, c), HV, pb.hv, K);
         T* sV = reinterpret_cast<T*>(st + St::V);
         T* sDo = reinterpret_cast<T*>(st + St::DO);
         const i64 rows_off = (bos * HV + pb.hv) * V + pb.v0;  // the chunk's rows of the [BT_, HV, V] outputs
         const unsigned aQ = smem_addr(st + St::Q), aK = smem_addr(st + St::K), aA = smem_addr(st + St::A),
                        aP = smem_addr(st + St::P), aPlo = smem_addr(st + St::PLO), aDo = smem_addr(st + St::DO);
         const WgChunk<T> ch{sV, aA, sm.tile0, sm.a0, sm.rows, wg, c0, bos, L};
-        const int live = code_live_rows(a.rows.Rc[bos * HV + pb.hv]);
+        const int live = code_live_rows(code0);
         if (live < L && cotangent_reaches_dead_rows(dS, a.dout, bos, live, L, HV, V, pb)) dS.fill(dead_value());
         sm.put_state(dS, c0);
         fence_proxy_async();
