@@ -256,7 +256,7 @@ def test_segmented_state_passes(segments: int, wgmma: bool, monkeypatch: pytest.
     g[1, 200, 1, 7:9] = -np.inf
     kw["g"] = g
     check_backend(OP, "cuda", {**kw, "chunk_size": 64}, do, dht, device=True)
-    assert "segment_combine_kernel<false>" in launched, launched
+    assert "segment_combine_kernel" in launched, launched
 
 
 @pytest.mark.parametrize("wgmma", [True, False], ids=["wgmma", "mma_sync"])

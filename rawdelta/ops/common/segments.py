@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..._arrays import empty
 from ...cuda import launch
 from ...cuda.launch import ptr
 from ...cuda.loader import register
@@ -24,7 +25,8 @@ COMBINE_SOURCE = "common/segment_combine.cu"
 MAX_SEGMENTS = 16  # segment_combine.cu: MAX_SEGMENTS
 SEGMENT_COUNTS = (2, 4, 8, 16)
 MIN_SEGMENT_CHUNKS = 32  # each segment walks at least this many chunks: shorter ones pay their extra pass for little
-register(COMBINE_SOURCE, [f"segment_combine_kernel<{r}>" for r in ("false", "true")])
+COMBINE_KERNEL = "segment_combine_kernel"
+register(COMBINE_SOURCE, [COMBINE_KERNEL])
 
 
 def segments_allowed(T: int, chunk_size: int, segments: int, cu_seqlens: Any) -> bool:
@@ -55,19 +57,18 @@ def segment_table(N: int, T: int, chunk_size: int, segments: int, num_chunks: in
     return launch_chunk_table(None, N * segments, T // segments, chunk_size, num_chunks)[0]
 
 
-def combine(local: Any, Dk: Any, seg_chunk0: Any, carry_in: Any, carry_out: Any, segments: int,
-            reverse: bool = False) -> Any:
-    """Launch the combine: per sequence, the state (forward) or state gradient (``reverse``) at every segment
-    boundary ``[N S, H, K, V]`` float32 (returned), from each segment's own `local` ``[N S, H, K, V]`` float32, the
-    chunks' per-key decays `Dk` ``[NC, H, K]`` float32 and `carry_in` ``[N, H, K, V]`` float32 (the initial state
-    or the final state's gradient; None: zero). Writes `carry_out` (the final state or dh0) where given."""
+def combine(local: Any, Dk: Any, seg_chunk0: Any, h0: Any, ht: Any, segments: int) -> Any:
+    """Launch the combine: per sequence, the state at every segment boundary ``[N S, H, K, V]`` float32 (returned),
+    from each segment's own end state `local` ``[N S, H, K, V]`` float32 (from a zero start), the chunks' per-key
+    decays `Dk` ``[NC, H, K]`` float32 and the initial state `h0` ``[N, H, K, V]`` float32 (None: zero). Writes the
+    final state `ht` ``[N, H, K, V]`` float32 where given."""
     import cupy
 
     ns, H, K, V = local.shape
-    bounds = cupy.empty_like(local)
+    bounds = empty(cupy, local.shape, np.float32)
     n = ns // segments
     if n * H * K > 0:
-        launch.launch(COMBINE_SOURCE, f"segment_combine_kernel<{'true' if reverse else 'false'}>", n * H * K, 128,
-                      0, (local, Dk, seg_chunk0, ptr(carry_in), bounds, ptr(carry_out), np.int32(segments),
-                          np.int32(H), np.int32(K), np.int32(V)))
+        launch.launch(COMBINE_SOURCE, COMBINE_KERNEL, n * H * K, 128, 0, (
+            local, Dk, seg_chunk0, ptr(h0), bounds, ptr(ht), np.int32(segments), np.int32(H), np.int32(K),
+            np.int32(V)))
     return bounds
