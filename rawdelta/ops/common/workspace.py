@@ -8,6 +8,7 @@ the alignment its kernels need).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -32,17 +33,19 @@ def field_arrays(fields: list[Field], workspace: Any) -> dict[str, Any] | None:
     if workspace is None:
         import cupy
 
-        offsets, nbytes = _offsets(fields, FRESH_ALIGN)
+        offsets, nbytes = _offsets(tuple(fields), FRESH_ALIGN)
         buf = empty(cupy, (max(nbytes, 1),), np.uint8)
         return {name: poisoned(_view(buf, off, shape, dt)) for (name, shape, dt), off in zip(fields, offsets)}
     if workspace.dtype != np.uint8 or workspace.ndim != 1 or workspace.nbytes != fields_nbytes(fields):
         return None
-    offsets, _ = _offsets(fields, 1)
+    offsets, _ = _offsets(tuple(fields), 1)
     return {name: _view(workspace, off, shape, dt) for (name, shape, dt), off in zip(fields, offsets)}
 
 
-def _offsets(fields: list[Field], align: int) -> tuple[list[int], int]:
-    """Each field's byte offset, packed in order with every offset a multiple of `align`, and the bytes in all."""
+@functools.lru_cache(maxsize=256)
+def _offsets(fields: tuple[Field, ...], align: int) -> tuple[list[int], int]:
+    """Each field's byte offset, packed in order with every offset a multiple of `align`, and the bytes in all (a
+    call's layout repeats from call to call: cached)."""
     offsets, off = [], 0
     for _, shape, dt in fields:
         off = -(-off // align) * align
@@ -52,4 +55,10 @@ def _offsets(fields: list[Field], align: int) -> tuple[list[int], int]:
 
 
 def _view(buf: Any, off: int, shape: tuple[int, ...], dt: np.dtype) -> Any:
-    return buf[off:off + math.prod(shape) * dt.itemsize].view(dt).reshape(shape)
+    """The C-contiguous `shape` array of `dt` at byte `off` of the uint8 array `buf`: on the device one array made on
+    the buffer's memory (a slice, a view and a reshape would make three, each host time per call)."""
+    if isinstance(buf, np.ndarray):
+        return buf[off:off + math.prod(shape) * dt.itemsize].view(dt).reshape(shape)
+    import cupy
+
+    return cupy.ndarray(shape, dt, memptr=buf.data + off)
