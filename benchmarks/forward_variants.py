@@ -2,13 +2,13 @@
 `profile_op.py`'s.
 
 For each shape: the plain ``<op>`` call on ``profile_op.py``'s inputs with and without an initial state and a final
-state; on the bench's inputs (``rawdelta.bench.workload.host_inputs``); on the bench's ``Workload`` arrays (DLPack
-views of torch tensors) timed by torch's events, the same with CuPy's allocations routed through torch's allocator
-as the bench times them (``cupy_allocations_through_torch``), and the torch adapter (``rawdelta.torch``) on the same
-tensors without autograd. Each variant prints the median of 30 back-to-back calls between CUDA events (ms), the
-host's wall time per call (the median and the least over five batches of 30 calls, each batch issued without a
-synchronisation; ms) and each kernel's mean CUDA time over ten calls under the torch profiler (µs). Where the host
-time per call approaches the event time, the events time the host, not the kernels.
+state; on the bench's inputs (``rawdelta.bench.workload.host_inputs``); on the bench's ``Workload`` arrays (DLPack views
+of torch tensors) timed by torch's events, the same with CuPy's allocations routed through torch's allocator as the
+bench's peak-memory call and the torch adapter route them (``cupy_allocations_through_torch``), and the torch adapter
+(``rawdelta.torch``) on the same tensors without autograd. Each variant prints the median of 30 back-to-back calls
+between CUDA events (ms), the host's wall time per call (the median and the least over five batches of 30 calls, each
+batch issued without a synchronisation; ms) and each kernel's mean CUDA time over ten calls under the torch profiler
+(µs). Where the host time per call approaches the event time, the events time the host, not the kernels.
 
 Usage: PYTHONPATH=.:benchmarks python3 benchmarks/forward_variants.py [OP] [BxTxHxD ...]
 (default chunk_gla at 2x8192x16x128 and 8x2048x16x128)
@@ -86,7 +86,7 @@ def variants(op: Any, shape: tuple[int, ...]) -> None:
     report("the bench's Workload arrays, torch events", lambda: plain(**arrays, backend="cuda"),
            torch_event_median_ms)
     with cupy_allocations_through_torch(True):
-        report("the same, CuPy's allocations through torch (as the bench times)",
+        report("the same, CuPy's allocations through torch (as the torch adapter allocates)",
                lambda: plain(**arrays, backend="cuda"), torch_event_median_ms)
     tensors = {n: t for n, t in w.arrays("torch").items() if n != "do"}
     adapter = getattr(rawdelta.torch, op.name)

@@ -29,7 +29,7 @@ from .models import MODELS, floor_seconds
 from .modes import DECODE, FORWARD, FORWARD_BACKWARD, Shape
 from .reference import Expected, expected_outputs, gate, reference_for, reference_job
 from .registry import ImplSpec, OpSpec, impl_modes, shape_fits_mode
-from .timing import Budget, Measurement, cupy_allocations_through_torch, make_clock, measure
+from .timing import Budget, Measurement, make_clock, measure
 from .workload import Workload, host_inputs, np_dtype
 
 SCHEMA = 1
@@ -235,56 +235,55 @@ def run(env: Env, cases: Sequence[Case], settings: Settings, impls: Sequence[Imp
     bar = _progress(len(runnable)) if progress else None
     workload: tuple[tuple[Any, ...], Workload] | None = None
     try:
-        with cupy_allocations_through_torch(env.gpu and env.torch_cuda):
-            for c in runnable:
-                if bar is not None:
-                    bar.set_postfix_str(f"{c.op.name} {c.mode} {c.shape} {c.impl.name}", refresh=False)
-                key = (c.impl.name, c.mode, c.shape)
-                if c.impl.shared and key in shared:
-                    results.append({**shared[key], "op": c.op.name})
-                    if bar is not None:
-                        bar.update()
-                    continue
-                ckey = (c.impl.name, c.op.name, c.mode)
-                slow = too_slow.get(ckey)
-                if slow is not None and work_size(c.shape) >= slow[0]:
-                    m = Measurement("too slow", f"too slow ({slow[1]:.3g} s/call at {tuple(slow[2])}; "
-                                                "larger shapes not run)")
-                elif ckey in refused:
-                    m = Measurement("unavailable", refused[ckey])
-                elif sweep_limit is not None and time.perf_counter() - started > sweep_limit:
-                    m = Measurement("skipped", f"the sweep's share ({sweep_limit:.0f} s) of the run's time limit "
-                                               "was spent")
-                else:
-                    ikey = _input_key(c.op, c.shape, c.mode)
-                    if workload is None or workload[0] != ikey:
-                        if workload is not None:
-                            workload[1].release()
-                        workload = None
-                        gc.collect()
-                        _empty_device_cache(env)
-                        if bar is None or bar.disable:  # no live bar (not a terminal): one line per shape
-                            log(f"[{runnable.index(c) + 1}/{len(runnable)}, {time.perf_counter() - started:.0f} s] "
-                                f"shape {c.shape}")
-                        workload = (ikey, Workload(host_inputs(c.op, c.shape, c.mode, settings.dtype, settings.seed),
-                                                   env))
-                    warm = not c.impl.compiles_per_shape and ckey in ran
-                    m = _measure_case(c, workload[1], clock, settings, refs, warm)
-                    ran.add(ckey)
-                    if m.status == "too slow" and m.call_s is not None:
-                        too_slow[ckey] = (work_size(c.shape), m.call_s, c.shape)
-                    if m.status == "unavailable" and not _out_of_memory(m.reason):
-                        # a refusal (no backward, a Triton version check) repeats at every shape: run it once
-                        refused[ckey] = m.reason or "unavailable"
-                rec = _record(c, m, settings.dtype, ceil)
-                if c.impl.shared:
-                    shared[key] = rec
-                results.append(rec)
+        for c in runnable:
+            if bar is not None:
+                bar.set_postfix_str(f"{c.op.name} {c.mode} {c.shape} {c.impl.name}", refresh=False)
+            key = (c.impl.name, c.mode, c.shape)
+            if c.impl.shared and key in shared:
+                results.append({**shared[key], "op": c.op.name})
                 if bar is not None:
                     bar.update()
-                if bar is None or bar.disable:  # a run cut short (a time limit outside) keeps what it measured
-                    log(f"[{runnable.index(c) + 1}/{len(runnable)}, {time.perf_counter() - started:.0f} s] "
-                        f"{_case_line(rec)}")
+                continue
+            ckey = (c.impl.name, c.op.name, c.mode)
+            slow = too_slow.get(ckey)
+            if slow is not None and work_size(c.shape) >= slow[0]:
+                m = Measurement("too slow", f"too slow ({slow[1]:.3g} s/call at {tuple(slow[2])}; "
+                                            "larger shapes not run)")
+            elif ckey in refused:
+                m = Measurement("unavailable", refused[ckey])
+            elif sweep_limit is not None and time.perf_counter() - started > sweep_limit:
+                m = Measurement("skipped", f"the sweep's share ({sweep_limit:.0f} s) of the run's time limit "
+                                           "was spent")
+            else:
+                ikey = _input_key(c.op, c.shape, c.mode)
+                if workload is None or workload[0] != ikey:
+                    if workload is not None:
+                        workload[1].release()
+                    workload = None
+                    gc.collect()
+                    _empty_device_cache(env)
+                    if bar is None or bar.disable:  # no live bar (not a terminal): one line per shape
+                        log(f"[{runnable.index(c) + 1}/{len(runnable)}, {time.perf_counter() - started:.0f} s] "
+                            f"shape {c.shape}")
+                    workload = (ikey, Workload(host_inputs(c.op, c.shape, c.mode, settings.dtype, settings.seed),
+                                               env))
+                warm = not c.impl.compiles_per_shape and ckey in ran
+                m = _measure_case(c, workload[1], clock, settings, refs, warm)
+                ran.add(ckey)
+                if m.status == "too slow" and m.call_s is not None:
+                    too_slow[ckey] = (work_size(c.shape), m.call_s, c.shape)
+                if m.status == "unavailable" and not _out_of_memory(m.reason):
+                    # a refusal (no backward, a Triton version check) repeats at every shape: run it once
+                    refused[ckey] = m.reason or "unavailable"
+            rec = _record(c, m, settings.dtype, ceil)
+            if c.impl.shared:
+                shared[key] = rec
+            results.append(rec)
+            if bar is not None:
+                bar.update()
+            if bar is None or bar.disable:  # a run cut short (a time limit outside) keeps what it measured
+                log(f"[{runnable.index(c) + 1}/{len(runnable)}, {time.perf_counter() - started:.0f} s] "
+                    f"{_case_line(rec)}")
     finally:
         if bar is not None:
             bar.close()
@@ -336,10 +335,15 @@ def _out_of_memory(reason: str | None) -> bool:
 
 
 def _empty_device_cache(env: Env) -> None:
+    """Give the cached device memory back between shapes: torch's, and CuPy's pool's (the timed calls of the
+    CuPy-based implementations allocate from it)."""
     if env.gpu and env.torch_cuda:
         import torch
 
         torch.cuda.empty_cache()
+    cupy = sys.modules.get("cupy")
+    if env.gpu and cupy is not None:
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 def _cold_starts(results: list[dict[str, Any]], cases: Sequence[Case], env: Env, settings: Settings,

@@ -1,7 +1,7 @@
 """Timing one call: warm-up (compilation, autotuning), median of many repetitions, peak memory, ceilings.
 
 Three clocks with one interface: :class:`TorchCudaClock` (CUDA events on torch's current stream, peak
-memory from torch's caching allocator, through which CuPy also allocates during a run, see
+memory from torch's caching allocator, through which CuPy also allocates during the peak-memory call, see
 :func:`cupy_allocations_through_torch`), :class:`CupyCudaClock` (CUDA events on CuPy's current stream,
 for a GPU without torch; no peak memory) and :class:`HostClock` (``perf_counter``; peak memory by
 ``tracemalloc``, which sees NumPy's allocations).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -140,15 +141,20 @@ class TorchCudaClock:
         return [self._elapsed_s(s, e) for s, e in pairs]
 
     def peak_bytes(self, fn: Callable[[], Any]) -> int | None:
-        """Peak bytes allocated during one call, outputs included, over what was allocated before it."""
+        """Peak bytes allocated during one call, outputs included, over what was allocated before it. CuPy's
+        allocations (rawdelta's outputs and workspaces) go through torch's allocator for this call only, so that
+        torch's counters see them as they see the torch-based implementations': the timed calls allocate from
+        CuPy's own pool, as a CuPy caller's do (the routing is a Python callback per allocation, host time that
+        no caller pays)."""
         cuda = self.torch.cuda
         self.sync()
-        cuda.reset_peak_memory_stats()
-        base = cuda.memory_allocated()
-        out = fn()
-        self.sync()
-        peak = cuda.max_memory_allocated() - base
-        del out
+        with cupy_allocations_through_torch("cupy" in sys.modules):
+            cuda.reset_peak_memory_stats()
+            base = cuda.memory_allocated()
+            out = fn()
+            self.sync()
+            peak = cuda.max_memory_allocated() - base
+            del out
         return int(peak)
 
     def copy_bandwidth(self) -> tuple[float, str]:
@@ -215,7 +221,8 @@ def make_clock(gpu: bool, torch_cuda: bool) -> Clock:
 @contextlib.contextmanager
 def cupy_allocations_through_torch(enabled: bool) -> Iterator[None]:
     """Route CuPy's allocations (rawdelta's outputs and workspaces) through torch's caching allocator inside
-    the block, so torch's peak-memory counters see rawdelta and the torch-based implementations alike."""
+    the block, so torch's peak-memory counters see rawdelta and the torch-based implementations alike
+    (:meth:`TorchCudaClock.peak_bytes`)."""
     if not enabled:
         yield
         return
