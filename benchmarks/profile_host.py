@@ -1,10 +1,15 @@
-"""The host time of one eager decode call, and where it goes (cProfile over many calls).
+"""The host time of one eager call, and where it goes (cProfile over many calls).
 
 The host time is the wall time per call of 300 back-to-back calls (fewer than the launch queue holds, so the host
 never waits for the GPU), the median of 7 such runs with the GPU idle before each. Beside it, the GPU time per call
-of the same back-to-back calls (CUDA events): where the host time is the larger, eager decode is bound by the host.
+of the same back-to-back calls (CUDA events): where the host time is the larger, the eager call is bound by the host.
 
-Usage: PYTHONPATH=. python3 benchmarks/profile_host.py [--op fused_recurrent_gated_delta_rule | fused_recurrent_gla]
+Decode (the default ops): 64 sequences x 1 token, 32 heads, D = 128, fp16, an in-place float32 state. ``chunk_gla``:
+the plain call (no initial state, no final state) at ``--shape`` (default 8x2048x16x128), bf16 q/k/v and float32
+log gates; ``--torch``: through ``rawdelta.torch`` on torch tensors without autograd (the adapter's eager path).
+
+Usage: PYTHONPATH=. python3 benchmarks/profile_host.py [--op fused_recurrent_gated_delta_rule | fused_recurrent_gla |
+chunk_gla] [--shape BxTxHxD] [--torch]
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import cupy
 import numpy as np
 
 import rawdelta
+from rawdelta._arrays import BFLOAT16
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--op", default="fused_recurrent_gated_delta_rule",
-                choices=("fused_recurrent_gated_delta_rule", "fused_recurrent_gla"))
-OP = ap.parse_args().op
+                choices=("fused_recurrent_gated_delta_rule", "fused_recurrent_gla", "chunk_gla"))
+ap.add_argument("--shape", default="8x2048x16x128", help="chunk_gla: BxTxHxD (K = V = D)")
+ap.add_argument("--torch", action="store_true", help="chunk_gla: through rawdelta.torch, no autograd")
+ARGS = ap.parse_args()
+OP = ARGS.op
 
 N, H, D = 64, 32, 128
 rng = np.random.default_rng(0)
@@ -35,7 +44,25 @@ state = cupy.zeros((N, H, D, D), np.float32)
 
 
 # the op chosen once, so the timed calls carry no branch of this script's
-if OP == "fused_recurrent_gla":
+if OP == "chunk_gla":
+    B, T, H, D = (int(x) for x in ARGS.shape.split("x"))
+    cq, ck, cv = (cupy.asarray(rng.standard_normal((B, T, H, D)).astype(np.float32)).astype(BFLOAT16)
+                  for _ in range(3))
+    cg = cupy.asarray(np.log(rng.uniform(0.9, 1.0, (B, T, H, D))).astype(np.float32))
+    if ARGS.torch:
+        import torch
+
+        import rawdelta.torch as rt
+
+        tq, tk, tv, tg = (torch.from_dlpack(x) for x in (cq, ck, cv, cg))
+
+        def call() -> None:
+            with torch.no_grad():
+                rt.chunk_gla(tq, tk, tv, tg)
+    else:
+        def call() -> None:
+            rawdelta.chunk_gla(cq, ck, cv, cg)
+elif OP == "fused_recurrent_gla":
     def call() -> None:
         rawdelta.fused_recurrent_gla(q, k, v, gk, initial_state=state, inplace_final_state=True)
 else:
@@ -55,8 +82,8 @@ for _ in range(7):
         call()
     runs.append((time.perf_counter() - t0) / 300)
 cupy.cuda.Device().synchronize()
-print(f"{OP}: host time per eager decode call: {statistics.median(runs) * 1e6:.1f} us (median of 7 runs of 300 "
-      "calls)")
+WHAT = f"{OP}{' through rawdelta.torch' if ARGS.torch else ''}"
+print(f"{WHAT}: host time per eager call: {statistics.median(runs) * 1e6:.1f} us (median of 7 runs of 300 calls)")
 gpu = []
 for _ in range(7):
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
@@ -66,7 +93,7 @@ for _ in range(7):
     end.record()
     end.synchronize()
     gpu.append(cupy.cuda.get_elapsed_time(start, end) / 300)
-print(f"{OP}: GPU time per back-to-back call: {statistics.median(gpu) * 1e3:.1f} us (median of 7 runs of 300 calls)")
+print(f"{WHAT}: GPU time per back-to-back call: {statistics.median(gpu) * 1e3:.1f} us (median of 7 runs of 300 calls)")
 pr = cProfile.Profile()
 pr.enable()
 for _ in range(500):
