@@ -67,6 +67,6 @@ def wg_pass(kp: int, cols: int, pipe: bool, q_p: bool, do: bool, has_a: bool = T
     state tile, value-sized tiles (two forward; one in the reverse pass, ``do``, which scales do in its stage), the
     rows, four mbarriers, a per-key gate's decays (``key_gate``: one slot per stage) and the slack that aligns the
     stages to 1024 bytes (the TMA tiles' 128-byte swizzle)."""
-    tiles = 1 if do else 2
-    return ((2 if pipe else 1) * wg_stage(kp, cols, q_p, do, has_a, p_lo) + 2 * (kp * cols + tiles * WG_BT * cols)
-            + chunk_rows(WG_BT) + 32 + ((2 if pipe else 1) * f32(kp) if key_gate else 0) + 1024)
+    tiles, stages = (1 if do else 2), (2 if pipe else 1)
+    return (stages * (wg_stage(kp, cols, q_p, do, has_a, p_lo) + (f32(kp) if key_gate else 0))
+            + 2 * (kp * cols + tiles * WG_BT * cols) + chunk_rows(WG_BT) + 32 + 1024)

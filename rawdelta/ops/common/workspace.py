@@ -43,7 +43,7 @@ def field_arrays(fields: list[Field], workspace: Any) -> dict[str, Any] | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _offsets(fields: tuple[Field, ...], align: int) -> tuple[list[int], int]:
+def _offsets(fields: tuple[Field, ...], align: int) -> tuple[tuple[int, ...], int]:
     """Each field's byte offset, packed in order with every offset a multiple of `align`, and the bytes in all (a
     call's layout repeats from call to call: cached)."""
     offsets, off = [], 0
@@ -51,7 +51,7 @@ def _offsets(fields: tuple[Field, ...], align: int) -> tuple[list[int], int]:
         off = -(-off // align) * align
         offsets.append(off)
         off += math.prod(shape) * dt.itemsize
-    return offsets, off
+    return tuple(offsets), off
 
 
 def _view(buf: Any, off: int, shape: tuple[int, ...], dt: np.dtype) -> Any:
