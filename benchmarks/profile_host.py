@@ -1,7 +1,8 @@
 """The host time of one eager call, and where it goes (cProfile over many calls).
 
-The host time is the wall time per call of 300 back-to-back calls (fewer than the launch queue holds, so the host
-never waits for the GPU), the median of 7 such runs with the GPU idle before each. Beside it, the GPU time per call
+The host time is the wall time per call of a batch of back-to-back calls (300 for decode, 100 for ``chunk_gla``, whose
+call launches several kernels: fewer launches than the launch queue holds, so the host never waits for the GPU), the
+median of 7 such batches with the GPU idle before each. Beside it, the GPU time per call
 of the same back-to-back calls (CUDA events): where the host time is the larger, the eager call is bound by the host.
 
 Decode (the default ops): 64 sequences x 1 token, 32 heads, D = 128, fp16, an in-place float32 state. ``chunk_gla``:
@@ -71,6 +72,7 @@ else:
                                                   use_qk_l2norm_in_kernel=True)
 
 
+CALLS = 100 if OP == "chunk_gla" else 300
 for _ in range(20):
     call()
 cupy.cuda.Device().synchronize()
@@ -78,26 +80,30 @@ runs = []
 for _ in range(7):
     cupy.cuda.Device().synchronize()
     t0 = time.perf_counter()
-    for _ in range(300):
+    for _ in range(CALLS):
         call()
-    runs.append((time.perf_counter() - t0) / 300)
+    runs.append((time.perf_counter() - t0) / CALLS)
 cupy.cuda.Device().synchronize()
 WHAT = f"{OP}{' through rawdelta.torch' if ARGS.torch else ''}"
-print(f"{WHAT}: host time per eager call: {statistics.median(runs) * 1e6:.1f} us (median of 7 runs of 300 calls)")
+print(f"{WHAT}: host time per eager call: {statistics.median(runs) * 1e6:.1f} us (median of 7 runs of {CALLS} calls)")
 gpu = []
 for _ in range(7):
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     start.record()
-    for _ in range(300):
+    for _ in range(CALLS):
         call()
     end.record()
     end.synchronize()
-    gpu.append(cupy.cuda.get_elapsed_time(start, end) / 300)
-print(f"{WHAT}: GPU time per back-to-back call: {statistics.median(gpu) * 1e3:.1f} us (median of 7 runs of 300 calls)")
+    gpu.append(cupy.cuda.get_elapsed_time(start, end) / CALLS)
+print(f"{WHAT}: GPU time per back-to-back call: {statistics.median(gpu) * 1e3:.1f} us "
+      f"(median of 7 runs of {CALLS} calls)")
+# profiled in batches with the GPU idle before each, so no call waits for a full launch queue
 pr = cProfile.Profile()
-pr.enable()
-for _ in range(500):
-    call()
-pr.disable()
+for _ in range(1500 // CALLS):
+    cupy.cuda.Device().synchronize()
+    pr.enable()
+    for _ in range(CALLS):
+        call()
+    pr.disable()
 cupy.cuda.Device().synchronize()
 pstats.Stats(pr).sort_stats("tottime").print_stats(18)
